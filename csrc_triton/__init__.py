@@ -1,0 +1,34 @@
+"""csrc_triton: anita's Triton kernels, each with a hand-written forward and backward.
+
+Ops (see the kernel table in README.md for the math of each):
+  nf4_quantize, nf4_dequantize   blockwise NF4, bit-identical to bitsandbytes
+  nf4_matmul                     x @ W^T with W in NF4, dequantized inside the matmul
+  lora_linear                    x W^T + scale * (drop(x) A^T) B^T, W in NF4
+  rms_norm                       LLaMA RMSNorm
+  rope                           rotary embedding of q and k (GQA, per-token positions)
+  swiglu                         silu(gate) * up
+  cross_entropy                  loss sum and token count, online logsumexp over vocab
+  fused_linear_cross_entropy     lm-head projection fused with cross-entropy
+  token_logprobs                 lm-head projection fused with per-token log p(label)
+
+Where kernels run: on a CUDA GPU when torch sees one, otherwise through the
+Triton interpreter on the CPU. Override with ANITA_TRITON_MODE=interpret|compile
+(or an explicit TRITON_INTERPRET=0/1), set before the first import.
+"""
+from . import _runtime  # noqa: F401  (must run before any kernel module is imported)
+from ._runtime import INTERPRETING, describe as runtime_description, set_poison_outputs
+from .nf4 import NF4Weight, nf4_dequantize, nf4_quantize
+from .nf4_matmul import nf4_matmul
+from .lora_linear import lora_linear
+from .rms_norm import rms_norm
+from .rope import rope, rope_cos_sin
+from .swiglu import swiglu
+from .cross_entropy import cross_entropy
+from .linear_loss import fused_linear_cross_entropy, token_logprobs
+
+__all__ = [
+    "INTERPRETING", "runtime_description", "set_poison_outputs",
+    "NF4Weight", "nf4_quantize", "nf4_dequantize", "nf4_matmul", "lora_linear",
+    "rms_norm", "rope", "rope_cos_sin", "swiglu", "cross_entropy",
+    "fused_linear_cross_entropy", "token_logprobs",
+]

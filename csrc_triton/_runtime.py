@@ -1,0 +1,80 @@
+"""Where the kernels run, decided once when ``csrc_triton`` is first imported.
+
+Triton reads ``TRITON_INTERPRET`` when each ``@triton.jit`` function is
+*decorated*, so the decision has to be made before any kernel module of this
+package is imported; ``csrc_triton/__init__.py`` imports this module first.
+
+Rule (first match wins):
+  1. ``ANITA_TRITON_MODE=interpret`` -> the Triton interpreter (NumPy on CPU).
+     ``ANITA_TRITON_MODE=compile``   -> compiled kernels (needs a CUDA GPU).
+  2. ``TRITON_INTERPRET`` already set by the user -> respected as given.
+  3. otherwise: compiled when ``torch.cuda.is_available()``, else interpreter.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+_MODE_VARIABLE = "ANITA_TRITON_MODE"
+
+
+def _decide_interpret() -> bool:
+    mode = os.environ.get(_MODE_VARIABLE, "auto").strip().lower()
+    if mode not in ("auto", "interpret", "compile"):
+        raise ValueError(
+            f"{_MODE_VARIABLE}={mode!r}: expected 'auto', 'interpret' or 'compile'")
+    if mode == "interpret":
+        return True
+    if mode == "compile":
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                f"{_MODE_VARIABLE}=compile but torch sees no CUDA device; "
+                "unset it to fall back to the Triton interpreter")
+        return False
+    if "TRITON_INTERPRET" in os.environ:
+        return os.environ["TRITON_INTERPRET"].strip().lower() in ("1", "true", "on", "yes")
+    return not torch.cuda.is_available()
+
+
+INTERPRETING: bool = _decide_interpret()
+os.environ["TRITON_INTERPRET"] = "1" if INTERPRETING else "0"
+
+# The interpreter cannot do bf16 arithmetic (NOTES.md): kernels upcast every
+# tile to fp32 there. Compiled kernels feed fp16/bf16 tiles straight to the
+# tensor cores and accumulate in fp32.
+DOT_IN_FP32: bool = INTERPRETING
+
+# Kernels index with int32 offsets; launchers refuse tensors this large.
+MAX_INT32_NUMEL = 2**31 - 1
+
+_poison_outputs = False
+
+
+def set_poison_outputs(enabled: bool) -> bool:
+    """Fill every kernel output with NaN (floats) or a sentinel (ints) before
+    the kernel runs, so an element a kernel forgets to write fails a test.
+    Returns the previous setting. Meant for tests; costs one fill per output."""
+    global _poison_outputs
+    previous, _poison_outputs = _poison_outputs, bool(enabled)
+    return previous
+
+
+def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """Allocate a tensor a kernel will overwrite completely (see set_poison_outputs)."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if _poison_outputs:
+        if out.is_floating_point():
+            out.fill_(float("nan"))
+        elif dtype == torch.bool:
+            out.fill_(True)
+        else:
+            out.fill_(torch.iinfo(dtype).max if dtype != torch.uint8 else 0xA5)
+    return out
+
+
+def describe() -> str:
+    """One line saying how kernels run in this process."""
+    if INTERPRETING:
+        return "Triton interpreter (CPU); kernels compute in fp32"
+    return f"compiled Triton on {torch.cuda.get_device_name()}"

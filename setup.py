@@ -1,0 +1,27 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="anita",
+    version="0.1.0",
+    description="NF4 QLoRA trainer for LLaMA-3-family models, every hot op a hand-written Triton kernel",
+    python_requires=">=3.10",
+    packages=find_packages(include=["csrc_triton", "csrc_triton.*", "anita_core", "anita_core.*"]),
+    include_package_data=True,
+    package_data={"anita_core": ["assets/**/*"]},
+    install_requires=[
+        # Install torch first (pinned CPU build on CPU machines, see README):
+        # a bare torch requirement would otherwise pull a multi-GB CUDA build.
+        "torch>=2.4",
+        "triton>=3.3",
+        "bitsandbytes>=0.45",
+        "safetensors>=0.4",
+        "tokenizers>=0.19",
+        "datasets>=2.19",
+        "numpy>=1.26",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": ["transformers>=4.45", "peft>=0.13", "trl>=0.12", "pytest>=8", "accelerate>=0.34"],
+        "bench": ["matplotlib>=3.8"],
+    },
+)

@@ -1,0 +1,69 @@
+"""pytest wiring: markers, per-test fresh random seeds, output poisoning, and the
+largest-error table printed at the end of each run."""
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import pytest
+import torch
+
+import csrc_triton
+from tests.helpers import ERROR_LOG
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", default=False,
+                     help="also run tests marked 'slow' (minutes each on 2 CPU cores)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (bf16 parity, real shapes); "
+                                       "skipped when torch sees no CUDA device")
+    config.addinivalue_line("markers", "slow: long CPU test; runs only with --run-slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    has_cuda = torch.cuda.is_available() and not csrc_triton.INTERPRETING
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU with compiled Triton kernels")
+    skip_slow = pytest.mark.skip(reason="slow test: pass --run-slow")
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip_gpu)
+        if "slow" in item.keywords and not config.getoption("--run-slow"):
+            item.add_marker(skip_slow)
+
+
+@pytest.fixture(autouse=True)
+def fresh_seed(request):
+    """Every test draws fresh random inputs; the seed is printed so a failure
+    can be replayed with ANITA_TEST_SEED=<seed>."""
+    seed = int(os.environ.get("ANITA_TEST_SEED", random.SystemRandom().randrange(2**31)))
+    torch.manual_seed(seed)
+    random.seed(seed)
+    print(f"[seed] {request.node.nodeid}: ANITA_TEST_SEED={seed}")
+    return seed
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs():
+    """Kernel outputs start as NaN, so an element a kernel never writes fails."""
+    previous = csrc_triton.set_poison_outputs(True)
+    yield
+    csrc_triton.set_poison_outputs(previous)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not ERROR_LOG:
+        return
+    terminalreporter.section("largest error against the float64 reference, per op")
+    terminalreporter.write_line(f"{'op':32s} {'checks':>7s} {'max |diff|':>12s} {'max rel (fro)':>14s}")
+    for op in sorted(ERROR_LOG):
+        e = ERROR_LOG[op]
+        terminalreporter.write_line(
+            f"{op:32s} {e['checks']:7d} {e['max_abs']:12.3e} {e['max_rel_fro']:14.3e}")
+    path = os.environ.get("ANITA_ERROR_REPORT")
+    if path:
+        with open(path, "w") as f:
+            json.dump(dict(ERROR_LOG), f, indent=1, sort_keys=True)

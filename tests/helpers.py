@@ -1,0 +1,52 @@
+"""Shared test utilities: element-wise comparison against a float64 reference,
+and a record of the largest error seen per op (printed at the end of the run)."""
+from __future__ import annotations
+
+import collections
+
+import torch
+
+# op -> {"max_abs": float, "max_rel_fro": float, "checks": int}
+ERROR_LOG: dict = collections.defaultdict(lambda: {"max_abs": 0.0, "max_rel_fro": 0.0, "checks": 0})
+
+
+def assert_close(op: str, name: str, actual: torch.Tensor, reference: torch.Tensor, *,
+                 atol: float, rtol: float) -> None:
+    """Check every element: |actual - reference| <= atol + rtol * |reference|.
+
+    Both sides are compared in float64. A non-finite value in ``actual`` fails
+    unless ``reference`` holds the very same value there (NaN never passes).
+    Poisoned (never written) outputs are NaN, so they fail here too.
+    """
+    assert actual.shape == reference.shape, (
+        f"{op}/{name}: shape {tuple(actual.shape)} != reference {tuple(reference.shape)}")
+    a = actual.detach().to("cpu", torch.float64)
+    r = reference.detach().to("cpu", torch.float64)
+    assert not torch.isnan(a).any(), (
+        f"{op}/{name}: {int(torch.isnan(a).sum())} NaN elements (unwritten output?) "
+        f"first at {tuple(torch.nonzero(torch.isnan(a))[0].tolist())}")
+    bad_inf = torch.isinf(a) & (a != r)
+    assert not bad_inf.any(), f"{op}/{name}: {int(bad_inf.sum())} unexpected inf elements"
+    finite = torch.isfinite(r)
+    diff = (a - r).abs().where(finite, torch.zeros_like(a))
+    allowed = atol + rtol * r.abs().where(finite, torch.zeros_like(r))
+    over = diff > allowed
+    max_abs = float(diff.max()) if diff.numel() else 0.0
+    ref_norm = float(r.where(finite, torch.zeros_like(r)).norm())
+    rel_fro = float(diff.norm()) / ref_norm if ref_norm > 0 else float(diff.norm())
+    entry = ERROR_LOG[op]
+    entry["max_abs"] = max(entry["max_abs"], max_abs)
+    entry["max_rel_fro"] = max(entry["max_rel_fro"], rel_fro)
+    entry["checks"] += 1
+    if over.any():
+        where = tuple(torch.nonzero(over)[0].tolist())
+        raise AssertionError(
+            f"{op}/{name}: {int(over.sum())}/{a.numel()} elements outside atol={atol:g} "
+            f"rtol={rtol:g}; max |diff|={max_abs:.3e}; first at {where}: "
+            f"got {a[where].item():.8g}, reference {r[where].item():.8g}")
+
+
+def quantized(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` rounded to ``dtype`` then widened to float64: the exact inputs a
+    kernel running in ``dtype`` sees, so the reference starts from them too."""
+    return t.to(dtype).to(torch.float64)
