@@ -1,5 +1,418 @@
-"""PLACEHOLDER: being written (issue 2)."""
+"""nf4_matmul: y = x @ W^T with W stored in NF4, dequantized tile by tile inside the matmul.
+
+A full-precision copy of W is never written: each program decodes the
+[BLOCK_N, BLOCK_K] (or [BLOCK_K, BLOCK_N]) slice of W it is about to multiply,
+straight from the packed bytes, the 16-entry code and the per-block absmax.
+
+Both kernels carry an optional LoRA epilogue (used by ``lora_linear``):
+  forward   y  += scale * xa @ B^T                      (xa = drop(x) A^T, fp32 [M, r])
+  backward  dx += scale * keep/(1-p) * (g @ A)          (g  = dY B,        fp32 [M, r])
+so the low-rank update rides on the output tile that the NF4 matmul already
+holds in registers instead of costing another pass over y or dx.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _runtime
+from ._checks import FLOAT_DTYPES, check_numel, check_same_device, check_tensor
+from .nf4 import NESTED_BLOCKSIZE, NF4Weight
+
+# ---------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------
 
 
-def nf4_matmul(*args, **kwargs):
-    raise NotImplementedError("nf4_matmul: being written (issue 2)")
+@triton.jit
+def _dequant_nf4_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
+                      nested_offset_ptr, flat, valid,
+                      BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                      NESTED: tl.constexpr):
+    """Decode the NF4 elements at flat (row-major) indices ``flat`` into fp32.
+
+    Math: w[i] = code[nib(i)] * absmax[i // BLOCKSIZE], where nib(i) is the
+    high nibble of byte i // 2 when i is even and the low nibble when i is odd.
+    With double quantization the block scale is itself decoded:
+    absmax[b] = nested_code[absmax_u8[b]] * nested_absmax[b // NESTED] + nested_offset.
+    Elements outside ``valid`` come back as exact 0 so they add nothing to a dot.
+    """
+    byte = tl.load(packed_ptr + flat // 2, mask=valid, other=0).to(tl.int32)
+    nibble = tl.where((flat % 2) == 0, byte >> 4, byte & 15)
+    value = tl.load(code_ptr + nibble)  # nibble is always in 0..15
+    block = flat // BLOCKSIZE
+    if DOUBLE_QUANT:
+        absmax_q = tl.load(absmax_ptr + block, mask=valid, other=0).to(tl.int32)
+        nested_scale = tl.load(nested_absmax_ptr + block // NESTED, mask=valid, other=0.0)
+        scale = tl.load(nested_code_ptr + absmax_q) * nested_scale + tl.load(nested_offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + block, mask=valid, other=0.0)
+    return tl.where(valid, value * scale, 0.0)
+
+
+@triton.jit
+def _mma(a, b, acc, OPERANDS_IN_FP32: tl.constexpr):
+    """acc + a @ b with fp32 accumulation.
+
+    OPERANDS_IN_FP32: both tiles go to tl.dot as fp32 with IEEE precision (the
+    interpreter, or fp32 activations). Otherwise ``b`` (the fp32 dequantized
+    weight tile) is rounded to ``a``'s fp16/bf16 dtype for the tensor cores, as
+    bitsandbytes rounds W to the compute dtype before its matmul.
+    """
+    if OPERANDS_IN_FP32:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b.to(a.dtype), acc)
+    return acc
+
+
+@triton.jit
+def _tile_ids(M_TILES, COLUMN_TILES, GROUP_M: tl.constexpr):
+    """Map the 1-D program id to (row tile, column tile), walking GROUP_M row
+    tiles down one column strip before moving right, so the weight tiles a
+    group shares stay in L2 (a GROUP_M of 1 is plain row-major order)."""
+    pid = tl.program_id(0)
+    tiles_per_group = GROUP_M * COLUMN_TILES
+    group = pid // tiles_per_group
+    first_row_tile = group * GROUP_M
+    rows_in_group = tl.minimum(M_TILES - first_row_tile, GROUP_M)
+    inside = pid % tiles_per_group
+    return first_row_tile + inside % rows_in_group, inside // rows_in_group
+
+
+@triton.jit
+def _nf4_matmul_fwd_kernel(
+        x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
+        nested_offset_ptr, y_ptr, xa_ptr, lora_b_ptr,
+        M, N, K, R, lora_scale,
+        BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr,
+        HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr, OPERANDS_IN_FP32: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr):
+    """Forward: y[m, n] = sum_k x[m, k] * W[n, k]  (+ lora_scale * sum_r xa[m, r] * B[n, r]).
+
+    x: [M, K] row-major, W: logical [N, K] in NF4 (flat index n*K + k), y: [M, N].
+    Each program owns one [BLOCK_M, BLOCK_N] tile of y and loops over K; the
+    W^T tile [BLOCK_K, BLOCK_N] is decoded from NF4 in registers each step.
+    xa: [M, R] fp32 and B: [N, R] (any float dtype) feed the LoRA epilogue.
+    """
+    pid_m, pid_n = _tile_ids(tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        x_tile = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :],
+                         mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w_t = _dequant_nf4_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr,
+                                nested_code_ptr, nested_offset_ptr,
+                                offs_n[None, :] * K + offs_k[:, None],
+                                n_ok[None, :] & k_ok[:, None],
+                                BLOCKSIZE, DOUBLE_QUANT, NESTED)
+        acc = _mma(x_tile, w_t, acc, OPERANDS_IN_FP32)
+    if HAS_LORA:
+        low_rank = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            r_ok = offs_r < R
+            xa = tl.load(xa_ptr + offs_m[:, None] * R + offs_r[None, :],
+                         mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
+            b_t = tl.load(lora_b_ptr + offs_n[None, :] * R + offs_r[:, None],
+                          mask=n_ok[None, :] & r_ok[:, None], other=0.0).to(tl.float32)
+            low_rank = tl.dot(xa, b_t, low_rank, input_precision="ieee")
+        acc += lora_scale * low_rank
+    tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _nf4_matmul_bwd_input_kernel(
+        dy_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
+        nested_offset_ptr, dx_ptr, g_ptr, lora_a_ptr, keep_ptr,
+        M, N, K, R, lora_scale, keep_scale,
+        BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr,
+        HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
+        OPERANDS_IN_FP32: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr):
+    """Backward w.r.t. the input: dx[m, k] = sum_n dy[m, n] * W[n, k]
+    (+ lora_scale * keep[m, k] * keep_scale * sum_r g[m, r] * A[r, k]).
+
+    Derivation: y = x W^T gives dL/dx = dL/dy . dy/dx = dY W. For the LoRA term
+    y += s * (d(x) A^T) B^T with d(x) = x * keep / (1 - p): dL/d(d(x)) = s * (dY B) A,
+    and d(x) is elementwise, so dL/dx gains s * keep/(1-p) * ((dY B) A); g = dY B
+    (fp32 [M, R]) is precomputed because R is tiny. W is frozen: no dW.
+    dy: [M, N], W: logical [N, K] in NF4, dx: [M, K]. Each program owns a
+    [BLOCK_M, BLOCK_K] tile of dx and loops over N, decoding [BLOCK_N, BLOCK_K]
+    W tiles in registers.
+    """
+    pid_m, pid_k = _tile_ids(tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    k_ok = offs_k < K
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        dy_tile = tl.load(dy_ptr + offs_m[:, None] * N + offs_n[None, :],
+                          mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        w_tile = _dequant_nf4_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr,
+                                   nested_code_ptr, nested_offset_ptr,
+                                   offs_n[:, None] * K + offs_k[None, :],
+                                   n_ok[:, None] & k_ok[None, :],
+                                   BLOCKSIZE, DOUBLE_QUANT, NESTED)
+        acc = _mma(dy_tile, w_tile, acc, OPERANDS_IN_FP32)
+    if HAS_LORA:
+        low_rank = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            r_ok = offs_r < R
+            g = tl.load(g_ptr + offs_m[:, None] * R + offs_r[None, :],
+                        mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
+            a = tl.load(lora_a_ptr + offs_r[:, None] * K + offs_k[None, :],
+                        mask=r_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            low_rank = tl.dot(g, a, low_rank, input_precision="ieee")
+        if HAS_DROPOUT:
+            keep = tl.load(keep_ptr + offs_m[:, None] * K + offs_k[None, :],
+                           mask=m_ok[:, None] & k_ok[None, :], other=0)
+            low_rank = tl.where(keep != 0, low_rank * keep_scale, 0.0)
+        acc += lora_scale * low_rank
+    tl.store(dx_ptr + offs_m[:, None] * K + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & k_ok[None, :])
+
+
+# ---------------------------------------------------------------------------
+# block sizes
+# ---------------------------------------------------------------------------
+
+def _gpu_configs():
+    # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); GROUP_M 8 for L2 reuse.
+    shapes = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+              (64, 64, 64, 4, 3), (32, 128, 128, 4, 3), (16, 64, 128, 4, 3)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                          num_warps=w, num_stages=s) for bm, bn, bk, w, s in shapes]
+
+
+if _runtime.INTERPRETING:
+    # The interpreter cannot autotune (NOTES.md); the launcher picks blocks.
+    _fwd_kernel = _nf4_matmul_fwd_kernel
+    _bwd_input_kernel = _nf4_matmul_bwd_input_kernel
+else:
+    _fwd_kernel = triton.autotune(configs=_gpu_configs(), key=["M", "N", "K"])(
+        _nf4_matmul_fwd_kernel)
+    _bwd_input_kernel = triton.autotune(configs=_gpu_configs(), key=["M", "N", "K"])(
+        _nf4_matmul_bwd_input_kernel)
+
+
+def _interpreter_block(size: int) -> int:
+    # Interpreter cost ~ programs x loop steps (NOTES.md): cover a whole small
+    # dimension with one block; 128 keeps a tile at 64 KiB of fp32.
+    return min(128, max(16, triton.next_power_of_2(size)))
+
+
+def _launch(kernel, grid_dims, args, constexprs):
+    """Launch with launcher-chosen blocks on the interpreter, autotuned on GPU.
+
+    grid_dims: (rows, columns) of the output tile grid, as sizes of the
+    dimensions that BLOCK_M and the second block constexpr cut.
+    """
+    rows, (column_size, column_block_name) = grid_dims
+    if _runtime.INTERPRETING:
+        blocks = {"BLOCK_M": _interpreter_block(rows), "BLOCK_N": _interpreter_block(args["N"]),
+                  "BLOCK_K": _interpreter_block(args["K"]), "GROUP_M": 1}
+        n_tiles = triton.cdiv(rows, blocks["BLOCK_M"]) * triton.cdiv(
+            column_size, blocks[column_block_name])
+        kernel[(n_tiles,)](**args, **constexprs, **blocks)
+    else:
+        def grid(meta):
+            return (triton.cdiv(rows, meta["BLOCK_M"])
+                    * triton.cdiv(column_size, meta[column_block_name]),)
+        kernel[grid](**args, **constexprs)
+
+
+def _lora_block(rank: int) -> int:
+    # tl.dot needs every dimension >= 16; ranks above 64 loop in chunks.
+    return min(64, max(16, triton.next_power_of_2(rank)))
+
+
+# ---------------------------------------------------------------------------
+# argument checks
+# ---------------------------------------------------------------------------
+
+def check_nf4_weight(op: str, w) -> None:
+    """Validate an NF4Weight used as a 2-D matmul operand; ValueError otherwise."""
+    if not isinstance(w, NF4Weight):
+        raise ValueError(f"{op}: argument 'w' must be an NF4Weight, got {type(w).__name__}")
+    if len(w.shape) != 2 or w.numel == 0:
+        raise ValueError(f"{op}: argument 'w' must be a non-empty 2-D weight [N, K]; "
+                         f"got shape {tuple(w.shape)}")
+    if not isinstance(w.blocksize, int) or w.blocksize <= 0:
+        raise ValueError(f"{op}: w.blocksize must be a positive int, got {w.blocksize!r}")
+
+    def field(name, tensor, dtype, numel):
+        check_tensor(op, f"w.{name}", tensor, dtypes=(dtype,))
+        if tensor.numel() != numel:
+            raise ValueError(f"{op}: w.{name} has {tensor.numel()} elements; expected {numel} "
+                             f"for a weight of shape {tuple(w.shape)} with blocksize {w.blocksize}")
+
+    field("packed", w.packed, torch.uint8, (w.numel + 1) // 2)
+    field("code", w.code, torch.float32, 16)
+    if w.double_quant:
+        field("absmax", w.absmax, torch.uint8, w.n_blocks)
+        field("nested_absmax", w.nested_absmax, torch.float32,
+              -(-w.n_blocks // NESTED_BLOCKSIZE))
+        if w.nested_code is None or w.nested_offset is None:
+            raise ValueError(f"{op}: double-quantized w needs nested_code and nested_offset")
+        field("nested_code", w.nested_code, torch.float32, 256)
+        field("nested_offset", w.nested_offset, torch.float32, 1)
+    else:
+        field("absmax", w.absmax, torch.float32, w.n_blocks)
+    check_same_device(op, packed=w.packed, absmax=w.absmax, code=w.code,
+                      nested_absmax=w.nested_absmax, nested_code=w.nested_code,
+                      nested_offset=w.nested_offset)
+
+
+def _weight_args(w: NF4Weight) -> dict:
+    # Unused nested pointers get a harmless stand-in (the kernel never reads them).
+    absmax = w.absmax.reshape(-1)
+    return dict(packed_ptr=w.packed.reshape(-1), absmax_ptr=absmax, code_ptr=w.code.reshape(-1),
+                nested_absmax_ptr=w.nested_absmax.reshape(-1) if w.double_quant else absmax,
+                nested_code_ptr=w.nested_code.reshape(-1) if w.double_quant else absmax,
+                nested_offset_ptr=w.nested_offset.reshape(-1) if w.double_quant else absmax)
+
+
+def _weight_constexprs(w: NF4Weight) -> dict:
+    return dict(BLOCKSIZE=w.blocksize, DOUBLE_QUANT=w.double_quant, NESTED=NESTED_BLOCKSIZE)
+
+
+# ---------------------------------------------------------------------------
+# launchers (2-D)
+# ---------------------------------------------------------------------------
+
+class LoraForwardEpilogue(NamedTuple):
+    """y += scale * xa @ B^T on the output tile."""
+    xa: torch.Tensor       # fp32 [M, r], contiguous
+    lora_b: torch.Tensor   # [N, r], contiguous, any float dtype
+    scale: float
+
+
+class LoraBackwardEpilogue(NamedTuple):
+    """dx += scale * keep/(1-p) * (g @ A) on the output tile."""
+    g: torch.Tensor                    # fp32 [M, r] = dY B, contiguous
+    lora_a: torch.Tensor               # [r, K], contiguous, any float dtype
+    scale: float
+    keep: Optional[torch.Tensor]       # uint8 [M, K] (1 = kept), None without dropout
+    keep_scale: float                  # 1 / (1 - p)
+
+
+def _operands_in_fp32(dtype: torch.dtype) -> bool:
+    return _runtime.DOT_IN_FP32 or dtype == torch.float32
+
+
+def launch_forward(op: str, x2d: torch.Tensor, w: NF4Weight,
+                   lora: Optional[LoraForwardEpilogue] = None) -> torch.Tensor:
+    """y = x2d @ W^T (+ LoRA epilogue). Arguments must already be validated."""
+    M, K = x2d.shape
+    N = w.shape[0]
+    check_numel(op, "the output [M, N]", M * N)
+    y = _runtime.new_output((M, N), x2d.dtype, x2d.device)
+    if M == 0:
+        return y
+    rank = 0 if lora is None else lora.xa.shape[1]
+    args = dict(x_ptr=x2d, y_ptr=y, M=M, N=N, K=K, R=max(rank, 1),
+                xa_ptr=x2d if lora is None else lora.xa,
+                lora_b_ptr=x2d if lora is None else lora.lora_b,
+                lora_scale=0.0 if lora is None else float(lora.scale),
+                **_weight_args(w))
+    constexprs = dict(HAS_LORA=lora is not None, BLOCK_R=_lora_block(rank),
+                      OPERANDS_IN_FP32=_operands_in_fp32(x2d.dtype), **_weight_constexprs(w))
+    _launch(_fwd_kernel, (M, (N, "BLOCK_N")), args, constexprs)
+    return y
+
+
+def launch_backward_input(op: str, dy2d: torch.Tensor, w: NF4Weight, out_dtype: torch.dtype,
+                          lora: Optional[LoraBackwardEpilogue] = None) -> torch.Tensor:
+    """dx = dy2d @ W (+ LoRA epilogue). Arguments must already be validated."""
+    M, N = dy2d.shape
+    K = w.shape[1]
+    check_numel(op, "the input gradient [M, K]", M * K)
+    dx = _runtime.new_output((M, K), out_dtype, dy2d.device)
+    if M == 0:
+        return dx
+    rank = 0 if lora is None else lora.g.shape[1]
+    has_dropout = lora is not None and lora.keep is not None
+    args = dict(dy_ptr=dy2d, dx_ptr=dx, M=M, N=N, K=K, R=max(rank, 1),
+                g_ptr=dy2d if lora is None else lora.g,
+                lora_a_ptr=dy2d if lora is None else lora.lora_a,
+                keep_ptr=lora.keep if has_dropout else dy2d,
+                lora_scale=0.0 if lora is None else float(lora.scale),
+                keep_scale=1.0 if lora is None else float(lora.keep_scale),
+                **_weight_args(w))
+    constexprs = dict(HAS_LORA=lora is not None, HAS_DROPOUT=has_dropout,
+                      BLOCK_R=_lora_block(rank),
+                      OPERANDS_IN_FP32=_operands_in_fp32(dy2d.dtype), **_weight_constexprs(w))
+    _launch(_bwd_input_kernel, (M, (K, "BLOCK_K")), args, constexprs)
+    return dx
+
+
+def nf4_matmul_forward(x2d: torch.Tensor, w: NF4Weight) -> torch.Tensor:
+    """y2d = x2d @ W^T for x2d [M, K] fp32/fp16/bf16 and W [N, K] in NF4; y2d in x2d's dtype."""
+    op = "nf4_matmul_forward"
+    check_nf4_weight(op, w)
+    check_tensor(op, "x2d", x2d, dtypes=FLOAT_DTYPES, ndim=2, shape=(None, w.shape[1]))
+    check_same_device(op, x2d=x2d, w=w.packed)
+    return launch_forward(op, x2d, w)
+
+
+def nf4_matmul_backward_input(dy2d: torch.Tensor, w: NF4Weight) -> torch.Tensor:
+    """dx2d = dy2d @ W for dy2d [M, N] and W [N, K] in NF4; dx2d in dy2d's dtype."""
+    op = "nf4_matmul_backward_input"
+    check_nf4_weight(op, w)
+    check_tensor(op, "dy2d", dy2d, dtypes=FLOAT_DTYPES, ndim=2, shape=(None, w.shape[0]))
+    check_same_device(op, dy2d=dy2d, w=w.packed)
+    return launch_backward_input(op, dy2d, w, dy2d.dtype)
+
+
+# ---------------------------------------------------------------------------
+# autograd
+# ---------------------------------------------------------------------------
+
+class NF4Matmul(torch.autograd.Function):
+    """y = x @ W^T over the last dim of x; gradient flows to x only (W is frozen)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: NF4Weight) -> torch.Tensor:
+        op = "nf4_matmul"
+        check_nf4_weight(op, w)
+        check_tensor(op, "x", x, dtypes=FLOAT_DTYPES)
+        if x.dim() < 1 or x.shape[-1] != w.shape[1]:
+            raise ValueError(f"{op}: argument 'x' has shape {tuple(x.shape)}; expected "
+                             f"last dim {w.shape[1]} (= in_features K of w {tuple(w.shape)})")
+        check_same_device(op, x=x, w=w.packed)
+        ctx.w = w
+        ctx.x_shape = x.shape
+        y2d = launch_forward(op, x.reshape(-1, w.shape[1]), w)
+        return y2d.reshape(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        w = ctx.w
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        dy2d = dy.reshape(-1, w.shape[0]).contiguous()
+        dx2d = launch_backward_input("nf4_matmul.backward", dy2d, w, dy.dtype)
+        return dx2d.reshape(ctx.x_shape), None
+
+
+def nf4_matmul(x: torch.Tensor, w: NF4Weight) -> torch.Tensor:
+    """y = x @ W^T. x: [..., K] fp32/fp16/bf16, contiguous; W: NF4Weight of logical
+    shape [N, K]. Returns [..., N] in x's dtype (fp32 accumulation). Differentiable
+    in x; W gets no gradient."""
+    return NF4Matmul.apply(x, w)

@@ -1,0 +1,146 @@
+"""One LLaMA decoder block: forward and hand-written backward, side by side.
+
+    x1 = rmsnorm(h0) ;  q, k, v = x1 Wq^T, x1 Wk^T, x1 Wv^T   (+ LoRA each)
+    q, k = rope(q, k) ;  a = attention(q, k, v) ;  h1 = h0 + a Wo^T
+    x2 = rmsnorm(h1) ;  m = silu(x2 Wg^T) * (x2 Wu^T) ;  h2 = h1 + m Wd^T
+
+Only the block input h0 is kept between passes: block_backward recomputes the
+internals from it (activation checkpointing by construction) and replays the
+LoRA dropout masks by restoring the dropout generator's state.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import torch
+
+from csrc_triton.lora_linear import lora_linear_backward, lora_linear_forward
+from csrc_triton.nf4_matmul import nf4_matmul_backward_input, nf4_matmul_forward
+from csrc_triton.rms_norm import rms_norm_backward, rms_norm_forward
+from csrc_triton.rope import rope_backward, rope_forward
+from csrc_triton.swiglu import swiglu_backward, swiglu_forward
+
+from .attention import attention_backward, attention_forward
+from .weights import LayerWeights
+
+
+@dataclass
+class BlockGeometry:
+    """What every block of one batch shares."""
+    batch: int
+    seq: int
+    position_ids: torch.Tensor          # [B, S]
+    attn_mask: Optional[torch.Tensor]   # [B, 1, S, S] bool, or None for plain causal
+    cos: torch.Tensor                   # [P, D/2] fp32
+    sin: torch.Tensor
+
+
+@dataclass
+class BlockLoRA:
+    """The adapters of one block as the kernels need them (absent keys: no adapter)."""
+    weights: Dict[str, tuple]           # projection -> (A, B)
+    scale: float
+    dropout: float
+    training: bool
+    generator: Optional[torch.Generator]
+
+
+class _Projector:
+    """Runs one block's projections through NF4 (+ LoRA) and keeps the LoRA contexts
+    the backward needs."""
+
+    def __init__(self, layer: LayerWeights, lora: Optional[BlockLoRA]):
+        self.layer, self.lora, self.contexts = layer, lora, {}
+
+    def forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        w = self.layer.projections[name]
+        ab = self.lora.weights.get(name) if self.lora is not None else None
+        if ab is None:
+            return nf4_matmul_forward(x, w)
+        A, B = ab
+        y, ctx = lora_linear_forward(x, w, A.detach(), B.detach(), self.lora.scale, self.lora.dropout,
+                                     self.lora.training, self.lora.generator)
+        self.contexts[name] = ctx
+        return y
+
+    def backward(self, name: str, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        w = self.layer.projections[name]
+        ab = self.lora.weights.get(name) if self.lora is not None else None
+        if ab is None:
+            return nf4_matmul_backward_input(dy, w)
+        A, B = ab
+        dx, dA, dB = lora_linear_backward(dy, x, w, A.detach(), B.detach(), self.lora.scale,
+                                          self.contexts[name])
+        _accumulate_grad(A, dA)
+        _accumulate_grad(B, dB)
+        return dx
+
+
+def _accumulate_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
+    grad = grad.to(param.dtype)
+    if param.grad is None:
+        param.grad = grad.clone()
+    else:
+        param.grad.add_(grad)
+
+
+def _heads(t: torch.Tensor, geo: BlockGeometry, n_heads: int) -> torch.Tensor:
+    return t.view(geo.batch, geo.seq, n_heads, -1)
+
+
+def block_forward(h0: torch.Tensor, layer: LayerWeights, geo: BlockGeometry, n_heads: int,
+                  n_kv_heads: int, eps: float, lora: Optional[BlockLoRA] = None,
+                  attend: Optional[Callable] = None, _keep: Optional[dict] = None) -> torch.Tensor:
+    """h0 [T, H] (T = B*S) -> h2 [T, H]. ``attend(q, k, v)`` replaces the masked
+    attention (generation passes one that reads and writes a KV cache); ``_keep``
+    (used by block_backward) receives every intermediate the backward needs."""
+    proj = _Projector(layer, lora)
+    x1, rstd1 = rms_norm_forward(h0, layer.input_layernorm, eps)
+    q = proj.forward("q_proj", x1)
+    k = proj.forward("k_proj", x1)
+    v = proj.forward("v_proj", x1)
+    qr, kr = rope_forward(_heads(q, geo, n_heads), _heads(k, geo, n_kv_heads), geo.position_ids,
+                          geo.cos, geo.sin)
+    vh = _heads(v, geo, n_kv_heads)
+    attn = attend(qr, kr, vh) if attend is not None else attention_forward(qr, kr, vh, geo.attn_mask)
+    a = attn.reshape(h0.shape[0], -1)
+    h1 = h0 + proj.forward("o_proj", a)
+    x2, rstd2 = rms_norm_forward(h1, layer.post_attention_layernorm, eps)
+    g = proj.forward("gate_proj", x2)
+    u = proj.forward("up_proj", x2)
+    m = swiglu_forward(g, u)
+    h2 = h1 + proj.forward("down_proj", m)
+    if _keep is not None:
+        _keep.update(proj=proj, x1=x1, rstd1=rstd1, qr=qr, kr=kr, vh=vh, a=a, h1=h1, x2=x2,
+                     rstd2=rstd2, g=g, u=u, m=m)
+    return h2
+
+
+def block_backward(dh2: torch.Tensor, h0: torch.Tensor, layer: LayerWeights, geo: BlockGeometry,
+                   n_heads: int, n_kv_heads: int, eps: float,
+                   lora: Optional[BlockLoRA] = None) -> torch.Tensor:
+    """Given dL/dh2, recompute the block from h0, add dL/dA and dL/dB into the LoRA
+    tensors' .grad, and return dL/dh0. Norm weights and NF4 weights are frozen."""
+    s: dict = {}
+    block_forward(h0, layer, geo, n_heads, n_kv_heads, eps, lora, _keep=s)
+    proj: _Projector = s["proj"]
+
+    # MLP:  h2 = h1 + down(swiglu(gate(x2), up(x2))),  x2 = rmsnorm(h1)
+    dm = proj.backward("down_proj", dh2, s["m"])
+    dg, du = swiglu_backward(dm, s["g"], s["u"])
+    dx2 = proj.backward("gate_proj", dg, s["x2"])
+    dx2 = dx2 + proj.backward("up_proj", du, s["x2"])
+    dx2_h1, _ = rms_norm_backward(dx2, s["h1"], layer.post_attention_layernorm, s["rstd2"], False)
+    dh1 = dh2 + dx2_h1
+
+    # attention:  h1 = h0 + o(attn(rope(q(x1)), rope(k(x1)), v(x1))),  x1 = rmsnorm(h0)
+    da = proj.backward("o_proj", dh1, s["a"])
+    dqr, dkr, dvh = attention_backward(da.view_as(s["qr"]), s["qr"], s["kr"], s["vh"], geo.attn_mask)
+    dq, dk = rope_backward(dqr.contiguous(), dkr.contiguous(), geo.position_ids, geo.cos, geo.sin)
+    T = h0.shape[0]
+    dx1 = proj.backward("q_proj", dq.reshape(T, -1), s["x1"])
+    dx1 = dx1 + proj.backward("k_proj", dk.reshape(T, -1), s["x1"])
+    dx1 = dx1 + proj.backward("v_proj", dvh.reshape(T, -1).contiguous(), s["x1"])
+    dx1_h0, _ = rms_norm_backward(dx1, h0, layer.input_layernorm, s["rstd1"], False)
+    return dh1 + dx1_h0

@@ -1,0 +1,123 @@
+"""The SFT data pipeline: sources -> validated rows -> rendered segments ->
+token documents (truncated or dropped, counted) -> seeded shuffle -> train and
+held-out eval documents. Batching is packing.sft_batches."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
+
+from anita_core.data import templates
+from anita_core.data.documents import Document, encode_segments, make_document
+from anita_core.data.loading import read_rows
+from anita_core.data.packing import shuffled
+from anita_core.data.rows import SFT_SHAPES
+from anita_core.data.stats import DataStats
+from anita_core.data.tokenizer import Tokenizer
+
+T = TypeVar("T")
+
+
+@dataclass
+class SFTDataConfig:
+    data: Union[str, Sequence[str]]       # file(s), folder(s) or hub name(s)
+    shape: str = "auto"                   # auto | instruction | chat | text
+    template: str = "llama3"              # for instruction rows: llama3 | alpaca
+    system_prompt: Optional[str] = None   # default system text for rows without one
+    max_seq_length: int = 2048
+    train_on_all_tokens: bool = False     # default: loss on answer tokens only
+    max_samples: Optional[int] = None
+    eval_split: Union[int, float] = 0     # count (int >= 1) or fraction (0 < x < 1)
+    seed: int = 0
+    skip_bad_rows: bool = False
+    split: str = "train"                  # hub datasets only
+    cache_dir: Optional[str] = None       # `datasets` cache
+
+
+@dataclass
+class SFTData:
+    train: List[Document]
+    eval: List[Document]
+    stats: DataStats = field(default_factory=DataStats)
+
+
+def row_segments(shape: str, row: Dict[str, Any], *, template: str = "llama3",
+                 system_prompt: Optional[str] = None) -> List[templates.Segment]:
+    """A validated row rendered into segments."""
+    if shape == "instruction":
+        return templates.instruction_segments(row, template, system_prompt)
+    if shape == "chat":
+        return templates.chat_segments(row["messages"], system_prompt)
+    if shape == "text":
+        return templates.raw_text_segments(row["text"])
+    raise ValueError(f"unknown SFT row shape {shape!r}; expected one of {SFT_SHAPES}")
+
+
+def eval_count(n: int, eval_split: Union[int, float]) -> int:
+    """How many of ``n`` examples go to the held-out split."""
+    if isinstance(eval_split, bool) or eval_split < 0:
+        raise ValueError(f"eval_split must be a count >= 0 or a fraction in (0, 1), got {eval_split!r}")
+    if eval_split == 0:
+        return 0
+    if isinstance(eval_split, float) and eval_split < 1:
+        k = max(1, math.floor(n * eval_split))
+    elif float(eval_split).is_integer():
+        k = int(eval_split)
+    else:
+        raise ValueError(f"eval_split must be a count >= 0 or a fraction in (0, 1), got {eval_split!r}")
+    if k >= n:
+        raise ValueError(f"eval_split={eval_split!r} takes {k} of {n} examples and leaves none "
+                         f"to train on")
+    return k
+
+
+def split_train_eval(items: Sequence[T], eval_split: Union[int, float], seed: int,
+                     ) -> Tuple[List[T], List[T]]:
+    """(train, eval): a seeded shuffle, then the first k items are held out."""
+    items = shuffled(items, seed)
+    k = eval_count(len(items), eval_split)
+    return items[k:], items[:k]
+
+
+def documents_from_rows(rows: Sequence[Tuple[str, Dict[str, Any]]], tokenizer: Tokenizer, *,
+                        template: str = "llama3", system_prompt: Optional[str] = None,
+                        max_seq_length: Optional[int] = None, train_on_all_tokens: bool = False,
+                        stats: Optional[DataStats] = None) -> List[Document]:
+    """Tokenized documents for validated (shape, row) pairs; rows whose prompt
+    fills ``max_seq_length`` are dropped and counted, longer ones truncated."""
+    stats = DataStats() if stats is None else stats
+    rendered = [row_segments(shape, row, template=template, system_prompt=system_prompt)
+                for shape, row in rows]
+    documents = []
+    for ids, is_answer in encode_segments(tokenizer, rendered):
+        document, truncated = make_document(ids, is_answer, max_length=max_seq_length,
+                                            train_on_all_tokens=train_on_all_tokens)
+        if document is None:
+            stats.dropped_too_long += 1
+            continue
+        stats.truncated += truncated
+        documents.append(document)
+    return documents
+
+
+def build_sft_data(config: SFTDataConfig, tokenizer: Tokenizer) -> SFTData:
+    if config.max_seq_length < 2:
+        raise ValueError(f"max_seq_length must be >= 2, got {config.max_seq_length}")
+    if config.template not in templates.TEMPLATES:
+        raise ValueError(f"unknown template {config.template!r}; expected one of {templates.TEMPLATES}")
+    stats = DataStats()
+    rows = read_rows(config.data, stats=stats, shape=config.shape, allowed_shapes=SFT_SHAPES,
+                     skip_bad_rows=config.skip_bad_rows, max_samples=config.max_samples,
+                     split=config.split, cache_dir=config.cache_dir)
+    documents = documents_from_rows(
+        rows, tokenizer, template=config.template, system_prompt=config.system_prompt,
+        max_seq_length=config.max_seq_length, train_on_all_tokens=config.train_on_all_tokens,
+        stats=stats)
+    if not documents:
+        raise ValueError(f"no usable examples in {config.data!r}: {stats.summary()}")
+    train, held_out = split_train_eval(documents, config.eval_split, config.seed)
+    stats.examples = len(documents)
+    stats.train_examples, stats.eval_examples = len(train), len(held_out)
+    stats.tokens = sum(len(d) for d in documents)
+    stats.target_tokens = sum(d.num_targets for d in documents)
+    return SFTData(train=train, eval=held_out, stats=stats)

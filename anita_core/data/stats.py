@@ -1,0 +1,44 @@
+"""Counts the data pipeline reports: what was read, skipped, filtered, dropped,
+truncated, and how many tokens are left to train on."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import List
+
+MAX_REMEMBERED_PROBLEMS = 5
+
+
+@dataclass
+class DataStats:
+    rows_read: int = 0            # rows taken from the sources (after --max-samples)
+    skipped_bad_rows: int = 0     # malformed rows skipped (skip_bad_rows=True)
+    filtered_by_source: int = 0   # DPO rows whose source is excluded
+    dropped_too_long: int = 0     # prompt alone fills max length: no answer token fits
+    truncated: int = 0            # kept, but cut to the max length
+    examples: int = 0             # documents (SFT) or pairs (DPO) kept
+    train_examples: int = 0
+    eval_examples: int = 0
+    tokens: int = 0               # tokens in the kept examples (chosen + rejected for DPO)
+    target_tokens: int = 0        # tokens that are a prediction target
+    bad_row_examples: List[str] = field(default_factory=list)  # first few skip reasons
+
+    def note_bad_row(self, message: str) -> None:
+        self.skipped_bad_rows += 1
+        if len(self.bad_row_examples) < MAX_REMEMBERED_PROBLEMS:
+            self.bad_row_examples.append(message)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """One line for the log."""
+        parts = [f"rows read {self.rows_read}"]
+        for name, value in (("skipped (malformed)", self.skipped_bad_rows),
+                            ("filtered by source", self.filtered_by_source),
+                            ("dropped (too long)", self.dropped_too_long),
+                            ("truncated", self.truncated)):
+            if value:
+                parts.append(f"{name} {value}")
+        parts.append(f"kept {self.examples} (train {self.train_examples}, eval {self.eval_examples})")
+        parts.append(f"tokens {self.tokens}, targets {self.target_tokens}")
+        return "; ".join(parts)

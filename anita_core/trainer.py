@@ -1,0 +1,228 @@
+"""The training loop shared by SFT and DPO.
+
+An *objective* turns one micro-batch into gradients; the trainer owns
+everything around it: gradient accumulation with exact normalization (each
+objective counts its units — target tokens for SFT, pairs for DPO — over the
+whole optimizer step before the first micro-batch runs), AdamW, the schedule,
+clipping, logging, atomic checkpoints, exact resume, NaN and Ctrl-C handling.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Protocol, Sequence
+
+import torch
+
+from .checkpointing import (ADAPTER_DIR, latest_checkpoint, load_checkpoint_state, rng_restore,
+                            rng_snapshot, save_checkpoint)
+from .optim import build_optimizer, lr_multiplier, warmup_steps_for
+
+
+class Objective(Protocol):
+    def units(self, batch) -> int:
+        """How many normalization units (target tokens, pairs) the batch holds."""
+
+    def micro_step(self, batch, grad_scale: float) -> Dict[str, float]:
+        """Add grad_scale * d(loss sum)/d(params) into .grad; return sums:
+        {"loss": loss sum, "tokens": tokens processed, <metric>: sum over units}."""
+
+    def evaluate(self, batches: Sequence) -> Dict[str, float]:
+        """Metrics over held-out batches, e.g. {"eval_loss": ...}."""
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    optimizer: str = "adamw"
+    lr_scheduler: str = "linear"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    num_epochs: float = 1.0
+    max_steps: int = -1
+    logging_steps: int = 1
+    eval_steps: int = 0          # 0: evaluate only at the end
+    save_steps: int = 0          # 0: checkpoint only at the end
+    save_total_limit: int = 2
+    seed: int = 42
+    progress: bool = True
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient became NaN/inf; nothing from that step was applied."""
+
+
+class Trainer:
+    """``epoch_batches(epoch)`` returns that epoch's list of micro-batches (already
+    shuffled by the caller's seed, so the same epoch always yields the same list)."""
+
+    def __init__(self, model, adapters, objective: Objective,
+                 epoch_batches: Callable[[int], List], config: TrainConfig,
+                 eval_batches: Optional[Sequence] = None, log: Callable[[str], None] = print):
+        self.model, self.adapters, self.objective = model, adapters, objective
+        self.epoch_batches, self.config, self.eval_batches = epoch_batches, config, eval_batches
+        self.log = log
+        self.output_dir = Path(config.output_dir)
+        self.params = list(adapters.parameters())
+        self.optimizer = build_optimizer(config.optimizer, self.params, config.learning_rate,
+                                         config.weight_decay)
+        self.batches_per_epoch = len(epoch_batches(0))
+        if self.batches_per_epoch == 0:
+            raise ValueError("the training set produced no batches")
+        accum = config.gradient_accumulation_steps
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / accum)
+        if config.max_steps > 0:
+            self.total_steps = config.max_steps
+        else:
+            self.total_steps = max(1, math.ceil(config.num_epochs * self.steps_per_epoch))
+        self.warmup = warmup_steps_for(self.total_steps, config.warmup_steps, config.warmup_ratio)
+        self.step = 0           # optimizer steps done
+        self.epoch = 0          # position of the next micro-batch
+        self.batch_index = 0
+        self.metrics_path = self.output_dir / "metrics.jsonl"
+        self._step_start = None
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "batch_index": self.batch_index,
+                "optimizer": self.optimizer.state_dict(),
+                "rng": rng_snapshot(getattr(self.model, "dropout_generator", None)),
+                "config": asdict(self.config)}
+
+    def save(self) -> Path:
+        path = save_checkpoint(self.output_dir, self.step, self.adapters, self.state_dict(),
+                               keep=self.config.save_total_limit)
+        return path
+
+    def resume(self, checkpoint: Optional[Path] = None) -> Optional[Path]:
+        """Restore adapters, optimizer, RNG and data position from ``checkpoint``
+        (default: the run's newest complete one). Returns the checkpoint used."""
+        from .lora import load_peft
+        checkpoint = checkpoint or latest_checkpoint(self.output_dir)
+        if checkpoint is None:
+            return None
+        state = load_checkpoint_state(checkpoint)
+        loaded = load_peft(Path(checkpoint) / ADAPTER_DIR, self.model.config,
+                           device=self.params[0].device)
+        with torch.no_grad():
+            for mine, theirs in zip(self.adapters.parameters(), loaded.parameters()):
+                mine.copy_(theirs)
+        self.optimizer.load_state_dict(state["optimizer"])
+        rng_restore(state["rng"], getattr(self.model, "dropout_generator", None))
+        self.step, self.epoch, self.batch_index = state["step"], state["epoch"], state["batch_index"]
+        return Path(checkpoint)
+
+    # ---------------------------------------------------------------- loop
+    def _next_group(self) -> List:
+        """The micro-batches of the next optimizer step (never straddling epochs)."""
+        batches = self.epoch_batches(self.epoch)
+        group = batches[self.batch_index:self.batch_index + self.config.gradient_accumulation_steps]
+        self.batch_index += len(group)
+        if self.batch_index >= len(batches):
+            self.epoch, self.batch_index = self.epoch + 1, 0
+        return group
+
+    def _log_metrics(self, record: dict) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _train_one_step(self) -> dict:
+        position = (self.epoch, self.batch_index)
+        # an interrupted step is rolled back to here, so a resume replays it whole
+        self._step_start = (position, rng_snapshot(getattr(self.model, "dropout_generator", None)))
+        group = self._next_group()
+        units = sum(self.objective.units(b) for b in group)
+        for p in self.params:
+            p.grad = None
+        totals: Dict[str, float] = {}
+        if units > 0:
+            for batch in group:
+                try:
+                    sums = self.objective.micro_step(batch, 1.0 / units)
+                except FloatingPointError as e:
+                    raise TrainingDiverged(
+                        f"step {self.step + 1} (epoch {position[0]}, batch {position[1]}): {e}") from e
+                for k, v in sums.items():
+                    totals[k] = totals.get(k, 0.0) + float(v)
+        lr = self.config.learning_rate * lr_multiplier(self.step, self.total_steps, self.warmup,
+                                                       self.config.lr_scheduler)
+        for group_ in self.optimizer.param_groups:
+            group_["lr"] = lr
+        grads = [p.grad for p in self.params if p.grad is not None]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)) \
+            if grads else 0.0
+        if not math.isfinite(grad_norm):
+            raise TrainingDiverged(f"step {self.step + 1}: gradient norm is {grad_norm}")
+        if units > 0:
+            self.optimizer.step()
+        self.step += 1
+        self._step_start = None
+        record = {"step": self.step, "epoch": round(self.epoch + self.batch_index /
+                                                     self.batches_per_epoch, 4),
+                  "lr": lr, "grad_norm": grad_norm, "units": units}
+        tokens = totals.pop("tokens", 0.0)
+        for k, v in totals.items():
+            record[k] = v / max(units, 1)
+        record["tokens"] = int(tokens)
+        return record
+
+    def train(self, resume_from: Optional[Path] = None) -> dict:
+        """Run to total_steps; returns the last logged record."""
+        from tqdm.auto import tqdm
+        if resume_from is not None:
+            used = self.resume(resume_from)
+            self.log(f"resumed from {used} at step {self.step}")
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.config.progress,
+                   desc="train", unit="step", dynamic_ncols=True)
+        last: dict = {}
+        started, tokens_seen = time.perf_counter(), 0
+        try:
+            while self.step < self.total_steps:
+                record = self._train_one_step()
+                tokens_seen += record["tokens"]
+                record["tokens_per_s"] = round(tokens_seen / max(time.perf_counter() - started, 1e-9), 1)
+                if self.step % self.config.logging_steps == 0 or self.step == self.total_steps:
+                    self._log_metrics(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}",
+                                lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+                last = record
+                if self.config.eval_steps and self.step % self.config.eval_steps == 0:
+                    self._evaluate()
+                if self.config.save_steps and self.step % self.config.save_steps == 0:
+                    self.save()
+        except KeyboardInterrupt:
+            bar.close()
+            if self._step_start is not None:
+                (self.epoch, self.batch_index), rng = self._step_start
+                rng_restore(rng, getattr(self.model, "dropout_generator", None))
+            path = self.save()
+            self.log(f"interrupted: checkpoint of step {self.step} written to {path}; "
+                     f"resume with --resume")
+            raise
+        except TrainingDiverged as e:
+            bar.close()
+            good = latest_checkpoint(self.output_dir)
+            raise TrainingDiverged(f"{e}; stopping. Last good checkpoint: "
+                                   f"{good if good else 'none written yet'}") from e
+        bar.close()
+        if self.eval_batches:
+            last.update(self._evaluate())
+        self.save()
+        return last
+
+    def _evaluate(self) -> dict:
+        if not self.eval_batches:
+            return {}
+        result = self.objective.evaluate(self.eval_batches)
+        self._log_metrics({"step": self.step, **result})
+        self.log("  ".join(f"{k}={v:.4f}" for k, v in result.items()))
+        return result
