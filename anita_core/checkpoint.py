@@ -5,25 +5,27 @@
 The seven projections of every layer come out as NF4 (``NF4Weight``);
 embeddings, norms and lm_head stay dense in ``compute_dtype``.
 
-Memory: the checkpoint is read one tensor at a time, and each projection is
-quantized the moment it arrives and its full-precision copy dropped, so the
-host never holds the full-precision model: the peak is about the quantized
-model plus the dense tensors plus one tensor in flight (and whatever pages of
-the current shard the OS keeps mapped). bench/load_memory.py measures it.
+Memory: the checkpoint is read one tensor at a time, each projection is
+quantized the moment it arrives, and the file pages of every consumed tensor
+are handed back (checkpoint_pages.py), so the host never holds the
+full-precision model, nor even a whole shard: the peak is the result (NF4
+projections + dense embeddings, norms, lm_head) plus about one tensor in
+flight. bench/load_memory.py measures it.
 
 Pre-quantized bitsandbytes 4-bit checkpoints (config.json has a
 ``quantization_config`` with ``load_in_4bit`` and ``bnb_4bit_quant_type:
 nf4``) are read as stored, without re-quantizing; see checkpoint_bnb.py.
 
-Every problem is found from the file headers before any tensor data is read:
-a missing directory or shard (FileNotFoundError), a non-Llama config, a missing
-tensor, an unexpected tensor (e.g. an extra layer), a shape or dtype that
-disagrees with config.json (ValueError). Each message names the file and the
-tensor or field. Nothing half-loaded is ever returned.
+Structural problems are found from config.json and the file headers before
+any tensor data is read: a missing directory or shard (FileNotFoundError), a
+non-Llama config, a missing tensor, an unexpected tensor (e.g. an extra
+layer), a shape or dtype that disagrees with config.json (ValueError). NaN/inf
+weights and inconsistent bitsandbytes quant states are found while reading.
+Each message names the file and the tensor or field. Nothing half-loaded is
+ever returned.
 """
 from __future__ import annotations
 
-import ctypes
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -38,8 +40,8 @@ from anita_core.checkpoint_bnb import (OTHER_4BIT_SUFFIXES, QUANT_STATE_SUFFIX,
                                        expected_aux_suffixes, is_skipped_module,
                                        nf4_from_bnb_tensors, packed_nbytes,
                                        read_quantization_config)
-from anita_core.checkpoint_files import (DTYPE_BYTES, FLOAT_TAGS, TensorCatalog,
-                                         catalog_checkpoint)
+from anita_core.checkpoint_pages import MappedPageReleaser, return_freed_heap_to_os
+from anita_core.checkpoint_files import FLOAT_TAGS, TensorCatalog, catalog_checkpoint
 from anita_core.config import CONFIG_FILENAME, ModelConfig, projection_shapes
 from anita_core.weights import (PROJECTIONS, BaseWeights, LayerWeights,
                                 projection_module_path)
@@ -86,7 +88,7 @@ def _read_raw_config(directory: Path) -> Tuple[dict, str]:
 
 
 def _plan(config: ModelConfig, catalog: TensorCatalog, quant: Optional[dict],
-          config_source: str) -> Dict[str, object]:
+          config_source: str, quant_source: str) -> Dict[str, object]:
     """What each stored tensor is and where it goes, checked against config.json.
 
     Returns {stored tensor name: _Dense | _Projection}; aux quant-state
@@ -109,11 +111,11 @@ def _plan(config: ModelConfig, catalog: TensorCatalog, quant: Optional[dict],
             stored_quantized = f"{name}.{QUANT_STATE_SUFFIX}" in entries
             if stored_quantized and quant is None:
                 raise ValueError(f"{listing}: tensor '{name}' is stored bitsandbytes-quantized "
-                                 f"but {config_source} has no quantization_config")
+                                 f"but {quant_source} has no quantization_config")
             if quant is not None and not stored_quantized and \
                     not is_skipped_module(module, quant["skip_modules"]):
                 raise ValueError(f"{listing}: tensor '{name}.{QUANT_STATE_SUFFIX}' is missing "
-                                 f"({config_source} declares a bitsandbytes NF4 checkpoint)")
+                                 f"({quant_source} declares a bitsandbytes NF4 checkpoint)")
             aux = expected_aux_suffixes(quant["double_quant"]) if stored_quantized else ()
             plan[name] = _Projection(shapes[proj], layer, proj, stored_quantized, aux)
 
@@ -189,13 +191,15 @@ def load_base_weights(path: Union[str, Path], config: Optional[ModelConfig] = No
     device = torch.device(device)
 
     raw_config, config_source = _read_raw_config(directory)
+    quant = read_quantization_config(raw_config, config_source)
     if config is None:
         config = ModelConfig.from_dict(raw_config, source=config_source)
+        model_source = config_source
     else:
         config.validate()
-    quant = read_quantization_config(raw_config, config_source)
+        model_source = f"the given config ({config.source})"
     catalog = catalog_checkpoint(directory)
-    plan = _plan(config, catalog, quant, config_source)
+    plan = _plan(config, catalog, quant, model_source, config_source)
 
     dense: Dict[Tuple[Optional[int], str], torch.Tensor] = {}
     quantized: Dict[Tuple[int, str], NF4Weight] = {}
@@ -207,12 +211,15 @@ def load_base_weights(path: Union[str, Path], config: Optional[ModelConfig] = No
             if not names:
                 continue
             with safe_open(str(file), framework="pt") as f:
+                pages = MappedPageReleaser(file)
                 for name in names:
                     item = plan[name]
                     if isinstance(item, _Dense):
                         t = f.get_tensor(name)
                         _check_finite(t, file, name)
                         dense[(item.layer, item.slot)] = _private_copy(t, device, compute_dtype)
+                        pages.release(t)
+                        del t
                         bar.update(1)
                     elif item.prequantized:
                         parts = {"": f.get_tensor(name)}
@@ -220,15 +227,19 @@ def load_base_weights(path: Union[str, Path], config: Optional[ModelConfig] = No
                         quantized[(item.layer, item.projection)] = nf4_from_bnb_tensors(
                             name, {k: _private_copy(t, device, t.dtype) for k, t in parts.items()},
                             item.shape, compute_dtype, str(file))
+                        for t in parts.values():
+                            pages.release(t)
+                        del parts
                         bar.update(1 + len(item.aux))
                     else:
                         w = f.get_tensor(name)
                         _check_finite(w, file, name)
                         quantized[(item.layer, item.projection)] = _quantize(
                             w, device, blocksize, double_quant, compute_dtype)
-                        del w  # drop the full-precision copy before reading the next tensor
-                        _return_freed_heap_to_os()
+                        pages.release(w)
+                        del w
                         bar.update(1)
+                    return_freed_heap_to_os()
     finally:
         bar.close()
 
@@ -284,25 +295,6 @@ def _check_finite(t: torch.Tensor, file: Path, name: str) -> None:
     if not torch.isfinite(t).all():
         bad = int((~torch.isfinite(t)).sum())
         raise ValueError(f"{file}: tensor '{name}' has {bad} non-finite (NaN/inf) values")
-
-
-def _return_freed_heap_to_os() -> None:
-    """glibc keeps freed heap memory mapped for reuse; the temporaries of each
-    quantization (the Triton interpreter's NumPy arrays, on CPU) would pile up
-    to ~100 MB of resident memory nobody uses over a shard (measured with
-    bench/load_memory.py). malloc_trim hands it back to the OS; it costs
-    milliseconds per projection. Best effort: a no-op where there is no glibc."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim = None
 
 
 class _NoProgress:

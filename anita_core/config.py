@@ -83,8 +83,9 @@ class ModelConfig:
                 raise _fail(source, name, "is missing")
             values[name] = _as_int(d[name], source, name)
         heads = values["num_attention_heads"]
-        values["num_key_value_heads"] = _as_int(d.get("num_key_value_heads", heads) or heads,
-                                                source, "num_key_value_heads")
+        kv = d.get("num_key_value_heads")
+        values["num_key_value_heads"] = heads if kv is None else _as_int(kv, source,
+                                                                          "num_key_value_heads")
         if d.get("head_dim") is not None:
             values["head_dim"] = _as_int(d["head_dim"], source, "head_dim")
         else:

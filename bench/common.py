@@ -21,6 +21,7 @@ import gc
 import importlib.metadata
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -113,7 +114,8 @@ class RunContext:
         return "time.perf_counter median (ms), Triton interpreter on CPU"
 
 
-def add_common_arguments(parser: argparse.ArgumentParser, *, default_dtype: str = "bf16") -> None:
+def add_common_arguments(parser: argparse.ArgumentParser, *, default_dtype: str = "bf16",
+                         kernel_timing: bool = True) -> None:
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes; runs on the CPU through the Triton interpreter when "
                              "there is no GPU; output is labelled as a smoke run, never as "
@@ -124,12 +126,14 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, default_dtype: str 
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help=f"activation dtype (default: {default_dtype} on a GPU; fp32 in a smoke "
                              "run, since the interpreter cannot do bf16 arithmetic)")
-    parser.add_argument("--warmup-ms", type=float, default=25.0,
-                        help="do_bench warm-up time per measurement, ms (default: 25)")
-    parser.add_argument("--rep-ms", type=float, default=100.0,
-                        help="do_bench measuring time per measurement, ms (default: 100)")
-    parser.add_argument("--smoke-reps", type=int, default=2,
-                        help="timed repetitions per measurement in a CPU smoke run (default: 2)")
+    if kernel_timing:
+        parser.add_argument("--warmup-ms", type=float, default=25.0,
+                            help="do_bench warm-up time per measurement, ms (default: 25)")
+        parser.add_argument("--rep-ms", type=float, default=100.0,
+                            help="do_bench measuring time per measurement, ms (default: 100)")
+        parser.add_argument("--smoke-reps", type=int, default=2,
+                            help="timed repetitions per measurement in a CPU smoke run "
+                                 "(default: 2)")
     parser.add_argument("--no-progress", action="store_true",
                         help="hide the tqdm progress bar (default: shown)")
     parser.add_argument("--seed", type=int, default=0, help="random inputs' seed (default: 0)")
@@ -150,14 +154,15 @@ def make_context(bench: str, args: argparse.Namespace, default_dtype: str = "bf1
                          "interpreter computes bf16/fp16 wrongly (see /work/shared/NOTES.md)")
     torch.manual_seed(args.seed)
     ctx = RunContext(bench=bench, smoke=bool(args.smoke), device=device, dtype=DTYPES[dtype_name],
-                     warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, smoke_reps=args.smoke_reps,
-                     progress=not args.no_progress)
+                     warmup_ms=getattr(args, "warmup_ms", 25.0), rep_ms=getattr(args, "rep_ms", 100.0),
+                     smoke_reps=getattr(args, "smoke_reps", 2), progress=not args.no_progress)
     ctx.meta = {
         "bench": bench, "label": ctx.label, "timing_method": ctx.timing_method,
         "device": device_name(device), "dtype": dtype_name,
         "torch": torch.__version__, "triton": _version("triton") or "absent",
         "cuda": str(torch.version.cuda), "libraries": library_versions(),
-        "git_commit": git_commit(), "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "git_commit": git_commit(),
+        "command": shlex.join(["python", "-m", f"bench.{bench}"] + sys.argv[1:]),
     }
     return ctx
 
@@ -216,9 +221,13 @@ def is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
-def release_memory(device: torch.device) -> None:
-    """After an OOM (or between cases): drop garbage and cached blocks."""
-    gc.collect()
+def release_memory(device: torch.device, *, collect: bool = False) -> None:
+    """Between cases: hand cached blocks back (tensors die by reference count).
+    After a failure (collect=True) also run the garbage collector first: the
+    exception's traceback frames can hold the failed case's tensors in cycles.
+    (gc.collect costs ~0.4 s with torch and triton loaded, so not every time.)"""
+    if collect:
+        gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -245,23 +254,31 @@ def measure_ceilings(ctx: RunContext) -> Ceilings:
         n_copy, n_mm = 1 << 20, 128
     else:
         n_copy, n_mm = 1 << 29, 8192   # 1 GiB of bf16 per buffer (>> L2); 8192^3 matmul
-    src = torch.randn(n_copy, device=ctx.device, dtype=ctx.dtype)
-    dst = torch.empty_like(src)
-    dst.copy_(src)  # first call outside the timing, as for every case
-    copy_ms = median_ms(lambda: dst.copy_(src), ctx)
-    copy_bytes = 2 * src.numel() * src.element_size()
-    del src, dst
-    a = torch.randn(n_mm, n_mm, device=ctx.device, dtype=ctx.dtype)
-    b = torch.randn(n_mm, n_mm, device=ctx.device, dtype=ctx.dtype)
-    torch.matmul(a, b)
-    mm_ms = median_ms(lambda: torch.matmul(a, b), ctx)
-    del a, b
+    copy_gbps = _copy_gbps(ctx, n_copy)
+    matmul_tflops = _matmul_tflops(ctx, n_mm)
     release_memory(ctx.device)
     dtype = str(ctx.dtype).replace("torch.", "")
-    return Ceilings(copy_gbps=copy_bytes / (copy_ms * 1e-3) / 1e9,
-                    matmul_tflops=2 * n_mm ** 3 / (mm_ms * 1e-3) / 1e12,
+    return Ceilings(copy_gbps=copy_gbps, matmul_tflops=matmul_tflops,
                     copy_desc=f"copy_ of {n_copy} {dtype} elements",
                     matmul_desc=f"matmul {n_mm}x{n_mm}x{n_mm} {dtype}")
+
+
+def _copy_gbps(ctx: RunContext, n: int) -> float:
+    """(bytes read + bytes written) / median time of dst.copy_(src)."""
+    src = torch.randn(n, device=ctx.device, dtype=ctx.dtype)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # first call outside the timing, as for every case
+    ms = median_ms(lambda: dst.copy_(src), ctx)
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
+
+
+def _matmul_tflops(ctx: RunContext, n: int) -> float:
+    """2 n^3 / median time of an [n, n] @ [n, n] torch.matmul."""
+    a = torch.randn(n, n, device=ctx.device, dtype=ctx.dtype)
+    b = torch.randn(n, n, device=ctx.device, dtype=ctx.dtype)
+    torch.matmul(a, b)
+    ms = median_ms(lambda: torch.matmul(a, b), ctx)
+    return 2 * n ** 3 / (ms * 1e-3) / 1e12
 
 
 def rate(amount: Optional[float], ms: Optional[float], unit: float) -> Optional[float]:

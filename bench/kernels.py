@@ -29,7 +29,8 @@ if __package__ in (None, ""):  # run as a file: make `import bench` work like py
 from bench import common, ops_activation, ops_loss, ops_nf4, plot  # noqa: E402
 from bench.cases import (MODES, OpSpec, Problem, SweepSettings, Unavailable,  # noqa: E402
                          check_tolerance, check_values, mode_callable, relative_error)
-from bench.shapes import GPU_TOKENS, LLAMA3_8B, SMOKE, SMOKE_TOKENS, parse_int_list  # noqa: E402
+from bench.shapes import (GPU_TOKENS, LLAMA3_8B, SMOKE, SMOKE_PROJECTIONS, SMOKE_TOKENS,  # noqa: E402
+                          parse_int_list)
 
 PROVIDERS = ("ours", "torch", "torch.compile", "liger", "unsloth", "bitsandbytes")
 REFERENCE = "torch"
@@ -45,7 +46,7 @@ def all_op_specs(settings: SweepSettings) -> List[OpSpec]:
             + ops_loss.op_specs(settings))
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench.kernels", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,10 +63,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                              f"{','.join(map(str, GPU_TOKENS))}; smoke: "
                              f"{','.join(map(str, SMOKE_TOKENS))})")
     parser.add_argument("--projections", default=None,
-                        help="comma-separated projection groups for the NF4 ops, e.g. "
-                             "'q_proj,o_proj;down_proj' separated by ';' (default: all four "
-                             "distinct shapes: q_proj,o_proj / k_proj,v_proj / gate_proj,up_proj "
-                             "/ down_proj)")
+                        help="';'-separated projection groups for the NF4 ops, each named by "
+                             "its projections, e.g. 'q_proj,o_proj;down_proj' (default: all four "
+                             "distinct shapes q_proj,o_proj;k_proj,v_proj;gate_proj,up_proj;"
+                             "down_proj; smoke: " + ";".join(SMOKE_PROJECTIONS) + ")")
     parser.add_argument("--no-double-quant", action="store_true",
                         help="single-level NF4 for dequantize / matmul / lora_linear "
                              "(default: double-quantized absmax, the QLoRA default)")
@@ -75,7 +76,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-plot", action="store_true",
                         help="do not write PNG plots next to the CSV (default: plots are "
                              "written when matplotlib is installed)")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def _choose(text: str, allowed, what: str) -> List[str]:
@@ -91,12 +96,13 @@ class ProviderCheck:
 
     def __init__(self, ctx, seed: int):
         self.ctx, self.seed = ctx, seed
-        self.reference: Dict[str, list] = {}
+        self.reference: Dict[tuple, list] = {}
         self.results: Dict[tuple, tuple] = {}
 
     def __call__(self, spec: OpSpec, provider: str, problem: Problem):
-        """(status or None when fine, relative error or None)."""
-        key = (spec.name, provider)
+        """(status or None when fine, relative error or None) for ``problem``,
+        the smallest problem of its op and group."""
+        key = (spec.name, problem.group, provider)
         if key not in self.results:
             self.results[key] = self._run(spec, provider, problem)
         return self.results[key]
@@ -106,20 +112,22 @@ class ProviderCheck:
         return check_values(case, self.seed)
 
     def _run(self, spec: OpSpec, provider: str, problem: Problem):
+        failure = None
         try:
-            if spec.name not in self.reference:
-                self.reference[spec.name] = self._values(spec, REFERENCE, problem)
+            key = (spec.name, problem.group)
+            if key not in self.reference:
+                self.reference[key] = self._values(spec, REFERENCE, problem)
             if provider == REFERENCE:
                 return None, 0.0
-            error = relative_error(self._values(spec, provider, problem), self.reference[spec.name])
+            error = relative_error(self._values(spec, provider, problem), self.reference[key])
         except Unavailable as why:
             return f"skipped: {why}", None
         except Exception as err:  # noqa: BLE001 - a peer's failure is a result, not a crash
-            oom = common.is_out_of_memory(err)
-            status = "oom" if oom else common.describe_error(err)
-            return f"check failed: {status}", None
-        finally:
-            common.release_memory(self.ctx.device)
+            failure = "oom" if common.is_out_of_memory(err) else common.describe_error(err)
+        if failure is not None:
+            common.release_memory(self.ctx.device, collect=True)
+            return f"check failed: {failure}", None
+        common.release_memory(self.ctx.device)
         tolerance = check_tolerance(self.ctx.dtype)
         if not error <= tolerance:
             return (f"error: output differs from torch eager (relative error {error:.3g} > "
@@ -153,8 +161,9 @@ def measure(case, mode: str, problem: Problem, ctx, ceilings: common.Ceilings, s
 
 def run(args: argparse.Namespace) -> int:
     ctx = common.make_context("kernels", args)
-    tokens = args.tokens or (SMOKE_TOKENS if ctx.smoke else GPU_TOKENS)
-    projections = args.projections.split(";") if args.projections else None
+    tokens = sorted(set(args.tokens or (SMOKE_TOKENS if ctx.smoke else GPU_TOKENS)))
+    projections = args.projections.split(";") if args.projections else (
+        SMOKE_PROJECTIONS if ctx.smoke else None)
     settings = SweepSettings(dims=SMOKE if ctx.smoke else LLAMA3_8B, tokens=tokens, ctx=ctx,
                              double_quant=not args.no_double_quant, lora_r=args.lora_r,
                              lora_alpha=args.lora_alpha, projections=projections, seed=args.seed)
@@ -172,19 +181,24 @@ def run(args: argparse.Namespace) -> int:
     for name in ops:
         spec = specs[name]
         problems = spec.problems()
-        check_problem[name] = problems[0]   # the smallest shape of the op's sweep
+        for problem in reversed(problems):  # the smallest T of each group (sweeps ascend)
+            check_problem[(name, problem.group)] = problem
         for provider in (p for p in providers if p in spec.providers):
             jobs += [(spec, provider, problem) for problem in problems]
+    # Importing Unsloth patches transformers and torch settings process-wide:
+    # its cases run after every other provider's (the sort is stable).
+    jobs.sort(key=lambda job: job[1] == "unsloth")
     out = args.out or common.default_out_path(ctx)
     sink = common.CsvSink(out, COLUMNS, ctx)
     check = ProviderCheck(ctx, args.seed)
     skipped = defaultdict(set)
     bar = common.progress(None, total=len(jobs) * len(modes), desc=f"kernels [{ctx.label}]", ctx=ctx)
     for spec, provider, problem in jobs:
-        check_status, check_error = check(spec, provider, check_problem[spec.name])
+        checked = check_problem[(spec.name, problem.group)]
+        check_status, check_error = check(spec, provider, checked)
         base = {"op": spec.name, "provider": provider, "group": problem.group,
                 "shape": problem.shape, "tokens": problem.tokens, "bound": spec.bound,
-                "check_rel_err": check_error, "check_shape": check_problem[spec.name].shape,
+                "check_rel_err": check_error, "check_shape": checked.shape,
                 "ceiling_copy_gbps": ceilings.copy_gbps,
                 "ceiling_matmul_tflops": ceilings.matmul_tflops}
         case = None
@@ -209,7 +223,9 @@ def run(args: argparse.Namespace) -> int:
             sink.write(row)
             bar.update(1)
         del case
-        common.release_memory(ctx.device)
+        failed = any(str(r["status"]).startswith(("oom", "error", "check failed"))
+                     for r in sink.rows[-len(modes):])
+        common.release_memory(ctx.device, collect=failed)
     bar.close()
     sink.close()
     _report(sink.rows, specs, ops, skipped, ctx, out)

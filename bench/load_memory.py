@@ -8,7 +8,7 @@ Each measurement runs in a fresh Python subprocess and reports:
   baseline   RSS after imports and one tiny warm-up quantization (the Triton
              interpreter's own start-up memory); the RSS high-water mark is then
              reset (/proc/self/clear_refs), so "peak" is the load's own peak
-  peak       ru_maxrss at the end
+  peak       the RSS high-water mark at the end (VmHWM; ru_maxrss without /proc)
   held       current RSS at the end (the result is still alive)
 Two subprocesses are compared: anita's load_base_weights, and the naive
 "read the whole full-precision state dict" (every tensor of every shard,
@@ -63,19 +63,19 @@ def build_checkpoint(out: Path, *, vocab: int, hidden: int, intermediate: int, l
     limit = shard_mb * MB
     names_per_shard, current, size = [], {}, 0
 
-    def flush():
+    def flush(tensors):
         # Written under a temporary name: the final name needs the shard count.
-        names_per_shard.append(list(current))
-        save_file(current, str(out / f"part-{len(names_per_shard)}"), metadata={"format": "pt"})
+        names_per_shard.append(list(tensors))
+        save_file(tensors, str(out / f"part-{len(names_per_shard)}"), metadata={"format": "pt"})
 
     for name, shape in plan:
         t = torch.randn(shape, generator=generator) * (0.02 if len(shape) == 2 else 1.0)
         if size and size + t.numel() * 4 > limit:
-            flush()
+            flush(current)
             current, size = {}, 0  # only one shard of tensors alive at a time
         current[name] = t
         size += t.numel() * 4
-    flush()
+    flush(current)
     del current
     n = len(names_per_shard)
     weight_map = {}
@@ -103,12 +103,24 @@ def _current_rss() -> int:
 
 
 def _peak_rss() -> int:
+    """This process's RSS high-water mark: VmHWM where /proc has it, else
+    getrusage's ru_maxrss. ru_maxrss alone misleads here: Linux carries the
+    *parent's* high-water mark across fork+exec into the child's ru_maxrss
+    (seen: 470 MB in a fresh child whose own peak was 306 MB), and
+    clear_refs cannot reset that part."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
 def _reset_peak_rss() -> bool:
     """Linux >= 4.0: writing 5 to clear_refs resets the RSS high-water mark
-    (what ru_maxrss reports) to the current RSS, so import-time spikes do not
+    (VmHWM) to the current RSS, so import-time spikes do not
     hide the load's own peak. False where the kernel refuses."""
     try:
         with open("/proc/self/clear_refs", "w") as f:

@@ -57,8 +57,8 @@ def _quantize_problems(settings: SweepSettings) -> List[Problem]:
     problems = []
     for group, (n, k) in _weight_groups(settings).items():
         def make(group=group, n=n, k=k):
-            return {"w": settings.randn((n, k), settings.generator(f"weight/{group}"),
-                                scale=k ** -0.5), "blocksize": bs}
+            weight = settings.randn((n, k), settings.generator(f"weight/{group}"), scale=k ** -0.5)
+            return {"w": weight, "blocksize": bs}
         problems.append(Problem(op="nf4_quantize", shape=f"N={n} K={k}", tokens=None, group=group,
                                 make_inputs=make,
                                 forward_work=Work(n * k * e + storage_bytes(n, k, bs, False),

@@ -62,4 +62,8 @@ def _compiled(fn):
     # The sweep compiles each op for up to ~30 shapes x modes; the default limit
     # of 8 recompiles per function would silently fall back to eager.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+    # The 'backward' mode re-runs the backward of one graph (retain_graph=True),
+    # which compiled backwards with donated buffers refuse; donating only lets
+    # the backward reuse saved-activation memory in place.
+    torch._functorch.config.donated_buffer = False
     return torch.compile(fn, dynamic=False)

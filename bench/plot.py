@@ -171,7 +171,12 @@ def _plot_train(rows, out_dir: Path, stem: str) -> List[Path]:
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=8)
         ax.grid(True, axis="y", alpha=0.3)
-    axes[2].bar([r["framework"] for r in fits], [_number(r["seq_len"]) or 0 for r in fits])
+    bars = axes[2].bar([r["framework"] for r in fits], [_number(r["seq_len"]) or 0 for r in fits])
+    for bar, r in zip(bars, fits):
+        # a search that reached its limit without running out of memory is a lower bound
+        text = f">= {r['seq_len']}" if "limit" in r["status"] else (r["seq_len"] or r["status"])
+        axes[2].annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                         ha="center", va="bottom", fontsize=8)
     axes[2].set_ylabel("longest sequence at batch 1")
     _stamp(fig, rows, "QLoRA training steps")
     _save(fig, plt, out_dir / f"{stem}.png", written)

@@ -4,6 +4,11 @@ Triton reads ``TRITON_INTERPRET`` when each ``@triton.jit`` function is
 *decorated*, so the decision has to be made before any kernel module of this
 package is imported; ``csrc_triton/__init__.py`` imports this module first.
 
+This must happen before triton itself is first imported (its own @jit helpers
+are built at import time): import csrc_triton or anita_core before anything
+that imports triton (bitsandbytes does), or set the variables below before
+Python starts. A late import is detected and refused with an explanation.
+
 Rule (first match wins):
   1. ``ANITA_TRITON_MODE=interpret`` -> the Triton interpreter (NumPy on CPU).
      ``ANITA_TRITON_MODE=compile``   -> compiled kernels (needs a CUDA GPU).
@@ -13,6 +18,7 @@ Rule (first match wins):
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -37,8 +43,28 @@ def _decide_interpret() -> bool:
     return not torch.cuda.is_available()
 
 
+def _check_triton_not_built_for_the_other_mode(interpreting: bool) -> None:
+    """Triton's own helpers (tl.max, tl.sum's combine functions, ...) are @jit
+    functions built when triton is first imported; a kernel interpreted with
+    helpers built for compilation (or the reverse) fails with an obscure error
+    deep inside the interpreter. Say what happened instead."""
+    standard = sys.modules.get("triton.language.standard")
+    if standard is None:
+        return
+    from triton.runtime.interpreter import InterpretedFunction
+    built_interpreted = isinstance(standard.max, InterpretedFunction)
+    if built_interpreted != interpreting:
+        wanted = "the interpreter" if interpreting else "compiled kernels"
+        raise ImportError(
+            f"csrc_triton wants {wanted}, but triton was already imported in the other mode "
+            "(some module, e.g. bitsandbytes, imported triton before csrc_triton). Import "
+            "csrc_triton (or anita_core) first, or set TRITON_INTERPRET=1 / "
+            f"{_MODE_VARIABLE}=interpret before starting Python.")
+
+
 INTERPRETING: bool = _decide_interpret()
 os.environ["TRITON_INTERPRET"] = "1" if INTERPRETING else "0"
+_check_triton_not_built_for_the_other_mode(INTERPRETING)
 
 # The interpreter cannot do bf16 arithmetic (NOTES.md): kernels upcast every
 # tile to fp32 there. Compiled kernels feed fp16/bf16 tiles straight to the

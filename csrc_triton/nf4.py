@@ -34,7 +34,11 @@ bitsandbytes 0.50 applies there (learnt from its source and checked by tests):
   group whose m is 0 gets index 0.
 * dequantization: absmax = nested_code[q] * nested_absmax[b // 256] + offset
   (a rounded product, then a rounded sum: never fused into an FMA), and
-  w = code[idx] * absmax in fp32, rounded once to the output dtype.
+  w = code[idx] * absmax in fp32, rounded once to the output dtype. (Caution:
+  bitsandbytes 0.50's CPU dequantize_4bit hands weights with an even last dim
+  to a C kernel that picks the wrong block whenever that dim is not a multiple
+  of the blocksize, and for 1-D weights; its generic path -- odd last dim --
+  and its quantizer use the flat layout above, which is what this module does.)
 
 No backward: quantization is piecewise constant (its gradient is zero almost
 everywhere and undefined at the midpoints) and the NF4 base weight of QLoRA is
@@ -44,6 +48,7 @@ never into the NF4 storage.
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field, replace
 from typing import Dict, Optional
@@ -72,6 +77,12 @@ def nf4_code(device=None) -> torch.Tensor:
     return torch.tensor(NF4_CODE_VALUES, dtype=torch.float32, device=device)
 
 
+def _is_supported_blocksize(blocksize) -> bool:
+    # 64.0 or True would pass a plain `in` test and then break the kernels.
+    return (isinstance(blocksize, int) and not isinstance(blocksize, bool)
+            and blocksize in SUPPORTED_BLOCKSIZES)
+
+
 # Key suffixes of a serialized 4-bit weight (bitsandbytes QuantState.as_dict(packed=True),
 # written by transformers next to '<module>.weight').
 QUANT_STATE_KEY = "quant_state.bitsandbytes__nf4"
@@ -79,6 +90,13 @@ _OTHER_QUANT_STATE_KEYS = ("quant_state.bitsandbytes__fp4",)
 
 
 def signed_dynamic_map(device=None) -> torch.Tensor:
+    """A fresh copy (callers own it; checkpoints must not share it) of the signed
+    8-bit dynamic map; see _build_signed_dynamic_map."""
+    return _build_signed_dynamic_map().to(device, copy=True)
+
+
+@functools.lru_cache(maxsize=1)
+def _build_signed_dynamic_map() -> torch.Tensor:
     """The signed 8-bit dynamic quantization map (Dettmers 2015), 256 fp32 values.
 
     Seven decades 10^-6 .. 10^0; decade k holds 2^k magnitudes, the midpoints of
@@ -92,7 +110,7 @@ def signed_dynamic_map(device=None) -> torch.Tensor:
         points = torch.linspace(0.1, 1.0, 2 ** decade + 1, dtype=torch.float32)
         magnitudes = (points[:-1] + points[1:]) / 2 * 10.0 ** (decade - 6)
         values += magnitudes.tolist() + (-magnitudes).tolist()
-    return torch.tensor(sorted(values), dtype=torch.float32, device=device)
+    return torch.tensor(sorted(values), dtype=torch.float32)
 
 
 @dataclass
@@ -158,7 +176,7 @@ class NF4Weight:
         ValueError naming the field otherwise. Returns self."""
         if len(self.shape) == 0 or self.numel == 0:
             raise ValueError(f"{op}: NF4Weight.shape must be non-empty, got {tuple(self.shape)}")
-        if self.blocksize not in SUPPORTED_BLOCKSIZES:
+        if not _is_supported_blocksize(self.blocksize):
             raise ValueError(f"{op}: NF4Weight.blocksize is {self.blocksize!r}; "
                              f"expected one of {SUPPORTED_BLOCKSIZES}")
         if self.dtype not in FLOAT_DTYPES:
@@ -321,7 +339,7 @@ def _read_state_dict(cls, tensors, prefix, dtype) -> NF4Weight:
         raise ValueError(f"{op}: '{state_key}' has quant_type {meta['quant_type']!r}; "
                          "expected 'nf4'")
     blocksize = meta_field("blocksize", int)
-    if blocksize not in SUPPORTED_BLOCKSIZES:
+    if not _is_supported_blocksize(blocksize):
         raise ValueError(f"{op}: '{state_key}' has blocksize {blocksize}; expected one of "
                          f"{SUPPORTED_BLOCKSIZES}")
     shape = meta_field("shape", list)
@@ -341,7 +359,7 @@ def _read_state_dict(cls, tensors, prefix, dtype) -> NF4Weight:
     code = expect(f"{base}.quant_map", torch.float32, (16,))
     _check_is_nf4_code(op, f"'{base}.quant_map'", code)
     nested = {}
-    if "nested_absmax" in meta or f"{base}.nested_absmax" in tensors:
+    if "nested_offset" in meta or f"{base}.nested_absmax" in tensors:
         if meta_field("nested_blocksize", int) != NESTED_BLOCKSIZE:
             raise ValueError(f"{op}: '{state_key}' has nested_blocksize "
                              f"{meta['nested_blocksize']}; expected {NESTED_BLOCKSIZE}")
@@ -374,44 +392,40 @@ def _nf4_quantize_kernel(w_ptr, code_ptr, packed_ptr, absmax_ptr, numel, n_block
     Math (fp32, bitsandbytes' CPU rule): for block b with elements x,
       a_b = max |x|;  s_b = max(a_b, 1e-38)
       y = x * (1 / s_b)  for a full block,  y = x / s_b  for the partial last block
-      idx(y) = #{ j : (code[j] + code[j+1]) / 2 < y }       (15 midpoints; ties go low)
-      packed[i/2] = idx(y_i) << 4 | idx(y_{i+1})  for even i (missing odd element: y = 0)
+      idx(y) = #{ j : (code[j] + code[j+1]) * 0.5 < y }     (15 midpoints; ties go low)
+      packed[i/2] = 16 * idx(y_i) + idx(y_{i+1})  for even i (missing odd element: y = 0)
       absmax[b] = a_b for a full block, s_b for the partial one.
-    The tile is [BLOCKS_PER_PROGRAM, BLOCKSIZE/2], once for the even and once for
-    the odd elements, so each nibble pair lands in one byte without a reshape.
+    The count is kept in fp32 (exact for 0..255) because the interpreter checks
+    every int32 add for overflow, which costs more than the whole comparison.
     """
     HALF: tl.constexpr = BLOCKSIZE // 2
     block = tl.program_id(0) * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
     block = block.to(tl.int64)  # block * BLOCKSIZE can pass 2^31 on the masked tail rows
-    pair = tl.arange(0, HALF)
-    even = block[:, None] * BLOCKSIZE + 2 * pair[None, :]
+    offsets = block[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
     # Masked slots load 0: they neither raise the absmax nor change the padding nibble.
-    x_even = tl.load(w_ptr + even, mask=even < numel, other=0.0).to(tl.float32)
-    x_odd = tl.load(w_ptr + even + 1, mask=even + 1 < numel, other=0.0).to(tl.float32)
+    x = tl.load(w_ptr + offsets, mask=offsets < numel, other=0.0).to(tl.float32)
 
-    absmax = tl.maximum(tl.max(tl.abs(x_even), axis=1), tl.max(tl.abs(x_odd), axis=1))
+    absmax = tl.max(tl.abs(x), axis=1)
     safe = tl.maximum(absmax, 1e-38)
     partial = (block + 1) * BLOCKSIZE > numel
     reciprocal = tl.div_rn(tl.full([BLOCKS_PER_PROGRAM], 1.0, tl.float32), safe)
     # Full blocks multiply by the rounded reciprocal, the partial block divides:
     # the two differ in the last bit now and then, and that bit can cross a midpoint.
-    y_even = tl.where(partial[:, None], tl.div_rn(x_even, safe[:, None]),
-                      x_even * reciprocal[:, None])
-    y_odd = tl.where(partial[:, None], tl.div_rn(x_odd, safe[:, None]),
-                     x_odd * reciprocal[:, None])
+    y = tl.where(partial[:, None], tl.div_rn(x, safe[:, None]), x * reciprocal[:, None])
 
-    idx_even = tl.zeros([BLOCKS_PER_PROGRAM, HALF], dtype=tl.int32)
-    idx_odd = tl.zeros([BLOCKS_PER_PROGRAM, HALF], dtype=tl.int32)
+    index = tl.zeros([BLOCKS_PER_PROGRAM, BLOCKSIZE], dtype=tl.float32)
     lower = tl.load(code_ptr)
     for j in tl.static_range(15):
         upper = tl.load(code_ptr + j + 1)
-        midpoint = (lower + upper) * 0.5
-        idx_even += (y_even > midpoint).to(tl.int32)
-        idx_odd += (y_odd > midpoint).to(tl.int32)
+        index += (y > (lower + upper) * 0.5).to(tl.float32)
         lower = upper
 
-    byte = ((idx_even << 4) | idx_odd).to(tl.uint8)
-    tl.store(packed_ptr + (even >> 1), byte, mask=even < numel)
+    # Even element -> high nibble: weight 16 on even columns, 1 on odd, summed per pair.
+    nibble_weight = tl.where(tl.arange(0, BLOCKSIZE) % 2 == 0, 16.0, 1.0)
+    byte = tl.sum(tl.reshape(index * nibble_weight[None, :], [BLOCKS_PER_PROGRAM, HALF, 2]),
+                  axis=2)
+    byte_offsets = block[:, None] * HALF + tl.arange(0, HALF)[None, :]
+    tl.store(packed_ptr + byte_offsets, byte.to(tl.uint8), mask=byte_offsets * 2 < numel)
     tl.store(absmax_ptr + block, tl.where(partial, safe, absmax), mask=block < n_blocks)
 
 
@@ -504,7 +518,7 @@ def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, 
 
 # Elements per program. The interpreter pays a fixed cost per program and per
 # NumPy call, so it gets large tiles; a GPU program keeps its tile in registers.
-_INTERPRETER_TILE = 1 << 16
+_INTERPRETER_TILE = 1 << 20  # Triton's largest tensor
 _GPU_TILE = 1 << 12
 # The launcher keeps separate product and sum (see _nf4_dequantize_kernel);
 # the interpreter ignores this launch option.
@@ -531,23 +545,33 @@ def launch_nf4_quantize(flat: torch.Tensor, blocksize: int):
     return packed, absmax
 
 
+def launch_dynamic_quantize(values: torch.Tensor, offset: torch.Tensor,
+                            dynamic_map: torch.Tensor):
+    """Low-level: quantize (values - offset) in groups of 256 against ``dynamic_map``
+    (bitsandbytes' quantize_blockwise rule on CPU). ``values`` contiguous fp32 1-D,
+    ``offset`` fp32 0-d, ``dynamic_map`` fp32 [256] ascending. Returns
+    (indices uint8 [n], group absmax fp32 [ceil(n/256)]). No argument checks."""
+    n = values.numel()
+    n_groups = -(-n // NESTED_BLOCKSIZE)
+    indices = _runtime.new_output((n,), torch.uint8, values.device)
+    group_max = _runtime.new_output((n_groups,), torch.float32, values.device)
+    per_program = _blocks_per_program(n_groups, NESTED_BLOCKSIZE)
+    grid = (triton.cdiv(n_groups, per_program),)
+    _nested_quantize_kernel[grid](values, offset, dynamic_map, indices, group_max, n, n_groups,
+                                  GROUP=NESTED_BLOCKSIZE, GROUPS_PER_PROGRAM=per_program,
+                                  **_NO_FMA)
+    return indices, group_max
+
+
 def launch_nested_quantize(absmax: torch.Tensor):
     """Low-level: double-quantize a contiguous fp32 absmax vector. Returns
     (absmax_u8 [n_blocks], nested_absmax fp32 [ceil(n_blocks/256)], nested_code
     fp32 [256], nested_offset fp32 0-d). No argument checks."""
-    n_blocks = absmax.numel()
-    n_groups = -(-n_blocks // NESTED_BLOCKSIZE)
     # torch's own mean on this device: bitsandbytes takes the offset the same
     # way, and a different summation order would change its last bit.
     offset = absmax.mean()
     nested_code = signed_dynamic_map(absmax.device)
-    absmax_q = _runtime.new_output((n_blocks,), torch.uint8, absmax.device)
-    nested_absmax = _runtime.new_output((n_groups,), torch.float32, absmax.device)
-    per_program = _blocks_per_program(n_groups, NESTED_BLOCKSIZE)
-    grid = (triton.cdiv(n_groups, per_program),)
-    _nested_quantize_kernel[grid](absmax, offset, nested_code, absmax_q, nested_absmax,
-                                  n_blocks, n_groups, GROUP=NESTED_BLOCKSIZE,
-                                  GROUPS_PER_PROGRAM=per_program, **_NO_FMA)
+    absmax_q, nested_absmax = launch_dynamic_quantize(absmax, offset, nested_code)
     return absmax_q, nested_absmax, nested_code, offset
 
 
@@ -581,7 +605,7 @@ def nf4_quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
         raise ValueError(f"{op}: argument 'w' is empty (shape {tuple(w.shape)})")
     if w.dim() == 0:
         raise ValueError(f"{op}: argument 'w' must have at least one dimension")
-    if isinstance(blocksize, bool) or blocksize not in SUPPORTED_BLOCKSIZES:
+    if not _is_supported_blocksize(blocksize):
         raise ValueError(f"{op}: argument 'blocksize' is {blocksize!r}; expected one of "
                          f"{SUPPORTED_BLOCKSIZES}")
     if not isinstance(double_quant, bool):

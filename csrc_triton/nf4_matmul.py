@@ -28,29 +28,70 @@ from .nf4 import NESTED_BLOCKSIZE, NF4Weight
 
 
 @triton.jit
-def _dequant_nf4_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
-                      nested_offset_ptr, flat, valid,
-                      BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                      NESTED: tl.constexpr):
-    """Decode the NF4 elements at flat (row-major) indices ``flat`` into fp32.
+def _nf4_code_values(packed_ptr, code_ptr, flat, valid):
+    """code[nib(i)] for the flat (row-major) element indices ``flat``, fp32.
 
-    Math: w[i] = code[nib(i)] * absmax[i // BLOCKSIZE], where nib(i) is the
-    high nibble of byte i // 2 when i is even and the low nibble when i is odd.
-    With double quantization the block scale is itself decoded:
-    absmax[b] = nested_code[absmax_u8[b]] * nested_absmax[b // NESTED] + nested_offset.
-    Elements outside ``valid`` come back as exact 0 so they add nothing to a dot.
+    nib(i) is the high nibble of byte i // 2 when i is even, the low nibble when odd.
     """
     byte = tl.load(packed_ptr + flat // 2, mask=valid, other=0).to(tl.int32)
     nibble = tl.where((flat % 2) == 0, byte >> 4, byte & 15)
-    value = tl.load(code_ptr + nibble)  # nibble is always in 0..15
-    block = flat // BLOCKSIZE
+    return tl.load(code_ptr + nibble)  # nibble is always in 0..15
+
+
+@triton.jit
+def _block_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr, block, valid,
+                  DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr):
+    """absmax[b] (fp32) for the quantization-block indices ``block``.
+
+    With double quantization the stored absmax is a uint8 index and
+    absmax[b] = nested_code[absmax_u8[b]] * nested_absmax[b // NESTED] + nested_offset.
+    """
     if DOUBLE_QUANT:
         absmax_q = tl.load(absmax_ptr + block, mask=valid, other=0).to(tl.int32)
         nested_scale = tl.load(nested_absmax_ptr + block // NESTED, mask=valid, other=0.0)
-        scale = tl.load(nested_code_ptr + absmax_q) * nested_scale + tl.load(nested_offset_ptr)
+        return tl.load(nested_code_ptr + absmax_q) * nested_scale + tl.load(nested_offset_ptr)
     else:
-        scale = tl.load(absmax_ptr + block, mask=valid, other=0.0)
-    return tl.where(valid, value * scale, 0.0)
+        return tl.load(absmax_ptr + block, mask=valid, other=0.0)
+
+
+@triton.jit
+def _nf4_weight_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
+                     nested_offset_ptr, offs_n, n_ok, k0, K,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                     DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr,
+                     ROW_ALIGNED: tl.constexpr):
+    """W[offs_n, k0:k0+BLOCK_K] decoded from NF4 into an fp32 [BLOCK_N, BLOCK_K] tile.
+
+    Math: W[n, k] = code[nib(i)] * absmax[i // BLOCKSIZE] with i = n*K + k (blocks
+    run over W flattened row-major, so in general a block may span rows).
+    Elements past N or K come back as exact 0 so they add nothing to a dot.
+
+    ROW_ALIGNED (K % BLOCKSIZE == 0, BLOCKSIZE a power of two): the tile splits
+    into runs of SUB = min(BLOCK_K, BLOCKSIZE) consecutive k that share one
+    block, so the absmax (double-quant decode included) is computed once per run
+    on a [BLOCK_N, BLOCK_K // SUB] tile and broadcast, not once per element.
+    """
+    if ROW_ALIGNED:
+        SUB: tl.constexpr = BLOCK_K if BLOCK_K < BLOCKSIZE else BLOCKSIZE
+        run_start = k0 + tl.arange(0, BLOCK_K // SUB) * SUB                   # [RUNS]
+        k = run_start[None, :, None] + tl.arange(0, SUB)[None, None, :]       # [1, RUNS, SUB]
+        valid = n_ok[:, None, None] & (k < K)
+        values = _nf4_code_values(packed_ptr, code_ptr, offs_n[:, None, None] * K + k, valid)
+        # K % SUB == 0, so a run lies entirely inside or entirely past K
+        run_ok = n_ok[:, None] & (run_start[None, :] < K)
+        block = (offs_n[:, None] * K + run_start[None, :]) // BLOCKSIZE
+        scale = _block_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
+                              block, run_ok, DOUBLE_QUANT, NESTED)
+        tile = tl.where(valid, values * scale[:, :, None], 0.0)
+        return tl.reshape(tile, (BLOCK_N, BLOCK_K))
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        valid = n_ok[:, None] & (offs_k[None, :] < K)
+        flat = offs_n[:, None] * K + offs_k[None, :]
+        values = _nf4_code_values(packed_ptr, code_ptr, flat, valid)
+        scale = _block_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
+                              flat // BLOCKSIZE, valid, DOUBLE_QUANT, NESTED)
+        return tl.where(valid, values * scale, 0.0)
 
 
 @triton.jit
@@ -89,14 +130,16 @@ def _nf4_matmul_fwd_kernel(
         nested_offset_ptr, y_ptr, xa_ptr, lora_b_ptr,
         M, N, K, R, lora_scale,
         BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr,
-        HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr, OPERANDS_IN_FP32: tl.constexpr,
+        ROW_ALIGNED: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
+        OPERANDS_IN_FP32: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr):
     """Forward: y[m, n] = sum_k x[m, k] * W[n, k]  (+ lora_scale * sum_r xa[m, r] * B[n, r]).
 
     x: [M, K] row-major, W: logical [N, K] in NF4 (flat index n*K + k), y: [M, N].
-    Each program owns one [BLOCK_M, BLOCK_N] tile of y and loops over K; the
-    W^T tile [BLOCK_K, BLOCK_N] is decoded from NF4 in registers each step.
+    Each program owns one [BLOCK_M, BLOCK_N] tile of y and loops over K; each
+    step decodes the [BLOCK_N, BLOCK_K] W tile from NF4 in registers and feeds
+    its transpose to tl.dot.
     xa: [M, R] fp32 and B: [N, R] (any float dtype) feed the LoRA epilogue.
     """
     pid_m, pid_n = _tile_ids(tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -110,12 +153,10 @@ def _nf4_matmul_fwd_kernel(
         k_ok = offs_k < K
         x_tile = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :],
                          mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w_t = _dequant_nf4_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr,
-                                nested_code_ptr, nested_offset_ptr,
-                                offs_n[None, :] * K + offs_k[:, None],
-                                n_ok[None, :] & k_ok[:, None],
-                                BLOCKSIZE, DOUBLE_QUANT, NESTED)
-        acc = _mma(x_tile, w_t, acc, OPERANDS_IN_FP32)
+        w_tile = _nf4_weight_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr,
+                                  nested_code_ptr, nested_offset_ptr, offs_n, n_ok, k0, K,
+                                  BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, NESTED, ROW_ALIGNED)
+        acc = _mma(x_tile, tl.trans(w_tile), acc, OPERANDS_IN_FP32)
     if HAS_LORA:
         low_rank = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for r0 in range(0, R, BLOCK_R):
@@ -137,8 +178,8 @@ def _nf4_matmul_bwd_input_kernel(
         nested_offset_ptr, dx_ptr, g_ptr, lora_a_ptr, keep_ptr,
         M, N, K, R, lora_scale, keep_scale,
         BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr,
-        HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
-        OPERANDS_IN_FP32: tl.constexpr,
+        ROW_ALIGNED: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+        BLOCK_R: tl.constexpr, OPERANDS_IN_FP32: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr):
     """Backward w.r.t. the input: dx[m, k] = sum_n dy[m, n] * W[n, k]
@@ -163,11 +204,10 @@ def _nf4_matmul_bwd_input_kernel(
         n_ok = offs_n < N
         dy_tile = tl.load(dy_ptr + offs_m[:, None] * N + offs_n[None, :],
                           mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-        w_tile = _dequant_nf4_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr,
-                                   nested_code_ptr, nested_offset_ptr,
-                                   offs_n[:, None] * K + offs_k[None, :],
-                                   n_ok[:, None] & k_ok[None, :],
-                                   BLOCKSIZE, DOUBLE_QUANT, NESTED)
+        w_tile = _nf4_weight_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr,
+                                  nested_code_ptr, nested_offset_ptr, offs_n, n_ok,
+                                  pid_k * BLOCK_K, K,
+                                  BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, NESTED, ROW_ALIGNED)
         acc = _mma(dy_tile, w_tile, acc, OPERANDS_IN_FP32)
     if HAS_LORA:
         low_rank = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
@@ -289,7 +329,10 @@ def _weight_args(w: NF4Weight) -> dict:
 
 
 def _weight_constexprs(w: NF4Weight) -> dict:
-    return dict(BLOCKSIZE=w.blocksize, DOUBLE_QUANT=w.double_quant, NESTED=NESTED_BLOCKSIZE)
+    blocksize = w.blocksize
+    row_aligned = w.shape[1] % blocksize == 0 and blocksize & (blocksize - 1) == 0
+    return dict(BLOCKSIZE=blocksize, DOUBLE_QUANT=w.double_quant, NESTED=NESTED_BLOCKSIZE,
+                ROW_ALIGNED=row_aligned)
 
 
 # ---------------------------------------------------------------------------

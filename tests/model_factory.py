@@ -106,10 +106,12 @@ def make_tiny_llama_dir(tmp_path: Union[str, Path], *, vocab_size: int = 131,
 
 
 def tiny_llama_state_dict(ckpt_dir: Union[str, Path]) -> dict:
-    """Every tensor stored in a checkpoint directory (all shards), by name."""
+    """Every tensor stored in a checkpoint directory (all shards), by name, in
+    memory of its own (safetensors hands out views of the file's memory map,
+    which would change if a test rewrote the file)."""
     from safetensors.torch import load_file
 
     tensors = {}
     for f in sorted(Path(ckpt_dir).glob("*.safetensors")):
-        tensors.update(load_file(str(f)))
+        tensors.update({k: v.clone() for k, v in load_file(str(f)).items()})
     return tensors

@@ -156,6 +156,7 @@ BAD_CONFIGS = [
     (dict(num_hidden_layers=0), "num_hidden_layers"),
     (dict(head_dim=None, hidden_size=50), "hidden_size"),         # 50 % 6 heads, no head_dim
     (dict(num_key_value_heads=4), "num_key_value_heads"),         # 4 does not divide 6
+    (dict(num_key_value_heads=0), "num_key_value_heads"),
     (dict(rms_norm_eps=-1.0), "rms_norm_eps"),
     (dict(tie_word_embeddings="yes"), "tie_word_embeddings"),
     (dict(rope_parameters=_llama3_params(rope_type="yarn")), "rope_parameters"),

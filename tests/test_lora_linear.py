@@ -54,7 +54,8 @@ CASES = {
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("m,k,n", [(37, 99, 70), (37, 99, 91)], ids=["37x99x70", "37x99x91"])
+@pytest.mark.parametrize("m,k,n", [(37, 99, 70), (37, 99, 91), (37, 128, 45)],
+                         ids=["37x99x70", "37x99x91", "37x128x45-aligned"])
 def test_launchers_match_reference(dtype, case, m, k, n):
     rank, dropout, scale, blocksize, double_quant, fp32_lora = CASES[case]
     lora_dtype = torch.float32 if fp32_lora else dtype

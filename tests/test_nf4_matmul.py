@@ -59,20 +59,24 @@ def make_nf4_weight(n: int, k: int, blocksize: int, double_quant: bool, device="
     return q.to(device), reference_nf4_dequantize(q).to(device)
 
 
-WEIGHT_KINDS = [(32, False), (64, False), (128, False), (32, True), (64, True)]
+WEIGHT_KINDS = [(32, False), (64, False), (128, False), (32, True), (64, True), (256, True)]
 WEIGHT_IDS = [f"bs{b}-{'double' if d else 'single'}" for b, d in WEIGHT_KINDS]
 
 
 # 91x99 has an odd element count (last byte half used) and, at blocksize 32,
-# 282 blocks: more than one nested-absmax group. 150x261x133 needs several tiles
-# in every dimension and several K (and N) loop steps; two weight kinds suffice
-# there (interpreter time).
-SHAPES = {"37x99x70": (37, 99, 70), "37x99x91-oddnumel": (37, 99, 91)}
+# 282 blocks: more than one nested-absmax group; K = 99 makes blocks span rows.
+# K = 256 takes the row-aligned kernel path (blocks never span rows; blocksize
+# 256 is wider than the interpreter's 128-wide K tile). The multi-tile shapes
+# need several tiles in every dimension and several K (and N) loop steps; two
+# weight kinds suffice there (interpreter time).
+SHAPES = {"37x99x70": (37, 99, 70), "37x99x91-oddnumel": (37, 99, 91),
+          "37x256x45-aligned": (37, 256, 45)}
 CASES = [pytest.param(shape, kind, id=f"{name}-{kind_id}")
          for name, shape in SHAPES.items() for kind, kind_id in zip(WEIGHT_KINDS, WEIGHT_IDS)]
-CASES += [pytest.param((150, 261, 133), kind, id=f"150x261x133-multitile-{kind_id}")
+MULTITILE_SHAPES = {"150x261x133": (150, 261, 133), "150x384x133-aligned": (150, 384, 133)}
+CASES += [pytest.param(shape, kind, id=f"{name}-multitile-{kind_id}")
+          for name, shape in MULTITILE_SHAPES.items()
           for kind, kind_id in zip(WEIGHT_KINDS, WEIGHT_IDS) if kind in ((32, False), (64, True))]
-
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("shape,weight_kind", CASES)

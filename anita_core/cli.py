@@ -1,0 +1,215 @@
+"""What train_sft.py and train_dpo.py share: flags, presets, model and adapter
+setup, the run summary. The scripts themselves only pick the data and the objective."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from .assets import TOKENIZER_DIR
+from .presets import PRESETS
+from .weights import PROJECTIONS
+
+BUNDLED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny-llama3")
+
+
+def resolve_preset(argv: List[str], demo: str, real: str) -> str:
+    """--preset if given; otherwise the demo preset when no --model is given."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset")
+    pre.add_argument("--model")
+    known, _ = pre.parse_known_args(argv)
+    if known.preset is not None:
+        if known.preset not in PRESETS:
+            raise SystemExit(f"--preset {known.preset!r}: expected one of {', '.join(PRESETS)}")
+        return known.preset
+    return demo if known.model is None else real
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, preset: str, presets: tuple) -> None:
+    d = PRESETS[preset]
+    g = parser.add_argument_group("run")
+    g.add_argument("--preset", default=preset, choices=presets,
+                   help="hyper-parameter set; flags override it (defaults shown are this preset's)")
+    g.add_argument("--model", default=BUNDLED_MODEL,
+                   help="base model: a local HF LLaMA checkpoint directory (or a hub name when online)")
+    g.add_argument("--output-dir", default=None, help="where checkpoints, metrics and the adapter go "
+                   "(default: runs/<script>-<preset>)")
+    g.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="resume from a checkpoint directory, or the run's latest one if no path")
+    g.add_argument("--init-adapter", default=None, help="start from this PEFT adapter (e.g. an SFT adapter)")
+    g.add_argument("--merge-export", default=None, metavar="DIR",
+                   help="also write the base with the adapter merged in, as a HF checkpoint")
+    g.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                   help="compute dtype (auto: bf16 on a GPU, fp32 on the CPU)")
+    g.add_argument("--seed", type=int, default=d["seed"], help="seed for data order, LoRA init, dropout")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--offload-activations", action="store_true",
+                   help="keep each block's input in (pinned) CPU memory between forward and backward")
+
+    g = parser.add_argument_group("LoRA")
+    g.add_argument("--lora-r", type=int, default=d["lora_r"], help="rank")
+    g.add_argument("--lora-alpha", type=float, default=d["lora_alpha"], help="alpha (scale = alpha / r)")
+    g.add_argument("--lora-dropout", type=float, default=d["lora_dropout"], help="dropout on the LoRA input")
+    g.add_argument("--rslora", action=argparse.BooleanOptionalAction, default=d["use_rslora"],
+                   help="rank-stabilized scale alpha / sqrt(r)")
+    g.add_argument("--target-modules", default=d["target_modules"],
+                   help=f"comma-separated subset of {','.join(PROJECTIONS)}")
+
+    g = parser.add_argument_group("optimization")
+    g.add_argument("--learning-rate", type=float, default=d["learning_rate"], help="peak learning rate")
+    g.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="AdamW weight decay")
+    g.add_argument("--optimizer", default=d["optimizer"], choices=("adamw", "paged_adamw_8bit"),
+                   help="paged_adamw_8bit needs CUDA + bitsandbytes, else falls back to adamw")
+    g.add_argument("--lr-scheduler", default=d["lr_scheduler"], choices=("linear", "cosine", "constant"),
+                   help="decay after warmup")
+    g.add_argument("--warmup-steps", type=int, default=d["warmup_steps"], help="warmup steps (wins over ratio)")
+    g.add_argument("--warmup-ratio", type=float, default=d["warmup_ratio"], help="warmup as a fraction of steps")
+    g.add_argument("--batch-size", type=int, default=d["batch_size"], help="rows (SFT) or pairs (DPO) per micro-batch")
+    g.add_argument("--gradient-accumulation-steps", type=int, default=d["gradient_accumulation_steps"],
+                   help="micro-batches per optimizer step")
+    g.add_argument("--max-grad-norm", type=float, default=d["max_grad_norm"], help="gradient clipping (0: off)")
+    g.add_argument("--num-epochs", type=float, default=d["num_epochs"], help="passes over the training data")
+    g.add_argument("--max-steps", type=int, default=d.get("max_steps", -1), help="optimizer steps (wins over epochs; -1: off)")
+    g.add_argument("--logging-steps", type=int, default=d["logging_steps"], help="metrics.jsonl every N steps")
+    g.add_argument("--eval-steps", type=int, default=d.get("eval_steps", 0), help="evaluate every N steps (0: at the end)")
+    g.add_argument("--save-steps", type=int, default=d.get("save_steps", 0), help="checkpoint every N steps (0: at the end)")
+    g.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept")
+
+    g = parser.add_argument_group("data")
+    g.add_argument("--max-samples", type=int, default=None, help="use at most this many rows")
+    g.add_argument("--eval-split", type=float, default=d.get("eval_split", 0),
+                   help="held-out rows: a count (>= 1) or a fraction (< 1)")
+    g.add_argument("--skip-bad-rows", action="store_true",
+                   help="skip and count malformed rows instead of stopping at the first")
+    g.add_argument("--system-prompt", default=None, help="default system prompt for rows without one")
+
+
+def eval_split_value(x: float):
+    return int(x) if x >= 1 else x
+
+
+def compute_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def resolve_model_dir(model: str) -> str:
+    """A local directory as is; otherwise a hub name fetched with huggingface_hub."""
+    if os.path.isdir(model):
+        return model
+    if os.path.exists(model) or model.startswith((".", "/")) or model.count("/") != 1:
+        raise SystemExit(f"--model {model}: no such model directory")
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
+    except Exception as e:  # offline, unknown repo, gated model...
+        raise SystemExit(f"--model {model}: not a local directory and could not be fetched from "
+                         f"the hub ({type(e).__name__}: {e})")
+
+
+def tokenizer_dir_for(model_dir: str) -> str:
+    return model_dir if os.path.isfile(os.path.join(model_dir, "tokenizer.json")) else TOKENIZER_DIR
+
+
+def lora_config_from_args(args):
+    from .lora import LoRAConfig
+    targets = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
+    return LoRAConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                      target_modules=targets, use_rslora=args.rslora, seed=args.seed)
+
+
+def load_model_and_adapters(args, log):
+    """The NF4 base model with trainable adapters (fresh, or from --init-adapter)."""
+    from .lora import LoRAAdapters, load_peft
+    from .model import QLoRALlama
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model_dir = resolve_model_dir(args.model)
+    started = time.perf_counter()
+    try:
+        model = QLoRALlama.from_pretrained(model_dir, compute_dtype=compute_dtype(args.dtype), device=device,
+                                           progress=not args.no_progress,
+                                           offload_block_inputs=args.offload_activations,
+                                           dropout_seed=args.seed)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"cannot load the base model: {e}")
+    log(f"base model {model_dir}: {model.config.num_hidden_layers} layers, hidden "
+        f"{model.config.hidden_size}, vocab {model.config.vocab_size}, NF4 on {device} "
+        f"({time.perf_counter() - started:.1f}s)")
+    if args.init_adapter:
+        try:
+            adapters = load_peft(args.init_adapter, model.config, device=device)
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"--init-adapter: {e}")
+        log(f"adapter from {args.init_adapter} (r {adapters.config.r})")
+    else:
+        adapters = LoRAAdapters.init(lora_config_from_args(args), model.config, device=device)
+    model.adapters = adapters
+    log(f"trainable LoRA parameters: {adapters.num_parameters():,} "
+        f"(r {adapters.config.r}, alpha {adapters.config.alpha}, scale {adapters.scale:.4g})")
+    return model_dir, model, adapters
+
+
+def train_config_from_args(args, output_dir: str):
+    from .trainer import TrainConfig
+    return TrainConfig(
+        output_dir=output_dir, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
+        optimizer=args.optimizer, lr_scheduler=args.lr_scheduler, warmup_steps=args.warmup_steps,
+        warmup_ratio=args.warmup_ratio, gradient_accumulation_steps=args.gradient_accumulation_steps,
+        max_grad_norm=args.max_grad_norm if args.max_grad_norm > 0 else float("inf"),
+        num_epochs=args.num_epochs, max_steps=args.max_steps, logging_steps=args.logging_steps,
+        eval_steps=args.eval_steps, save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit, seed=args.seed, progress=not args.no_progress)
+
+
+def run_training(trainer, args, model_dir, model, adapters, output_dir: str, log) -> int:
+    """Train, save the final adapter (and the merged export), print a summary.
+    Returns the process exit code."""
+    from .lora import save_peft
+    from .trainer import TrainingDiverged
+    resume_from = None
+    if args.resume:
+        from .checkpointing import latest_checkpoint
+        resume_from = latest_checkpoint(Path(output_dir)) if args.resume == "latest" else Path(args.resume)
+        if resume_from is None:
+            raise SystemExit(f"--resume: no checkpoint under {output_dir}/checkpoints")
+    started = time.perf_counter()
+    try:
+        trainer.train(resume_from=resume_from)
+    except TrainingDiverged as e:
+        log(f"error: {e}")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    wall = time.perf_counter() - started
+    adapter_dir = save_peft(adapters, Path(output_dir) / "adapter", base_model_name_or_path=args.model)
+    log(f"adapter (PEFT format): {adapter_dir}")
+    if args.merge_export:
+        from .export import export_merged
+        deltas = {key: adapters.delta(*key) for key in adapters.adapted()}
+        export_merged(model.config, model.base, deltas, args.merge_export,
+                      tokenizer_dir=tokenizer_dir_for(model_dir))
+        log(f"merged HF checkpoint: {args.merge_export}")
+    losses = [r["loss"] for r in read_metrics(output_dir) if "loss" in r]
+    if losses:
+        log(f"loss: first {losses[0]:.4f}, last {losses[-1]:.4f} over {len(losses)} logged steps; "
+            f"wall time {wall:.1f}s")
+    return 0
+
+
+def read_metrics(output_dir: str) -> List[dict]:
+    path = Path(output_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def log_to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

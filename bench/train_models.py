@@ -1,0 +1,206 @@
+"""The two models bench/train.py trains, built the same way from either a shape
+(random weights, no download) or a local HF checkpoint.
+
+anita: QLoRALlama with NF4 projections. Random weights are built directly as
+  NF4 storage, layer by layer on the device: random packed nibbles (uniform
+  over the 16 codes) and per-block scales 1.93 / sqrt(in_features) * U(1, 1.1)
+  (uniform codes have rms 0.517, so each weight row has rms ~1/sqrt(in): unit-
+  scale projection outputs), double-quantized with anita's own kernel. No
+  full-precision copy of a projection ever exists, so building the 8B shape
+  takes seconds and ~6 GB. Step time does not depend on the weights' values.
+hf: transformers LlamaForCausalLM (SDPA attention, gradient checkpointing,
+  use_reentrant=False) with bitsandbytes Linear4bit NF4 projections (double
+  quantization like anita's) and PEFT LoRA on the same projections. Random
+  weights: transformers' own initialization in the compute dtype, then every
+  projection is swapped for a Linear4bit quantized from it, one at a time.
+
+Both keep LoRA weights in fp32, take AdamW (fused on CUDA) over them, and use
+the same rank, alpha and dropout.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, List
+
+import torch
+
+from anita_core.config import ModelConfig, projection_shapes
+from anita_core.lora import LoRAAdapters, LoRAConfig
+from anita_core.model import QLoRALlama
+from anita_core.weights import ATTENTION_PROJECTIONS, PROJECTIONS, BaseWeights, LayerWeights
+from bench.cases import Unavailable
+from csrc_triton import NF4Weight
+from csrc_triton.nf4 import launch_nested_quantize
+
+IGNORE_INDEX = -100
+# rms of the NF4 code over uniformly random nibbles: sqrt(mean(code^2)) = 0.517
+_UNIFORM_CODE_RMS = 0.517
+
+
+@dataclass
+class Trainable:
+    """A built model: ``step(input_ids)`` runs one full training step (forward,
+    backward, optimizer) and returns the loss as a float-able tensor."""
+    framework: str
+    config: ModelConfig
+    step: Callable[[torch.Tensor], torch.Tensor]
+    lora_parameters: int
+    release: Callable[[], None]
+
+
+def random_nf4_weight(shape, blocksize: int, double_quant: bool, dtype: torch.dtype,
+                      device, generator: torch.Generator) -> NF4Weight:
+    """An NF4 weight with random codes and scales (see the module docstring)."""
+    out_features, in_features = shape
+    numel = out_features * in_features
+    n_blocks = -(-numel // blocksize)
+    packed = torch.randint(0, 256, ((numel + 1) // 2,), dtype=torch.uint8, device=device,
+                           generator=generator)
+    scale = 1.0 / (_UNIFORM_CODE_RMS * math.sqrt(in_features))
+    absmax = scale * (1.0 + 0.1 * torch.rand(n_blocks, device=device, generator=generator))
+    nested = {}
+    if double_quant:
+        absmax, nested_absmax, nested_code, offset = launch_nested_quantize(absmax.contiguous())
+        nested = dict(nested_absmax=nested_absmax, nested_code=nested_code, nested_offset=offset)
+    return NF4Weight(packed=packed, absmax=absmax, shape=torch.Size(shape), blocksize=blocksize,
+                     dtype=dtype, **nested).validate("random_nf4_weight")
+
+
+def random_base_weights(config: ModelConfig, dtype: torch.dtype, device, blocksize: int,
+                        double_quant: bool, seed: int) -> BaseWeights:
+    generator = torch.Generator(device=device).manual_seed(seed)
+    h, v = config.hidden_size, config.vocab_size
+    shapes = projection_shapes(config)
+
+    def dense(rows, cols, scale):
+        return (torch.randn(rows, cols, device=device, generator=generator) * scale).to(dtype)
+
+    layers = []
+    for _ in range(config.num_hidden_layers):
+        projections = {name: random_nf4_weight(shapes[name], blocksize, double_quant, dtype,
+                                               device, generator) for name in PROJECTIONS}
+        layers.append(LayerWeights(input_layernorm=torch.ones(h, device=device, dtype=dtype),
+                                   post_attention_layernorm=torch.ones(h, device=device, dtype=dtype),
+                                   projections=projections))
+    return BaseWeights(embed_tokens=dense(v, h, 1.0), layers=layers,
+                       norm=torch.ones(h, device=device, dtype=dtype),
+                       lm_head=dense(v, h, h ** -0.5))
+
+
+def _shifted_targets(input_ids: torch.Tensor) -> torch.Tensor:
+    """targets[t] = input_ids[t + 1]; the last position has no target."""
+    targets = torch.full_like(input_ids, IGNORE_INDEX)
+    targets[:, :-1] = input_ids[:, 1:]
+    return targets
+
+
+def _adamw(params: List[torch.Tensor], device) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-4, fused=torch.device(device).type == "cuda")
+
+
+def build_anita(config: ModelConfig, lora: LoRAConfig, *, dtype, device, checkpoint=None,
+                blocksize: int = 64, double_quant: bool = True, seed: int = 0) -> Trainable:
+    if checkpoint is not None:
+        model = QLoRALlama.from_pretrained(checkpoint, compute_dtype=dtype, device=device,
+                                           blocksize=blocksize, double_quant=double_quant)
+        config = model.config
+    else:
+        base = random_base_weights(config, dtype, device, blocksize, double_quant, seed)
+        model = QLoRALlama(config, base, None)
+    adapters = LoRAAdapters.init(lora, config, device=device)
+    model.adapters = adapters
+    model.train()
+    optimizer = _adamw(adapters.parameters(), device)
+
+    def step(input_ids: torch.Tensor) -> torch.Tensor:
+        targets = _shifted_targets(input_ids)
+        # every position but the last has a target; known without a device sync
+        n_targets = max(1, input_ids.shape[0] * (input_ids.shape[1] - 1))
+        loss_sum, _ = model.train_step(input_ids, targets, grad_scale=1.0 / n_targets)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss_sum / n_targets
+
+    def release():
+        nonlocal model, optimizer
+        model = optimizer = None
+
+    return Trainable("anita", config, step, adapters.num_parameters(), release)
+
+
+def _hf_modules():
+    try:
+        import bitsandbytes as bnb
+        import peft
+        import transformers
+    except Exception as err:  # any of the three missing or broken
+        raise Unavailable(f"transformers + PEFT + bitsandbytes not importable "
+                          f"({type(err).__name__}: {err})") from None
+    return bnb, peft, transformers
+
+
+def _quantize_projections(model, bnb, dtype, device, blocksize: int, double_quant: bool) -> None:
+    """Swap every projection nn.Linear for a bitsandbytes NF4 Linear4bit
+    quantized from its weight (what from_pretrained does when loading in 4 bit)."""
+    for layer in model.model.layers:
+        for name in PROJECTIONS:
+            parent = layer.self_attn if name in ATTENTION_PROJECTIONS else layer.mlp
+            linear = getattr(parent, name)
+            quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False,
+                                          compute_dtype=dtype, compress_statistics=double_quant,
+                                          quant_type="nf4", device="meta")
+            quantized.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False,
+                                                 quant_type="nf4", blocksize=blocksize,
+                                                 compress_statistics=double_quant)
+            setattr(parent, name, quantized.to(device))   # .to() quantizes
+            del linear
+
+
+def build_hf(config: ModelConfig, lora: LoRAConfig, *, dtype, device, checkpoint=None,
+             blocksize: int = 64, double_quant: bool = True, seed: int = 0) -> Trainable:
+    bnb, peft, transformers = _hf_modules()
+    torch.manual_seed(seed)
+    if checkpoint is not None:
+        quantization = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
+            bnb_4bit_compute_dtype=dtype)
+        model = transformers.LlamaForCausalLM.from_pretrained(
+            checkpoint, quantization_config=quantization, dtype=dtype,
+            attn_implementation="sdpa", device_map={"": torch.device(device)})
+        config = ModelConfig.from_dict(model.config.to_dict(), source=str(checkpoint))
+    else:
+        hf_config = transformers.LlamaConfig(**config.to_hf_dict())
+        with torch.device(device):
+            model = transformers.LlamaForCausalLM._from_config(hf_config, dtype=dtype,
+                                                               attn_implementation="sdpa")
+        _quantize_projections(model, bnb, dtype, device, blocksize, double_quant)
+    model.config.use_cache = False
+    # Recent transformers renamed it; older 5.x (the GPU machine's) has only the old name.
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    peft_config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                  target_modules=list(lora.target_modules), bias="none",
+                                  task_type="CAUSAL_LM")
+    model = peft.get_peft_model(model, peft_config)
+    model.train()   # from_pretrained returns eval mode (see NOTES.md: bnb CPU repacking trap)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = _adamw(params, device)
+
+    def step(input_ids: torch.Tensor) -> torch.Tensor:
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def release():
+        nonlocal model, optimizer
+        model = optimizer = None
+
+    return Trainable("hf_peft_bnb", config, step, sum(p.numel() for p in params), release)
+
+
+BUILDERS = {"anita": build_anita, "hf_peft_bnb": build_hf}

@@ -1,0 +1,106 @@
+#!/usr/bin/env python
+"""Direct preference optimization (DPO) with NF4 QLoRA.
+
+    python train_dpo.py                                   # bundled tiny model + sample pairs (CPU, minutes)
+    python train_dpo.py --preset dpo --model DIR --data pairs.jsonl --init-adapter runs/sft-sft/adapter \\
+        --exclude-sources toxic-dpo
+
+Rows: {prompt, chosen, rejected} as strings, or chosen/rejected as message lists
+whose last message is the answer (the earlier ones are the prompt), as in
+orpo-dpo-mix-40k. Policy = base + trainable LoRA; reference = the same base with
+adapters off, or with --reference-adapter; reference log-probs take no gradient.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Keeps the usage examples' line breaks and shows every default."""
+
+
+def build_parser(argv):
+    from anita_core.assets import sample_path
+    from anita_core.cli import add_common_arguments, resolve_preset
+    from anita_core.losses import DPO_LOSS_TYPES
+    from anita_core.presets import DPO_PRESETS, PRESETS
+    preset = resolve_preset(argv, demo="dpo-demo", real="dpo")
+    d = PRESETS[preset]
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    add_common_arguments(parser, preset, DPO_PRESETS)
+    g = parser.add_argument_group("DPO")
+    g.add_argument("--data", nargs="+", default=[sample_path("dpo")],
+                   help="preference data file(s), folder(s) or hub name(s)")
+    g.add_argument("--beta", type=float, default=d["beta"], help="DPO temperature")
+    g.add_argument("--loss-type", default=d["loss_type"], choices=DPO_LOSS_TYPES, help="preference loss")
+    g.add_argument("--max-length", type=int, default=d["max_length"], help="prompt + answer tokens")
+    g.add_argument("--max-prompt-length", type=int, default=d["max_prompt_length"],
+                   help="prompt tokens kept when a pair is too long (TRL <= 0.11 rule); 0: TRL 1.x rule")
+    g.add_argument("--exclude-sources", nargs="*", default=[],
+                   help="drop rows whose `source` column is one of these (the paper drops toxic-dpo)")
+    g.add_argument("--reference-adapter", default=None,
+                   help="reference = base + this frozen PEFT adapter (default: base, adapters off)")
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
+
+    from anita_core.cli import (eval_split_value, load_model_and_adapters, log_to_stderr,
+                                run_training, tokenizer_dir_for, train_config_from_args)
+    from anita_core.data import BadRowError, DPODataConfig, build_dpo_data, dpo_batches, load_tokenizer
+    from anita_core.lora import load_peft
+    from anita_core.objectives import DPOObjective
+    from anita_core.trainer import Trainer
+    log = log_to_stderr
+    output_dir = args.output_dir or f"runs/dpo-{args.preset}"
+
+    model_dir, model, adapters = load_model_and_adapters(args, log)
+    reference = None
+    if args.reference_adapter:
+        try:
+            reference = load_peft(args.reference_adapter, model.config, device=model.device)
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"--reference-adapter: {e}")
+        for p in reference.parameters():
+            p.requires_grad_(False)
+    tokenizer = load_tokenizer(tokenizer_dir_for(model_dir))
+    data_config = DPODataConfig(data=args.data, system_prompt=args.system_prompt,
+                                max_length=args.max_length,
+                                max_prompt_length=args.max_prompt_length or None,
+                                exclude_sources=tuple(args.exclude_sources), max_samples=args.max_samples,
+                                eval_split=eval_split_value(args.eval_split), seed=args.seed,
+                                skip_bad_rows=args.skip_bad_rows)
+    try:
+        data = build_dpo_data(data_config, tokenizer)
+    except (BadRowError, ValueError, FileNotFoundError) as e:
+        log(f"error: {e}")
+        return 2
+    log(data.stats.summary())
+    if not data.train:
+        log("error: no preference pairs left after filtering")
+        return 2
+
+    cache = {}
+
+    def epoch_batches(epoch: int):
+        if epoch not in cache:
+            cache.clear()
+            cache[epoch] = dpo_batches(data.train, batch_size=args.batch_size, pad_id=tokenizer.pad_id,
+                                       shuffle_seed=args.seed + epoch)
+        return cache[epoch]
+
+    eval_batches = (dpo_batches(data.eval, batch_size=args.batch_size, pad_id=tokenizer.pad_id)
+                    if data.eval else None)
+    objective = DPOObjective(model, beta=args.beta, loss_type=args.loss_type, reference_adapters=reference)
+    trainer = Trainer(model, adapters, objective, epoch_batches, train_config_from_args(args, output_dir),
+                      eval_batches=eval_batches, log=log)
+    log(f"{trainer.total_steps} optimizer steps, {trainer.batches_per_epoch} micro-batches per epoch, "
+        f"output in {output_dir}")
+    return run_training(trainer, args, model_dir, model, adapters, output_dir, log)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

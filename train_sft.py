@@ -1,0 +1,95 @@
+#!/usr/bin/env python
+"""Supervised fine-tuning (and Italian language adaptation) with NF4 QLoRA.
+
+    python train_sft.py                                   # bundled tiny model + sample data (CPU, minutes)
+    python train_sft.py --preset sft --model DIR --data FILE
+    python train_sft.py --preset ita --model DIR --data italian_text.jsonl
+
+Data rows: {system, instruction, input, output} (Alpaca or LLaMA-3 chat
+template), {messages: [{role, content}, ...]} (LLaMA-3 chat template), or
+{text} (raw text, `<|begin_of_text|>{text}<|eot_id|>`). Local JSON / JSONL /
+Parquet / CSV, or a hub dataset name when online.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Keeps the usage examples' line breaks and shows every default."""
+
+
+def build_parser(argv):
+    from anita_core.assets import sample_path
+    from anita_core.cli import add_common_arguments, resolve_preset
+    from anita_core.presets import PRESETS, SFT_PRESETS
+    preset = resolve_preset(argv, demo="demo", real="sft")
+    d = PRESETS[preset]
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    add_common_arguments(parser, preset, SFT_PRESETS)
+    g = parser.add_argument_group("SFT data")
+    g.add_argument("--data", nargs="+", default=[sample_path("text" if d["data_shape"] == "text" else "instruction")],
+                   help="data file(s), folder(s) or hub name(s)")
+    g.add_argument("--data-shape", default=d["data_shape"], choices=("auto", "instruction", "chat", "text"),
+                   help="row shape (auto: detected from the columns)")
+    g.add_argument("--template", default="llama3", choices=("llama3", "alpaca"),
+                   help="how instruction rows are rendered")
+    g.add_argument("--max-seq-length", type=int, default=d["max_seq_length"], help="tokens per row")
+    g.add_argument("--train-on-all-tokens", action="store_true",
+                   help="loss on every token, not only the answers")
+    g.add_argument("--no-packing", action="store_true", help="one example per row, padded")
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
+
+    from anita_core.cli import (eval_split_value, load_model_and_adapters, log_to_stderr,
+                                run_training, tokenizer_dir_for, train_config_from_args)
+    from anita_core.data import BadRowError, SFTDataConfig, build_sft_data, load_tokenizer, sft_batches
+    from anita_core.objectives import SFTObjective
+    from anita_core.trainer import Trainer
+    log = log_to_stderr
+    output_dir = args.output_dir or f"runs/sft-{args.preset}"
+
+    model_dir, model, adapters = load_model_and_adapters(args, log)
+    tokenizer = load_tokenizer(tokenizer_dir_for(model_dir))
+    data_config = SFTDataConfig(data=args.data, shape=args.data_shape, template=args.template,
+                                system_prompt=args.system_prompt, max_seq_length=args.max_seq_length,
+                                train_on_all_tokens=args.train_on_all_tokens, max_samples=args.max_samples,
+                                eval_split=eval_split_value(args.eval_split), seed=args.seed,
+                                skip_bad_rows=args.skip_bad_rows)
+    try:
+        data = build_sft_data(data_config, tokenizer)
+    except (BadRowError, ValueError, FileNotFoundError) as e:
+        log(f"error: {e}")
+        return 2
+    log(data.stats.summary())
+    if not data.train:
+        log("error: no training examples left after filtering")
+        return 2
+
+    def batches_for(documents, seed):
+        return sft_batches(documents, batch_size=args.batch_size, seq_len=args.max_seq_length,
+                           pad_id=tokenizer.pad_id, pack=not args.no_packing, shuffle_seed=seed)
+
+    cache = {}
+
+    def epoch_batches(epoch: int):
+        if epoch not in cache:
+            cache.clear()
+            cache[epoch] = batches_for(data.train, args.seed + epoch)
+        return cache[epoch]
+
+    eval_batches = batches_for(data.eval, None) if data.eval else None
+    trainer = Trainer(model, adapters, SFTObjective(model), epoch_batches,
+                      train_config_from_args(args, output_dir), eval_batches=eval_batches, log=log)
+    log(f"{trainer.total_steps} optimizer steps, {trainer.batches_per_epoch} micro-batches per epoch, "
+        f"output in {output_dir}")
+    return run_training(trainer, args, model_dir, model, adapters, output_dir, log)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
