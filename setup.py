@@ -21,7 +21,8 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "test": ["transformers>=4.45", "peft>=0.13", "trl>=0.12", "pytest>=8", "accelerate>=0.34"],
+        "test": ["transformers>=4.45", "peft>=0.13", "trl>=0.12", "pytest>=8", "accelerate>=0.34",
+                 "matplotlib>=3.8"],
         "bench": ["matplotlib>=3.8"],
     },
 )

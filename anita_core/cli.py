@@ -197,10 +197,16 @@ def run_training(trainer, args, model_dir, model, adapters, output_dir: str, log
         export_merged(model.config, model.base, deltas, args.merge_export,
                       tokenizer_dir=tokenizer_dir_for(model_dir))
         log(f"merged HF checkpoint: {args.merge_export}")
-    losses = [r["loss"] for r in read_metrics(output_dir) if "loss" in r]
+    records = read_metrics(output_dir)
+    losses = [r["loss"] for r in records if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
     if losses:
-        log(f"loss: first {losses[0]:.4f}, last {losses[-1]:.4f} over {len(losses)} logged steps; "
-            f"wall time {wall:.1f}s")
+        k = min(5, len(losses))
+        log(f"train loss: first {losses[0]:.4f}, last {losses[-1]:.4f}; mean of the first {k} steps "
+            f"{sum(losses[:k]) / k:.4f}, of the last {k} {sum(losses[-k:]) / k:.4f} "
+            f"({len(losses)} steps, {wall:.1f}s)")
+    if evals:
+        log("eval loss by step: " + ", ".join(f"{s}: {v:.4f}" for s, v in evals))
     return 0
 
 

@@ -123,7 +123,7 @@ class DPOObjective:
         self.model.logprobs_backward(d_token, saved)
         metrics = dpo_metrics(policy, reference, self.beta)
         sums = {k: v * n_pairs for k, v in metrics.items()}
-        sums.update(loss=float(loss_sum), tokens=_real_tokens(stacked))
+        sums.update(loss=float(loss_sum.detach()), tokens=_real_tokens(stacked))
         return sums
 
     @torch.no_grad()

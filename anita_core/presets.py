@@ -40,13 +40,13 @@ PRESETS: Dict[str, Dict] = {
                 beta=0.1, loss_type="sigmoid", max_length=1024, max_prompt_length=512,
                 batch_size=2, gradient_accumulation_steps=4, num_epochs=1.0),   # batch/accum/epochs: anita's
 }
-PRESETS["demo"] = dict(PRESETS["sft"], learning_rate=2e-3, warmup_steps=3, optimizer="adamw",
+PRESETS["demo"] = dict(PRESETS["sft"], learning_rate=5e-3, warmup_steps=3, optimizer="adamw",
                        max_seq_length=128, batch_size=4, gradient_accumulation_steps=1,
-                       num_epochs=1.0, max_steps=25, eval_split=8, eval_steps=0)
-PRESETS["dpo-demo"] = dict(PRESETS["dpo"], lora_r=16, learning_rate=2e-3, warmup_ratio=0.1,
+                       num_epochs=1.0, max_steps=40, eval_split=8, eval_steps=10)
+PRESETS["dpo-demo"] = dict(PRESETS["dpo"], lora_r=16, learning_rate=5e-3, warmup_ratio=0.1,
                            optimizer="adamw", max_length=160, max_prompt_length=96,
-                           batch_size=2, gradient_accumulation_steps=1, max_steps=20,
-                           eval_split=8, eval_steps=0)
+                           batch_size=4, gradient_accumulation_steps=1, max_steps=30,
+                           eval_split=8, eval_steps=10)
 
 SFT_PRESETS = ("demo", "sft", "ita")
 DPO_PRESETS = ("dpo-demo", "dpo")

@@ -88,6 +88,7 @@ class Trainer:
         self.batch_index = 0
         self.metrics_path = self.output_dir / "metrics.jsonl"
         self._step_start = None
+        self._last_eval: dict = {}
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -215,7 +216,8 @@ class Trainer:
                                    f"{good if good else 'none written yet'}") from e
         bar.close()
         if self.eval_batches:
-            last.update(self._evaluate())
+            just_evaluated = self.config.eval_steps and self.step % self.config.eval_steps == 0
+            last.update(self._last_eval if just_evaluated and self._last_eval else self._evaluate())
         self.save()
         return last
 
@@ -223,6 +225,7 @@ class Trainer:
         if not self.eval_batches:
             return {}
         result = self.objective.evaluate(self.eval_batches)
+        self._last_eval = result
         self._log_metrics({"step": self.step, **result})
         self.log("  ".join(f"{k}={v:.4f}" for k, v in result.items()))
         return result

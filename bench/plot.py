@@ -137,6 +137,7 @@ def _plot_nf4_matmul(rows, out_dir: Path, stem: str) -> List[Path]:
                 ax.plot([int(r["m"]) for r in prov_rows], [_number(r["tflops"]) for r in prov_rows],
                         marker="o", label=provider)
             ax.set_xscale("log", base=2)
+            ax.set_yscale("log")   # M = 1 and M = 16K differ by orders of magnitude
             ax.set_xlabel("M (tokens)")
             ax.set_ylabel("TFLOP/s (2 M N K / time)", fontsize=8)
             ax.set_title(f"{mode} · {shape}", fontsize=9)

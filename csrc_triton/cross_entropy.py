@@ -46,47 +46,64 @@ _OP = "cross_entropy"
 # GPU program keeps a 4096-wide fp32 tile in registers across 8 warps.
 _MAX_BLOCK_V = 65536 if INTERPRETING else 4096
 _NUM_WARPS = 8
+# Rows per program: one on a GPU (a row's tile already fills the SM's threads);
+# in the interpreter as many as fit a ~1M-element tile, since each program and
+# each operation costs a fixed Python overhead (measured: one program per row
+# made the lm-head loss most of a tiny model's CPU training step).
+_INTERPRETER_TILE_ELEMENTS = 2**20
+
+
+def _pick_block_t(T: int, BLOCK_V: int) -> int:
+    if not INTERPRETING:
+        return 1
+    return max(1, min(triton.next_power_of_2(T), _INTERPRETER_TILE_ELEMENTS // BLOCK_V))
 
 
 @triton.jit
-def _lse_rows_kernel(logits_ptr, labels_ptr, lse_ptr, target_ptr, V, ignore_index,
-                     BLOCK_V: tl.constexpr):
-    """One program per row t of logits [T, V] (row-major, contiguous).
+def _lse_rows_kernel(logits_ptr, labels_ptr, lse_ptr, target_ptr, T, V, ignore_index,
+                     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Program p handles rows t in [p*BLOCK_T, (p+1)*BLOCK_T) of logits [T, V]
+    (row-major, contiguous); on a GPU BLOCK_T is 1, the interpreter takes many
+    rows at once because it pays per operation, not per element.
 
     Online logsumexp over vocabulary tiles x_k (Milakov & Gimelshein 2018):
       m_k = max(m_{k-1}, max(x_k))
       s_k = s_{k-1} * exp(m_{k-1} - m_k) + sum(exp(x_k - m_k))
       lse = m_K + log(s_K)
     with m_0 = -inf, s_0 = 0 (exp(-inf - m_1) = 0 rescales the empty sum).
-    Masked lanes load -inf and add exp(-inf) = 0.
+    Masked lanes load -inf and add exp(-inf) = 0. Rows past T re-read row T-1
+    (so no lane computes -inf - -inf) and are not stored.
     target_t = x_{t, y_t}, or 0 when y_t == ignore_index (lse is still stored).
     """
-    row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * V
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    in_range = rows < T
+    safe_rows = tl.minimum(rows, T - 1).to(tl.int64)
+    row_ptrs = logits_ptr + safe_rows * V
     offsets = tl.arange(0, BLOCK_V)
 
-    running_max = tl.full([], float("-inf"), tl.float32)
-    running_sum = tl.zeros([], tl.float32)
+    running_max = tl.full([BLOCK_T], float("-inf"), tl.float32)
+    running_sum = tl.zeros([BLOCK_T], tl.float32)
     for start in range(0, V, BLOCK_V):
         cols = start + offsets
-        x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-        new_max = tl.maximum(running_max, tl.max(x, axis=0))
+        x = tl.load(row_ptrs[:, None] + cols[None, :], mask=(cols < V)[None, :],
+                    other=float("-inf")).to(tl.float32)
+        new_max = tl.maximum(running_max, tl.max(x, axis=1))
         running_sum = (running_sum * tl.exp(running_max - new_max)
-                       + tl.sum(tl.exp(x - new_max), axis=0))
+                       + tl.sum(tl.exp(x - new_max[:, None]), axis=1))
         running_max = new_max
-    tl.store(lse_ptr + row, running_max + tl.log(running_sum))
+    tl.store(lse_ptr + rows, running_max + tl.log(running_sum), mask=in_range)
 
-    label = tl.load(labels_ptr + row)
+    label = tl.load(labels_ptr + safe_rows)
     ignored = label == ignore_index
     safe_label = tl.where(ignored, 0, label)
-    target = tl.load(row_ptr + safe_label).to(tl.float32)
-    tl.store(target_ptr + row, tl.where(ignored, 0.0, target))
+    target = tl.load(row_ptrs + safe_label).to(tl.float32)
+    tl.store(target_ptr + rows, tl.where(ignored, 0.0, target), mask=in_range)
 
 
 @triton.jit
 def _softmax_grad_rows_kernel(logits_ptr, out_ptr, labels_ptr, lse_ptr, row_scale_ptr,
-                              V, ignore_index, BLOCK_V: tl.constexpr):
-    """One program per row t: out_tv = (p_tv - [v == y_t]) * s_t, p_tv = exp(x_tv - lse_t).
+                              T, V, ignore_index, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Rows as in _lse_rows_kernel: out_tv = (p_tv - [v == y_t]) * s_t, p_tv = exp(x_tv - lse_t).
 
     Derivation: loss_t = lse_t - x_{t,y_t}, d lse_t / d x_tv = exp(x_tv - lse_t) = p_tv,
     d x_{t,y_t} / d x_tv = [v == y_t]; so d(s_t * loss_t)/d x_tv = s_t * (p_tv - [v == y_t]).
@@ -95,22 +112,24 @@ def _softmax_grad_rows_kernel(logits_ptr, out_ptr, labels_ptr, lse_ptr, row_scal
     out_ptr may equal logits_ptr: every element is loaded before it is stored,
     by the same program and lane, so the update is safe in place.
     """
-    row = tl.program_id(0).to(tl.int64)
-    label = tl.load(labels_ptr + row)
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    in_range = rows < T
+    safe_rows = tl.minimum(rows, T - 1).to(tl.int64)
+    label = tl.load(labels_ptr + safe_rows)
     ignored = label == ignore_index
-    lse = tl.load(lse_ptr + row)
-    scale = tl.load(row_scale_ptr + row)
-    in_row = logits_ptr + row * V
-    out_row = out_ptr + row * V
+    lse = tl.load(lse_ptr + safe_rows)
+    scale = tl.load(row_scale_ptr + safe_rows)
+    in_rows = logits_ptr + safe_rows * V
+    out_rows = out_ptr + safe_rows * V
     offsets = tl.arange(0, BLOCK_V)
     for start in range(0, V, BLOCK_V):
         cols = start + offsets
-        in_vocab = cols < V
-        x = tl.load(in_row + cols, mask=in_vocab, other=0.0).to(tl.float32)
-        prob = tl.exp(x - lse)
-        onehot = tl.where(cols == label, 1.0, 0.0)
-        grad = tl.where(ignored, 0.0, (prob - onehot) * scale)
-        tl.store(out_row + cols, grad.to(out_ptr.dtype.element_ty), mask=in_vocab)
+        mask = in_range[:, None] & (cols < V)[None, :]
+        x = tl.load(in_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        prob = tl.exp(x - lse[:, None])
+        onehot = tl.where(cols[None, :] == label[:, None], 1.0, 0.0)
+        grad = tl.where(ignored[:, None], 0.0, (prob - onehot) * scale[:, None])
+        tl.store(out_rows[:, None] + cols[None, :], grad.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------
@@ -164,8 +183,10 @@ def _lse_rows_unchecked(logits: torch.Tensor, labels: torch.Tensor, ignore_index
     target = new_output((T,), torch.float32, logits.device)
     if T > 0:
         BLOCK_V = _pick_block_v(_OP, V, block_v)
-        _lse_rows_kernel[(T,)](logits, labels, lse, target, V, ignore_index,
-                               BLOCK_V=BLOCK_V, num_warps=_NUM_WARPS)
+        BLOCK_T = _pick_block_t(T, BLOCK_V)
+        _lse_rows_kernel[(triton.cdiv(T, BLOCK_T),)](logits, labels, lse, target, T, V, ignore_index,
+                                                     BLOCK_T=BLOCK_T, BLOCK_V=BLOCK_V,
+                                                     num_warps=_NUM_WARPS)
     return lse, target
 
 
@@ -177,8 +198,10 @@ def _softmax_grad_rows_unchecked(logits, labels, lse, row_scale, ignore_index, o
         out = new_output((T, V), logits.dtype, logits.device)
     if T > 0:
         BLOCK_V = _pick_block_v(_OP, V, block_v)
-        _softmax_grad_rows_kernel[(T,)](logits, out, labels, lse, row_scale, V, ignore_index,
-                                        BLOCK_V=BLOCK_V, num_warps=_NUM_WARPS)
+        BLOCK_T = _pick_block_t(T, BLOCK_V)
+        _softmax_grad_rows_kernel[(triton.cdiv(T, BLOCK_T),)](
+            logits, out, labels, lse, row_scale, T, V, ignore_index,
+            BLOCK_T=BLOCK_T, BLOCK_V=BLOCK_V, num_warps=_NUM_WARPS)
     return out
 
 

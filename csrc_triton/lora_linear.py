@@ -70,6 +70,9 @@ def lora_linear_forward(x2d: torch.Tensor, w: NF4Weight, A: torch.Tensor, B: tor
     _check_lora_args(op, x2d, w, A, B, scale, dropout)
     keep_mask = None
     p = float(dropout) if training else 0.0
+    if generator is not None and generator.device.type != x2d.device.type:
+        raise ValueError(f"{op}: argument 'generator' is on {generator.device}; the dropout "
+                         f"mask is drawn on x2d's device {x2d.device}")
     if p > 0.0:
         keep_mask = torch.rand(x2d.shape, generator=generator, device=x2d.device) >= p
     else:

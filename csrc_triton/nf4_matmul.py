@@ -251,10 +251,11 @@ else:
         _nf4_matmul_bwd_input_kernel)
 
 
-def _interpreter_block(size: int) -> int:
-    # Interpreter cost ~ programs x loop steps (NOTES.md): cover a whole small
-    # dimension with one block; 128 keeps a tile at 64 KiB of fp32.
-    return min(128, max(16, triton.next_power_of_2(size)))
+def _interpreter_block(size: int, cap: int) -> int:
+    # Interpreter cost ~ programs x loop steps (NOTES.md): each program and each
+    # operation costs a fixed Python overhead, while NumPy handles a tile of
+    # 512 x 256 as fast as a small one, so cover a whole dimension where we can.
+    return min(cap, max(16, triton.next_power_of_2(size)))
 
 
 def _launch(kernel, grid_dims, args, constexprs):
@@ -265,8 +266,8 @@ def _launch(kernel, grid_dims, args, constexprs):
     """
     rows, (column_size, column_block_name) = grid_dims
     if _runtime.INTERPRETING:
-        blocks = {"BLOCK_M": _interpreter_block(rows), "BLOCK_N": _interpreter_block(args["N"]),
-                  "BLOCK_K": _interpreter_block(args["K"]), "GROUP_M": 1}
+        blocks = {"BLOCK_M": _interpreter_block(rows, 512), "BLOCK_N": _interpreter_block(args["N"], 256),
+                  "BLOCK_K": _interpreter_block(args["K"], 256), "GROUP_M": 1}
         n_tiles = triton.cdiv(rows, blocks["BLOCK_M"]) * triton.cdiv(
             column_size, blocks[column_block_name])
         kernel[(n_tiles,)](**args, **constexprs, **blocks)

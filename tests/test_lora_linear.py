@@ -225,6 +225,8 @@ def test_rejects_bad_arguments():
     if torch.cuda.is_available():  # a second real device exists only on a GPU machine
         with pytest.raises(ValueError, match="device|on cpu"):
             forward(A=a.to("cuda"))
+        with pytest.raises(ValueError, match="generator"):
+            forward(generator=torch.Generator(device="cuda"))
 
     _, ctx = forward()
     dy = torch.randn(5, 10)

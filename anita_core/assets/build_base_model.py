@@ -2,8 +2,11 @@
 
     python -m anita_core.assets.build_base_model
 
-Random weights (HF LlamaForCausalLM's initialization: normal(0, 0.02), norms at
-one), the bundled tokenizer's vocabulary and special tokens, GQA and llama3
+Random weights: projections normal(0, 0.02) as LlamaForCausalLM initializes
+them, norms at one, but embeddings and lm_head at std 0.25. With the final
+RMSNorm holding the hidden state at unit RMS, lm_head's std sets the logits'
+range (std ~ 0.25 * sqrt(64) = 2): at 0.02 every logit stays within about +-1.3
+and no adapter can move the loss far below uniform. The bundled tokenizer's vocabulary and special tokens, GQA and llama3
 RoPE scaling, saved as a HuggingFace checkpoint (config.json,
 model.safetensors, tokenizer files). It exists so that train_sft.py and
 train_dpo.py run end to end on a CPU in minutes; it knows no language until
@@ -39,12 +42,12 @@ def tiny_config(tokenizer) -> ModelConfig:
 
 def random_state_dict(config: ModelConfig, seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
-    normal = lambda *shape: torch.randn(*shape, generator=g) * 0.02  # noqa: E731
+    normal = lambda *shape, std=0.02: torch.randn(*shape, generator=g) * std  # noqa: E731
     H, I, D = config.hidden_size, config.intermediate_size, config.head_dim
     q_out, kv_out = config.num_attention_heads * D, config.num_key_value_heads * D
-    tensors = {"model.embed_tokens.weight": normal(config.vocab_size, H),
+    tensors = {"model.embed_tokens.weight": normal(config.vocab_size, H, std=0.25),
                "model.norm.weight": torch.ones(H),
-               "lm_head.weight": normal(config.vocab_size, H)}
+               "lm_head.weight": normal(config.vocab_size, H, std=0.25)}
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
         tensors.update({

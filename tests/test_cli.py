@@ -1,0 +1,75 @@
+"""train_sft.py / train_dpo.py as a user meets them: --help, bad input, a short run."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import train_dpo
+import train_sft
+from tests.model_factory import make_tiny_llama_dir
+
+FAST = ["--max-steps", "2", "--batch-size", "2", "--no-progress", "--eval-split", "0"]
+
+
+def test_help_lists_every_option_with_its_default(capsys):
+    with pytest.raises(SystemExit) as e:
+        train_sft.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--preset", "--model", "--data", "--lora-r", "--learning-rate", "--resume",
+                 "--skip-bad-rows", "--max-seq-length", "--merge-export"):
+        assert flag in out
+    assert "(default: 0.005)" in out            # the demo preset's learning rate
+    with pytest.raises(SystemExit):
+        train_dpo.main(["--preset", "dpo", "--help"])
+    out = capsys.readouterr().out
+    assert "(default: 5e-05)" in out and "--beta" in out and "--exclude-sources" in out
+
+
+def test_malformed_row_names_file_and_row_or_is_skipped_and_counted(tmp_path, capsys):
+    data = tmp_path / "bad.jsonl"
+    rows = [{"instruction": "Dimmi un colore.", "input": "", "output": "Blu."},
+            {"instruction": "Conta fino a tre.", "input": ""},                       # no output
+            {"instruction": "Saluta.", "input": "", "output": "Ciao!"}]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    code = train_sft.main(["--data", str(data), "--output-dir", str(tmp_path / "run"), *FAST])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl" in err and "row 2" in err and "output" in err
+
+    code = train_sft.main(["--data", str(data), "--skip-bad-rows", "--max-seq-length", "32",
+                           "--output-dir", str(tmp_path / "run2"), *FAST])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "skipped" in err and "1" in err
+    assert (tmp_path / "run2" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_missing_model_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="no such model directory"):
+        train_sft.main(["--model", str(tmp_path / "nowhere"), *FAST])
+
+
+def test_model_of_another_architecture_is_a_clear_error(tmp_path):
+    ckpt = make_tiny_llama_dir(tmp_path)
+    config = json.loads((ckpt / "config.json").read_text())
+    config.update(model_type="mistral", architectures=["MistralForCausalLM"])
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match=r"config\.json.*model_type"):
+        train_sft.main(["--model", str(ckpt), *FAST])
+
+
+def test_dpo_drops_rows_by_source_and_trains(tmp_path, capsys):
+    code = train_dpo.main(["--data", str(Path(train_dpo.__file__).parent / "anita_core" / "assets" /
+                                         "data" / "dpo_messages.jsonl"),
+                           "--exclude-sources", "toxic-dpo", "--max-samples", "40",
+                           "--output-dir", str(tmp_path / "dpo"), *FAST])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "filtered" in err or "source" in err
+    metrics = [json.loads(l) for l in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                 "logps/chosen", "logps/rejected"):
+        assert name in metrics[0], name
