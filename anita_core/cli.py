@@ -130,6 +130,9 @@ def load_model_and_adapters(args, log):
     """The NF4 base model with trainable adapters (fresh, or from --init-adapter)."""
     from .lora import LoRAAdapters, load_peft
     from .model import QLoRALlama
+    if args.merge_export and os.path.exists(args.merge_export):
+        raise SystemExit(f"--merge-export {args.merge_export}: already exists; choose a new directory "
+                         "(checked before training so the run's result is not lost)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model_dir = resolve_model_dir(args.model)
     started = time.perf_counter()

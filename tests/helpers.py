@@ -50,3 +50,17 @@ def quantized(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t`` rounded to ``dtype`` then widened to float64: the exact inputs a
     kernel running in ``dtype`` sees, so the reference starts from them too."""
     return t.to(dtype).to(torch.float64)
+
+
+def bitsandbytes_functional():
+    """bitsandbytes.functional, the byte-identity oracle. It is a declared
+    dependency, so on the CPU machines (CI) a missing install is an error, not
+    a skip; only a lent GPU machine, which ships without it (NOTES.md), skips."""
+    import pytest
+    try:
+        import bitsandbytes.functional as functional
+    except ImportError:
+        if torch.cuda.is_available():
+            pytest.skip("bitsandbytes is not installed on this GPU machine", allow_module_level=True)
+        raise
+    return functional

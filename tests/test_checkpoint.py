@@ -20,11 +20,11 @@ from anita_core.checkpoint import load_base_weights
 from anita_core.config import ModelConfig, projection_shapes
 from anita_core.weights import PROJECTIONS, projection_module_path
 from csrc_triton import NF4Weight, nf4_dequantize, nf4_quantize
-from tests.helpers import assert_close
+from tests.helpers import assert_close, bitsandbytes_functional
 from tests.model_factory import make_tiny_llama_dir, tiny_llama_state_dict
 from tests.reference.nf4 import reference_nf4_dequantize
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402
 
 # Decoding is code[idx] * absmax rounded once to fp32; with double quantization
 # absmax itself is two fp32 roundings (product, then sum). Against the float64
@@ -36,7 +36,7 @@ NF4_MAX_REL_ERROR = 0.12
 
 
 def _bnb_functional():
-    return pytest.importorskip("bitsandbytes.functional")
+    return bitsandbytes_functional()
 
 
 def _dense_names(config: ModelConfig):
@@ -167,7 +167,7 @@ def test_ignores_rope_buffers_and_a_duplicated_tied_lm_head(tmp_path, fresh_seed
 # ----------------------------------------------------- pre-quantized bnb 4-bit
 def _save_bnb_4bit(src, out, double_quant, max_shard_size=None):
     """Load ``src`` with transformers + bitsandbytes 4-bit on CPU and save it."""
-    pytest.importorskip("bitsandbytes")
+    bitsandbytes_functional()
     bnb_config = transformers.BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=torch.float32)

@@ -11,7 +11,7 @@ from anita_core.config import ModelConfig, projection_shapes
 from anita_core.weights import PROJECTIONS, projection_module_path
 from tests.model_factory import TINY_LLAMA3_ROPE_SCALING, tiny_llama_config
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402
 
 # The published config.json of Llama-3.1-8B-Instruct (top-level rope form).
 LLAMA_31_8B = {

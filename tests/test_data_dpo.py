@@ -114,8 +114,8 @@ def test_truncation_with_max_prompt_length_follows_trl_tokenize_row():
 @pytest.fixture(scope="module")
 def trl_run(tok, tmp_path_factory):
     """TRL 1.16's DPOTrainer tokenizing and collating the same pairs."""
-    transformers = pytest.importorskip("transformers")
-    trl = pytest.importorskip("trl")
+    import transformers
+    import trl
     import datasets
     rows = [check_dpo_row(r) for r in _jsonl("dpo")[:25] + _jsonl("dpo_messages")[:25]]
     long_prompt = {"prompt": [{"role": "user", "content": "Ripeti: " + "la la " * 40}],

@@ -36,8 +36,7 @@ def _scaled_atol(reference: torch.Tensor) -> float:
     return REL * float(reference.detach().abs().max())
 
 
-def load_hf_qlora(ckpt, lora_config: LoRAConfig):
-    from peft import LoraConfig, get_peft_model
+def load_hf_4bit(ckpt):
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
     hf = LlamaForCausalLM.from_pretrained(
@@ -45,7 +44,13 @@ def load_hf_qlora(ckpt, lora_config: LoRAConfig):
         quantization_config=BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.float32))
-    hf.train()  # NOTES.md: eval-mode no-grad forwards let bnb repack weights on this CPU
+    return hf.train()  # NOTES.md: eval-mode no-grad forwards let bnb repack weights on this CPU
+
+
+def load_hf_qlora(ckpt, lora_config: LoRAConfig):
+    from peft import LoraConfig, get_peft_model
+
+    hf = load_hf_4bit(ckpt)
     peft_config = LoraConfig(r=lora_config.r, lora_alpha=lora_config.alpha,
                              target_modules=list(lora_config.target_modules), lora_dropout=0.0,
                              use_rslora=lora_config.use_rslora, bias="none",
@@ -175,3 +180,44 @@ def test_adapters_off_is_the_base_model(tmp_path):
     with torch.no_grad(), hf.disable_adapter():
         ref = hf(input_ids=ids).logits[0]
     assert_close("model_vs_hf", "base logits (adapters off)", ours, ref, atol=_scaled_atol(ref), rtol=REL)
+
+
+def test_adapters_round_trip_through_peft_and_merged_export(tmp_path):
+    """anita's saved adapter loaded by PEFT, PEFT's saved adapter loaded by anita, and
+    the merged export loaded by plain transformers all give anita's logits."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    from anita_core.export import export_merged
+    from anita_core.lora import load_peft, save_peft
+
+    model, hf = build_pair(tmp_path, targets=("q_proj", "k_proj", "o_proj", "up_proj", "down_proj"))
+    ids = torch.randint(0, model.config.vocab_size, (2, 10))
+    ours = model.logits(ids)
+
+    # anita -> PEFT
+    save_peft(model.adapters, tmp_path / "anita_adapter")
+    ckpt = next(p for p in tmp_path.iterdir() if p.name.startswith("tiny_llama"))
+    # PeftModel.from_pretrained switches to eval mode: back to train mode (no dropout
+    # here) before any forward, for the reason load_hf_4bit gives
+    peft_loaded = PeftModel.from_pretrained(load_hf_4bit(ckpt), tmp_path / "anita_adapter").train()
+    with torch.no_grad():
+        ref = peft_loaded(input_ids=ids).logits
+    assert_close("model_vs_hf", "PEFT loading anita's adapter", ours, ref, atol=_scaled_atol(ref), rtol=REL)
+
+    # PEFT -> anita
+    hf.save_pretrained(tmp_path / "peft_adapter")
+    model.adapters = load_peft(tmp_path / "peft_adapter", model.config)
+    with torch.no_grad():
+        ref = hf(input_ids=ids).logits
+    assert_close("model_vs_hf", "anita loading PEFT's adapter", model.logits(ids), ref,
+                 atol=_scaled_atol(ref), rtol=REL)
+
+    # merged export -> plain transformers (fp32, no quantization, no PEFT)
+    deltas = {key: model.adapters.delta(*key) for key in model.adapters.adapted()}
+    export_merged(model.config, model.base, deltas, tmp_path / "merged")
+    merged = LlamaForCausalLM.from_pretrained(tmp_path / "merged", torch_dtype=torch.float32).train()
+    with torch.no_grad():
+        ref = merged(input_ids=ids).logits
+    assert_close("model_vs_hf", "merged export in transformers", model.logits(ids), ref,
+                 atol=_scaled_atol(ref), rtol=REL)

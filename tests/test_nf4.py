@@ -19,7 +19,7 @@ import torch
 from csrc_triton import nf4_dequantize, nf4_quantize
 from csrc_triton.nf4 import (NF4Weight, SUPPORTED_BLOCKSIZES, launch_dynamic_quantize,
                              nf4_code, signed_dynamic_map)
-from tests.helpers import assert_close
+from tests.helpers import assert_close, bitsandbytes_functional
 from tests.reference.nf4 import (reference_bnb_dynamic_quantize, reference_bnb_nf4_quantize,
                                  reference_nf4_absmax, reference_nf4_dequantize)
 
@@ -36,7 +36,7 @@ ULP32 = 2.0 ** -24  # half an ulp of fp32, relative: one round-to-nearest
 
 
 def _bnb():
-    return pytest.importorskip("bitsandbytes.functional")
+    return bitsandbytes_functional()
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from csrc_triton import _runtime
 from csrc_triton.nf4 import NF4Weight
 from csrc_triton.nf4_matmul import (nf4_matmul, nf4_matmul_backward_input,
                                     nf4_matmul_forward)
-from tests.helpers import assert_close, quantized
+from tests.helpers import assert_close, bitsandbytes_functional, quantized
 from tests.reference.lora_linear import reference_double_quantize, reference_nf4_matmul
 from tests.reference.nf4 import reference_nf4_dequantize, reference_nf4_quantize
 
@@ -127,7 +127,7 @@ def test_non_contiguous_upstream_gradient():
 
 
 def test_bitsandbytes_double_quant_weight():
-    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+    bnb_functional = bitsandbytes_functional()
     w_full = torch.randn(91, 99)
     packed, state = bnb_functional.quantize_4bit(w_full, blocksize=32, compress_statistics=True,
                                                  quant_type="nf4")
