@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
 
-    from anita_core.cli import (eval_split_value, load_model_and_adapters, log_to_stderr,
+    from anita_core.cli import (eval_split_value, load_model_and_adapters, log_to_stderr, per_epoch,
                                 run_training, tokenizer_dir_for, train_config_from_args)
     from anita_core.data import BadRowError, DPODataConfig, build_dpo_data, dpo_batches, load_tokenizer
     from anita_core.lora import load_peft
@@ -83,14 +83,8 @@ def main(argv=None) -> int:
         log("error: no preference pairs left after filtering")
         return 2
 
-    cache = {}
-
-    def epoch_batches(epoch: int):
-        if epoch not in cache:
-            cache.clear()
-            cache[epoch] = dpo_batches(data.train, batch_size=args.batch_size, pad_id=tokenizer.pad_id,
-                                       shuffle_seed=args.seed + epoch)
-        return cache[epoch]
+    epoch_batches = per_epoch(lambda epoch: dpo_batches(
+        data.train, batch_size=args.batch_size, pad_id=tokenizer.pad_id, shuffle_seed=args.seed + epoch))
 
     eval_batches = (dpo_batches(data.eval, batch_size=args.batch_size, pad_id=tokenizer.pad_id)
                     if data.eval else None)

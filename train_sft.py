@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
 
-    from anita_core.cli import (eval_split_value, load_model_and_adapters, log_to_stderr,
+    from anita_core.cli import (eval_split_value, load_model_and_adapters, log_to_stderr, per_epoch,
                                 run_training, tokenizer_dir_for, train_config_from_args)
     from anita_core.data import BadRowError, SFTDataConfig, build_sft_data, load_tokenizer, sft_batches
     from anita_core.objectives import SFTObjective
@@ -75,14 +75,7 @@ def main(argv=None) -> int:
         return sft_batches(documents, batch_size=args.batch_size, seq_len=args.max_seq_length,
                            pad_id=tokenizer.pad_id, pack=not args.no_packing, shuffle_seed=seed)
 
-    cache = {}
-
-    def epoch_batches(epoch: int):
-        if epoch not in cache:
-            cache.clear()
-            cache[epoch] = batches_for(data.train, args.seed + epoch)
-        return cache[epoch]
-
+    epoch_batches = per_epoch(lambda epoch: batches_for(data.train, args.seed + epoch))
     eval_batches = batches_for(data.eval, None) if data.eval else None
     trainer = Trainer(model, adapters, SFTObjective(model), epoch_batches,
                       train_config_from_args(args, output_dir), eval_batches=eval_batches, log=log)

@@ -213,6 +213,19 @@ def run_training(trainer, args, model_dir, model, adapters, output_dir: str, log
     return 0
 
 
+def per_epoch(make_batches):
+    """epoch -> that epoch's batch list, built once (the trainer asks for the same
+    epoch many times) and only the current epoch kept in memory."""
+    cache = {}
+
+    def epoch_batches(epoch: int):
+        if epoch not in cache:
+            cache.clear()
+            cache[epoch] = make_batches(epoch)
+        return cache[epoch]
+    return epoch_batches
+
+
 def read_metrics(output_dir: str) -> List[dict]:
     path = Path(output_dir) / "metrics.jsonl"
     if not path.is_file():

@@ -64,3 +64,12 @@ def bitsandbytes_functional():
             pytest.skip("bitsandbytes is not installed on this GPU machine", allow_module_level=True)
         raise
     return functional
+
+
+def sample_rows(shape: str) -> list:
+    """The rows of a bundled sample dataset (anita_core/assets/data)."""
+    import json
+
+    from anita_core.assets import sample_path
+    with open(sample_path(shape), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]

@@ -115,3 +115,20 @@ def tiny_llama_state_dict(ckpt_dir: Union[str, Path]) -> dict:
     for f in sorted(Path(ckpt_dir).glob("*.safetensors")):
         tensors.update({k: v.clone() for k, v in load_file(str(f)).items()})
     return tensors
+
+
+def load_hf_4bit(ckpt):
+    """``ckpt`` as transformers + bitsandbytes load it for QLoRA: NF4 with double
+    quantization, fp32 compute, SDPA attention, on the CPU, in train mode.
+
+    Train mode matters (NOTES.md): an eval-mode no-grad forward lets bitsandbytes
+    repack the 4-bit weights on this CPU, after which they decode wrongly; TRL's
+    reference pass and PeftModel.from_pretrained both run or leave eval-mode."""
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(
+        ckpt, device_map="cpu", attn_implementation="sdpa",
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32))
+    return model.train()

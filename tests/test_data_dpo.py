@@ -14,6 +14,8 @@ from anita_core.data import (IGNORE_INDEX, BadRowError, DPODataConfig, Preferenc
                              build_dpo_data, check_batch, collate_pairs, dpo_batches,
                              load_tokenizer, shuffled, to_hf_batch, tokenize_pairs, truncate_pair)
 from anita_core.data.rows import check_dpo_row
+from tests.helpers import sample_rows
+
 
 EOT = "<|eot_id|>"
 
@@ -23,12 +25,7 @@ def tok():
     return load_tokenizer()
 
 
-def _jsonl(shape):
-    with open(sample_path(shape), encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
-
-
-def _write_jsonl(tmp_path, rows, name="pairs.jsonl"):
+def _writesample_rows(tmp_path, rows, name="pairs.jsonl"):
     path = os.path.join(str(tmp_path), name)
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
@@ -62,7 +59,7 @@ def test_string_and_message_shapes_tokenize_alike(tok):
 
 
 def test_source_filter_drops_listed_sources(tok, tmp_path):
-    rows = _jsonl("dpo_messages")
+    rows = sample_rows("dpo_messages")
     toxic = sum(r["source"] == "toxic-dpo" for r in rows)
     data = build_dpo_data(DPODataConfig(sample_path("dpo_messages"), max_length=None,
                                         exclude_sources=["toxic-dpo"]), tok)
@@ -73,7 +70,7 @@ def test_source_filter_drops_listed_sources(tok, tmp_path):
     assert unfiltered.stats.filtered_by_source == 0 and unfiltered.stats.examples == len(rows)
     # a malformed row of an excluded source is dropped, not reported
     bad_toxic = {"source": "toxic-dpo", "prompt": "x", "chosen": 3, "rejected": None}
-    path = _write_jsonl(tmp_path, rows[:4] + [bad_toxic])
+    path = _writesample_rows(tmp_path, rows[:4] + [bad_toxic])
     data = build_dpo_data(DPODataConfig(path, exclude_sources={"toxic-dpo"}), tok)
     assert data.stats.filtered_by_source == 1 + sum(r["source"] == "toxic-dpo" for r in rows[:4])
 
@@ -117,7 +114,7 @@ def trl_run(tok, tmp_path_factory):
     import transformers
     import trl
     import datasets
-    rows = [check_dpo_row(r) for r in _jsonl("dpo")[:25] + _jsonl("dpo_messages")[:25]]
+    rows = [check_dpo_row(r) for r in sample_rows("dpo")[:25] + sample_rows("dpo_messages")[:25]]
     long_prompt = {"prompt": [{"role": "user", "content": "Ripeti: " + "la la " * 40}],
                    "chosen": "la", "rejected": "no", "source": None}
     long_answer = {"prompt": [{"role": "user", "content": "Conta."}],
@@ -171,7 +168,7 @@ def test_tokenization_and_truncation_match_trl_dpo_trainer(tok, tmp_path, trl_ru
                                       torch.tensor(IGNORE_INDEX))
         assert torch.equal(targets, shifted)
     # the counts reported by the pipeline agree
-    path = _write_jsonl(tmp_path, [{"prompt": r["prompt"][-1]["content"],
+    path = _writesample_rows(tmp_path, [{"prompt": r["prompt"][-1]["content"],
                                     "chosen": r["prompt"] + [{"role": "assistant", "content": r["chosen"]}],
                                     "rejected": r["prompt"] + [{"role": "assistant", "content": r["rejected"]}]}
                                    for r in rows])
@@ -238,7 +235,7 @@ MALFORMED = [
 
 @pytest.mark.parametrize("bad,problem", MALFORMED)
 def test_malformed_pair_error_names_file_and_row(tok, tmp_path, bad, problem):
-    path = _write_jsonl(tmp_path, [GOOD, bad, GOOD, GOOD, GOOD], "bad_pairs.jsonl")
+    path = _writesample_rows(tmp_path, [GOOD, bad, GOOD, GOOD, GOOD], "bad_pairs.jsonl")
     with pytest.raises(BadRowError, match=rf"bad_pairs\.jsonl: row 2: .*{problem}"):
         build_dpo_data(DPODataConfig(path), tok)
     data = build_dpo_data(DPODataConfig(path, skip_bad_rows=True), tok)

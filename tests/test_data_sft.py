@@ -16,6 +16,8 @@ from anita_core.data import (IGNORE_INDEX, BadRowError, SFTDataConfig, build_sft
 from anita_core.data import templates
 from anita_core.data.documents import Document, make_document
 from anita_core.data.rows import CHECKS
+from tests.helpers import sample_rows
+
 
 EOT = "<|eot_id|>"
 BOS = "<|begin_of_text|>"
@@ -24,11 +26,6 @@ BOS = "<|begin_of_text|>"
 @pytest.fixture(scope="module")
 def tok():
     return load_tokenizer()
-
-
-def _jsonl(shape):
-    with open(sample_path(shape), encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
 
 
 def _docs(tok, shape, rows, **kwargs):
@@ -111,12 +108,12 @@ def test_raw_text_rendering_and_targets(tok):
 
 # ------------------------------------------------------------------ label masking
 def test_only_assistant_tokens_are_targets(tok):
-    rows = _jsonl("chat")
+    rows = sample_rows("chat")
     for row, doc in zip(rows, _docs(tok, "chat", rows)):
         _assert_shifted(doc)
         answers = "".join(m["content"].strip() + EOT for m in row["messages"] if m["role"] == "assistant")
         assert _target_text(tok, doc) == answers
-    rows = _jsonl("instruction")
+    rows = sample_rows("instruction")
     for template in templates.TEMPLATES:
         for row, doc in zip(rows, _docs(tok, "instruction", rows, template=template)):
             _assert_shifted(doc)
@@ -124,7 +121,7 @@ def test_only_assistant_tokens_are_targets(tok):
 
 
 def test_train_on_all_tokens(tok):
-    rows = _jsonl("chat")[:20]
+    rows = sample_rows("chat")[:20]
     for doc in _docs(tok, "chat", rows, train_on_all_tokens=True):
         assert doc.targets[:-1] == doc.input_ids[1:]
         assert doc.targets[-1] == IGNORE_INDEX
@@ -138,7 +135,7 @@ def test_targets_give_the_transformers_loss(tok):
                                       num_hidden_layers=1, num_attention_heads=2,
                                       num_key_value_heads=1, pad_token_id=tok.pad_id)
     model = transformers.LlamaForCausalLM(config).double().train()
-    docs = _docs(tok, "chat", _jsonl("chat")[:5])
+    docs = _docs(tok, "chat", sample_rows("chat")[:5])
     (batch,) = sft_batches(docs, batch_size=5, seq_len=301, pad_id=tok.pad_id, pack=False)
     check_batch(batch)
     hf = to_hf_batch(batch)
@@ -166,7 +163,7 @@ def test_truncation_and_dropping_are_counted(tok, tmp_path):
     long_prompt = {"system": "", "instruction": "parola " * 200, "input": "", "output": "ok"}
     long_answer = {"system": "", "instruction": "Ripeti.", "input": "", "output": "sì " * 200}
     short = {"system": "", "instruction": "Ciao?", "input": "", "output": "Ciao!"}
-    path = _write_jsonl(str(tmp_path), [short, long_prompt, long_answer, short])
+    path = _writesample_rows(str(tmp_path), [short, long_prompt, long_answer, short])
     data = build_sft_data(SFTDataConfig(path, max_seq_length=64), tok)
     s = data.stats
     assert (s.rows_read, s.dropped_too_long, s.truncated, s.examples) == (4, 1, 1, 3)
@@ -189,7 +186,7 @@ def _unpack(batch):
 
 
 def test_packing_never_leaks_across_documents(tok):
-    docs = _docs(tok, "chat", _jsonl("chat")) + _docs(tok, "text", _jsonl("text"))
+    docs = _docs(tok, "chat", sample_rows("chat")) + _docs(tok, "text", sample_rows("text"))
     seq_len = 203
     batches = sft_batches(docs, batch_size=3, seq_len=seq_len, pad_id=tok.pad_id, shuffle_seed=7)
     rows_seen = 0
@@ -229,7 +226,7 @@ def test_next_fit_rows_fill_rows_in_order():
 
 
 def test_check_batch_catches_each_broken_rule(tok):
-    docs = _docs(tok, "text", _jsonl("text")[:6])
+    docs = _docs(tok, "text", sample_rows("text")[:6])
     (good,) = sft_batches(docs, batch_size=1, seq_len=131, pad_id=tok.pad_id)[:1]
     check_batch(good)
     seg = good["segment_ids"][0]
@@ -257,7 +254,7 @@ def test_check_batch_catches_each_broken_rule(tok):
 
 
 def test_unpacked_batches_pad_to_the_longest_row(tok):
-    docs = _docs(tok, "instruction", _jsonl("instruction")[:7])
+    docs = _docs(tok, "instruction", sample_rows("instruction")[:7])
     (batch,) = sft_batches(docs, batch_size=7, seq_len=500, pad_id=tok.pad_id, pack=False)
     check_batch(batch)
     assert batch["input_ids"].shape == (7, max(len(d) for d in docs))
@@ -306,7 +303,7 @@ def test_shuffle_and_eval_split_are_deterministic_by_seed(tok):
 
 
 # ------------------------------------------------------------------ file formats
-def _write_jsonl(directory, rows, name="rows.jsonl"):
+def _writesample_rows(directory, rows, name="rows.jsonl"):
     path = os.path.join(directory, name)
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
@@ -317,7 +314,7 @@ def _write_jsonl(directory, rows, name="rows.jsonl"):
 def _write(tmp_path, fmt, rows):
     path = tmp_path / f"rows.{fmt}"
     if fmt == "jsonl":
-        return _write_jsonl(str(tmp_path), rows, path.name)
+        return _writesample_rows(str(tmp_path), rows, path.name)
     if fmt == "json":
         path.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
     elif fmt == "csv":
@@ -336,7 +333,7 @@ def _write(tmp_path, fmt, rows):
 def test_every_file_format_gives_the_same_documents(tok, tmp_path, fmt):
     shapes = ["instruction", "text"] + ([] if fmt == "csv" else ["chat"])   # CSV holds flat rows
     for shape in shapes:
-        rows = _jsonl(shape)[:23]
+        rows = sample_rows(shape)[:23]
         expected = _docs(tok, shape, rows, max_seq_length=300)
         path = _write(tmp_path, fmt, rows)
         data = build_sft_data(SFTDataConfig(path, max_seq_length=300), tok)
@@ -363,7 +360,7 @@ def test_unreadable_sources_give_clear_errors(tok, tmp_path):
     array.write_text('[\n{"text": "uno"},\n{"text": "due"}\n{"text": "tre"}\n]\n')
     with pytest.raises(ValueError, match=r"array\.json: line 4: not valid JSON"):
         build_sft_data(SFTDataConfig(str(array)), tok)
-    columns = _write_jsonl(str(tmp_path), [{"question": "a", "answer": "b"}], "columns.jsonl")
+    columns = _writesample_rows(str(tmp_path), [{"question": "a", "answer": "b"}], "columns.jsonl")
     with pytest.raises(ValueError, match="cannot tell the row shape"):
         build_sft_data(SFTDataConfig(columns), tok)
     dpo = sample_path("dpo")
@@ -398,7 +395,7 @@ MALFORMED = [
 @pytest.mark.parametrize("shape,bad,problem", MALFORMED)
 def test_malformed_row_error_names_file_and_row(tok, tmp_path, shape, bad, problem):
     rows = [GOOD[shape], GOOD[shape], bad, GOOD[shape]]
-    path = _write_jsonl(str(tmp_path), rows, "bad.jsonl")
+    path = _writesample_rows(str(tmp_path), rows, "bad.jsonl")
     with pytest.raises(BadRowError, match=rf"bad\.jsonl: row 3: .*{problem}") as info:
         build_sft_data(SFTDataConfig(path), tok)
     assert isinstance(info.value, ValueError) and info.value.row_number == 3

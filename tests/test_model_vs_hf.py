@@ -18,7 +18,7 @@ from anita_core.lora import LoRAAdapters, LoRAConfig
 from anita_core.model import QLoRALlama
 from anita_core.weights import PROJECTIONS, projection_module_path
 from tests.helpers import assert_close
-from tests.model_factory import make_tiny_llama_dir
+from tests.model_factory import load_hf_4bit, make_tiny_llama_dir
 
 # fp32 on both sides; ~1e-6 relative seen from summation order; 1e-4 of the
 # tensor's largest magnitude is a 100x margin (see module docstring).
@@ -34,17 +34,6 @@ REFERENCE_SHAPES = dict(hidden_size=64, intermediate_size=100, num_heads=4, num_
 
 def _scaled_atol(reference: torch.Tensor) -> float:
     return REL * float(reference.detach().abs().max())
-
-
-def load_hf_4bit(ckpt):
-    from transformers import BitsAndBytesConfig, LlamaForCausalLM
-
-    hf = LlamaForCausalLM.from_pretrained(
-        ckpt, device_map="cpu", attn_implementation="sdpa",
-        quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32))
-    return hf.train()  # NOTES.md: eval-mode no-grad forwards let bnb repack weights on this CPU
 
 
 def load_hf_qlora(ckpt, lora_config: LoRAConfig):
@@ -103,7 +92,7 @@ def test_padded_batch_logits_loss_and_lora_grads_match_hf(tmp_path, tie, rslora)
     segment_ids = torch.where(attention_mask.bool(), 0, -1)
     logits = model.logits(ids, segment_ids=segment_ids)
     real = attention_mask.bool()
-    assert_close("model_vs_hf", "logits", logits[real], out.logits.detach()[real],
+    assert_close("model_vs_hf logits", "padded batch", logits[real], out.logits.detach()[real],
                  atol=_scaled_atol(out.logits[real]), rtol=REL)
 
     targets = shifted_targets(labels)
@@ -111,7 +100,7 @@ def test_padded_batch_logits_loss_and_lora_grads_match_hf(tmp_path, tie, rslora)
     loss_sum, n_tokens = model.train_step(ids, targets, segment_ids=segment_ids,
                                           grad_scale=1.0 / n_expected)
     assert int(n_tokens) == n_expected
-    assert_close("model_vs_hf", "loss", (loss_sum / n_tokens).reshape(1),
+    assert_close("model_vs_hf loss", "mean over tokens", (loss_sum / n_tokens).reshape(1),
                  out.loss.detach().reshape(1), atol=0.0, rtol=REL)
 
     for layer in range(model.config.num_hidden_layers):
@@ -120,7 +109,7 @@ def test_padded_batch_logits_loss_and_lora_grads_match_hf(tmp_path, tie, rslora)
             hf_A, hf_B = peft_lora_modules(hf, layer, name)
             for ours, theirs, which in ((A, hf_A, "A"), (B, hf_B, "B")):
                 assert ours.grad is not None, f"layer {layer} {name} {which}: no gradient"
-                assert_close("model_vs_hf", f"grad L{layer}.{name}.{which}", ours.grad, theirs.grad,
+                assert_close("model_vs_hf lora grads", f"L{layer}.{name}.{which}", ours.grad, theirs.grad,
                              atol=_scaled_atol(theirs.grad), rtol=1e-3)
 
 
@@ -137,8 +126,8 @@ def test_packed_row_equals_documents_run_alone(tmp_path):
     with torch.no_grad():
         ref_a = hf(input_ids=doc_a[None]).logits[0]
         ref_b = hf(input_ids=doc_b[None]).logits[0]
-    assert_close("model_vs_hf", "packed logits doc A", logits[:7], ref_a, atol=_scaled_atol(ref_a), rtol=REL)
-    assert_close("model_vs_hf", "packed logits doc B", logits[7:12], ref_b, atol=_scaled_atol(ref_b), rtol=REL)
+    assert_close("model_vs_hf logits", "packed logits doc A", logits[:7], ref_a, atol=_scaled_atol(ref_a), rtol=REL)
+    assert_close("model_vs_hf logits", "packed logits doc B", logits[7:12], ref_b, atol=_scaled_atol(ref_b), rtol=REL)
 
 
 def test_gradient_accumulation_is_exact(tmp_path):
@@ -179,7 +168,7 @@ def test_adapters_off_is_the_base_model(tmp_path):
         ours = model.logits(ids)[0]
     with torch.no_grad(), hf.disable_adapter():
         ref = hf(input_ids=ids).logits[0]
-    assert_close("model_vs_hf", "base logits (adapters off)", ours, ref, atol=_scaled_atol(ref), rtol=REL)
+    assert_close("model_vs_hf logits", "base logits (adapters off)", ours, ref, atol=_scaled_atol(ref), rtol=REL)
 
 
 def test_adapters_round_trip_through_peft_and_merged_export(tmp_path):
@@ -203,14 +192,14 @@ def test_adapters_round_trip_through_peft_and_merged_export(tmp_path):
     peft_loaded = PeftModel.from_pretrained(load_hf_4bit(ckpt), tmp_path / "anita_adapter").train()
     with torch.no_grad():
         ref = peft_loaded(input_ids=ids).logits
-    assert_close("model_vs_hf", "PEFT loading anita's adapter", ours, ref, atol=_scaled_atol(ref), rtol=REL)
+    assert_close("model_vs_hf logits", "PEFT loading anita's adapter", ours, ref, atol=_scaled_atol(ref), rtol=REL)
 
     # PEFT -> anita
     hf.save_pretrained(tmp_path / "peft_adapter")
     model.adapters = load_peft(tmp_path / "peft_adapter", model.config)
     with torch.no_grad():
         ref = hf(input_ids=ids).logits
-    assert_close("model_vs_hf", "anita loading PEFT's adapter", model.logits(ids), ref,
+    assert_close("model_vs_hf logits", "anita loading PEFT's adapter", model.logits(ids), ref,
                  atol=_scaled_atol(ref), rtol=REL)
 
     # merged export -> plain transformers (fp32, no quantization, no PEFT)
@@ -219,5 +208,5 @@ def test_adapters_round_trip_through_peft_and_merged_export(tmp_path):
     merged = LlamaForCausalLM.from_pretrained(tmp_path / "merged", torch_dtype=torch.float32).train()
     with torch.no_grad():
         ref = merged(input_ids=ids).logits
-    assert_close("model_vs_hf", "merged export in transformers", model.logits(ids), ref,
+    assert_close("model_vs_hf logits", "merged export in transformers", model.logits(ids), ref,
                  atol=_scaled_atol(ref), rtol=REL)

@@ -24,20 +24,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 from anita_core.weights import projection_module_path
-
-
-def load_hf_4bit(ckpt):
-    """The checkpoint as transformers + bitsandbytes load it for QLoRA, fp32 compute."""
-    from transformers import BitsAndBytesConfig, LlamaForCausalLM
-
-    model = LlamaForCausalLM.from_pretrained(
-        ckpt, device_map="cpu", attn_implementation="sdpa",
-        quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32))
-    # NOTES.md: an eval-mode no-grad forward lets bnb repack the 4-bit weights on
-    # this CPU; TRL's reference pass is a no-grad forward, so train mode first.
-    return model.train()
+from tests.model_factory import load_hf_4bit
 
 
 def conversational_rows(rows: Sequence[dict]) -> List[dict]:
