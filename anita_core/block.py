@@ -30,7 +30,7 @@ class BlockGeometry:
     """What every block of one batch shares."""
     batch: int
     seq: int
-    position_ids: torch.Tensor          # [B, S]
+    position_ids: torch.Tensor          # [B, S], validated against cos/sin once per batch
     attn_mask: Optional[torch.Tensor]   # [B, 1, S, S] bool, or None for plain causal
     cos: torch.Tensor                   # [P, D/2] fp32
     sin: torch.Tensor
@@ -101,7 +101,7 @@ def block_forward(h0: torch.Tensor, layer: LayerWeights, geo: BlockGeometry, n_h
     k = proj.forward("k_proj", x1)
     v = proj.forward("v_proj", x1)
     qr, kr = rope_forward(_heads(q, geo, n_heads), _heads(k, geo, n_kv_heads), geo.position_ids,
-                          geo.cos, geo.sin)
+                          geo.cos, geo.sin, positions_checked=True)
     vh = _heads(v, geo, n_kv_heads)
     attn = attend(qr, kr, vh) if attend is not None else attention_forward(qr, kr, vh, geo.attn_mask)
     a = attn.reshape(h0.shape[0], -1)
@@ -137,7 +137,8 @@ def block_backward(dh2: torch.Tensor, h0: torch.Tensor, layer: LayerWeights, geo
     # attention:  h1 = h0 + o(attn(rope(q(x1)), rope(k(x1)), v(x1))),  x1 = rmsnorm(h0)
     da = proj.backward("o_proj", dh1, s["a"])
     dqr, dkr, dvh = attention_backward(da.view_as(s["qr"]), s["qr"], s["kr"], s["vh"], geo.attn_mask)
-    dq, dk = rope_backward(dqr.contiguous(), dkr.contiguous(), geo.position_ids, geo.cos, geo.sin)
+    dq, dk = rope_backward(dqr.contiguous(), dkr.contiguous(), geo.position_ids, geo.cos, geo.sin,
+                           positions_checked=True)
     T = h0.shape[0]
     dx1 = proj.backward("q_proj", dq.reshape(T, -1), s["x1"])
     dx1 = dx1 + proj.backward("k_proj", dk.reshape(T, -1), s["x1"])

@@ -98,6 +98,12 @@ def eval_split_value(x: float):
 def compute_dtype(name: str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    if name == "bf16":
+        import csrc_triton
+        if csrc_triton.INTERPRETING:
+            log_to_stderr("warning: --dtype bf16 under the Triton interpreter: its fp32 -> bf16 "
+                          "stores truncate instead of rounding, so results differ from a GPU's; "
+                          "use fp32 (or fp16) on a CPU")
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 

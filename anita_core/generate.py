@@ -45,7 +45,7 @@ def _step(model, cache: KVCache, input_ids, positions, key_valid) -> torch.Tenso
     B, n = input_ids.shape
     start = cache.length
     cache.valid[:, start:start + n] = key_valid
-    cos, sin = model.rope_tables(int(positions.max()) + 1)
+    cos, sin = model.position_tables(positions)
     geo = BlockGeometry(B, n, positions.contiguous(), None, cos, sin)
     h = model.embed(input_ids)
     for i, layer in enumerate(model.base.layers):

@@ -85,8 +85,16 @@ class QLoRALlama:
             if t is not None and tuple(t.shape) != (B, S):
                 raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {(B, S)} like input_ids")
         position_ids = position_ids.contiguous()
-        cos, sin = self.rope_tables(int(position_ids.max()) + 1)
+        cos, sin = self.position_tables(position_ids)
         return BlockGeometry(B, S, position_ids, document_mask(segment_ids), cos, sin)
+
+    def position_tables(self, position_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Validate position ids once (one device sync per batch; the blocks' RoPE
+        kernels then skip their own check) and return tables covering them."""
+        low, high = (int(v) for v in torch.aminmax(position_ids))
+        if low < 0:
+            raise ValueError(f"position_ids must be >= 0, got {low}")
+        return self.rope_tables(high + 1)
 
     def block_lora(self, layer: int) -> Optional[BlockLoRA]:
         ad = self.adapters

@@ -187,7 +187,7 @@ def _rope_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cos_ptr, sin_ptr,
 
 # ---------------------------------------------------------------- launchers
 
-def _check_args(q_name, q, k_name, k, positions, cos, sin):
+def _check_args(q_name, q, k_name, k, positions, cos, sin, positions_checked=False):
     """Validate a (q, k, positions, cos, sin) call; returns (B, S, Hq, Hkv, D)."""
     check_tensor(_OP, q_name, q, dtypes=FLOAT_DTYPES, ndim=4)
     batch, seq, n_q_heads, head_dim = q.shape
@@ -200,7 +200,7 @@ def _check_args(q_name, q, k_name, k, positions, cos, sin):
     check_tensor(_OP, "cos", cos, dtypes=(torch.float32,), shape=(None, head_dim // 2))
     check_tensor(_OP, "sin", sin, dtypes=(torch.float32,), shape=tuple(cos.shape))
     check_same_device(_OP, **{q_name: q, k_name: k, "positions": positions, "cos": cos, "sin": sin})
-    if positions.numel():
+    if positions.numel() and not positions_checked:
         # One host sync: the kernel cannot report an out-of-table read, so check here.
         low, high = torch.stack(torch.aminmax(positions)).tolist()
         if low < 0 or high >= cos.shape[0]:
@@ -232,21 +232,23 @@ def _launch(q, k, positions, cos, sin, dims, inverse: bool):
 
 
 def rope_forward(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
-                 cos: torch.Tensor, sin: torch.Tensor):
+                 cos: torch.Tensor, sin: torch.Tensor, *, positions_checked: bool = False):
     """q [B, S, Hq, D], k [B, S, Hkv, D] (D even, any Hq/Hkv), positions [B, S]
     int32/int64, cos/sin fp32 [P, D/2] -> (q_rot, k_rot), new tensors in q's and
     k's dtypes. Positions outside [0, P) raise ValueError (checked on the host:
-    costs one device sync per call)."""
-    dims = _check_args("q", q, "k", k, positions, cos, sin)
+    costs one device sync per call). ``positions_checked=True`` skips that check
+    for a caller that has already validated these positions against these
+    tables (the model does it once per step, not twice per layer)."""
+    dims = _check_args("q", q, "k", k, positions, cos, sin, positions_checked)
     return _launch(q, k, positions, cos, sin, dims, inverse=False)
 
 
 def rope_backward(dq_rot: torch.Tensor, dk_rot: torch.Tensor, positions: torch.Tensor,
-                  cos: torch.Tensor, sin: torch.Tensor):
+                  cos: torch.Tensor, sin: torch.Tensor, *, positions_checked: bool = False):
     """Gradients through rope_forward: (dq, dk) = rotation of (dq_rot, dk_rot) by
-    -theta (the transpose of the forward rotation). Same shapes, checks and
-    host sync as rope_forward."""
-    dims = _check_args("dq_rot", dq_rot, "dk_rot", dk_rot, positions, cos, sin)
+    -theta (the transpose of the forward rotation). Same shapes, checks, host
+    sync and ``positions_checked`` as rope_forward."""
+    dims = _check_args("dq_rot", dq_rot, "dk_rot", dk_rot, positions, cos, sin, positions_checked)
     return _launch(dq_rot, dk_rot, positions, cos, sin, dims, inverse=True)
 
 
