@@ -13,26 +13,17 @@ import csrc_triton
 from tests.helpers import ERROR_LOG
 
 
-def pytest_addoption(parser):
-    parser.addoption("--run-slow", action="store_true", default=False,
-                     help="also run tests marked 'slow' (minutes each on 2 CPU cores)")
-
-
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (bf16 parity, real shapes); "
                                        "skipped when torch sees no CUDA device")
-    config.addinivalue_line("markers", "slow: long CPU test; runs only with --run-slow")
 
 
 def pytest_collection_modifyitems(config, items):
     has_cuda = torch.cuda.is_available() and not csrc_triton.INTERPRETING
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU with compiled Triton kernels")
-    skip_slow = pytest.mark.skip(reason="slow test: pass --run-slow")
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(skip_gpu)
-        if "slow" in item.keywords and not config.getoption("--run-slow"):
-            item.add_marker(skip_slow)
 
 
 @pytest.fixture(autouse=True)
