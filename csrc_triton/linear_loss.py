@@ -76,9 +76,10 @@ _cuda_out_dtype_works = True
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b for a, b of one dtype, as fp32, with fp32 accumulation.
 
-    GPU fp16/bf16: cuBLAS with an fp32 output (torch.mm(..., out_dtype)); a
-    torch without it falls back to a half-precision output, upcast (a warning
-    says so). CPU: upcast first, which is exact for the products of half values.
+    GPU fp16/bf16: cuBLAS with an fp32 output (torch.mm(..., out_dtype)). A
+    torch without that falls back to upcasting the operands: the same fp32
+    result, slower (a warning says so), never logits rounded to half precision.
+    CPU: upcast first, which is exact for the products of half values.
     """
     global _cuda_out_dtype_works
     if a.dtype == torch.float32:
@@ -90,8 +91,7 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             except (RuntimeError, TypeError) as err:
                 _cuda_out_dtype_works = False
                 warnings.warn(f"linear_loss: torch.mm(out_dtype=float32) unavailable ({err}); "
-                              "logits will be rounded to the input dtype before the loss")
-        return (a @ b).float()
+                              "computing the lm-head chunks in fp32 instead (exact, slower)")
     return a.float() @ b.float()
 
 
