@@ -1,8 +1,9 @@
 """Causal grouped-query attention that never crosses a document boundary.
 
 Forward and backward both go through torch's scaled_dot_product_attention
-(DESIGN.md allows this until a Triton attention kernel replaces it); the
-backward recomputes the attention from q, k, v under autograd, so nothing
+(DESIGN.md allows this until a Triton attention kernel replaces it). The
+training forward records nothing; a block's backward recomputes the block, and
+that recompute runs the attention under autograd once, so nothing
 [S x S]-sized is kept between the forward and the backward pass.
 """
 from __future__ import annotations
@@ -37,13 +38,21 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out.transpose(1, 2)
 
 
-def attention_backward(d_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       mask: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of attention_forward for q, k, v, by recomputing it under autograd."""
+def attention_forward_for_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                   mask: Optional[torch.Tensor]):
+    """attention_forward recorded by autograd (used by a block's backward, which
+    recomputes the block anyway): returns (out, graph) where graph feeds
+    attention_backward, so the recompute's attention forward is the only one."""
     with torch.enable_grad():
-        q_, k_, v_ = (t.detach().requires_grad_() for t in (q, k, v))
-        out = attention_forward(q_, k_, v_, mask)
-        dq, dk, dv = torch.autograd.grad(out, (q_, k_, v_), d_out)
+        leaves = tuple(t.detach().requires_grad_() for t in (q, k, v))
+        out = attention_forward(*leaves, mask)
+    return out.detach(), (out, leaves)
+
+
+def attention_backward(d_out: torch.Tensor, graph) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients for q, k, v of the attention recorded by attention_forward_for_backward."""
+    out, leaves = graph
+    dq, dk, dv = torch.autograd.grad(out, leaves, d_out)
     return dq, dk, dv
 
 

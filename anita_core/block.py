@@ -21,7 +21,7 @@ from csrc_triton.rms_norm import rms_norm_backward, rms_norm_forward
 from csrc_triton.rope import rope_backward, rope_forward
 from csrc_triton.swiglu import swiglu_backward, swiglu_forward
 
-from .attention import attention_backward, attention_forward
+from .attention import attention_backward, attention_forward, attention_forward_for_backward
 from .weights import LayerWeights
 
 
@@ -103,7 +103,13 @@ def block_forward(h0: torch.Tensor, layer: LayerWeights, geo: BlockGeometry, n_h
     qr, kr = rope_forward(_heads(q, geo, n_heads), _heads(k, geo, n_kv_heads), geo.position_ids,
                           geo.cos, geo.sin, positions_checked=True)
     vh = _heads(v, geo, n_kv_heads)
-    attn = attend(qr, kr, vh) if attend is not None else attention_forward(qr, kr, vh, geo.attn_mask)
+    attention_graph = None
+    if attend is not None:
+        attn = attend(qr, kr, vh)
+    elif _keep is not None:     # recompute for the backward: record the graph once
+        attn, attention_graph = attention_forward_for_backward(qr, kr, vh, geo.attn_mask)
+    else:
+        attn = attention_forward(qr, kr, vh, geo.attn_mask)
     a = attn.reshape(h0.shape[0], -1)
     h1 = h0 + proj.forward("o_proj", a)
     x2, rstd2 = rms_norm_forward(h1, layer.post_attention_layernorm, eps)
@@ -112,8 +118,8 @@ def block_forward(h0: torch.Tensor, layer: LayerWeights, geo: BlockGeometry, n_h
     m = swiglu_forward(g, u)
     h2 = h1 + proj.forward("down_proj", m)
     if _keep is not None:
-        _keep.update(proj=proj, x1=x1, rstd1=rstd1, qr=qr, kr=kr, vh=vh, a=a, h1=h1, x2=x2,
-                     rstd2=rstd2, g=g, u=u, m=m)
+        _keep.update(proj=proj, x1=x1, rstd1=rstd1, qr=qr, attention_graph=attention_graph, a=a,
+                     h1=h1, x2=x2, rstd2=rstd2, g=g, u=u, m=m)
     return h2
 
 
@@ -136,7 +142,7 @@ def block_backward(dh2: torch.Tensor, h0: torch.Tensor, layer: LayerWeights, geo
 
     # attention:  h1 = h0 + o(attn(rope(q(x1)), rope(k(x1)), v(x1))),  x1 = rmsnorm(h0)
     da = proj.backward("o_proj", dh1, s["a"])
-    dqr, dkr, dvh = attention_backward(da.view_as(s["qr"]), s["qr"], s["kr"], s["vh"], geo.attn_mask)
+    dqr, dkr, dvh = attention_backward(da.view_as(s["qr"]), s["attention_graph"])
     dq, dk = rope_backward(dqr.contiguous(), dkr.contiguous(), geo.position_ids, geo.cos, geo.sin,
                            positions_checked=True)
     T = h0.shape[0]
