@@ -48,9 +48,9 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
 
-    from anita_core.cli import (eval_split_value, load_model_and_adapters, log_to_stderr, per_epoch,
+    from anita_core.cli import (build_data_or_report, eval_split_value, load_model_and_adapters, log_to_stderr, per_epoch,
                                 run_training, tokenizer_dir_for, train_config_from_args)
-    from anita_core.data import BadRowError, DPODataConfig, build_dpo_data, dpo_batches, load_tokenizer
+    from anita_core.data import DPODataConfig, build_dpo_data, dpo_batches, load_tokenizer
     from anita_core.lora import load_peft
     from anita_core.objectives import DPOObjective
     from anita_core.trainer import Trainer
@@ -73,14 +73,8 @@ def main(argv=None) -> int:
                                 exclude_sources=tuple(args.exclude_sources), max_samples=args.max_samples,
                                 eval_split=eval_split_value(args.eval_split), seed=args.seed,
                                 skip_bad_rows=args.skip_bad_rows)
-    try:
-        data = build_dpo_data(data_config, tokenizer)
-    except (BadRowError, ValueError, FileNotFoundError) as e:
-        log(f"error: {e}")
-        return 2
-    log(data.stats.summary())
-    if not data.train:
-        log("error: no preference pairs left after filtering")
+    data = build_data_or_report(build_dpo_data, data_config, tokenizer, log, "preference pairs")
+    if data is None:
         return 2
 
     epoch_batches = per_epoch(lambda epoch: dpo_batches(

@@ -46,9 +46,9 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
 
-    from anita_core.cli import (eval_split_value, load_model_and_adapters, log_to_stderr, per_epoch,
+    from anita_core.cli import (build_data_or_report, eval_split_value, load_model_and_adapters, log_to_stderr, per_epoch,
                                 run_training, tokenizer_dir_for, train_config_from_args)
-    from anita_core.data import BadRowError, SFTDataConfig, build_sft_data, load_tokenizer, sft_batches
+    from anita_core.data import SFTDataConfig, build_sft_data, load_tokenizer, sft_batches
     from anita_core.objectives import SFTObjective
     from anita_core.trainer import Trainer
     log = log_to_stderr
@@ -61,14 +61,8 @@ def main(argv=None) -> int:
                                 train_on_all_tokens=args.train_on_all_tokens, max_samples=args.max_samples,
                                 eval_split=eval_split_value(args.eval_split), seed=args.seed,
                                 skip_bad_rows=args.skip_bad_rows)
-    try:
-        data = build_sft_data(data_config, tokenizer)
-    except (BadRowError, ValueError, FileNotFoundError) as e:
-        log(f"error: {e}")
-        return 2
-    log(data.stats.summary())
-    if not data.train:
-        log("error: no training examples left after filtering")
+    data = build_data_or_report(build_sft_data, data_config, tokenizer, log, "training examples")
+    if data is None:
         return 2
 
     def batches_for(documents, seed):

@@ -219,6 +219,22 @@ def run_training(trainer, args, model_dir, model, adapters, output_dir: str, log
     return 0
 
 
+def build_data_or_report(build, config, tokenizer, log, what: str):
+    """Run a data builder; on a bad file or row, log it (the message names the
+    file and row) and return None. Also None when nothing is left to train on."""
+    from .data import BadRowError
+    try:
+        data = build(config, tokenizer)
+    except (BadRowError, ValueError, FileNotFoundError) as e:
+        log(f"error: {e}")
+        return None
+    log(data.stats.summary())
+    if not data.train:
+        log(f"error: no {what} left after filtering")
+        return None
+    return data
+
+
 def per_epoch(make_batches):
     """epoch -> that epoch's batch list, built once (the trainer asks for the same
     epoch many times) and only the current epoch kept in memory."""

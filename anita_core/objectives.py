@@ -15,8 +15,7 @@ from typing import Dict, Optional, Sequence
 import torch
 
 from .losses import PreferenceLogps, dpo_loss, dpo_metrics
-
-IGNORE_INDEX = -100
+from .model import IGNORE_INDEX
 
 
 def _to(batch: dict, device) -> dict:

@@ -12,14 +12,19 @@ import torch
 from csrc_triton.nf4 import NF4Weight, nf4_code
 
 
+def _padded_groups(values: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """``values`` flattened, zero-padded to whole groups, viewed as [n_groups, group]."""
+    flat = values.detach().to("cpu").reshape(-1).to(dtype)
+    n_groups = -(-flat.numel() // group)
+    padded = torch.zeros(n_groups * group, dtype=dtype)
+    padded[:flat.numel()] = flat
+    return padded.view(n_groups, group)
+
+
 def reference_nf4_quantize(w: torch.Tensor, blocksize: int = 64) -> NF4Weight:
     """Single-level NF4 (fp32 absmax), nearest code value per element."""
-    flat = w.detach().reshape(-1).to(torch.float64)
-    n = flat.numel()
-    n_blocks = -(-n // blocksize)
-    padded = torch.zeros(n_blocks * blocksize, dtype=torch.float64)
-    padded[:n] = flat
-    blocks = padded.view(n_blocks, blocksize)
+    n = w.numel()
+    blocks = _padded_groups(w, blocksize, torch.float64)
     absmax = blocks.abs().amax(dim=1).to(torch.float32)
     scale = absmax.to(torch.float64).clamp_min(torch.finfo(torch.float32).tiny)
     normalized = (blocks / scale[:, None]).reshape(-1)[:n]
@@ -61,12 +66,9 @@ def reference_bnb_dynamic_quantize(values: torch.Tensor, dynamic_map: torch.Tens
     on the CPU): per group of ``group`` values m = max |v|, x = clamp(v * (1/m), -1, 1),
     t = trunc(((x + 1) * 0.5) * 65535 + 0.5), index = number of map midpoints below
     -1 + 2t/65535 (0 for a group with m = 0). Returns (uint8 indices, fp32 m)."""
-    v = values.detach().to("cpu", torch.float32).reshape(-1)
-    n = v.numel()
-    n_groups = -(-n // group)
-    padded = torch.zeros(n_groups * group, dtype=torch.float32)
-    padded[:n] = v
-    groups = padded.view(n_groups, group)
+    n = values.numel()
+    groups = _padded_groups(values, group, torch.float32)
+    n_groups = groups.shape[0]
     group_max = groups.abs().amax(dim=1)
     divisor = torch.where(group_max == 0, torch.ones_like(group_max), group_max)
     x = (groups * (1.0 / divisor)[:, None]).clamp(-1.0, 1.0)
@@ -91,12 +93,9 @@ def reference_bnb_nf4_quantize(w: torch.Tensor, blocksize: int = 64,
     bitsandbytes and nf4_quantize do) and runs reference_bnb_dynamic_quantize."""
     from csrc_triton.nf4 import signed_dynamic_map
 
-    flat = w.detach().to("cpu").reshape(-1).to(torch.float32)
-    n = flat.numel()
-    n_blocks = -(-n // blocksize)
-    padded = torch.zeros(n_blocks * blocksize, dtype=torch.float32)
-    padded[:n] = flat
-    blocks = padded.view(n_blocks, blocksize)
+    n = w.numel()
+    blocks = _padded_groups(w, blocksize, torch.float32)
+    n_blocks = blocks.shape[0]
     absmax = blocks.abs().amax(dim=1)
     safe = absmax.clamp(min=1e-38)
     scaled = blocks * (1.0 / safe)[:, None]
