@@ -22,9 +22,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 def build_parser(argv):
     from anita_core.assets import sample_path
-    from anita_core.cli import add_common_arguments, resolve_preset
-    from anita_core.losses import DPO_LOSS_TYPES
-    from anita_core.presets import DPO_PRESETS, PRESETS
+    from anita_core.train.cli import add_common_arguments, resolve_preset
+    from anita_core.train.losses import DPO_LOSS_TYPES
+    from anita_core.train.presets import DPO_PRESETS, PRESETS
     preset = resolve_preset(argv, demo="dpo-demo", real="dpo")
     d = PRESETS[preset]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
@@ -48,12 +48,12 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
 
-    from anita_core.cli import (build_data_or_report, eval_split_value, load_model_and_adapters, log_to_stderr, per_epoch,
+    from anita_core.train.cli import (build_data_or_report, eval_split_value, load_model_and_adapters, log_to_stderr, per_epoch,
                                 run_training, tokenizer_dir_for, train_config_from_args)
     from anita_core.data import DPODataConfig, build_dpo_data, dpo_batches, load_tokenizer
     from anita_core.lora import load_peft
-    from anita_core.objectives import DPOObjective
-    from anita_core.trainer import Trainer
+    from anita_core.train.objectives import DPOObjective
+    from anita_core.train.trainer import Trainer
     log = log_to_stderr
     output_dir = args.output_dir or f"runs/dpo-{args.preset}"
 

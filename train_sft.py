@@ -22,8 +22,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 def build_parser(argv):
     from anita_core.assets import sample_path
-    from anita_core.cli import add_common_arguments, resolve_preset
-    from anita_core.presets import PRESETS, SFT_PRESETS
+    from anita_core.train.cli import add_common_arguments, resolve_preset
+    from anita_core.train.presets import PRESETS, SFT_PRESETS
     preset = resolve_preset(argv, demo="demo", real="sft")
     d = PRESETS[preset]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
@@ -46,11 +46,11 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
 
-    from anita_core.cli import (build_data_or_report, eval_split_value, load_model_and_adapters, log_to_stderr, per_epoch,
+    from anita_core.train.cli import (build_data_or_report, eval_split_value, load_model_and_adapters, log_to_stderr, per_epoch,
                                 run_training, tokenizer_dir_for, train_config_from_args)
     from anita_core.data import SFTDataConfig, build_sft_data, load_tokenizer, sft_batches
-    from anita_core.objectives import SFTObjective
-    from anita_core.trainer import Trainer
+    from anita_core.train.objectives import SFTObjective
+    from anita_core.train.trainer import Trainer
     log = log_to_stderr
     output_dir = args.output_dir or f"runs/sft-{args.preset}"
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from anita_core.config import ModelConfig, projection_shapes
+from anita_core.model.config import ModelConfig, projection_shapes
 
 # Dense (no sparsity) bf16 tensor-core peak, TFLOP/s, from NVIDIA's datasheets,
 # keyed by a substring of torch.cuda.get_device_name().

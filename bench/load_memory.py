@@ -39,8 +39,8 @@ def build_checkpoint(out: Path, *, vocab: int, hidden: int, intermediate: int, l
     import torch
     from safetensors.torch import save_file
 
-    from anita_core.config import ModelConfig, projection_shapes
-    from anita_core.weights import PROJECTIONS, projection_module_path
+    from anita_core.model.config import ModelConfig, projection_shapes
+    from anita_core.model.weights import PROJECTIONS, projection_module_path
 
     config = ModelConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
                          num_hidden_layers=layers, num_attention_heads=heads,
@@ -134,7 +134,7 @@ def measure(checkpoint: str, mode: str, blocksize: int, double_quant: bool) -> d
     """Runs inside the fresh subprocess."""
     import torch
 
-    from anita_core.checkpoint import load_base_weights
+    from anita_core.hf.load import load_base_weights
     from csrc_triton import nf4_quantize
 
     nf4_quantize(torch.randn(256, 64), blocksize=blocksize, double_quant=double_quant)  # warm-up
@@ -183,7 +183,7 @@ def run_subprocess(checkpoint: Path, mode: str, blocksize: int, double_quant: bo
 
 
 def checkpoint_bytes(checkpoint: Path) -> tuple:
-    from anita_core.checkpoint_files import catalog_checkpoint
+    from anita_core.hf.files import catalog_checkpoint
     catalog = catalog_checkpoint(checkpoint)
     files = catalog.files()
     largest_shard = max(f.stat().st_size for f in files)

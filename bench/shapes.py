@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
-from anita_core.config import ModelConfig, projection_shapes
+from anita_core.model.config import ModelConfig, projection_shapes
 
 LLAMA3_ROPE_THETA = 500000.0
 # LLaMA-3.1's RoPE scaling: positions up to 131072 are in-distribution, so the

@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as a file: make `import bench` work like py
 import torch  # noqa: E402
 
 from anita_core.lora import LoRAConfig  # noqa: E402
-from anita_core.weights import PROJECTIONS  # noqa: E402
+from anita_core.model.weights import PROJECTIONS  # noqa: E402
 from bench import common, flops, plot  # noqa: E402
 from bench.cases import Unavailable  # noqa: E402
 from bench.fit import largest_that_fits  # noqa: E402

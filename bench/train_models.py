@@ -25,10 +25,11 @@ from typing import Callable, List
 
 import torch
 
-from anita_core.config import ModelConfig, projection_shapes
+from anita_core.model.config import ModelConfig, projection_shapes
 from anita_core.lora import LoRAAdapters, LoRAConfig
 from anita_core.model import QLoRALlama
-from anita_core.weights import ATTENTION_PROJECTIONS, PROJECTIONS, BaseWeights, LayerWeights
+from anita_core.hf import load_model
+from anita_core.model.weights import ATTENTION_PROJECTIONS, PROJECTIONS, BaseWeights, LayerWeights
 from bench.cases import Unavailable
 from csrc_triton import NF4Weight
 from csrc_triton.nf4 import launch_nested_quantize
@@ -102,7 +103,7 @@ def _adamw(params: List[torch.Tensor], device) -> torch.optim.Optimizer:
 def build_anita(config: ModelConfig, lora: LoRAConfig, *, dtype, device, checkpoint=None,
                 blocksize: int = 64, double_quant: bool = True, seed: int = 0) -> Trainable:
     if checkpoint is not None:
-        model = QLoRALlama.from_pretrained(checkpoint, compute_dtype=dtype, device=device,
+        model = load_model(checkpoint, compute_dtype=dtype, device=device,
                                            blocksize=blocksize, double_quant=double_quant)
         config = model.config
     else:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from anita_core.weights import PROJECTIONS
+from anita_core.model.weights import PROJECTIONS
 from bench import common, fit, flops, kernels, nf4_matmul, train
 from bench.common import GPU_LABEL, SMOKE_LABEL
 from bench.shapes import LLAMA3_8B

@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from anita_core.checkpoint import load_base_weights
-from anita_core.config import ModelConfig, projection_shapes
-from anita_core.weights import PROJECTIONS, projection_module_path
+from anita_core.hf.load import load_base_weights
+from anita_core.model.config import ModelConfig, projection_shapes
+from anita_core.model.weights import PROJECTIONS, projection_module_path
 from csrc_triton import NF4Weight, nf4_dequantize, nf4_quantize
 from tests.helpers import assert_close, bitsandbytes_functional
 from tests.model_factory import make_tiny_llama_dir, tiny_llama_state_dict
@@ -429,7 +429,7 @@ def test_page_release_keeps_values_and_never_touches_the_heap(tmp_path):
     the file), and a tensor outside the file's mapping is left alone."""
     from safetensors import safe_open
 
-    from anita_core.checkpoint_pages import MappedPageReleaser
+    from anita_core.hf.pages import MappedPageReleaser
 
     values = {"a": torch.randn(3000, 7), "b": torch.randn(5)}
     path = tmp_path / "x.safetensors"

@@ -100,7 +100,7 @@ def test_sigint_writes_a_checkpoint_and_exits_130(tmp_path):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted: checkpoint of step" in err
-    from anita_core.checkpointing import latest_checkpoint, load_checkpoint_state
+    from anita_core.train.run_checkpoint import latest_checkpoint, load_checkpoint_state
     checkpoint = latest_checkpoint(out)
     assert checkpoint is not None
     steps_done = load_checkpoint_state(checkpoint)["step"]

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from anita_core.config import ModelConfig, projection_shapes
-from anita_core.weights import PROJECTIONS, projection_module_path
+from anita_core.model.config import ModelConfig, projection_shapes
+from anita_core.model.weights import PROJECTIONS, projection_module_path
 from tests.model_factory import TINY_LLAMA3_ROPE_SCALING, tiny_llama_config
 
 import transformers  # noqa: E402

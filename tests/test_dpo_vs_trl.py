@@ -28,7 +28,8 @@ from anita_core.data import collate_pairs, load_tokenizer, tokenize_pairs
 from anita_core.data.rows import check_dpo_row
 from anita_core.lora import LoRAAdapters, LoRAConfig
 from anita_core.model import QLoRALlama
-from anita_core.objectives import DPOObjective
+from anita_core.hf import load_model
+from anita_core.train.objectives import DPOObjective
 from tests.helpers import assert_close, bitsandbytes_functional
 from tests.model_factory import make_tiny_llama_dir
 
@@ -75,7 +76,7 @@ def tokenizer():
 
 
 def _anita_model(ckpt, seed: int) -> QLoRALlama:
-    model = QLoRALlama.from_pretrained(ckpt, progress=False)
+    model = load_model(ckpt, progress=False)
     config = LoRAConfig(r=4, alpha=8, dropout=0.0, seed=seed)    # all 7 projections
     model.adapters = LoRAAdapters.init(config, model.config)
     with torch.no_grad():

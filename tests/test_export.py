@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from anita_core.checkpoint import load_base_weights
-from anita_core.export import export_merged
-from anita_core.weights import PROJECTIONS, projection_module_path
+from anita_core.hf.load import load_base_weights
+from anita_core.hf.export import export_merged
+from anita_core.model.weights import PROJECTIONS, projection_module_path
 from csrc_triton import nf4_dequantize
 from tests.helpers import assert_close
 from tests.model_factory import make_tiny_llama_dir, tiny_llama_state_dict
@@ -217,7 +217,7 @@ def test_refusals(tmp_path, loaded):
         export_merged(config, base, None, out, tokenizer_dir=tmp_path / "empty")
     untied = json.loads(json.dumps(config.to_hf_dict()))
     untied["tie_word_embeddings"] = True
-    from anita_core.config import ModelConfig
+    from anita_core.model.config import ModelConfig
     with pytest.raises(ValueError, match="tie_word_embeddings"):
         export_merged(ModelConfig.from_dict(untied, "x"), base, None, out)
     with pytest.raises(ValueError, match="layers"):

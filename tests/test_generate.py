@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import torch
 
-from anita_core.generate import generate
+from anita_core.model.generate import generate
 from anita_core.lora import LoRAAdapters, LoRAConfig
-from anita_core.model import QLoRALlama
+from anita_core.hf import load_model
 from tests.model_factory import make_tiny_llama_dir
 
 
 def tiny_model(tmp_path):
-    model = QLoRALlama.from_pretrained(make_tiny_llama_dir(tmp_path), progress=False)
+    model = load_model(make_tiny_llama_dir(tmp_path), progress=False)
     model.adapters = LoRAAdapters.init(LoRAConfig(r=4, alpha=8, seed=5), model.config)
     with torch.no_grad():
         for p in model.adapters.parameters():

@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from anita_core import lora_peft
-from anita_core.config import ModelConfig, projection_shapes
+from anita_core.lora import peft as lora_peft
+from anita_core.model.config import ModelConfig, projection_shapes
 from anita_core.lora import LoRAAdapters, LoRAConfig, load_peft, peft_key, save_peft
-from anita_core.weights import PROJECTIONS, projection_module_path
+from anita_core.model.weights import PROJECTIONS, projection_module_path
 from tests.helpers import assert_close
 
 # Small shapes that differ from one another (q/o use 4 heads x 8 = 32 !=

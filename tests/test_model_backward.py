@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from csrc_triton import fused_linear_cross_entropy, lora_linear, nf4_matmul, rms_norm, rope, swiglu
 from anita_core.lora import LoRAAdapters, LoRAConfig
-from anita_core.model import QLoRALlama
+from anita_core.hf import load_model
 from tests.helpers import assert_close
 from tests.model_factory import make_tiny_llama_dir
 
@@ -52,7 +52,7 @@ def autograd_loss_sum(model, ids, targets, generator):
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_hand_written_backward_equals_autograd(tmp_path, dropout):
     ckpt = make_tiny_llama_dir(tmp_path)
-    model = QLoRALlama.from_pretrained(ckpt, progress=False, dropout_seed=99)
+    model = load_model(ckpt, progress=False, dropout_seed=99)
     model.adapters = LoRAAdapters.init(
         LoRAConfig(r=4, alpha=8, dropout=dropout, seed=2,
                    target_modules=("q_proj", "v_proj", "o_proj", "gate_proj", "down_proj")),

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from anita_core.lora import LoRAAdapters, LoRAConfig
-from anita_core.model import QLoRALlama
-from anita_core.weights import PROJECTIONS, projection_module_path
+from anita_core.hf import load_model
+from anita_core.model.weights import PROJECTIONS, projection_module_path
 from tests.helpers import assert_close
 from tests.model_factory import load_hf_4bit, make_tiny_llama_dir
 
@@ -56,7 +56,7 @@ def build_pair(tmp_path, *, tie=False, rslora=False, targets=PROJECTIONS, rank=4
     ckpt = make_tiny_llama_dir(tmp_path, tie_word_embeddings=tie, seed=seed, **REFERENCE_SHAPES)
     lora_config = LoRAConfig(r=rank, alpha=8, dropout=0.0, target_modules=tuple(targets),
                              use_rslora=rslora, seed=seed)
-    model = QLoRALlama.from_pretrained(ckpt, progress=False)
+    model = load_model(ckpt, progress=False)
     model.adapters = LoRAAdapters.init(lora_config, model.config)
     hf = load_hf_qlora(ckpt, lora_config)
     with torch.no_grad():
@@ -134,7 +134,7 @@ def test_gradient_accumulation_is_exact(tmp_path):
     """k micro-batches of uneven token counts, each scaled by 1/total, give the
     gradient of one batch holding them all."""
     ckpt = make_tiny_llama_dir(tmp_path)
-    model = QLoRALlama.from_pretrained(ckpt, progress=False)
+    model = load_model(ckpt, progress=False)
     model.adapters = LoRAAdapters.init(LoRAConfig(r=3, alpha=6, dropout=0.0, seed=1), model.config)
     with torch.no_grad():
         for p in model.adapters.parameters():
@@ -177,7 +177,7 @@ def test_adapters_round_trip_through_peft_and_merged_export(tmp_path):
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
-    from anita_core.export import export_merged
+    from anita_core.hf.export import export_merged
     from anita_core.lora import load_peft, save_peft
 
     model, hf = build_pair(tmp_path, targets=("q_proj", "k_proj", "o_proj", "up_proj", "down_proj"))

@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from anita_core.assets import sample_path
-from anita_core.checkpointing import latest_checkpoint, load_checkpoint_state
-from anita_core.cli import BUNDLED_MODEL
+from anita_core.train.run_checkpoint import latest_checkpoint, load_checkpoint_state
+from anita_core.train.cli import BUNDLED_MODEL
 from anita_core.data import SFTDataConfig, build_sft_data, load_tokenizer, sft_batches
 from anita_core.lora import LoRAAdapters, LoRAConfig, load_peft
-from anita_core.model import QLoRALlama
-from anita_core.objectives import SFTObjective
-from anita_core.trainer import TrainConfig, Trainer, TrainingDiverged
+from anita_core.hf import load_model
+from anita_core.train.objectives import SFTObjective
+from anita_core.train.trainer import TrainConfig, Trainer, TrainingDiverged
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,7 +29,7 @@ def make_trainer(output_dir, *, max_steps=4, save_steps=1, dropout=0.1, objectiv
     tokenizer = load_tokenizer(BUNDLED_MODEL)
     data = build_sft_data(SFTDataConfig(sample_path("instruction"), max_seq_length=48,
                                         max_samples=24, seed=0), tokenizer)
-    model = QLoRALlama.from_pretrained(BUNDLED_MODEL, progress=False, dropout_seed=7)
+    model = load_model(BUNDLED_MODEL, progress=False, dropout_seed=7)
     model.adapters = LoRAAdapters.init(LoRAConfig(r=4, alpha=8, dropout=dropout, seed=3), model.config)
     cache = {}
 
@@ -118,7 +118,7 @@ KILLED_WHILE_SAVING = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     import torch
     from test_trainer import make_trainer
-    import anita_core.checkpointing as ck
+    import anita_core.train.run_checkpoint as ck
     real_save = torch.save
     def dying_save(obj, f, *a, **k):
         if obj["step"] == 3:
@@ -140,7 +140,7 @@ def test_process_killed_while_writing_a_checkpoint_leaves_the_previous_one_loada
     assert checkpoint is not None and checkpoint.name == "step-00000002"
     state = load_checkpoint_state(checkpoint)
     assert state["step"] == 2
-    model = QLoRALlama.from_pretrained(BUNDLED_MODEL, progress=False)
+    model = load_model(BUNDLED_MODEL, progress=False)
     load_peft(checkpoint / "adapter", model.config)
     resumed = make_trainer(tmp_path, max_steps=4, dropout=0.0)
     resumed.train(resume_from=checkpoint)

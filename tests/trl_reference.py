@@ -23,7 +23,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from anita_core.weights import projection_module_path
+from anita_core.model.weights import projection_module_path
 from tests.model_factory import load_hf_4bit
 
 

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from anita_core.assets import ASSETS_DIR, TOKENIZER_DIR
-from anita_core.config import ModelConfig
+from anita_core.model.config import ModelConfig
 from anita_core.data import load_tokenizer
 
 BASE_MODEL_DIR = os.path.join(ASSETS_DIR, "tiny-llama3")

@@ -12,11 +12,11 @@ from typing import List, Optional
 
 import torch
 
-from .assets import TOKENIZER_DIR
-from .presets import PRESETS
-from .weights import PROJECTIONS
+from anita_core.assets import ASSETS_DIR, TOKENIZER_DIR
+from anita_core.train.presets import PRESETS
+from anita_core.model.weights import PROJECTIONS
 
-BUNDLED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny-llama3")
+BUNDLED_MODEL = os.path.join(ASSETS_DIR, "tiny-llama3")
 
 
 def resolve_preset(argv: List[str], demo: str, real: str) -> str:
@@ -126,7 +126,7 @@ def tokenizer_dir_for(model_dir: str) -> str:
 
 
 def lora_config_from_args(args):
-    from .lora import LoRAConfig
+    from anita_core.lora import LoRAConfig
     targets = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
     return LoRAConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                       target_modules=targets, use_rslora=args.rslora, seed=args.seed)
@@ -134,8 +134,8 @@ def lora_config_from_args(args):
 
 def load_model_and_adapters(args, log):
     """The NF4 base model with trainable adapters (fresh, or from --init-adapter)."""
-    from .lora import LoRAAdapters, load_peft
-    from .model import QLoRALlama
+    from anita_core.lora import LoRAAdapters, load_peft
+    from anita_core.hf import load_model
     if args.merge_export and os.path.exists(args.merge_export):
         raise SystemExit(f"--merge-export {args.merge_export}: already exists; choose a new directory "
                          "(checked before training so the run's result is not lost)")
@@ -143,7 +143,7 @@ def load_model_and_adapters(args, log):
     model_dir = resolve_model_dir(args.model)
     started = time.perf_counter()
     try:
-        model = QLoRALlama.from_pretrained(model_dir, compute_dtype=compute_dtype(args.dtype), device=device,
+        model = load_model(model_dir, compute_dtype=compute_dtype(args.dtype), device=device,
                                            progress=not args.no_progress,
                                            offload_block_inputs=args.offload_activations,
                                            dropout_seed=args.seed)
@@ -167,7 +167,7 @@ def load_model_and_adapters(args, log):
 
 
 def train_config_from_args(args, output_dir: str):
-    from .trainer import TrainConfig
+    from anita_core.train.trainer import TrainConfig
     return TrainConfig(
         output_dir=output_dir, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
         optimizer=args.optimizer, lr_scheduler=args.lr_scheduler, warmup_steps=args.warmup_steps,
@@ -181,11 +181,11 @@ def train_config_from_args(args, output_dir: str):
 def run_training(trainer, args, model_dir, model, adapters, output_dir: str, log) -> int:
     """Train, save the final adapter (and the merged export), print a summary.
     Returns the process exit code."""
-    from .lora import save_peft
-    from .trainer import TrainingDiverged
+    from anita_core.lora import save_peft
+    from anita_core.train.trainer import TrainingDiverged
     resume_from = None
     if args.resume:
-        from .checkpointing import latest_checkpoint
+        from anita_core.train.run_checkpoint import latest_checkpoint
         resume_from = latest_checkpoint(Path(output_dir)) if args.resume == "latest" else Path(args.resume)
         if resume_from is None:
             raise SystemExit(f"--resume: no checkpoint under {output_dir}/checkpoints")
@@ -201,7 +201,7 @@ def run_training(trainer, args, model_dir, model, adapters, output_dir: str, log
     adapter_dir = save_peft(adapters, Path(output_dir) / "adapter", base_model_name_or_path=args.model)
     log(f"adapter (PEFT format): {adapter_dir}")
     if args.merge_export:
-        from .export import export_merged
+        from anita_core.hf.export import export_merged
         deltas = {key: adapters.delta(*key) for key in adapters.adapted()}
         export_merged(model.config, model.base, deltas, args.merge_export,
                       tokenizer_dir=tokenizer_dir_for(model_dir))
@@ -222,7 +222,7 @@ def run_training(trainer, args, model_dir, model, adapters, output_dir: str, log
 def build_data_or_report(build, config, tokenizer, log, what: str):
     """Run a data builder; on a bad file or row, log it (the message names the
     file and row) and return None. Also None when nothing is left to train on."""
-    from .data import BadRowError
+    from anita_core.data import BadRowError
     try:
         data = build(config, tokenizer)
     except (BadRowError, ValueError, FileNotFoundError) as e:

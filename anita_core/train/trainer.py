@@ -17,9 +17,9 @@ from typing import Callable, Dict, List, Optional, Protocol, Sequence
 
 import torch
 
-from .checkpointing import (ADAPTER_DIR, latest_checkpoint, load_checkpoint_state, rng_restore,
+from anita_core.train.run_checkpoint import (ADAPTER_DIR, latest_checkpoint, load_checkpoint_state, rng_restore,
                             rng_snapshot, save_checkpoint)
-from .optim import build_optimizer, lr_multiplier, warmup_steps_for
+from anita_core.train.optim import build_optimizer, lr_multiplier, warmup_steps_for
 
 
 class Objective(Protocol):
@@ -105,7 +105,7 @@ class Trainer:
     def resume(self, checkpoint: Optional[Path] = None) -> Optional[Path]:
         """Restore adapters, optimizer, RNG and data position from ``checkpoint``
         (default: the run's newest complete one). Returns the checkpoint used."""
-        from .lora import load_peft
+        from anita_core.lora import load_peft
         checkpoint = checkpoint or latest_checkpoint(self.output_dir)
         if checkpoint is None:
             return None

@@ -21,8 +21,8 @@ from csrc_triton.rms_norm import rms_norm_backward, rms_norm_forward
 from csrc_triton.rope import rope_backward, rope_forward
 from csrc_triton.swiglu import swiglu_backward, swiglu_forward
 
-from .attention import attention_backward, attention_forward, attention_forward_for_backward
-from .weights import LayerWeights
+from anita_core.model.attention import attention_backward, attention_forward, attention_forward_for_backward
+from anita_core.model.weights import LayerWeights
 
 
 @dataclass

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Dict
 
-from .weights import PROJECTIONS
+from anita_core.model.weights import PROJECTIONS
 
 _ALL = ",".join(PROJECTIONS)
 

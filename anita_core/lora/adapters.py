@@ -14,9 +14,9 @@ from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
-from anita_core.config import ModelConfig, projection_shapes
-from anita_core.lora_config import LoRAConfig
-from anita_core.weights import PROJECTIONS, projection_module_path
+from anita_core.model.config import ModelConfig, projection_shapes
+from anita_core.lora.config import LoRAConfig
+from anita_core.model.weights import PROJECTIONS, projection_module_path
 
 # PEFT names a LoRA tensor "<prefix><module path>.lora_A.weight", where the
 # prefix comes from PeftModel wrapping LoraModel wrapping LlamaForCausalLM.

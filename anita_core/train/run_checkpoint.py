@@ -22,7 +22,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .lora import save_peft
+from anita_core.lora import save_peft
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.pt"

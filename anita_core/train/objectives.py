@@ -14,8 +14,8 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-from .losses import PreferenceLogps, dpo_loss, dpo_metrics
-from .model import IGNORE_INDEX
+from anita_core.train.losses import PreferenceLogps, dpo_loss, dpo_metrics
+from anita_core.model import IGNORE_INDEX
 
 
 def _to(batch: dict, device) -> dict:

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
-from anita_core.weights import PROJECTIONS
+from anita_core.model.weights import PROJECTIONS
 
 
 @dataclass
@@ -20,7 +20,7 @@ class LoRAConfig:
     r: int = 16
     alpha: float = 16.0
     dropout: float = 0.0
-    # Any subset of anita_core.weights.PROJECTIONS; kept in PROJECTIONS order.
+    # Any subset of anita_core.model.weights.PROJECTIONS; kept in PROJECTIONS order.
     target_modules: Sequence[str] = PROJECTIONS
     use_rslora: bool = False
     # Seeds the generator that draws A at initialization (and nothing else).

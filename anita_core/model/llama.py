@@ -18,10 +18,10 @@ from csrc_triton.linear_loss import (linear_cross_entropy_forward,
 from csrc_triton.rms_norm import rms_norm_backward, rms_norm_forward
 from csrc_triton.rope import rope_cos_sin
 
-from .attention import document_mask
-from .block import BlockGeometry, BlockLoRA, block_backward, block_forward
-from .config import ModelConfig
-from .weights import BaseWeights
+from anita_core.model.attention import document_mask
+from anita_core.model.block import BlockGeometry, BlockLoRA, block_backward, block_forward
+from anita_core.model.config import ModelConfig
+from anita_core.model.weights import BaseWeights
 
 IGNORE_INDEX = -100
 
@@ -229,14 +229,3 @@ class QLoRALlama:
         hidden, _ = self.forward_hidden(input_ids, position_ids, segment_ids, for_backward=False)
         logits = hidden.float() @ self.base.output_embedding.float().t()
         return logits.view(*input_ids.shape, -1)
-
-    @classmethod
-    def from_pretrained(cls, path, *, adapters=None, compute_dtype=torch.float32, device="cpu",
-                        blocksize: int = 64, double_quant: bool = True, progress: bool = True,
-                        **kwargs) -> "QLoRALlama":
-        """Load a local HF LLaMA checkpoint (quantizing projections to NF4 on load)."""
-        from .checkpoint import load_base_weights
-        config, base = load_base_weights(path, compute_dtype=compute_dtype, device=device,
-                                         blocksize=blocksize, double_quant=double_quant,
-                                         progress=progress)
-        return cls(config, base, adapters, **kwargs)

@@ -31,10 +31,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from anita_core.config import ModelConfig, projection_shapes
-from anita_core.lora_adapters import LoRAAdapters, adapted_layers, peft_key
-from anita_core.lora_config import LoRAConfig
-from anita_core.weights import PROJECTIONS, projection_module_path
+from anita_core.model.config import ModelConfig, projection_shapes
+from anita_core.lora.adapters import LoRAAdapters, adapted_layers, peft_key
+from anita_core.lora.config import LoRAConfig
+from anita_core.model.weights import PROJECTIONS, projection_module_path
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

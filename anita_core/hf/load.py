@@ -7,14 +7,14 @@ embeddings, norms and lm_head stay dense in ``compute_dtype``.
 
 Memory: the checkpoint is read one tensor at a time, each projection is
 quantized the moment it arrives, and the file pages of every consumed tensor
-are handed back (checkpoint_pages.py), so the host never holds the
+are handed back (pages.py), so the host never holds the
 full-precision model, nor even a whole shard: the peak is the result (NF4
 projections + dense embeddings, norms, lm_head) plus about one tensor in
 flight. bench/load_memory.py measures it.
 
 Pre-quantized bitsandbytes 4-bit checkpoints (config.json has a
 ``quantization_config`` with ``load_in_4bit`` and ``bnb_4bit_quant_type:
-nf4``) are read as stored, without re-quantizing; see checkpoint_bnb.py.
+nf4``) are read as stored, without re-quantizing; see bnb.py.
 
 Structural problems are found from config.json and the file headers before
 any tensor data is read: a missing directory or shard (FileNotFoundError), a
@@ -36,14 +36,15 @@ from safetensors import safe_open
 
 from csrc_triton import NF4Weight, nf4_quantize
 from csrc_triton.nf4 import SUPPORTED_BLOCKSIZES
-from anita_core.checkpoint_bnb import (OTHER_4BIT_SUFFIXES, QUANT_STATE_SUFFIX,
+from anita_core.hf.bnb import (OTHER_4BIT_SUFFIXES, QUANT_STATE_SUFFIX,
                                        expected_aux_suffixes, is_skipped_module,
                                        nf4_from_bnb_tensors, packed_nbytes,
                                        read_quantization_config)
-from anita_core.checkpoint_pages import MappedPageReleaser, return_freed_heap_to_os
-from anita_core.checkpoint_files import FLOAT_TAGS, TensorCatalog, catalog_checkpoint
-from anita_core.config import CONFIG_FILENAME, ModelConfig, projection_shapes
-from anita_core.weights import (PROJECTIONS, BaseWeights, LayerWeights,
+from anita_core.hf.pages import MappedPageReleaser, return_freed_heap_to_os
+from anita_core.hf.files import FLOAT_TAGS, TensorCatalog, catalog_checkpoint
+from anita_core.model.llama import QLoRALlama
+from anita_core.model.config import CONFIG_FILENAME, ModelConfig, projection_shapes
+from anita_core.model.weights import (PROJECTIONS, BaseWeights, LayerWeights,
                                 projection_module_path)
 
 COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -310,3 +311,15 @@ def _progress_bar(total: int, label: str, enabled: bool):
         return _NoProgress()
     from tqdm.auto import tqdm
     return tqdm(total=total, desc=f"loading {label}", unit="tensor")
+
+
+def load_model(path: Union[str, Path], *, adapters=None, compute_dtype: torch.dtype = torch.float32,
+               device="cpu", blocksize: int = 64, double_quant: bool = True, progress: bool = True,
+               **model_kwargs) -> QLoRALlama:
+    """A QLoRALlama on a local HF LLaMA checkpoint (projections quantized to NF4 on load).
+
+    ``model_kwargs`` go to QLoRALlama (offload_block_inputs, dropout_seed, ...)."""
+    config, base = load_base_weights(path, compute_dtype=compute_dtype, device=device,
+                                     blocksize=blocksize, double_quant=double_quant,
+                                     progress=progress)
+    return QLoRALlama(config, base, adapters, **model_kwargs)

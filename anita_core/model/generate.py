@@ -12,8 +12,8 @@ import torch
 
 from csrc_triton.rms_norm import rms_norm_forward
 
-from .attention import cached_attention
-from .block import BlockGeometry, block_forward
+from anita_core.model.attention import cached_attention
+from anita_core.model.block import BlockGeometry, block_forward
 
 
 class KVCache:

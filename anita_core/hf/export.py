@@ -26,9 +26,9 @@ import torch
 from safetensors.torch import save_file
 
 from csrc_triton import nf4_dequantize
-from anita_core.checkpoint_files import INDEX_FILE, SINGLE_FILE
-from anita_core.config import CONFIG_FILENAME, ModelConfig, projection_shapes
-from anita_core.weights import PROJECTIONS, BaseWeights, projection_module_path
+from anita_core.hf.files import INDEX_FILE, SINGLE_FILE
+from anita_core.model.config import CONFIG_FILENAME, ModelConfig, projection_shapes
+from anita_core.model.weights import PROJECTIONS, BaseWeights, projection_module_path
 
 EXPORT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # transformers' default shard size

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-from anita_core.weights import PROJECTIONS
+from anita_core.model.weights import PROJECTIONS
 
 CONFIG_FILENAME = "config.json"
 

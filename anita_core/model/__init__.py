@@ -1,0 +1,17 @@
+"""The decoder: LLaMA geometry, frozen NF4 base weights, one block's forward and
+hand-written backward, attention, the whole model, and generation.
+
+Layer: imports csrc_triton only (never lora, hf, data or train). Adapters reach
+the model as plain tensors (``BlockLoRA``), so the model does not know where
+they come from.
+
+  ModelConfig   config.json's geometry                           (config.py)
+  BaseWeights   NF4 projections + dense embeddings and norms      (weights.py)
+  QLoRALlama    forward_hidden / backward_hidden / train_step     (llama.py)
+  generate      KV-cache decoding                                 (generate.py)
+"""
+from anita_core.model.config import ModelConfig
+from anita_core.model.llama import IGNORE_INDEX, QLoRALlama
+from anita_core.model.weights import BaseWeights
+
+__all__ = ["ModelConfig", "BaseWeights", "QLoRALlama", "IGNORE_INDEX"]
