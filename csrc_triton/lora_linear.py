@@ -59,8 +59,10 @@ def _dropped_input(x2d: torch.Tensor, ctx: LoRAContext) -> torch.Tensor:
 
 def lora_linear_forward(x2d: torch.Tensor, w: NF4Weight, A: torch.Tensor, B: torch.Tensor,
                         scale: float, dropout: float = 0.0, training: bool = True,
-                        generator: Optional[torch.Generator] = None):
+                        generator: Optional[torch.Generator] = None, *,
+                        dense_w: Optional[torch.Tensor] = None, path: Optional[str] = None):
     """y2d = x2d W^T + scale * (drop(x2d) A^T) B^T, in x2d's dtype.
+    ``dense_w``/``path``: see nf4_matmul.launch_forward.
 
     x2d [M, K] fp32/fp16/bf16; W [N, K] NF4; A [r, K], B [N, r] any float dtype.
     Dropout (keep probability 1 - p, mask from torch.rand(generator=generator))
@@ -80,17 +82,20 @@ def lora_linear_forward(x2d: torch.Tensor, w: NF4Weight, A: torch.Tensor, B: tor
     ctx = LoRAContext(keep_mask=keep_mask, dropout=p, xa=None)
     xa = (_dropped_input(x2d, ctx) @ A.float().t()).contiguous()
     ctx = ctx._replace(xa=xa)
-    y2d = launch_forward(op, x2d, w, LoraForwardEpilogue(xa=xa, lora_b=B, scale=float(scale)))
+    y2d = launch_forward(op, x2d, w, LoraForwardEpilogue(xa=xa, lora_b=B, scale=float(scale)),
+                         dense_w=dense_w, path=path)
     return y2d, ctx
 
 
 def lora_linear_backward(dy2d: torch.Tensor, x2d: torch.Tensor, w: NF4Weight, A: torch.Tensor,
                          B: torch.Tensor, scale: float, ctx: LoRAContext, *,
-                         input_grad: bool = True):
+                         input_grad: bool = True, dense_w: Optional[torch.Tensor] = None,
+                         path: Optional[str] = None):
     """Gradients of lora_linear_forward: (dx2d in x2d's dtype, dA in A's dtype,
     dB in B's dtype), all accumulated in fp32. ``ctx`` is what the forward returned.
     ``input_grad=False`` skips the NF4 kernel and returns None for dx2d (for a
-    frozen input, e.g. the first layer's)."""
+    frozen input, e.g. the first layer's). ``dense_w``/``path``: see
+    nf4_matmul.launch_backward_input."""
     op = "lora_linear_backward"
     _check_lora_args(op, x2d, w, A, B, scale, ctx.dropout)
     M, K = x2d.shape
@@ -111,7 +116,7 @@ def lora_linear_backward(dy2d: torch.Tensor, x2d: torch.Tensor, w: NF4Weight, A:
     keep = None if ctx.keep_mask is None else ctx.keep_mask.view(torch.uint8)
     epilogue = LoraBackwardEpilogue(g=g, lora_a=A, scale=float(scale), keep=keep,
                                     keep_scale=1.0 / (1.0 - ctx.dropout))
-    dx2d = launch_backward_input(op, dy2d, w, x2d.dtype, epilogue)
+    dx2d = launch_backward_input(op, dy2d, w, x2d.dtype, epilogue, dense_w=dense_w, path=path)
     return dx2d, d_a, d_b
 
 

@@ -21,6 +21,8 @@ import triton.language as tl
 from . import _runtime
 from ._checks import FLOAT_DTYPES, check_numel, check_same_device, check_tensor
 from .nf4 import NESTED_BLOCKSIZE, NF4Weight
+from .nf4_dense import (check_dense_weight, choose_path, dense_backward_input, dense_forward,
+                        dequantize_for_matmul)
 
 # ---------------------------------------------------------------------------
 # kernels
@@ -296,6 +298,8 @@ def check_nf4_weight(op: str, w) -> None:
                          f"got shape {tuple(w.shape)}")
     if not isinstance(w.blocksize, int) or w.blocksize <= 0:
         raise ValueError(f"{op}: w.blocksize must be a positive int, got {w.blocksize!r}")
+    # the kernels index W's elements (n * K + k) in int32, not only its packed bytes
+    check_numel(op, f"argument 'w' (shape {tuple(w.shape)})", w.numel)
 
     def field(name, tensor, dtype, numel):
         check_tensor(op, f"w.{name}", tensor, dtypes=(dtype,))
@@ -361,14 +365,25 @@ def _operands_in_fp32(dtype: torch.dtype) -> bool:
 
 
 def launch_forward(op: str, x2d: torch.Tensor, w: NF4Weight,
-                   lora: Optional[LoraForwardEpilogue] = None) -> torch.Tensor:
-    """y = x2d @ W^T (+ LoRA epilogue). Arguments must already be validated."""
+                   lora: Optional[LoraForwardEpilogue] = None, *,
+                   dense_w: Optional[torch.Tensor] = None,
+                   path: Optional[str] = None) -> torch.Tensor:
+    """y = x2d @ W^T (+ LoRA epilogue). Arguments must already be validated.
+
+    ``path`` 'fused' | 'dequant' | None (by M: nf4_dense.choose_path). The
+    dequantize path uses ``dense_w`` (= dequantize_for_matmul(w, x2d.dtype)) when
+    given, so a caller running forward and backward on one layer decodes W once."""
     M, K = x2d.shape
     N = w.shape[0]
     check_numel(op, "the output [M, N]", M * N)
     y = _runtime.new_output((M, N), x2d.dtype, x2d.device)
     if M == 0:
         return y
+    if dense_w is not None or choose_path(op, M, path) == "dequant":
+        if dense_w is None:
+            dense_w = dequantize_for_matmul(w, x2d.dtype)
+        check_dense_weight(op, dense_w, w, x2d.dtype)
+        return dense_forward(x2d, dense_w, y, lora)
     rank = 0 if lora is None else lora.xa.shape[1]
     args = dict(x_ptr=x2d, y_ptr=y, M=M, N=N, K=K, R=max(rank, 1),
                 xa_ptr=x2d if lora is None else lora.xa,
@@ -382,14 +397,22 @@ def launch_forward(op: str, x2d: torch.Tensor, w: NF4Weight,
 
 
 def launch_backward_input(op: str, dy2d: torch.Tensor, w: NF4Weight, out_dtype: torch.dtype,
-                          lora: Optional[LoraBackwardEpilogue] = None) -> torch.Tensor:
-    """dx = dy2d @ W (+ LoRA epilogue). Arguments must already be validated."""
+                          lora: Optional[LoraBackwardEpilogue] = None, *,
+                          dense_w: Optional[torch.Tensor] = None,
+                          path: Optional[str] = None) -> torch.Tensor:
+    """dx = dy2d @ W (+ LoRA epilogue). Arguments must already be validated.
+    ``dense_w`` and ``path`` as in launch_forward (dense_w in dy2d's dtype)."""
     M, N = dy2d.shape
     K = w.shape[1]
     check_numel(op, "the input gradient [M, K]", M * K)
     dx = _runtime.new_output((M, K), out_dtype, dy2d.device)
     if M == 0:
         return dx
+    if dense_w is not None or choose_path(op, M, path) == "dequant":
+        if dense_w is None:
+            dense_w = dequantize_for_matmul(w, dy2d.dtype)
+        check_dense_weight(op, dense_w, w, dy2d.dtype)
+        return dense_backward_input(dy2d, dense_w, dx, lora)
     rank = 0 if lora is None else lora.g.shape[1]
     has_dropout = lora is not None and lora.keep is not None
     args = dict(dy_ptr=dy2d, dx_ptr=dx, M=M, N=N, K=K, R=max(rank, 1),
@@ -406,22 +429,27 @@ def launch_backward_input(op: str, dy2d: torch.Tensor, w: NF4Weight, out_dtype: 
     return dx
 
 
-def nf4_matmul_forward(x2d: torch.Tensor, w: NF4Weight) -> torch.Tensor:
-    """y2d = x2d @ W^T for x2d [M, K] fp32/fp16/bf16 and W [N, K] in NF4; y2d in x2d's dtype."""
+def nf4_matmul_forward(x2d: torch.Tensor, w: NF4Weight, *, dense_w: Optional[torch.Tensor] = None,
+                       path: Optional[str] = None) -> torch.Tensor:
+    """y2d = x2d @ W^T for x2d [M, K] fp32/fp16/bf16 and W [N, K] in NF4; y2d in x2d's dtype.
+    ``dense_w``/``path``: see launch_forward."""
     op = "nf4_matmul_forward"
     check_nf4_weight(op, w)
     check_tensor(op, "x2d", x2d, dtypes=FLOAT_DTYPES, ndim=2, shape=(None, w.shape[1]))
     check_same_device(op, x2d=x2d, w=w.packed)
-    return launch_forward(op, x2d, w)
+    return launch_forward(op, x2d, w, dense_w=dense_w, path=path)
 
 
-def nf4_matmul_backward_input(dy2d: torch.Tensor, w: NF4Weight) -> torch.Tensor:
-    """dx2d = dy2d @ W for dy2d [M, N] and W [N, K] in NF4; dx2d in dy2d's dtype."""
+def nf4_matmul_backward_input(dy2d: torch.Tensor, w: NF4Weight, *,
+                              dense_w: Optional[torch.Tensor] = None,
+                              path: Optional[str] = None) -> torch.Tensor:
+    """dx2d = dy2d @ W for dy2d [M, N] and W [N, K] in NF4; dx2d in dy2d's dtype.
+    ``dense_w``/``path``: see launch_forward."""
     op = "nf4_matmul_backward_input"
     check_nf4_weight(op, w)
     check_tensor(op, "dy2d", dy2d, dtypes=FLOAT_DTYPES, ndim=2, shape=(None, w.shape[0]))
     check_same_device(op, dy2d=dy2d, w=w.packed)
-    return launch_backward_input(op, dy2d, w, dy2d.dtype)
+    return launch_backward_input(op, dy2d, w, dy2d.dtype, dense_w=dense_w, path=path)
 
 
 # ---------------------------------------------------------------------------

@@ -76,14 +76,14 @@ def test_rank_above_one_epilogue_chunk_and_multitile():
     check_against_reference(x, w, w64, a, b, 0.75, 0.2, dy)
 
 
-def check_against_reference(x, w, w64, a, b, scale, dropout, dy):
-    y, ctx = lora_linear_forward(x, w, a, b, scale, dropout, True, None)
+def check_against_reference(x, w, w64, a, b, scale, dropout, dy, path=None):
+    y, ctx = lora_linear_forward(x, w, a, b, scale, dropout, True, None, path=path)
     assert isinstance(ctx, LoRAContext) and ctx.dropout == dropout
     if dropout == 0.0:
         assert ctx.keep_mask is None
     else:  # the mask the op used, so the reference can apply the same one
         assert ctx.keep_mask.dtype == torch.bool and ctx.keep_mask.shape == x.shape
-    dx, da, db = lora_linear_backward(dy, x, w, a, b, scale, ctx)
+    dx, da, db = lora_linear_backward(dy, x, w, a, b, scale, ctx, path=path)
     assert (y.dtype, dx.dtype, da.dtype, db.dtype) == (x.dtype, x.dtype, a.dtype, b.dtype)
 
     x64, dy64 = quantized(x, x.dtype), quantized(dy, dy.dtype)

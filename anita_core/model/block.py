@@ -16,6 +16,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from csrc_triton.lora_linear import lora_linear_backward, lora_linear_forward
+from csrc_triton.nf4_dense import choose_path, dequantize_for_matmul
 from csrc_triton.nf4_matmul import nf4_matmul_backward_input, nf4_matmul_forward
 from csrc_triton.rms_norm import rms_norm_backward, rms_norm_forward
 from csrc_triton.rope import rope_backward, rope_forward
@@ -48,30 +49,48 @@ class BlockLoRA:
 
 class _Projector:
     """Runs one block's projections through NF4 (+ LoRA) and keeps the LoRA contexts
-    the backward needs."""
+    the backward needs.
 
-    def __init__(self, layer: LayerWeights, lora: Optional[BlockLoRA]):
+    With ``reuse_weights`` (block_backward's recompute) a projection whose M
+    takes the dequantize path is dequantized once: the recompute's forward keeps
+    the dense W and the backward's dX reuses it, then drops it, so every dense
+    W lives only while its layer is being differentiated (at LLaMA-3-8B, one
+    layer's seven projections in bf16: 218M elements, 416 MiB at most)."""
+
+    def __init__(self, layer: LayerWeights, lora: Optional[BlockLoRA], reuse_weights: bool = False):
         self.layer, self.lora, self.contexts = layer, lora, {}
+        self.dense: Optional[Dict[str, torch.Tensor]] = {} if reuse_weights else None
+
+    def _dense_weight(self, name: str, m: int, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        if self.dense is None or choose_path("block", m) != "dequant":
+            return None
+        if name not in self.dense:
+            self.dense[name] = dequantize_for_matmul(self.layer.projections[name], dtype)
+        return self.dense[name]
 
     def forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
         w = self.layer.projections[name]
+        dense_w = self._dense_weight(name, x.shape[0], x.dtype)
         ab = self.lora.weights.get(name) if self.lora is not None else None
         if ab is None:
-            return nf4_matmul_forward(x, w)
+            return nf4_matmul_forward(x, w, dense_w=dense_w)
         A, B = ab
         y, ctx = lora_linear_forward(x, w, A.detach(), B.detach(), self.lora.scale, self.lora.dropout,
-                                     self.lora.training, self.lora.generator)
+                                     self.lora.training, self.lora.generator, dense_w=dense_w)
         self.contexts[name] = ctx
         return y
 
     def backward(self, name: str, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         w = self.layer.projections[name]
+        dense_w = self._dense_weight(name, dy.shape[0], dy.dtype)
+        if self.dense is not None:
+            self.dense.pop(name, None)      # this projection is done: free its dense W
         ab = self.lora.weights.get(name) if self.lora is not None else None
         if ab is None:
-            return nf4_matmul_backward_input(dy, w)
+            return nf4_matmul_backward_input(dy, w, dense_w=dense_w)
         A, B = ab
         dx, dA, dB = lora_linear_backward(dy, x, w, A.detach(), B.detach(), self.lora.scale,
-                                          self.contexts[name])
+                                          self.contexts[name], dense_w=dense_w)
         _accumulate_grad(A, dA)
         _accumulate_grad(B, dB)
         return dx
@@ -95,7 +114,7 @@ def block_forward(h0: torch.Tensor, layer: LayerWeights, geo: BlockGeometry, n_h
     """h0 [T, H] (T = B*S) -> h2 [T, H]. ``attend(q, k, v)`` replaces the masked
     attention (generation passes one that reads and writes a KV cache); ``_keep``
     (used by block_backward) receives every intermediate the backward needs."""
-    proj = _Projector(layer, lora)
+    proj = _Projector(layer, lora, reuse_weights=_keep is not None)
     x1, rstd1 = rms_norm_forward(h0, layer.input_layernorm, eps)
     q = proj.forward("q_proj", x1)
     k = proj.forward("k_proj", x1)

@@ -1,0 +1,161 @@
+"""The two NF4 matmul paths (fused kernel, dequantize + torch.mm), the dispatch
+by M between them, and the block backward's dequantize-once reuse."""
+from __future__ import annotations
+
+import importlib
+from dataclasses import replace
+
+import pytest
+import torch
+
+from csrc_triton import nf4_dense
+from csrc_triton.lora_linear import lora_linear_backward, lora_linear_forward
+from csrc_triton.nf4_matmul import nf4_matmul_backward_input, nf4_matmul_forward
+from tests.helpers import assert_close, quantized
+from tests.reference.lora_linear import reference_nf4_matmul
+from tests.test_lora_linear import check_against_reference, make_lora
+from tests.test_nf4_matmul import FP32_ATOL, FP32_RTOL, make_nf4_weight, matmul_tolerance
+
+OP = "nf4_matmul"
+block_module = importlib.import_module("anita_core.model.block")
+nf4_matmul_module = importlib.import_module("csrc_triton.nf4_matmul")
+
+
+@pytest.mark.parametrize("path", nf4_dense.PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("weight_kind", [(32, False), (64, True)], ids=["bs32", "bs64-double"])
+def test_each_path_matches_reference(path, dtype, weight_kind):
+    # 21 x 99 x 91: odd numel, blocks spanning rows; M far from the threshold
+    # either way, so only ``path`` decides.
+    w, w64 = make_nf4_weight(91, 99, *weight_kind)
+    x = torch.randn(21, 99).to(dtype)
+    y = nf4_matmul_forward(x, w, path=path)
+    x64 = quantized(x, dtype)
+    atol, rtol = matmul_tolerance(dtype, x64, w64.t())
+    assert_close(OP, f"{path}.forward", y, reference_nf4_matmul(x64, w64), atol=atol, rtol=rtol)
+    dy = torch.randn(21, 91).to(dtype)
+    dy64 = quantized(dy, dtype)
+    atol, rtol = matmul_tolerance(dtype, dy64, w64)
+    assert_close(OP, f"{path}.backward_input", nf4_matmul_backward_input(dy, w, path=path),
+                 dy64 @ w64, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dropout", [0.0, 0.25], ids=["nodrop", "drop"])
+def test_lora_on_the_dequantize_path(dtype, dropout):
+    w, w64 = make_nf4_weight(45, 128, 64, True)
+    a, b = make_lora(45, 128, 6, torch.float32)
+    x = torch.randn(23, 128).to(dtype)
+    dy = torch.randn(23, 45).to(dtype)
+    check_against_reference(x, w, w64, a, b, -0.75, dropout, dy, path="dequant")
+
+
+def test_caller_held_dense_weight_is_used_and_checked():
+    w, _ = make_nf4_weight(40, 64, 64, False)
+    a, b = make_lora(40, 64, 3, torch.float32)
+    x, dy = torch.randn(9, 64), torch.randn(9, 40)
+    dense = nf4_dense.dequantize_for_matmul(w, x.dtype)
+    assert torch.equal(nf4_matmul_forward(x, w, dense_w=dense),
+                       nf4_matmul_forward(x, w, path="dequant"))
+    assert torch.equal(nf4_matmul_backward_input(dy, w, dense_w=dense),
+                       nf4_matmul_backward_input(dy, w, path="dequant"))
+    # the dense weight really is what gets multiplied (not a fresh decode)
+    assert torch.equal(nf4_matmul_forward(x, w, dense_w=torch.zeros_like(dense)),
+                       torch.zeros(9, 40))
+    y, ctx = lora_linear_forward(x, w, a, b, 0.5, dense_w=dense)
+    y2, _ = lora_linear_forward(x, w, a, b, 0.5, path="dequant")
+    assert torch.equal(y, y2)
+    dx, _, _ = lora_linear_backward(dy, x, w, a, b, 0.5, ctx, dense_w=dense)
+    dx2, _, _ = lora_linear_backward(dy, x, w, a, b, 0.5, ctx, path="dequant")
+    assert torch.equal(dx, dx2)
+    for bad in (dense.half(), dense[:, :32].contiguous(), dense.t().contiguous()):
+        with pytest.raises(ValueError, match="dense_w"):
+            nf4_matmul_forward(x, w, dense_w=bad)
+    with pytest.raises(ValueError, match="'path'"):
+        nf4_matmul_forward(x, w, path="cublas")
+
+
+def test_dispatch_by_m_and_its_override(monkeypatch):
+    monkeypatch.delenv(nf4_dense.FUSED_MAX_M_VARIABLE, raising=False)
+    limit = nf4_dense.fused_max_m_setting()
+    assert limit == nf4_dense.FUSED_MAX_M_DEFAULT
+    assert nf4_dense.choose_path("t", limit) == "fused"
+    assert nf4_dense.choose_path("t", limit + 1) == "dequant"
+    assert nf4_dense.choose_path("t", 10**6, "fused") == "fused"
+    monkeypatch.setenv(nf4_dense.FUSED_MAX_M_VARIABLE, "0")
+    assert nf4_dense.choose_path("t", 1) == "dequant"
+    monkeypatch.setenv(nf4_dense.FUSED_MAX_M_VARIABLE, "100000")
+    assert nf4_dense.choose_path("t", 4096) == "fused"
+    for bad in ("-1", "lots", "1.5"):
+        monkeypatch.setenv(nf4_dense.FUSED_MAX_M_VARIABLE, bad)
+        with pytest.raises(ValueError, match=nf4_dense.FUSED_MAX_M_VARIABLE):
+            nf4_dense.choose_path("t", 4)
+
+
+def test_cost_model_threshold_moves_the_right_way():
+    base = nf4_dense.fused_max_m()
+    tile = nf4_dense.FUSED_TILE_M
+    assert base >= tile and base % tile == 0       # at least one row of fused tiles
+    c = nf4_dense.FUSED_DECODE_INSTRUCTIONS_PER_ELEMENT
+    assert nf4_dense.fused_max_m(c / 8) > base      # a cheaper decode keeps the fused path longer
+    assert nf4_dense.fused_max_m(c * 8) == tile     # never below one tile row
+    assert nf4_dense.fused_max_m(copy_rate=nf4_dense.H100_COPY_BYTES_PER_S / 8) > base
+
+
+def test_weight_too_large_for_int32_indexing_is_refused():
+    w, _ = make_nf4_weight(10, 64, 64, False)
+    huge = replace(w, shape=torch.Size([65536, 32768]))   # N*K = 2^31; fields never read
+    with pytest.raises(ValueError, match="argument 'w'.*32-bit"):
+        nf4_matmul_forward(torch.randn(2, 32768), huge)
+
+
+def test_block_backward_dequantizes_each_projection_once(tmp_path, monkeypatch):
+    from anita_core.hf import load_model
+    from anita_core.lora import LoRAAdapters, LoRAConfig
+    from tests.model_factory import make_tiny_llama_dir
+
+    model = load_model(make_tiny_llama_dir(tmp_path), progress=False, dropout_seed=5)
+    model.adapters = LoRAAdapters.init(
+        LoRAConfig(r=4, alpha=8, dropout=0.2, seed=1, target_modules=("q_proj", "down_proj")),
+        model.config)
+    with torch.no_grad():
+        for p in model.adapters.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    V = model.config.vocab_size
+    ids, targets = torch.randint(0, V, (2, 7)), torch.randint(0, V, (2, 7))
+    state = model.dropout_generator.get_state()
+
+    def step():
+        model.dropout_generator.set_state(state)
+        model.adapters.zero_grad()
+        loss, _ = model.train_step(ids, targets, grad_scale=1.0)
+        return loss, [p.grad.clone() for p in model.adapters.parameters()]
+
+    monkeypatch.setenv(nf4_dense.FUSED_MAX_M_VARIABLE, "100000")   # all fused
+    fused_loss, fused_grads = step()
+
+    calls = {"block": 0, "launcher": 0}
+
+    def counting(where, original):
+        def wrapped(*args, **kwargs):
+            calls[where] += 1
+            return original(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(block_module, "dequantize_for_matmul",
+                        counting("block", nf4_dense.dequantize_for_matmul))
+    monkeypatch.setattr(nf4_matmul_module, "dequantize_for_matmul",
+                        counting("launcher", nf4_dense.dequantize_for_matmul))
+    monkeypatch.setenv(nf4_dense.FUSED_MAX_M_VARIABLE, "0")        # all dequantize
+    loss, grads = step()
+    projections = 7 * model.config.num_hidden_layers
+    # forward pass: one decode per projection inside the launchers; backward:
+    # one per projection in the block (recompute and dX share it), none in launchers
+    assert calls == {"block": projections, "launcher": projections}
+    assert_close("block_dequant_path", "loss", loss.reshape(1), fused_loss.reshape(1),
+                 atol=0.0, rtol=1e-5)
+    for g, ref in zip(grads, fused_grads):
+        scale = float(ref.abs().max())
+        assert scale > 0
+        # fp32 both ways; only the accumulation order differs (test_model_backward's bound)
+        assert_close("block_dequant_path", "grad", g, ref, atol=1e-5 * scale, rtol=1e-5)
