@@ -1,7 +1,12 @@
-"""The fused NF4 matmul on its own, for M (tokens) from 1 to 16K:
+"""The NF4 matmul on its own, for M (tokens) from 1 to 16K:
 
-    ours                    csrc_triton.nf4_matmul: dequantized tile by tile inside the matmul
-    ours_dequant+matmul     nf4_dequantize (ours) to a full weight, then torch.matmul (cuBLAS)
+    ours                    csrc_triton.nf4_matmul as shipped: dispatch by M between the two
+                            paths below (threshold: ANITA_NF4_FUSED_MAX_M, default from the
+                            static cost model in csrc_triton/nf4_dense.py)
+    ours_fused              the fused kernel at every M: W dequantized tile by tile inside
+                            the matmul
+    ours_dequant+matmul     the large-M path at every M: nf4_dequantize (ours) to the compute
+                            dtype, then torch.mm (cuBLAS)
     bnb_dequant+matmul      bitsandbytes dequantize_4bit, then torch.matmul (what
                             bitsandbytes' matmul_4bit does for M > 1)
     bnb_matmul_4bit         bitsandbytes.matmul_4bit as called by Linear4bit (its gemv
@@ -17,6 +22,9 @@
 Modes: forward (y = x W^T, x [M, K]) and backward_input (dx = dy W, dy [M, N];
 the weight is frozen, so that is the whole backward). Every provider is checked
 against dense_matmul on the dequantized weight (smallest M) before it is timed.
+The report ends with the crossover: per shape and mode, the largest M at which
+ours_fused is still faster than ours_dequant+matmul (what ANITA_NF4_FUSED_MAX_M
+should be on this GPU).
 """
 from __future__ import annotations
 
@@ -36,14 +44,14 @@ from bench.cases import (SweepSettings, Unavailable, check_tolerance,  # noqa: E
                          relative_error)
 from bench.ops_nf4 import storage_bytes  # noqa: E402
 from bench.shapes import LLAMA3_8B, SMOKE, SMOKE_PROJECTIONS, parse_int_list  # noqa: E402
-from csrc_triton import nf4_dequantize, nf4_matmul, nf4_quantize  # noqa: E402
-from csrc_triton.nf4_matmul import nf4_matmul_backward_input  # noqa: E402
+from csrc_triton import nf4_matmul, nf4_quantize  # noqa: E402
+from csrc_triton.nf4_matmul import nf4_matmul_backward_input, nf4_matmul_forward  # noqa: E402
 
 MODES = ("forward", "backward_input")
 GPU_M = tuple(2 ** i for i in range(15))      # 1 .. 16384
 SMOKE_M = (1, 5, 13)
-PROVIDERS = ("ours", "ours_dequant+matmul", "bnb_dequant+matmul", "bnb_matmul_4bit",
-             "unsloth_dequant+matmul", "dense_matmul")
+PROVIDERS = ("ours", "ours_fused", "ours_dequant+matmul", "bnb_dequant+matmul",
+             "bnb_matmul_4bit", "unsloth_dequant+matmul", "dense_matmul")
 REFERENCE = "dense_matmul"
 
 COLUMNS = ["op", "provider", "mode", "group", "shape", "m", "status", "median_ms",
@@ -92,6 +100,13 @@ def _builders(ctx) -> Dict[str, Callable]:
             return lambda: nf4_matmul(a, q)
         return lambda: nf4_matmul_backward_input(a, q)
 
+    def ours_path(path):
+        def build(mode, a, q, dense):
+            if mode == "forward":
+                return lambda: nf4_matmul_forward(a, q, path=path)
+            return lambda: nf4_matmul_backward_input(a, q, path=path)
+        return build
+
     def bnb_dequant():
         functional = peers.bitsandbytes().functional
         return lambda q: functional.dequantize_4bit(*_bnb_parts(q, ctx))
@@ -115,7 +130,8 @@ def _builders(ctx) -> Dict[str, Callable]:
 
     return {
         "ours": ours,
-        "ours_dequant+matmul": dequant_then(lambda q: nf4_dequantize(q, ctx.dtype)),
+        "ours_fused": ours_path("fused"),
+        "ours_dequant+matmul": ours_path("dequant"),
         "bnb_dequant+matmul": lambda *a: dequant_then(bnb_dequant())(*a),
         "bnb_matmul_4bit": bnb_matmul,
         "unsloth_dequant+matmul": lambda *a: dequant_then(unsloth_dequant())(*a),
@@ -206,7 +222,8 @@ def run(args: argparse.Namespace) -> int:
     _report(sink.rows, ctx, out)
     if not args.no_plot:
         plot.plot_or_note(out)
-    failures = [r for r in sink.rows if r["provider"] in ("ours", REFERENCE)
+    failures = [r for r in sink.rows if r["provider"] in ("ours", "ours_fused",
+                                                          "ours_dequant+matmul", REFERENCE)
                 and str(r["status"]).startswith(("error", "check failed"))]
     return 1 if failures else 0
 
@@ -257,6 +274,34 @@ def _report(rows, ctx, out) -> None:
              f"CSV: {out}"]
     common.print_table("nf4_matmul vs dequantize+matmul vs dense matmul", table,
                        list(table[0]) if table else ["mode"], ctx, notes)
+    crossover = crossover_rows(rows)
+    if crossover:
+        common.print_table("crossover: largest M at which the fused kernel still wins", crossover,
+                           list(crossover[0]), ctx,
+                           ["suggested ANITA_NF4_FUSED_MAX_M = the smallest 'fused wins up to' "
+                            "over the shapes and modes used in training"])
+
+
+def crossover_rows(rows) -> list:
+    """Per (mode, shape): the largest M at which ours_fused beats ours_dequant+matmul,
+    and the smallest M at which it no longer does ('' when one side has no timings)."""
+    times: dict = {}
+    for r in rows:
+        if r["provider"] in ("ours_fused", "ours_dequant+matmul") and r.get("median_ms") not in (
+                "", None):
+            times.setdefault((r["mode"], r["shape"]), {}).setdefault(int(r["m"]), {})[
+                r["provider"]] = float(r["median_ms"])
+    out = []
+    for (mode, shape), by_m in sorted(times.items()):
+        both = {m: t for m, t in by_m.items() if len(t) == 2}
+        if not both:
+            continue
+        wins = [m for m, t in both.items() if t["ours_fused"] < t["ours_dequant+matmul"]]
+        losses = [m for m, t in both.items() if t["ours_fused"] >= t["ours_dequant+matmul"]]
+        out.append({"mode": mode, "shape": shape,
+                    "fused wins up to": max(wins) if wins else "never",
+                    "first M where dequant wins": min(losses) if losses else "none measured"})
+    return out
 
 
 def main(argv=None) -> int:

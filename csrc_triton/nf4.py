@@ -493,9 +493,10 @@ def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, 
     block = tl.program_id(0) * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
     block = block.to(tl.int64)
     in_range = block < n_blocks
+    # Each byte is loaded once (contiguous: vectorized) and gives two elements;
+    # the absmax is decoded once per block; the code table sits in registers.
     byte_index = block[:, None] * HALF + tl.arange(0, HALF)[None, :]
-    even = byte_index * 2
-    byte = tl.load(packed_ptr + byte_index, mask=even < numel, other=0).to(tl.int32)
+    byte = tl.load(packed_ptr + byte_index, mask=byte_index * 2 < numel, other=0).to(tl.int32)
 
     if DOUBLE_QUANT:
         absmax_q = tl.load(absmax_ptr + block, mask=in_range, other=0).to(tl.int32)
@@ -505,11 +506,23 @@ def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, 
     else:
         scale = tl.load(absmax_ptr + block, mask=in_range, other=0.0)
 
-    value_even = tl.load(code_ptr + (byte >> 4)) * scale[:, None]
-    value_odd = tl.load(code_ptr + (byte & 15)) * scale[:, None]
+    table = tl.load(code_ptr + tl.arange(0, 16))
     out_type = out_ptr.dtype.element_ty
-    tl.store(out_ptr + even, value_even.to(out_type), mask=even < numel)
-    tl.store(out_ptr + even + 1, value_odd.to(out_type), mask=even + 1 < numel)
+    value_even = (nf4_code_lookup(table, byte >> 4) * scale[:, None]).to(out_type)
+    value_odd = (nf4_code_lookup(table, byte & 15) * scale[:, None]).to(out_type)
+    # interleave (even, odd) back into element order: one contiguous store
+    values = tl.reshape(tl.join(value_even, value_odd), (BLOCKS_PER_PROGRAM, BLOCKSIZE))
+    offsets = block[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+    tl.store(out_ptr + offsets, values, mask=offsets < numel)
+
+
+@triton.jit
+def nf4_code_lookup(table, nibble):
+    """table[nibble] for a tensor of nibbles (0..15) of any shape; ``table`` is the
+    [16] code loaded once per program, so the per-element lookup is a register /
+    shared-memory gather (tl.gather), never a global-memory load."""
+    flat = tl.reshape(nibble, (nibble.numel,))
+    return tl.reshape(tl.gather(table, flat, 0), nibble.shape)
 
 
 # ---------------------------------------------------------------------------

@@ -37,15 +37,16 @@ FUSED_MAX_M_VARIABLE = "ANITA_NF4_FUSED_MAX_M"
 H100_ISSUE_RATE = 132 * 4 * 1.755e9   # warp-instructions per second: SMs x schedulers x clock
 H100_COPY_BYTES_PER_S = 3.0e12        # ~90% of the 3.35 TB/s HBM3 peak
 # Non-MMA SASS instructions the fused kernel issues per decoded weight element,
-# read off its sm_90 main loop (tests/sm90_compile.py prints it): the loop's
-# instruction count x num_warps / (BLOCK_N x BLOCK_K). Turn-1 kernel, 128x128x64,
-# 8 warps: ~1,084 x 8 / 8,192 = 1.06.
-FUSED_DECODE_INSTRUCTIONS_PER_ELEMENT = 1.06
+# read off its sm_90 main loop by tests/sm90_compile.py: (loop instructions -
+# HGMMAs) x num_warps / (BLOCK_N x BLOCK_K). bf16 forward, 64x64x64, 4 warps:
+# (353 - 4) x 4 / 4,096 = 0.34. (Before the decode was vectorized, 128x128x64,
+# 8 warps: (1,044 - 4) x 8 / 8,192 = 1.02, which put the threshold at one tile row.)
+FUSED_DECODE_INSTRUCTIONS_PER_ELEMENT = 0.34
 # Rows of the fused kernel's small-M tile (its configs have BLOCK_M <= this).
 FUSED_TILE_M = 64
 # Bytes per weight element the dequantize path moves beyond the fused kernel:
 # the dequantize pass reads 0.5 and writes 2 (bf16), the GEMM reads 2 instead of
-# the fused kernel's 0.5.
+# the fused kernel's 0.5 (the block absmax, 1/64 byte per element, is left out).
 DEQUANT_EXTRA_BYTES_PER_ELEMENT = 0.5 + 2.0 + 2.0 - 0.5
 
 
@@ -63,8 +64,10 @@ def fused_max_m(decode_instructions_per_element: float = FUSED_DECODE_INSTRUCTIO
         ceil(M / tile_m) < extra_bytes x issue_rate / (c x copy_rate),
     i.e. for M up to tile_m x floor(that ratio) (at least one tile row: at M <=
     tile_m the fused kernel also reads 4x fewer weight bytes, which is what
-    bounds small-M matmuls). With the turn-1 figures the ratio is ~1.3, so the
-    threshold is one tile row, 64.
+    bounds small-M matmuls). With the figures below the ratio is 3.6, so the
+    threshold is 3 x 64 = 192 rows (with the turn-1 decode, 1.02 instructions per
+    element, it was 1.2: one tile row, 64). No GPU has measured the crossover yet;
+    bench/nf4_matmul.py reports it, and $ANITA_NF4_FUSED_MAX_M overrides the model.
     """
     ratio = DEQUANT_EXTRA_BYTES_PER_ELEMENT * issue_rate / (
         decode_instructions_per_element * copy_rate)
@@ -93,12 +96,19 @@ def fused_max_m_setting() -> int:
 PATHS = ("fused", "dequant")
 
 
-def choose_path(op: str, m: int, path: Optional[str] = None) -> str:
-    """'fused' for m <= the threshold, else 'dequant'; an explicit ``path`` wins."""
+def choose_path(op: str, m: int, path: Optional[str] = None,
+                dtype: Optional[torch.dtype] = None) -> str:
+    """'fused' for m <= the threshold, else 'dequant'; an explicit ``path`` wins.
+
+    fp32 activations on a GPU always take the dequantize path: the fused
+    kernel's fp32 dot (IEEE, no tensor cores) compiles to FFMA and spills
+    (tests/sm90_compile.py), where cuBLAS' SGEMM does not."""
     if path is not None:
         if path not in PATHS:
             raise ValueError(f"{op}: argument 'path' is {path!r}; expected one of {PATHS} or None")
         return path
+    if dtype == torch.float32 and not _runtime.DOT_IN_FP32:
+        return "dequant"
     return "fused" if m <= fused_max_m_setting() else "dequant"
 
 

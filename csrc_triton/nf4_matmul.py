@@ -20,7 +20,7 @@ import triton.language as tl
 
 from . import _runtime
 from ._checks import FLOAT_DTYPES, check_numel, check_same_device, check_tensor
-from .nf4 import NESTED_BLOCKSIZE, NF4Weight
+from .nf4 import _NO_FMA, NESTED_BLOCKSIZE, NF4Weight, nf4_code_lookup
 from .nf4_dense import (check_dense_weight, choose_path, dense_backward_input, dense_forward,
                         dequantize_for_matmul)
 
@@ -61,31 +61,41 @@ def _nf4_weight_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested
                      nested_offset_ptr, offs_n, n_ok, k0, K,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
                      DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr,
-                     ROW_ALIGNED: tl.constexpr):
-    """W[offs_n, k0:k0+BLOCK_K] decoded from NF4 into an fp32 [BLOCK_N, BLOCK_K] tile.
+                     ROW_ALIGNED: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """W[offs_n, k0:k0+BLOCK_K] decoded from NF4 into an [BLOCK_N, BLOCK_K] tile of OUT_DTYPE
+    (each element computed in fp32, rounded once).
 
     Math: W[n, k] = code[nib(i)] * absmax[i // BLOCKSIZE] with i = n*K + k (blocks
     run over W flattened row-major, so in general a block may span rows).
     Elements past N or K come back as exact 0 so they add nothing to a dot.
 
-    ROW_ALIGNED (K % BLOCKSIZE == 0, BLOCKSIZE a power of two): the tile splits
-    into runs of SUB = min(BLOCK_K, BLOCKSIZE) consecutive k that share one
-    block, so the absmax (double-quant decode included) is computed once per run
-    on a [BLOCK_N, BLOCK_K // SUB] tile and broadcast, not once per element.
+    ROW_ALIGNED (K % BLOCKSIZE == 0, BLOCKSIZE a power of two, so K is even and
+    no byte straddles two rows): the tile splits into runs of
+    SUB = min(BLOCK_K, BLOCKSIZE) consecutive k that share one block, so the
+    absmax (double-quant decode included) is computed once per run on a
+    [BLOCK_N, BLOCK_K // SUB] tile and broadcast, not once per element.
     """
     if ROW_ALIGNED:
+        # Each packed byte is loaded once (contiguous along k: vectorized loads)
+        # and gives two neighbours: its high nibble is element k (even), its low
+        # nibble element k + 1. The two decoded halves are interleaved back with
+        # join + reshape.
         SUB: tl.constexpr = BLOCK_K if BLOCK_K < BLOCKSIZE else BLOCKSIZE
+        HALF_SUB: tl.constexpr = SUB // 2
         run_start = k0 + tl.arange(0, BLOCK_K // SUB) * SUB                   # [RUNS]
-        k = run_start[None, :, None] + tl.arange(0, SUB)[None, None, :]       # [1, RUNS, SUB]
-        valid = n_ok[:, None, None] & (k < K)
-        values = _nf4_code_values(packed_ptr, code_ptr, offs_n[:, None, None] * K + k, valid)
         # K % SUB == 0, so a run lies entirely inside or entirely past K
-        run_ok = n_ok[:, None] & (run_start[None, :] < K)
+        run_ok = n_ok[:, None] & (run_start[None, :] < K)                     # [BN, RUNS]
+        byte_index = (offs_n[:, None, None] * (K // 2) + run_start[None, :, None] // 2
+                      + tl.arange(0, HALF_SUB)[None, None, :])                 # [BN, RUNS, HALF]
+        byte = tl.load(packed_ptr + byte_index, mask=run_ok[:, :, None], other=0).to(tl.int32)
         block = (offs_n[:, None] * K + run_start[None, :]) // BLOCKSIZE
         scale = _block_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
                               block, run_ok, DOUBLE_QUANT, NESTED)
-        tile = tl.where(valid, values * scale[:, :, None], 0.0)
-        return tl.reshape(tile, (BLOCK_N, BLOCK_K))
+        scale = tl.where(run_ok, scale, 0.0)[:, :, None]   # rows/runs past the edge decode to 0
+        table = tl.load(code_ptr + tl.arange(0, 16))
+        even = (nf4_code_lookup(table, byte >> 4) * scale).to(OUT_DTYPE)
+        odd = (nf4_code_lookup(table, byte & 15) * scale).to(OUT_DTYPE)
+        return tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K))
     else:
         offs_k = k0 + tl.arange(0, BLOCK_K)
         valid = n_ok[:, None] & (offs_k[None, :] < K)
@@ -93,7 +103,7 @@ def _nf4_weight_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested
         values = _nf4_code_values(packed_ptr, code_ptr, flat, valid)
         scale = _block_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
                               flat // BLOCKSIZE, valid, DOUBLE_QUANT, NESTED)
-        return tl.where(valid, values * scale, 0.0)
+        return tl.where(valid, values * scale, 0.0).to(OUT_DTYPE)
 
 
 @triton.jit
@@ -101,9 +111,9 @@ def _mma(a, b, acc, OPERANDS_IN_FP32: tl.constexpr):
     """acc + a @ b with fp32 accumulation.
 
     OPERANDS_IN_FP32: both tiles go to tl.dot as fp32 with IEEE precision (the
-    interpreter, or fp32 activations). Otherwise ``b`` (the fp32 dequantized
-    weight tile) is rounded to ``a``'s fp16/bf16 dtype for the tensor cores, as
-    bitsandbytes rounds W to the compute dtype before its matmul.
+    interpreter, or fp32 activations). Otherwise both go to the tensor cores in
+    ``a``'s fp16/bf16 dtype (``b``, the dequantized weight tile or a LoRA factor,
+    is rounded to it as bitsandbytes rounds W to the compute dtype).
     """
     if OPERANDS_IN_FP32:
         acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
@@ -149,6 +159,10 @@ def _nf4_matmul_fwd_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
     n_ok = offs_n < N
+    if OPERANDS_IN_FP32:
+        w_dtype = tl.float32
+    else:
+        w_dtype = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -157,7 +171,8 @@ def _nf4_matmul_fwd_kernel(
                          mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         w_tile = _nf4_weight_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr,
                                   nested_code_ptr, nested_offset_ptr, offs_n, n_ok, k0, K,
-                                  BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, NESTED, ROW_ALIGNED)
+                                  BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, NESTED, ROW_ALIGNED,
+                                  w_dtype)
         acc = _mma(x_tile, tl.trans(w_tile), acc, OPERANDS_IN_FP32)
     if HAS_LORA:
         low_rank = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -165,10 +180,10 @@ def _nf4_matmul_fwd_kernel(
             offs_r = r0 + tl.arange(0, BLOCK_R)
             r_ok = offs_r < R
             xa = tl.load(xa_ptr + offs_m[:, None] * R + offs_r[None, :],
-                         mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
+                         mask=m_ok[:, None] & r_ok[None, :], other=0.0)
             b_t = tl.load(lora_b_ptr + offs_n[None, :] * R + offs_r[:, None],
-                          mask=n_ok[None, :] & r_ok[:, None], other=0.0).to(tl.float32)
-            low_rank = tl.dot(xa, b_t, low_rank, input_precision="ieee")
+                          mask=n_ok[None, :] & r_ok[:, None], other=0.0)
+            low_rank = _mma(xa, b_t, low_rank, OPERANDS_IN_FP32)
         acc += lora_scale * low_rank
     tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
@@ -200,6 +215,10 @@ def _nf4_matmul_bwd_input_kernel(
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     k_ok = offs_k < K
+    if OPERANDS_IN_FP32:
+        w_dtype = tl.float32
+    else:
+        w_dtype = dy_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -209,7 +228,8 @@ def _nf4_matmul_bwd_input_kernel(
         w_tile = _nf4_weight_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr,
                                   nested_code_ptr, nested_offset_ptr, offs_n, n_ok,
                                   pid_k * BLOCK_K, K,
-                                  BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, NESTED, ROW_ALIGNED)
+                                  BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, NESTED, ROW_ALIGNED,
+                                  w_dtype)
         acc = _mma(dy_tile, w_tile, acc, OPERANDS_IN_FP32)
     if HAS_LORA:
         low_rank = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
@@ -217,10 +237,10 @@ def _nf4_matmul_bwd_input_kernel(
             offs_r = r0 + tl.arange(0, BLOCK_R)
             r_ok = offs_r < R
             g = tl.load(g_ptr + offs_m[:, None] * R + offs_r[None, :],
-                        mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
+                        mask=m_ok[:, None] & r_ok[None, :], other=0.0)
             a = tl.load(lora_a_ptr + offs_r[:, None] * K + offs_k[None, :],
-                        mask=r_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            low_rank = tl.dot(g, a, low_rank, input_precision="ieee")
+                        mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+            low_rank = _mma(g, a, low_rank, OPERANDS_IN_FP32)
         if HAS_DROPOUT:
             keep = tl.load(keep_ptr + offs_m[:, None] * K + offs_k[None, :],
                            mask=m_ok[:, None] & k_ok[None, :], other=0)
@@ -234,12 +254,39 @@ def _nf4_matmul_bwd_input_kernel(
 # block sizes
 # ---------------------------------------------------------------------------
 
+class GpuConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    group_m: int = 8       # row tiles walked per column strip, for L2 reuse of W tiles
+
+
+# The autotuner's choices on a GPU, for the M the fused path sees (<= the dispatch
+# threshold, 64 by default; 128-row tiles serve a raised threshold). BLOCK_M 16
+# tiles use mma.sync (HMMA: wgmma needs 64 rows) and waste less at M <= 16.
+# Every one compiles for sm_90 within the shared-memory limit in bf16 and fp16
+# (tests/test_hopper_compile.py, `-m sweep`).
+GPU_CONFIGS = (
+    GpuConfig(128, 128, 64, 8, 3), GpuConfig(64, 64, 64, 4, 4), GpuConfig(64, 128, 64, 4, 3),
+    GpuConfig(64, 64, 128, 4, 3), GpuConfig(16, 64, 128, 4, 3), GpuConfig(16, 128, 64, 4, 3))
+# The configs held to the no-spill / HGMMA bar by the default compile check:
+# the issue's reference tile and the small-M one.
+CHOSEN_GPU_CONFIGS = GPU_CONFIGS[:2]
+
+
+def lora_operand_dtype(activation_dtype: torch.dtype) -> torch.dtype:
+    """dtype of the LoRA epilogue's operands (xa or g, and B or A) for these activations:
+    the activations' own on a GPU (the epilogue's rank-r dot runs on the tensor cores
+    with fp32 accumulation), fp32 where the kernels compute in fp32."""
+    return torch.float32 if _operands_in_fp32(activation_dtype) else activation_dtype
+
+
 def _gpu_configs():
-    # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); GROUP_M 8 for L2 reuse.
-    shapes = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-              (64, 64, 64, 4, 3), (32, 128, 128, 4, 3), (16, 64, 128, 4, 3)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                          num_warps=w, num_stages=s) for bm, bn, bk, w, s in shapes]
+    return [triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_K": c.block_k,
+                           "GROUP_M": c.group_m}, num_warps=c.num_warps, num_stages=c.num_stages)
+            for c in GPU_CONFIGS]
 
 
 if _runtime.INTERPRETING:
@@ -262,6 +309,9 @@ def _interpreter_block(size: int, cap: int) -> int:
 
 def _launch(kernel, grid_dims, args, constexprs):
     """Launch with launcher-chosen blocks on the interpreter, autotuned on GPU.
+    FMA contraction is off, so the absmax decode nested_code * nested_absmax +
+    offset rounds twice, as in nf4_dequantize and bitsandbytes (the MMAs and the
+    single multiply per element do not depend on it).
 
     grid_dims: (rows, columns) of the output tile grid, as sizes of the
     dimensions that BLOCK_M and the second block constexpr cut.
@@ -272,12 +322,12 @@ def _launch(kernel, grid_dims, args, constexprs):
                   "BLOCK_K": _interpreter_block(args["K"], 256), "GROUP_M": 1}
         n_tiles = triton.cdiv(rows, blocks["BLOCK_M"]) * triton.cdiv(
             column_size, blocks[column_block_name])
-        kernel[(n_tiles,)](**args, **constexprs, **blocks)
+        kernel[(n_tiles,)](**args, **constexprs, **blocks, **_NO_FMA)
     else:
         def grid(meta):
             return (triton.cdiv(rows, meta["BLOCK_M"])
                     * triton.cdiv(column_size, meta[column_block_name]),)
-        kernel[grid](**args, **constexprs)
+        kernel[grid](**args, **constexprs, **_NO_FMA)
 
 
 def _lora_block(rank: int) -> int:
@@ -360,6 +410,11 @@ class LoraBackwardEpilogue(NamedTuple):
     keep_scale: float                  # 1 / (1 - p)
 
 
+def _lora_operand(t: torch.Tensor, activation_dtype: torch.dtype) -> torch.Tensor:
+    # [M, r] or [N, r] / [r, K]: a small copy at most
+    return t.to(lora_operand_dtype(activation_dtype)).contiguous()
+
+
 def _operands_in_fp32(dtype: torch.dtype) -> bool:
     return _runtime.DOT_IN_FP32 or dtype == torch.float32
 
@@ -379,15 +434,15 @@ def launch_forward(op: str, x2d: torch.Tensor, w: NF4Weight,
     y = _runtime.new_output((M, N), x2d.dtype, x2d.device)
     if M == 0:
         return y
-    if dense_w is not None or choose_path(op, M, path) == "dequant":
+    if dense_w is not None or choose_path(op, M, path, x2d.dtype) == "dequant":
         if dense_w is None:
             dense_w = dequantize_for_matmul(w, x2d.dtype)
         check_dense_weight(op, dense_w, w, x2d.dtype)
         return dense_forward(x2d, dense_w, y, lora)
     rank = 0 if lora is None else lora.xa.shape[1]
     args = dict(x_ptr=x2d, y_ptr=y, M=M, N=N, K=K, R=max(rank, 1),
-                xa_ptr=x2d if lora is None else lora.xa,
-                lora_b_ptr=x2d if lora is None else lora.lora_b,
+                xa_ptr=x2d if lora is None else _lora_operand(lora.xa, x2d.dtype),
+                lora_b_ptr=x2d if lora is None else _lora_operand(lora.lora_b, x2d.dtype),
                 lora_scale=0.0 if lora is None else float(lora.scale),
                 **_weight_args(w))
     constexprs = dict(HAS_LORA=lora is not None, BLOCK_R=_lora_block(rank),
@@ -408,7 +463,7 @@ def launch_backward_input(op: str, dy2d: torch.Tensor, w: NF4Weight, out_dtype: 
     dx = _runtime.new_output((M, K), out_dtype, dy2d.device)
     if M == 0:
         return dx
-    if dense_w is not None or choose_path(op, M, path) == "dequant":
+    if dense_w is not None or choose_path(op, M, path, dy2d.dtype) == "dequant":
         if dense_w is None:
             dense_w = dequantize_for_matmul(w, dy2d.dtype)
         check_dense_weight(op, dense_w, w, dy2d.dtype)
@@ -416,8 +471,8 @@ def launch_backward_input(op: str, dy2d: torch.Tensor, w: NF4Weight, out_dtype: 
     rank = 0 if lora is None else lora.g.shape[1]
     has_dropout = lora is not None and lora.keep is not None
     args = dict(dy_ptr=dy2d, dx_ptr=dx, M=M, N=N, K=K, R=max(rank, 1),
-                g_ptr=dy2d if lora is None else lora.g,
-                lora_a_ptr=dy2d if lora is None else lora.lora_a,
+                g_ptr=dy2d if lora is None else _lora_operand(lora.g, dy2d.dtype),
+                lora_a_ptr=dy2d if lora is None else _lora_operand(lora.lora_a, dy2d.dtype),
                 keep_ptr=lora.keep if has_dropout else dy2d,
                 lora_scale=0.0 if lora is None else float(lora.scale),
                 keep_scale=1.0 if lora is None else float(lora.keep_scale),

@@ -8,13 +8,13 @@ from dataclasses import replace
 import pytest
 import torch
 
-from csrc_triton import nf4_dense
+from csrc_triton import nf4_dense, nf4_dequantize
 from csrc_triton.lora_linear import lora_linear_backward, lora_linear_forward
 from csrc_triton.nf4_matmul import nf4_matmul_backward_input, nf4_matmul_forward
 from tests.helpers import assert_close, quantized
 from tests.reference.lora_linear import reference_nf4_matmul
 from tests.test_lora_linear import check_against_reference, make_lora
-from tests.test_nf4_matmul import FP32_ATOL, FP32_RTOL, make_nf4_weight, matmul_tolerance
+from tests.test_nf4_matmul import make_nf4_weight, matmul_tolerance, random_nf4_weight
 
 OP = "nf4_matmul"
 block_module = importlib.import_module("anita_core.model.block")
@@ -159,3 +159,39 @@ def test_block_backward_dequantizes_each_projection_once(tmp_path, monkeypatch):
         assert scale > 0
         # fp32 both ways; only the accumulation order differs (test_model_backward's bound)
         assert_close("block_dequant_path", "grad", g, ref, atol=1e-5 * scale, rtol=1e-5)
+
+
+def _identity_products(w, dtype, path, device="cpu"):
+    """(x W^T with x = I_K, dY W with dY = I_N): exactly W^T and W when the path
+    multiplies by the weights nf4_dequantize returns (products by 1 and sums of
+    exact zeros are exact in fp32 accumulation, and the output rounding is the
+    one nf4_dequantize applies)."""
+    n, k = w.shape
+    eye_k = torch.eye(k, device=device, dtype=dtype)
+    eye_n = torch.eye(n, device=device, dtype=dtype)
+    return (nf4_matmul_forward(eye_k, w, path=path),
+            nf4_matmul_backward_input(eye_n, w, path=path))
+
+
+@pytest.mark.parametrize("path", nf4_dense.PATHS)
+@pytest.mark.parametrize("shape,weight_kind", [((45, 128), (64, True)), ((37, 99), (32, False))],
+                         ids=["45x128-aligned-bs64-double", "37x99-bs32-single"])
+def test_both_paths_multiply_by_the_dequantized_weight_bit_for_bit(path, shape, weight_kind):
+    # nf4_dequantize equals bitsandbytes' dequantize_4bit bit for bit (tests/test_nf4.py),
+    # so this makes each path's decoded weight bit-identical to bitsandbytes' too.
+    w, _ = make_nf4_weight(*shape, *weight_kind)
+    expected = nf4_dequantize(w, torch.float32)
+    y, dx = _identity_products(w, torch.float32, path)
+    assert torch.equal(y, expected.t()), f"{path}: forward decodes different weights"
+    assert torch.equal(dx, expected), f"{path}: backward decodes different weights"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", nf4_dense.PATHS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gpu_paths_use_the_dequantized_weight_bit_for_bit(path, dtype):
+    # On a GPU an FMA-contracted absmax decode would change bits here (NOTES.md).
+    w = random_nf4_weight(1024, 4096, 64, "cuda")
+    expected = nf4_dequantize(w, dtype)
+    y, dx = _identity_products(w, dtype, path, device="cuda")
+    assert torch.equal(y, expected.t()) and torch.equal(dx, expected), path

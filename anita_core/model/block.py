@@ -62,7 +62,7 @@ class _Projector:
         self.dense: Optional[Dict[str, torch.Tensor]] = {} if reuse_weights else None
 
     def _dense_weight(self, name: str, m: int, dtype: torch.dtype) -> Optional[torch.Tensor]:
-        if self.dense is None or choose_path("block", m) != "dequant":
+        if self.dense is None or choose_path("block", m, dtype=dtype) != "dequant":
             return None
         if name not in self.dense:
             self.dense[name] = dequantize_for_matmul(self.layer.projections[name], dtype)
