@@ -1,10 +1,14 @@
 """lora_linear: y = x W^T + scale * (drop(x) A^T) B^T with W frozen in NF4.
 
-The big matmuls (x W^T forward, dY W backward) run in the fused NF4 kernels of
-``nf4_matmul``, and the LoRA term is added in their epilogues, on the output
-tile already in registers. The rank-r matmuls (xa = drop(x) A^T, g = dY B,
-dA, dB) are tiny and run in torch, in fp32, whatever the activation dtype
-(LoRA masters are usually fp32 while x is fp16/bf16).
+The big matmuls (x W^T forward, dY W backward) run on ``nf4_matmul``'s path for
+this M: the fused NF4 kernels, with the LoRA term added in their epilogues on
+the output tile already in registers, or dequantize + cuBLAS, with the LoRA
+term added by one addmm. The rank-r matmuls (xa = drop(x) A^T, g = dY B, dA,
+dB) run in torch in the compute dtype (nf4_dense.compute_dtype: the
+activations' fp16/bf16 on a GPU, on the tensor cores with fp32 accumulation, as
+PEFT computes them under bf16; fp32 under the interpreter), so no fp32 copy of
+an activation is made; dA and dB are scaled in fp32 and returned in the
+adapters' dtype (LoRA masters are usually fp32 while x is fp16/bf16).
 
 Backward (W frozen), with xd = drop(x) = x * keep / (1 - p) and xa = xd A^T:
   dB = scale * dY^T xa
@@ -20,6 +24,7 @@ import torch
 
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from .nf4 import NF4Weight
+from .nf4_dense import compute_dtype
 from .nf4_matmul import (LoraBackwardEpilogue, LoraForwardEpilogue, check_nf4_weight,
                          launch_backward_input, launch_forward)
 
@@ -28,7 +33,7 @@ class LoRAContext(NamedTuple):
     """What lora_linear_backward needs besides x, W, A, B."""
     keep_mask: Optional[torch.Tensor]  # bool [M, K], True = kept; None when no dropout ran
     dropout: float                     # the p actually applied (0.0 without dropout)
-    xa: torch.Tensor                   # fp32 [M, r] = drop(x) A^T
+    xa: torch.Tensor                   # [M, r] = drop(x) A^T, in the compute dtype
 
 
 def _check_lora_args(op: str, x2d, w: NF4Weight, A, B, scale, dropout) -> None:
@@ -50,11 +55,22 @@ def _check_lora_args(op: str, x2d, w: NF4Weight, A, B, scale, dropout) -> None:
 
 
 def _dropped_input(x2d: torch.Tensor, ctx: LoRAContext) -> torch.Tensor:
-    """xd = x * keep / (1 - p) in fp32 (x itself when there is no dropout)."""
-    xd = x2d.float()
+    """xd = x * keep / (1 - p) in the compute dtype (x itself when there is no
+    dropout and x is already in it: no copy of the activation)."""
+    xd = x2d.to(compute_dtype(x2d.dtype))
     if ctx.keep_mask is not None:
-        xd = xd * ctx.keep_mask * (1.0 / (1.0 - ctx.dropout))
+        xd = xd.mul(ctx.keep_mask).mul_(1.0 / (1.0 - ctx.dropout))
     return xd
+
+
+def _low_rank_mm(a: torch.Tensor, b: torch.Tensor, scale: Optional[float] = None,
+                 out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """a @ b for the rank-r products, in a's dtype (the compute dtype: tensor cores
+    with fp32 accumulation for fp16/bf16); ``scale`` applied in fp32 after it."""
+    product = torch.mm(a, b.to(a.dtype))
+    if scale is None:
+        return product
+    return product.float().mul_(scale).to(out_dtype)
 
 
 def lora_linear_forward(x2d: torch.Tensor, w: NF4Weight, A: torch.Tensor, B: torch.Tensor,
@@ -80,7 +96,7 @@ def lora_linear_forward(x2d: torch.Tensor, w: NF4Weight, A: torch.Tensor, B: tor
     else:
         p = 0.0
     ctx = LoRAContext(keep_mask=keep_mask, dropout=p, xa=None)
-    xa = (_dropped_input(x2d, ctx) @ A.float().t()).contiguous()
+    xa = _low_rank_mm(_dropped_input(x2d, ctx), A.t())
     ctx = ctx._replace(xa=xa)
     y2d = launch_forward(op, x2d, w, LoraForwardEpilogue(xa=xa, lora_b=B, scale=float(scale)),
                          dense_w=dense_w, path=path)
@@ -101,16 +117,17 @@ def lora_linear_backward(dy2d: torch.Tensor, x2d: torch.Tensor, w: NF4Weight, A:
     M, K = x2d.shape
     N, rank = B.shape
     check_tensor(op, "dy2d", dy2d, dtypes=(x2d.dtype,), ndim=2, shape=(M, N))
-    check_tensor(op, "ctx.xa", ctx.xa, dtypes=(torch.float32,), ndim=2, shape=(M, rank))
+    check_tensor(op, "ctx.xa", ctx.xa, dtypes=(compute_dtype(x2d.dtype),), ndim=2,
+                 shape=(M, rank))
     if ctx.keep_mask is not None:
         check_tensor(op, "ctx.keep_mask", ctx.keep_mask, dtypes=(torch.bool,), ndim=2,
                      shape=(M, K))
     check_same_device(op, dy2d=dy2d, x2d=x2d, xa=ctx.xa, keep_mask=ctx.keep_mask)
 
-    dy32 = dy2d.float()
-    g = (dy32 @ B.float()).contiguous()                  # dY B, [M, r]
-    d_b = (dy32.t() @ ctx.xa).mul_(scale).to(B.dtype)    # scale * dY^T xa, [N, r]
-    d_a = (g.t() @ _dropped_input(x2d, ctx)).mul_(scale).to(A.dtype)  # scale * g^T xd, [r, K]
+    dy = dy2d.to(compute_dtype(dy2d.dtype))
+    g = _low_rank_mm(dy, B)                                        # dY B, [M, r]
+    d_b = _low_rank_mm(dy.t(), ctx.xa, scale, B.dtype)             # scale * dY^T xa, [N, r]
+    d_a = _low_rank_mm(g.t(), _dropped_input(x2d, ctx), scale, A.dtype)  # scale * g^T xd, [r, K]
     if not input_grad:
         return None, d_a, d_b
     keep = None if ctx.keep_mask is None else ctx.keep_mask.view(torch.uint8)

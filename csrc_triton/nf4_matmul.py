@@ -5,8 +5,9 @@ A full-precision copy of W is never written: each program decodes the
 straight from the packed bytes, the 16-entry code and the per-block absmax.
 
 Both kernels carry an optional LoRA epilogue (used by ``lora_linear``):
-  forward   y  += scale * xa @ B^T                      (xa = drop(x) A^T, fp32 [M, r])
-  backward  dx += scale * keep/(1-p) * (g @ A)          (g  = dY B,        fp32 [M, r])
+  forward   y  += scale * xa @ B^T                      (xa = drop(x) A^T, [M, r])
+  backward  dx += scale * keep/(1-p) * (g @ A)          (g  = dY B,        [M, r])
+(a rank-r tl.dot on the tensor cores, operands in the activations' dtype).
 so the low-rank update rides on the output tile that the NF4 matmul already
 holds in registers instead of costing another pass over y or dx.
 """
@@ -152,7 +153,7 @@ def _nf4_matmul_fwd_kernel(
     Each program owns one [BLOCK_M, BLOCK_N] tile of y and loops over K; each
     step decodes the [BLOCK_N, BLOCK_K] W tile from NF4 in registers and feeds
     its transpose to tl.dot.
-    xa: [M, R] fp32 and B: [N, R] (any float dtype) feed the LoRA epilogue.
+    xa: [M, R] and B: [N, R] (lora_operand_dtype) feed the LoRA epilogue.
     """
     pid_m, pid_n = _tile_ids(tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -396,14 +397,14 @@ def _weight_constexprs(w: NF4Weight) -> dict:
 
 class LoraForwardEpilogue(NamedTuple):
     """y += scale * xa @ B^T on the output tile."""
-    xa: torch.Tensor       # fp32 [M, r], contiguous
+    xa: torch.Tensor       # [M, r], any float dtype (cast to lora_operand_dtype)
     lora_b: torch.Tensor   # [N, r], contiguous, any float dtype
     scale: float
 
 
 class LoraBackwardEpilogue(NamedTuple):
     """dx += scale * keep/(1-p) * (g @ A) on the output tile."""
-    g: torch.Tensor                    # fp32 [M, r] = dY B, contiguous
+    g: torch.Tensor                    # [M, r] = dY B, any float dtype
     lora_a: torch.Tensor               # [r, K], contiguous, any float dtype
     scale: float
     keep: Optional[torch.Tensor]       # uint8 [M, K] (1 = kept), None without dropout

@@ -195,3 +195,41 @@ def test_gpu_paths_use_the_dequantized_weight_bit_for_bit(path, dtype):
     expected = nf4_dequantize(w, dtype)
     y, dx = _identity_products(w, dtype, path, device="cuda")
     assert torch.equal(y, expected.t()) and torch.equal(dx, expected), path
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["nodrop", "drop"])
+def test_gpu_compute_dtype_on_the_dequantize_path(monkeypatch, dropout):
+    # What a GPU runs on the dequantize path (fp16 GEMMs with fp32 accumulation,
+    # rank-r products in fp16, no fp32 copy of x), run here by torch on the CPU.
+    from csrc_triton import _runtime
+    from tests.test_lora_linear import reference_with_grads
+    from tests.test_nf4_matmul import unit_roundoff
+    monkeypatch.setattr(_runtime, "DOT_IN_FP32", False)
+    dtype, m, n, k, scale = torch.float16, 33, 40, 128, 1.5
+    w, w64 = make_nf4_weight(n, k, 64, True)
+    a, b = make_lora(n, k, 5, torch.float32)
+    x, dy = torch.randn(m, k).to(dtype), torch.randn(m, n).to(dtype)
+    y, ctx = lora_linear_forward(x, w, a, b, scale, dropout, True, None, path="dequant")
+    assert ctx.xa.dtype == dtype
+    dx, da, db = lora_linear_backward(dy, x, w, a, b, scale, ctx, path="dequant")
+    assert (y.dtype, dx.dtype, da.dtype, db.dtype) == (dtype, dtype, a.dtype, b.dtype)
+    x64, dy64 = quantized(x, dtype), quantized(dy, dtype)
+    y64, dx64, da64, db64 = reference_with_grads(x64, w64, a.double(), b.double(), scale,
+                                                 ctx.keep_mask, dropout, dy64)
+    # tolerances as in test_lora_linear's GPU test: the NF4 matmul's (W rounded to
+    # fp16) plus 4 u of the absolute LoRA products; dA/dB: 4 u + fp32 sums.
+    u, u32 = unit_roundoff(dtype), unit_roundoff(torch.float32)
+    xd_abs = x64.abs() / (1 - dropout)
+    a_abs, b_abs = a.double().abs(), b.double().abs()
+    atol, rtol = matmul_tolerance(dtype, x64, w64.t())
+    lora_y = 4 * u * scale * (xd_abs @ a_abs.t() @ b_abs.t()).max().item()
+    assert_close(OP, "fp16_dequant.forward", y, y64, atol=atol + lora_y, rtol=rtol)
+    atol, rtol = matmul_tolerance(dtype, dy64, w64)
+    lora_dx = 4 * u * scale / (1 - dropout) * (dy64.abs() @ b_abs @ a_abs).max().item()
+    assert_close(OP, "fp16_dequant.dx", dx, dx64, atol=atol + lora_dx, rtol=rtol)
+    bound_a = scale * ((dy64.abs() @ b_abs).t() @ xd_abs).max().item()
+    bound_b = scale * (dy64.abs().t() @ (xd_abs @ a_abs.t())).max().item()
+    assert_close(OP, "fp16_dequant.dA", da, da64, atol=(4 * u + 2 * (m + n) * u32) * bound_a,
+                 rtol=0.0)
+    assert_close(OP, "fp16_dequant.dB", db, db64, atol=(4 * u + 2 * (m + k) * u32) * bound_b,
+                 rtol=0.0)
