@@ -261,18 +261,19 @@ def nf4_specs() -> List[KernelSpec]:
     # threshold, unless overridden).
     m = TOKENS
     for cfg in matmul.GPU_CONFIGS:
-        for tag, dtype in _dtypes().items():
-            in_fp32 = dtype == torch.float32
-            # fp32 activations never reach the fused kernel on a GPU (nf4_dense.choose_path)
-            sweep = cfg not in chosen or in_fp32
+        # fp32 activations never reach the fused kernel on a GPU (nf4_dense.choose_path):
+        # it is not compiled for them (its IEEE fp32 dot takes minutes to compile and spills)
+        for tag in ("bf16", "fp16"):
+            dtype = _dtypes()[tag]
+            sweep = cfg not in chosen
             common = dict(packed_ptr=torch.uint8, absmax_ptr=torch.uint8, code_ptr=torch.float32,
                           nested_absmax_ptr=torch.float32, nested_code_ptr=torch.float32,
                           nested_offset_ptr=torch.float32, R=16, lora_scale=2.0,
                           BLOCKSIZE=bs, DOUBLE_QUANT=True, NESTED=nf4.NESTED_BLOCKSIZE,
                           ROW_ALIGNED=True, HAS_LORA=True, BLOCK_R=16,
-                          OPERANDS_IN_FP32=in_fp32, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                          OPERANDS_IN_FP32=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                           BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m)
-            mma = not in_fp32 and cfg.block_m >= 64
+            mma = cfg.block_m >= 64
             variant = f"{tag}-{cfg.block_m}x{cfg.block_n}x{cfg.block_k}w{cfg.num_warps}s{cfg.num_stages}"
             specs.append(KernelSpec(
                 f"nf4_matmul_fwd/{variant}", "csrc_triton.nf4_matmul:_nf4_matmul_fwd_kernel",
