@@ -283,8 +283,8 @@ def _report(rows, ctx, out) -> None:
 
 
 def crossover_rows(rows) -> list:
-    """Per (mode, shape): the largest M at which ours_fused beats ours_dequant+matmul,
-    and the smallest M at which it no longer does ('' when one side has no timings)."""
+    """Per (mode, shape): walking M upwards, the last M at which ours_fused still beats
+    ours_dequant+matmul before the first M at which it does not."""
     times: dict = {}
     for r in rows:
         if r["provider"] in ("ours_fused", "ours_dequant+matmul") and r.get("median_ms") not in (
@@ -293,14 +293,17 @@ def crossover_rows(rows) -> list:
                 r["provider"]] = float(r["median_ms"])
     out = []
     for (mode, shape), by_m in sorted(times.items()):
-        both = {m: t for m, t in by_m.items() if len(t) == 2}
-        if not both:
+        ms = sorted(m for m, t in by_m.items() if len(t) == 2)
+        if not ms:
             continue
-        wins = [m for m, t in both.items() if t["ours_fused"] < t["ours_dequant+matmul"]]
-        losses = [m for m, t in both.items() if t["ours_fused"] >= t["ours_dequant+matmul"]]
-        out.append({"mode": mode, "shape": shape,
-                    "fused wins up to": max(wins) if wins else "never",
-                    "first M where dequant wins": min(losses) if losses else "none measured"})
+        fused_up_to, first_loss = "never", "none measured"
+        for m in ms:
+            if by_m[m]["ours_fused"] >= by_m[m]["ours_dequant+matmul"]:
+                first_loss = m
+                break
+            fused_up_to = m
+        out.append({"mode": mode, "shape": shape, "fused wins up to": fused_up_to,
+                    "first M where dequant wins": first_loss})
     return out
 
 

@@ -233,3 +233,15 @@ def test_gpu_compute_dtype_on_the_dequantize_path(monkeypatch, dropout):
                  rtol=0.0)
     assert_close(OP, "fp16_dequant.dB", db, db64, atol=(4 * u + 2 * (m + k) * u32) * bound_b,
                  rtol=0.0)
+
+
+def test_bench_crossover_is_the_last_fused_win_before_the_first_loss():
+    from bench.nf4_matmul import crossover_rows
+    timings = {1: (1.0, 2.0), 16: (1.0, 3.0), 64: (5.0, 4.0), 256: (1.0, 9.0)}  # (fused, dequant)
+    rows = [dict(provider=provider, mode="forward", shape="N=8 K=8", m=m, median_ms=t)
+            for m, pair in timings.items()
+            for provider, t in zip(("ours_fused", "ours_dequant+matmul"), pair)]
+    rows.append(dict(provider="ours_fused", mode="forward", shape="N=8 K=8", m=4096,
+                     median_ms=""))   # a failed measurement is left out
+    assert crossover_rows(rows) == [{"mode": "forward", "shape": "N=8 K=8",
+                                     "fused wins up to": 16, "first M where dequant wins": 64}]
