@@ -196,7 +196,8 @@ def compile_spec(spec: KernelSpec) -> CompileReport:
         report.loop_instructions, report.loop_mma = _main_loop(sass)
         report.ok = True
     except Exception as err:  # noqa: BLE001 - a failed compile is a result
-        report.error = f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:300] if str(err).strip() else ''}"
+        last_line = (str(err).strip().splitlines() or [""])[-1]
+        report.error = f"{type(err).__name__}: {last_line[:300]}"
     report.seconds = time.perf_counter() - start
     return report
 
