@@ -476,7 +476,7 @@ def _nested_quantize_kernel(absmax_ptr, offset_ptr, map_ptr, absmax_q_ptr, neste
 
 @triton.jit
 def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
-                           nested_offset_ptr, out_ptr, numel, n_blocks,
+                           nested_offset_ptr, out_ptr, numel, n_bytes, n_blocks,
                            BLOCKSIZE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr,
                            DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr):
     """Decode BLOCKS_PER_PROGRAM consecutive NF4 blocks into the output dtype.
@@ -496,7 +496,9 @@ def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, 
     # Each byte is loaded once (contiguous: vectorized) and gives two elements;
     # the absmax is decoded once per block; the code table sits in registers.
     byte_index = block[:, None] * HALF + tl.arange(0, HALF)[None, :]
-    byte = tl.load(packed_ptr + byte_index, mask=byte_index * 2 < numel, other=0).to(tl.int32)
+    # masked against the byte count (not 2 * index < numel), so the compiler sees
+    # masks constant over 16 contiguous bytes and issues 16-byte loads
+    byte = tl.load(packed_ptr + byte_index, mask=byte_index < n_bytes, other=0).to(tl.int32)
 
     if DOUBLE_QUANT:
         absmax_q = tl.load(absmax_ptr + block, mask=in_range, other=0).to(tl.int32)
@@ -598,7 +600,8 @@ def launch_nf4_dequantize(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
     nested = (q.nested_absmax, q.nested_code, q.nested_offset) if q.double_quant else (absmax,) * 3
     per_program = _blocks_per_program(q.n_blocks, q.blocksize)
     grid = (triton.cdiv(q.n_blocks, per_program),)
-    _nf4_dequantize_kernel[grid](q.packed, absmax, q.code, *nested, out, q.numel, q.n_blocks,
+    _nf4_dequantize_kernel[grid](q.packed, absmax, q.code, *nested, out, q.numel,
+                                 (q.numel + 1) // 2, q.n_blocks,
                                  BLOCKSIZE=q.blocksize, BLOCKS_PER_PROGRAM=per_program,
                                  DOUBLE_QUANT=q.double_quant, NESTED=NESTED_BLOCKSIZE, **_NO_FMA)
     return out if kernel_dtype == dtype else out.to(dtype)

@@ -81,6 +81,8 @@ class CompileReport:
     registers: int = 0            # per thread
     stack: int = 0                # bytes of local stack per thread
     spill_instructions: int = 0   # STL + LDL in the SASS
+    wide_loads: int = 0           # LDG.E.128 (16 bytes per thread) in the SASS
+    wide_stores: int = 0          # STG.E.128
     hgmma: int = 0
     hmma: int = 0
     ffma: int = 0
@@ -193,6 +195,8 @@ def compile_spec(spec: KernelSpec) -> CompileReport:
         report.hmma = sum(op.startswith("HMMA") for op in opcodes)
         report.ffma = sum(op.startswith("FFMA") for op in opcodes)
         report.spill_instructions = sum(op.startswith(("STL", "LDL")) for op in opcodes)
+        report.wide_loads = sum(op.startswith("LDG") and op.endswith(".128") for op in opcodes)
+        report.wide_stores = sum(op.startswith("STG") and op.endswith(".128") for op in opcodes)
         report.loop_instructions, report.loop_mma = _main_loop(sass)
         report.ok = True
     except Exception as err:  # noqa: BLE001 - a failed compile is a result
@@ -240,7 +244,7 @@ def nf4_specs() -> List[KernelSpec]:
                 dict(packed_ptr=torch.uint8, absmax_ptr=absmax, code_ptr=torch.float32,
                      nested_absmax_ptr=torch.float32, nested_code_ptr=torch.float32,
                      nested_offset_ptr=torch.float32, out_ptr=dtype, numel=numel,
-                     n_blocks=n_blocks, BLOCKSIZE=bs, BLOCKS_PER_PROGRAM=per_program,
+                     n_bytes=(numel + 1) // 2, n_blocks=n_blocks, BLOCKSIZE=bs, BLOCKS_PER_PROGRAM=per_program,
                      DOUBLE_QUANT=double_quant, NESTED=nf4.NESTED_BLOCKSIZE),
                 fp_fusion=False, hot=True))
     # the control for the no-FMA check: the same decode with contraction allowed

@@ -94,6 +94,16 @@ def test_nf4_decode_is_not_contracted_into_fma(reports):
     assert control and all(r["ptx_fma_f32"] > 0 for r in control), _names(control)
 
 
+def test_nf4_dequantize_moves_16_bytes_per_access(reports):
+    # memory-bound by design: the packed bytes come in and the weights go out as
+    # 16-byte vectors (LDG.E.128 / STG.E.128), not one element per instruction
+    decode = [r for r in reports if r["name"].startswith("nf4_dequantize/")]
+    assert decode
+    narrow = [r for r in decode if not (r["wide_loads"] and r["wide_stores"])]
+    assert not narrow, "no 16-byte loads or stores: " + ", ".join(
+        f"{r['name']} ({r['wide_loads']} LDG.128, {r['wide_stores']} STG.128)" for r in narrow)
+
+
 @pytest.mark.sweep
 def test_full_config_sweep(tmp_path):
     rows = compile_reports(tmp_path, "--sweep", timeout=3000)
