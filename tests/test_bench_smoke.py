@@ -154,7 +154,7 @@ def test_nf4_matmul_csv_rows_and_columns(smoke):
     _no_errors(rows)
     for r in rows:
         provider = r["provider"]
-        if provider in ("ours", "ours_dequant+matmul", "dense_matmul"):
+        if provider in ("ours", "ours_fused", "ours_dequant+matmul", "dense_matmul"):
             assert r["status"] == "ok", r
         elif provider == "bnb_matmul_4bit" and r["mode"] == "backward_input":
             assert r["status"].startswith("skipped:"), r
