@@ -25,8 +25,9 @@ import torch
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from .nf4 import NF4Weight
 from .nf4_dense import compute_dtype
-from .nf4_matmul import (LoraBackwardEpilogue, LoraForwardEpilogue, check_nf4_weight,
-                         launch_backward_input, launch_forward)
+from .nf4_matmul import (LoraBackwardEpilogue, LoraForwardEpilogue, launch_backward_input,
+                         launch_forward)
+from .nf4_operand import check_nf4_weight
 
 
 class LoRAContext(NamedTuple):

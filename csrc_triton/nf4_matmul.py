@@ -28,9 +28,10 @@ import triton.language as tl
 
 from . import _runtime
 from ._checks import FLOAT_DTYPES, check_numel, check_same_device, check_tensor
-from .nf4 import _NO_FMA, NESTED_BLOCKSIZE, NF4Weight, nf4_code_lookup
+from .nf4 import _NO_FMA, NF4Weight, nf4_code_lookup
 from .nf4_dense import (check_dense_weight, choose_path, dense_backward_input, dense_forward,
                         dequantize_for_matmul)
+from .nf4_operand import check_nf4_weight, weight_args, weight_constexprs
 
 # ---------------------------------------------------------------------------
 # kernels
@@ -272,7 +273,7 @@ class GpuConfig(NamedTuple):
 
 
 # The autotuner's choices on a GPU, for the M the fused path sees (<= the dispatch
-# threshold, 64 by default; 128-row tiles serve a raised threshold). BLOCK_M 16
+# threshold, 192 by default: 128-row tiles and 64-row ones). BLOCK_M 16
 # tiles use mma.sync (HMMA: wgmma needs 64 rows) and waste less at M <= 16.
 # Every one compiles for sm_90 within the shared-memory limit in bf16 and fp16
 # (tests/test_hopper_compile.py, `-m sweep`).
@@ -344,61 +345,6 @@ def _lora_block(rank: int) -> int:
 
 
 # ---------------------------------------------------------------------------
-# argument checks
-# ---------------------------------------------------------------------------
-
-def check_nf4_weight(op: str, w) -> None:
-    """Validate an NF4Weight used as a 2-D matmul operand; ValueError otherwise."""
-    if not isinstance(w, NF4Weight):
-        raise ValueError(f"{op}: argument 'w' must be an NF4Weight, got {type(w).__name__}")
-    if len(w.shape) != 2 or w.numel == 0:
-        raise ValueError(f"{op}: argument 'w' must be a non-empty 2-D weight [N, K]; "
-                         f"got shape {tuple(w.shape)}")
-    if not isinstance(w.blocksize, int) or w.blocksize <= 0:
-        raise ValueError(f"{op}: w.blocksize must be a positive int, got {w.blocksize!r}")
-    # the kernels index W's elements (n * K + k) in int32, not only its packed bytes
-    check_numel(op, f"argument 'w' (shape {tuple(w.shape)})", w.numel)
-
-    def field(name, tensor, dtype, numel):
-        check_tensor(op, f"w.{name}", tensor, dtypes=(dtype,))
-        if tensor.numel() != numel:
-            raise ValueError(f"{op}: w.{name} has {tensor.numel()} elements; expected {numel} "
-                             f"for a weight of shape {tuple(w.shape)} with blocksize {w.blocksize}")
-
-    field("packed", w.packed, torch.uint8, (w.numel + 1) // 2)
-    field("code", w.code, torch.float32, 16)
-    if w.double_quant:
-        field("absmax", w.absmax, torch.uint8, w.n_blocks)
-        field("nested_absmax", w.nested_absmax, torch.float32,
-              -(-w.n_blocks // NESTED_BLOCKSIZE))
-        if w.nested_code is None or w.nested_offset is None:
-            raise ValueError(f"{op}: double-quantized w needs nested_code and nested_offset")
-        field("nested_code", w.nested_code, torch.float32, 256)
-        field("nested_offset", w.nested_offset, torch.float32, 1)
-    else:
-        field("absmax", w.absmax, torch.float32, w.n_blocks)
-    check_same_device(op, packed=w.packed, absmax=w.absmax, code=w.code,
-                      nested_absmax=w.nested_absmax, nested_code=w.nested_code,
-                      nested_offset=w.nested_offset)
-
-
-def _weight_args(w: NF4Weight) -> dict:
-    # Unused nested pointers get a harmless stand-in (the kernel never reads them).
-    absmax = w.absmax.reshape(-1)
-    return dict(packed_ptr=w.packed.reshape(-1), absmax_ptr=absmax, code_ptr=w.code.reshape(-1),
-                nested_absmax_ptr=w.nested_absmax.reshape(-1) if w.double_quant else absmax,
-                nested_code_ptr=w.nested_code.reshape(-1) if w.double_quant else absmax,
-                nested_offset_ptr=w.nested_offset.reshape(-1) if w.double_quant else absmax)
-
-
-def _weight_constexprs(w: NF4Weight) -> dict:
-    blocksize = w.blocksize
-    row_aligned = w.shape[1] % blocksize == 0 and blocksize & (blocksize - 1) == 0
-    return dict(BLOCKSIZE=blocksize, DOUBLE_QUANT=w.double_quant, NESTED=NESTED_BLOCKSIZE,
-                ROW_ALIGNED=row_aligned)
-
-
-# ---------------------------------------------------------------------------
 # launchers (2-D)
 # ---------------------------------------------------------------------------
 
@@ -452,9 +398,9 @@ def launch_forward(op: str, x2d: torch.Tensor, w: NF4Weight,
                 xa_ptr=x2d if lora is None else _lora_operand(lora.xa, x2d.dtype),
                 lora_b_ptr=x2d if lora is None else _lora_operand(lora.lora_b, x2d.dtype),
                 lora_scale=0.0 if lora is None else float(lora.scale),
-                **_weight_args(w))
+                **weight_args(w))
     constexprs = dict(HAS_LORA=lora is not None, BLOCK_R=_lora_block(rank),
-                      OPERANDS_IN_FP32=_operands_in_fp32(x2d.dtype), **_weight_constexprs(w))
+                      OPERANDS_IN_FP32=_operands_in_fp32(x2d.dtype), **weight_constexprs(w))
     _launch(_fwd_kernel, (M, (N, "BLOCK_N")), args, constexprs)
     return y
 
@@ -484,10 +430,10 @@ def launch_backward_input(op: str, dy2d: torch.Tensor, w: NF4Weight, out_dtype: 
                 keep_ptr=lora.keep if has_dropout else dy2d,
                 lora_scale=0.0 if lora is None else float(lora.scale),
                 keep_scale=1.0 if lora is None else float(lora.keep_scale),
-                **_weight_args(w))
+                **weight_args(w))
     constexprs = dict(HAS_LORA=lora is not None, HAS_DROPOUT=has_dropout,
                       BLOCK_R=_lora_block(rank),
-                      OPERANDS_IN_FP32=_operands_in_fp32(dy2d.dtype), **_weight_constexprs(w))
+                      OPERANDS_IN_FP32=_operands_in_fp32(dy2d.dtype), **weight_constexprs(w))
     _launch(_bwd_input_kernel, (M, (K, "BLOCK_K")), args, constexprs)
     return dx
 
