@@ -2,7 +2,9 @@
 
 Ops (see the kernel table in README.md for the math of each):
   nf4_quantize, nf4_dequantize   blockwise NF4, bit-identical to bitsandbytes
-  nf4_matmul                     x @ W^T with W in NF4, dequantized inside the matmul
+  nf4_matmul                     x @ W^T with W in NF4: fused decode+matmul kernel at small M,
+                                 nf4_dequantize + cuBLAS at large M (nf4_dense; threshold
+                                 ANITA_NF4_FUSED_MAX_M)
   lora_linear                    x W^T + scale * (drop(x) A^T) B^T, W in NF4
   rms_norm                       LLaMA RMSNorm
   rope                           rotary embedding of q and k (GQA, per-token positions)
