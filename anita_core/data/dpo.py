@@ -163,6 +163,9 @@ def build_dpo_data(config: DPODataConfig, tokenizer: Tokenizer) -> DPOData:
         if kept is None:
             stats.dropped_too_long += 1
             continue
+        if kept[1] == kept[2]:      # chosen == rejected: zero DPO gradient, no signal
+            stats.identical_pairs += 1
+            continue
         stats.truncated += truncated
         pairs.append(PreferencePair(*kept, source=pair.source))
     if not pairs:
