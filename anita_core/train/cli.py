@@ -135,7 +135,8 @@ def start_run(args, output_dir: str, log) -> RunStart:
     """Before anything expensive: lock the output folder (one run at a time),
     remove what a killed run left half-written, refuse a folder holding another
     run unless --resume / --overwrite, and find the checkpoint to resume from."""
-    from anita_core.train.run_checkpoint import latest_checkpoint, remove_orphaned_temp_files
+    from anita_core.train.run_checkpoint import (check_checkpoint_files, latest_checkpoint,
+                                                 remove_orphaned_temp_files)
     from anita_core.train.run_folder import RunFolderError, RunLock, prepare_output_folder
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
@@ -157,6 +158,11 @@ def start_run(args, output_dir: str, log) -> RunStart:
         if resume_from is None:
             usage_error(f"--resume: no checkpoint under {out / 'checkpoints'}; start without "
                         f"--resume (with --overwrite if the folder holds an earlier run's files)")
+    if resume_from is not None:
+        try:
+            check_checkpoint_files(resume_from)
+        except (ValueError, FileNotFoundError) as e:
+            usage_error(f"--resume: {e}")
     return RunStart(out, resume_from, lock)
 
 

@@ -128,8 +128,9 @@ def write_state(folder: Path, state: dict) -> None:
         os.close(fd)
 
 
-def load_checkpoint_state(checkpoint: Path) -> dict:
-    """The trainer state of a checkpoint; never unpickles anything."""
+def check_checkpoint_files(checkpoint: Path) -> None:
+    """Raise (ValueError / FileNotFoundError, naming the file) unless ``checkpoint``
+    holds a trainer state this version reads; cheap, reads no content."""
     checkpoint = Path(checkpoint)
     json_path, tensor_path = checkpoint / STATE_JSON, checkpoint / STATE_TENSORS
     if not json_path.is_file():
@@ -142,6 +143,13 @@ def load_checkpoint_state(checkpoint: Path) -> dict:
         raise FileNotFoundError(f"{json_path}: no trainer state (not a complete anita checkpoint)")
     if not tensor_path.is_file():
         raise FileNotFoundError(f"{tensor_path}: missing (incomplete checkpoint)")
+
+
+def load_checkpoint_state(checkpoint: Path) -> dict:
+    """The trainer state of a checkpoint; never unpickles anything."""
+    checkpoint = Path(checkpoint)
+    json_path, tensor_path = checkpoint / STATE_JSON, checkpoint / STATE_TENSORS
+    check_checkpoint_files(checkpoint)
     try:
         data = json.loads(json_path.read_text())
         tensors = load_file(str(tensor_path))
