@@ -110,7 +110,8 @@ def test_a_folder_holding_a_run_needs_resume_or_overwrite(tmp_path):
     (out / "adapter").mkdir()
     (out / "notes.txt").write_text("mine")
     prepare_output_folder(out, resume=False, overwrite=True)
-XX
+    # only the run's records, checkpoints and adapter go (run.lock is the refused process's)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "run.lock"]
 
 
 def test_resume_cuts_metrics_back_to_the_checkpoint_step(tmp_path):
