@@ -17,7 +17,7 @@ BAD_COMMON = [
     ("--max-steps", "0"), ("--max-steps", "-2"), ("--logging-steps", "0"), ("--batch-size", "0"),
     ("--lora-r", "0"), ("--lora-r", "2.5"), ("--lora-alpha", "-1"), ("--lora-dropout", "1"),
     ("--lora-dropout", "-0.1"), ("--learning-rate", "0"), ("--learning-rate", "nan"),
-    ("--learning-rate", "inf"), ("--weight-decay", "-0.01"), ("--warmup-steps", "-1"),
+    ("--learning-rate", "inf"), ("--learning-rate", "1e39"), ("--weight-decay", "-0.01"), ("--warmup-steps", "-1"),
     ("--warmup-ratio", "1.5"), ("--max-grad-norm", "-1"), ("--num-epochs", "0"),
     ("--eval-steps", "-1"), ("--save-steps", "-5"), ("--save-minutes", "-1"),
     ("--save-total-limit", "-1"), ("--max-samples", "0"), ("--eval-split", "2.5"),

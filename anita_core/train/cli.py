@@ -15,7 +15,7 @@ from typing import List, NoReturn, Optional, Sequence
 import torch
 
 from anita_core.assets import ASSETS_DIR, TOKENIZER_DIR
-from anita_core.train.flag_types import (comma_subset, count_or_fraction, non_negative_float,
+from anita_core.train.flag_types import (comma_subset, count_or_fraction, learning_rate, non_negative_float,
                                          non_negative_int, positive_float, positive_int,
                                          probability_0_1, seed_int, steps_or_off)
 from anita_core.train.presets import DPO_PRESETS, PRESETS, SFT_PRESETS
@@ -78,7 +78,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, preset: str, presets: 
                    help=f"comma-separated subset of {','.join(PROJECTIONS)}")
 
     g = parser.add_argument_group("optimization")
-    g.add_argument("--learning-rate", type=positive_float, default=d["learning_rate"], help="peak learning rate")
+    g.add_argument("--learning-rate", type=learning_rate, default=d["learning_rate"], help="peak learning rate")
     g.add_argument("--weight-decay", type=non_negative_float, default=d["weight_decay"], help="AdamW weight decay")
     g.add_argument("--optimizer", default=d["optimizer"], choices=("adamw", "paged_adamw_8bit"),
                    help="paged_adamw_8bit needs CUDA + bitsandbytes, else falls back to adamw")

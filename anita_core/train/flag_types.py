@@ -56,6 +56,15 @@ def positive_float(text: str) -> float:
     return value
 
 
+def learning_rate(text: str) -> float:
+    """In (0, 1]: above 1, Adam's bias-corrected step (up to 10x the rate) makes
+    torch fail with an overflow instead of training."""
+    value = _number(text, float)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
 def non_negative_float(text: str) -> float:
     value = _number(text, float)
     if value < 0:
