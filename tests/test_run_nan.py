@@ -42,7 +42,7 @@ def test_weights_made_nan_by_an_update_stop_the_run_with_exit_3(tmp_path):
                           cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 3, proc.stderr[-3000:]
     good = out / "checkpoints" / "step-00000001"
-    assert f"step 2 (epoch 0, batch 2): the LoRA weights are not finite after the update; " \
+    assert f"step 2 (epoch 0, batch 1): the LoRA weights are not finite after the update; " \
            f"stopping. Last good checkpoint: {good}" in proc.stderr
     assert "No adapter was written" in proc.stderr and "Traceback" not in proc.stderr
     assert not (out / "adapter").exists(), "a NaN adapter was written as the final one"
