@@ -112,11 +112,15 @@ def add_common_arguments(parser: argparse.ArgumentParser, preset: str, presets: 
     g.add_argument("--system-prompt", default=None, help="default system prompt for rows without one")
 
 
-def check_common_arguments(parser: argparse.ArgumentParser, args) -> None:
-    """Checks that involve more than one flag (argparse-style error, exit 2)."""
+def parse_command_line(build_parser, argv: List[str]):
+    """(parser, args): flags parsed and checked, each alone (their argparse types)
+    and together; a bad one exits with an argparse error (code 2)."""
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
     if args.resume and args.overwrite:
         parser.error("argument --overwrite: not allowed with --resume (one continues the run "
                      "in --output-dir, the other replaces it)")
+    return parser, args
 
 
 @dataclass
