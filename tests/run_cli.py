@@ -2,12 +2,13 @@
 repository root, this checkout's code first on the path."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import List
+
+from anita_core.train.run_folder import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 # a few real QLoRA steps on the bundled tiny model, kept short for a 2-core CPU
@@ -35,15 +36,4 @@ def start_script(script: str, *args: str) -> subprocess.Popen:
 
 def metric_steps(output_dir: Path) -> List[int]:
     """The step of every training record (not eval records) in metrics.jsonl."""
-    path = Path(output_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    steps = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:     # a line being written right now
-            continue
-        if "loss" in record:
-            steps.append(record["step"])
-    return steps
+    return [r["step"] for r in read_metrics(output_dir) if "loss" in r]

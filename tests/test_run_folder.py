@@ -132,3 +132,15 @@ def test_orphaned_temp_files_are_removed(tmp_path):
     removed = remove_orphaned_temp_files(tmp_path)
     assert len(removed) == 2
     assert [p.name for p in root.iterdir()] == ["step-00000002"]
+
+
+def test_resuming_a_finished_run_logs_no_second_eval_record(tmp_path):
+    from tests.test_trainer import make_trainer
+    first = make_trainer(tmp_path, max_steps=2, dropout=0.0)
+    first.eval_batches = first.epoch_batches(0)[:1]
+    first.train()
+    again = make_trainer(tmp_path, max_steps=2, dropout=0.0)
+    again.eval_batches = again.epoch_batches(0)[:1]
+    again.train(resume_from=tmp_path / "checkpoints" / "step-00000002")
+    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], "eval_loss" in r) for r in records] == [(1, False), (2, False), (2, True)]

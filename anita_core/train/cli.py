@@ -343,6 +343,7 @@ def _train_and_report(trainer, args, model_dir, model, adapters, run: RunStart, 
         export_merged(model.config, model.base, deltas, args.merge_export,
                       tokenizer_dir=tokenizer_dir_for(model_dir))
         log(f"merged HF checkpoint: {args.merge_export}")
+    from anita_core.train.run_folder import read_metrics
     records = read_metrics(output_dir)
     losses = [r["loss"] for r in records if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
@@ -390,13 +391,6 @@ def per_epoch(make_batches):
             cache[epoch] = make_batches(epoch)
         return cache[epoch]
     return epoch_batches
-
-
-def read_metrics(output_dir: str) -> List[dict]:
-    path = Path(output_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def log_to_stderr(message: str) -> None:

@@ -84,24 +84,27 @@ def prepare_output_folder(output_dir: Path, *, resume: bool, overwrite: bool) ->
             path.unlink()
 
 
+def read_metrics(output_dir: Path) -> List[dict]:
+    """The records of metrics.jsonl (a last line cut short by a kill is left out)."""
+    path = Path(output_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
 def truncate_metrics(output_dir: Path, step: int) -> int:
     """Keep only the metrics records of steps <= ``step`` (a resume replays the
-    later ones), rewriting the file atomically. Returns how many were dropped."""
+    later ones), rewriting the file atomically. Returns how many lines were dropped."""
     path = Path(output_dir) / METRICS_FILE
     if not path.is_file():
         return 0
-    kept, dropped = [], 0
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:    # a line cut short by a kill: never a complete record
-            dropped += 1
-            continue
-        if record.get("step", 0) <= step:
-            kept.append(line)
-        else:
-            dropped += 1
-    write_text_atomically(path, "".join(line + "\n" for line in kept))
-    return dropped
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [r for r in read_metrics(output_dir) if r.get("step", 0) <= step]
+    write_text_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return len(lines) - len(kept)

@@ -24,7 +24,7 @@ import torch
 from anita_core.train.run_checkpoint import (ADAPTER_DIR, latest_checkpoint, load_checkpoint_state, rng_restore,
                             rng_snapshot, save_checkpoint)
 from anita_core.train.optim import build_optimizer, lr_multiplier, warmup_steps_for
-from anita_core.train.run_folder import METRICS_FILE, truncate_metrics
+from anita_core.train.run_folder import METRICS_FILE, read_metrics, truncate_metrics
 
 
 class Objective(Protocol):
@@ -150,7 +150,8 @@ class Trainer:
         self.batch_index = 0
         self.metrics_path = self.output_dir / METRICS_FILE
         self._step_start = None
-        self._last_eval: dict = {}
+        self._last_eval: dict = {}        # the latest eval metrics, and the step they are of
+        self._last_eval_step: Optional[int] = None
         self._last_save_time = time.monotonic()
 
     # ---------------------------------------------------------------- state
@@ -203,6 +204,10 @@ class Trainer:
         self.step, self.epoch, self.batch_index = state["step"], state["epoch"], state["batch_index"]
         # the steps after the checkpoint are replayed: their old records must go
         truncate_metrics(self.output_dir, self.step)
+        for record in read_metrics(self.output_dir):
+            if record.get("step") == self.step and any(k.startswith("eval_") for k in record):
+                self._last_eval = {k: v for k, v in record.items() if k.startswith("eval_")}
+                self._last_eval_step = self.step
         return Path(checkpoint)
 
     # ---------------------------------------------------------------- loop
@@ -293,8 +298,8 @@ class Trainer:
                     self.save()
             bar.close()
             if self.eval_batches:
-                just_evaluated = self.config.eval_steps and self.step % self.config.eval_steps == 0
-                last.update(self._last_eval if just_evaluated and self._last_eval else self._evaluate())
+                # never a second eval record for one step (e.g. resuming a finished run)
+                last.update(self._last_eval if self._last_eval_step == self.step else self._evaluate())
             self.save()
         except KeyboardInterrupt as e:
             bar.close()
@@ -322,7 +327,7 @@ class Trainer:
         if bad:
             raise TrainingDiverged(f"step {self.step}: eval metrics are not finite ("
                                    + ", ".join(f"{k}={v}" for k, v in bad.items()) + ")")
-        self._last_eval = result
+        self._last_eval, self._last_eval_step = result, self.step
         self._log_metrics({"step": self.step, **result})
         self.log("  ".join(f"{k}={v:.4f}" for k, v in result.items()))
         return result
