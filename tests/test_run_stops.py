@@ -109,3 +109,20 @@ def test_resume_refuses_other_settings_listing_each_and_a_missing_path(uninterru
     assert proc.returncode == 2
     assert f"error: --resume {tmp_path / 'nowhere'}: no such checkpoint folder" in proc.stderr
     assert "base model" not in proc.stderr
+
+
+def test_a_signal_inside_an_update_waits_for_the_update_to_finish():
+    """So a stop never checkpoints half-updated weights; a second signal is ignored."""
+    import os
+    from anita_core.train.trainer import Interrupted, _signals_deferred, stop_on_signals
+    order, log = [], []
+    with pytest.raises(Interrupted) as e:
+        with stop_on_signals(log.append):
+            with _signals_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGINT)
+                order.append("update finished")
+            order.append("next step")
+    assert e.value.signum == signal.SIGTERM and order == ["update finished"]
+    assert log == ["SIGINT received while stopping; finishing the checkpoint"]
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL     # handlers restored

@@ -82,11 +82,31 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+class _Deferral:
+    """Signals that arrive inside an update (optimizer step to step count) wait for
+    its end: a checkpoint must never hold half-updated weights."""
+    depth = 0
+    pending: Optional[int] = None
+
+
+@contextmanager
+def _signals_deferred():
+    _Deferral.depth += 1
+    try:
+        yield
+    finally:
+        _Deferral.depth -= 1
+    if _Deferral.depth == 0 and _Deferral.pending is not None:
+        signum, _Deferral.pending = _Deferral.pending, None
+        raise Interrupted(signum)
+
+
 @contextmanager
 def stop_on_signals(log: Callable[[str], None], signums=(signal.SIGINT, signal.SIGTERM)):
     """While active, SIGINT and SIGTERM raise Interrupted in the main thread, so
-    both checkpoint the same way; signals that arrive after the first are noted
-    and ignored, so that the checkpoint being written is not cut short."""
+    both checkpoint the same way (inside an update, once the update is done);
+    signals that arrive after the first are noted and ignored, so that the
+    checkpoint being written is not cut short."""
     received: List[int] = []
 
     def handler(signum, frame):
@@ -94,6 +114,9 @@ def stop_on_signals(log: Callable[[str], None], signums=(signal.SIGINT, signal.S
             log(f"{signal.Signals(signum).name} received while stopping; finishing the checkpoint")
             return
         received.append(signum)
+        if _Deferral.depth:
+            _Deferral.pending = signum
+            return
         raise Interrupted(signum)
 
     previous = {s: signal.signal(s, handler) for s in signums}
@@ -255,12 +278,13 @@ class Trainer:
             if grads else 0.0
         if not math.isfinite(grad_norm):
             raise TrainingDiverged(f"{where}: gradient norm is {grad_norm}; the update was not applied")
-        if units > 0:
-            self.optimizer.step()
-            if not _all_finite(self.params):
-                raise TrainingDiverged(f"{where}: the LoRA weights are not finite after the update")
-        self.step += 1
-        self._step_start = None
+        with _signals_deferred():
+            if units > 0:
+                self.optimizer.step()
+                if not _all_finite(self.params):
+                    raise TrainingDiverged(f"{where}: the LoRA weights are not finite after the update")
+            self.step += 1
+            self._step_start = None
         record = {"step": self.step, "epoch": round(self.epoch + self.batch_index /
                                                      self.batches_per_epoch, 4),
                   "lr": lr, "grad_norm": grad_norm, "units": units}
