@@ -48,9 +48,9 @@ def build_parser(argv):
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     from anita_core.train.cli import (build_data_or_report, eval_split_value, load_model_and_adapters,
-                                      log_to_stderr, parse_command_line, per_epoch, run_settings,
-                                      run_training, start_run, tokenizer_dir_for,
-                                      train_config_from_args)
+                                      log_to_stderr, parse_command_line, per_epoch, run_training,
+                                      start_run, tokenizer_dir_for, train_config_from_args)
+    from anita_core.train.run_identity import run_settings
     parser, args = parse_command_line(build_parser, argv)
     if args.max_prompt_length and args.max_prompt_length >= args.max_length:
         parser.error(f"argument --max-prompt-length: must be below --max-length "
