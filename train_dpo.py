@@ -23,19 +23,20 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 def build_parser(argv):
     from anita_core.assets import sample_path
     from anita_core.train.cli import add_common_arguments, resolve_preset
+    from anita_core.train.flag_types import int_at_least, non_negative_int, positive_float
     from anita_core.train.losses import DPO_LOSS_TYPES
     from anita_core.train.presets import DPO_PRESETS, PRESETS
-    preset = resolve_preset(argv, demo="dpo-demo", real="dpo")
+    preset = resolve_preset(argv, demo="dpo-demo", real="dpo", allowed=DPO_PRESETS)
     d = PRESETS[preset]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_common_arguments(parser, preset, DPO_PRESETS)
     g = parser.add_argument_group("DPO")
     g.add_argument("--data", nargs="+", default=[sample_path("dpo")],
                    help="preference data file(s), folder(s) or hub name(s)")
-    g.add_argument("--beta", type=float, default=d["beta"], help="DPO temperature")
+    g.add_argument("--beta", type=positive_float, default=d["beta"], help="DPO temperature")
     g.add_argument("--loss-type", default=d["loss_type"], choices=DPO_LOSS_TYPES, help="preference loss")
-    g.add_argument("--max-length", type=int, default=d["max_length"], help="prompt + answer tokens")
-    g.add_argument("--max-prompt-length", type=int, default=d["max_prompt_length"],
+    g.add_argument("--max-length", type=int_at_least(2), default=d["max_length"], help="prompt + answer tokens")
+    g.add_argument("--max-prompt-length", type=non_negative_int, default=d["max_prompt_length"],
                    help="prompt tokens kept when a pair is too long (TRL <= 0.11 rule); 0: TRL 1.x rule")
     g.add_argument("--exclude-sources", nargs="*", default=[],
                    help="drop rows whose `source` column is one of these (the paper drops toxic-dpo)")
@@ -46,16 +47,21 @@ def build_parser(argv):
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(argv).parse_args(argv)
-
-    from anita_core.train.cli import (build_data_or_report, eval_split_value, load_model_and_adapters, log_to_stderr, per_epoch,
-                                run_training, tokenizer_dir_for, train_config_from_args)
+    from anita_core.train.cli import (build_data_or_report, eval_split_value, load_model_and_adapters,
+                                      log_to_stderr, parse_command_line, per_epoch, run_training,
+                                      start_run, tokenizer_dir_for, train_config_from_args)
+    from anita_core.train.run_identity import run_settings
+    parser, args = parse_command_line(build_parser, argv)
+    if args.max_prompt_length and args.max_prompt_length >= args.max_length:
+        parser.error(f"argument --max-prompt-length: must be below --max-length "
+                     f"({args.max_length}), or 0; got {args.max_prompt_length}")
     from anita_core.data import DPODataConfig, build_dpo_data, dpo_batches, load_tokenizer
     from anita_core.lora import load_peft
     from anita_core.train.objectives import DPOObjective
     from anita_core.train.trainer import Trainer
     log = log_to_stderr
     output_dir = args.output_dir or f"runs/dpo-{args.preset}"
+    run = start_run(args, output_dir, log)
 
     model_dir, model, adapters = load_model_and_adapters(args, log)
     reference = None
@@ -83,11 +89,13 @@ def main(argv=None) -> int:
     eval_batches = (dpo_batches(data.eval, batch_size=args.batch_size, pad_id=tokenizer.pad_id)
                     if data.eval else None)
     objective = DPOObjective(model, beta=args.beta, loss_type=args.loss_type, reference_adapters=reference)
-    trainer = Trainer(model, adapters, objective, epoch_batches, train_config_from_args(args, output_dir),
-                      eval_batches=eval_batches, log=log)
+    settings = run_settings(args, "train_dpo.py", model_dir, adapters, data)
+    trainer = Trainer(model, adapters, objective, epoch_batches,
+                      train_config_from_args(args, output_dir, settings), eval_batches=eval_batches,
+                      log=log)
     log(f"{trainer.total_steps} optimizer steps, {trainer.batches_per_epoch} micro-batches per epoch, "
         f"output in {output_dir}")
-    return run_training(trainer, args, model_dir, model, adapters, output_dir, log)
+    return run_training(trainer, args, model_dir, model, adapters, run, log, data.stats)
 
 
 if __name__ == "__main__":

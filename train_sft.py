@@ -23,8 +23,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 def build_parser(argv):
     from anita_core.assets import sample_path
     from anita_core.train.cli import add_common_arguments, resolve_preset
+    from anita_core.train.flag_types import int_at_least
     from anita_core.train.presets import PRESETS, SFT_PRESETS
-    preset = resolve_preset(argv, demo="demo", real="sft")
+    preset = resolve_preset(argv, demo="demo", real="sft", allowed=SFT_PRESETS)
     d = PRESETS[preset]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_common_arguments(parser, preset, SFT_PRESETS)
@@ -35,7 +36,7 @@ def build_parser(argv):
                    help="row shape (auto: detected from the columns)")
     g.add_argument("--template", default="llama3", choices=("llama3", "alpaca"),
                    help="how instruction rows are rendered")
-    g.add_argument("--max-seq-length", type=int, default=d["max_seq_length"], help="tokens per row")
+    g.add_argument("--max-seq-length", type=int_at_least(2), default=d["max_seq_length"], help="tokens per row")
     g.add_argument("--train-on-all-tokens", action="store_true",
                    help="loss on every token, not only the answers")
     g.add_argument("--no-packing", action="store_true", help="one example per row, padded")
@@ -44,15 +45,17 @@ def build_parser(argv):
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(argv).parse_args(argv)
-
-    from anita_core.train.cli import (build_data_or_report, eval_split_value, load_model_and_adapters, log_to_stderr, per_epoch,
-                                run_training, tokenizer_dir_for, train_config_from_args)
+    from anita_core.train.cli import (build_data_or_report, eval_split_value, load_model_and_adapters,
+                                      log_to_stderr, parse_command_line, per_epoch, run_training,
+                                      start_run, tokenizer_dir_for, train_config_from_args)
+    from anita_core.train.run_identity import run_settings
+    _, args = parse_command_line(build_parser, argv)
     from anita_core.data import SFTDataConfig, build_sft_data, load_tokenizer, sft_batches
     from anita_core.train.objectives import SFTObjective
     from anita_core.train.trainer import Trainer
     log = log_to_stderr
     output_dir = args.output_dir or f"runs/sft-{args.preset}"
+    run = start_run(args, output_dir, log)
 
     model_dir, model, adapters = load_model_and_adapters(args, log)
     tokenizer = load_tokenizer(tokenizer_dir_for(model_dir))
@@ -71,11 +74,13 @@ def main(argv=None) -> int:
 
     epoch_batches = per_epoch(lambda epoch: batches_for(data.train, args.seed + epoch))
     eval_batches = batches_for(data.eval, None) if data.eval else None
+    settings = run_settings(args, "train_sft.py", model_dir, adapters, data)
     trainer = Trainer(model, adapters, SFTObjective(model), epoch_batches,
-                      train_config_from_args(args, output_dir), eval_batches=eval_batches, log=log)
+                      train_config_from_args(args, output_dir, settings), eval_batches=eval_batches,
+                      log=log)
     log(f"{trainer.total_steps} optimizer steps, {trainer.batches_per_epoch} micro-batches per epoch, "
         f"output in {output_dir}")
-    return run_training(trainer, args, model_dir, model, adapters, output_dir, log)
+    return run_training(trainer, args, model_dir, model, adapters, run, log, data.stats)
 
 
 if __name__ == "__main__":

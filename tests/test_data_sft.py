@@ -354,7 +354,7 @@ def test_unreadable_sources_give_clear_errors(tok, tmp_path):
         build_sft_data(SFTDataConfig(str(odd)), tok)
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"text": "uno"}\n{"text": "due"}\n{"text": "tre\n')
-    with pytest.raises(ValueError, match=r"broken\.jsonl: line 3: not valid JSON"):
+    with pytest.raises(ValueError, match=r"broken\.jsonl: row 3: not valid JSON"):
         build_sft_data(SFTDataConfig(str(broken)), tok)
     array = tmp_path / "array.json"
     array.write_text('[\n{"text": "uno"},\n{"text": "due"}\n{"text": "tre"}\n]\n')

@@ -119,14 +119,14 @@ KILLED_WHILE_SAVING = textwrap.dedent("""
     import torch
     from test_trainer import make_trainer
     import anita_core.train.run_checkpoint as ck
-    real_save = torch.save
-    def dying_save(obj, f, *a, **k):
-        if obj["step"] == 3:
-            f.write(b"partial bytes of a trainer state")
-            f.flush()
+    real_write = ck.write_state
+    def dying_write(folder, state):
+        if state["step"] == 3:
+            with open(folder / ck.STATE_TENSORS, "wb") as f:
+                f.write(b"partial bytes of a trainer state")
             os._exit(137)           # the process dies mid-write, like SIGKILL
-        return real_save(obj, f, *a, **k)
-    ck.torch.save = dying_save      # test double inside a throwaway subprocess
+        return real_write(folder, state)
+    ck.write_state = dying_write    # test double inside a throwaway subprocess
     make_trainer({out!r}, max_steps=4, dropout=0.0).train()
 """)
 

@@ -157,6 +157,9 @@ def build_dpo_data(config: DPODataConfig, tokenizer: Tokenizer) -> DPOData:
                      cache_dir=config.cache_dir)
     pairs = []
     for pair in tokenize_pairs([row for _, row in rows], tokenizer, config.system_prompt):
+        if pair.chosen_ids == pair.rejected_ids:    # same answer after templating: no signal
+            stats.identical_pairs += 1
+            continue
         kept, truncated = truncate_pair(pair.prompt_ids, pair.chosen_ids, pair.rejected_ids,
                                         max_length=config.max_length,
                                         max_prompt_length=config.max_prompt_length)

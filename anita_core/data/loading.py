@@ -6,7 +6,7 @@ import csv
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Collection, Dict, List, Optional, Sequence, Tuple, Union
 
 from anita_core.data.rows import CHECKS, SHAPES, BadRowError, RowProblem, detect_shape
@@ -22,6 +22,9 @@ class Table:
     source: str                  # the path or hub name, as given
     columns: List[str]
     rows: List[Dict[str, Any]]
+    # row index -> why that row could not be read (bad JSON, bad encoding...);
+    # rows[index] is then an empty placeholder
+    problems: Dict[int, str] = field(default_factory=dict)
 
 
 def _quiet_datasets():
@@ -31,27 +34,68 @@ def _quiet_datasets():
     return datasets
 
 
-def _first_bad_json_line(path: str) -> Optional[str]:
-    """The location and reason of the first line that is not a JSON object, for
-    a JSON-lines file whose loading failed (the Arrow error does not say)."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        text = f.read()
+def _undecodable(raw: bytes) -> str:
     try:
-        json.loads(text)
-        return None                     # a valid single JSON document: not JSON lines
-    except json.JSONDecodeError as whole:
-        if text.lstrip().startswith("["):          # a JSON array: its own error has the line
-            return f"line {whole.lineno}: not valid JSON ({whole.msg})"
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as e:
-            return f"line {number}: not valid JSON ({e.msg})"
-        if not isinstance(value, dict):
-            return f"line {number}: expected a JSON object, got {type(value).__name__}"
-    return None
+        raw.decode("utf-8")
+        return ""
+    except UnicodeDecodeError as e:
+        return f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}: {e.reason})"
+
+
+def _read_json_lines(path: str, max_rows: Optional[int]) -> Table:
+    """A JSON-lines file read line by line, for when `datasets` cannot load it: each
+    blank line is ignored, each other line is one row, and a line that is not UTF-8,
+    not JSON or not an object becomes a row problem (reported, or skipped with
+    skip_bad_rows) instead of failing the whole file."""
+    rows: List[Dict[str, Any]] = []
+    problems: Dict[int, str] = {}
+    columns: Dict[str, None] = {}
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if max_rows is not None and len(rows) >= max_rows:
+                break
+            if not raw.strip():
+                continue
+            problem = _undecodable(raw)
+            value = None
+            if not problem:
+                try:
+                    value = json.loads(raw.decode("utf-8"))
+                except json.JSONDecodeError as e:
+                    problem = f"not valid JSON ({e.msg})"
+            if not problem and not isinstance(value, dict):
+                problem = f"expected a JSON object, got {type(value).__name__}"
+            if problem:
+                where = "" if number == len(rows) + 1 else f"line {number}: "   # blank lines above
+                problems[len(rows)] = where + problem
+                rows.append({})
+            else:
+                columns.update(dict.fromkeys(value))
+                rows.append(value)
+    names = list(columns)
+    rows = [row if i in problems else {c: row.get(c) for c in names} for i, row in enumerate(rows)]
+    return Table(source=path, columns=names, rows=rows, problems=problems)
+
+
+def _is_json_array(path: str) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    return head.startswith(b"[")
+
+
+def _check_not_empty(path: str) -> None:
+    with open(path, "rb") as f:
+        if not f.read(1 << 16).strip() and not f.read(1):
+            raise ValueError(f"{path}: empty file (no rows)")
+
+
+def _check_utf8(path: str) -> None:
+    """For whole-file formats (a JSON array, CSV): the first line that is not UTF-8."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            problem = _undecodable(raw)
+            if problem:
+                raise ValueError(f"{path}: line {number}: {problem}")
 
 
 def read_table(source: str, *, split: str = "train", max_rows: Optional[int] = None,
@@ -67,6 +111,9 @@ def read_table(source: str, *, split: str = "train", max_rows: Optional[int] = N
         if ext not in BUILDERS:
             raise ValueError(f"{source}: unsupported file type {ext!r}; expected one of "
                              f"{sorted(BUILDERS)}")
+        _check_not_empty(source)
+        if ext == ".csv":
+            _check_utf8(source)
         name, kwargs = BUILDERS[ext], {"data_files": source, "split": "train"}
         if ext == ".csv":
             # CSV cells are text: without this, a column of digits ("17") would
@@ -81,11 +128,16 @@ def read_table(source: str, *, split: str = "train", max_rows: Optional[int] = N
         name, kwargs = source, {"split": split}
     try:
         dataset = datasets.load_dataset(name, cache_dir=cache_dir, **kwargs)
+        if max_rows is not None and max_rows < len(dataset):
+            dataset = dataset.select(range(max_rows))
+        # Arrow does not check UTF-8 on load: a bad byte shows here, in to_list
+        return Table(source=source, columns=list(dataset.column_names), rows=dataset.to_list())
     except Exception as e:             # datasets wraps parser errors in its own types
+        if os.path.isfile(source) and ext in (".json", ".jsonl"):
+            if not _is_json_array(source):
+                return _read_json_lines(source, max_rows)
+            _check_utf8(source)
         raise ValueError(_load_failure(source, ext, e)) from e
-    if max_rows is not None and max_rows < len(dataset):
-        dataset = dataset.select(range(max_rows))
-    return Table(source=source, columns=list(dataset.column_names), rows=dataset.to_list())
 
 
 def _all_text_features(datasets, path: str):
@@ -97,14 +149,17 @@ def _all_text_features(datasets, path: str):
 
 
 def _load_failure(source: str, ext: str, error: Exception) -> str:
-    if os.path.isfile(source) and ext in (".json", ".jsonl"):
-        where = _first_bad_json_line(source)
-        if where:
-            return f"{source}: {where}"
+    reason = f"{type(error).__name__}: {error}" if str(error).strip() else type(error).__name__
+    if os.path.isfile(source) and ext == ".json":
+        with open(source, encoding="utf-8") as f:
+            try:
+                json.load(f)
+            except json.JSONDecodeError as e:
+                return f"{source}: line {e.lineno}: not valid JSON ({e.msg})"
     if os.path.exists(source):
-        return f"{source}: cannot be read as {BUILDERS.get(ext, 'a dataset')}: {error}"
+        return f"{source}: cannot be read as {BUILDERS.get(ext, 'a dataset')}: {reason}"
     return (f"{source}: not a local file or folder, and loading it as a hub dataset failed "
-            f"(offline?): {type(error).__name__}: {error}")
+            f"(offline?): {reason}")
 
 
 def read_rows(sources: Union[str, Sequence[str]], *, stats: DataStats, shape: str = "auto",
@@ -144,6 +199,8 @@ def read_rows(sources: Union[str, Sequence[str]], *, stats: DataStats, shape: st
                 stats.filtered_by_source += 1
                 continue
             try:
+                if index in table.problems:
+                    raise RowProblem(table.problems[index])
                 out.append((row_shape, check(row)))
             except RowProblem as problem:
                 error = BadRowError(table.source, index + 1, str(problem))

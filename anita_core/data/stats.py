@@ -15,6 +15,7 @@ class DataStats:
     filtered_by_source: int = 0   # DPO rows whose source is excluded
     dropped_too_long: int = 0     # prompt alone fills max length: no answer token fits
     truncated: int = 0            # kept, but cut to the max length
+    identical_pairs: int = 0      # DPO pairs whose chosen and rejected tokens are the same
     examples: int = 0             # documents (SFT) or pairs (DPO) kept
     train_examples: int = 0
     eval_examples: int = 0
@@ -36,9 +37,17 @@ class DataStats:
         for name, value in (("skipped (malformed)", self.skipped_bad_rows),
                             ("filtered by source", self.filtered_by_source),
                             ("dropped (too long)", self.dropped_too_long),
+                            ("skipped (chosen == rejected)", self.identical_pairs),
                             ("truncated", self.truncated)):
             if value:
                 parts.append(f"{name} {value}")
         parts.append(f"kept {self.examples} (train {self.train_examples}, eval {self.eval_examples})")
         parts.append(f"tokens {self.tokens}, targets {self.target_tokens}")
         return "; ".join(parts)
+
+    def skipped_rows_report(self) -> str:
+        """The first few skipped rows with their reasons, one per line."""
+        shown = len(self.bad_row_examples)
+        head = (f"skipped {self.skipped_bad_rows} malformed row(s)"
+                + (f"; the first {shown}:" if shown < self.skipped_bad_rows else ":"))
+        return "\n".join([head] + [f"  {m}" for m in self.bad_row_examples])

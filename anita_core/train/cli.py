@@ -7,27 +7,39 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import List, NoReturn, Optional, Sequence
 
 import torch
 
 from anita_core.assets import ASSETS_DIR, TOKENIZER_DIR
-from anita_core.train.presets import PRESETS
+from anita_core.train.flag_types import (comma_subset, count_or_fraction, learning_rate, non_negative_float,
+                                         non_negative_int, positive_float, positive_int,
+                                         probability_0_1, seed_int, steps_or_off)
+from anita_core.train.presets import DPO_PRESETS, PRESETS, SFT_PRESETS
 from anita_core.model.weights import PROJECTIONS
+
+EXIT_BAD_INPUT = 2          # bad flag, file, row or output folder (argparse's code too)
+EXIT_DIVERGED = 3           # a non-finite loss, gradient, weight or eval metric
 
 BUNDLED_MODEL = os.path.join(ASSETS_DIR, "tiny-llama3")
 
 
-def resolve_preset(argv: List[str], demo: str, real: str) -> str:
-    """--preset if given; otherwise the demo preset when no --model is given."""
+def resolve_preset(argv: List[str], demo: str, real: str, allowed: Sequence[str]) -> str:
+    """--preset if given (one of ``allowed``, this script's presets); otherwise the
+    demo preset when no --model is given."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset")
     pre.add_argument("--model")
     known, _ = pre.parse_known_args(argv)
     if known.preset is not None:
-        if known.preset not in PRESETS:
-            raise SystemExit(f"--preset {known.preset!r}: expected one of {', '.join(PRESETS)}")
+        if known.preset not in allowed:
+            other = {**{p: "train_sft.py" for p in SFT_PRESETS},
+                     **{p: "train_dpo.py" for p in DPO_PRESETS}}.get(known.preset)
+            hint = f" ({known.preset!r} is a preset of {other})" if other else ""
+            pre.error(f"argument --preset: invalid choice: {known.preset!r}{hint}; "
+                      f"choose from {', '.join(allowed)}")
         return known.preset
     return demo if known.model is None else real
 
@@ -43,52 +55,118 @@ def add_common_arguments(parser: argparse.ArgumentParser, preset: str, presets: 
                    "(default: runs/<script>-<preset>)")
     g.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="resume from a checkpoint directory, or the run's latest one if no path")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --output-dir (its metrics, checkpoints and adapter)")
     g.add_argument("--init-adapter", default=None, help="start from this PEFT adapter (e.g. an SFT adapter)")
     g.add_argument("--merge-export", default=None, metavar="DIR",
                    help="also write the base with the adapter merged in, as a HF checkpoint")
     g.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
                    help="compute dtype (auto: bf16 on a GPU, fp32 on the CPU)")
-    g.add_argument("--seed", type=int, default=d["seed"], help="seed for data order, LoRA init, dropout")
+    g.add_argument("--seed", type=seed_int, default=d["seed"], help="seed for data order, LoRA init, dropout")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--offload-activations", action="store_true",
                    help="keep each block's input in (pinned) CPU memory between forward and backward")
 
     g = parser.add_argument_group("LoRA")
-    g.add_argument("--lora-r", type=int, default=d["lora_r"], help="rank")
-    g.add_argument("--lora-alpha", type=float, default=d["lora_alpha"], help="alpha (scale = alpha / r)")
-    g.add_argument("--lora-dropout", type=float, default=d["lora_dropout"], help="dropout on the LoRA input")
+    g.add_argument("--lora-r", type=positive_int, default=d["lora_r"], help="rank")
+    g.add_argument("--lora-alpha", type=positive_float, default=d["lora_alpha"], help="alpha (scale = alpha / r)")
+    g.add_argument("--lora-dropout", type=probability_0_1, default=d["lora_dropout"], help="dropout on the LoRA input")
     g.add_argument("--rslora", action=argparse.BooleanOptionalAction, default=d["use_rslora"],
                    help="rank-stabilized scale alpha / sqrt(r)")
-    g.add_argument("--target-modules", default=d["target_modules"],
+    g.add_argument("--target-modules", default=d["target_modules"], type=comma_subset(PROJECTIONS),
                    help=f"comma-separated subset of {','.join(PROJECTIONS)}")
 
     g = parser.add_argument_group("optimization")
-    g.add_argument("--learning-rate", type=float, default=d["learning_rate"], help="peak learning rate")
-    g.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="AdamW weight decay")
+    g.add_argument("--learning-rate", type=learning_rate, default=d["learning_rate"], help="peak learning rate")
+    g.add_argument("--weight-decay", type=non_negative_float, default=d["weight_decay"], help="AdamW weight decay")
     g.add_argument("--optimizer", default=d["optimizer"], choices=("adamw", "paged_adamw_8bit"),
                    help="paged_adamw_8bit needs CUDA + bitsandbytes, else falls back to adamw")
     g.add_argument("--lr-scheduler", default=d["lr_scheduler"], choices=("linear", "cosine", "constant"),
                    help="decay after warmup")
-    g.add_argument("--warmup-steps", type=int, default=d["warmup_steps"], help="warmup steps (wins over ratio)")
-    g.add_argument("--warmup-ratio", type=float, default=d["warmup_ratio"], help="warmup as a fraction of steps")
-    g.add_argument("--batch-size", type=int, default=d["batch_size"], help="rows (SFT) or pairs (DPO) per micro-batch")
-    g.add_argument("--gradient-accumulation-steps", type=int, default=d["gradient_accumulation_steps"],
+    g.add_argument("--warmup-steps", type=non_negative_int, default=d["warmup_steps"], help="warmup steps (wins over ratio)")
+    g.add_argument("--warmup-ratio", type=probability_0_1, default=d["warmup_ratio"], help="warmup as a fraction of steps")
+    g.add_argument("--batch-size", type=positive_int, default=d["batch_size"], help="rows (SFT) or pairs (DPO) per micro-batch")
+    g.add_argument("--gradient-accumulation-steps", type=positive_int, default=d["gradient_accumulation_steps"],
                    help="micro-batches per optimizer step")
-    g.add_argument("--max-grad-norm", type=float, default=d["max_grad_norm"], help="gradient clipping (0: off)")
-    g.add_argument("--num-epochs", type=float, default=d["num_epochs"], help="passes over the training data")
-    g.add_argument("--max-steps", type=int, default=d.get("max_steps", -1), help="optimizer steps (wins over epochs; -1: off)")
-    g.add_argument("--logging-steps", type=int, default=d["logging_steps"], help="metrics.jsonl every N steps")
-    g.add_argument("--eval-steps", type=int, default=d.get("eval_steps", 0), help="evaluate every N steps (0: at the end)")
-    g.add_argument("--save-steps", type=int, default=d.get("save_steps", 0), help="checkpoint every N steps (0: at the end)")
-    g.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept")
+    g.add_argument("--max-grad-norm", type=non_negative_float, default=d["max_grad_norm"], help="gradient clipping (0: off)")
+    g.add_argument("--num-epochs", type=positive_float, default=d["num_epochs"], help="passes over the training data")
+    g.add_argument("--max-steps", type=steps_or_off, default=d.get("max_steps", -1), help="optimizer steps (wins over epochs; -1: off)")
+    g.add_argument("--logging-steps", type=positive_int, default=d["logging_steps"], help="metrics.jsonl every N steps")
+    g.add_argument("--eval-steps", type=non_negative_int, default=d.get("eval_steps", 0), help="evaluate every N steps (0: at the end)")
+    g.add_argument("--save-steps", type=non_negative_int, default=d.get("save_steps", 0),
+                   help="checkpoint every N steps (0: off)")
+    g.add_argument("--save-minutes", type=non_negative_float, default=d["save_minutes"],
+                   help="also checkpoint every M minutes of wall time (0: off; with --save-steps 0 "
+                        "only the final checkpoint and the one a stop writes are kept)")
+    g.add_argument("--save-total-limit", type=non_negative_int, default=2,
+                   help="checkpoints kept (0: all)")
 
     g = parser.add_argument_group("data")
-    g.add_argument("--max-samples", type=int, default=None, help="use at most this many rows")
-    g.add_argument("--eval-split", type=float, default=d.get("eval_split", 0),
+    g.add_argument("--max-samples", type=positive_int, default=None, help="use at most this many rows")
+    g.add_argument("--eval-split", type=count_or_fraction, default=d.get("eval_split", 0),
                    help="held-out rows: a count (>= 1) or a fraction (< 1)")
     g.add_argument("--skip-bad-rows", action="store_true",
-                   help="skip and count malformed rows instead of stopping at the first")
+                   help="skip, count and show malformed rows (bad JSON, bad encoding, missing or "
+                        "wrong fields) instead of stopping at the first")
     g.add_argument("--system-prompt", default=None, help="default system prompt for rows without one")
+
+
+def parse_command_line(build_parser, argv: List[str]):
+    """(parser, args): flags parsed and checked, each alone (their argparse types)
+    and together; a bad one exits with an argparse error (code 2)."""
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if args.resume and args.overwrite:
+        parser.error("argument --overwrite: not allowed with --resume (one continues the run "
+                     "in --output-dir, the other replaces it)")
+    return parser, args
+
+
+@dataclass
+class RunStart:
+    output_dir: Path
+    resume_from: Optional[Path]
+    lock: object
+
+
+def usage_error(message: str) -> NoReturn:
+    log_to_stderr(f"error: {message}")
+    raise SystemExit(EXIT_BAD_INPUT)
+
+
+def start_run(args, output_dir: str, log) -> RunStart:
+    """Before anything expensive: lock the output folder (one run at a time),
+    remove what a killed run left half-written, refuse a folder holding another
+    run unless --resume / --overwrite, and find the checkpoint to resume from."""
+    from anita_core.train.run_checkpoint import (check_checkpoint_files, latest_checkpoint,
+                                                 remove_orphaned_temp_files)
+    from anita_core.train.run_folder import RunFolderError, RunLock, prepare_output_folder
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        usage_error(f"--output-dir {out}: exists and is not a folder")
+    resume_from = None
+    if args.resume and args.resume != "latest":
+        resume_from = Path(args.resume)
+        if not resume_from.is_dir():
+            usage_error(f"--resume {args.resume}: no such checkpoint folder")
+    try:
+        lock = RunLock(out).acquire()
+        for path in remove_orphaned_temp_files(out):
+            log(f"removed {path}, left half-written by a run that was killed")
+        prepare_output_folder(out, resume=bool(args.resume), overwrite=args.overwrite)
+    except RunFolderError as e:
+        usage_error(str(e))
+    if args.resume == "latest":
+        resume_from = latest_checkpoint(out)
+        if resume_from is None:
+            usage_error(f"--resume: no checkpoint under {out / 'checkpoints'}; start without "
+                        f"--resume (with --overwrite if the folder holds an earlier run's files)")
+    if resume_from is not None:
+        try:
+            check_checkpoint_files(resume_from)
+        except (ValueError, FileNotFoundError) as e:
+            usage_error(f"--resume: {e}")
+    return RunStart(out, resume_from, lock)
 
 
 def eval_split_value(x: float):
@@ -166,7 +244,7 @@ def load_model_and_adapters(args, log):
     return model_dir, model, adapters
 
 
-def train_config_from_args(args, output_dir: str):
+def train_config_from_args(args, output_dir: str, settings: Optional[dict] = None):
     from anita_core.train.trainer import TrainConfig
     return TrainConfig(
         output_dir=output_dir, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
@@ -174,29 +252,37 @@ def train_config_from_args(args, output_dir: str):
         warmup_ratio=args.warmup_ratio, gradient_accumulation_steps=args.gradient_accumulation_steps,
         max_grad_norm=args.max_grad_norm if args.max_grad_norm > 0 else float("inf"),
         num_epochs=args.num_epochs, max_steps=args.max_steps, logging_steps=args.logging_steps,
-        eval_steps=args.eval_steps, save_steps=args.save_steps,
-        save_total_limit=args.save_total_limit, seed=args.seed, progress=not args.no_progress)
+        eval_steps=args.eval_steps, save_steps=args.save_steps, save_minutes=args.save_minutes,
+        save_total_limit=args.save_total_limit, seed=args.seed, progress=not args.no_progress,
+        run_settings=settings or {})
 
 
-def run_training(trainer, args, model_dir, model, adapters, output_dir: str, log) -> int:
+def run_training(trainer, args, model_dir, model, adapters, run: RunStart, log,
+                 data_stats=None) -> int:
     """Train, save the final adapter (and the merged export), print a summary.
-    Returns the process exit code."""
+    Returns the process exit code; the run folder's lock is released."""
+    try:
+        return _train_and_report(trainer, args, model_dir, model, adapters, run, log, data_stats)
+    finally:
+        run.lock.release()
+
+
+def _train_and_report(trainer, args, model_dir, model, adapters, run: RunStart, log, data_stats) -> int:
     from anita_core.lora import save_peft
-    from anita_core.train.trainer import TrainingDiverged
-    resume_from = None
-    if args.resume:
-        from anita_core.train.run_checkpoint import latest_checkpoint
-        resume_from = latest_checkpoint(Path(output_dir)) if args.resume == "latest" else Path(args.resume)
-        if resume_from is None:
-            raise SystemExit(f"--resume: no checkpoint under {output_dir}/checkpoints")
+    from anita_core.train.trainer import Interrupted, ResumeRefused, TrainingDiverged, stop_on_signals
+    output_dir = run.output_dir
     started = time.perf_counter()
     try:
-        trainer.train(resume_from=resume_from)
+        with stop_on_signals(log):
+            trainer.train(resume_from=run.resume_from)
     except TrainingDiverged as e:
-        log(f"error: {e}")
-        return 1
-    except KeyboardInterrupt:
-        return 130
+        log(f"error: {e}. No adapter was written for this run.")
+        return EXIT_DIVERGED
+    except ResumeRefused as e:
+        log(f"error: --resume: {e}")
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt as e:
+        return 128 + (e.signum if isinstance(e, Interrupted) else 2)
     wall = time.perf_counter() - started
     adapter_dir = save_peft(adapters, Path(output_dir) / "adapter", base_model_name_or_path=args.model)
     log(f"adapter (PEFT format): {adapter_dir}")
@@ -206,6 +292,7 @@ def run_training(trainer, args, model_dir, model, adapters, output_dir: str, log
         export_merged(model.config, model.base, deltas, args.merge_export,
                       tokenizer_dir=tokenizer_dir_for(model_dir))
         log(f"merged HF checkpoint: {args.merge_export}")
+    from anita_core.train.run_folder import read_metrics
     records = read_metrics(output_dir)
     losses = [r["loss"] for r in records if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
@@ -216,6 +303,8 @@ def run_training(trainer, args, model_dir, model, adapters, output_dir: str, log
             f"({len(losses)} steps, {wall:.1f}s)")
     if evals:
         log("eval loss by step: " + ", ".join(f"{s}: {v:.4f}" for s, v in evals))
+    if data_stats is not None and data_stats.skipped_bad_rows:
+        log(data_stats.skipped_rows_report())
     return 0
 
 
@@ -229,6 +318,11 @@ def build_data_or_report(build, config, tokenizer, log, what: str):
         log(f"error: {e}")
         return None
     log(data.stats.summary())
+    if data.stats.skipped_bad_rows:
+        log(data.stats.skipped_rows_report())
+    if data.stats.identical_pairs:
+        log(f"warning: {data.stats.identical_pairs} preference pair(s) whose chosen and rejected "
+            f"answers are the same after templating were skipped (they carry no preference signal)")
     if not data.train:
         log(f"error: no {what} left after filtering")
         return None
@@ -246,13 +340,6 @@ def per_epoch(make_batches):
             cache[epoch] = make_batches(epoch)
         return cache[epoch]
     return epoch_batches
-
-
-def read_metrics(output_dir: str) -> List[dict]:
-    path = Path(output_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def log_to_stderr(message: str) -> None:

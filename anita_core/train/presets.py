@@ -24,6 +24,7 @@ _COMMON = dict(
     target_modules=_ALL, lora_dropout=0.0,        # anita's choice: no LoRA dropout
     max_grad_norm=1.0,                            # anita's choice
     lr_scheduler="linear", seed=42, logging_steps=1,
+    save_minutes=30.0,                            # anita's choice: a checkpoint every 30 min of wall time
 )
 
 PRESETS: Dict[str, Dict] = {

@@ -2,31 +2,44 @@
 and data position, so a run resumes exactly where it stopped.
 
 Layout under <output_dir>/checkpoints/:
-    step-00000042/adapter/...        PEFT adapter_config.json + adapter_model.safetensors
-    step-00000042/trainer_state.pt   everything else
-    latest                           text file naming the newest complete checkpoint
+    step-00000042/adapter/...                  PEFT adapter_config.json + adapter_model.safetensors
+    step-00000042/trainer_state.json           positions, settings, optimizer hyper-parameters
+    step-00000042/trainer_state.safetensors    every tensor of the state (optimizer moments,
+                                               RNG states as uint8 / int64 tensors)
+    latest                                     text file naming the newest complete checkpoint
+
+No pickle is ever read: a checkpoint folder handed over by someone else can hold
+only numbers and text. A trainer_state.pt (pickle) written by an older anita is
+refused, not loaded.
 
 A checkpoint is assembled in a hidden temp directory and renamed into place,
 and ``latest`` is replaced atomically afterwards, so a process killed at any
-moment leaves the previous checkpoint intact and pointed to.
+moment leaves the previous checkpoint intact and pointed to. Temp folders a
+killed process left behind are removed by ``remove_orphaned_temp_files``.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from anita_core.lora import save_peft
 
 LATEST = "latest"
-STATE_FILE = "trainer_state.pt"
+STATE_JSON = "trainer_state.json"
+STATE_TENSORS = "trainer_state.safetensors"
+STATE_FILE = STATE_JSON          # the file whose presence marks a complete checkpoint
+LEGACY_STATE_FILE = "trainer_state.pt"
 ADAPTER_DIR = "adapter"
+TEMP_PREFIX = ".step-"
 
 
 def rng_snapshot(dropout_generator: Optional[torch.Generator]) -> dict:
@@ -41,15 +54,113 @@ def rng_snapshot(dropout_generator: Optional[torch.Generator]) -> dict:
 
 def rng_restore(snap: dict, dropout_generator: Optional[torch.Generator]) -> None:
     torch.set_rng_state(snap["torch"])
-    random.setstate(snap["python"])
-    np.random.set_state(snap["numpy"])
+    python = snap["python"]         # (version, tuple of ints, gauss_next); JSON gives lists
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    np.random.set_state(tuple(snap["numpy"]))
     if "cuda" in snap and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(snap["cuda"])
     if dropout_generator is not None and "dropout" in snap:
         dropout_generator.set_state(snap["dropout"])
 
 
-def _write_text_atomically(path: Path, text: str) -> None:
+# ------------------------------------------------------------ state <-> JSON + tensors
+def _split(value: Any, tensors: Dict[str, torch.Tensor]) -> Any:
+    """``value`` as JSON-able data; every tensor (and numpy array) moved into
+    ``tensors`` under a fresh key and replaced by a reference to it."""
+    if isinstance(value, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = value.detach().to("cpu").contiguous()
+        return {"__tensor__": key}
+    if isinstance(value, np.ndarray):
+        key = f"t{len(tensors)}"
+        # int64 holds every uint32 word of numpy's MT19937 state exactly
+        tensors[key] = torch.from_numpy(value.astype(np.int64) if value.dtype == np.uint32 else value)
+        return {"__ndarray__": key, "dtype": str(value.dtype)}
+    if isinstance(value, dict):
+        if all(isinstance(k, str) for k in value):
+            return {"__dict__": {k: _split(v, tensors) for k, v in value.items()}}
+        return {"__items__": [[k, _split(v, tensors)] for k, v in value.items()]}
+    if isinstance(value, (list, tuple)):
+        items = [_split(v, tensors) for v in value]
+        return {"__tuple__": items} if isinstance(value, tuple) else items
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"trainer state holds a {type(value).__name__}, which is neither a tensor "
+                    f"nor plain data")
+
+
+def _join(value: Any, tensors: Dict[str, torch.Tensor], where: Path) -> Any:
+    if isinstance(value, list):
+        return [_join(v, tensors, where) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "__tensor__" in value or "__ndarray__" in value:
+        key = value.get("__tensor__", value.get("__ndarray__"))
+        if key not in tensors:
+            raise ValueError(f"{where}: refers to tensor {key!r}, which {STATE_TENSORS} lacks")
+        if "__ndarray__" in value:
+            return tensors[key].numpy().astype(np.dtype(value["dtype"]))
+        return tensors[key]
+    if "__dict__" in value:
+        return {k: _join(v, tensors, where) for k, v in value["__dict__"].items()}
+    if "__items__" in value:
+        return {k: _join(v, tensors, where) for k, v in value["__items__"]}
+    if "__tuple__" in value:
+        return tuple(_join(v, tensors, where) for v in value["__tuple__"])
+    raise ValueError(f"{where}: unexpected object {sorted(value)} in the trainer state")
+
+
+def write_state(folder: Path, state: dict) -> None:
+    """``state`` as trainer_state.json + trainer_state.safetensors, fsynced."""
+    tensors: Dict[str, torch.Tensor] = {}
+    data = _split(state, tensors)
+    save_file(tensors, str(folder / STATE_TENSORS))
+    with open(folder / STATE_JSON, "w") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    fd = os.open(folder / STATE_TENSORS, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_checkpoint_files(checkpoint: Path) -> None:
+    """Raise (ValueError / FileNotFoundError, naming the file) unless ``checkpoint``
+    holds a trainer state this version reads; cheap, reads no content."""
+    checkpoint = Path(checkpoint)
+    json_path, tensor_path = checkpoint / STATE_JSON, checkpoint / STATE_TENSORS
+    if not json_path.is_file():
+        if (checkpoint / LEGACY_STATE_FILE).exists():
+            raise ValueError(
+                f"{checkpoint / LEGACY_STATE_FILE}: a pickled trainer state from an older anita; "
+                f"it is not loaded, because unpickling a file can run any code. Start a new run "
+                f"(its adapter folder can be given to --init-adapter), or resume from a "
+                f"checkpoint that holds {STATE_JSON} + {STATE_TENSORS}")
+        raise FileNotFoundError(f"{json_path}: no trainer state (not a complete anita checkpoint)")
+    if not tensor_path.is_file():
+        raise FileNotFoundError(f"{tensor_path}: missing (incomplete checkpoint)")
+
+
+def load_checkpoint_state(checkpoint: Path) -> dict:
+    """The trainer state of a checkpoint; never unpickles anything."""
+    checkpoint = Path(checkpoint)
+    json_path, tensor_path = checkpoint / STATE_JSON, checkpoint / STATE_TENSORS
+    check_checkpoint_files(checkpoint)
+    try:
+        data = json.loads(json_path.read_text())
+        tensors = load_file(str(tensor_path))
+    except (ValueError, OSError, RuntimeError) as e:
+        raise ValueError(f"{checkpoint}: trainer state cannot be read: {e}") from e
+    state = _join(data, tensors, json_path)
+    if not isinstance(state, dict) or "step" not in state:
+        raise ValueError(f"{json_path}: not an anita trainer state (no 'step')")
+    return state
+def write_text_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` so that a reader sees the old or the new file, never a mix."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as f:
         f.write(text)
@@ -63,25 +174,27 @@ def save_checkpoint(output_dir: Path, step: int, adapters, state: dict, keep: in
     root = Path(output_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step-{step:08d}."))
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f"{TEMP_PREFIX}{step:08d}."))
     try:
         save_peft(adapters, tmp / ADAPTER_DIR)
-        with open(tmp / STATE_FILE, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
+        write_state(tmp, state)
         if final.exists():          # a re-save of the same step (e.g. after resume)
             shutil.rmtree(final)
         os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_text_atomically(root / LATEST, final.name)
+    write_text_atomically(root / LATEST, final.name)
     if keep > 0:
         done = sorted(p for p in root.glob("step-*") if p.is_dir())
         for old in done[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _holds_state(folder: Path) -> bool:
+    # a legacy pickle counts, so that resuming from it is refused with its reason
+    return (folder / STATE_FILE).is_file() or (folder / LEGACY_STATE_FILE).is_file()
 
 
 def latest_checkpoint(output_dir: Path) -> Optional[Path]:
@@ -90,14 +203,24 @@ def latest_checkpoint(output_dir: Path) -> Optional[Path]:
     pointer = root / LATEST
     if pointer.is_file():
         candidate = root / pointer.read_text().strip()
-        if (candidate / STATE_FILE).is_file():
+        if _holds_state(candidate):
             return candidate
-    complete = sorted(p for p in root.glob("step-*") if (p / STATE_FILE).is_file())
+    complete = sorted(p for p in root.glob("step-*") if _holds_state(p))
     return complete[-1] if complete else None
 
 
-def load_checkpoint_state(checkpoint: Path) -> dict:
-    path = Path(checkpoint) / STATE_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no trainer state (not a complete anita checkpoint)")
-    return torch.load(path, map_location="cpu", weights_only=False)
+def remove_orphaned_temp_files(output_dir: Path) -> List[Path]:
+    """Remove the half-written checkpoint folders and temp files that a killed
+    process left in ``output_dir`` (call it only while holding the run's lock).
+    Returns what was removed."""
+    removed = []
+    root = Path(output_dir) / "checkpoints"
+    candidates = list(root.glob(f"{TEMP_PREFIX}*")) + list(root.glob(f".{LATEST}.*"))
+    candidates += list(Path(output_dir).glob(".metrics.jsonl.*"))
+    for path in candidates:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed

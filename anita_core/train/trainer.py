@@ -4,14 +4,18 @@ An *objective* turns one micro-batch into gradients; the trainer owns
 everything around it: gradient accumulation with exact normalization (each
 objective counts its units — target tokens for SFT, pairs for DPO — over the
 whole optimizer step before the first micro-batch runs), AdamW, the schedule,
-clipping, logging, atomic checkpoints, exact resume, NaN and Ctrl-C handling.
+clipping, logging, atomic checkpoints (every save_steps steps and every
+save_minutes minutes), exact resume, non-finite values anywhere (loss, gradient
+norm, weights after the update, eval metrics) and stops by signal.
 """
 from __future__ import annotations
 
 import json
 import math
+import signal
 import time
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Protocol, Sequence
 
@@ -20,6 +24,7 @@ import torch
 from anita_core.train.run_checkpoint import (ADAPTER_DIR, latest_checkpoint, load_checkpoint_state, rng_restore,
                             rng_snapshot, save_checkpoint)
 from anita_core.train.optim import build_optimizer, lr_multiplier, warmup_steps_for
+from anita_core.train.run_folder import METRICS_FILE, read_metrics, truncate_metrics
 
 
 class Objective(Protocol):
@@ -49,14 +54,94 @@ class TrainConfig:
     max_steps: int = -1
     logging_steps: int = 1
     eval_steps: int = 0          # 0: evaluate only at the end
-    save_steps: int = 0          # 0: checkpoint only at the end
+    save_steps: int = 0          # checkpoint every N steps (0: off)
+    save_minutes: float = 0.0    # and every M minutes of wall time (0: off); always at the end
     save_total_limit: int = 2
     seed: int = 42
     progress: bool = True
+    # what makes a checkpoint belong to this run (model, LoRA config, seed, data...):
+    # a resume whose settings differ is refused, listing each difference
+    run_settings: Dict[str, object] = field(default_factory=dict)
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss or the gradient became NaN/inf; nothing from that step was applied."""
+    """A loss, gradient norm, weight or eval metric became NaN/inf; that step is
+    never checkpointed."""
+
+
+class ResumeRefused(ValueError):
+    """The checkpoint cannot be resumed from: unreadable, a legacy pickle, or
+    written by a run with other settings."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop asked for by a signal (SIGINT or SIGTERM); handled like Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _Deferral:
+    """Signals that arrive inside an update (optimizer step to step count) wait for
+    its end: a checkpoint must never hold half-updated weights."""
+    depth = 0
+    pending: Optional[int] = None
+
+
+@contextmanager
+def _signals_deferred():
+    _Deferral.depth += 1
+    try:
+        yield
+    finally:
+        _Deferral.depth -= 1
+    if _Deferral.depth == 0 and _Deferral.pending is not None:
+        signum, _Deferral.pending = _Deferral.pending, None
+        raise Interrupted(signum)
+
+
+@contextmanager
+def stop_on_signals(log: Callable[[str], None], signums=(signal.SIGINT, signal.SIGTERM)):
+    """While active, SIGINT and SIGTERM raise Interrupted in the main thread, so
+    both checkpoint the same way (inside an update, once the update is done);
+    signals that arrive after the first are noted and ignored, so that the
+    checkpoint being written is not cut short."""
+    received: List[int] = []
+
+    def handler(signum, frame):
+        if received:
+            log(f"{signal.Signals(signum).name} received while stopping; finishing the checkpoint")
+            return
+        received.append(signum)
+        if _Deferral.depth:
+            _Deferral.pending = signum
+            return
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in signums}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def settings_differences(recorded: Dict[str, object], current: Dict[str, object]) -> List[str]:
+    """One line per setting whose value differs (absent counts as a value)."""
+    lines = []
+    for key in sorted(set(recorded) | set(current)):
+        old, new = recorded.get(key, "(not recorded)"), current.get(key, "(not set)")
+        if old != new:
+            lines.append(f"  {key}: checkpoint {old!r}, this run {new!r}")
+    return lines
+
+
+def _all_finite(tensors) -> bool:
+    tensors = list(tensors)
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 class Trainer:
@@ -86,21 +171,31 @@ class Trainer:
         self.step = 0           # optimizer steps done
         self.epoch = 0          # position of the next micro-batch
         self.batch_index = 0
-        self.metrics_path = self.output_dir / "metrics.jsonl"
+        self.metrics_path = self.output_dir / METRICS_FILE
         self._step_start = None
-        self._last_eval: dict = {}
+        self._last_eval: dict = {}        # the latest eval metrics, and the step they are of
+        self._last_eval_step: Optional[int] = None
+        self._last_save_time = time.monotonic()
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "batch_index": self.batch_index,
                 "optimizer": self.optimizer.state_dict(),
                 "rng": rng_snapshot(getattr(self.model, "dropout_generator", None)),
+                "settings": dict(self.config.run_settings),
                 "config": asdict(self.config)}
 
     def save(self) -> Path:
         path = save_checkpoint(self.output_dir, self.step, self.adapters, self.state_dict(),
                                keep=self.config.save_total_limit)
+        self._last_save_time = time.monotonic()
         return path
+
+    def _periodic_save_due(self) -> bool:
+        c = self.config
+        if c.save_steps and self.step % c.save_steps == 0:
+            return True
+        return bool(c.save_minutes) and time.monotonic() - self._last_save_time >= 60 * c.save_minutes
 
     def resume(self, checkpoint: Optional[Path] = None) -> Optional[Path]:
         """Restore adapters, optimizer, RNG and data position from ``checkpoint``
@@ -109,15 +204,33 @@ class Trainer:
         checkpoint = checkpoint or latest_checkpoint(self.output_dir)
         if checkpoint is None:
             return None
-        state = load_checkpoint_state(checkpoint)
-        loaded = load_peft(Path(checkpoint) / ADAPTER_DIR, self.model.config,
-                           device=self.params[0].device)
+        try:
+            state = load_checkpoint_state(checkpoint)
+        except (ValueError, FileNotFoundError) as e:
+            raise ResumeRefused(str(e)) from None
+        differences = settings_differences(state.get("settings", {}), self.config.run_settings)
+        if differences:
+            raise ResumeRefused(
+                f"{checkpoint} was written by a run with other settings:\n" + "\n".join(differences)
+                + "\nResume with the checkpoint's settings, or start a new run (--overwrite, or "
+                  "another --output-dir)")
+        try:
+            loaded = load_peft(Path(checkpoint) / ADAPTER_DIR, self.model.config,
+                               device=self.params[0].device)
+        except (ValueError, FileNotFoundError) as e:
+            raise ResumeRefused(f"{checkpoint}: its adapter cannot be loaded: {e}") from None
         with torch.no_grad():
             for mine, theirs in zip(self.adapters.parameters(), loaded.parameters()):
                 mine.copy_(theirs)
         self.optimizer.load_state_dict(state["optimizer"])
         rng_restore(state["rng"], getattr(self.model, "dropout_generator", None))
         self.step, self.epoch, self.batch_index = state["step"], state["epoch"], state["batch_index"]
+        # the steps after the checkpoint are replayed: their old records must go
+        truncate_metrics(self.output_dir, self.step)
+        for record in read_metrics(self.output_dir):
+            if record.get("step") == self.step and any(k.startswith("eval_") for k in record):
+                self._last_eval = {k: v for k, v in record.items() if k.startswith("eval_")}
+                self._last_eval_step = self.step
         return Path(checkpoint)
 
     # ---------------------------------------------------------------- loop
@@ -153,6 +266,9 @@ class Trainer:
                         f"step {self.step + 1} (epoch {position[0]}, batch {position[1]}): {e}") from e
                 for k, v in sums.items():
                     totals[k] = totals.get(k, 0.0) + float(v)
+        where = f"step {self.step + 1} (epoch {position[0]}, batch {position[1]})"
+        if not math.isfinite(totals.get("loss", 0.0)):
+            raise TrainingDiverged(f"{where}: loss is {totals['loss']}; the update was not applied")
         lr = self.config.learning_rate * lr_multiplier(self.step, self.total_steps, self.warmup,
                                                        self.config.lr_scheduler)
         for group_ in self.optimizer.param_groups:
@@ -161,11 +277,14 @@ class Trainer:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)) \
             if grads else 0.0
         if not math.isfinite(grad_norm):
-            raise TrainingDiverged(f"step {self.step + 1}: gradient norm is {grad_norm}")
-        if units > 0:
-            self.optimizer.step()
-        self.step += 1
-        self._step_start = None
+            raise TrainingDiverged(f"{where}: gradient norm is {grad_norm}; the update was not applied")
+        with _signals_deferred():
+            if units > 0:
+                self.optimizer.step()
+                if not _all_finite(self.params):
+                    raise TrainingDiverged(f"{where}: the LoRA weights are not finite after the update")
+            self.step += 1
+            self._step_start = None
         record = {"step": self.step, "epoch": round(self.epoch + self.batch_index /
                                                      self.batches_per_epoch, 4),
                   "lr": lr, "grad_norm": grad_norm, "units": units}
@@ -185,6 +304,7 @@ class Trainer:
                    desc="train", unit="step", dynamic_ncols=True)
         last: dict = {}
         started, tokens_seen = time.perf_counter(), 0
+        self._last_save_time = time.monotonic()
         try:
             while self.step < self.total_steps:
                 record = self._train_one_step()
@@ -198,13 +318,20 @@ class Trainer:
                 last = record
                 if self.config.eval_steps and self.step % self.config.eval_steps == 0:
                     self._evaluate()
-                if self.config.save_steps and self.step % self.config.save_steps == 0:
+                if self._periodic_save_due():
                     self.save()
-        except KeyboardInterrupt:
+            bar.close()
+            if self.eval_batches:
+                # never a second eval record for one step (e.g. resuming a finished run)
+                last.update(self._last_eval if self._last_eval_step == self.step else self._evaluate())
+            self.save()
+        except KeyboardInterrupt as e:
             bar.close()
             if self._step_start is not None:
                 (self.epoch, self.batch_index), rng = self._step_start
                 rng_restore(rng, getattr(self.model, "dropout_generator", None))
+            if isinstance(e, Interrupted):
+                self.log(f"{e.args[0]} received: stopping")
             path = self.save()
             self.log(f"interrupted: checkpoint of step {self.step} written to {path}; "
                      f"resume with --resume")
@@ -214,18 +341,17 @@ class Trainer:
             good = latest_checkpoint(self.output_dir)
             raise TrainingDiverged(f"{e}; stopping. Last good checkpoint: "
                                    f"{good if good else 'none written yet'}") from e
-        bar.close()
-        if self.eval_batches:
-            just_evaluated = self.config.eval_steps and self.step % self.config.eval_steps == 0
-            last.update(self._last_eval if just_evaluated and self._last_eval else self._evaluate())
-        self.save()
         return last
 
     def _evaluate(self) -> dict:
         if not self.eval_batches:
             return {}
         result = self.objective.evaluate(self.eval_batches)
-        self._last_eval = result
+        bad = {k: v for k, v in result.items() if not math.isfinite(v)}
+        if bad:
+            raise TrainingDiverged(f"step {self.step}: eval metrics are not finite ("
+                                   + ", ".join(f"{k}={v}" for k, v in bad.items()) + ")")
+        self._last_eval, self._last_eval_step = result, self.step
         self._log_metrics({"step": self.step, **result})
         self.log("  ".join(f"{k}={v:.4f}" for k, v in result.items()))
         return result

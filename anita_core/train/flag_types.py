@@ -1,0 +1,102 @@
+"""argparse ``type=`` functions: each flag's value is checked while the command
+line is parsed, so a bad value is reported as
+``train_sft.py: error: argument --x: ...`` (exit code 2) before any model or
+data is loaded."""
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Callable, Sequence
+
+
+def _number(text: str, kind):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = _number(text, int)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+positive_int = int_at_least(1)
+non_negative_int = int_at_least(0)
+
+
+def steps_or_off(text: str) -> int:
+    """A step count >= 1, or -1 for 'off' (what --max-steps takes)."""
+    value = _number(text, int)
+    if value != -1 and value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, or -1 for no limit; got {value}")
+    return value
+
+
+def seed_int(text: str) -> int:
+    value = _number(text, int)
+    if not 0 <= value < 2 ** 32:            # numpy's seeding range
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32), got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _number(text, float)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def learning_rate(text: str) -> float:
+    """In (0, 1]: above 1, Adam's bias-corrected step (up to 10x the rate) makes
+    torch fail with an overflow instead of training."""
+    value = _number(text, float)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = _number(text, float)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def probability_0_1(text: str) -> float:
+    """A probability or fraction in [0, 1)."""
+    value = _number(text, float)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
+def count_or_fraction(text: str) -> float:
+    """An integer count >= 1, or a fraction in [0, 1) (what --eval-split takes)."""
+    value = _number(text, float)
+    if 0 <= value < 1 or (value >= 1 and value.is_integer()):
+        return value
+    raise argparse.ArgumentTypeError(
+        f"must be a whole count >= 1 or a fraction in [0, 1), got {text}")
+
+
+def comma_subset(choices: Sequence[str]) -> Callable[[str], str]:
+    """A comma-separated, non-empty subset of ``choices`` (returned as given)."""
+    def parse(text: str) -> str:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        unknown = [t for t in items if t not in choices]
+        if unknown or not items:
+            raise argparse.ArgumentTypeError(
+                f"{', '.join(map(repr, unknown)) or 'nothing'} given; expected a comma-separated "
+                f"subset of {','.join(choices)}")
+        return text
+    return parse

@@ -1,0 +1,104 @@
+"""Every numeric and choice flag is checked while the command line is parsed:
+an argparse-style error naming the flag, exit code 2, before any model or data
+loads; the other script's presets are refused with the valid ones listed."""
+from __future__ import annotations
+
+import resource
+import time
+
+import pytest
+
+import train_dpo
+import train_sft
+from anita_core.train.presets import PRESETS
+from tests.run_cli import run_script
+
+BAD_COMMON = [
+    ("--gradient-accumulation-steps", "-1"), ("--gradient-accumulation-steps", "0"),
+    ("--max-steps", "0"), ("--max-steps", "-2"), ("--logging-steps", "0"), ("--batch-size", "0"),
+    ("--lora-r", "0"), ("--lora-r", "2.5"), ("--lora-alpha", "-1"), ("--lora-dropout", "1"),
+    ("--lora-dropout", "-0.1"), ("--learning-rate", "0"), ("--learning-rate", "nan"),
+    ("--learning-rate", "inf"), ("--learning-rate", "1e39"), ("--weight-decay", "-0.01"), ("--warmup-steps", "-1"),
+    ("--warmup-ratio", "1.5"), ("--max-grad-norm", "-1"), ("--num-epochs", "0"),
+    ("--eval-steps", "-1"), ("--save-steps", "-5"), ("--save-minutes", "-1"),
+    ("--save-total-limit", "-1"), ("--max-samples", "0"), ("--eval-split", "2.5"),
+    ("--eval-split", "-1"), ("--seed", "-1"), ("--seed", "abc"), ("--target-modules", "q_proj,wrong"),
+    ("--target-modules", ","), ("--dtype", "fp8"), ("--optimizer", "sgd"), ("--lr-scheduler", "step"),
+]
+BAD_SFT = [("--max-seq-length", "1"), ("--template", "chatml"), ("--data-shape", "tabular")]
+BAD_DPO = [("--beta", "0"), ("--max-length", "0"), ("--max-prompt-length", "-1"),
+           ("--loss-type", "nope")]
+
+
+def parse_error(main, argv, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2, argv
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("main,bad", [(train_sft.main, BAD_COMMON + BAD_SFT),
+                                      (train_dpo.main, BAD_COMMON + BAD_DPO)],
+                         ids=["sft", "dpo"])
+def test_each_bad_flag_value_is_an_argparse_error_naming_the_flag(main, bad, capsys):
+    for flag, value in bad:
+        err = parse_error(main, [flag, value], capsys)
+        assert f"error: argument {flag}" in err, (flag, value, err)
+        assert "Traceback" not in err
+
+
+def test_flags_that_contradict_each_other_are_refused(capsys):
+    err = parse_error(train_sft.main, ["--resume", "--overwrite"], capsys)
+    assert "error: argument --overwrite: not allowed with --resume" in err
+    err = parse_error(train_dpo.main, ["--max-length", "64", "--max-prompt-length", "64"], capsys)
+    assert "error: argument --max-prompt-length: must be below --max-length (64)" in err
+
+
+def test_valid_edge_values_are_accepted():
+    args = train_sft.build_parser([]).parse_args(
+        ["--max-steps", "-1", "--eval-split", "0.25", "--lora-dropout", "0", "--save-steps", "0",
+         "--save-minutes", "0", "--max-grad-norm", "0", "--warmup-ratio", "0"])
+    assert args.max_steps == -1 and args.eval_split == 0.25 and args.save_minutes == 0.0
+    assert train_dpo.build_parser([]).parse_args(["--max-prompt-length", "0"]).max_prompt_length == 0
+
+
+@pytest.mark.parametrize("script,preset,valid", [("train_sft.py", "dpo", "demo, sft, ita"),
+                                                 ("train_dpo.py", "sft", "dpo-demo, dpo")])
+def test_the_other_scripts_preset_is_a_clear_error_before_anything_loads(script, preset, valid):
+    started = time.perf_counter()
+    proc = run_script(script, "--preset", preset, "--max-steps", "0")
+    elapsed = time.perf_counter() - started
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    other = "train_dpo.py" if script == "train_sft.py" else "train_sft.py"
+    assert f"error: argument --preset: invalid choice: '{preset}' ('{preset}' is a preset of {other})" \
+        in proc.stderr
+    assert f"choose from {valid}" in proc.stderr
+    assert "Traceback" not in proc.stderr and "base model" not in proc.stderr
+    print(f"{script} --preset {preset}: refused in {elapsed:.1f}s")
+
+
+def child_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def test_a_bad_flag_fails_in_seconds_without_loading_the_model():
+    started, cpu_before = time.perf_counter(), child_cpu_seconds()
+    proc = run_script("train_sft.py", "--gradient-accumulation-steps", "-1")
+    elapsed, cpu = time.perf_counter() - started, child_cpu_seconds() - cpu_before
+    assert proc.returncode == 2
+    assert "train_sft.py: error: argument --gradient-accumulation-steps: must be an integer >= 1, " \
+           "got -1" in proc.stderr
+    assert "base model" not in proc.stderr and "Traceback" not in proc.stderr
+    print(f"bad flag refused in {elapsed:.1f}s wall, {cpu:.1f}s CPU (interpreter start and imports)")
+    # CPU time, not wall: a machine shared by other jobs stretches wall time, not work.
+    # Importing torch + triton is ~3.5 s of it; loading the model and data would add far more.
+    assert cpu < 10
+
+
+def test_every_preset_checkpoints_periodically_by_default():
+    for main, presets in ((train_sft, ("demo", "sft", "ita")), (train_dpo, ("dpo-demo", "dpo"))):
+        for preset in presets:
+            args = main.build_parser(["--preset", preset]).parse_args(["--preset", preset])
+            assert args.save_minutes > 0 or args.save_steps > 0, preset
+            assert PRESETS[preset]["save_minutes"] == args.save_minutes

@@ -1,0 +1,54 @@
+"""The README's promises match the scripts: its commands run without an
+activated venv, every flag it names exists, and its stated defaults and exit
+codes are the code's."""
+from __future__ import annotations
+
+import re
+
+import train_dpo
+import train_sft
+from anita_core.train import cli
+from anita_core.train.presets import PRESETS, SFT_PRESETS
+from tests.run_cli import REPO
+
+README = (REPO / "README.md").read_text()
+CODE_SPANS = re.findall(r"`([^`\n]+)`", README) + re.findall(r"^    (\S.*)$", README, re.M)
+
+
+def script_commands():
+    return [c for c in CODE_SPANS if re.search(r"train_(sft|dpo)\.py|-m pytest|-c \"", c)]
+
+
+def test_every_command_uses_the_venv_interpreter_or_says_to_activate_it():
+    commands = script_commands()
+    assert len(commands) >= 6
+    for command in commands:
+        for word in re.findall(r"(?:^|&& )(\S*python\S*) (?!-m venv)", command):
+            assert word == ".venv/bin/python", command
+    assert "source .venv/bin/activate" in README
+
+
+def test_every_flag_the_readme_names_exists():
+    options = {}
+    for name, parser in (("train_sft.py", train_sft.build_parser([])),
+                         ("train_dpo.py", train_dpo.build_parser([]))):
+        options[name] = {s for a in parser._actions for s in a.option_strings}
+    for command in script_commands():
+        script = "train_dpo.py" if "train_dpo.py" in command else "train_sft.py"
+        for flag in re.findall(r"(--[a-z][a-z0-9-]+)", command):
+            assert flag in options[script], (script, flag)
+    for flag in set(re.findall(r"`(--[a-z][a-z0-9-]+)", README)):
+        assert flag in options["train_sft.py"] | options["train_dpo.py"], flag
+
+
+def test_stated_defaults_and_exit_codes_are_the_codes():
+    every_30 = "Every preset checkpoints every 30 minutes of wall time (`--save-minutes`)"
+    assert every_30 in README
+    assert {p["save_minutes"] for p in PRESETS.values()} == {30.0}
+    assert f"exit code {cli.EXIT_DIVERGED}," in README
+    assert f"(exit code {cli.EXIT_BAD_INPUT})" in README
+    assert "Ctrl-C (SIGINT) and SIGTERM" in README and "with code 130 and 143" in README
+    assert "--skip-bad-rows" in README and "skipped, counted, and shown (the first 5" in README
+    from anita_core.data.stats import MAX_REMEMBERED_PROBLEMS
+    assert MAX_REMEMBERED_PROBLEMS == 5
+    assert set(SFT_PRESETS) >= {"sft", "ita"}
