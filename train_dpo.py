@@ -57,6 +57,15 @@ def main(argv=None) -> int:
     log = log_to_stderr
     output_dir = args.output_dir or f"runs/dpo-{args.preset}"
 
+    # checked before the model loads: DPO prompts are rendered in LLaMA-3's chat format
+    from anita_core.data.templates import LLAMA3_TOKENS
+    from anita_core.train.cli import resolve_model_dir
+    tokenizer = load_tokenizer(tokenizer_dir_for(resolve_model_dir(args.model)))
+    missing = [t for t in LLAMA3_TOKENS if not tokenizer.has_token(t)]
+    if missing:
+        log(f"error: {tokenizer.name}: no {missing[0]} token; train_dpo.py renders prompts in "
+            "LLaMA-3's chat format, which needs it")
+        return 2
     model_dir, model, adapters = load_model_and_adapters(args, log)
     reference = None
     if args.reference_adapter:
@@ -66,7 +75,6 @@ def main(argv=None) -> int:
             raise SystemExit(f"--reference-adapter: {e}")
         for p in reference.parameters():
             p.requires_grad_(False)
-    tokenizer = load_tokenizer(tokenizer_dir_for(model_dir))
     data_config = DPODataConfig(data=args.data, system_prompt=args.system_prompt,
                                 max_length=args.max_length,
                                 max_prompt_length=args.max_prompt_length or None,

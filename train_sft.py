@@ -33,8 +33,9 @@ def build_parser(argv):
                    help="data file(s), folder(s) or hub name(s)")
     g.add_argument("--data-shape", default=d["data_shape"], choices=("auto", "instruction", "chat", "text"),
                    help="row shape (auto: detected from the columns)")
-    g.add_argument("--template", default="llama3", choices=("llama3", "alpaca"),
-                   help="how instruction rows are rendered")
+    g.add_argument("--template", default="llama3", choices=("llama3", "alpaca", "chat"),
+                   help="how instruction and chat rows are rendered (chat: the tokenizer's own "
+                        "chat_template from tokenizer_config.json; llama3 needs LLaMA-3's tokens)")
     g.add_argument("--max-seq-length", type=int, default=d["max_seq_length"], help="tokens per row")
     g.add_argument("--train-on-all-tokens", action="store_true",
                    help="loss on every token, not only the answers")
@@ -47,23 +48,26 @@ def main(argv=None) -> int:
     args = build_parser(argv).parse_args(argv)
 
     from anita_core.train.cli import (build_data_or_report, eval_split_value, load_model_and_adapters, log_to_stderr, per_epoch,
-                                run_training, tokenizer_dir_for, train_config_from_args)
+                                resolve_model_dir, run_training, tokenizer_dir_for,
+                                train_config_from_args)
     from anita_core.data import SFTDataConfig, build_sft_data, load_tokenizer, sft_batches
     from anita_core.train.objectives import SFTObjective
     from anita_core.train.trainer import Trainer
     log = log_to_stderr
     output_dir = args.output_dir or f"runs/sft-{args.preset}"
 
-    model_dir, model, adapters = load_model_and_adapters(args, log)
-    tokenizer = load_tokenizer(tokenizer_dir_for(model_dir))
+    # the data is built before the model loads: a tokenizer/template mismatch or
+    # a bad row is reported without waiting for the base model
+    tokenizer = load_tokenizer(tokenizer_dir_for(resolve_model_dir(args.model)))
     data_config = SFTDataConfig(data=args.data, shape=args.data_shape, template=args.template,
                                 system_prompt=args.system_prompt, max_seq_length=args.max_seq_length,
                                 train_on_all_tokens=args.train_on_all_tokens, max_samples=args.max_samples,
                                 eval_split=eval_split_value(args.eval_split), seed=args.seed,
-                                skip_bad_rows=args.skip_bad_rows)
+                                skip_bad_rows=args.skip_bad_rows, progress=not args.no_progress)
     data = build_data_or_report(build_sft_data, data_config, tokenizer, log, "training examples")
     if data is None:
         return 2
+    model_dir, model, adapters = load_model_and_adapters(args, log)
 
     def batches_for(documents, seed):
         return sft_batches(documents, batch_size=args.batch_size, seq_len=args.max_seq_length,
