@@ -266,3 +266,40 @@ def test_templates_run_sandboxed(tmp_path):
             render(source, [{"role": "user", "content": "x"}], {})
     with pytest.raises(ChatTemplateError, match="not valid Jinja"):
         render("{% for %}", [], {})
+
+
+# ------------------------------------------------------------------ the CLI
+def _chatml_model(tmp_path):
+    """A tiny random Llama whose folder holds the ChatML tokenizer."""
+    import shutil
+    from tests.model_factory import make_tiny_llama_dir
+    tok_dir = _write_tokenizer(tmp_path / "tok", "chatml", CHATML)
+    size = load_tokenizer(str(tok_dir)).vocab_size
+    ckpt = make_tiny_llama_dir(tmp_path, vocab_size=size, name="chatml-llama")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tok_dir / name, ckpt / name)
+    return ckpt
+
+
+FAST = ["--max-steps", "1", "--batch-size", "1", "--no-progress", "--eval-split", "0",
+        "--max-seq-length", "64", "--max-samples", "6", "--gradient-accumulation-steps", "1"]
+
+
+def test_cli_checks_the_template_before_the_model_loads_and_trains_with_chat(tmp_path, capsys):
+    import train_sft
+    from anita_core.assets import sample_path
+    ckpt = _chatml_model(tmp_path)
+    weights = (ckpt / "model.safetensors").read_bytes()
+    (ckpt / "model.safetensors").write_bytes(b"not a model")   # loading it would fail
+    code = train_sft.main(["--model", str(ckpt), "--data", sample_path("chat"),
+                           "--output-dir", str(tmp_path / "bad"), *FAST])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert (f"error: {ckpt / 'tokenizer.json'}: no <|begin_of_text|> token, which --template llama3 "
+            "needs; use --template chat or --template alpaca") in err
+    assert "base model" not in err                               # the model was never loaded
+    (ckpt / "model.safetensors").write_bytes(weights)
+    code = train_sft.main(["--model", str(ckpt), "--data", sample_path("chat"), "--template", "chat",
+                           "--output-dir", str(tmp_path / "run"), *FAST])
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
