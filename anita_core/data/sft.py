@@ -155,7 +155,8 @@ def build_sft_data(config: SFTDataConfig, tokenizer: Tokenizer) -> SFTData:
     stats = DataStats()
     rows = read_rows(config.data, stats=stats, shape=config.shape, allowed_shapes=SFT_SHAPES,
                      skip_bad_rows=config.skip_bad_rows, max_samples=config.max_samples,
-                     split=config.split, cache_dir=config.cache_dir)
+                     split=config.split, cache_dir=config.cache_dir, seed=config.seed,
+                     progress=config.progress)
     for shape in sorted({shape for shape, _ in rows}):
         templates.check_template(tokenizer, config.template, shape)
     documents = documents_from_rows(

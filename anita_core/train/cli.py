@@ -83,7 +83,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, preset: str, presets: 
     g.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept")
 
     g = parser.add_argument_group("data")
-    g.add_argument("--max-samples", type=int, default=None, help="use at most this many rows")
+    g.add_argument("--max-samples", type=int, default=None,
+                   help="draw this many rows uniformly at random (with --seed) from all of --data, "
+                        "streamed: a folder of shards or a hub dataset larger than memory is fine")
     g.add_argument("--eval-split", type=float, default=d.get("eval_split", 0),
                    help="held-out rows: a count (>= 1) or a fraction (< 1)")
     g.add_argument("--skip-bad-rows", action="store_true",
