@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, 
 T = TypeVar("T")
 
 SHARD_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet", ".csv")
-PARQUET_BATCH_ROWS = 1024
+PARQUET_BATCH_ROWS = 256      # rows turned into Python dicts at a time
 PROGRESS_EVERY = 4096          # records between progress-bar updates
 
 
@@ -41,13 +41,14 @@ class Record:
     raw: Any
 
     def parsed(self) -> Any:
-        """The row; a raw JSON line is parsed now (a ValueError names the line)."""
+        """The row; a raw JSON line is parsed now (a ValueError says why it is not
+        JSON; ``file`` and ``number`` say where)."""
         if not isinstance(self.raw, str):
             return self.raw
         try:
             return json.loads(self.raw)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{self.file}: line {self.number}: not valid JSON ({e.msg})") from None
+            raise ValueError(f"not valid JSON ({e.msg})") from None
 
 
 def reservoir_sample(items: Iterable[T], n: int, seed: int) -> List[T]:
@@ -210,7 +211,7 @@ def sampled_tables(sources: Sequence[str], n: int, seed: int, *, split: str = "t
                 if not isinstance(row, dict):
                     row = RowProblem(f"expected a JSON object, got {type(row).__name__}")
             except ValueError as e:
-                row = RowProblem(str(e).split(": ", 2)[-1])
+                row = RowProblem(str(e))
             if isinstance(row, dict):
                 columns.update(dict.fromkeys(row))
             rows.append(row)
