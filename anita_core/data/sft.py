@@ -104,8 +104,11 @@ def documents_from_rows(rows: Sequence[Tuple[str, Dict[str, Any]]], tokenizer: T
     """Tokenized documents for validated (shape, row) pairs; rows whose prompt
     fills ``max_seq_length`` are dropped and counted, longer ones truncated.
     Rows are rendered and tokenized ``chunk_rows`` at a time (one batch call
-    each), so only one chunk of text is held at once; ``progress`` shows a bar."""
+    each), so only one chunk of text is held at once; ``progress`` shows a bar.
+    First, ``templates.check_template`` for every row shape present."""
     stats = DataStats() if stats is None else stats
+    for shape in sorted({shape for shape, _ in rows}):
+        templates.check_template(tokenizer, template, shape)
     documents = []
     bar = _progress_bar(len(rows), "tokenizing", progress)
     for first in range(0, len(rows), chunk_rows):
@@ -157,8 +160,6 @@ def build_sft_data(config: SFTDataConfig, tokenizer: Tokenizer) -> SFTData:
                      skip_bad_rows=config.skip_bad_rows, max_samples=config.max_samples,
                      split=config.split, cache_dir=config.cache_dir, seed=config.seed,
                      progress=config.progress)
-    for shape in sorted({shape for shape, _ in rows}):
-        templates.check_template(tokenizer, config.template, shape)
     documents = documents_from_rows(
         rows, tokenizer, template=config.template, system_prompt=config.system_prompt,
         max_seq_length=config.max_seq_length, train_on_all_tokens=config.train_on_all_tokens,
