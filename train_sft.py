@@ -5,10 +5,13 @@
     python train_sft.py --preset sft --model DIR --data FILE
     python train_sft.py --preset ita --model DIR --data italian_text.jsonl
 
-Data rows: {system, instruction, input, output} (Alpaca or LLaMA-3 chat
-template), {messages: [{role, content}, ...]} (LLaMA-3 chat template), or
-{text} (raw text, `<|begin_of_text|>{text}<|eot_id|>`). Local JSON / JSONL /
-Parquet / CSV, or a hub dataset name when online.
+Data rows: {system, instruction, input, output}, {messages: [{role, content},
+...]}, or {text}. --template llama3 (LLaMA-3's chat format), alpaca, or chat
+(the tokenizer's own chat_template from tokenizer_config.json: SmolLM2,
+LLaMA-2, Mistral-style and other LLaMA-architecture models); raw text is
+{bos_token}{text}{eos_token} with the tokenizer's own tokens. Local JSON /
+JSONL / Parquet / CSV files, folders of such shards, or a hub dataset name
+when online; --max-samples N draws N rows at random (by --seed), streamed.
 """
 from __future__ import annotations
 
