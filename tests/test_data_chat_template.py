@@ -303,3 +303,15 @@ def test_cli_checks_the_template_before_the_model_loads_and_trains_with_chat(tmp
                            "--output-dir", str(tmp_path / "run"), *FAST])
     assert code == 0, capsys.readouterr().err
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_chat_template_of_the_bundled_tokenizer_equals_the_llama3_template():
+    """The bundled tokenizer's chat_template is LLaMA-3's: rendering with it
+    (prefix rule) gives the llama3 template's documents, masks included."""
+    tok = load_tokenizer()
+    rows = [("chat", CHECKS["chat"](r)) for r in sample_rows("chat")]
+    rows += [("instruction", CHECKS["instruction"](r)) for r in sample_rows("instruction")[:60]]
+    for system_prompt in (None, "Sei un assistente."):
+        by_llama3 = documents_from_rows(rows, tok, template="llama3", system_prompt=system_prompt)
+        by_chat = documents_from_rows(rows, tok, template="chat", system_prompt=system_prompt)
+        assert [(d.input_ids, d.targets) for d in by_chat] == [(d.input_ids, d.targets) for d in by_llama3]
