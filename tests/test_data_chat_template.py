@@ -223,12 +223,20 @@ def test_template_without_an_assistant_span_names_the_row(tmp_path):
     good = {"messages": [{"role": "user", "content": "Ciao"}, {"role": "assistant", "content": "Ciao!"}]}
     rows = [("chat", good), ("chat", {"messages": [{"role": "user", "content": "Come stai oggi?"},
                                                    {"role": "assistant", "content": "Bene."}]})]
-    with pytest.raises(ValueError, match=r"^row 1 of the rows read \(chat row starting 'Ciao'\): "
+    with pytest.raises(ValueError, match=r"^the rows read: row 1: chat row starting 'Ciao': "
                                          r"the chat template produced no assistant span"):
         documents_from_rows(rows, tok, template="chat")
     # training on all tokens needs no answer span
     docs = documents_from_rows(rows, tok, template="chat", train_on_all_tokens=True)
     assert len(docs) == 2
+    # from a file: the file and the row number; --skip-bad-rows skips and counts
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for _, row in rows))
+    with pytest.raises(ValueError, match=rf"^{data}: row 1: chat row starting 'Ciao': the chat "
+                                         r"template produced no assistant span"):
+        build_sft_data(SFTDataConfig(str(data), template="chat"), tok)
+    with pytest.raises(ValueError, match=r"no usable examples .* skipped \(malformed\) 2"):
+        build_sft_data(SFTDataConfig(str(data), template="chat", skip_bad_rows=True), tok)
 
 
 def test_template_errors_and_rewrites_name_the_row(tmp_path):
@@ -239,7 +247,7 @@ def test_template_errors_and_rewrites_name_the_row(tmp_path):
     rows = [("chat", {"messages": [{"role": "user", "content": "Ciao"},
                                    {"role": "assistant", "content": "Ciao!"}]})]
     assert len(documents_from_rows(rows, tok, template="chat")) == 1
-    with pytest.raises(ValueError, match=r"^row 1 of the rows read .*System role not supported"):
+    with pytest.raises(ValueError, match=r"^the rows read: row 1: .*System role not supported"):
         documents_from_rows(rows, tok, template="chat", system_prompt="Sii breve.")
     # a template that rewrites earlier answers (as templates that drop old reasoning do)
     last_differs = ("{% for message in messages %}"
@@ -247,13 +255,13 @@ def test_template_errors_and_rewrites_name_the_row(tmp_path):
                     "{% else %}{{ message['content'] }}{% endif %}{{ eos_token }}{% endfor %}")
     tok = load_tokenizer(str(_write_tokenizer(tmp_path / "b", "chatml", last_differs)))
     two_turns = rows[0][1]["messages"] * 2
-    with pytest.raises(ValueError, match=r"^row 1 of the rows read .*renders message 1 \(assistant\) "
+    with pytest.raises(ValueError, match=r"^the rows read: row 1: .*renders message 1 \(assistant\) "
                                          r"differently"):
         documents_from_rows([("chat", {"messages": two_turns})], tok, template="chat")
     # a template that does not write the answer as given
     rewrites = "{% for message in messages %}{{ message['content'] | upper + eos_token }}{% endfor %}"
     tok = load_tokenizer(str(_write_tokenizer(tmp_path / "c", "chatml", rewrites)))
-    with pytest.raises(ValueError, match=r"^row 1 of the rows read .*does not write the answer of "
+    with pytest.raises(ValueError, match=r"^the rows read: row 1: .*does not write the answer of "
                                          r"message 1"):
         documents_from_rows(rows, tok, template="chat")
 

@@ -93,6 +93,16 @@ def test_draw_from_a_folder_of_shards(tmp_path):
     # more rows asked for than there are: all of them, in order
     everything, _ = _draw(str(tmp_path / "corpus"), 10_000, seed=0)
     assert everything == corpus
+    # each drawn row's location is its file and line (JSON lines) or record number
+    locations = []
+    rows = read_rows(str(tmp_path / "corpus"), stats=DataStats(), max_samples=n, seed=5,
+                     locations=locations)
+    for (_, row), (file, number) in zip(rows, locations):
+        shard = file.split("corpus/")[1]
+        assert row["text"] == _text(shard, number - 1), (file, number)
+        if shard == "a.jsonl":
+            line = open(file, encoding="utf-8").read().splitlines()[number - 1]
+            assert json.loads(line)["text"] == row["text"]
     # several sources are one population
     both, _ = _draw([str(tmp_path / "corpus" / "a.jsonl"), str(tmp_path / "corpus" / "d.csv")], 50, 1)
     assert {t.split(":")[0].split()[-1] for t in both} == {"a.jsonl", "d.csv"}

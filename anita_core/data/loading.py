@@ -115,14 +115,16 @@ def read_rows(sources: Union[str, Sequence[str]], *, stats: DataStats, shape: st
               allowed_shapes: Collection[str] = SHAPES, skip_bad_rows: bool = False,
               max_samples: Optional[int] = None, exclude_sources: Collection[str] = (),
               split: str = "train", cache_dir: Optional[str] = None, seed: int = 0,
-              progress: bool = False) -> List[Tuple[str, Dict[str, Any]]]:
+              progress: bool = False, locations: Optional[List[Tuple[str, int]]] = None,
+              ) -> List[Tuple[str, Dict[str, Any]]]:
     """Validated rows from one or more sources, as (shape, normalized row).
 
     ``max_samples`` draws that many rows uniformly at random (``seed``) from all
     sources together, streamed in O(max_samples) memory (streaming.py). Rows whose
     ``source`` column is in ``exclude_sources`` are dropped before validation.
     A malformed row raises BadRowError (a ValueError naming the source and the
-    row number), or with ``skip_bad_rows`` is skipped and counted."""
+    row number), or with ``skip_bad_rows`` is skipped and counted. A
+    ``locations`` list receives each returned row's (file or source, row number)."""
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
     if not sources:
@@ -154,6 +156,8 @@ def read_rows(sources: Union[str, Sequence[str]], *, stats: DataStats, shape: st
                 if isinstance(row, RowProblem):       # a drawn line that is not a JSON object
                     raise row
                 out.append((row_shape, check(row)))
+                if locations is not None:
+                    locations.append(table.location(index))
             except RowProblem as problem:
                 error = BadRowError(*table.location(index), str(problem))
                 if not skip_bad_rows:

@@ -12,7 +12,7 @@ from anita_core.data.chat_template import ChatTemplateError
 from anita_core.data.documents import Document, encode_segments, make_document
 from anita_core.data.loading import read_rows
 from anita_core.data.packing import shuffled
-from anita_core.data.rows import SFT_SHAPES
+from anita_core.data.rows import SFT_SHAPES, BadRowError
 from anita_core.data.stats import DataStats
 from anita_core.data.tokenizer import Tokenizer
 
@@ -100,21 +100,37 @@ def documents_from_rows(rows: Sequence[Tuple[str, Dict[str, Any]]], tokenizer: T
                         template: str = "llama3", system_prompt: Optional[str] = None,
                         max_seq_length: Optional[int] = None, train_on_all_tokens: bool = False,
                         stats: Optional[DataStats] = None, progress: bool = False,
-                        chunk_rows: int = 2048) -> List[Document]:
+                        chunk_rows: int = 2048, locations: Optional[Sequence[Tuple[str, int]]] = None,
+                        skip_bad_rows: bool = False) -> List[Document]:
     """Tokenized documents for validated (shape, row) pairs; rows whose prompt
     fills ``max_seq_length`` are dropped and counted, longer ones truncated.
     Rows are rendered and tokenized ``chunk_rows`` at a time (one batch call
     each), so only one chunk of text is held at once; ``progress`` shows a bar.
-    First, ``templates.check_template`` for every row shape present."""
+    First, ``templates.check_template`` for every row shape present.
+
+    A row the chat template fails on (or marks no answer in) is a BadRowError
+    named by its ``locations`` entry (file, row number; else its index among
+    ``rows``), or with ``skip_bad_rows`` skipped and counted."""
     stats = DataStats() if stats is None else stats
     for shape in sorted({shape for shape, _ in rows}):
         templates.check_template(tokenizer, template, shape)
     documents = []
     bar = _progress_bar(len(rows), "tokenizing", progress)
     for first in range(0, len(rows), chunk_rows):
-        rendered = [_render_row(first + i, shape, row, template, system_prompt, tokenizer,
-                                not train_on_all_tokens)
-                    for i, (shape, row) in enumerate(rows[first:first + chunk_rows])]
+        rendered = []
+        for index in range(first, min(first + chunk_rows, len(rows))):
+            shape, row = rows[index]
+            try:
+                rendered.append(row_segments(shape, row, template=template,
+                                             system_prompt=system_prompt, tokenizer=tokenizer,
+                                             need_answers=not train_on_all_tokens))
+            except ChatTemplateError as e:
+                source, number = (locations[index] if locations is not None
+                                  else ("the rows read", index + 1))
+                error = BadRowError(source, number, f"{_preview(shape, row)}: {e}")
+                if not skip_bad_rows:
+                    raise error from None
+                stats.note_bad_row(str(error))
         for ids, is_answer in encode_segments(tokenizer, rendered):
             document, truncated = make_document(ids, is_answer, max_length=max_seq_length,
                                                 train_on_all_tokens=train_on_all_tokens)
@@ -123,17 +139,9 @@ def documents_from_rows(rows: Sequence[Tuple[str, Dict[str, Any]]], tokenizer: T
                 continue
             stats.truncated += truncated
             documents.append(document)
-        bar.update(len(rendered))
+        bar.update(min(chunk_rows, len(rows) - first))
     bar.close()
     return documents
-
-
-def _render_row(index, shape, row, template, system_prompt, tokenizer, need_answers):
-    try:
-        return row_segments(shape, row, template=template, system_prompt=system_prompt,
-                            tokenizer=tokenizer, need_answers=need_answers)
-    except ChatTemplateError as e:
-        raise ValueError(f"row {index + 1} of the rows read ({_preview(shape, row)}): {e}") from None
 
 
 def _preview(shape: str, row: Dict[str, Any]) -> str:
@@ -156,14 +164,16 @@ def build_sft_data(config: SFTDataConfig, tokenizer: Tokenizer) -> SFTData:
     if config.shape != "auto":      # before reading anything: the tokenizer can render this shape
         templates.check_template(tokenizer, config.template, config.shape)
     stats = DataStats()
+    locations: List[Tuple[str, int]] = []
     rows = read_rows(config.data, stats=stats, shape=config.shape, allowed_shapes=SFT_SHAPES,
                      skip_bad_rows=config.skip_bad_rows, max_samples=config.max_samples,
                      split=config.split, cache_dir=config.cache_dir, seed=config.seed,
-                     progress=config.progress)
+                     progress=config.progress, locations=locations)
     documents = documents_from_rows(
         rows, tokenizer, template=config.template, system_prompt=config.system_prompt,
         max_seq_length=config.max_seq_length, train_on_all_tokens=config.train_on_all_tokens,
-        stats=stats, progress=config.progress)
+        stats=stats, progress=config.progress, locations=locations,
+        skip_bad_rows=config.skip_bad_rows)
     if not documents:
         raise ValueError(f"no usable examples in {config.data!r}: {stats.summary()}")
     train, held_out = split_train_eval(documents, config.eval_split, config.seed)
