@@ -40,11 +40,11 @@ def encode_segments(tokenizer: Tokenizer, documents: Sequence[Sequence[Segment]]
     at segment boundaries. A token is an answer token when its characters
     overlap an answer segment (transformers' rule for assistant masks)."""
     encoded = tokenizer.encode_batch_with_offsets([render(segments) for segments in documents])
-    return [(ids, answer_mask(offsets, answer_spans(segments)))
+    return [(ids, answer_mask(offsets, segment_answer_spans(segments)))
             for segments, (ids, offsets) in zip(documents, encoded)]
 
 
-def answer_spans(segments: Sequence[Segment]) -> List[Tuple[int, int]]:
+def segment_answer_spans(segments: Sequence[Segment]) -> List[Tuple[int, int]]:
     """[start, end) character spans of the answer segments, neighbours joined."""
     spans: List[Tuple[int, int]] = []
     at = 0
