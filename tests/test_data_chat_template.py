@@ -323,3 +323,15 @@ def test_chat_template_of_the_bundled_tokenizer_equals_the_llama3_template():
         by_llama3 = documents_from_rows(rows, tok, template="llama3", system_prompt=system_prompt)
         by_chat = documents_from_rows(rows, tok, template="chat", system_prompt=system_prompt)
         assert [(d.input_ids, d.targets) for d in by_chat] == [(d.input_ids, d.targets) for d in by_llama3]
+
+
+def test_answer_mask_rule_on_hand_made_offsets():
+    """A token is an answer token when its characters overlap an answer span
+    (transformers' rule): a token straddling a boundary counts, an empty-range
+    token counts only strictly inside a span."""
+    from anita_core.data.documents import answer_mask
+    offsets = [(0, 3), (3, 5), (5, 5), (5, 8), (8, 8), (8, 10), (10, 12), (12, 14)]
+    spans = [(4, 8), (12, 13)]
+    assert answer_mask(offsets, spans) == [False, True, True, True, False, False, False, True]
+    assert answer_mask(offsets, []) == [False] * len(offsets)
+    assert answer_mask([], spans) == []
