@@ -19,6 +19,8 @@ setup(
         "datasets>=2.19",
         "numpy>=1.26",
         "tqdm>=4.66",
+        # chat templates (--template chat) run in its sandbox; 3.1.6 fixed sandbox escapes
+        "jinja2>=3.1.6",
     ],
     extras_require={
         "test": ["transformers>=4.45", "peft>=0.13", "trl>=0.12", "pytest>=8", "accelerate>=0.34",

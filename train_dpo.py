@@ -48,8 +48,8 @@ def build_parser(argv):
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     from anita_core.train.cli import (build_data_or_report, eval_split_value, load_model_and_adapters,
-                                      log_to_stderr, parse_command_line, per_epoch, run_training,
-                                      start_run, tokenizer_dir_for, train_config_from_args)
+                                      log_to_stderr, parse_command_line, per_epoch, resolve_model_dir,
+                                      run_training, start_run, tokenizer_dir_for, train_config_from_args)
     from anita_core.train.run_identity import run_settings
     parser, args = parse_command_line(build_parser, argv)
     if args.max_prompt_length and args.max_prompt_length >= args.max_length:
@@ -63,6 +63,14 @@ def main(argv=None) -> int:
     output_dir = args.output_dir or f"runs/dpo-{args.preset}"
     run = start_run(args, output_dir, log)
 
+    # checked before the model loads: DPO prompts are rendered in LLaMA-3's chat format
+    from anita_core.data.templates import LLAMA3_TOKENS
+    tokenizer = load_tokenizer(tokenizer_dir_for(resolve_model_dir(args.model)))
+    missing = [t for t in LLAMA3_TOKENS if not tokenizer.has_token(t)]
+    if missing:
+        log(f"error: {tokenizer.name}: no {missing[0]} token; train_dpo.py renders prompts in "
+            "LLaMA-3's chat format, which needs it")
+        return 2
     model_dir, model, adapters = load_model_and_adapters(args, log)
     reference = None
     if args.reference_adapter:
@@ -72,7 +80,6 @@ def main(argv=None) -> int:
             raise SystemExit(f"--reference-adapter: {e}")
         for p in reference.parameters():
             p.requires_grad_(False)
-    tokenizer = load_tokenizer(tokenizer_dir_for(model_dir))
     data_config = DPODataConfig(data=args.data, system_prompt=args.system_prompt,
                                 max_length=args.max_length,
                                 max_prompt_length=args.max_prompt_length or None,

@@ -5,10 +5,13 @@
     python train_sft.py --preset sft --model DIR --data FILE
     python train_sft.py --preset ita --model DIR --data italian_text.jsonl
 
-Data rows: {system, instruction, input, output} (Alpaca or LLaMA-3 chat
-template), {messages: [{role, content}, ...]} (LLaMA-3 chat template), or
-{text} (raw text, `<|begin_of_text|>{text}<|eot_id|>`). Local JSON / JSONL /
-Parquet / CSV, or a hub dataset name when online.
+Data rows: {system, instruction, input, output}, {messages: [{role, content},
+...]}, or {text}. --template llama3 (LLaMA-3's chat format), alpaca, or chat
+(the tokenizer's own chat_template from tokenizer_config.json: SmolLM2,
+LLaMA-2, Mistral-style and other LLaMA-architecture models); raw text is
+{bos_token}{text}{eos_token} with the tokenizer's own tokens. Local JSON /
+JSONL / Parquet / CSV files, folders of such shards, or a hub dataset name
+when online; --max-samples N draws N rows at random (by --seed), streamed.
 """
 from __future__ import annotations
 
@@ -34,8 +37,9 @@ def build_parser(argv):
                    help="data file(s), folder(s) or hub name(s)")
     g.add_argument("--data-shape", default=d["data_shape"], choices=("auto", "instruction", "chat", "text"),
                    help="row shape (auto: detected from the columns)")
-    g.add_argument("--template", default="llama3", choices=("llama3", "alpaca"),
-                   help="how instruction rows are rendered")
+    g.add_argument("--template", default="llama3", choices=("llama3", "alpaca", "chat"),
+                   help="how instruction and chat rows are rendered (chat: the tokenizer's own "
+                        "chat_template from tokenizer_config.json; llama3 needs LLaMA-3's tokens)")
     g.add_argument("--max-seq-length", type=int_at_least(2), default=d["max_seq_length"], help="tokens per row")
     g.add_argument("--train-on-all-tokens", action="store_true",
                    help="loss on every token, not only the answers")
@@ -46,8 +50,8 @@ def build_parser(argv):
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     from anita_core.train.cli import (build_data_or_report, eval_split_value, load_model_and_adapters,
-                                      log_to_stderr, parse_command_line, per_epoch, run_training,
-                                      start_run, tokenizer_dir_for, train_config_from_args)
+                                      log_to_stderr, parse_command_line, per_epoch, resolve_model_dir,
+                                      run_training, start_run, tokenizer_dir_for, train_config_from_args)
     from anita_core.train.run_identity import run_settings
     _, args = parse_command_line(build_parser, argv)
     from anita_core.data import SFTDataConfig, build_sft_data, load_tokenizer, sft_batches
@@ -57,16 +61,18 @@ def main(argv=None) -> int:
     output_dir = args.output_dir or f"runs/sft-{args.preset}"
     run = start_run(args, output_dir, log)
 
-    model_dir, model, adapters = load_model_and_adapters(args, log)
-    tokenizer = load_tokenizer(tokenizer_dir_for(model_dir))
+    # the data is built before the model loads: a tokenizer/template mismatch or
+    # a bad row is reported without waiting for the base model
+    tokenizer = load_tokenizer(tokenizer_dir_for(resolve_model_dir(args.model)))
     data_config = SFTDataConfig(data=args.data, shape=args.data_shape, template=args.template,
                                 system_prompt=args.system_prompt, max_seq_length=args.max_seq_length,
                                 train_on_all_tokens=args.train_on_all_tokens, max_samples=args.max_samples,
                                 eval_split=eval_split_value(args.eval_split), seed=args.seed,
-                                skip_bad_rows=args.skip_bad_rows)
+                                skip_bad_rows=args.skip_bad_rows, progress=not args.no_progress)
     data = build_data_or_report(build_sft_data, data_config, tokenizer, log, "training examples")
     if data is None:
         return 2
+    model_dir, model, adapters = load_model_and_adapters(args, log)
 
     def batches_for(documents, seed):
         return sft_batches(documents, batch_size=args.batch_size, seq_len=args.max_seq_length,

@@ -296,10 +296,19 @@ def test_shuffle_and_eval_split_are_deterministic_by_seed(tok):
     assert (counted.stats.rows_read, len(counted.train), len(counted.eval)) == (30, 25, 5)
     with pytest.raises(ValueError, match="leaves none"):
         build_sft_data(SFTDataConfig(path, eval_split=30, max_samples=30), tok)
-    # several sources: max_samples counts rows over all of them, in order
-    both = build_sft_data(SFTDataConfig([sample_path("text"), path], max_samples=150), tok)
+    # several sources: max_samples draws from all of them together, at random by seed
+    sources = [sample_path("text"), path]
+    everything = build_sft_data(SFTDataConfig(sources), tok)
+    pool = [tuple(d.input_ids) for d in everything.train]
+    both = build_sft_data(SFTDataConfig(sources, max_samples=150, seed=3), tok)
     assert both.stats.rows_read == 150 and both.stats.examples == 150
-    assert sum(d.num_targets == len(d) - 1 for d in both.train) == 140      # the 140 raw-text rows
+    drawn = [tuple(d.input_ids) for d in both.train]
+    assert all(pool.count(d) >= drawn.count(d) for d in set(drawn))        # a sub-multiset
+    raw_text = sum(d.num_targets == len(d) - 1 for d in both.train)        # from the text file
+    assert 0 < raw_text < 150
+    again = build_sft_data(SFTDataConfig(sources, max_samples=150, seed=3), tok)
+    other = build_sft_data(SFTDataConfig(sources, max_samples=150, seed=4), tok)
+    assert key(again.train) == key(both.train) and sorted(key(other.train)) != sorted(drawn)
 
 
 # ------------------------------------------------------------------ file formats

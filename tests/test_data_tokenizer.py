@@ -148,11 +148,20 @@ def test_load_tokenizer_accepts_the_json_file_and_reports_missing_pieces(tmp_pat
     assert direct.encode("ciao") == tok.encode("ciao") and direct.pad_id == tok.pad_id
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
         load_tokenizer(str(tmp_path / "nowhere"))
-    # a tokenizer without LLaMA-3's special tokens is refused by name
+    # a tokenizer without LLaMA-3's special tokens loads; the llama3 template
+    # refuses it by name (the tokenizer file and the first missing token)
     from tokenizers import Tokenizer, models, pre_tokenizers
     plain = Tokenizer(models.BPE())
     plain.pre_tokenizer = pre_tokenizers.ByteLevel()
     plain.add_special_tokens(["<|begin_of_text|>"])
     plain.save(str(tmp_path / "tokenizer.json"))
-    with pytest.raises(ValueError, match=r"no <\|eot_id\|> token"):
+    loaded = load_tokenizer(str(tmp_path))
+    assert loaded.bos_id == loaded.token_to_id("<|begin_of_text|>") and loaded.eos_id is None
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'tokenizer.json'}: no <\|start_header_id\|> "
+                                         r"token, which --template llama3 needs; no --template works"):
+        templates.check_template(loaded, "llama3", "instruction")
+    with pytest.raises(ValueError, match=r"no eos_token, which raw text rows end with"):
+        templates.check_template(loaded, "llama3", "text")
+    (tmp_path / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"tokenizer_config.json: not valid JSON"):
         load_tokenizer(str(tmp_path))

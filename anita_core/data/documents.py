@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
-from anita_core.data.templates import Segment
+from anita_core.data.templates import Segment, render
 from anita_core.data.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100
@@ -32,20 +32,44 @@ class Document:
 
 def encode_segments(tokenizer: Tokenizer, documents: Sequence[Sequence[Segment]],
                     ) -> List[Tuple[List[int], List[bool]]]:
-    """(token ids, is-answer flag per token) for each document; every segment is
-    encoded on its own (in one batch call), so the answer span is exact."""
-    texts = [s.text for segments in documents for s in segments]
-    encoded = iter(tokenizer.encode_batch(texts))
-    out = []
-    for segments in documents:
-        ids: List[int] = []
-        is_answer: List[bool] = []
-        for s in segments:
-            piece = next(encoded)
-            ids += piece
-            is_answer += [s.is_answer] * len(piece)
-        out.append((ids, is_answer))
-    return out
+    """(token ids, is-answer flag per token) for each document.
+
+    The whole rendered text is encoded at once (in one batch call), so the ids
+    are exactly the tokenization of the text, as transformers' tokenizing
+    apply_chat_template gives them, whatever the tokenizer's pre-tokenizer does
+    at segment boundaries. A token is an answer token when its characters
+    overlap an answer segment (transformers' rule for assistant masks)."""
+    encoded = tokenizer.encode_batch_with_offsets([render(segments) for segments in documents])
+    return [(ids, answer_mask(offsets, segment_answer_spans(segments)))
+            for segments, (ids, offsets) in zip(documents, encoded)]
+
+
+def segment_answer_spans(segments: Sequence[Segment]) -> List[Tuple[int, int]]:
+    """[start, end) character spans of the answer segments, neighbours joined."""
+    spans: List[Tuple[int, int]] = []
+    at = 0
+    for s in segments:
+        if s.is_answer and s.text:
+            if spans and spans[-1][1] == at:
+                spans[-1] = (spans[-1][0], at + len(s.text))
+            else:
+                spans.append((at, at + len(s.text)))
+        at += len(s.text)
+    return spans
+
+
+def answer_mask(offsets: Sequence[Tuple[int, int]], spans: Sequence[Tuple[int, int]]) -> List[bool]:
+    """Per token: does its [start, end) character range overlap one of the
+    sorted ``spans``? (One pass: tokens and spans are both in order.)"""
+    mask = [False] * len(offsets)
+    span = 0
+    for t, (start, end) in enumerate(offsets):
+        while span < len(spans) and start >= spans[span][1]:
+            span += 1
+        if span == len(spans):
+            break
+        mask[t] = end > spans[span][0]
+    return mask
 
 
 def prompt_length(is_answer: Sequence[bool]) -> int:

@@ -154,7 +154,7 @@ def build_dpo_data(config: DPODataConfig, tokenizer: Tokenizer) -> DPOData:
     rows = read_rows(config.data, stats=stats, shape="dpo", allowed_shapes=("dpo",),
                      skip_bad_rows=config.skip_bad_rows, max_samples=config.max_samples,
                      exclude_sources=config.exclude_sources, split=config.split,
-                     cache_dir=config.cache_dir)
+                     cache_dir=config.cache_dir, seed=config.seed)
     pairs = []
     for pair in tokenize_pairs([row for _, row in rows], tokenizer, config.system_prompt):
         if pair.chosen_ids == pair.rejected_ids:    # same answer after templating: no signal

@@ -25,6 +25,10 @@ class Table:
     # row index -> why that row could not be read (bad JSON, bad encoding...);
     # rows[index] is then an empty placeholder
     problems: Dict[int, str] = field(default_factory=dict)
+    locations: Optional[List[Tuple[str, int]]] = None   # (file, row number) of each row, if not (source, i + 1)
+
+    def location(self, index: int) -> Tuple[str, int]:
+        return self.locations[index] if self.locations is not None else (self.source, index + 1)
 
 
 def _quiet_datasets():
@@ -165,14 +169,17 @@ def _load_failure(source: str, ext: str, error: Exception) -> str:
 def read_rows(sources: Union[str, Sequence[str]], *, stats: DataStats, shape: str = "auto",
               allowed_shapes: Collection[str] = SHAPES, skip_bad_rows: bool = False,
               max_samples: Optional[int] = None, exclude_sources: Collection[str] = (),
-              split: str = "train", cache_dir: Optional[str] = None,
+              split: str = "train", cache_dir: Optional[str] = None, seed: int = 0,
+              progress: bool = False, locations: Optional[List[Tuple[str, int]]] = None,
               ) -> List[Tuple[str, Dict[str, Any]]]:
     """Validated rows from one or more sources, as (shape, normalized row).
 
-    ``max_samples`` caps the rows read over all sources, in order. Rows whose
+    ``max_samples`` draws that many rows uniformly at random (``seed``) from all
+    sources together, streamed in O(max_samples) memory (streaming.py). Rows whose
     ``source`` column is in ``exclude_sources`` are dropped before validation.
     A malformed row raises BadRowError (a ValueError naming the source and the
-    row number), or with ``skip_bad_rows`` is skipped and counted."""
+    row number), or with ``skip_bad_rows`` is skipped and counted. A
+    ``locations`` list receives each returned row's (file or source, row number)."""
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
     if not sources:
@@ -182,11 +189,13 @@ def read_rows(sources: Union[str, Sequence[str]], *, stats: DataStats, shape: st
                          f"{sorted(allowed_shapes)}")
     exclude = set(exclude_sources)
     out: List[Tuple[str, Dict[str, Any]]] = []
-    for source in sources:
-        remaining = None if max_samples is None else max_samples - stats.rows_read
-        if remaining is not None and remaining <= 0:
-            break
-        table = read_table(source, split=split, max_rows=remaining, cache_dir=cache_dir)
+    if max_samples is not None:
+        from anita_core.data.streaming import sampled_tables
+        tables = sampled_tables(sources, max_samples, seed, split=split, cache_dir=cache_dir,
+                                progress=progress)
+    else:
+        tables = (read_table(source, split=split, cache_dir=cache_dir) for source in sources)
+    for table in tables:
         row_shape = shape if shape != "auto" else detect_shape(table.columns, table.source)
         if row_shape not in allowed_shapes:
             raise ValueError(f"{table.source}: holds {row_shape} rows; expected one of "
@@ -194,16 +203,20 @@ def read_rows(sources: Union[str, Sequence[str]], *, stats: DataStats, shape: st
         check = CHECKS[row_shape]
         for index, row in enumerate(table.rows):
             stats.rows_read += 1
-            row_source = row.get("source")
+            row_source = row.get("source") if isinstance(row, dict) else None
             if exclude and isinstance(row_source, str) and row_source in exclude:
                 stats.filtered_by_source += 1
                 continue
             try:
                 if index in table.problems:
                     raise RowProblem(table.problems[index])
+                if isinstance(row, RowProblem):       # a drawn line that is not a JSON object
+                    raise row
                 out.append((row_shape, check(row)))
+                if locations is not None:
+                    locations.append(table.location(index))
             except RowProblem as problem:
-                error = BadRowError(table.source, index + 1, str(problem))
+                error = BadRowError(*table.location(index), str(problem))
                 if not skip_bad_rows:
                     raise error from None
                 stats.note_bad_row(str(error))

@@ -1,15 +1,26 @@
-"""A small wrapper around a `tokenizers` tokenizer.json with LLaMA-3's special
-tokens: plain encoding (no automatic BOS/EOS; the templates write the special
-tokens as text), and the ids the data pipeline needs."""
+"""A small wrapper around a `tokenizers` tokenizer.json and the
+tokenizer_config.json beside it: plain encoding (no automatic BOS/EOS; the
+templates write the special tokens as text), the tokenizer's own special
+tokens and chat template, and the ids the data pipeline needs.
+
+Any tokenizer loads (LLaMA-3's, SmolLM2's ChatML, a SentencePiece-style
+LLaMA-2 / Mistral one, ...); what a template needs of it is checked by
+``templates.check_template`` before any data is rendered."""
 from __future__ import annotations
 
 import json
 import os
-from typing import Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 from tokenizers import Tokenizer as _BackendTokenizer
 
 from anita_core.data import templates
+
+# transformers' named special tokens (SPECIAL_TOKENS_ATTRIBUTES): the ones a
+# chat template sees as variables.
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token",
+                       "cls_token", "mask_token")
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
 def default_tokenizer_dir() -> str:
@@ -19,38 +30,55 @@ def default_tokenizer_dir() -> str:
 
 class Tokenizer:
     """``encode`` never adds special tokens by itself; special tokens written in
-    the text (``<|eot_id|>`` ...) are recognised as single ids, as in
-    transformers' ``encode(text, add_special_tokens=False)``.
+    the text are recognised as single ids, as in transformers'
+    ``encode(text, add_special_tokens=False)``.
 
-    Ids: ``bos_id`` = <|begin_of_text|>, ``eos_id`` = <|eot_id|> (the end of a
-    chat turn and of every training document), ``end_of_text_id``,
-    ``pad_id`` (the config's pad token, else <|finetune_right_pad_id|>, else eos),
-    ``start_header_id``, ``end_header_id``.
+    ``special_tokens``: the named special tokens of tokenizer_config.json
+    (bos_token, eos_token, pad_token, ...) that the vocabulary holds; without a
+    config, LLaMA-3's <|begin_of_text|> / <|eot_id|> when present.
+    ``chat_template``: the config's (or chat_template.jinja's) template, or None.
+
+    Ids: ``bos_id`` / ``eos_id`` (the bos_token / eos_token, None when the
+    tokenizer has none), ``pad_id`` (the pad token, else
+    <|finetune_right_pad_id|>, else eos, else 0: padding is never a target),
+    and LLaMA-3's ``start_header_id``, ``end_header_id``, ``end_of_text_id``
+    (None when absent).
     """
 
-    def __init__(self, backend: _BackendTokenizer, *, pad_token: Optional[str] = None,
-                 name: str = "<tokenizer>"):
+    def __init__(self, backend: _BackendTokenizer, *, config: Optional[dict] = None,
+                 chat_template: Optional[str] = None, name: str = "<tokenizer>",
+                 config_name: Optional[str] = None):
         self.backend = backend
         self.name = name
-        self.bos_id = self._required_id(templates.BEGIN_OF_TEXT)
-        self.eos_id = self._required_id(templates.EOT)
-        self.start_header_id = self._required_id(templates.START_HEADER)
-        self.end_header_id = self._required_id(templates.END_HEADER)
+        self.config_name = config_name or os.path.join(os.path.dirname(name), "tokenizer_config.json")
+        config = config or {}
+        specials: Dict[str, str] = {}
+        for key in SPECIAL_TOKEN_NAMES:
+            token = _token_content(config.get(key))
+            if token is not None and backend.token_to_id(token) is not None:
+                specials[key] = token
+        if not config:   # no config: LLaMA-3's markers, as the bundled tokenizer's config says
+            for key, token in (("bos_token", templates.BEGIN_OF_TEXT), ("eos_token", templates.EOT)):
+                if backend.token_to_id(token) is not None:
+                    specials[key] = token
+        self.special_tokens = specials
+        self.chat_template = chat_template
+        self.bos_token, self.eos_token = specials.get("bos_token"), specials.get("eos_token")
+        self.bos_id = None if self.bos_token is None else backend.token_to_id(self.bos_token)
+        self.eos_id = None if self.eos_token is None else backend.token_to_id(self.eos_token)
+        self.start_header_id = backend.token_to_id(templates.START_HEADER)
+        self.end_header_id = backend.token_to_id(templates.END_HEADER)
         self.end_of_text_id = backend.token_to_id(templates.END_OF_TEXT)
         pad_id = None
-        for candidate in (pad_token, templates.PAD):
+        for candidate in (specials.get("pad_token"), templates.PAD):
             if candidate is not None and backend.token_to_id(candidate) is not None:
                 pad_id = backend.token_to_id(candidate)
                 break
-        self.pad_id = self.eos_id if pad_id is None else pad_id
+        self.pad_id = pad_id if pad_id is not None else (self.eos_id if self.eos_id is not None else 0)
 
-    def _required_id(self, token: str) -> int:
-        token_id = self.backend.token_to_id(token)
-        if token_id is None:
-            raise ValueError(f"{self.name}: the tokenizer has no {token} token; the LLaMA-3 "
-                             f"templates need <|begin_of_text|>, <|start_header_id|>, "
-                             f"<|end_header_id|> and <|eot_id|>")
-        return token_id
+    def has_token(self, token: str) -> bool:
+        """Whether ``token`` is a single id (an added or special token)."""
+        return self.backend.token_to_id(token) is not None
 
     @property
     def vocab_size(self) -> int:
@@ -63,6 +91,12 @@ class Tokenizer:
     def encode_batch(self, texts: Iterable[str]) -> List[List[int]]:
         return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
 
+    def encode_batch_with_offsets(self, texts: Iterable[str],
+                                  ) -> List[Tuple[List[int], List[Tuple[int, int]]]]:
+        """(ids, (start, end) character span of each token) per text."""
+        return [(e.ids, e.offsets)
+                for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
@@ -71,20 +105,40 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return (f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, bos={self.bos_id}, "
-                f"eos={self.eos_id}, pad={self.pad_id})")
+                f"eos={self.eos_id}, pad={self.pad_id}, "
+                f"chat_template={'yes' if self.chat_template else 'no'})")
 
 
 def _token_content(value) -> Optional[str]:
     """tokenizer_config.json writes a token either as a string or as {"content": ...}."""
     if isinstance(value, dict):
         return value.get("content")
-    return value
+    return value if isinstance(value, str) else None
+
+
+def _chat_template_of(config: dict, folder: str, config_file: str) -> Optional[str]:
+    """The chat template as transformers finds it: chat_template.jinja beside the
+    config wins; else the config's chat_template, a string or a list of
+    {name, template} of which the one named "default" is used."""
+    jinja_file = os.path.join(folder, CHAT_TEMPLATE_FILE)
+    if os.path.isfile(jinja_file):
+        with open(jinja_file, encoding="utf-8") as f:
+            return f.read()
+    value = config.get("chat_template")
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        return named.get("default")
+    raise ValueError(f"{config_file}: chat_template must be a string or a list of "
+                     f"{{name, template}}, got {type(value).__name__}")
 
 
 def load_tokenizer(path: Optional[str] = None) -> Tokenizer:
     """Loads ``path/tokenizer.json`` (a folder, e.g. a model folder, or the
     tokenizer.json file itself); the bundled tokenizer when ``path`` is None.
-    The pad token is taken from tokenizer_config.json next to it when present."""
+    Special tokens and the chat template come from tokenizer_config.json (and
+    chat_template.jinja) next to it when present."""
     path = default_tokenizer_dir() if path is None else os.fspath(path)
     folder, file = (os.path.dirname(path), path) if path.endswith(".json") else (
         path, os.path.join(path, "tokenizer.json"))
@@ -92,9 +146,15 @@ def load_tokenizer(path: Optional[str] = None) -> Tokenizer:
         raise FileNotFoundError(f"no tokenizer.json at {file!r} (pass a model folder holding a "
                                 f"tokenizer.json, or the file itself)")
     backend = _BackendTokenizer.from_file(file)
-    pad_token = None
+    config: dict = {}
     config_file = os.path.join(folder, "tokenizer_config.json")
     if os.path.isfile(config_file):
-        with open(config_file, encoding="utf-8") as f:
-            pad_token = _token_content(json.load(f).get("pad_token"))
-    return Tokenizer(backend, pad_token=pad_token, name=file)
+        try:
+            with open(config_file, encoding="utf-8") as f:
+                config = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_file}: not valid JSON ({e})") from e
+        if not isinstance(config, dict):
+            raise ValueError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
+    return Tokenizer(backend, config=config, chat_template=_chat_template_of(config, folder, config_file),
+                     name=file, config_name=config_file)

@@ -250,32 +250,49 @@ def lora_config_from_peft(d: Dict[str, Any], model_config: ModelConfig,
 def _resolve_targets(d: Dict[str, Any], model_config: ModelConfig, fail):
     """(target projections, layers or None) that PEFT's module matching selects.
 
-    A list of names matches modules whose name is, or ends with, one of them,
-    within ``layers_to_transform`` when set; PEFT's "all-linear" means every
-    projection (lm_head excluded); any other string is a regular expression
-    matched against the whole module path, and ignores layers_to_transform.
+    PEFT's rule (peft.tuners.tuners_utils.check_target_module_exists):
+    - a string is a regular expression that must match the whole module path
+      ("model.layers.3.self_attn.q_proj"); layers_to_transform is ignored;
+    - "all-linear" (any case) means every linear layer but the output head,
+      i.e. every projection; PEFT itself saves it resolved to a list;
+    - a list entry selects a module whose path equals it or ends with
+      "." + entry: "q_proj", "self_attn.q_proj" and
+      "model.layers.0.self_attn.q_proj" are all valid; a list is then narrowed
+      to layers_to_transform when that is set.
+    Every list entry must select at least one projection (an entry naming
+    lm_head, an embedding or a norm is refused), and the selection must be the
+    same projections in every adapted layer, which is what LoRAConfig holds.
     """
     n = model_config.num_hidden_layers
     raw = d.get("target_modules")
-    if raw == "all-linear":
+    if isinstance(raw, str) and raw.lower() == "all-linear":
         raw = list(PROJECTIONS)
     if isinstance(raw, str):
         return _resolve_regex(raw, n, fail)
     if not isinstance(raw, list) or not raw:
-        raise fail("target_modules", f"must be a non-empty list of projection names, got {raw!r}")
-    for name in raw:
-        if name not in PROJECTIONS:
-            raise fail("target_modules", f"names {name!r}, which is not a projection anita can "
-                                         f"adapt (expected a subset of {list(PROJECTIONS)})")
+        raise fail("target_modules", f"must be a non-empty list of module names, got {raw!r}")
+    paths = {projection_module_path(layer, p): (layer, p) for layer in range(n) for p in PROJECTIONS}
+    matched = set()
+    for entry in raw:
+        if not isinstance(entry, str) or not entry:
+            raise fail("target_modules", f"holds {entry!r}; expected module names")
+        hits = {where for path, where in paths.items()
+                if path == entry or path.endswith("." + entry)}
+        if not hits:
+            raise fail("target_modules", f"names {entry!r}, which is not a projection anita can "
+                                         f"adapt (expected names ending in one of {list(PROJECTIONS)})")
+        matched |= hits
     raw_layers = d.get("layers_to_transform")
-    if raw_layers in (None, []):
-        return list(dict.fromkeys(raw)), None
-    if isinstance(raw_layers, int) and not isinstance(raw_layers, bool):
-        raw_layers = [raw_layers]
-    if not isinstance(raw_layers, list) or any(
-            isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n for i in raw_layers):
-        raise fail("layers_to_transform", f"is {raw_layers!r}; expected layer indices in [0, {n})")
-    return list(dict.fromkeys(raw)), sorted(set(raw_layers))
+    if raw_layers not in (None, []):
+        if isinstance(raw_layers, int) and not isinstance(raw_layers, bool):
+            raw_layers = [raw_layers]
+        if not isinstance(raw_layers, list) or any(
+                isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n for i in raw_layers):
+            raise fail("layers_to_transform", f"is {raw_layers!r}; expected layer indices in [0, {n})")
+        matched = {(layer, p) for layer, p in matched if layer in raw_layers}
+        if not matched:
+            raise fail("target_modules", f"selects no projection in layers_to_transform {raw_layers}")
+    return _as_targets_and_layers(matched, n, raw, fail)
 
 
 def _resolve_regex(pattern: str, n: int, fail):
@@ -287,10 +304,16 @@ def _resolve_regex(pattern: str, n: int, fail):
                if regex.fullmatch(projection_module_path(layer, p))}
     if not matched:
         raise fail("target_modules", f"= {pattern!r} matches no projection of the model")
+    return _as_targets_and_layers(matched, n, pattern, fail)
+
+
+def _as_targets_and_layers(matched, n: int, raw, fail):
+    """(projections, layers or None for all) of a set of (layer, projection)
+    that must be their product."""
     layers = sorted({layer for layer, _ in matched})
     targets = [p for p in PROJECTIONS if any(q == p for _, q in matched)]
     if len(matched) != len(layers) * len(targets):
-        raise fail("target_modules", f"= {pattern!r} adapts different projections in different "
+        raise fail("target_modules", f"= {raw!r} adapts different projections in different "
                                      "layers; anita needs the same projections in every adapted layer")
     return targets, (None if len(layers) == n else layers)
 

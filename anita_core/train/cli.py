@@ -102,7 +102,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, preset: str, presets: 
                    help="checkpoints kept (0: all)")
 
     g = parser.add_argument_group("data")
-    g.add_argument("--max-samples", type=positive_int, default=None, help="use at most this many rows")
+    g.add_argument("--max-samples", type=positive_int, default=None,
+                   help="draw this many rows uniformly at random (with --seed) from all of --data, "
+                        "streamed: a folder of shards or a hub dataset larger than memory is fine")
     g.add_argument("--eval-split", type=count_or_fraction, default=d.get("eval_split", 0),
                    help="held-out rows: a count (>= 1) or a fraction (< 1)")
     g.add_argument("--skip-bad-rows", action="store_true",
