@@ -92,9 +92,9 @@ def gpu_blocks(kind: str, block_d: int) -> AttentionBlocks:
 
 
 def _interpreter_blocks(seq: int) -> AttentionBlocks:
-    # The interpreter pays per program and per operation, and NumPy runs a 64 x 64
+    # The interpreter pays per program and per operation, and NumPy runs a 128 x 128
     # tile as fast as a 16 x 16 one: one tile covers a short sequence whole.
-    block = min(64, max(16, triton.next_power_of_2(seq)))
+    block = min(128, max(16, triton.next_power_of_2(seq)))
     return AttentionBlocks(block, block, 4, 1)
 
 
