@@ -76,8 +76,11 @@ class AttentionBlocks(NamedTuple):
 
 def gpu_blocks(kind: str, block_d: int) -> AttentionBlocks:
     """Fixed GPU configurations per kernel and padded head dim (no autotuning, so the
-    Hopper compile check sees exactly what runs). Both dot dims >= 64 so that bf16
-    dots become wgmma (HGMMA) on sm_90; D = 256 halves the key tile to fit registers."""
+    Hopper compile check, tests/test_attention_hopper.py, sees exactly what runs).
+    Dot dims >= 64 so that bf16 dots become wgmma (HGMMA) on sm_90. At D = 256 the
+    backward's 64-row tiles spill (dK + dV accumulators alone are 128 registers per
+    thread at 8 warps), so its query tile drops to 32 rows: no spills, but the dots
+    with 32 rows run on mma.sync (HMMA)."""
     if kind == "forward":
         if block_d <= 64:
             return AttentionBlocks(128, 64, 4, 3)
@@ -87,7 +90,7 @@ def gpu_blocks(kind: str, block_d: int) -> AttentionBlocks:
     if kind in ("dkdv", "dq"):
         if block_d <= 128:
             return AttentionBlocks(64, 64, 8 if block_d > 64 else 4, 2)
-        return AttentionBlocks(64, 64, 8, 1)
+        return AttentionBlocks(32, 64, 8, 1)
     raise ValueError(f"gpu_blocks: unknown kernel kind {kind!r}")
 
 
