@@ -106,14 +106,40 @@ def _interpreter_blocks(seq: int) -> AttentionBlocks:
 # ---------------------------------------------------------------- kernels
 
 @triton.jit
-def _row_first_key(first_key_ptr, batch_row, rows, seq, HAS_BOUNDS: tl.constexpr):
+def _head_tile(b, tokens, seq, n_heads, head, head_dim, BLOCK_D: tl.constexpr):
+    """Offsets and mask of the [tokens, BLOCK_D] tile of one head of a contiguous
+    [B, S, H, D] tensor (pad lanes d >= D and tokens >= S masked)."""
+    dims = tl.arange(0, BLOCK_D)
+    offsets = ((b * seq + tokens)[:, None] * n_heads + head) * head_dim + dims[None, :]
+    mask = (tokens < seq)[:, None] & (dims < head_dim)[None, :]
+    return offsets, mask
+
+
+@triton.jit
+def _row_first_key(first_key_ptr, b, rows, seq, HAS_BOUNDS: tl.constexpr):
     """first_key of each query row; rows past the sequence get row + 1 (see nothing)."""
     row_ok = rows < seq
     if HAS_BOUNDS:
-        first = tl.load(first_key_ptr + batch_row * seq + rows, mask=row_ok, other=0)
+        first = tl.load(first_key_ptr + b * seq + rows, mask=row_ok, other=0)
     else:
         first = tl.zeros_like(rows)
     return tl.where(row_ok, first, rows + 1)
+
+
+@triton.jit
+def _query_block(pid_m, pid_bh, first_key_ptr, seq, n_q_heads, group,
+                 HAS_BOUNDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """What a (query block, query head) program of the forward or dQ kernel works on:
+    (b, h, kv head, rows, their first_key, lo, hi). The visible keys of the block lie in
+    [min first_key, last row]: key blocks from lo (rounded down to BLOCK_N) to hi, the
+    rest skipped."""
+    b = pid_bh // n_q_heads
+    h = pid_bh % n_q_heads
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    first_key = _row_first_key(first_key_ptr, b, rows, seq, HAS_BOUNDS)
+    lo = (tl.min(first_key, axis=0) // BLOCK_N) * BLOCK_N
+    hi = tl.minimum((pid_m + 1) * BLOCK_M, seq)
+    return b, h, h // group, rows, first_key, lo, hi
 
 
 @triton.jit
@@ -139,6 +165,13 @@ def _visible(rows, cols, first_key):
 
 
 @triton.jit
+def _probabilities(q, k, rows, cols, first_key, lse2, qk_scale_log2, DOT_FP32: tl.constexpr):
+    """P = 2^(s - lse) on visible pairs, 0 elsewhere (s in base-2 units), recomputed."""
+    s = _scores(q, k, DOT_FP32) * qk_scale_log2
+    return tl.where(_visible(rows, cols, first_key), tl.exp2(s - lse2[:, None]), 0.0)
+
+
+@triton.jit
 def _attention_forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, first_key_ptr,
                               seq, n_q_heads, n_kv_heads, group, head_dim, qk_scale_log2,
                               HAS_BOUNDS: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -153,30 +186,17 @@ def _attention_forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, first_key_p
     so that -inf - -inf never makes a NaN. At the end o = acc / l and
     lse = (m + log2 l) ln 2; a row with l = 0 (padding) writes o = 0, lse = -inf.
     """
-    pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // n_q_heads
-    h = pid_bh % n_q_heads
-    kv_h = h // group
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < seq
-    dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < head_dim
-    q_offsets = ((b * seq + rows)[:, None] * n_q_heads + h) * head_dim + dims[None, :]
-    q_mask = row_ok[:, None] & dim_ok[None, :]
+    b, h, kv_h, rows, first_key, lo, hi = _query_block(
+        tl.program_id(0), pid_bh, first_key_ptr, seq, n_q_heads, group, HAS_BOUNDS, BLOCK_M, BLOCK_N)
+    q_offsets, q_mask = _head_tile(b, rows, seq, n_q_heads, h, head_dim, BLOCK_D)
     q = tl.load(q_ptr + q_offsets, mask=q_mask, other=0.0)
-    first_key = _row_first_key(first_key_ptr, b, rows, seq, HAS_BOUNDS)
-
-    # visible keys of this block lie in [min first_key, last row]: skip the rest
-    lo = (tl.min(first_key, axis=0) // BLOCK_N) * BLOCK_N
-    hi = tl.minimum((pid_m + 1) * BLOCK_M, seq)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        kv_offsets = ((b * seq + cols)[:, None] * n_kv_heads + kv_h) * head_dim + dims[None, :]
-        kv_mask = (cols < seq)[:, None] & dim_ok[None, :]
+        kv_offsets, kv_mask = _head_tile(b, cols, seq, n_kv_heads, kv_h, head_dim, BLOCK_D)
         k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0)
         s = _scores(q, k, DOT_FP32) * qk_scale_log2
         s = tl.where(_visible(rows, cols, first_key), s, float("-inf"))
@@ -193,21 +213,17 @@ def _attention_forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, first_key_p
     out = acc / l_div[:, None]
     lse = tl.where(seen, (m_i + tl.log2(l_div)) * 0.6931471805599453, float("-inf"))
     tl.store(out_ptr + q_offsets, out.to(out_ptr.dtype.element_ty), mask=q_mask)
-    tl.store(lse_ptr + pid_bh * seq + rows, lse, mask=row_ok)
+    tl.store(lse_ptr + pid_bh * seq + rows, lse, mask=rows < seq)
 
 
 @triton.jit
 def _attention_delta_kernel(out_ptr, d_out_ptr, delta_ptr, seq, n_q_heads, head_dim,
                             BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Delta_i = sum_d dO_id O_id (fp32 [B, Hq, S]): the rowsum(P * dP) of the softmax backward."""
-    pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // n_q_heads
-    h = pid_bh % n_q_heads
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    offsets = ((b * seq + rows)[:, None] * n_q_heads + h) * head_dim + dims[None, :]
-    mask = (rows < seq)[:, None] & (dims < head_dim)[None, :]
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offsets, mask = _head_tile(pid_bh // n_q_heads, rows, seq, n_q_heads, pid_bh % n_q_heads,
+                               head_dim, BLOCK_D)
     o = tl.load(out_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     do = tl.load(d_out_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     tl.store(delta_ptr + pid_bh * seq + rows, tl.sum(o * do, axis=1), mask=rows < seq)
@@ -240,37 +256,29 @@ def _attention_dkdv_kernel(q_ptr, k_ptr, v_ptr, d_out_ptr, lse_ptr, delta_ptr,
     b = pid_bh // n_kv_heads
     kv_h = pid_bh % n_kv_heads
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < seq
-    dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < head_dim
-    kv_offsets = ((b * seq + cols)[:, None] * n_kv_heads + kv_h) * head_dim + dims[None, :]
-    kv_mask = col_ok[:, None] & dim_ok[None, :]
+    kv_offsets, kv_mask = _head_tile(b, cols, seq, n_kv_heads, kv_h, head_dim, BLOCK_D)
     k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0)
     v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0)
     if HAS_BOUNDS:
-        key_end = tl.load(key_end_ptr + b * seq + cols, mask=col_ok, other=0)
+        key_end = tl.load(key_end_ptr + b * seq + cols, mask=cols < seq, other=0)
     else:
-        key_end = tl.where(col_ok, seq, 0)
+        key_end = tl.where(cols < seq, seq, 0)
     lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
     hi = tl.minimum(tl.max(key_end, axis=0), seq)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     for g in range(0, group):
         h = kv_h * group + g
-        bh = b * n_q_heads + h
         for start in range(lo, hi, BLOCK_M):
             rows = start + tl.arange(0, BLOCK_M)
-            q_offsets = ((b * seq + rows)[:, None] * n_q_heads + h) * head_dim + dims[None, :]
-            q_mask = (rows < seq)[:, None] & dim_ok[None, :]
+            q_offsets, q_mask = _head_tile(b, rows, seq, n_q_heads, h, head_dim, BLOCK_D)
             q = tl.load(q_ptr + q_offsets, mask=q_mask, other=0.0)
             do = tl.load(d_out_ptr + q_offsets, mask=q_mask, other=0.0)
-            lse2, delta = _row_statistics(lse_ptr, delta_ptr, bh, rows, seq)
+            lse2, delta = _row_statistics(lse_ptr, delta_ptr, b * n_q_heads + h, rows, seq)
             first_key = _row_first_key(first_key_ptr, b, rows, seq, HAS_BOUNDS)
-            s = _scores(q, k, DOT_FP32) * qk_scale_log2                     # [M, N]
-            p = tl.where(_visible(rows, cols, first_key), tl.exp2(s - lse2[:, None]), 0.0)
+            p = _probabilities(q, k, rows, cols, first_key, lse2, qk_scale_log2, DOT_FP32)
             dv = _accumulate(dv, tl.trans(p), do, DOT_FP32)
-            dp = _scores(do, v, DOT_FP32)
-            ds = p * (dp - delta[:, None])
+            ds = p * (_scores(do, v, DOT_FP32) - delta[:, None])
             dk = _accumulate(dk, tl.trans(ds), q, DOT_FP32)
     tl.store(dk_ptr + kv_offsets, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptr + kv_offsets, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
@@ -284,33 +292,21 @@ def _attention_dq_kernel(q_ptr, k_ptr, v_ptr, d_out_ptr, lse_ptr, delta_ptr, dq_
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """dQ_i = c sum_j dS_ij K_j for one query block of one query head, over the same
     visible key blocks as the forward."""
-    pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // n_q_heads
-    h = pid_bh % n_q_heads
-    kv_h = h // group
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < head_dim
-    q_offsets = ((b * seq + rows)[:, None] * n_q_heads + h) * head_dim + dims[None, :]
-    q_mask = (rows < seq)[:, None] & dim_ok[None, :]
+    b, h, kv_h, rows, first_key, lo, hi = _query_block(
+        tl.program_id(0), pid_bh, first_key_ptr, seq, n_q_heads, group, HAS_BOUNDS, BLOCK_M, BLOCK_N)
+    q_offsets, q_mask = _head_tile(b, rows, seq, n_q_heads, h, head_dim, BLOCK_D)
     q = tl.load(q_ptr + q_offsets, mask=q_mask, other=0.0)
     do = tl.load(d_out_ptr + q_offsets, mask=q_mask, other=0.0)
     lse2, delta = _row_statistics(lse_ptr, delta_ptr, pid_bh, rows, seq)
-    first_key = _row_first_key(first_key_ptr, b, rows, seq, HAS_BOUNDS)
-    lo = (tl.min(first_key, axis=0) // BLOCK_N) * BLOCK_N
-    hi = tl.minimum((pid_m + 1) * BLOCK_M, seq)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        kv_offsets = ((b * seq + cols)[:, None] * n_kv_heads + kv_h) * head_dim + dims[None, :]
-        kv_mask = (cols < seq)[:, None] & dim_ok[None, :]
+        kv_offsets, kv_mask = _head_tile(b, cols, seq, n_kv_heads, kv_h, head_dim, BLOCK_D)
         k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0)
         v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0)
-        s = _scores(q, k, DOT_FP32) * qk_scale_log2
-        p = tl.where(_visible(rows, cols, first_key), tl.exp2(s - lse2[:, None]), 0.0)
-        dp = _scores(do, v, DOT_FP32)
-        ds = p * (dp - delta[:, None])
+        p = _probabilities(q, k, rows, cols, first_key, lse2, qk_scale_log2, DOT_FP32)
+        ds = p * (_scores(do, v, DOT_FP32) - delta[:, None])
         dq = _accumulate(dq, ds, k, DOT_FP32)
     tl.store(dq_ptr + q_offsets, (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
 
