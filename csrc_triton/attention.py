@@ -64,14 +64,20 @@ from ._runtime import DOT_IN_FP32, INTERPRETING, new_output
 _OP = "flash_attention"
 MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
+# head vectors per program of the Delta preprocessing (memory-bound; the interpreter
+# pays per program, so it takes many)
+_DELTA_ROWS = 1024 if INTERPRETING else 32
 
 
 class AttentionBlocks(NamedTuple):
-    """Tile sizes and launch options of the three kernels (dkdv: BLOCK_N keys x BLOCK_M queries)."""
+    """Tile sizes and launch options of the kernels. A query tile holds BLOCK_M tokens of
+    each of BLOCK_H query heads that share one kv head (BLOCK_H * BLOCK_M rows); dkdv
+    walks BLOCK_N keys against such query tiles."""
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    block_h: int = 1
 
 
 def gpu_blocks(kind: str, block_d: int) -> AttentionBlocks:
@@ -94,52 +100,60 @@ def gpu_blocks(kind: str, block_d: int) -> AttentionBlocks:
     raise ValueError(f"gpu_blocks: unknown kernel kind {kind!r}")
 
 
-def _interpreter_blocks(seq: int) -> AttentionBlocks:
+def _interpreter_blocks(seq: int, group: int) -> AttentionBlocks:
     # The interpreter pays per program and per operation, and NumPy runs a 256 x 256
     # tile almost as fast as a 16 x 16 one: one tile covers a short sequence whole
     # (a 1024-token training step of the tiny model, one core: 5.6 s with 128-tiles,
     # 3.9 s with 256).
+    # A tile also stacks every query head of a kv group (up to 1024 rows), so the tiny
+    # model's attention is one program per (batch row, kv head).
     block = min(256, max(16, triton.next_power_of_2(seq)))
-    return AttentionBlocks(block, block, 4, 1)
+    block_h = min(triton.next_power_of_2(group), max(1, 1024 // block))
+    return AttentionBlocks(block, block, 4, 1, block_h)
 
 
 # ---------------------------------------------------------------- kernels
 
 @triton.jit
-def _head_tile(b, tokens, seq, n_heads, head, head_dim, BLOCK_D: tl.constexpr):
-    """Offsets and mask of the [tokens, BLOCK_D] tile of one head of a contiguous
-    [B, S, H, D] tensor (pad lanes d >= D and tokens >= S masked)."""
+def _tile(row_index, row_ok, head_dim, BLOCK_D: tl.constexpr):
+    """Offsets and mask of a [rows, BLOCK_D] tile of a contiguous [B, S, H, D] tensor,
+    row r being the head vector number row_index[r] = (b S + token) H + head (pad
+    lanes d >= D and rows not row_ok masked)."""
     dims = tl.arange(0, BLOCK_D)
-    offsets = ((b * seq + tokens)[:, None] * n_heads + head) * head_dim + dims[None, :]
-    mask = (tokens < seq)[:, None] & (dims < head_dim)[None, :]
-    return offsets, mask
+    offsets = row_index[:, None] * head_dim + dims[None, :]
+    return offsets, row_ok[:, None] & (dims < head_dim)[None, :]
 
 
 @triton.jit
-def _row_first_key(first_key_ptr, b, rows, seq, HAS_BOUNDS: tl.constexpr):
-    """first_key of each query row; rows past the sequence get row + 1 (see nothing)."""
-    row_ok = rows < seq
+def _query_rows(b, kv_h, g0, tokens0, seq, n_q_heads, group, first_key_ptr,
+                HAS_BOUNDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+    """The rows of a query tile: BLOCK_M tokens from tokens0 for each of the query heads
+    g0 .. g0 + BLOCK_H - 1 of kv head kv_h. Returns (tokens, q row index, lse/Delta
+    index, row_ok, first_key); rows past the sequence or the group see nothing
+    (first_key = token + 1)."""
+    r = tl.arange(0, BLOCK_H * BLOCK_M)
+    g = g0 + r // BLOCK_M
+    tokens = tokens0 + r % BLOCK_M
+    heads = kv_h * group + g
+    row_ok = (tokens < seq) & (g < group)
     if HAS_BOUNDS:
-        first = tl.load(first_key_ptr + b * seq + rows, mask=row_ok, other=0)
+        first = tl.load(first_key_ptr + b * seq + tokens, mask=row_ok, other=0)
     else:
-        first = tl.zeros_like(rows)
-    return tl.where(row_ok, first, rows + 1)
+        first = tl.zeros_like(tokens)
+    first_key = tl.where(row_ok, first, tokens + 1)
+    return (tokens, (b * seq + tokens) * n_q_heads + heads, (b * n_q_heads + heads) * seq + tokens,
+            row_ok, first_key)
 
 
 @triton.jit
-def _query_block(pid_m, pid_bh, first_key_ptr, seq, n_q_heads, group,
-                 HAS_BOUNDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """What a (query block, query head) program of the forward or dQ kernel works on:
-    (b, h, kv head, rows, their first_key, lo, hi). The visible keys of the block lie in
-    [min first_key, last row]: key blocks from lo (rounded down to BLOCK_N) to hi, the
-    rest skipped."""
-    b = pid_bh // n_q_heads
-    h = pid_bh % n_q_heads
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    first_key = _row_first_key(first_key_ptr, b, rows, seq, HAS_BOUNDS)
-    lo = (tl.min(first_key, axis=0) // BLOCK_N) * BLOCK_N
-    hi = tl.minimum((pid_m + 1) * BLOCK_M, seq)
-    return b, h, h // group, rows, first_key, lo, hi
+def _query_program(seq, n_kv_heads, group, BLOCK_H: tl.constexpr):
+    """(b, kv head, first group member g0) of a forward / dQ program: axis 1 of the grid
+    runs over batch rows x kv heads x ceil(group / BLOCK_H) head tiles."""
+    head_tiles = tl.cdiv(group, BLOCK_H)
+    pid = tl.program_id(1)
+    b = pid // (n_kv_heads * head_tiles)
+    rest = pid % (n_kv_heads * head_tiles)
+    return b, rest // head_tiles, (rest % head_tiles) * BLOCK_H
 
 
 @triton.jit
@@ -159,16 +173,25 @@ def _accumulate(acc, a, b, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
-def _visible(rows, cols, first_key):
-    """[rows, cols] mask: query i sees key j iff first_key[i] <= j <= i."""
-    return (cols[None, :] >= first_key[:, None]) & (cols[None, :] <= rows[:, None])
+def _visible(tokens, cols, first_key):
+    """[rows, cols] mask: query token i sees key j iff first_key[i] <= j <= i."""
+    return (cols[None, :] >= first_key[:, None]) & (cols[None, :] <= tokens[:, None])
 
 
 @triton.jit
-def _probabilities(q, k, rows, cols, first_key, lse2, qk_scale_log2, DOT_FP32: tl.constexpr):
+def _row_statistics(lse_ptr, delta_ptr, stat_index, row_ok):
+    """(lse in base 2, Delta) of query rows; an empty row's -inf lse becomes 0 (its P is
+    masked to 0 anyway) so that no inf enters the arithmetic."""
+    lse = tl.load(lse_ptr + stat_index, mask=row_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+    return lse2, tl.load(delta_ptr + stat_index, mask=row_ok, other=0.0)
+
+
+@triton.jit
+def _probabilities(q, k, tokens, cols, first_key, lse2, qk_scale_log2, DOT_FP32: tl.constexpr):
     """P = 2^(s - lse) on visible pairs, 0 elsewhere (s in base-2 units), recomputed."""
     s = _scores(q, k, DOT_FP32) * qk_scale_log2
-    return tl.where(_visible(rows, cols, first_key), tl.exp2(s - lse2[:, None]), 0.0)
+    return tl.where(_visible(tokens, cols, first_key), tl.exp2(s - lse2[:, None]), 0.0)
 
 
 @triton.jit
@@ -176,8 +199,9 @@ def _attention_forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, first_key_p
                               seq, n_q_heads, n_kv_heads, group, head_dim, qk_scale_log2,
                               HAS_BOUNDS: tl.constexpr, DOT_FP32: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                              BLOCK_D: tl.constexpr):
-    """One query block of one query head: online softmax over the visible key blocks.
+                              BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
+    """One query tile (BLOCK_M tokens x BLOCK_H query heads of one kv head): online
+    softmax over the visible key blocks, which it reads once for all its heads.
 
     Scores are kept in base-2 units (qk_scale_log2 = log2(e) / sqrt(D)):
       m_new = max(m, rowmax s),  alpha = 2^(m - m_new),  p = 2^(s - m_new)
@@ -185,21 +209,28 @@ def _attention_forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, first_key_p
     A row that has seen no key yet keeps m = -inf; it subtracts 0 instead of m_new
     so that -inf - -inf never makes a NaN. At the end o = acc / l and
     lse = (m + log2 l) ln 2; a row with l = 0 (padding) writes o = 0, lse = -inf.
+    The visible keys of the tile lie in [min first_key, last token]: only those key
+    blocks are walked, the rest skipped.
     """
-    pid_bh = tl.program_id(1)
-    b, h, kv_h, rows, first_key, lo, hi = _query_block(
-        tl.program_id(0), pid_bh, first_key_ptr, seq, n_q_heads, group, HAS_BOUNDS, BLOCK_M, BLOCK_N)
-    q_offsets, q_mask = _head_tile(b, rows, seq, n_q_heads, h, head_dim, BLOCK_D)
+    pid_m = tl.program_id(0)
+    b, kv_h, g0 = _query_program(seq, n_kv_heads, group, BLOCK_H)
+    tokens, q_index, stat_index, row_ok, first_key = _query_rows(
+        b, kv_h, g0, pid_m * BLOCK_M, seq, n_q_heads, group, first_key_ptr, HAS_BOUNDS,
+        BLOCK_M, BLOCK_H)
+    q_offsets, q_mask = _tile(q_index, row_ok, head_dim, BLOCK_D)
     q = tl.load(q_ptr + q_offsets, mask=q_mask, other=0.0)
-    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BLOCK_M,), tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    lo = (tl.min(first_key, axis=0) // BLOCK_N) * BLOCK_N
+    hi = tl.minimum((pid_m + 1) * BLOCK_M, seq)
+    m_i = tl.full((BLOCK_H * BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_H * BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_H * BLOCK_M, BLOCK_D), tl.float32)
     for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        kv_offsets, kv_mask = _head_tile(b, cols, seq, n_kv_heads, kv_h, head_dim, BLOCK_D)
+        kv_offsets, kv_mask = _tile((b * seq + cols) * n_kv_heads + kv_h, cols < seq, head_dim,
+                                    BLOCK_D)
         k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0)
         s = _scores(q, k, DOT_FP32) * qk_scale_log2
-        s = tl.where(_visible(rows, cols, first_key), s, float("-inf"))
+        s = tl.where(_visible(tokens, cols, first_key), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_sub)
@@ -213,31 +244,22 @@ def _attention_forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, first_key_p
     out = acc / l_div[:, None]
     lse = tl.where(seen, (m_i + tl.log2(l_div)) * 0.6931471805599453, float("-inf"))
     tl.store(out_ptr + q_offsets, out.to(out_ptr.dtype.element_ty), mask=q_mask)
-    tl.store(lse_ptr + pid_bh * seq + rows, lse, mask=rows < seq)
+    tl.store(lse_ptr + stat_index, lse, mask=row_ok)
 
 
 @triton.jit
-def _attention_delta_kernel(out_ptr, d_out_ptr, delta_ptr, seq, n_q_heads, head_dim,
-                            BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Delta_i = sum_d dO_id O_id (fp32 [B, Hq, S]): the rowsum(P * dP) of the softmax backward."""
-    pid_bh = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offsets, mask = _head_tile(pid_bh // n_q_heads, rows, seq, n_q_heads, pid_bh % n_q_heads,
-                               head_dim, BLOCK_D)
+def _attention_delta_kernel(out_ptr, d_out_ptr, delta_ptr, n_rows, seq, n_q_heads, head_dim,
+                            BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Delta = sum_d dO_d O_d of BLOCK_ROWS head vectors (row r = (b S + t) Hq + h), written
+    to fp32 [B, Hq, S]: the rowsum(P * dP) of the softmax backward."""
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_ok = rows < n_rows
+    offsets, mask = _tile(rows, row_ok, head_dim, BLOCK_D)
     o = tl.load(out_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     do = tl.load(d_out_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    tl.store(delta_ptr + pid_bh * seq + rows, tl.sum(o * do, axis=1), mask=rows < seq)
-
-
-@triton.jit
-def _row_statistics(lse_ptr, delta_ptr, bh, rows, seq):
-    """(lse in base 2, Delta) of query rows; an empty row's -inf lse becomes 0 (its P is
-    masked to 0 anyway) so that no inf enters the arithmetic."""
-    row_ok = rows < seq
-    lse = tl.load(lse_ptr + bh * seq + rows, mask=row_ok, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
-    delta = tl.load(delta_ptr + bh * seq + rows, mask=row_ok, other=0.0)
-    return lse2, delta
+    token_row = rows // n_q_heads                      # b S + t
+    stat_index = ((token_row // seq) * n_q_heads + rows % n_q_heads) * seq + token_row % seq
+    tl.store(delta_ptr + stat_index, tl.sum(o * do, axis=1), mask=row_ok)
 
 
 @triton.jit
@@ -246,17 +268,17 @@ def _attention_dkdv_kernel(q_ptr, k_ptr, v_ptr, d_out_ptr, lse_ptr, delta_ptr,
                            seq, n_q_heads, n_kv_heads, group, head_dim, qk_scale_log2, scale,
                            HAS_BOUNDS: tl.constexpr, DOT_FP32: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_D: tl.constexpr):
+                           BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
     """dK, dV of one key block of one kv head, summed over the group's query heads:
       dV_j = sum_h sum_i P_ij dO_i,    dK_j = c sum_h sum_i dS_ij Q_i,
-    over the query blocks that can see the key block: from the block's first key
+    over the query tiles that can see the key block: from the block's first key
     (causal) to max key_end of its keys (the end of the last key's document)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // n_kv_heads
     kv_h = pid_bh % n_kv_heads
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    kv_offsets, kv_mask = _head_tile(b, cols, seq, n_kv_heads, kv_h, head_dim, BLOCK_D)
+    kv_offsets, kv_mask = _tile((b * seq + cols) * n_kv_heads + kv_h, cols < seq, head_dim, BLOCK_D)
     k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0)
     v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0)
     if HAS_BOUNDS:
@@ -267,16 +289,16 @@ def _attention_dkdv_kernel(q_ptr, k_ptr, v_ptr, d_out_ptr, lse_ptr, delta_ptr,
     hi = tl.minimum(tl.max(key_end, axis=0), seq)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    for g in range(0, group):
-        h = kv_h * group + g
+    for g0 in range(0, group, BLOCK_H):
         for start in range(lo, hi, BLOCK_M):
-            rows = start + tl.arange(0, BLOCK_M)
-            q_offsets, q_mask = _head_tile(b, rows, seq, n_q_heads, h, head_dim, BLOCK_D)
+            tokens, q_index, stat_index, row_ok, first_key = _query_rows(
+                b, kv_h, g0, start, seq, n_q_heads, group, first_key_ptr, HAS_BOUNDS,
+                BLOCK_M, BLOCK_H)
+            q_offsets, q_mask = _tile(q_index, row_ok, head_dim, BLOCK_D)
             q = tl.load(q_ptr + q_offsets, mask=q_mask, other=0.0)
             do = tl.load(d_out_ptr + q_offsets, mask=q_mask, other=0.0)
-            lse2, delta = _row_statistics(lse_ptr, delta_ptr, b * n_q_heads + h, rows, seq)
-            first_key = _row_first_key(first_key_ptr, b, rows, seq, HAS_BOUNDS)
-            p = _probabilities(q, k, rows, cols, first_key, lse2, qk_scale_log2, DOT_FP32)
+            lse2, delta = _row_statistics(lse_ptr, delta_ptr, stat_index, row_ok)
+            p = _probabilities(q, k, tokens, cols, first_key, lse2, qk_scale_log2, DOT_FP32)
             dv = _accumulate(dv, tl.trans(p), do, DOT_FP32)
             ds = p * (_scores(do, v, DOT_FP32) - delta[:, None])
             dk = _accumulate(dk, tl.trans(ds), q, DOT_FP32)
@@ -289,23 +311,29 @@ def _attention_dq_kernel(q_ptr, k_ptr, v_ptr, d_out_ptr, lse_ptr, delta_ptr, dq_
                          first_key_ptr, seq, n_q_heads, n_kv_heads, group, head_dim,
                          qk_scale_log2, scale,
                          HAS_BOUNDS: tl.constexpr, DOT_FP32: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dQ_i = c sum_j dS_ij K_j for one query block of one query head, over the same
-    visible key blocks as the forward."""
-    pid_bh = tl.program_id(1)
-    b, h, kv_h, rows, first_key, lo, hi = _query_block(
-        tl.program_id(0), pid_bh, first_key_ptr, seq, n_q_heads, group, HAS_BOUNDS, BLOCK_M, BLOCK_N)
-    q_offsets, q_mask = _head_tile(b, rows, seq, n_q_heads, h, head_dim, BLOCK_D)
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_H: tl.constexpr):
+    """dQ_i = c sum_j dS_ij K_j for one query tile, over the same visible key blocks as
+    the forward."""
+    pid_m = tl.program_id(0)
+    b, kv_h, g0 = _query_program(seq, n_kv_heads, group, BLOCK_H)
+    tokens, q_index, stat_index, row_ok, first_key = _query_rows(
+        b, kv_h, g0, pid_m * BLOCK_M, seq, n_q_heads, group, first_key_ptr, HAS_BOUNDS,
+        BLOCK_M, BLOCK_H)
+    q_offsets, q_mask = _tile(q_index, row_ok, head_dim, BLOCK_D)
     q = tl.load(q_ptr + q_offsets, mask=q_mask, other=0.0)
     do = tl.load(d_out_ptr + q_offsets, mask=q_mask, other=0.0)
-    lse2, delta = _row_statistics(lse_ptr, delta_ptr, pid_bh, rows, seq)
-    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    lse2, delta = _row_statistics(lse_ptr, delta_ptr, stat_index, row_ok)
+    lo = (tl.min(first_key, axis=0) // BLOCK_N) * BLOCK_N
+    hi = tl.minimum((pid_m + 1) * BLOCK_M, seq)
+    dq = tl.zeros((BLOCK_H * BLOCK_M, BLOCK_D), tl.float32)
     for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        kv_offsets, kv_mask = _head_tile(b, cols, seq, n_kv_heads, kv_h, head_dim, BLOCK_D)
+        kv_offsets, kv_mask = _tile((b * seq + cols) * n_kv_heads + kv_h, cols < seq, head_dim,
+                                    BLOCK_D)
         k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0)
         v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0)
-        p = _probabilities(q, k, rows, cols, first_key, lse2, qk_scale_log2, DOT_FP32)
+        p = _probabilities(q, k, tokens, cols, first_key, lse2, qk_scale_log2, DOT_FP32)
         ds = p * (_scores(do, v, DOT_FP32) - delta[:, None])
         dq = _accumulate(dq, ds, k, DOT_FP32)
     tl.store(dq_ptr + q_offsets, (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
@@ -362,8 +390,13 @@ def _check_bounds(bounds, batch, seq, device):
             raise ValueError(f"{_OP}: argument '{name}' is on {t.device}; q is on {device}")
 
 
-def _blocks(kind: str, seq: int, block_d: int) -> AttentionBlocks:
-    return _interpreter_blocks(seq) if INTERPRETING else gpu_blocks(kind, block_d)
+def _blocks(kind: str, seq: int, group: int, block_d: int) -> AttentionBlocks:
+    return _interpreter_blocks(seq, group) if INTERPRETING else gpu_blocks(kind, block_d)
+
+
+def _query_grid(blocks: AttentionBlocks, batch: int, seq: int, n_kv_heads: int, group: int):
+    """Forward / dQ grid: query blocks x (batch rows x kv heads x head tiles of the group)."""
+    return (triton.cdiv(seq, blocks.block_m), batch * n_kv_heads * triton.cdiv(group, blocks.block_h))
 
 
 def _dot_in_fp32(dtype: torch.dtype) -> bool:
@@ -393,14 +426,14 @@ def flash_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if out.numel() == 0:
         return out, lse
     block_d = max(16, triton.next_power_of_2(head_dim))
-    blocks = _blocks_override or _blocks("forward", seq, block_d)
     args, _ = _common(q, k, head_dim)
+    blocks = _blocks_override or _blocks("forward", seq, args["group"], block_d)
     first_key = bounds[0] if bounds is not None else q      # unused when HAS_BOUNDS is off
-    grid = (triton.cdiv(seq, blocks.block_m), batch * n_q_heads)
-    _attention_forward_kernel[grid](
+    _attention_forward_kernel[_query_grid(blocks, batch, seq, k.shape[2], args["group"])](
         q, k, v, out, lse, first_key, **args, HAS_BOUNDS=bounds is not None,
         DOT_FP32=_dot_in_fp32(q.dtype), BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
-        BLOCK_D=block_d, num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+        BLOCK_D=block_d, BLOCK_H=blocks.block_h, num_warps=blocks.num_warps,
+        num_stages=blocks.num_stages)
     return out, lse
 
 
@@ -428,23 +461,25 @@ def flash_attention_backward(d_out: torch.Tensor, q: torch.Tensor, k: torch.Tens
     dot_fp32 = _dot_in_fp32(q.dtype)
 
     delta = new_output((batch, n_q_heads, seq), torch.float32, q.device)
-    delta_block = 64 if INTERPRETING else 32
-    _attention_delta_kernel[(triton.cdiv(seq, delta_block), batch * n_q_heads)](
-        out, d_out, delta, seq, n_q_heads, head_dim, BLOCK_M=delta_block, BLOCK_D=block_d)
+    n_rows = batch * seq * n_q_heads
+    delta_rows = _DELTA_ROWS
+    _attention_delta_kernel[(triton.cdiv(n_rows, delta_rows),)](
+        out, d_out, delta, n_rows, seq, n_q_heads, head_dim, BLOCK_ROWS=delta_rows, BLOCK_D=block_d)
 
-    blocks = _blocks_override or _blocks("dkdv", seq, block_d)
+    group = args["group"]
+    blocks = _blocks_override or _blocks("dkdv", seq, group, block_d)
     _attention_dkdv_kernel[(triton.cdiv(seq, blocks.block_n), batch * n_kv_heads)](
         q, k, v, d_out, lse, delta, dk, dv, first_key, key_end, **args, scale=scale,
         HAS_BOUNDS=has_bounds, DOT_FP32=dot_fp32, BLOCK_M=blocks.block_m,
-        BLOCK_N=blocks.block_n, BLOCK_D=block_d, num_warps=blocks.num_warps,
-        num_stages=blocks.num_stages)
+        BLOCK_N=blocks.block_n, BLOCK_D=block_d, BLOCK_H=blocks.block_h,
+        num_warps=blocks.num_warps, num_stages=blocks.num_stages)
 
-    blocks = _blocks_override or _blocks("dq", seq, block_d)
-    _attention_dq_kernel[(triton.cdiv(seq, blocks.block_m), batch * n_q_heads)](
+    blocks = _blocks_override or _blocks("dq", seq, group, block_d)
+    _attention_dq_kernel[_query_grid(blocks, batch, seq, n_kv_heads, group)](
         q, k, v, d_out, lse, delta, dq, first_key, **args, scale=scale,
         HAS_BOUNDS=has_bounds, DOT_FP32=dot_fp32, BLOCK_M=blocks.block_m,
-        BLOCK_N=blocks.block_n, BLOCK_D=block_d, num_warps=blocks.num_warps,
-        num_stages=blocks.num_stages)
+        BLOCK_N=blocks.block_n, BLOCK_D=block_d, BLOCK_H=blocks.block_h,
+        num_warps=blocks.num_warps, num_stages=blocks.num_stages)
     return dq, dk, dv
 
 

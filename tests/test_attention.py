@@ -136,8 +136,10 @@ def test_one_causal_document_per_row_without_segment_ids(dtype):
 
 
 def test_many_small_blocks_and_every_document_shape():
-    """16 x 16 tiles over 150 tokens: documents of 1, 1, 2, 60, 1, 37 tokens and padding
-    in the middle of a row and at its start, so blocks start, end and skip everywhere."""
+    """16 x 16 tiles (one query head per tile) over 150 tokens: documents of 1, 1, 2, 60,
+    1, 37 tokens and padding in the middle of a row and at its start, so blocks start,
+    end and skip everywhere. (The other tests run the interpreter's default tiles,
+    which stack all query heads of a kv head.)"""
     dtype = torch.float32
     q, k, v = make_inputs(2, 150, 2, 1, 32, dtype)
     row0 = [0] + [1] + [2] * 2 + [3] * 60 + [4] + [5] * 37 + [-1] * 48
@@ -163,7 +165,7 @@ def test_blocks_outside_a_block_documents_are_skipped_not_masked():
     document or after its last query. A masked block still enters the dots
     (0 * NaN = NaN); only a skipped block leaves the checked rows finite."""
     dtype = torch.float32
-    seq, tiles = 150, AttentionBlocks(16, 16, 4, 1)
+    seq, tiles = 150, AttentionBlocks(16, 16, 4, 1, block_h=2)   # both query heads per tile
     segments = torch.tensor([[0] * 40 + [1] * 60 + [2] * 50])      # A [0,40) B [40,100) C [100,150)
     q, k, v = make_inputs(1, seq, 2, 1, 32, dtype)
     d_out = torch.randn(1, seq, 2, 32)

@@ -63,15 +63,17 @@ def attention_specs(head_dims=(128,)):
                 name=f"attention_{kind}/bf16-d{head_dim}-{blocks.block_m}x{blocks.block_n}"
                      f"w{blocks.num_warps}s{blocks.num_stages}",
                 kernel=f"csrc_triton.attention:{function}",
-                args=dict(pointers, **shared, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n),
+                args=dict(pointers, **shared, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
+                          BLOCK_H=blocks.block_h),
                 num_warps=blocks.num_warps, num_stages=blocks.num_stages,
                 # wgmma needs >= 64 rows: the query tile (all dots of forward and dq), or
                 # in dkdv also the key tile (its dK and dV dots)
                 expect_hgmma=blocks.block_m >= 64 or (kind == "dkdv" and blocks.block_n >= 64)))
         specs.append(dict(
             name=f"attention_delta/bf16-d{head_dim}", kernel="csrc_triton.attention:_attention_delta_kernel",
-            args=dict(out_ptr=dtype, d_out_ptr=dtype, delta_ptr=torch.float32, seq=SEQ,
-                      n_q_heads=Q_HEADS, head_dim=head_dim, BLOCK_M=32, BLOCK_D=block_d),
+            args=dict(out_ptr=dtype, d_out_ptr=dtype, delta_ptr=torch.float32,
+                      n_rows=SEQ * Q_HEADS, seq=SEQ, n_q_heads=Q_HEADS, head_dim=head_dim,
+                      BLOCK_ROWS=A._DELTA_ROWS, BLOCK_D=block_d),
             num_warps=4, num_stages=3, expect_hgmma=False))
     return specs
 
