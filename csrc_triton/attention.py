@@ -146,14 +146,25 @@ def _query_rows(b, kv_h, g0, tokens0, seq, n_q_heads, group, first_key_ptr,
 
 
 @triton.jit
-def _query_program(seq, n_kv_heads, group, BLOCK_H: tl.constexpr):
-    """(b, kv head, first group member g0) of a forward / dQ program: axis 1 of the grid
-    runs over batch rows x kv heads x ceil(group / BLOCK_H) head tiles."""
+def _query_tile(first_key_ptr, seq, n_q_heads, n_kv_heads, group, HAS_BOUNDS: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
+    """The query tile of a forward / dQ program. Grid axis 0: query blocks; axis 1: batch
+    rows x kv heads x ceil(group / BLOCK_H) head tiles. Returns (b, kv head, and
+    _query_rows' tokens, q row index, lse/Delta index, row_ok, first_key, then lo, hi):
+    the visible keys of the tile lie in [min first_key, last token], so only the key
+    blocks from lo (rounded down to BLOCK_N) to hi are walked, the rest skipped."""
+    pid_m = tl.program_id(0)
     head_tiles = tl.cdiv(group, BLOCK_H)
     pid = tl.program_id(1)
     b = pid // (n_kv_heads * head_tiles)
     rest = pid % (n_kv_heads * head_tiles)
-    return b, rest // head_tiles, (rest % head_tiles) * BLOCK_H
+    kv_h = rest // head_tiles
+    tokens, q_index, stat_index, row_ok, first_key = _query_rows(
+        b, kv_h, (rest % head_tiles) * BLOCK_H, pid_m * BLOCK_M, seq, n_q_heads, group,
+        first_key_ptr, HAS_BOUNDS, BLOCK_M, BLOCK_H)
+    lo = (tl.min(first_key, axis=0) // BLOCK_N) * BLOCK_N
+    hi = tl.minimum((pid_m + 1) * BLOCK_M, seq)
+    return b, kv_h, tokens, q_index, stat_index, row_ok, first_key, lo, hi
 
 
 @triton.jit
@@ -209,18 +220,12 @@ def _attention_forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, first_key_p
     A row that has seen no key yet keeps m = -inf; it subtracts 0 instead of m_new
     so that -inf - -inf never makes a NaN. At the end o = acc / l and
     lse = (m + log2 l) ln 2; a row with l = 0 (padding) writes o = 0, lse = -inf.
-    The visible keys of the tile lie in [min first_key, last token]: only those key
-    blocks are walked, the rest skipped.
+    Only the key blocks that can be visible are walked (_query_tile).
     """
-    pid_m = tl.program_id(0)
-    b, kv_h, g0 = _query_program(seq, n_kv_heads, group, BLOCK_H)
-    tokens, q_index, stat_index, row_ok, first_key = _query_rows(
-        b, kv_h, g0, pid_m * BLOCK_M, seq, n_q_heads, group, first_key_ptr, HAS_BOUNDS,
-        BLOCK_M, BLOCK_H)
+    b, kv_h, tokens, q_index, stat_index, row_ok, first_key, lo, hi = _query_tile(
+        first_key_ptr, seq, n_q_heads, n_kv_heads, group, HAS_BOUNDS, BLOCK_M, BLOCK_N, BLOCK_H)
     q_offsets, q_mask = _tile(q_index, row_ok, head_dim, BLOCK_D)
     q = tl.load(q_ptr + q_offsets, mask=q_mask, other=0.0)
-    lo = (tl.min(first_key, axis=0) // BLOCK_N) * BLOCK_N
-    hi = tl.minimum((pid_m + 1) * BLOCK_M, seq)
     m_i = tl.full((BLOCK_H * BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_H * BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_H * BLOCK_M, BLOCK_D), tl.float32)
@@ -315,17 +320,12 @@ def _attention_dq_kernel(q_ptr, k_ptr, v_ptr, d_out_ptr, lse_ptr, delta_ptr, dq_
                          BLOCK_H: tl.constexpr):
     """dQ_i = c sum_j dS_ij K_j for one query tile, over the same visible key blocks as
     the forward."""
-    pid_m = tl.program_id(0)
-    b, kv_h, g0 = _query_program(seq, n_kv_heads, group, BLOCK_H)
-    tokens, q_index, stat_index, row_ok, first_key = _query_rows(
-        b, kv_h, g0, pid_m * BLOCK_M, seq, n_q_heads, group, first_key_ptr, HAS_BOUNDS,
-        BLOCK_M, BLOCK_H)
+    b, kv_h, tokens, q_index, stat_index, row_ok, first_key, lo, hi = _query_tile(
+        first_key_ptr, seq, n_q_heads, n_kv_heads, group, HAS_BOUNDS, BLOCK_M, BLOCK_N, BLOCK_H)
     q_offsets, q_mask = _tile(q_index, row_ok, head_dim, BLOCK_D)
     q = tl.load(q_ptr + q_offsets, mask=q_mask, other=0.0)
     do = tl.load(d_out_ptr + q_offsets, mask=q_mask, other=0.0)
     lse2, delta = _row_statistics(lse_ptr, delta_ptr, stat_index, row_ok)
-    lo = (tl.min(first_key, axis=0) // BLOCK_N) * BLOCK_N
-    hi = tl.minimum((pid_m + 1) * BLOCK_M, seq)
     dq = tl.zeros((BLOCK_H * BLOCK_M, BLOCK_D), tl.float32)
     for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
