@@ -17,13 +17,17 @@ The launchers turn segment ids into two int32 vectors once (``document_bounds``)
 first_key (per query) and key_end (per key: the queries that see key j are
 j <= i < key_end[j]). Without segment ids every row is one causal document.
 
-Forward (online softmax, per query block of BLOCK_M rows, scale c = 1/sqrt(D)):
+Tiles. A query tile is BLOCK_M tokens x BLOCK_H query heads that share one kv head
+(the K/V blocks it reads serve all of them; GPU configs use BLOCK_H = 1, the
+interpreter stacks the whole group to cut its per-program cost).
+
+Forward (online softmax, per query tile, scale c = 1/sqrt(D)):
     s_ij = c q_i . k_j   for visible (i, j), -inf otherwise
     m_i  = running max,  l_i = sum_j exp(s_ij - m_i),  acc_i = sum_j exp(s_ij - m_i) v_j
     o_i  = acc_i / l_i,  lse_i = m_i + log l_i
-Key blocks are walked only over [min first_key of the block's rows, last row of the
-block]: blocks before the block's first document or after its last query are skipped,
-not masked. Exponentials are base 2 with log2(e) folded into c.
+Key blocks are walked only over [min first_key of the tile's rows, its last token]:
+blocks before the tile's first document or after its last query are skipped, not
+masked. Exponentials are base 2 with log2(e) folded into c.
 
 Backward, from the saved lse (P is recomputed, never stored):
     P_ij = exp(s_ij - lse_i)  (0 where not visible),   O = P V
@@ -32,11 +36,12 @@ Backward, from the saved lse (P is recomputed, never stored):
     dS_ij = P_ij (dP_ij - Delta_i),  Delta_i = sum_j P_ij dP_ij = dO_i . O_i
         (softmax Jacobian: dP/ds for one row is diag(P) - P P^T)
     dQ = c dS K,    dK = c dS^T Q    (s = c Q K^T)
-Delta comes from a small preprocessing kernel (rowsum(dO * O)). dK/dV are computed by
-one program per (key block, kv head) that loops over the kv head's query heads and
-their query blocks, so the GQA sum over a group happens in registers with no second
-pass over memory and no atomics; dQ by one program per (query block, query head).
-Both walk the same visible-block ranges as the forward.
+Delta comes from a small preprocessing kernel (rowsum(dO * O), with O as stored).
+dK/dV are computed by one program per (key block, kv head) that loops over the kv
+head's query heads and the query blocks that can see the key block (from the block
+itself to the end of its last key's document, key_end), so the GQA sum over a group
+happens in registers with no second pass over memory and no atomics; dQ by one
+program per query tile, over the same visible key blocks as the forward.
 
 All arithmetic is fp32: on a GPU fp16/bf16 tiles go straight to tl.dot (tensor
 cores, fp32 accumulation; P and dS are rounded to the input dtype for their dot,
