@@ -7,7 +7,9 @@ LLaMA-3-8B shapes.
 
 Providers: ours (csrc_triton), torch (eager PyTorch / transformers-style code,
 bench/eager.py), torch.compile of that, and where they import: liger
-(Liger-Kernel), unsloth, bitsandbytes (NF4 ops). Each provider is first
+(Liger-Kernel), unsloth, bitsandbytes (NF4 ops); for flash_attention, SDPA with a
+dense document mask (torch), SDPA causal on unpacked rows, FlexAttention and
+flash-attn's varlen function (bench/ops_attention.py). Each provider is first
 checked against torch eager (outputs and input gradients, smallest shape);
 a provider that disagrees is reported as an error and not timed.
 
@@ -26,13 +28,14 @@ from typing import Dict, List
 if __package__ in (None, ""):  # run as a file: make `import bench` work like python -m
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import common, ops_activation, ops_loss, ops_nf4, plot  # noqa: E402
+from bench import common, ops_activation, ops_attention, ops_loss, ops_nf4, plot  # noqa: E402
 from bench.cases import (MODES, OpSpec, Problem, SweepSettings, Unavailable,  # noqa: E402
                          check_tolerance, check_values, mode_callable, relative_error)
 from bench.shapes import (GPU_TOKENS, LLAMA3_8B, SMOKE, SMOKE_PROJECTIONS, SMOKE_TOKENS,  # noqa: E402
                           parse_int_list)
 
-PROVIDERS = ("ours", "torch", "torch.compile", "liger", "unsloth", "bitsandbytes")
+PROVIDERS = ("ours", "torch", "torch.compile", "liger", "unsloth", "bitsandbytes",
+             "sdpa_causal", "flex_attention", "flash_attn")
 REFERENCE = "torch"
 
 COLUMNS = ["op", "provider", "mode", "group", "shape", "tokens", "status", "median_ms",
@@ -43,7 +46,7 @@ COLUMNS = ["op", "provider", "mode", "group", "shape", "tokens", "status", "medi
 
 def all_op_specs(settings: SweepSettings) -> List[OpSpec]:
     return (ops_nf4.op_specs(settings) + ops_activation.op_specs(settings)
-            + ops_loss.op_specs(settings))
+            + ops_loss.op_specs(settings) + ops_attention.op_specs(settings))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,6 +12,7 @@ Ops (see the kernel table in README.md for the math of each):
   cross_entropy                  loss sum and token count, online logsumexp over vocab
   fused_linear_cross_entropy     lm-head projection fused with cross-entropy
   token_logprobs                 lm-head projection fused with per-token log p(label)
+  flash_attention                causal attention within packed documents (segment ids), GQA
 
 Where kernels run: on a CUDA GPU when torch sees one, otherwise through the
 Triton interpreter on the CPU. Override with ANITA_TRITON_MODE=interpret|compile
@@ -27,10 +28,11 @@ from .rope import rope, rope_cos_sin
 from .swiglu import swiglu
 from .cross_entropy import cross_entropy
 from .linear_loss import fused_linear_cross_entropy, token_logprobs
+from .attention import document_bounds, flash_attention
 
 __all__ = [
     "INTERPRETING", "runtime_description", "set_poison_outputs",
     "NF4Weight", "nf4_quantize", "nf4_dequantize", "nf4_matmul", "lora_linear",
     "rms_norm", "rope", "rope_cos_sin", "swiglu", "cross_entropy",
-    "fused_linear_cross_entropy", "token_logprobs",
+    "fused_linear_cross_entropy", "token_logprobs", "flash_attention", "document_bounds",
 ]

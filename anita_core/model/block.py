@@ -11,7 +11,7 @@ LoRA dropout masks by restoring the dropout generator's state.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -32,7 +32,9 @@ class BlockGeometry:
     batch: int
     seq: int
     position_ids: torch.Tensor          # [B, S], validated against cos/sin once per batch
-    attn_mask: Optional[torch.Tensor]   # [B, 1, S, S] bool, or None for plain causal
+    # (first_key, key_end) int32 [B, S] from attention_bounds(segment_ids), or None for
+    # one causal document per row: O(S), computed once per batch for every layer
+    attention_bounds: Optional[Tuple[torch.Tensor, torch.Tensor]]
     cos: torch.Tensor                   # [P, D/2] fp32
     sin: torch.Tensor
 
@@ -122,13 +124,13 @@ def block_forward(h0: torch.Tensor, layer: LayerWeights, geo: BlockGeometry, n_h
     qr, kr = rope_forward(_heads(q, geo, n_heads), _heads(k, geo, n_kv_heads), geo.position_ids,
                           geo.cos, geo.sin, positions_checked=True)
     vh = _heads(v, geo, n_kv_heads)
-    attention_graph = None
+    attention_saved = None
     if attend is not None:
         attn = attend(qr, kr, vh)
-    elif _keep is not None:     # recompute for the backward: record the graph once
-        attn, attention_graph = attention_forward_for_backward(qr, kr, vh, geo.attn_mask)
+    elif _keep is not None:     # recompute for the backward: keep out and lse once
+        attn, attention_saved = attention_forward_for_backward(qr, kr, vh, geo.attention_bounds)
     else:
-        attn = attention_forward(qr, kr, vh, geo.attn_mask)
+        attn = attention_forward(qr, kr, vh, geo.attention_bounds)
     a = attn.reshape(h0.shape[0], -1)
     h1 = h0 + proj.forward("o_proj", a)
     x2, rstd2 = rms_norm_forward(h1, layer.post_attention_layernorm, eps)
@@ -137,7 +139,7 @@ def block_forward(h0: torch.Tensor, layer: LayerWeights, geo: BlockGeometry, n_h
     m = swiglu_forward(g, u)
     h2 = h1 + proj.forward("down_proj", m)
     if _keep is not None:
-        _keep.update(proj=proj, x1=x1, rstd1=rstd1, qr=qr, attention_graph=attention_graph, a=a,
+        _keep.update(proj=proj, x1=x1, rstd1=rstd1, qr=qr, attention_saved=attention_saved, a=a,
                      h1=h1, x2=x2, rstd2=rstd2, g=g, u=u, m=m)
     return h2
 
@@ -161,7 +163,7 @@ def block_backward(dh2: torch.Tensor, h0: torch.Tensor, layer: LayerWeights, geo
 
     # attention:  h1 = h0 + o(attn(rope(q(x1)), rope(k(x1)), v(x1))),  x1 = rmsnorm(h0)
     da = proj.backward("o_proj", dh1, s["a"])
-    dqr, dkr, dvh = attention_backward(da.view_as(s["qr"]), s["attention_graph"])
+    dqr, dkr, dvh = attention_backward(da.view_as(s["qr"]), s["attention_saved"])
     dq, dk = rope_backward(dqr.contiguous(), dkr.contiguous(), geo.position_ids, geo.cos, geo.sin,
                            positions_checked=True)
     T = h0.shape[0]

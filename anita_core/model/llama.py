@@ -18,7 +18,7 @@ from csrc_triton.linear_loss import (linear_cross_entropy_forward,
 from csrc_triton.rms_norm import rms_norm_backward, rms_norm_forward
 from csrc_triton.rope import rope_cos_sin
 
-from anita_core.model.attention import document_mask
+from anita_core.model.attention import attention_bounds
 from anita_core.model.block import BlockGeometry, BlockLoRA, block_backward, block_forward
 from anita_core.model.config import ModelConfig
 from anita_core.model.weights import BaseWeights
@@ -86,7 +86,7 @@ class QLoRALlama:
                 raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {(B, S)} like input_ids")
         position_ids = position_ids.contiguous()
         cos, sin = self.position_tables(position_ids)
-        return BlockGeometry(B, S, position_ids, document_mask(segment_ids), cos, sin)
+        return BlockGeometry(B, S, position_ids, attention_bounds(segment_ids), cos, sin)
 
     def position_tables(self, position_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Validate position ids once (one device sync per batch; the blocks' RoPE

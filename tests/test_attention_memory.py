@@ -1,0 +1,74 @@
+"""A QLoRA training step on a packed 1024-token row allocates nothing O(S^2).
+
+Every tensor torch creates during the step (kernel outputs from new_output, torch
+temporaries, everything dispatched to ATen) is seen by a TorchDispatchMode that
+records the largest one, in bytes. Any [S, S] tensor (a dense bool document mask,
+SDPA's attention weights) takes at least S^2 bytes = 1 MiB; the largest tensors a
+step needs are O(S): tokens x max(vocab, intermediate, heads x head dim) fp32 values,
+1024 x 131 x 4 bytes = 0.51 MiB here (the logits of the fused loss, as the Triton
+interpreter copies them). One layer with 2 query heads keeps the interpreter's
+attention cost (per program) small."""
+from __future__ import annotations
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from anita_core.hf import load_model
+from anita_core.lora import LoRAAdapters, LoRAConfig
+from tests.model_factory import make_tiny_llama_dir
+
+SEQ = 1024
+
+
+class LargestAllocation(TorchDispatchMode):
+    """Records the size in bytes of the largest tensor any ATen op returns, and its op."""
+
+    def __init__(self):
+        super().__init__()
+        self.nbytes, self.op = 0, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        outputs = result if isinstance(result, (tuple, list)) else (result,)
+        for t in outputs:
+            if isinstance(t, torch.Tensor) and t.numel() * t.element_size() > self.nbytes:
+                self.nbytes, self.op = t.numel() * t.element_size(), str(func)
+        return result
+
+
+def packed_row(seq: int):
+    """Documents of 1, 300, 1, 450 and the rest of the row; positions restart per document."""
+    lengths = [1, 300, 1, 450]
+    lengths.append(seq - sum(lengths))
+    segments = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None]
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    return segments, positions
+
+
+def test_training_step_at_1024_tokens_allocates_nothing_quadratic(tmp_path):
+    model = load_model(make_tiny_llama_dir(tmp_path, num_layers=1, num_heads=2, num_kv_heads=1),
+                       progress=False)
+    model.adapters = LoRAAdapters.init(LoRAConfig(r=4, alpha=8, seed=1), model.config)
+    V = model.config.vocab_size
+    ids = torch.randint(0, V, (1, SEQ))
+    targets = torch.randint(0, V, (1, SEQ))
+    segments, positions = packed_row(SEQ)
+
+    tracker = LargestAllocation()
+    with tracker:
+        loss_sum, n_tokens = model.train_step(ids, targets, positions, segments)
+    assert torch.isfinite(loss_sum) and int(n_tokens) == SEQ
+    assert all(p.grad is not None and torch.isfinite(p.grad).all()
+               for p in model.adapters.parameters())
+    # the tracker saw the step's O(S) tensors (the fp32 hidden states at least) ...
+    assert tracker.nbytes >= SEQ * model.config.hidden_size * 4, (tracker.nbytes, tracker.op)
+    # ... and nothing as large as a bool [S, S]
+    assert tracker.nbytes < SEQ * SEQ, (
+        f"a training step allocated {tracker.nbytes} bytes in one tensor ({tracker.op}); "
+        f"a bool [S, S] takes {SEQ * SEQ}")
+
+    # the tracker does catch a quadratic tensor: the dense mask the model used to build
+    check = LargestAllocation()
+    with check:
+        _ = segments[:, :, None] == segments[:, None, :]
+    assert check.nbytes == SEQ * SEQ
