@@ -87,7 +87,7 @@ class AttentionBlocks(NamedTuple):
 
 def gpu_blocks(kind: str, block_d: int) -> AttentionBlocks:
     """Fixed GPU configurations per kernel and padded head dim (no autotuning, so the
-    Hopper compile check, tests/test_attention_hopper.py, sees exactly what runs).
+    Hopper compile check, tests/test_hopper_compile.py via tests/sm90_compile.py, sees exactly what runs).
     Dot dims >= 64 so that bf16 dots become wgmma (HGMMA) on sm_90. At D = 256 the
     backward's 64-row tiles spill (dK + dV accumulators alone are 128 registers per
     thread at 8 warps), so its query tile drops to 32 rows: no spills, but the dots

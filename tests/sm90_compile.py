@@ -356,13 +356,64 @@ def elementwise_specs() -> List[KernelSpec]:
     return specs
 
 
+def attention_specs() -> List[KernelSpec]:
+    """The flash attention kernels (forward, delta preprocessing, dK/dV, dQ) in bf16 over one
+    packed 8K-token row of LLaMA-3-8B (32 query / 8 kv heads), with the GPU tiles the
+    launchers use (csrc_triton.attention.gpu_blocks), at head dims 64 and 128 (LLaMA values);
+    256 (the largest accepted, padded) only in the sweep."""
+    import torch
+    attention = importlib.import_module("csrc_triton.attention")
+    seq, dtype = 8192, torch.bfloat16
+    specs = []
+    for head_dim in (64, 128, 256):
+        block_d = max(16, triton_next_pow2(head_dim))
+        scale = head_dim ** -0.5
+        shared = dict(seq=seq, n_q_heads=Q_HEADS, n_kv_heads=KV_HEADS, group=Q_HEADS // KV_HEADS,
+                      head_dim=head_dim, qk_scale_log2=scale * attention._LOG2E, HAS_BOUNDS=True,
+                      DOT_FP32=False, BLOCK_D=block_d)
+        kernels = {
+            "forward": ("_attention_forward_kernel",
+                        dict(q_ptr=dtype, k_ptr=dtype, v_ptr=dtype, out_ptr=dtype,
+                             lse_ptr=torch.float32, first_key_ptr=torch.int32)),
+            "dkdv": ("_attention_dkdv_kernel",
+                     dict(q_ptr=dtype, k_ptr=dtype, v_ptr=dtype, d_out_ptr=dtype,
+                          lse_ptr=torch.float32, delta_ptr=torch.float32, dk_ptr=dtype,
+                          dv_ptr=dtype, first_key_ptr=torch.int32, key_end_ptr=torch.int32,
+                          scale=scale)),
+            "dq": ("_attention_dq_kernel",
+                   dict(q_ptr=dtype, k_ptr=dtype, v_ptr=dtype, d_out_ptr=dtype,
+                        lse_ptr=torch.float32, delta_ptr=torch.float32, dq_ptr=dtype,
+                        first_key_ptr=torch.int32, scale=scale)),
+        }
+        sweep = head_dim == 256
+        for kind, (function, pointers) in kernels.items():
+            blocks = attention.gpu_blocks(kind, block_d)
+            specs.append(KernelSpec(
+                f"attention_{kind}/bf16-d{head_dim}-{blocks.block_m}x{blocks.block_n}"
+                f"w{blocks.num_warps}s{blocks.num_stages}",
+                f"csrc_triton.attention:{function}",
+                dict(pointers, **shared, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
+                     BLOCK_H=blocks.block_h),
+                num_warps=blocks.num_warps, num_stages=blocks.num_stages, hot=True, sweep=sweep,
+                # wgmma needs >= 64 rows: the query tile (every dot of forward and dQ), or in
+                # dK/dV also the key tile (its dK and dV dots)
+                expect_hgmma=blocks.block_m >= 64 or (kind == "dkdv" and blocks.block_n >= 64)))
+        specs.append(KernelSpec(
+            f"attention_delta/bf16-d{head_dim}", "csrc_triton.attention:_attention_delta_kernel",
+            dict(out_ptr=dtype, d_out_ptr=dtype, delta_ptr=torch.float32, n_rows=seq * Q_HEADS,
+                 seq=seq, n_q_heads=Q_HEADS, head_dim=head_dim,
+                 BLOCK_ROWS=attention._DELTA_ROWS, BLOCK_D=block_d),
+            hot=True, sweep=sweep))
+    return specs
+
+
 def triton_next_pow2(n: int) -> int:
     import triton
     return triton.next_power_of_2(n)
 
 
 # Every source of specs; another module's kernels join by appending a function here.
-SPEC_SOURCES: List[Callable[[], List[KernelSpec]]] = [nf4_specs, elementwise_specs]
+SPEC_SOURCES: List[Callable[[], List[KernelSpec]]] = [nf4_specs, elementwise_specs, attention_specs]
 
 
 def all_specs(sweep: bool = False) -> List[KernelSpec]:

@@ -54,7 +54,8 @@ def test_every_kernel_compiles_for_sm90(reports):
     # every kernel family of csrc_triton is in the table
     assert {"nf4_quantize", "nested_quantize", "nf4_dequantize", "nf4_matmul_fwd",
             "nf4_matmul_bwd", "rms_norm_fwd", "rms_norm_bwd", "rope", "swiglu_fwd",
-            "swiglu_bwd", "cross_entropy_lse", "cross_entropy_grad"} <= kernels, kernels
+            "swiglu_bwd", "cross_entropy_lse", "cross_entropy_grad", "attention_forward",
+            "attention_delta", "attention_dkdv", "attention_dq"} <= kernels, kernels
     failed = [r for r in reports if not r["ok"]]
     assert not failed, f"failed to compile for sm_90: {_names(failed)}"
 
@@ -113,3 +114,5 @@ def test_full_config_sweep(tmp_path):
     assert not over, f"over the shared-memory limit: {_names(over)}"
     missing = [r for r in rows if r["spec"]["expect_hgmma"] and not r["hgmma"]]
     assert not missing, f"no HGMMA: {_names(missing)}"
+    spilling = [r for r in rows if r["spec"]["hot"] and (r["stack"] or r["spill_instructions"])]
+    assert not spilling, f"hot configs that spill: {_names(spilling)}"

@@ -111,7 +111,7 @@ def test_targets_anita_cannot_honour_are_refused(tmp_path, fresh_seed, case):
 
 def test_peft_all_linear_adapter_works_as_init_adapter(tmp_path, fresh_seed, capsys):
     """train_dpo.py --init-adapter with an adapter PEFT trained on all-linear:
-    with a zero learning rate the adapter it saves is the one it started from."""
+    after one step at a tiny learning rate the adapter it saves is the one it started from."""
     import train_dpo
     from safetensors.torch import load_file
     from transformers import LlamaForCausalLM
@@ -119,7 +119,10 @@ def test_peft_all_linear_adapter_works_as_init_adapter(tmp_path, fresh_seed, cap
     out, _ = _peft_adapter(tmp_path, LlamaForCausalLM.from_pretrained(BUNDLED_MODEL), fresh_seed,
                            target_modules="all-linear", lora_dropout=0.0)
     assert all(s.startswith("model.layers.") for s in _saved_targets(out))
-    code = train_dpo.main(["--init-adapter", str(out), "--learning-rate", "0", "--max-steps", "1",
+    # one step at a learning rate of 1e-6: AdamW's first update moves each weight by at
+    # most lr * (|g| / (|g| + eps) + weight_decay * |w|) <= ~1e-6, so the saved adapter
+    # stays within 2e-6 of the PEFT adapter it started from (a fresh one would not)
+    code = train_dpo.main(["--init-adapter", str(out), "--learning-rate", "1e-6", "--max-steps", "1",
                            "--batch-size", "2", "--max-samples", "4", "--no-progress",
                            "--eval-split", "0", "--output-dir", str(tmp_path / "dpo")])
     assert code == 0
@@ -128,4 +131,5 @@ def test_peft_all_linear_adapter_works_as_init_adapter(tmp_path, fresh_seed, cap
         str(tmp_path / "dpo" / "adapter" / "adapter_model.safetensors"))
     assert sorted(started) == sorted(saved) and len(saved) == 2 * 2 * len(PROJECTIONS)
     for key in saved:
-        assert torch.equal(saved[key], started[key]), key
+        assert (saved[key] - started[key]).abs().max() <= 2e-6, key
+    assert any(started[key].abs().max() > 1e-3 for key in started if "lora_B" in key)
