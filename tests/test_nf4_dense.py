@@ -154,11 +154,26 @@ def test_block_backward_dequantizes_each_projection_once(tmp_path, monkeypatch):
     assert calls == {"block": projections, "launcher": projections}
     assert_close("block_dequant_path", "loss", loss.reshape(1), fused_loss.reshape(1),
                  atol=0.0, rtol=1e-5)
-    for g, ref in zip(grads, fused_grads):
+    # fp32 both ways; only the accumulation order of every matmul differs. This small random
+    # model is ill-conditioned (seen: moving every adapter weight by one ulp changes its
+    # gradients by up to ~1.5e-5 of their largest element), so the bound is measured, not
+    # assumed: the fused path's own change under that one-ulp move, times 4, per tensor.
+    params = list(model.adapters.parameters())
+    saved = [p.detach().clone() for p in params]
+    monkeypatch.setenv(nf4_dense.FUSED_MAX_M_VARIABLE, "100000")
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.nextafter(p, torch.full_like(p, float("inf"))))
+    _, jittered = step()
+    with torch.no_grad():
+        for p, value in zip(params, saved):
+            p.copy_(value)
+    for g, ref, moved in zip(grads, fused_grads, jittered):
         scale = float(ref.abs().max())
         assert scale > 0
-        # fp32 both ways; only the accumulation order differs (test_model_backward's bound)
-        assert_close("block_dequant_path", "grad", g, ref, atol=1e-5 * scale, rtol=1e-5)
+        sensitivity = float((moved - ref).abs().max())
+        assert_close("block_dequant_path", "grad", g, ref,
+                     atol=max(4 * sensitivity, 1e-6 * scale), rtol=0.0)
 
 
 def _identity_products(w, dtype, path, device="cpu"):

@@ -38,7 +38,8 @@ def _quiet_datasets():
     return datasets
 
 
-def _undecodable(raw: bytes) -> str:
+def utf8_problem(raw: bytes) -> str:
+    """'' for UTF-8 bytes, else what is wrong and where (for a row problem message)."""
     try:
         raw.decode("utf-8")
         return ""
@@ -60,7 +61,7 @@ def _read_json_lines(path: str, max_rows: Optional[int]) -> Table:
                 break
             if not raw.strip():
                 continue
-            problem = _undecodable(raw)
+            problem = utf8_problem(raw)
             value = None
             if not problem:
                 try:
@@ -97,7 +98,7 @@ def _check_utf8(path: str) -> None:
     """For whole-file formats (a JSON array, CSV): the first line that is not UTF-8."""
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
-            problem = _undecodable(raw)
+            problem = utf8_problem(raw)
             if problem:
                 raise ValueError(f"{path}: line {number}: {problem}")
 

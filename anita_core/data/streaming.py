@@ -38,15 +38,19 @@ class Record:
     source: str        # the source as given (file, folder or hub name)
     file: str          # the file it is in (the hub name for a hub dataset)
     number: int        # 1-based record number in that file (JSON lines: the line number)
-    raw: Any
+    raw: Any           # a dict, or the raw bytes of a JSON line
 
     def parsed(self) -> Any:
         """The row; a raw JSON line is parsed now (a ValueError says why it is not
         JSON; ``file`` and ``number`` say where)."""
-        if not isinstance(self.raw, str):
+        if not isinstance(self.raw, bytes):
             return self.raw
+        from anita_core.data.loading import utf8_problem
+        problem = utf8_problem(self.raw)
+        if problem:
+            raise ValueError(problem)
         try:
-            return json.loads(self.raw)
+            return json.loads(self.raw.decode("utf-8"))
         except json.JSONDecodeError as e:
             raise ValueError(f"not valid JSON ({e.msg})") from None
 
@@ -134,11 +138,16 @@ def _file_rows(file: str) -> Iterator[tuple]:
             for number, row in enumerate(reader, start=1):
                 yield number, {k: (v if v != "" else None) for k, v in row.items()}
     elif lower.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
+        # read as bytes: a line that is not UTF-8 is then one bad row (Record.parsed
+        # says so, with its line), not an error that stops the whole file
         opener = gzip.open if lower.endswith(".gz") else open
-        with opener(file, "rt", encoding="utf-8") as f:
+        with opener(file, "rb") as f:
             first = _first_char(f)
-            if first == "[":      # a JSON array cannot be streamed line by line: read this file whole
-                rows = json.load(f)
+            if first == b"[":     # a JSON array cannot be streamed line by line: read this file whole
+                try:
+                    rows = json.loads(f.read().decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{file}: not UTF-8 text (byte {e.start + 1}: {e.reason})") from None
                 for number, row in enumerate(rows, start=1):
                     yield number, row
                 return
@@ -149,8 +158,8 @@ def _file_rows(file: str) -> Iterator[tuple]:
         raise ValueError(f"{file}: unsupported file type; expected one of {list(SHARD_SUFFIXES)}")
 
 
-def _first_char(f) -> str:
-    """The first non-blank character of a text file, which is then rewound."""
+def _first_char(f) -> bytes:
+    """The first non-blank byte of a file opened in binary, which is then rewound."""
     while True:
         chunk = f.read(4096)
         if not chunk or chunk.strip():
