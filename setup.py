@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="NF4 QLoRA trainer for LLaMA-3-family models, every hot op a hand-written Triton kernel",
     python_requires=">=3.10",
-    packages=find_packages(include=["csrc_triton", "csrc_triton.*", "anita_core", "anita_core.*"]),
+    packages=find_packages(include=["csrc_triton", "csrc_triton.*", "csrc_torch", "csrc_torch.*", "anita_core", "anita_core.*"]),
     include_package_data=True,
     package_data={"anita_core": ["assets/**/*"]},
     install_requires=[
