@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from csrc_triton._checks import check_same_device, check_tensor
 from csrc_triton._runtime import new_output
-from csrc_triton.linear_loss import DEFAULT_CHUNK_BYTES, _check_common, _check_scalar, _chunk_rows
+from csrc_triton.linear_loss import (DEFAULT_CHUNK_BYTES, _check_common, _check_scalar, _chunk_rows,
+                                     check_token_logprobs_backward_args)
 
 
 def _chunked_pass(hidden, weight, labels, ignore_index, chunk_bytes, *, row_scale=None,
@@ -105,11 +105,8 @@ def token_logprobs_backward(dlogp: torch.Tensor, hidden: torch.Tensor, weight: t
                             weight_grad: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
     """(dhidden in hidden's dtype, dweight fp32 or None) for the upstream dlogp fp32 [T];
     the gradient rows are the cross-entropy rows with row scale -dlogp."""
-    op = "token_logprobs_backward"
-    T, _, _ = _check_common(op, hidden, weight, labels, ignore_index, chunk_bytes)
-    check_tensor(op, "dlogp", dlogp, dtypes=(torch.float32,), shape=(T,))
-    check_tensor(op, "lse", lse, dtypes=(torch.float32,), shape=(T,))
-    check_same_device(op, dlogp=dlogp, lse=lse, hidden=hidden)
+    check_token_logprobs_backward_args(dlogp, hidden, weight, labels, lse, ignore_index,
+                                       chunk_bytes)
     _, _, _, dhidden, dweight = _chunked_pass(hidden, weight, labels, ignore_index, chunk_bytes,
                                               row_scale=-dlogp, saved_lse=lse,
                                               weight_grad=bool(weight_grad))

@@ -11,8 +11,8 @@ from typing import Optional
 
 import torch
 
-from csrc_triton._checks import FLOAT_DTYPES, check_same_device, check_tensor
-from csrc_triton.lora_linear import LoRAContext, _check_lora_args, _dropped_input
+from csrc_triton.lora_linear import (LoRAContext, _check_lora_args, _dropped_input,
+                                     check_lora_backward_args)
 from csrc_triton.nf4 import NF4Weight
 
 from .nf4 import dequantize_fp32
@@ -44,17 +44,7 @@ def lora_linear_backward(dy2d: torch.Tensor, x2d: torch.Tensor, w: NF4Weight, A:
                          B: torch.Tensor, scale: float, ctx: LoRAContext, *,
                          input_grad: bool = True):
     """(dx2d in x2d's dtype or None unless input_grad, dA in A's dtype, dB in B's dtype)."""
-    op = "lora_linear_backward"
-    _check_lora_args(op, x2d, w, A, B, scale, ctx.dropout)
-    M, K = x2d.shape
-    N, rank = B.shape
-    check_tensor(op, "dy2d", dy2d, dtypes=(x2d.dtype,), ndim=2, shape=(M, N))
-    check_tensor(op, "ctx.xa", ctx.xa, dtypes=(torch.float32,), ndim=2, shape=(M, rank))
-    if ctx.keep_mask is not None:
-        check_tensor(op, "ctx.keep_mask", ctx.keep_mask, dtypes=(torch.bool,), ndim=2,
-                     shape=(M, K))
-    check_same_device(op, dy2d=dy2d, x2d=x2d, xa=ctx.xa, keep_mask=ctx.keep_mask)
-
+    check_lora_backward_args("lora_linear_backward", dy2d, x2d, w, A, B, scale, ctx)
     dy32 = dy2d.float()
     g = dy32 @ B.float()                                   # dY B, [M, r]
     d_b = (dy32.t() @ ctx.xa).mul_(scale).to(B.dtype)

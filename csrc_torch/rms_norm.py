@@ -7,19 +7,12 @@ from __future__ import annotations
 
 import torch
 
-from csrc_triton._checks import FLOAT_DTYPES, check_same_device, check_tensor
-from csrc_triton.rms_norm import _OP, _check_eps, _check_weight
+from csrc_triton.rms_norm import check_backward_args, check_forward_args
 
 
 def rms_norm_forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float):
     """x2d [rows, H], weight [H] -> (y2d in x2d's dtype, rstd [rows] fp32)."""
-    check_tensor(_OP, "x2d", x2d, dtypes=FLOAT_DTYPES, ndim=2)
-    n_rows, n_cols = x2d.shape
-    if n_cols == 0:
-        raise ValueError(f"{_OP}: argument 'x2d' has an empty last dim (shape {tuple(x2d.shape)})")
-    _check_weight(weight, n_cols)
-    check_same_device(_OP, x2d=x2d, weight=weight)
-    eps = _check_eps(eps)
+    eps = check_forward_args(x2d, weight, eps)
     x = x2d.float()
     rstd = torch.rsqrt(x.pow(2).mean(dim=1) + eps)
     y = x * rstd[:, None] * weight.float()
@@ -29,14 +22,7 @@ def rms_norm_forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float):
 def rms_norm_backward(dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor,
                       rstd: torch.Tensor, weight_grad: bool):
     """(dx2d in x2d's dtype, dweight in weight's dtype or None unless weight_grad)."""
-    check_tensor(_OP, "x2d", x2d, dtypes=FLOAT_DTYPES, ndim=2)
-    n_rows, n_cols = x2d.shape
-    check_tensor(_OP, "dy2d", dy2d, dtypes=FLOAT_DTYPES, shape=(n_rows, n_cols))
-    _check_weight(weight, n_cols)
-    check_tensor(_OP, "rstd", rstd, dtypes=(torch.float32,), shape=(n_rows,))
-    check_same_device(_OP, dy2d=dy2d, x2d=x2d, weight=weight, rstd=rstd)
-    if not isinstance(weight_grad, bool):
-        raise ValueError(f"{_OP}: argument 'weight_grad' must be a bool, got {weight_grad!r}")
+    check_backward_args(dy2d, x2d, weight, rstd, weight_grad)
     dy = dy2d.float()
     xhat = x2d.float() * rstd[:, None]
     wdy = dy * weight.float()

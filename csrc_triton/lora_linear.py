@@ -49,6 +49,20 @@ def _check_lora_args(op: str, x2d, w: NF4Weight, A, B, scale, dropout) -> None:
                          f"got {dropout!r}")
 
 
+def check_lora_backward_args(op: str, dy2d, x2d, w: NF4Weight, A, B, scale,
+                             ctx: LoRAContext) -> None:
+    """The checks of lora_linear_backward (shared with csrc_torch's)."""
+    _check_lora_args(op, x2d, w, A, B, scale, ctx.dropout)
+    M, K = x2d.shape
+    N, rank = B.shape
+    check_tensor(op, "dy2d", dy2d, dtypes=(x2d.dtype,), ndim=2, shape=(M, N))
+    check_tensor(op, "ctx.xa", ctx.xa, dtypes=(torch.float32,), ndim=2, shape=(M, rank))
+    if ctx.keep_mask is not None:
+        check_tensor(op, "ctx.keep_mask", ctx.keep_mask, dtypes=(torch.bool,), ndim=2,
+                     shape=(M, K))
+    check_same_device(op, dy2d=dy2d, x2d=x2d, xa=ctx.xa, keep_mask=ctx.keep_mask)
+
+
 def _dropped_input(x2d: torch.Tensor, ctx: LoRAContext) -> torch.Tensor:
     """xd = x * keep / (1 - p) in fp32 (x itself when there is no dropout)."""
     xd = x2d.float()
@@ -92,16 +106,7 @@ def lora_linear_backward(dy2d: torch.Tensor, x2d: torch.Tensor, w: NF4Weight, A:
     ``input_grad=False`` skips the NF4 kernel and returns None for dx2d (for a
     frozen input, e.g. the first layer's)."""
     op = "lora_linear_backward"
-    _check_lora_args(op, x2d, w, A, B, scale, ctx.dropout)
-    M, K = x2d.shape
-    N, rank = B.shape
-    check_tensor(op, "dy2d", dy2d, dtypes=(x2d.dtype,), ndim=2, shape=(M, N))
-    check_tensor(op, "ctx.xa", ctx.xa, dtypes=(torch.float32,), ndim=2, shape=(M, rank))
-    if ctx.keep_mask is not None:
-        check_tensor(op, "ctx.keep_mask", ctx.keep_mask, dtypes=(torch.bool,), ndim=2,
-                     shape=(M, K))
-    check_same_device(op, dy2d=dy2d, x2d=x2d, xa=ctx.xa, keep_mask=ctx.keep_mask)
-
+    check_lora_backward_args(op, dy2d, x2d, w, A, B, scale, ctx)
     dy32 = dy2d.float()
     g = (dy32 @ B.float()).contiguous()                  # dY B, [M, r]
     d_b = (dy32.t() @ ctx.xa).mul_(scale).to(B.dtype)    # scale * dY^T xa, [N, r]
