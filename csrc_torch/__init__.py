@@ -14,14 +14,14 @@ Only NF4Weight, rope_cos_sin and the argument checks come from csrc_triton
 from .linear_loss import (linear_cross_entropy_forward, linear_cross_entropy_forward_backward,
                           token_logprobs_backward, token_logprobs_forward)
 from .lora_linear import lora_linear_backward, lora_linear_forward
-from .nf4 import dequantize_fp32, dequant_cache_info, set_dequant_cache_bytes
+from .nf4 import dequant_cache_info, dequantize_fp32, nf4_quantize, set_dequant_cache_bytes
 from .nf4_matmul import nf4_matmul_backward_input, nf4_matmul_forward
 from .rms_norm import rms_norm_backward, rms_norm_forward
 from .rope import rope_backward, rope_cos_sin, rope_forward
 from .swiglu import swiglu_backward, swiglu_forward
 
 __all__ = [
-    "nf4_matmul_forward", "nf4_matmul_backward_input", "lora_linear_forward",
+    "nf4_quantize", "nf4_matmul_forward", "nf4_matmul_backward_input", "lora_linear_forward",
     "lora_linear_backward", "rms_norm_forward", "rms_norm_backward", "rope_forward",
     "rope_backward", "rope_cos_sin", "swiglu_forward", "swiglu_backward",
     "linear_cross_entropy_forward", "linear_cross_entropy_forward_backward",

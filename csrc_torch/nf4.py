@@ -1,4 +1,11 @@
-"""NF4 dequantization in torch, with a small cache of dequantized fp32 weights.
+"""NF4 in torch: quantization (byte-identical to csrc_triton's), and dequantization
+with a small cache of dequantized fp32 weights.
+
+nf4_quantize follows the bitsandbytes CPU rules that csrc_triton.nf4 documents
+(full blocks multiply by the fp32 reciprocal of max(absmax, 1e-38), the partial
+last block divides; the index counts the NF4 midpoints strictly below; double
+quantization looks absmax - mean up through the 65536-point grid), so a
+checkpoint quantized on load is the same bytes on either backend.
 
 w[i] = code[idx_i] * absmax[i // blocksize], where with double quantization
 absmax[b] = nested_code[absmax_u8[b]] * nested_absmax[b // 256] + offset
@@ -25,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from csrc_triton._runtime import new_output
-from csrc_triton.nf4 import NESTED_BLOCKSIZE, NF4Weight
+from csrc_triton.nf4 import (NESTED_BLOCKSIZE, NF4Weight, check_quantize_args, nf4_code,
+                             signed_dynamic_map)
 
 DEFAULT_CACHE_BYTES = 1 << 30
 
@@ -106,3 +114,58 @@ def dequantize_fp32(w: NF4Weight) -> torch.Tensor:
     _cache.move_to_end(key)
     _evict(keep=key)
     return dense
+
+
+def _groups(flat: torch.Tensor, size: int) -> torch.Tensor:
+    """``flat`` zero-padded to whole groups of ``size``, as [n_groups, size]."""
+    n_groups = -(-flat.numel() // size)
+    padded = torch.zeros(n_groups * size, dtype=torch.float32, device=flat.device)
+    padded[: flat.numel()] = flat
+    return padded.view(n_groups, size)
+
+
+def _midpoints(code: torch.Tensor) -> torch.Tensor:
+    return (code[:-1] + code[1:]) * 0.5
+
+
+def _nested_quantize(absmax: torch.Tensor):
+    offset = absmax.mean()          # torch's own mean, as bitsandbytes and the kernel take it
+    dynamic_map = signed_dynamic_map(absmax.device)
+    groups = _groups(absmax - offset, NESTED_BLOCKSIZE)
+    group_max = groups.abs().amax(dim=1)
+    divisor = torch.where(group_max == 0, torch.ones_like(group_max), group_max)
+    x = (groups * (1.0 / divisor)[:, None]).clamp_(-1.0, 1.0)
+    t = ((x + 1.0) * 0.5) * 65535.0 + 0.5
+    grid = (2.0 * t.to(torch.int32).to(torch.float32)) / 65535.0 - 1.0
+    index = torch.searchsorted(_midpoints(dynamic_map), grid.reshape(-1)).view_as(grid)
+    index = torch.where(group_max[:, None] == 0, torch.zeros_like(index), index)
+    return (index.reshape(-1)[: absmax.numel()].to(torch.uint8), group_max, dynamic_map,
+            offset)
+
+
+def nf4_quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Weight:
+    """``w`` in NF4, the same bytes as csrc_triton.nf4_quantize (and bitsandbytes on CPU)."""
+    check_quantize_args(w, blocksize, double_quant)
+    w = w.detach()
+    n = w.numel()
+    blocks = _groups(w.reshape(-1).float(), blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    safe = absmax.clamp_min(1e-38)
+    scaled = blocks * (1.0 / safe)[:, None]
+    if n % blocksize:               # the partial last block divides (it can differ in the last bit)
+        scaled[-1] = blocks[-1] / safe[-1]
+        absmax[-1] = safe[-1]
+    code = nf4_code(w.device)
+    # midpoints strictly below: a value on a midpoint takes the lower code; the
+    # padding of an odd numel is a scaled 0 (index 7)
+    flat = scaled.reshape(-1)[: n + n % 2]
+    index = torch.zeros(flat.shape, dtype=torch.uint8, device=w.device)
+    for midpoint in _midpoints(code).tolist():     # 15 compares: cheaper than a binary search
+        index += flat > midpoint
+    packed = (index[0::2] << 4) | index[1::2]
+    nested = {}
+    if double_quant:
+        absmax, nested_absmax, nested_code, offset = _nested_quantize(absmax)
+        nested = dict(nested_absmax=nested_absmax, nested_code=nested_code, nested_offset=offset)
+    return NF4Weight(packed=packed, absmax=absmax, shape=w.shape, blocksize=blocksize,
+                     dtype=w.dtype, code=code, **nested)

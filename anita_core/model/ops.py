@@ -44,7 +44,7 @@ def _backend_from_environment() -> str:
 def _triton_launchers() -> SimpleNamespace:
     # by module path: csrc_triton's package namespace holds same-named autograd ops
     modules = [importlib.import_module(f"csrc_triton.{family}") for family in
-               ("linear_loss", "lora_linear", "nf4_matmul", "rms_norm", "rope", "swiglu")]
+               ("linear_loss", "lora_linear", "nf4", "nf4_matmul", "rms_norm", "rope", "swiglu")]
     return SimpleNamespace(**{name: next(getattr(m, name) for m in modules if hasattr(m, name))
                               for name in LAUNCHERS})
 
@@ -55,7 +55,7 @@ def _torch_launchers() -> SimpleNamespace:
 
 
 LAUNCHERS = (
-    "nf4_matmul_forward", "nf4_matmul_backward_input",
+    "nf4_quantize", "nf4_matmul_forward", "nf4_matmul_backward_input",
     "lora_linear_forward", "lora_linear_backward",
     "rms_norm_forward", "rms_norm_backward",
     "rope_forward", "rope_backward", "rope_cos_sin",
@@ -106,6 +106,7 @@ def _dispatcher(name: str):
     return launcher
 
 
+nf4_quantize = _dispatcher("nf4_quantize")
 nf4_matmul_forward = _dispatcher("nf4_matmul_forward")
 nf4_matmul_backward_input = _dispatcher("nf4_matmul_backward_input")
 lora_linear_forward = _dispatcher("lora_linear_forward")
