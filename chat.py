@@ -59,6 +59,18 @@ def own_chat_template(model_dir: Path):
     return template if isinstance(template, str) else None
 
 
+def render_own_chat_template(model_dir: Path, chat_template: str, messages: list) -> str:
+    """The conversation and the assistant header, as transformers' apply_chat_template
+    renders the tokenizer's own template (a sandboxed jinja2 environment)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    config = _read_json(model_dir / "tokenizer_config.json")
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(chat_template).render(
+        messages=messages, add_generation_prompt=True,
+        bos_token=_token_text(config.get("bos_token")) or "",
+        eos_token=_token_text(config.get("eos_token")) or "")
+
+
 def render_prompt(args, model_dir: Path, tokenizer) -> str:
     from anita_core.data import templates
 
@@ -77,13 +89,7 @@ def render_prompt(args, model_dir: Path, tokenizer) -> str:
         if chat_template is None:
             raise SystemExit(f"--template chat: {model_dir} has no chat template (no "
                              "chat_template.jinja, no chat_template in tokenizer_config.json)")
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-        config = _read_json(model_dir / "tokenizer_config.json")
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        return env.from_string(chat_template).render(
-            messages=messages, add_generation_prompt=True,
-            bos_token=_token_text(config.get("bos_token")) or "",
-            eos_token=_token_text(config.get("eos_token")) or "")
+        return render_own_chat_template(model_dir, chat_template, messages)
     if template in ("llama3", "alpaca"):
         missing = [t for t in (templates.BEGIN_OF_TEXT, templates.EOT)
                    if tokenizer.token_to_id(t) is None]

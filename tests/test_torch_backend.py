@@ -20,7 +20,7 @@ from csrc_torch import nf4 as torch_nf4
 tl_loss, tl_lora, tl_nf4_matmul, tl_rms, tl_rope, tl_swiglu = (
     importlib.import_module(f"csrc_triton.{family}") for family in
     ("linear_loss", "lora_linear", "nf4_matmul", "rms_norm", "rope", "swiglu"))
-from csrc_triton.nf4 import nf4_dequantize
+from csrc_triton.nf4 import nf4_dequantize, nf4_quantize
 from tests.helpers import assert_close, quantized
 from tests.reference.losses import reference_linear_cross_entropy
 from tests.reference.nf4 import reference_nf4_dequantize
@@ -65,6 +65,23 @@ def test_dequantize_is_bit_identical_to_the_kernel(shape, weight_kind):
     # absmax itself is a rounded product and sum, exactly as the kernel rounds it)
     assert torch.equal(ours, nf4_dequantize(w, torch.float32)), "differs from the NF4 kernel"
     assert_close("torch:nf4_dequantize", "w", ours, w64, atol=0.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(37, 99), (91, 99), (5, 7), (300, 257)],
+                         ids=["37x99", "91x99-odd", "5x7-partial", "300x257-zero-columns"])
+@pytest.mark.parametrize("double_quant", [False, True], ids=["single", "double"])
+@pytest.mark.parametrize("blocksize", [32, 64, 256])
+def test_quantize_gives_the_kernels_bytes(shape, double_quant, blocksize):
+    w = (torch.randn(shape) * 3).to(torch.float16 if blocksize == 32 else torch.float32)
+    w[:, :3] = 0                       # all-zero blocks and a zero partial block
+    ours = csrc_torch.nf4_quantize(w, blocksize, double_quant)
+    kernel = nf4_quantize(w, blocksize, double_quant)
+    for field in ("packed", "absmax", "nested_absmax", "nested_code", "nested_offset", "code"):
+        a, b = getattr(ours, field), getattr(kernel, field)
+        assert (a is None and b is None) or (a.dtype == b.dtype and torch.equal(a, b)), field
+    assert (ours.shape, ours.blocksize, ours.dtype) == (kernel.shape, kernel.blocksize, kernel.dtype)
+    with pytest.raises(ValueError, match="blocksize"):
+        csrc_torch.nf4_quantize(w, 48)
 
 
 def test_dequantize_cache_hits_invalidates_and_respects_its_budget():
