@@ -22,7 +22,7 @@ setup(
     ],
     extras_require={
         "test": ["transformers>=4.45", "peft>=0.13", "trl>=0.12", "pytest>=8", "accelerate>=0.34",
-                 "matplotlib>=3.8"],
+                 "matplotlib>=3.8", "gguf>=0.10"],
         "bench": ["matplotlib>=3.8"],
         # python -m anita_core.assets.smollm2: transformers reads the GGUF with gguf
         "real-model": ["gguf>=0.10", "transformers>=4.45"],
