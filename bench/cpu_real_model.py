@@ -40,12 +40,15 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=3, help="SFT steps (the first is reported apart)")
     p.add_argument("--seq", type=int, default=512, help="tokens per SFT step")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens to generate")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default: torch's choice, one per core); on a "
+                        "CPU shared with other jobs, 1 avoids OpenMP threads waiting for each other")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     if not (Path(args.model) / "config.json").is_file():
         p.error(f"--model {args.model}: no config.json there (run python -m anita_core.assets.smollm2)")
-    for name in ("steps", "seq", "new_tokens"):
-        if getattr(args, name) < 1:
+    for name in ("steps", "seq", "new_tokens", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
 
@@ -58,8 +61,11 @@ def main(argv=None) -> dict:
     from anita_core.model.generate import generate
 
     ops.set_backend(args.backend)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     result = {"backend": args.backend, "threads": torch.get_num_threads(),
-              "cpus": os.cpu_count(), "seq": args.seq, "new_tokens": args.new_tokens}
+              "cpus": os.cpu_count(), "load_average_1min": os.getloadavg()[0],
+              "seq": args.seq, "new_tokens": args.new_tokens}
     start = time.perf_counter()
     model = load_model(args.model, progress=False)
     result["load_s"] = time.perf_counter() - start
@@ -88,7 +94,9 @@ def main(argv=None) -> dict:
     result["generate_s_per_token"] = elapsed / len(out[0])
     result["generated_tokens"] = len(out[0])
 
-    print(f"\nCPU measurement ({result['cpus']} CPUs, {result['threads']} torch threads), "
+    result["load_average_1min_after"] = os.getloadavg()[0]
+    print(f"\nCPU measurement ({result['cpus']} CPUs, {result['threads']} torch threads, load "
+          f"average {result['load_average_1min']:.1f} -> {result['load_average_1min_after']:.1f}), "
           f"backend {args.backend}, SmolLM2-135M NF4, LoRA r 16 on all projections")
     for key, label in (("load_s", "load (s)"), ("sft_first_step_s", "first SFT step (s)"),
                        ("sft_step_s", f"SFT step of {args.seq} tokens (s)"),
