@@ -128,10 +128,10 @@ def _midpoints(code: torch.Tensor) -> torch.Tensor:
     return (code[:-1] + code[1:]) * 0.5
 
 
-def _nested_quantize(absmax: torch.Tensor):
-    offset = absmax.mean()          # torch's own mean, as bitsandbytes and the kernel take it
-    dynamic_map = signed_dynamic_map(absmax.device)
-    groups = _groups(absmax - offset, NESTED_BLOCKSIZE)
+def dynamic_quantize(values: torch.Tensor, offset: torch.Tensor, dynamic_map: torch.Tensor):
+    """(indices uint8, group max fp32) of values - offset in groups of 256 against the
+    map, by bitsandbytes' CPU table rule (csrc_triton.nf4.launch_dynamic_quantize)."""
+    groups = _groups(values - offset, NESTED_BLOCKSIZE)
     group_max = groups.abs().amax(dim=1)
     divisor = torch.where(group_max == 0, torch.ones_like(group_max), group_max)
     x = (groups * (1.0 / divisor)[:, None]).clamp_(-1.0, 1.0)
@@ -139,8 +139,13 @@ def _nested_quantize(absmax: torch.Tensor):
     grid = (2.0 * t.to(torch.int32).to(torch.float32)) / 65535.0 - 1.0
     index = torch.searchsorted(_midpoints(dynamic_map), grid.reshape(-1)).view_as(grid)
     index = torch.where(group_max[:, None] == 0, torch.zeros_like(index), index)
-    return (index.reshape(-1)[: absmax.numel()].to(torch.uint8), group_max, dynamic_map,
-            offset)
+    return index.reshape(-1)[: values.numel()].to(torch.uint8), group_max
+
+
+def _nested_quantize(absmax: torch.Tensor):
+    offset = absmax.mean()          # torch's own mean, as bitsandbytes and the kernel take it
+    dynamic_map = signed_dynamic_map(absmax.device)
+    return dynamic_quantize(absmax, offset, dynamic_map) + (dynamic_map, offset)
 
 
 def nf4_quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Weight:

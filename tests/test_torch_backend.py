@@ -84,6 +84,36 @@ def test_quantize_gives_the_kernels_bytes(shape, double_quant, blocksize):
         csrc_torch.nf4_quantize(w, 48)
 
 
+@pytest.mark.parametrize("blocksize", [32, 256])
+def test_quantize_on_and_near_midpoints_and_table_edges(blocksize):
+    """The last-bit cases random data misses (probes of tests/test_nf4.py): values on
+    NF4 midpoints in full and partial blocks, and nested values a few ulps around
+    every step of bitsandbytes' 65536-entry table."""
+    from csrc_triton.nf4 import launch_dynamic_quantize, signed_dynamic_map
+    from tests.test_nf4 import _midpoint_probes
+
+    for scale in (1.0, 0.3, 5.9):
+        s, _, probes = _midpoint_probes(scale)
+        for partial_probes in probes.split(blocksize - 2)[:4]:
+            w = torch.cat([s[None], probes[: blocksize - 1], s[None], partial_probes])[None, :]
+            ours, kernel = csrc_torch.nf4_quantize(w, blocksize), nf4_quantize(w, blocksize)
+            assert torch.equal(ours.packed, kernel.packed) and torch.equal(ours.absmax,
+                                                                           kernel.absmax)
+    dynamic_map = signed_dynamic_map()
+    midpoints = (dynamic_map[:-1] + dynamic_map[1:]) * 0.5
+    table = torch.searchsorted(midpoints, (2.0 * torch.arange(65536.0)) / 65535.0 - 1.0)
+    steps = torch.nonzero(table[1:] != table[:-1]).reshape(-1) + 1
+    edges = (-1.0 + 2.0 * (steps.double() - 0.5) / 65535.0).float()
+    ulps = torch.arange(-6, 7, dtype=torch.int32)
+    probes = (edges.view(torch.int32)[:, None] + ulps[None, :]).view(torch.float32).reshape(-1)
+    probes = probes[probes.abs() < 1]
+    values = torch.cat([torch.cat([torch.ones(1), g]) for g in probes.split(255)])
+    offset = torch.zeros(())
+    ours = torch_nf4.dynamic_quantize(values, offset, dynamic_map)
+    kernel = launch_dynamic_quantize(values, offset, dynamic_map)
+    assert torch.equal(ours[0], kernel[0]) and torch.equal(ours[1], kernel[1])
+
+
 def test_dequantize_cache_hits_invalidates_and_respects_its_budget():
     torch_nf4.clear_dequant_cache()
     w, _ = make_nf4_weight(30, 64, 64, True)
