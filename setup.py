@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="NF4 QLoRA trainer for LLaMA-3-family models, every hot op a hand-written Triton kernel",
     python_requires=">=3.10",
-    packages=find_packages(include=["csrc_triton", "csrc_triton.*", "anita_core", "anita_core.*"]),
+    packages=find_packages(include=["csrc_triton", "csrc_triton.*", "csrc_torch", "csrc_torch.*", "anita_core", "anita_core.*"]),
     include_package_data=True,
     package_data={"anita_core": ["assets/**/*"]},
     install_requires=[
@@ -24,7 +24,9 @@ setup(
     ],
     extras_require={
         "test": ["transformers>=4.45", "peft>=0.13", "trl>=0.12", "pytest>=8", "accelerate>=0.34",
-                 "matplotlib>=3.8"],
+                 "matplotlib>=3.8", "gguf>=0.10"],
         "bench": ["matplotlib>=3.8"],
+        # python -m anita_core.assets.smollm2: transformers reads the GGUF with gguf
+        "real-model": ["gguf>=0.10", "transformers>=4.45"],
     },
 )

@@ -366,7 +366,7 @@ def document_bounds(segment_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tens
     return first_key, key_end
 
 
-def _check_qkv(q, k, v, q_name="q"):
+def check_qkv(q, k, v, q_name="q"):
     """Validate q/k/v; returns (B, S, Hq, Hkv, D)."""
     check_tensor(_OP, q_name, q, dtypes=FLOAT_DTYPES, ndim=4)
     batch, seq, n_q_heads, head_dim = q.shape
@@ -383,7 +383,7 @@ def _check_qkv(q, k, v, q_name="q"):
     return batch, seq, n_q_heads, n_kv_heads, head_dim
 
 
-def _check_bounds(bounds, batch, seq, device):
+def check_bounds(bounds, batch, seq, device):
     if bounds is None:
         return
     if not (isinstance(bounds, tuple) and len(bounds) == 2):
@@ -424,8 +424,8 @@ def flash_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """q [B, S, Hq, D], k/v [B, S, Hkv, D] (one dtype, contiguous), bounds from
     document_bounds (None: one causal document per row) -> (out [B, S, Hq, D] in q's
     dtype, lse fp32 [B, Hq, S], natural log, -inf for rows that see nothing)."""
-    batch, seq, n_q_heads, _, head_dim = _check_qkv(q, k, v)
-    _check_bounds(bounds, batch, seq, q.device)
+    batch, seq, n_q_heads, _, head_dim = check_qkv(q, k, v)
+    check_bounds(bounds, batch, seq, q.device)
     out = new_output(q.shape, q.dtype, q.device)
     lse = new_output((batch, n_q_heads, seq), torch.float32, q.device)
     if out.numel() == 0:
@@ -448,8 +448,8 @@ def flash_attention_backward(d_out: torch.Tensor, q: torch.Tensor, k: torch.Tens
                              *, _blocks_override: Optional[AttentionBlocks] = None):
     """Gradients (dq, dk, dv) of flash_attention_forward given dL/d(out), from its
     saved out and lse; dk/dv of a kv head are summed over its query heads."""
-    batch, seq, n_q_heads, n_kv_heads, head_dim = _check_qkv(q, k, v)
-    _check_bounds(bounds, batch, seq, q.device)
+    batch, seq, n_q_heads, n_kv_heads, head_dim = check_qkv(q, k, v)
+    check_bounds(bounds, batch, seq, q.device)
     check_tensor(_OP, "d_out", d_out, dtypes=(q.dtype,), shape=tuple(q.shape))
     check_tensor(_OP, "out", out, dtypes=(q.dtype,), shape=tuple(q.shape))
     check_tensor(_OP, "lse", lse, dtypes=(torch.float32,), shape=(batch, n_q_heads, seq))
@@ -517,5 +517,5 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Causal attention of q [B, S, Hq, D] over k/v [B, S, Hkv, D] within the documents
     of ``segment_ids`` [B, S] (-1 = padding, whose rows come out 0; None = one document
     per row), softmax scale 1/sqrt(D). Differentiable in q, k and v."""
-    _check_qkv(q, k, v)
+    check_qkv(q, k, v)
     return FlashAttentionFunction.apply(q, k, v, segment_ids)

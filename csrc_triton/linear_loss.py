@@ -293,6 +293,16 @@ def _token_logprobs_forward_unchecked(hidden, weight, labels, ignore_index, chun
     return logp, lse
 
 
+def check_token_logprobs_backward_args(dlogp, hidden, weight, labels, lse, ignore_index,
+                                       chunk_bytes) -> None:
+    """The checks of token_logprobs_backward (shared with csrc_torch's)."""
+    op = "token_logprobs_backward"
+    T, _, _ = _check_common(op, hidden, weight, labels, ignore_index, chunk_bytes)
+    check_tensor(op, "dlogp", dlogp, dtypes=(torch.float32,), shape=(T,))
+    check_tensor(op, "lse", lse, dtypes=(torch.float32,), shape=(T,))
+    check_same_device(op, dlogp=dlogp, lse=lse, hidden=hidden)
+
+
 def token_logprobs_backward(dlogp: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
                             labels: torch.Tensor, lse: torch.Tensor, ignore_index: int = -100,
                             weight_grad: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
@@ -301,11 +311,8 @@ def token_logprobs_backward(dlogp: torch.Tensor, hidden: torch.Tensor, weight: t
 
     d logp_t / d logits_tv = [v == y_t] - softmax_tv, so the gradient rows are
     the cross-entropy rows with row scale -dlogp_t (ignored rows: 0)."""
-    op = "token_logprobs_backward"
-    T, _, _ = _check_common(op, hidden, weight, labels, ignore_index, chunk_bytes)
-    check_tensor(op, "dlogp", dlogp, dtypes=(torch.float32,), shape=(T,))
-    check_tensor(op, "lse", lse, dtypes=(torch.float32,), shape=(T,))
-    check_same_device(op, dlogp=dlogp, lse=lse, hidden=hidden)
+    check_token_logprobs_backward_args(dlogp, hidden, weight, labels, lse, ignore_index,
+                                       chunk_bytes)
     return _token_logprobs_backward_unchecked(dlogp, hidden, weight, labels, lse, ignore_index,
                                               True, bool(weight_grad), chunk_bytes)
 

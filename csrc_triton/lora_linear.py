@@ -55,6 +55,20 @@ def _check_lora_args(op: str, x2d, w: NF4Weight, A, B, scale, dropout) -> None:
                          f"got {dropout!r}")
 
 
+def check_lora_backward_args(op: str, dy2d, x2d, w: NF4Weight, A, B, scale,
+                             ctx: LoRAContext) -> None:
+    """The checks of lora_linear_backward (shared with csrc_torch's)."""
+    _check_lora_args(op, x2d, w, A, B, scale, ctx.dropout)
+    M, K = x2d.shape
+    N, rank = B.shape
+    check_tensor(op, "dy2d", dy2d, dtypes=(x2d.dtype,), ndim=2, shape=(M, N))
+    check_tensor(op, "ctx.xa", ctx.xa, dtypes=(compute_dtype(x2d.dtype),), ndim=2, shape=(M, rank))
+    if ctx.keep_mask is not None:
+        check_tensor(op, "ctx.keep_mask", ctx.keep_mask, dtypes=(torch.bool,), ndim=2,
+                     shape=(M, K))
+    check_same_device(op, dy2d=dy2d, x2d=x2d, xa=ctx.xa, keep_mask=ctx.keep_mask)
+
+
 def _dropped_input(x2d: torch.Tensor, ctx: LoRAContext) -> torch.Tensor:
     """xd = x * keep / (1 - p) in the compute dtype (x itself when there is no
     dropout and x is already in it: no copy of the activation)."""
@@ -114,16 +128,7 @@ def lora_linear_backward(dy2d: torch.Tensor, x2d: torch.Tensor, w: NF4Weight, A:
     frozen input, e.g. the first layer's). ``dense_w``/``path``: see
     nf4_matmul.launch_backward_input."""
     op = "lora_linear_backward"
-    _check_lora_args(op, x2d, w, A, B, scale, ctx.dropout)
-    M, K = x2d.shape
-    N, rank = B.shape
-    check_tensor(op, "dy2d", dy2d, dtypes=(x2d.dtype,), ndim=2, shape=(M, N))
-    check_tensor(op, "ctx.xa", ctx.xa, dtypes=(compute_dtype(x2d.dtype),), ndim=2,
-                 shape=(M, rank))
-    if ctx.keep_mask is not None:
-        check_tensor(op, "ctx.keep_mask", ctx.keep_mask, dtypes=(torch.bool,), ndim=2,
-                     shape=(M, K))
-    check_same_device(op, dy2d=dy2d, x2d=x2d, xa=ctx.xa, keep_mask=ctx.keep_mask)
+    check_lora_backward_args(op, dy2d, x2d, w, A, B, scale, ctx)
 
     dy = dy2d.to(compute_dtype(dy2d.dtype))
     g = _low_rank_mm(dy, B)                                        # dY B, [M, r]

@@ -611,10 +611,8 @@ def launch_nf4_dequantize(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
 # public ops
 # ---------------------------------------------------------------------------
 
-def nf4_quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Weight:
-    """Quantize ``w`` (fp32/fp16/bf16, contiguous, any shape) to NF4, byte for byte
-    as ``bitsandbytes.functional.quantize_4bit(w, blocksize, quant_type="nf4",
-    compress_statistics=double_quant)`` does on CPU. Not differentiable."""
+def check_quantize_args(w, blocksize, double_quant) -> None:
+    """The checks of nf4_quantize (shared with csrc_torch's)."""
     op = "nf4_quantize"
     check_tensor(op, "w", w, dtypes=FLOAT_DTYPES)
     if w.numel() == 0:
@@ -629,6 +627,13 @@ def nf4_quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
     if not bool(torch.isfinite(w).all()):
         raise ValueError(f"{op}: argument 'w' has inf or NaN elements; NF4 cannot "
                          "represent them")
+
+
+def nf4_quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Weight:
+    """Quantize ``w`` (fp32/fp16/bf16, contiguous, any shape) to NF4, byte for byte
+    as ``bitsandbytes.functional.quantize_4bit(w, blocksize, quant_type="nf4",
+    compress_statistics=double_quant)`` does on CPU. Not differentiable."""
+    check_quantize_args(w, blocksize, double_quant)
     w = w.detach()
     packed, absmax = launch_nf4_quantize(w.reshape(-1), blocksize)
     nested = {}

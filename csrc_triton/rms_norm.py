@@ -136,9 +136,8 @@ def _check_weight(weight: torch.Tensor, n_cols: int) -> None:
     check_tensor(_OP, "weight", weight, dtypes=FLOAT_DTYPES, shape=(n_cols,))
 
 
-def rms_norm_forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float):
-    """x2d [rows, H] (fp32/fp16/bf16), weight [H] (any float dtype) ->
-    (y2d [rows, H] in x2d's dtype, rstd [rows] fp32)."""
+def check_forward_args(x2d, weight, eps) -> float:
+    """The checks of rms_norm_forward (shared with csrc_torch's); returns eps as a float."""
     check_tensor(_OP, "x2d", x2d, dtypes=FLOAT_DTYPES, ndim=2)
     n_rows, n_cols = x2d.shape
     if n_cols == 0:
@@ -146,6 +145,26 @@ def rms_norm_forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float):
     _check_weight(weight, n_cols)
     check_same_device(_OP, x2d=x2d, weight=weight)
     eps = _check_eps(eps)
+    return eps
+
+
+def check_backward_args(dy2d, x2d, weight, rstd, weight_grad) -> None:
+    """The checks of rms_norm_backward (shared with csrc_torch's)."""
+    check_tensor(_OP, "x2d", x2d, dtypes=FLOAT_DTYPES, ndim=2)
+    n_rows, n_cols = x2d.shape
+    check_tensor(_OP, "dy2d", dy2d, dtypes=FLOAT_DTYPES, shape=(n_rows, n_cols))
+    _check_weight(weight, n_cols)
+    check_tensor(_OP, "rstd", rstd, dtypes=(torch.float32,), shape=(n_rows,))
+    check_same_device(_OP, dy2d=dy2d, x2d=x2d, weight=weight, rstd=rstd)
+    if not isinstance(weight_grad, bool):
+        raise ValueError(f"{_OP}: argument 'weight_grad' must be a bool, got {weight_grad!r}")
+
+
+def rms_norm_forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float):
+    """x2d [rows, H] (fp32/fp16/bf16), weight [H] (any float dtype) ->
+    (y2d [rows, H] in x2d's dtype, rstd [rows] fp32)."""
+    eps = check_forward_args(x2d, weight, eps)
+    n_rows, n_cols = x2d.shape
 
     y = new_output((n_rows, n_cols), x2d.dtype, x2d.device)
     rstd = new_output((n_rows,), torch.float32, x2d.device)
@@ -163,14 +182,8 @@ def rms_norm_backward(dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tenso
                       rstd: torch.Tensor, weight_grad: bool):
     """Given dL/dy [rows, H], the forward's x2d, weight and rstd, return
     (dx2d in x2d's dtype, dweight in weight's dtype, or None unless weight_grad)."""
-    check_tensor(_OP, "x2d", x2d, dtypes=FLOAT_DTYPES, ndim=2)
+    check_backward_args(dy2d, x2d, weight, rstd, weight_grad)
     n_rows, n_cols = x2d.shape
-    check_tensor(_OP, "dy2d", dy2d, dtypes=FLOAT_DTYPES, shape=(n_rows, n_cols))
-    _check_weight(weight, n_cols)
-    check_tensor(_OP, "rstd", rstd, dtypes=(torch.float32,), shape=(n_rows,))
-    check_same_device(_OP, dy2d=dy2d, x2d=x2d, weight=weight, rstd=rstd)
-    if not isinstance(weight_grad, bool):
-        raise ValueError(f"{_OP}: argument 'weight_grad' must be a bool, got {weight_grad!r}")
 
     dx = new_output((n_rows, n_cols), x2d.dtype, x2d.device)
     if n_rows == 0:

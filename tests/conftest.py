@@ -9,8 +9,14 @@ import random
 import pytest
 import torch
 
-import csrc_triton
-from tests.helpers import ERROR_LOG
+# The kernel and model tests run the Triton kernels (the interpreter on a CPU),
+# whatever the default backend of this machine; a test that wants the torch
+# backend switches with anita_core.model.ops.use_backend("torch"). Set before
+# anything imports anita_core.model.ops (and inherited by CLI subprocesses).
+os.environ["ANITA_BACKEND"] = "triton"
+
+import csrc_triton  # noqa: E402
+from tests.helpers import ERROR_LOG  # noqa: E402
 
 
 def pytest_configure(config):

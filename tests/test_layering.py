@@ -1,6 +1,7 @@
 """The package's layers only import downwards.
 
-    csrc_triton  <-  anita_core.model  <-  anita_core.lora  <-  anita_core.hf  <-  anita_core.train
+    csrc_triton  <-  csrc_torch (the same launchers in plain torch)
+    csrc_triton, csrc_torch  <-  anita_core.model  <-  anita_core.lora  <-  anita_core.hf  <-  anita_core.train
                                            anita_core.data (beside the model: knows no model)
 
 Every import statement of every module is read with ``ast`` (lazy imports
@@ -18,24 +19,26 @@ ROOT = Path(__file__).resolve().parents[1]
 # layer -> the packages its modules may import (its own included)
 ALLOWED = {
     "csrc_triton": {"csrc_triton"},
-    "anita_core.model": {"csrc_triton", "anita_core.model"},
-    "anita_core.lora": {"csrc_triton", "anita_core.model", "anita_core.lora"},
-    "anita_core.hf": {"csrc_triton", "anita_core.model", "anita_core.lora", "anita_core.hf"},
+    "csrc_torch": {"csrc_torch", "csrc_triton"},
+    "anita_core.model": {"csrc_triton", "csrc_torch", "anita_core.model"},
+    "anita_core.lora": {"csrc_triton", "csrc_torch", "anita_core.model", "anita_core.lora"},
+    "anita_core.hf": {"csrc_triton", "csrc_torch", "anita_core.model", "anita_core.lora",
+                      "anita_core.hf"},
     "anita_core.data": {"anita_core.data", "anita_core.assets"},
     # assets/__init__ is path constants; its build_* scripts rebuild the bundled
     # tokenizer, data and tiny model, so they may use the model and data layers.
     "anita_core.assets": {"anita_core.assets", "anita_core.data", "anita_core.model", "csrc_triton"},
-    "anita_core.train": {"csrc_triton", "anita_core.model", "anita_core.lora", "anita_core.hf",
+    "anita_core.train": {"csrc_triton", "csrc_torch", "anita_core.model", "anita_core.lora", "anita_core.hf",
                          "anita_core.data", "anita_core.assets", "anita_core.train"},
 }
-PROJECT_PACKAGES = ("csrc_triton", "anita_core")
+PROJECT_PACKAGES = ("csrc_triton", "csrc_torch", "anita_core")
 
 
 def layer_of(module: str) -> str:
     """The layer a dotted module name belongs to ('anita_core.model.block' -> 'anita_core.model')."""
     parts = module.split(".")
-    if parts[0] == "csrc_triton":
-        return "csrc_triton"
+    if parts[0] in ("csrc_triton", "csrc_torch"):
+        return parts[0]
     return ".".join(parts[:2]) if len(parts) > 1 else "anita_core"
 
 
@@ -108,6 +111,10 @@ def test_the_checker_catches_upward_and_relative_imports():
     # the checker itself must be able to fail
     assert violations("from anita_core.train.trainer import Trainer\n", "anita_core.model.block")
     assert violations("import anita_core.model.llama\n", "csrc_triton.rope")
+    assert violations("from csrc_torch import rope_forward\n", "csrc_triton.rope")
+    assert violations("from anita_core.model import ops\n", "csrc_torch.rope")
+    assert not violations("from csrc_triton.rope import rope_cos_sin\n", "csrc_torch.rope")
+    assert not violations("from csrc_torch import rope_forward\n", "anita_core.model.ops")
     assert violations("def f():\n    from ..train import cli\n", "anita_core.model.llama")
     assert violations("from anita_core.model import QLoRALlama\n", "anita_core.data.sft")
     assert violations("from anita_core import train\n", "anita_core.hf.load")

@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from safetensors import safe_open
 
-from csrc_triton import NF4Weight, nf4_quantize
+from csrc_triton import NF4Weight
 from csrc_triton.nf4 import SUPPORTED_BLOCKSIZES
 from anita_core.hf.bnb import (OTHER_4BIT_SUFFIXES, QUANT_STATE_SUFFIX,
                                        expected_aux_suffixes, is_skipped_module,
@@ -44,6 +44,7 @@ from anita_core.hf.pages import MappedPageReleaser, return_freed_heap_to_os
 from anita_core.hf.files import FLOAT_TAGS, TensorCatalog, catalog_checkpoint
 from anita_core.model.llama import QLoRALlama
 from anita_core.model.config import CONFIG_FILENAME, ModelConfig, projection_shapes
+from anita_core.model.ops import nf4_quantize
 from anita_core.model.weights import (PROJECTIONS, BaseWeights, LayerWeights,
                                 projection_module_path)
 

@@ -1,7 +1,8 @@
 """The decoder: LLaMA geometry, frozen NF4 base weights, one block's forward and
 hand-written backward, attention, the whole model, and generation.
 
-Layer: imports csrc_triton only (never lora, hf, data or train). Adapters reach
+Layer: imports csrc_triton and csrc_torch (the launchers, through ops.py) only
+(never lora, hf, data or train). Adapters reach
 the model as plain tensors (``BlockLoRA``), so the model does not know where
 they come from.
 

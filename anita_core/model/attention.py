@@ -22,7 +22,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from csrc_triton.attention import document_bounds, flash_attention_backward, flash_attention_forward
+from anita_core.model.ops import document_bounds, flash_attention_backward, flash_attention_forward
 
 Bounds = Optional[Tuple[torch.Tensor, torch.Tensor]]
 

@@ -15,14 +15,11 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from csrc_triton.lora_linear import lora_linear_backward, lora_linear_forward
-from csrc_triton.nf4_dense import choose_path, dequantize_for_matmul
-from csrc_triton.nf4_matmul import nf4_matmul_backward_input, nf4_matmul_forward
-from csrc_triton.rms_norm import rms_norm_backward, rms_norm_forward
-from csrc_triton.rope import rope_backward, rope_forward
-from csrc_triton.swiglu import swiglu_backward, swiglu_forward
-
 from anita_core.model.attention import attention_backward, attention_forward, attention_forward_for_backward
+from anita_core.model.ops import (choose_path, dequantize_for_matmul, lora_linear_backward,
+                                  lora_linear_forward, nf4_matmul_backward_input, nf4_matmul_forward,
+                                  rms_norm_backward, rms_norm_forward, rope_backward, rope_forward,
+                                  swiglu_backward, swiglu_forward)
 from anita_core.model.weights import LayerWeights
 
 

@@ -10,10 +10,9 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from csrc_triton.rms_norm import rms_norm_forward
-
 from anita_core.model.attention import cached_attention
 from anita_core.model.block import BlockGeometry, block_forward
+from anita_core.model.ops import rms_norm_forward
 
 
 class KVCache:

@@ -12,15 +12,12 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from csrc_triton.linear_loss import (linear_cross_entropy_forward,
-                                     linear_cross_entropy_forward_backward,
-                                     token_logprobs_backward, token_logprobs_forward)
-from csrc_triton.rms_norm import rms_norm_backward, rms_norm_forward
-from csrc_triton.rope import rope_cos_sin
-
 from anita_core.model.attention import attention_bounds
 from anita_core.model.block import BlockGeometry, BlockLoRA, block_backward, block_forward
 from anita_core.model.config import ModelConfig
+from anita_core.model.ops import (linear_cross_entropy_forward, linear_cross_entropy_forward_backward,
+                                  rms_norm_backward, rms_norm_forward, rope_cos_sin,
+                                  token_logprobs_backward, token_logprobs_forward)
 from anita_core.model.weights import BaseWeights
 
 IGNORE_INDEX = -100

@@ -1,0 +1,63 @@
+"""lora_linear launchers in torch: y = x W^T + scale * (drop(x) A^T) B^T, W in NF4.
+
+Same dropout draw (torch.rand on the same generator, so a replayed generator state
+gives the same mask), same LoRAContext and same gradients as csrc_triton.lora_linear
+(see its docstring for the derivation); the NF4 products run on the dequantized
+fp32 weight and the LoRA term is added in fp32 before the single rounding.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from csrc_triton.lora_linear import (LoRAContext, _check_lora_args, _dropped_input,
+                                     check_lora_backward_args)
+from csrc_triton.nf4 import NF4Weight
+
+from .nf4_matmul import dense_weight
+
+
+def lora_linear_forward(x2d: torch.Tensor, w: NF4Weight, A: torch.Tensor, B: torch.Tensor,
+                        scale: float, dropout: float = 0.0, training: bool = True,
+                        generator: Optional[torch.Generator] = None, *,
+                        dense_w: Optional[torch.Tensor] = None, path: Optional[str] = None):
+    """y2d = x2d W^T + scale * (drop(x2d) A^T) B^T in x2d's dtype; returns (y2d, LoRAContext).
+    ``dense_w``/``path``: see csrc_torch.nf4_matmul."""
+    op = "lora_linear_forward"
+    _check_lora_args(op, x2d, w, A, B, scale, dropout)
+    if generator is not None and generator.device.type != x2d.device.type:
+        raise ValueError(f"{op}: argument 'generator' is on {generator.device}; the dropout "
+                         f"mask is drawn on x2d's device {x2d.device}")
+    p = float(dropout) if training else 0.0
+    keep_mask = None
+    if p > 0.0:
+        keep_mask = torch.rand(x2d.shape, generator=generator, device=x2d.device) >= p
+    else:
+        p = 0.0
+    ctx = LoRAContext(keep_mask=keep_mask, dropout=p, xa=None)
+    xa = (_dropped_input(x2d, ctx) @ A.float().t()).contiguous()
+    y = x2d.float() @ dense_weight(op, w, dense_w, path).t()
+    y.add_(xa @ B.float().t(), alpha=float(scale))
+    return y.to(x2d.dtype), ctx._replace(xa=xa)
+
+
+def lora_linear_backward(dy2d: torch.Tensor, x2d: torch.Tensor, w: NF4Weight, A: torch.Tensor,
+                         B: torch.Tensor, scale: float, ctx: LoRAContext, *,
+                         input_grad: bool = True, dense_w: Optional[torch.Tensor] = None,
+                         path: Optional[str] = None):
+    """(dx2d in x2d's dtype or None unless input_grad, dA in A's dtype, dB in B's dtype)."""
+    op = "lora_linear_backward"
+    check_lora_backward_args(op, dy2d, x2d, w, A, B, scale, ctx)
+    dy32 = dy2d.float()
+    g = dy32 @ B.float()                                   # dY B, [M, r]
+    d_b = (dy32.t() @ ctx.xa).mul_(scale).to(B.dtype)
+    d_a = (g.t() @ _dropped_input(x2d, ctx)).mul_(scale).to(A.dtype)
+    if not input_grad:
+        return None, d_a, d_b
+    low_rank = g @ A.float()                               # (dY B) A, [M, K]
+    if ctx.keep_mask is not None:
+        low_rank = low_rank.mul_(ctx.keep_mask).mul_(1.0 / (1.0 - ctx.dropout))
+    dx = dy32 @ dense_weight(op, w, dense_w, path)
+    dx.add_(low_rank, alpha=float(scale))
+    return dx.to(x2d.dtype), d_a, d_b
