@@ -102,11 +102,13 @@ def test_greedy_generation_matches_transformers(model, hf_model, tokenizer, torc
     prompt = tokenizer.encode("<|im_start|>user\nQual è la capitale d'Italia?<|im_end|>\n"
                               "<|im_start|>assistant\n", add_special_tokens=False).ids
     ours = generate(model, [prompt], max_new_tokens=30)[0]
-    reference, ids = [], torch.tensor([prompt])
+    reference = []
     with torch.no_grad():                # greedy by hand: no end-of-turn stop on either side
+        out = hf_model(input_ids=torch.tensor([prompt]), use_cache=True)
         for _ in range(30):
-            reference.append(int(hf_model(input_ids=ids).logits[0, -1].argmax()))
-            ids = torch.cat([ids, torch.tensor([[reference[-1]]])], dim=1)
+            reference.append(int(out.logits[0, -1].argmax()))
+            out = hf_model(input_ids=torch.tensor([[reference[-1]]]),
+                           past_key_values=out.past_key_values, use_cache=True)
     print(f"[real_model] greedy: {tokenizer.decode(ours)!r}")
     assert len(ours) == 30 and ours == reference
 

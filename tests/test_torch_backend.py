@@ -23,7 +23,6 @@ tl_loss, tl_lora, tl_nf4_matmul, tl_rms, tl_rope, tl_swiglu = (
 from csrc_triton.nf4 import nf4_dequantize, nf4_quantize
 from tests.helpers import assert_close, quantized
 from tests.reference.losses import reference_linear_cross_entropy
-from tests.reference.nf4 import reference_nf4_dequantize
 from tests.reference.rms_norm import reference_rms_norm, reference_rms_norm_backward
 from tests.reference.rope import reference_rope
 from tests.reference.swiglu import reference_swiglu, reference_swiglu_backward
