@@ -362,3 +362,34 @@ def test_train_step_and_logits_agree_between_backends(tmp_path, dropout):
         scale = float(g.abs().max())
         assert scale > 0, f"{name}: zero gradient on the kernels"
         assert_close("torch:model", name, grads[name], g, atol=MODEL_REL * scale, rtol=MODEL_REL)
+
+
+# ------------------------------------------------------------------ attention
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 37, 4, 2, 64), (1, 29, 8, 1, 72)], ids=["gqa2-d64", "gqa8-d72"])
+def test_flash_attention(dtype, shape):
+    """Packed documents of very different lengths and padding (test_attention's rows)."""
+    from csrc_triton import attention as tl_attention
+    from tests.test_attention import TOLERANCE as ATTENTION_TOLERANCE
+    from tests.test_attention import check_all, make_inputs, packed_segments, reference_with_grads
+    batch, seq, n_q, n_kv, head_dim = shape
+    q, k, v = make_inputs(batch, seq, n_q, n_kv, head_dim, dtype)
+    segments = packed_segments(batch, seq)
+    bounds = csrc_torch.document_bounds(segments)
+    out, lse = csrc_torch.flash_attention_forward(q, k, v, bounds)
+    d_out = torch.randn_like(out)
+    grads = csrc_torch.flash_attention_backward(d_out, q, k, v, out, lse, bounds)
+    # against the float64 reference, with the kernel test's own bounds
+    check_all(f"torch {shape}", dtype, (out, lse, grads),
+              reference_with_grads(q, k, v, segments, d_out, dtype), (q, k, d_out, segments))
+    # against the Triton kernel on the same inputs (twice the reference tolerance, see the
+    # module docstring; fp16 dQ/dK also carry the Delta rounding both make, so the same
+    # per-element bound applies to each)
+    k_out, k_lse = tl_attention.flash_attention_forward(q, k, v, bounds)
+    assert_close("torch:flash_attention", "out vs triton", out, k_out,
+                 **{key: 2 * value for key, value in ATTENTION_TOLERANCE[dtype].items()})
+    finite = torch.isfinite(k_lse)
+    assert torch.equal(finite, torch.isfinite(lse))      # the same rows see nothing
+    assert_close("torch:flash_attention", "lse vs triton", lse[finite], k_lse[finite],
+                 atol=2e-5, rtol=2e-6)
