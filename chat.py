@@ -45,63 +45,40 @@ def _read_json(path: Path) -> dict:
         return json.load(f)
 
 
-def _token_text(value):
-    return value.get("content") if isinstance(value, dict) else value
-
-
-def own_chat_template(model_dir: Path):
-    """The tokenizer's chat template: chat_template.jinja (transformers 5) or the
-    chat_template field of tokenizer_config.json; None when there is none."""
-    jinja = model_dir / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    template = _read_json(model_dir / "tokenizer_config.json").get("chat_template")
-    return template if isinstance(template, str) else None
-
-
-def render_own_chat_template(model_dir: Path, chat_template: str, messages: list) -> str:
-    """The conversation and the assistant header, as transformers' apply_chat_template
-    renders the tokenizer's own template (a sandboxed jinja2 environment)."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-    config = _read_json(model_dir / "tokenizer_config.json")
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(chat_template).render(
-        messages=messages, add_generation_prompt=True,
-        bos_token=_token_text(config.get("bos_token")) or "",
-        eos_token=_token_text(config.get("eos_token")) or "")
-
-
-def render_prompt(args, model_dir: Path, tokenizer) -> str:
+def render_prompt(args, tokenizer) -> str:
+    """The prompt as one user turn (after an optional system turn) in --template's format."""
     from anita_core.data import templates
+    from anita_core.data.chat_template import ChatTemplateError, render
 
     template = args.template
-    chat_template = own_chat_template(model_dir)
     if template == "auto":
-        if chat_template is not None:
+        if tokenizer.chat_template is not None:
             template = "chat"
-        elif tokenizer.token_to_id(templates.START_HEADER) is not None:
+        elif tokenizer.has_token(templates.START_HEADER):
             template = "llama3"
         else:
             template = "none"
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
         [{"role": "user", "content": args.prompt}]
     if template == "chat":
-        if chat_template is None:
-            raise SystemExit(f"--template chat: {model_dir} has no chat template (no "
-                             "chat_template.jinja, no chat_template in tokenizer_config.json)")
-        return render_own_chat_template(model_dir, chat_template, messages)
+        if tokenizer.chat_template is None:
+            raise SystemExit(f"--template chat: {tokenizer.config_name} has no chat template "
+                             "(and there is no chat_template.jinja beside it)")
+        try:
+            return render(tokenizer.chat_template, messages, tokenizer.special_tokens,
+                          add_generation_prompt=True)[0]
+        except ChatTemplateError as err:
+            raise SystemExit(f"--template chat: {tokenizer.config_name}: {err}")
     if template in ("llama3", "alpaca"):
-        missing = [t for t in (templates.BEGIN_OF_TEXT, templates.EOT)
-                   if tokenizer.token_to_id(t) is None]
+        missing = [t for t in (templates.BEGIN_OF_TEXT, templates.EOT) if not tokenizer.has_token(t)]
         if missing:
-            raise SystemExit(f"--template {template}: the tokenizer in {model_dir} has no "
+            raise SystemExit(f"--template {template}: {tokenizer.name} has no "
                              f"{', '.join(missing)}; try --template chat or --no-template")
         if template == "llama3":
             return templates.render(templates.llama3_chat_segments(messages,
                                                                    add_generation_prompt=True))
         return templates.BEGIN_OF_TEXT + templates.alpaca_prompt(args.system or "", args.prompt, "")
-    bos = _token_text(_read_json(model_dir / "tokenizer_config.json").get("bos_token"))
-    return (bos or "") + args.prompt
+    return (tokenizer.bos_token or "") + args.prompt
 
 
 def stop_ids(model_dir: Path, tokenizer) -> list:
@@ -109,8 +86,7 @@ def stop_ids(model_dir: Path, tokenizer) -> list:
     end-of-turn tokens that exist in this vocabulary."""
     ids = _read_json(model_dir / "generation_config.json").get("eos_token_id", [])
     ids = list(ids) if isinstance(ids, list) else [ids]
-    names = [_token_text(_read_json(model_dir / "tokenizer_config.json").get("eos_token")),
-             "<|eot_id|>", "<|im_end|>", "<|end_of_text|>", "</s>"]
+    names = [tokenizer.eos_token, "<|eot_id|>", "<|im_end|>", "<|end_of_text|>", "</s>"]
     ids += [tokenizer.token_to_id(n) for n in names if n]
     return sorted({int(i) for i in ids if i is not None})
 
@@ -128,15 +104,16 @@ def main(argv=None) -> int:
     if not tokenizer_file.is_file():
         raise SystemExit(f"--model {args.model}: no tokenizer.json there")
 
-    from tokenizers import Tokenizer
-
+    from anita_core.data import load_tokenizer
     from anita_core.hf import load_model
     from anita_core.lora import load_peft
     from anita_core.model.generate import generate
 
-    tokenizer = Tokenizer.from_file(str(tokenizer_file))
-    prompt_ids = tokenizer.encode(render_prompt(args, model_dir, tokenizer),
-                                  add_special_tokens=False).ids
+    try:
+        tokenizer = load_tokenizer(str(model_dir))
+    except ValueError as err:
+        raise SystemExit(f"--model {args.model}: {err}")
+    prompt_ids = tokenizer.encode(render_prompt(args, tokenizer))
     adapters = None
     model = load_model(model_dir, progress=False)
     if args.adapter is not None:   # read before generating: a bad adapter fails fast

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 TARGETS = {"load_s": 10.0, "sft_step_s": 10.0, "generate_s_per_token": 0.3}
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="converted checkpoint folder")
     p.add_argument("--backend", choices=("torch", "triton"), default="torch")
@@ -44,6 +44,11 @@ def parse_args(argv=None):
                    help="torch.set_num_threads (default: torch's choice, one per core); on a "
                         "CPU shared with other jobs, 1 avoids OpenMP threads waiting for each other")
     p.add_argument("--json", default=None, help="also write the results here")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     if not (Path(args.model) / "config.json").is_file():
         p.error(f"--model {args.model}: no config.json there (run python -m anita_core.assets.smollm2)")
