@@ -21,10 +21,8 @@ from typing import Optional, Tuple
 import torch
 
 # document_bounds is O(S) plain torch; the checks are the kernel's own
-from csrc_triton.attention import check_bounds, check_qkv, document_bounds  # noqa: F401
-from csrc_triton._checks import check_same_device, check_tensor
-
-_OP = "flash_attention"
+from csrc_triton.attention import (check_backward_args, check_bounds, check_qkv,  # noqa: F401
+                                   document_bounds)
 Bounds = Optional[Tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -72,12 +70,8 @@ def flash_attention_backward(d_out: torch.Tensor, q: torch.Tensor, k: torch.Tens
                              v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                              bounds: Bounds = None):
     """(dq, dk, dv) in the inputs' dtype, from the forward's out and lse."""
-    batch, seq, n_q_heads, n_kv_heads, head_dim = check_qkv(q, k, v)
-    check_bounds(bounds, batch, seq, q.device)
-    check_tensor(_OP, "d_out", d_out, dtypes=(q.dtype,), shape=tuple(q.shape))
-    check_tensor(_OP, "out", out, dtypes=(q.dtype,), shape=tuple(q.shape))
-    check_tensor(_OP, "lse", lse, dtypes=(torch.float32,), shape=(batch, n_q_heads, seq))
-    check_same_device(_OP, q=q, d_out=d_out, out=out, lse=lse)
+    batch, seq, n_q_heads, n_kv_heads, head_dim = check_backward_args(d_out, q, k, v, out, lse,
+                                                                       bounds)
     group = n_q_heads // n_kv_heads
     scale = 1.0 / math.sqrt(head_dim)
     probs, _ = _probabilities(q, k, bounds, lse)

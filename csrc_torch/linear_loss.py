@@ -12,7 +12,7 @@ import torch
 
 from csrc_triton._runtime import new_output
 from csrc_triton.linear_loss import (DEFAULT_CHUNK_BYTES, _check_common, _check_scalar, _chunk_rows,
-                                     check_token_logprobs_backward_args)
+                                     check_token_logprobs_backward_args, scatter_token_logprobs)
 
 
 def _chunked_pass(hidden, weight, labels, ignore_index, chunk_bytes, *, row_scale=None,
@@ -90,14 +90,9 @@ def token_logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: t
                            ignore_index: int = -100, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
     """(logp fp32 [T], lse fp32 [T]), both exactly 0 at ignored positions."""
     _check_common("token_logprobs_forward", hidden, weight, labels, ignore_index, chunk_bytes)
-    T = hidden.shape[0]
     rows, lse_rows, target_rows, _, _ = _chunked_pass(hidden, weight, labels, ignore_index,
                                                       chunk_bytes)
-    logp = torch.zeros((T,), dtype=torch.float32, device=hidden.device)
-    lse = torch.zeros((T,), dtype=torch.float32, device=hidden.device)
-    logp.index_copy_(0, rows, target_rows - lse_rows)
-    lse.index_copy_(0, rows, lse_rows)
-    return logp, lse
+    return scatter_token_logprobs(hidden.shape[0], rows, lse_rows, target_rows)
 
 
 def token_logprobs_backward(dlogp: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,

@@ -442,18 +442,26 @@ def flash_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out, lse
 
 
-def flash_attention_backward(d_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                             v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                             bounds: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-                             *, _blocks_override: Optional[AttentionBlocks] = None):
-    """Gradients (dq, dk, dv) of flash_attention_forward given dL/d(out), from its
-    saved out and lse; dk/dv of a kv head are summed over its query heads."""
+def check_backward_args(d_out, q, k, v, out, lse, bounds):
+    """The checks of flash_attention_backward (shared with csrc_torch's); returns
+    (B, S, Hq, Hkv, D)."""
     batch, seq, n_q_heads, n_kv_heads, head_dim = check_qkv(q, k, v)
     check_bounds(bounds, batch, seq, q.device)
     check_tensor(_OP, "d_out", d_out, dtypes=(q.dtype,), shape=tuple(q.shape))
     check_tensor(_OP, "out", out, dtypes=(q.dtype,), shape=tuple(q.shape))
     check_tensor(_OP, "lse", lse, dtypes=(torch.float32,), shape=(batch, n_q_heads, seq))
     check_same_device(_OP, q=q, d_out=d_out, out=out, lse=lse)
+    return batch, seq, n_q_heads, n_kv_heads, head_dim
+
+
+def flash_attention_backward(d_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                             v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                             bounds: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                             *, _blocks_override: Optional[AttentionBlocks] = None):
+    """Gradients (dq, dk, dv) of flash_attention_forward given dL/d(out), from its
+    saved out and lse; dk/dv of a kv head are summed over its query heads."""
+    batch, seq, n_q_heads, n_kv_heads, head_dim = check_backward_args(d_out, q, k, v, out, lse,
+                                                                       bounds)
     dq = new_output(q.shape, q.dtype, q.device)
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)

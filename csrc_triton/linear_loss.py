@@ -283,11 +283,16 @@ def token_logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: t
 
 
 def _token_logprobs_forward_unchecked(hidden, weight, labels, ignore_index, chunk_bytes):
-    T = hidden.shape[0]
     rows, lse_rows, target_rows, _, _ = _chunked_pass(hidden, weight, labels, ignore_index,
                                                       chunk_bytes)
-    logp = torch.zeros((T,), dtype=torch.float32, device=hidden.device)
-    lse = torch.zeros((T,), dtype=torch.float32, device=hidden.device)
+    return scatter_token_logprobs(hidden.shape[0], rows, lse_rows, target_rows)
+
+
+def scatter_token_logprobs(n_tokens: int, rows, lse_rows, target_rows):
+    """(logp, lse) fp32 [n_tokens] from the per-row results of the kept ``rows``
+    (logp = target logit - lse), exactly 0 at every other (ignored) position."""
+    logp = torch.zeros((n_tokens,), dtype=torch.float32, device=lse_rows.device)
+    lse = torch.zeros((n_tokens,), dtype=torch.float32, device=lse_rows.device)
     logp.index_copy_(0, rows, target_rows - lse_rows)
     lse.index_copy_(0, rows, lse_rows)
     return logp, lse
