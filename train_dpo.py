@@ -106,4 +106,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:   # while the model or data loads: no training to keep yet
+        print("train_dpo.py: interrupted before training started; nothing to save", file=sys.stderr)
+        sys.exit(130)

@@ -126,3 +126,15 @@ def test_a_signal_inside_an_update_waits_for_the_update_to_finish():
     assert e.value.signum == signal.SIGTERM and order == ["update finished"]
     assert log == ["SIGINT received while stopping; finishing the checkpoint"]
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL     # handlers restored
+
+
+@pytest.mark.parametrize("script", ["train_sft.py", "train_dpo.py"])
+def test_ctrl_c_while_loading_ends_with_one_line_not_a_traceback(tmp_path, script):
+    # 0.5 s in, the script is still importing torch inside main(): nothing has trained
+    proc = start_script(script, *TINY, "--output-dir", tmp_path / "run")
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    assert f"{script}: interrupted before training started; nothing to save" in err
