@@ -106,8 +106,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:   # while the model or data loads: no training to keep yet
-        print("train_dpo.py: interrupted before training started; nothing to save", file=sys.stderr)
-        sys.exit(130)
+    import script_entry
+    sys.exit(script_entry.run(main, "train_dpo.py"))

@@ -130,8 +130,16 @@ def test_a_signal_inside_an_update_waits_for_the_update_to_finish():
 
 @pytest.mark.parametrize("script", ["train_sft.py", "train_dpo.py"])
 def test_ctrl_c_while_loading_ends_with_one_line_not_a_traceback(tmp_path, script):
-    # 0.5 s in, the script is still importing torch inside main(): nothing has trained
-    proc = start_script(script, *TINY, "--output-dir", tmp_path / "run")
+    # 0.5 s in, the script is still importing torch inside main(): nothing has trained.
+    # The child gets SIGINT's default disposition, as a shell's foreground job does: a
+    # library imported by an earlier test may leave this pytest process ignoring SIGINT,
+    # and an ignored disposition is inherited through exec.
+    import subprocess
+    from tests.run_cli import REPO, script_command, script_env
+    proc = subprocess.Popen(script_command(script, "--no-progress", "--output-dir", tmp_path / "run"),
+                            cwd=REPO, env=script_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
