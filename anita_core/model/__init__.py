@@ -12,7 +12,7 @@ they come from.
   generate      KV-cache decoding                                 (generate.py)
 """
 from anita_core.model.config import ModelConfig
-from anita_core.model.llama import IGNORE_INDEX, QLoRALlama
+from anita_core.model.llama import IGNORE_INDEX, LayerHooks, QLoRALlama
 from anita_core.model.weights import BaseWeights
 
-__all__ = ["ModelConfig", "BaseWeights", "QLoRALlama", "IGNORE_INDEX"]
+__all__ = ["ModelConfig", "BaseWeights", "QLoRALlama", "LayerHooks", "IGNORE_INDEX"]

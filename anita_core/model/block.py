@@ -4,9 +4,10 @@
     q, k = rope(q, k) ;  a = attention(q, k, v) ;  h1 = h0 + a Wo^T
     x2 = rmsnorm(h1) ;  m = silu(x2 Wg^T) * (x2 Wu^T) ;  h2 = h1 + m Wd^T
 
-Only the block input h0 is kept between passes: block_backward recomputes the
-internals from it (activation checkpointing by construction) and replays the
-LoRA dropout masks by restoring the dropout generator's state.
+block_backward recomputes the internals from the block input h0 (activation
+checkpointing) and replays the LoRA dropout masks by restoring the dropout
+generator's state; block_forward_saving + block_backward_saved are the two
+halves, for a caller that keeps a block's activations instead of recomputing.
 """
 from __future__ import annotations
 
@@ -141,13 +142,30 @@ def block_forward(h0: torch.Tensor, layer: LayerWeights, geo: BlockGeometry, n_h
     return h2
 
 
+def block_forward_saving(h0: torch.Tensor, layer: LayerWeights, geo: BlockGeometry, n_heads: int,
+                         n_kv_heads: int, eps: float,
+                         lora: Optional[BlockLoRA] = None) -> Tuple[torch.Tensor, dict]:
+    """block_forward that also returns every intermediate block_backward_saved needs
+    (the recompute of block_backward, or a forward whose activations are kept)."""
+    saved: dict = {"h0": h0}
+    h2 = block_forward(h0, layer, geo, n_heads, n_kv_heads, eps, lora, _keep=saved)
+    return h2, saved
+
+
 def block_backward(dh2: torch.Tensor, h0: torch.Tensor, layer: LayerWeights, geo: BlockGeometry,
                    n_heads: int, n_kv_heads: int, eps: float,
                    lora: Optional[BlockLoRA] = None) -> torch.Tensor:
     """Given dL/dh2, recompute the block from h0, add dL/dA and dL/dB into the LoRA
     tensors' .grad, and return dL/dh0. Norm weights and NF4 weights are frozen."""
-    s: dict = {}
-    block_forward(h0, layer, geo, n_heads, n_kv_heads, eps, lora, _keep=s)
+    _, saved = block_forward_saving(h0, layer, geo, n_heads, n_kv_heads, eps, lora)
+    return block_backward_saved(dh2, saved, layer, geo)
+
+
+def block_backward_saved(dh2: torch.Tensor, s: dict, layer: LayerWeights,
+                         geo: BlockGeometry) -> torch.Tensor:
+    """The backward of one block from the intermediates block_forward_saving kept
+    (``s`` is consumed: its dense weights are freed as each projection finishes)."""
+    h0 = s["h0"]
     proj: _Projector = s["proj"]
 
     # MLP:  h2 = h1 + down(swiglu(gate(x2), up(x2))),  x2 = rmsnorm(h1)

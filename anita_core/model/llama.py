@@ -35,6 +35,23 @@ class ForwardState:
     final_rstd: Optional[torch.Tensor] = None
 
 
+class LayerHooks:
+    """Called around each block while training and evaluating; the default does
+    nothing. Subclasses add per-layer work without touching the block loop (e.g.
+    gathering a sharded layer's weights before it runs, or starting the all-reduce
+    of a layer's LoRA gradients as soon as its backward ends). ``phase`` is
+    "forward" or "backward"; ``i`` is the layer index."""
+
+    def before_layer(self, i: int, phase: str) -> None:
+        pass
+
+    def after_layer(self, i: int, phase: str) -> None:
+        pass
+
+    def after_backward(self) -> None:
+        """Every block's backward has run (LoRA .grad complete on this process)."""
+
+
 class QLoRALlama:
     """A LLaMA-family decoder with frozen NF4 projections and optional LoRA adapters.
 
@@ -54,6 +71,7 @@ class QLoRALlama:
         self.dropout_generator = torch.Generator(device=self.device)
         self.dropout_generator.manual_seed(dropout_seed)
         self._rope_cache: Tuple[int, torch.Tensor, torch.Tensor] = (0, None, None)
+        self.layer_hooks = LayerHooks()
 
     # ------------------------------------------------------------------ helpers
     def train(self, mode: bool = True) -> "QLoRALlama":
@@ -135,8 +153,10 @@ class QLoRALlama:
             if state is not None:
                 state.block_inputs.append(self._stash(h))
                 state.generator_states.append(self.dropout_generator.get_state() if replay else None)
+            self.layer_hooks.before_layer(i, "forward")
             h = block_forward(h, layer, geo, c.num_attention_heads, c.num_key_value_heads,
                               c.rms_norm_eps, self.block_lora(i))
+            self.layer_hooks.after_layer(i, "forward")
         hf, rstd = rms_norm_forward(h, self.base.norm, c.rms_norm_eps)
         if state is not None:
             state.final_input, state.final_rstd = h, rstd
@@ -153,11 +173,14 @@ class QLoRALlama:
             if state.generator_states[i] is not None:
                 self.dropout_generator.set_state(state.generator_states[i])
             h_in = self._unstash(state.block_inputs[i])
+            self.layer_hooks.before_layer(i, "backward")
             dh = block_backward(dh, h_in, self.base.layers[i], state.geometry, c.num_attention_heads,
                                 c.num_key_value_heads, c.rms_norm_eps, self.block_lora(i))
+            self.layer_hooks.after_layer(i, "backward")
             state.block_inputs[i] = None  # free as we go
         if state.generator_state_after is not None:
             self.dropout_generator.set_state(state.generator_state_after)
+        self.layer_hooks.after_backward()
 
     def _stash(self, h: torch.Tensor) -> torch.Tensor:
         if self.offload_block_inputs and h.is_cuda:
