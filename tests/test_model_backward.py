@@ -1,24 +1,31 @@
 """The model's hand-written backward (recompute per block, LoRA dropout masks
 replayed from the saved generator state) against torch autograd through the
-same model assembled from csrc_triton's public autograd Functions.
+same model assembled from csrc_triton's public autograd Functions (the same
+kernels, attention included).
 
-Both sides run the same kernels in fp32 and draw the same dropout masks in the
-same order, so they differ only in accumulation order (~1e-7 relative); a lost
-or re-drawn mask, a missing term or a wrong scale moves gradients by far more
-than the 1e-5 allowed."""
+Both sides run in fp32 and draw the same dropout masks in the same order; they
+differ in the order partial gradients are summed (autograd adds the q/k/v and
+gate/up contributions to a shared input in its own order), and the model's
+cancellations (residual stream, RMSNorm backward, softmax backward) amplify
+those roundings. Measured on 60 draws of this test (30 seeds x both dropouts,
+2026-11-29): the two sides differ by up to 2.3e-5 of a tensor's max |grad|
+with dropout 0.3 and 8.6e-6 with dropout off; against a float64 evaluation of
+the same model (dropout off, 3 draws) each side errs by up to 3.4e-6. So REL is
+1e-4 of the tensor's max, 4x the worst seen. A lost or re-drawn mask, a missing
+term or a wrong scale moves gradients by orders of magnitude more."""
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from csrc_triton import fused_linear_cross_entropy, lora_linear, nf4_matmul, rms_norm, rope, swiglu
+from csrc_triton import flash_attention, fused_linear_cross_entropy, lora_linear, nf4_matmul, rms_norm, rope, swiglu
 from anita_core.lora import LoRAAdapters, LoRAConfig
 from anita_core.hf import load_model
 from tests.helpers import assert_close
 from tests.model_factory import make_tiny_llama_dir
 
-REL = 1e-5  # fp32 on both sides, same kernels; see module docstring
+REL = 1e-4       # gradients, relative to each tensor's max |grad|: see module docstring
+LOSS_REL = 1e-5  # the loss sum: one fp32 reduction apart (measured <= 7e-8 on 3 draws)
 
 
 def autograd_loss_sum(model, ids, targets, generator):
@@ -38,10 +45,8 @@ def autograd_loss_sum(model, ids, targets, generator):
         x1 = rms_norm(h, layer.input_layernorm, c.rms_norm_eps)
         q, k, v = project("q_proj", x1), project("k_proj", x1), project("v_proj", x1)
         qr, kr = rope(q.view(B, S, Hq, D), k.view(B, S, Hkv, D), positions, cos, sin)
-        attn = F.scaled_dot_product_attention(qr.transpose(1, 2), kr.transpose(1, 2),
-                                              v.view(B, S, Hkv, D).transpose(1, 2),
-                                              is_causal=True, enable_gqa=True)
-        h = h + project("o_proj", attn.transpose(1, 2).reshape(B * S, Hq * D))
+        attn = flash_attention(qr.contiguous(), kr.contiguous(), v.view(B, S, Hkv, D).contiguous())
+        h = h + project("o_proj", attn.reshape(B * S, Hq * D))
         x2 = rms_norm(h, layer.post_attention_layernorm, c.rms_norm_eps)
         h = h + project("down_proj", swiglu(project("gate_proj", x2), project("up_proj", x2)))
     final = rms_norm(h, model.base.norm, c.rms_norm_eps)
@@ -74,7 +79,7 @@ def test_hand_written_backward_equals_autograd(tmp_path, dropout):
     reference_loss = autograd_loss_sum(model, ids, targets, generator)
     reference_loss.backward()
     assert_close("model_backward", "loss", loss_sum.reshape(1), reference_loss.detach().reshape(1),
-                 atol=0.0, rtol=REL)
+                 atol=0.0, rtol=LOSS_REL)
     for (name, p), g in zip(model.adapters.named_parameters(), ours):
         scale = float(p.grad.abs().max())
         assert scale > 0, f"{name}: zero reference gradient"
