@@ -55,11 +55,13 @@ def pytest_terminal_summary(terminalreporter):
     if not ERROR_LOG:
         return
     terminalreporter.section("largest error against the float64 reference, per op")
-    terminalreporter.write_line(f"{'op':32s} {'checks':>7s} {'max |diff|':>12s} {'max rel (fro)':>14s}")
+    terminalreporter.write_line(f"{'op':32s} {'checks':>7s} {'max |diff|':>12s} {'max rel (fro)':>14s}"
+                                f" {'tolerance used':>15s}")
     for op in sorted(ERROR_LOG):
         e = ERROR_LOG[op]
         terminalreporter.write_line(
-            f"{op:32s} {e['checks']:7d} {e['max_abs']:12.3e} {e['max_rel_fro']:14.3e}")
+            f"{op:32s} {e['checks']:7d} {e['max_abs']:12.3e} {e['max_rel_fro']:14.3e}"
+            f" {e['max_used']:15.3f}")
     path = os.environ.get("ANITA_ERROR_REPORT")
     if path:
         with open(path, "w") as f:

@@ -6,8 +6,10 @@ import collections
 
 import torch
 
-# op -> {"max_abs": float, "max_rel_fro": float, "checks": int}
-ERROR_LOG: dict = collections.defaultdict(lambda: {"max_abs": 0.0, "max_rel_fro": 0.0, "checks": 0})
+# op -> {"max_abs": float, "max_rel_fro": float, "max_used": float, "checks": int}; max_used is
+# the largest |diff| / allowed over every element checked: how close the op came to failing
+ERROR_LOG: dict = collections.defaultdict(
+    lambda: {"max_abs": 0.0, "max_rel_fro": 0.0, "max_used": 0.0, "checks": 0})
 
 
 def assert_close(op: str, name: str, actual: torch.Tensor, reference: torch.Tensor, *,
@@ -37,6 +39,10 @@ def assert_close(op: str, name: str, actual: torch.Tensor, reference: torch.Tens
     entry = ERROR_LOG[op]
     entry["max_abs"] = max(entry["max_abs"], max_abs)
     entry["max_rel_fro"] = max(entry["max_rel_fro"], rel_fro)
+    if diff.numel():
+        # an exact check (allowed 0) that passes has diff 0 there: count it as 0 used
+        used = torch.where(diff > 0, diff / allowed, torch.zeros_like(diff))
+        entry["max_used"] = max(entry["max_used"], float(used.max()))
     entry["checks"] += 1
     if over.any():
         where = tuple(torch.nonzero(over)[0].tolist())
