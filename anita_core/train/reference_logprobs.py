@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from anita_core.data.dpo import dpo_batches
@@ -214,7 +215,7 @@ def read_reference_logps(output_dir: Path):
     try:
         key = json.loads(key_path.read_text())
         tensors = load_file(str(tensor_path))
-    except (ValueError, OSError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError, SafetensorError) as e:
         raise ValueError(f"{folder}: cannot be read: {e}") from e
     logps, computed = tensors.get("logps"), tensors.get("computed")
     n = key.get("examples") if isinstance(key, dict) else None
