@@ -217,6 +217,7 @@ def test_store_files_and_stale_stores_are_detected(tokenizer, pairs, tmp_path, f
     _, passes, log = prepare(stale_keys["data"], resume=False)     # a fresh run recomputes
     assert passes == len(batches) and "stale (data: stored" in log
     assert json.loads((folder / KEY_FILE).read_text()) == stale_keys["data"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "old store left behind"
 
     # an unreadable store is recomputed, with a warning naming it
     (folder / LOGPS_FILE).write_bytes(b"\x00" * 7)

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -48,6 +47,8 @@ from safetensors.torch import load_file, save_file
 
 from anita_core.data.dpo import dpo_batches
 from anita_core.data.packing import shuffled
+# the adapter writer's atomic folder swap, reused (private there, one implementation)
+from anita_core.lora.peft import _fsync_path as fsync_path, _replace_dir as replace_dir
 
 FORMAT = 1
 STORE_DIR = "reference_logps"
@@ -171,14 +172,6 @@ def compute_reference_logps(objective, batches: Sequence[Dict], n_examples: int,
     return store
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_reference_logps(output_dir: Path, store: ReferenceLogps, key: dict) -> Path:
     """Write <output_dir>/reference_logps atomically (a reader sees the old store,
     the new one, or none; never a mix)."""
@@ -190,15 +183,9 @@ def save_reference_logps(output_dir: Path, store: ReferenceLogps, key: dict) -> 
         save_file({"logps": store.logps.contiguous(), "computed": store.computed.contiguous()},
                   str(tmp / LOGPS_FILE))
         (tmp / KEY_FILE).write_text(json.dumps(key, indent=1) + "\n")
-        for name in (LOGPS_FILE, KEY_FILE):
-            _fsync(tmp / name)
-        if final.exists():
-            old = Path(tempfile.mkdtemp(dir=output_dir, prefix=TEMP_PREFIX))
-            os.rename(final, old / STORE_DIR)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
+        for path in (tmp / LOGPS_FILE, tmp / KEY_FILE, tmp):
+            fsync_path(path)
+        replace_dir(tmp, final)     # its ".reference_logps.old-*" matches TEMP_PREFIX
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
