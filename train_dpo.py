@@ -10,7 +10,7 @@ whose last message is the answer (the earlier ones are the prompt), as in
 orpo-dpo-mix-40k. Policy = base + trainable LoRA; reference = the same base with
 adapters off, or with --reference-adapter; reference log-probs take no gradient.
 With --precompute-reference (the default for the base reference) they are
-computed for the whole training set in one pass before training and kept in
+computed for every training and held-out pair in one pass before training, kept in
 OUTPUT_DIR/reference_logps, so each step runs only the policy and --resume
 reuses them.
 """
@@ -47,7 +47,7 @@ def build_parser(argv):
     g.add_argument("--reference-adapter", default=None,
                    help="reference = base + this frozen PEFT adapter (default: base, adapters off)")
     g.add_argument("--precompute-reference", action=argparse.BooleanOptionalAction, default=None,
-                   help="compute the reference log-probs of every training pair once, before "
+                   help="compute the reference log-probs of every training and eval pair once, before "
                         "training, and keep them in OUTPUT_DIR/reference_logps (a resume reuses "
                         "them); each step then runs only the policy. Default (None): on when the "
                         "reference is the base with adapters off, off with --reference-adapter")
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     if args.max_prompt_length and args.max_prompt_length >= args.max_length:
         parser.error(f"argument --max-prompt-length: must be below --max-length "
                      f"({args.max_length}), or 0; got {args.max_prompt_length}")
-    from anita_core.data import DPODataConfig, build_dpo_data, dpo_batches, load_tokenizer
+    from anita_core.data import DPODataConfig, build_dpo_data, load_tokenizer
     from anita_core.train.reference_logprobs import (BASE_REFERENCE, StaleReferenceStore,
                                                      adapters_fingerprint, indexed_dpo_batches,
                                                      prepare_reference_logps, reference_key)
@@ -106,19 +106,21 @@ def main(argv=None) -> int:
     epoch_batches = per_epoch(lambda epoch: indexed_dpo_batches(
         data.train, batch_size=args.batch_size, pad_id=tokenizer.pad_id, shuffle_seed=args.seed + epoch))
 
-    eval_batches = (dpo_batches(data.eval, batch_size=args.batch_size, pad_id=tokenizer.pad_id)
-                    if data.eval else None)
+    eval_batches = (indexed_dpo_batches(data.eval, batch_size=args.batch_size, pad_id=tokenizer.pad_id,
+                                        first_index=len(data.train)) if data.eval else None)
     objective = DPOObjective(model, beta=args.beta, loss_type=args.loss_type, reference_adapters=reference)
     precompute = (args.reference_adapter is None if args.precompute_reference is None
                   else args.precompute_reference)
     if precompute:
         key = reference_key(model=model_fingerprint(model_dir),
                             reference=adapters_fingerprint(reference) if reference else BASE_REFERENCE,
-                            data=data_fingerprint(data.train), dtype=model.dtype,
-                            batch_size=args.batch_size, seed=args.seed, n_examples=len(data.train))
+                            data=data_fingerprint(data.train, data.eval), dtype=model.dtype,
+                            batch_size=args.batch_size, seed=args.seed,
+                            n_examples=len(data.train) + len(data.eval))
         try:
             objective.reference_store = prepare_reference_logps(
-                objective, epoch_batches(0), output_dir, key, resume=run.resume_from is not None,
+                objective, epoch_batches(0) + (eval_batches or []), output_dir, key,
+                resume=run.resume_from is not None,
                 log=log, progress=not args.no_progress)
         except StaleReferenceStore as e:
             log(f"error: --resume: {e}")

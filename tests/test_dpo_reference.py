@@ -97,12 +97,17 @@ def _key(pairs, batches_seed, **changes):
 def test_precomputed_reference_gives_bitwise_the_same_losses_and_gradients(
         tokenizer, pairs, fresh_seed, loss_type):
     model = _model(fresh_seed)
-    batches = indexed_dpo_batches(pairs, batch_size=BATCH, pad_id=tokenizer.pad_id,
+    train, held_out = pairs[:6], pairs[6:]
+    batches = indexed_dpo_batches(train, batch_size=BATCH, pad_id=tokenizer.pad_id,
                                   shuffle_seed=fresh_seed)
-    assert sorted(sum((b[INDEX_KEY].tolist() for b in batches), [])) == list(range(len(pairs)))
+    eval_batches = indexed_dpo_batches(held_out, batch_size=BATCH, pad_id=tokenizer.pad_id,
+                                       first_index=len(train))
+    indices = sum((b[INDEX_KEY].tolist() for b in batches + eval_batches), [])
+    assert sorted(indices) == list(range(len(pairs)))
     beta = 0.02 if loss_type == "hinge" else 0.1      # hinge: keep beta * delta < 1, a gradient
     live = DPOObjective(model, beta=beta, loss_type=loss_type)
-    store = compute_reference_logps(DPOObjective(model), batches, len(pairs), progress=False)
+    store = compute_reference_logps(DPOObjective(model), batches + eval_batches, len(pairs),
+                                    progress=False)
     assert store.complete
     stored = DPOObjective(model, beta=beta, loss_type=loss_type, reference_store=store)
     params = model.adapters.parameters()
@@ -123,6 +128,10 @@ def test_precomputed_reference_gives_bitwise_the_same_losses_and_gradients(
         assert any(float(g.abs().max()) > 0 for g in stored_grads)
     assert live.reference_passes == len(batches)
     assert stored.reference_passes == 0, "a step ran the reference although it was precomputed"
+    live_eval, stored_eval = live.evaluate(eval_batches), stored.evaluate(eval_batches)
+    assert live_eval == stored_eval and live_eval["eval_rewards/chosen"] != 0
+    assert live.reference_passes == len(batches) + len(eval_batches)
+    assert stored.reference_passes == 0, "evaluation ran the reference although it was precomputed"
 
 
 def _trainer(model, objective, batches_for, out, max_steps):
@@ -255,7 +264,7 @@ def test_train_dpo_precomputes_by_default_and_resume_reuses_it(tmp_path, monkeyp
     monkeypatch.setenv("ANITA_BACKEND", "torch")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "run"
-    args = ["--no-progress", "--eval-split", "0", "--batch-size", "2", "--max-samples", "8",
+    args = ["--no-progress", "--eval-split", "2", "--batch-size", "2", "--max-samples", "8",
             "--max-length", "48", "--max-prompt-length", "0", "--save-steps", "1",
             "--gradient-accumulation-steps", "1", "--output-dir", out]
     proc = run_script("train_dpo.py", *args, "--max-steps", 1)

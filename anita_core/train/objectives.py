@@ -69,10 +69,9 @@ def _stack_pair(batch: dict) -> dict:
 class DPOObjective:
     """``reference_adapters``: None = the base model (adapters off); otherwise a frozen
     LoRAAdapters (e.g. the SFT adapter) swapped in for the reference pass.
-    ``reference_store``: the training set's reference log-probs computed once
-    (reference_logprobs.ReferenceLogps); training batches then carry
-    ``example_index`` and a step runs only the policy. Evaluation batches still
-    run the reference."""
+    ``reference_store``: the reference log-probs of every pair computed once
+    (reference_logprobs.ReferenceLogps); batches then carry ``example_index``
+    and a step, or an evaluation, runs only the policy."""
 
     def __init__(self, model, beta: float = 0.1, loss_type: str = "sigmoid",
                  reference_adapters=None, reference_store=None):
@@ -115,7 +114,7 @@ class DPOObjective:
             seq, _ = self._sequence_logps(stacked, for_backward=False)
         return seq
 
-    def _training_reference(self, batch: dict, stacked: dict) -> torch.Tensor:
+    def _reference_for(self, batch: dict, stacked: dict) -> torch.Tensor:
         if self.reference_store is None:
             return self.reference_logps(stacked)
         if INDEX_KEY not in batch:
@@ -128,7 +127,7 @@ class DPOObjective:
         n_pairs = self.units(batch)
         counted = stacked["targets"] != IGNORE_INDEX
         n_tokens = counted.sum(dim=1)
-        ref = self._training_reference(batch, stacked)
+        ref = self._reference_for(batch, stacked)
         seq, saved = self._sequence_logps(stacked, for_backward=True)
         policy_seq = seq.detach().requires_grad_()
         pc, pr = policy_seq.chunk(2)
@@ -155,7 +154,7 @@ class DPOObjective:
             for batch in batches:
                 stacked = self.stack_batch(batch)
                 n_tokens = (stacked["targets"] != IGNORE_INDEX).sum(dim=1)
-                ref = self.reference_logps(stacked)
+                ref = self._reference_for(batch, stacked)
                 seq, _ = self._sequence_logps(stacked, for_backward=False)
                 policy = PreferenceLogps(*seq.chunk(2), *n_tokens.chunk(2))
                 reference = PreferenceLogps(*ref.chunk(2), *n_tokens.chunk(2))

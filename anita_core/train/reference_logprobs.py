@@ -3,9 +3,10 @@
 The reference model (the base with adapters off, or a frozen adapter) never
 changes during DPO, so its summed completion log-probs of each training pair
 are fixed numbers. ``prepare_reference_logps`` computes them for the whole
-training set in one no-grad pass before training (a progress bar counts the
-batches), keeps them with the run, and DPOObjective then looks them up by
-example index: each step runs only the policy.
+training set (and the held-out pairs) in one no-grad pass before training (a
+progress bar counts the batches), keeps them with the run, and DPOObjective
+then looks them up by example index: each step, and each evaluation, runs only
+the policy.
 
 Layout under <output_dir>/reference_logps/:
     logps.safetensors   "logps" [N, 2]: (chosen, rejected) per training example, in the
@@ -13,15 +14,18 @@ Layout under <output_dir>/reference_logps/:
     key.json            what the numbers depend on (see ``reference_key``) and N
 
 Rows are indexed by the *global example index* (the pair's position in the
-training split, before any shuffle), which batches carry as ``example_index``:
+training split, before any shuffle; held-out pairs follow the training ones),
+which batches carry as ``example_index``:
 a data-parallel run can compute any subset of the batches per rank and
 ``ReferenceLogps.merge`` the shards, and a lookup never depends on the order or
 the sharding the steps see.
 
 The values are computed from epoch 0's batches (the same pairs, padding and
-shapes the first epoch's steps use), so epoch 0 reads exactly the numbers the
-per-step reference pass would produce; see tests/test_dpo_reference.py for
-what was measured for other batchings.
+shapes the first epoch's steps use) and the eval batches, so epoch 0 and every
+evaluation read exactly the numbers the per-step reference pass would produce.
+Later epochs batch the pairs differently; a per-step pass there could differ
+from the stored value by rounding only (~1e-7 relative in fp32, measured: see
+tests/test_dpo_reference.py).
 
 Staleness: the key holds fingerprints of the model, the reference, the
 tokenized training pairs (which covers files, template, truncation, split),
@@ -120,15 +124,17 @@ class ReferenceLogps:
 
 
 def indexed_dpo_batches(pairs: Sequence, *, batch_size: int, pad_id: int,
-                        shuffle_seed: Optional[int] = None,
+                        shuffle_seed: Optional[int] = None, first_index: int = 0,
                         pad_to_multiple_of: Optional[int] = None) -> List[Dict]:
     """``dpo_batches`` (the same batches, in the same seeded order), each batch also
-    carrying ``example_index``: its pairs' positions in ``pairs``."""
+    carrying ``example_index``: its pairs' positions in ``pairs`` plus ``first_index``
+    (the held-out split is numbered after the training split)."""
     order = shuffled(range(len(pairs)), shuffle_seed)     # the permutation dpo_batches draws
     batches = dpo_batches([pairs[i] for i in order], batch_size=batch_size, pad_id=pad_id,
                           pad_to_multiple_of=pad_to_multiple_of)
     for k, batch in enumerate(batches):
-        batch[INDEX_KEY] = torch.tensor(order[k * batch_size:(k + 1) * batch_size], dtype=torch.long)
+        rows = order[k * batch_size:(k + 1) * batch_size]
+        batch[INDEX_KEY] = torch.tensor(rows, dtype=torch.long) + first_index
     return batches
 
 
