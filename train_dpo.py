@@ -109,9 +109,16 @@ def main(argv=None) -> int:
     eval_batches = (indexed_dpo_batches(data.eval, batch_size=args.batch_size, pad_id=tokenizer.pad_id,
                                         first_index=len(data.train)) if data.eval else None)
     objective = DPOObjective(model, beta=args.beta, loss_type=args.loss_type, reference_adapters=reference)
+    settings = run_settings(args, "train_dpo.py", model_dir, adapters, data)
+    trainer = Trainer(model, adapters, objective, epoch_batches,
+                      train_config_from_args(args, output_dir, settings), eval_batches=eval_batches,
+                      log=log)
     precompute = (args.reference_adapter is None if args.precompute_reference is None
                   else args.precompute_reference)
     if precompute:
+        # the micro-batches this run reads: epoch 0's up to its last step (later epochs
+        # hold the same pairs), and the eval batches
+        reached = trainer.total_steps * args.gradient_accumulation_steps
         key = reference_key(model=model_fingerprint(model_dir),
                             reference=adapters_fingerprint(reference) if reference else BASE_REFERENCE,
                             data=data_fingerprint(data.train, data.eval), dtype=model.dtype,
@@ -119,16 +126,12 @@ def main(argv=None) -> int:
                             n_examples=len(data.train) + len(data.eval))
         try:
             objective.reference_store = prepare_reference_logps(
-                objective, epoch_batches(0) + (eval_batches or []), output_dir, key,
+                objective, epoch_batches(0)[:reached] + (eval_batches or []), output_dir, key,
                 resume=run.resume_from is not None,
                 log=log, progress=not args.no_progress)
         except StaleReferenceStore as e:
             log(f"error: --resume: {e}")
             return 2
-    settings = run_settings(args, "train_dpo.py", model_dir, adapters, data)
-    trainer = Trainer(model, adapters, objective, epoch_batches,
-                      train_config_from_args(args, output_dir, settings), eval_batches=eval_batches,
-                      log=log)
     log(f"{trainer.total_steps} optimizer steps, {trainer.batches_per_epoch} micro-batches per epoch, "
         f"output in {output_dir}")
     return run_training(trainer, args, model_dir, model, adapters, run, log, data.stats)

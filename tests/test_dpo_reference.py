@@ -188,9 +188,9 @@ def test_store_files_and_stale_stores_are_detected(tokenizer, pairs, tmp_path, f
     key = _key(pairs, fresh_seed)
     out = tmp_path / "run"
 
-    def prepare(key, resume, batches=batches):
+    def prepare(key, resume, batches=batches, run_dir=out):
         objective, logs = DPOObjective(model), []
-        store = prepare_reference_logps(objective, batches, out, key, resume=resume,
+        store = prepare_reference_logps(objective, batches, run_dir, key, resume=resume,
                                         log=logs.append, progress=False)
         return store, objective.reference_passes, " ".join(logs)
 
@@ -203,6 +203,15 @@ def test_store_files_and_stale_stores_are_detected(tokenizer, pairs, tmp_path, f
     tensors = load_file(str(folder / LOGPS_FILE))
     assert torch.equal(tensors["logps"], first.logps) and bool(tensors["computed"].all())
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "temp folder left behind"
+
+    # a store covering only the batches a short run reached: a longer resume adds the rest
+    partial = tmp_path / "partial"
+    _, passes, _ = prepare(key, resume=False, batches=batches[:2], run_dir=partial)
+    assert passes == 2
+    _, passes, log = prepare(key, resume=True, run_dir=partial)
+    assert passes == len(batches) - 2 and f"({2 * BATCH} loaded)" in log
+    grown, passes, _ = prepare(key, resume=True, run_dir=partial)
+    assert passes == 0 and torch.equal(grown.logps, first.logps)
 
     # a changed template (system prompt) changes the tokens, so the data key
     other_template = _pairs(tokenizer, system_prompt="Rispondi in italiano.")
@@ -260,19 +269,26 @@ def test_shards_merge_by_global_example_index(tokenizer, pairs, fresh_seed):
 
 def test_train_dpo_precomputes_by_default_and_resume_reuses_it(tmp_path, monkeypatch):
     """Through the real script (the flag's default, the store kept in the run
-    folder): computed once, then loaded on --resume, which runs no reference pass."""
+    folder): computed once, then loaded by a --resume that replays steps 2-3 from
+    the step-1 checkpoint with no reference pass, logging the same losses."""
     monkeypatch.setenv("ANITA_BACKEND", "torch")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "run"
     args = ["--no-progress", "--eval-split", "2", "--batch-size", "2", "--max-samples", "8",
             "--max-length", "48", "--max-prompt-length", "0", "--save-steps", "1",
-            "--gradient-accumulation-steps", "1", "--output-dir", out]
-    proc = run_script("train_dpo.py", *args, "--max-steps", 1)
+            "--save-total-limit", "0", "--gradient-accumulation-steps", "1", "--max-steps", "3",
+            "--output-dir", out]
+    proc = run_script("train_dpo.py", *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"computed once, kept in {out / STORE_DIR}" in proc.stderr
+    first_run = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
     stored = load_file(str(out / STORE_DIR / LOGPS_FILE))
-    proc = run_script("train_dpo.py", *args, "--max-steps", 2, "--resume")
+    proc = run_script("train_dpo.py", *args, "--resume", out / "checkpoints" / "step-00000001")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"loaded from {out / STORE_DIR}" in proc.stderr and "computed once" not in proc.stderr
-    assert metric_steps(out) == [1, 2]
+    resumed = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    assert metric_steps(out) == [1, 2, 3]
+    for a, b in zip(first_run, resumed, strict=True):
+        a.pop("tokens_per_s", None), b.pop("tokens_per_s", None)
+        assert a == b
     assert torch.equal(load_file(str(out / STORE_DIR / LOGPS_FILE))["logps"], stored["logps"])

@@ -27,9 +27,12 @@ Later epochs batch the pairs differently; a per-step pass there could differ
 from the stored value by rounding only (~1e-7 relative in fp32, measured: see
 tests/test_dpo_reference.py).
 
+A run that ends inside epoch 0 (--max-steps) computes only the batches it
+reaches; a resume that goes further computes the rest and adds it to the store.
+
 Staleness: the key holds fingerprints of the model, the reference, the
-tokenized training pairs (which covers files, template, truncation, split),
-the compute dtype and the batching. A store whose key differs is recomputed
+tokenized training and held-out pairs (which covers files, template,
+truncation, split), the compute dtype and the batching. A store whose key differs is recomputed
 when a run starts fresh (the log names the differing fields) and refused when
 a run resumes, because the steps before the checkpoint were trained against
 the recorded reference. Nothing here is pickled; the folder is assembled in a
@@ -163,11 +166,13 @@ def key_differences(recorded: dict, current: dict) -> List[str]:
 
 
 def compute_reference_logps(objective, batches: Sequence[Dict], n_examples: int, *,
+                            store: Optional[ReferenceLogps] = None,
                             progress: bool = True) -> ReferenceLogps:
-    """One no-grad reference pass over ``batches`` (each with ``example_index``);
-    rows of examples in no batch stay uncomputed (a shard's store)."""
+    """One no-grad reference pass over ``batches`` (each with ``example_index``),
+    into ``store`` (default: a new one); rows of examples in no batch stay
+    uncomputed (e.g. a shard's store)."""
     from tqdm.auto import tqdm
-    store = ReferenceLogps.empty(n_examples)
+    store = ReferenceLogps.empty(n_examples) if store is None else store
     with tqdm(total=len(batches), desc="reference log-probs", unit="batch", disable=not progress,
               dynamic_ncols=True, leave=False) as bar:
         for batch in batches:
@@ -228,34 +233,42 @@ def remove_orphaned_stores(output_dir: Path) -> None:
 def prepare_reference_logps(objective, batches: Sequence[Dict], output_dir: Path, key: dict, *,
                             resume: bool, log: Callable[[str], None],
                             progress: bool = True) -> ReferenceLogps:
-    """The run's reference log-probs: loaded when the stored key matches ``key``;
-    otherwise computed over ``batches`` (epoch 0's, indexed) and stored. A stale
-    store raises StaleReferenceStore on ``resume``; a fresh run recomputes it."""
+    """The run's reference log-probs for ``batches`` (the ones the run reads: epoch
+    0's, up to the run's last step if it ends earlier, and the eval batches). Rows
+    stored under the same ``key`` are loaded; only batches holding a row not stored
+    yet run the reference (all of them for a new run, none for a resume of the
+    same length), and the store is saved when that added rows. A store with
+    another key raises StaleReferenceStore on ``resume``; a fresh run recomputes it."""
     remove_orphaned_stores(output_dir)
     folder = Path(output_dir) / STORE_DIR
+    store = None
     try:
         found = read_reference_logps(output_dir)
     except ValueError as e:
         log(f"warning: {e}; recomputing the reference log-probs")
         found = None
     if found is not None:
-        stored_key, store = found
+        stored_key, stored = found
         differences = key_differences(stored_key, key)
-        if not differences and store.complete:
-            log(f"reference log-probs of {store.n_examples} pairs loaded from {folder}")
-            return store
-        if differences and resume:
+        if not differences:
+            store = stored
+        elif resume:
             raise StaleReferenceStore(
                 f"{folder} holds reference log-probs computed for other settings than this run's:\n  "
                 + "\n  ".join(differences)
                 + "\nResume with the original model, reference adapter, data and --dtype, or "
                   "start a new run (--overwrite, or another --output-dir)")
-        why = "; ".join(differences) if differences else "incomplete"
-        log(f"stored reference log-probs in {folder} are stale ({why}): recomputing")
-    store = compute_reference_logps(objective, batches, key["examples"], progress=progress)
-    if not store.complete:
-        missing = (~store.computed).nonzero().flatten().tolist()
-        raise ValueError(f"the reference batches left example(s) {missing[:5]} uncomputed")
+        else:
+            log(f"stored reference log-probs in {folder} are stale ({'; '.join(differences)}): "
+                f"recomputing")
+    loaded = int(store.computed.sum()) if store is not None else 0
+    todo = [b for b in batches if store is None or not bool(store.computed[b[INDEX_KEY]].all())]
+    if not todo:
+        log(f"reference log-probs of {loaded} pairs loaded from {folder}")
+        return store
+    store = compute_reference_logps(objective, todo, key["examples"], store=store, progress=progress)
     save_reference_logps(output_dir, store, key)
-    log(f"reference log-probs of {store.n_examples} pairs computed once, kept in {folder}")
+    added = int(store.computed.sum()) - loaded
+    log(f"reference log-probs of {added} pairs computed once"
+        + (f" ({loaded} loaded)" if loaded else "") + f", kept in {folder}")
     return store
