@@ -46,11 +46,13 @@ def build_parser(argv):
                    help="drop rows whose `source` column is one of these (the paper drops toxic-dpo)")
     g.add_argument("--reference-adapter", default=None,
                    help="reference = base + this frozen PEFT adapter (default: base, adapters off)")
-    g.add_argument("--precompute-reference", action=argparse.BooleanOptionalAction, default=None,
-                   help="compute the reference log-probs of every training and eval pair once, before "
-                        "training, and keep them in OUTPUT_DIR/reference_logps (a resume reuses "
-                        "them); each step then runs only the policy. Default (None): on when the "
-                        "reference is the base with adapters off, off with --reference-adapter")
+    # SUPPRESS: no attribute unless given, so the help shows the rule, not "None"
+    g.add_argument("--precompute-reference", action=argparse.BooleanOptionalAction,
+                   default=argparse.SUPPRESS,
+                   help="compute the reference log-probs of the training and eval pairs once, "
+                        "before training, and keep them in OUTPUT_DIR/reference_logps (a resume "
+                        "reuses them); each step then runs only the policy (default: on when the "
+                        "reference is the base with adapters off, off with --reference-adapter)")
     return parser
 
 
@@ -113,8 +115,7 @@ def main(argv=None) -> int:
     trainer = Trainer(model, adapters, objective, epoch_batches,
                       train_config_from_args(args, output_dir, settings), eval_batches=eval_batches,
                       log=log)
-    precompute = (args.reference_adapter is None if args.precompute_reference is None
-                  else args.precompute_reference)
+    precompute = getattr(args, "precompute_reference", args.reference_adapter is None)
     if precompute:
         # the micro-batches this run reads: epoch 0's up to its last step (later epochs
         # hold the same pairs), and the eval batches
