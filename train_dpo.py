@@ -9,6 +9,10 @@ Rows: {prompt, chosen, rejected} as strings, or chosen/rejected as message lists
 whose last message is the answer (the earlier ones are the prompt), as in
 orpo-dpo-mix-40k. Policy = base + trainable LoRA; reference = the same base with
 adapters off, or with --reference-adapter; reference log-probs take no gradient.
+With --precompute-reference (the default for the base reference) they are
+computed for every training and held-out pair in one pass before training, kept in
+OUTPUT_DIR/reference_logps, so each step runs only the policy and --resume
+reuses them.
 """
 from __future__ import annotations
 
@@ -42,6 +46,13 @@ def build_parser(argv):
                    help="drop rows whose `source` column is one of these (the paper drops toxic-dpo)")
     g.add_argument("--reference-adapter", default=None,
                    help="reference = base + this frozen PEFT adapter (default: base, adapters off)")
+    # SUPPRESS: no attribute unless given, so the help shows the rule, not "None"
+    g.add_argument("--precompute-reference", action=argparse.BooleanOptionalAction,
+                   default=argparse.SUPPRESS,
+                   help="compute the reference log-probs of the training and eval pairs once, "
+                        "before training, and keep them in OUTPUT_DIR/reference_logps (a resume "
+                        "reuses them); each step then runs only the policy (default: on when the "
+                        "reference is the base with adapters off, off with --reference-adapter)")
     return parser
 
 
@@ -50,12 +61,15 @@ def main(argv=None) -> int:
     from anita_core.train.cli import (build_data_or_report, eval_split_value, load_model_and_adapters,
                                       log_to_stderr, parse_command_line, per_epoch, resolve_model_dir,
                                       run_training, start_run, tokenizer_dir_for, train_config_from_args)
-    from anita_core.train.run_identity import run_settings
+    from anita_core.train.run_identity import data_fingerprint, model_fingerprint, run_settings
     parser, args = parse_command_line(build_parser, argv)
     if args.max_prompt_length and args.max_prompt_length >= args.max_length:
         parser.error(f"argument --max-prompt-length: must be below --max-length "
                      f"({args.max_length}), or 0; got {args.max_prompt_length}")
-    from anita_core.data import DPODataConfig, build_dpo_data, dpo_batches, load_tokenizer
+    from anita_core.data import DPODataConfig, build_dpo_data, load_tokenizer
+    from anita_core.train.reference_logprobs import (BASE_REFERENCE, StaleReferenceStore,
+                                                     adapters_fingerprint, indexed_dpo_batches,
+                                                     prepare_reference_logps, reference_key)
     from anita_core.lora import load_peft
     from anita_core.train.objectives import DPOObjective
     from anita_core.train.trainer import Trainer
@@ -90,16 +104,35 @@ def main(argv=None) -> int:
     if data is None:
         return 2
 
-    epoch_batches = per_epoch(lambda epoch: dpo_batches(
+    # batches carry their pairs' example indices: the precomputed reference is looked up by them
+    epoch_batches = per_epoch(lambda epoch: indexed_dpo_batches(
         data.train, batch_size=args.batch_size, pad_id=tokenizer.pad_id, shuffle_seed=args.seed + epoch))
 
-    eval_batches = (dpo_batches(data.eval, batch_size=args.batch_size, pad_id=tokenizer.pad_id)
-                    if data.eval else None)
+    eval_batches = (indexed_dpo_batches(data.eval, batch_size=args.batch_size, pad_id=tokenizer.pad_id,
+                                        first_index=len(data.train)) if data.eval else None)
     objective = DPOObjective(model, beta=args.beta, loss_type=args.loss_type, reference_adapters=reference)
     settings = run_settings(args, "train_dpo.py", model_dir, adapters, data)
     trainer = Trainer(model, adapters, objective, epoch_batches,
                       train_config_from_args(args, output_dir, settings), eval_batches=eval_batches,
                       log=log)
+    precompute = getattr(args, "precompute_reference", args.reference_adapter is None)
+    if precompute:
+        # the micro-batches this run reads: epoch 0's up to its last step (later epochs
+        # hold the same pairs), and the eval batches
+        reached = trainer.total_steps * args.gradient_accumulation_steps
+        key = reference_key(model=model_fingerprint(model_dir),
+                            reference=adapters_fingerprint(reference) if reference else BASE_REFERENCE,
+                            data=data_fingerprint(data.train, data.eval), dtype=model.dtype,
+                            batch_size=args.batch_size, seed=args.seed,
+                            n_examples=len(data.train) + len(data.eval))
+        try:
+            objective.reference_store = prepare_reference_logps(
+                objective, epoch_batches(0)[:reached] + (eval_batches or []), output_dir, key,
+                resume=run.resume_from is not None,
+                log=log, progress=not args.no_progress)
+        except StaleReferenceStore as e:
+            log(f"error: --resume: {e}")
+            return 2
     log(f"{trainer.total_steps} optimizer steps, {trainer.batches_per_epoch} micro-batches per epoch, "
         f"output in {output_dir}")
     return run_training(trainer, args, model_dir, model, adapters, run, log, data.stats)

@@ -15,6 +15,7 @@ from typing import Dict, Optional, Sequence
 import torch
 
 from anita_core.train.losses import PreferenceLogps, dpo_loss, dpo_metrics
+from anita_core.train.reference_logprobs import INDEX_KEY
 from anita_core.model import IGNORE_INDEX
 
 
@@ -67,12 +68,17 @@ def _stack_pair(batch: dict) -> dict:
 
 class DPOObjective:
     """``reference_adapters``: None = the base model (adapters off); otherwise a frozen
-    LoRAAdapters (e.g. the SFT adapter) swapped in for the reference pass."""
+    LoRAAdapters (e.g. the SFT adapter) swapped in for the reference pass.
+    ``reference_store``: the reference log-probs of every pair computed once
+    (reference_logprobs.ReferenceLogps); batches then carry ``example_index``
+    and a step, or an evaluation, runs only the policy."""
 
     def __init__(self, model, beta: float = 0.1, loss_type: str = "sigmoid",
-                 reference_adapters=None):
+                 reference_adapters=None, reference_store=None):
         self.model, self.beta, self.loss_type = model, beta, loss_type
         self.reference_adapters = reference_adapters
+        self.reference_store = reference_store
+        self.reference_passes = 0       # reference forwards run (one per stacked batch)
 
     def units(self, batch) -> int:
         return int(batch["chosen"]["input_ids"].shape[0])
@@ -98,17 +104,30 @@ class DPOObjective:
                                                 for_backward=for_backward)
         return logp.sum(dim=1), saved
 
+    def stack_batch(self, batch: dict) -> dict:
+        """The chosen rows then the rejected rows, on the model's device."""
+        return _to(_stack_pair(batch), self.model.device)
+
     def reference_logps(self, stacked: dict) -> torch.Tensor:
+        self.reference_passes += 1
         with torch.no_grad(), self._reference_mode():
             seq, _ = self._sequence_logps(stacked, for_backward=False)
         return seq
 
+    def _reference_for(self, batch: dict, stacked: dict) -> torch.Tensor:
+        if self.reference_store is None:
+            return self.reference_logps(stacked)
+        if INDEX_KEY not in batch:
+            raise ValueError(f"precomputed reference log-probs need batches with {INDEX_KEY!r} "
+                             "(reference_logprobs.indexed_dpo_batches)")
+        return self.reference_store.lookup(batch[INDEX_KEY]).to(self.model.device)
+
     def micro_step(self, batch, grad_scale: float) -> Dict[str, float]:
-        stacked = _to(_stack_pair(batch), self.model.device)
+        stacked = self.stack_batch(batch)
         n_pairs = self.units(batch)
         counted = stacked["targets"] != IGNORE_INDEX
         n_tokens = counted.sum(dim=1)
-        ref = self.reference_logps(stacked)
+        ref = self._reference_for(batch, stacked)
         seq, saved = self._sequence_logps(stacked, for_backward=True)
         policy_seq = seq.detach().requires_grad_()
         pc, pr = policy_seq.chunk(2)
@@ -133,9 +152,9 @@ class DPOObjective:
         self.model.eval()
         try:
             for batch in batches:
-                stacked = _to(_stack_pair(batch), self.model.device)
+                stacked = self.stack_batch(batch)
                 n_tokens = (stacked["targets"] != IGNORE_INDEX).sum(dim=1)
-                ref = self.reference_logps(stacked)
+                ref = self._reference_for(batch, stacked)
                 seq, _ = self._sequence_logps(stacked, for_backward=False)
                 policy = PreferenceLogps(*seq.chunk(2), *n_tokens.chunk(2))
                 reference = PreferenceLogps(*ref.chunk(2), *n_tokens.chunk(2))
