@@ -286,6 +286,7 @@ class MemoryPlan:
     static_bytes: int
     by_strategy: Dict[str, int] = field(default_factory=dict)   # every layer the same
     budget_bytes: Optional[int] = None
+    host_bytes: int = 0                  # pinned host memory of the offloaded block inputs
 
     def describe(self) -> str:
         counts = {s: self.strategies.count(s) for s in STRATEGIES if s in self.strategies}
@@ -293,7 +294,8 @@ class MemoryPlan:
         alternatives = "; ".join(f"all {s} {gib(self.by_strategy[s])}" for s in STRATEGIES
                                  if s in self.by_strategy)
         budget = "unlimited" if self.budget_bytes is None else gib(self.budget_bytes)
-        return (f"memory plan: layers {layers}; predicted peak {gib(self.predicted_bytes)} "
+        host = f", {gib(self.host_bytes)} pinned host memory" if self.host_bytes else ""
+        return (f"memory plan: layers {layers}; predicted peak {gib(self.predicted_bytes)}{host} "
                 f"(budget {budget}; {alternatives})")
 
 
@@ -376,7 +378,8 @@ def plan_memory(config, shape: StepShape, budget_bytes: Optional[int] = None,
             f"{gib(budget_bytes)} is too small for a micro-batch of {shape.batch} x {shape.seq} "
             f"tokens: {how} needs {gib(total, round_up=True)} (predicted); the smallest budget "
             f"that works is {gib(smallest, round_up=True)} (every layer offloaded)")
-    return MemoryPlan(chosen, total, static, by, budget_bytes)
+    host = chosen.count("offload") * _sizes(config, shape)["h"]
+    return MemoryPlan(chosen, total, static, by, budget_bytes, host)
 
 
 def shape_for_model(model, batch: int, seq: int) -> StepShape:
