@@ -184,3 +184,30 @@ def test_unknown_layer_strategy_is_refused(tmp_path):
     with pytest.raises(ValueError, match="got 1 for 2 layers"):
         model.set_layer_strategies(["keep"])
     assert set(STRATEGIES) == {"keep", "recompute", "offload"}
+
+
+def test_cli_unknown_strategy_lists_the_choices(capsys):
+    import train_sft
+    with pytest.raises(SystemExit) as e:
+        train_sft.main(["--recompute", "checkpoint"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--recompute" in err and "'auto', 'keep', 'recompute', 'offload'" in err
+
+
+def test_cli_too_small_budget_stops_before_training(tmp_path):
+    from tests.run_cli import TINY, run_script
+    out = tmp_path / "run"
+    proc = run_script("train_sft.py", *TINY, "--max-steps", 1, "--output-dir", out,
+                      "--memory-budget", "0.0001")
+    assert proc.returncode == 2, proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if "smallest budget that works is" in l]
+    assert len(lines) == 1 and lines[0].startswith("error: --memory-budget:"), proc.stderr
+    assert "train loss" not in proc.stderr and not (out / "adapter").exists()
+    # the budget it names is enough: the run trains, prints the plan and the peak line
+    named = lines[0].split("smallest budget that works is ")[1].split(" GiB")[0]
+    proc = run_script("train_sft.py", *TINY, "--max-steps", 1, "--output-dir", tmp_path / "ok",
+                      "--memory-budget", named)
+    assert proc.returncode == 0, proc.stderr
+    assert "memory plan: layers" in proc.stderr and "(a prediction)" in proc.stderr
+    assert "measured peak device memory: not measured on CPU" in proc.stderr
