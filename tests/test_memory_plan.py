@@ -80,7 +80,7 @@ def tracked_step(model, strategies, ids, targets):
         p.grad = torch.zeros_like(p)      # LoRA grads are static bytes, not activations
     model.rope_tables(ids.shape[1])       # so are the RoPE tables
     model.dropout_generator.manual_seed(11)
-    tracker = LiveDeviceBytes(host=model.offloader.host_tensors)
+    tracker = LiveDeviceBytes(host=lambda: model.offloader.host_tensors())
     with tracker:
         loss, _ = model.train_step(ids, targets)
     shape = shape_for_model(model, *ids.shape)

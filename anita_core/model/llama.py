@@ -36,6 +36,7 @@ class ForwardState:
     generator's state before each block."""
     geometry: BlockGeometry
     strategies: List[str] = field(default_factory=list)
+    offloader: Optional["BlockInputOffloader"] = None
     block_inputs: List[object] = field(default_factory=list)
     generator_states: List[Optional[torch.Tensor]] = field(default_factory=list)
     generator_state_after: Optional[torch.Tensor] = None
@@ -75,9 +76,9 @@ class BlockInputOffloader:
     On a CPU there is one memory: the "host" copy is a plain copy and so is the
     copy back (what the tests exercise); ``host_bytes`` says how much is held."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, stream=None):
         self.cuda = device.type == "cuda"
-        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.stream = stream
         self.device = device
         self.arriving: dict = {}
         self.held: dict = {}
@@ -122,10 +123,6 @@ class BlockInputOffloader:
             device_copy.record_stream(current)
         return device_copy
 
-    def clear(self) -> None:
-        self.arriving.clear()
-        self.held.clear()
-
 
 class QLoRALlama:
     """A LLaMA-family decoder with frozen NF4 projections and optional LoRA adapters.
@@ -150,6 +147,9 @@ class QLoRALlama:
         # per layer: "keep", "recompute" or "offload" (set_layer_strategies; a memory
         # plan chooses them); None: every layer recomputes (or offloads, see above)
         self.layer_strategies: Optional[List[str]] = None
+        # the side stream the offloaded copies share; each forward gets its own
+        # offloader (the latest is kept here, for tests and diagnostics)
+        self._offload_stream = None
         self.offloader = BlockInputOffloader(self.device)
 
     # ------------------------------------------------------------------ helpers
@@ -250,8 +250,10 @@ class QLoRALlama:
         geo = self.geometry(input_ids, position_ids, segment_ids)
         state = ForwardState(geo, self.strategies()) if for_backward else None
         replay = for_backward and self._uses_dropout()
-        if for_backward:
-            self.offloader.clear()      # a forward whose backward never ran leaves nothing behind
+        if state is not None and "offload" in state.strategies:
+            if self._offload_stream is None and self.device.type == "cuda":
+                self._offload_stream = torch.cuda.Stream(self.device)
+            state.offloader = self.offloader = BlockInputOffloader(self.device, self._offload_stream)
         h = self.embed(input_ids)
         for i, layer in enumerate(self.base.layers):
             strategy = state.strategies[i] if state is not None else None
@@ -260,7 +262,7 @@ class QLoRALlama:
                 recomputed = replay and strategy != "keep"
                 state.generator_states.append(self.dropout_generator.get_state() if recomputed else None)
                 if strategy == "offload":
-                    self.offloader.stash(i, h)
+                    state.offloader.stash(i, h)
                 state.block_inputs.append(h if strategy == "recompute" else None)
             self.layer_hooks.before_layer(i, "forward")
             args = (layer, geo, c.num_attention_heads, c.num_key_value_heads, c.rms_norm_eps,
@@ -280,18 +282,20 @@ class QLoRALlama:
         """Back-propagate dL/d(final normed hidden) through every block, adding the
         LoRA gradients into the adapters' .grad."""
         c = self.config
+        offloaded = [i for i, s in enumerate(state.strategies) if s == "offload"]
+        if offloaded:                       # the top one arrives during the final norm's backward
+            state.offloader.prefetch(offloaded[-1])
         dh, _ = rms_norm_backward(d_hidden.contiguous(), state.final_input, self.base.norm,
                                   state.final_rstd, False)
-        offloaded = [i for i, s in enumerate(state.strategies) if s == "offload"]
         for i in reversed(range(len(self.base.layers))):
             strategy = state.strategies[i]
             if state.generator_states[i] is not None:
                 self.dropout_generator.set_state(state.generator_states[i])
             if strategy == "offload":
-                h_in = self.offloader.fetch(i)
+                h_in = state.offloader.fetch(i)
                 below = [j for j in offloaded if j < i]
                 if below:                   # overlaps this layer's backward
-                    self.offloader.prefetch(below[-1])
+                    state.offloader.prefetch(below[-1])
             else:
                 h_in = state.block_inputs[i]
             state.block_inputs[i] = None    # free as we go

@@ -260,6 +260,9 @@ class _StepReplay:
             live.held[f"{i + 1}.h0"] = live.held.pop(f"{i}.h2")  # the next block's input
         live.alloc("final.x", s["x"]); live.alloc("final.rstd", s["rstd"])
         self.loss(self.shape.tokens)
+        offloaded = [i for i in range(L) if strategies[i] == "offload"]
+        if offloaded:                                          # prefetched before it
+            live.alloc(f"{offloaded[-1]}.h0", s["h"])
         live.alloc("final.dh", s["h"])                         # the final norm's backward
         dh = "final.dh"
         for i in reversed(range(L)):
@@ -267,7 +270,7 @@ class _StepReplay:
             if strategy == "offload":
                 if f"{i}.h0" not in live.held:
                     live.alloc(f"{i}.h0", s["h"])
-                below = [j for j in range(i) if strategies[j] == "offload"]
+                below = [j for j in offloaded if j < i]
                 if below:
                     live.alloc(f"{below[-1]}.h0", s["h"])      # prefetched
             if strategy != "keep":
