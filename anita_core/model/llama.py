@@ -31,9 +31,9 @@ IGNORE_INDEX = -100
 @dataclass
 class ForwardState:
     """What backward_hidden needs from forward_hidden: per block, its kept
-    activations (a dict, "keep"), its input ("recompute") or the handle of its
-    offloaded input ("offload"); the final norm's statistics and the dropout
-    generator's state before each block."""
+    activations (a dict, "keep") or its input ("recompute"; "offload": None here,
+    the input waits in ``offloader``); the final norm's statistics and the dropout
+    generator's state before each block that recomputes."""
     geometry: BlockGeometry
     strategies: List[str] = field(default_factory=list)
     offloader: Optional["BlockInputOffloader"] = None
