@@ -23,11 +23,11 @@ leaves out is below the noise: RoPE tables, bounds, a few [T] vectors of ints.
 states) + the activation peak; tests/test_memory_plan.py compares the activation
 peak with a live-tensor tracker on the tiny model for every strategy.
 
-The plan keeps as many layers as fit (the last layers first: their activations
-are the youngest, so they are released first in the backward and the keep set is
-held for the shortest time - by symmetry any choice of k kept layers costs the
-same here), recomputes the rest, and offloads recomputed inputs only when even
-full recompute does not fit.
+The plan keeps as many layers as fit, the last layers first: the backward
+reaches them first, so their activations are gone before any recompute's working
+set is built (kept early layers would sit under every later layer's recompute).
+The rest recompute; when even full recompute does not fit, the fewest first
+layers whose inputs must leave the device are offloaded.
 """
 from __future__ import annotations
 
