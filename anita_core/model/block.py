@@ -110,11 +110,12 @@ def _heads(t: torch.Tensor, geo: BlockGeometry, n_heads: int) -> torch.Tensor:
 
 def block_forward(h0: torch.Tensor, layer: LayerWeights, geo: BlockGeometry, n_heads: int,
                   n_kv_heads: int, eps: float, lora: Optional[BlockLoRA] = None,
-                  attend: Optional[Callable] = None, _keep: Optional[dict] = None) -> torch.Tensor:
+                  attend: Optional[Callable] = None, _keep: Optional[dict] = None,
+                  _reuse_weights: bool = True) -> torch.Tensor:
     """h0 [T, H] (T = B*S) -> h2 [T, H]. ``attend(q, k, v)`` replaces the masked
     attention (generation passes one that reads and writes a KV cache); ``_keep``
     (used by block_backward) receives every intermediate the backward needs."""
-    proj = _Projector(layer, lora, reuse_weights=_keep is not None)
+    proj = _Projector(layer, lora, reuse_weights=_keep is not None and _reuse_weights)
     x1, rstd1 = rms_norm_forward(h0, layer.input_layernorm, eps)
     q = proj.forward("q_proj", x1)
     k = proj.forward("k_proj", x1)
@@ -144,11 +145,15 @@ def block_forward(h0: torch.Tensor, layer: LayerWeights, geo: BlockGeometry, n_h
 
 def block_forward_saving(h0: torch.Tensor, layer: LayerWeights, geo: BlockGeometry, n_heads: int,
                          n_kv_heads: int, eps: float,
-                         lora: Optional[BlockLoRA] = None) -> Tuple[torch.Tensor, dict]:
+                         lora: Optional[BlockLoRA] = None,
+                         reuse_weights: bool = True) -> Tuple[torch.Tensor, dict]:
     """block_forward that also returns every intermediate block_backward_saved needs
-    (the recompute of block_backward, or a forward whose activations are kept)."""
+    (the recompute of block_backward, or a forward whose activations are kept).
+    ``reuse_weights=False`` (a kept layer, whose backward comes much later) keeps no
+    dense dequantized W between the forward and the backward."""
     saved: dict = {"h0": h0}
-    h2 = block_forward(h0, layer, geo, n_heads, n_kv_heads, eps, lora, _keep=saved)
+    h2 = block_forward(h0, layer, geo, n_heads, n_kv_heads, eps, lora, _keep=saved,
+                       _reuse_weights=reuse_weights)
     return h2, saved
 
 

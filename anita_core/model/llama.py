@@ -1,9 +1,12 @@
 """The LLaMA-3 NF4 QLoRA model: embeddings -> decoder blocks -> norm -> fused loss.
 
 Training never goes through torch.autograd across blocks: ``forward_hidden``
-keeps each block's input (optionally in CPU memory), and ``backward_hidden``
-walks the blocks in reverse calling their hand-written backward, which writes
-the LoRA gradients into ``A.grad`` / ``B.grad``.
+keeps, per layer as ``layer_strategies`` says (anita_core.model.memory_plan), the
+block's activations ("keep"), its input ("recompute") or its input in pinned host
+memory ("offload"), and ``backward_hidden`` walks the blocks in reverse calling
+their hand-written backward, which writes the LoRA gradients into ``A.grad`` /
+``B.grad``. Every strategy computes the same values in the same order, so the
+gradients do not depend on it (bitwise in fp32, tested).
 """
 from __future__ import annotations
 
@@ -13,8 +16,10 @@ from typing import List, Optional, Tuple
 import torch
 
 from anita_core.model.attention import attention_bounds
-from anita_core.model.block import BlockGeometry, BlockLoRA, block_backward, block_forward
+from anita_core.model.block import (BlockGeometry, BlockLoRA, block_backward, block_backward_saved,
+                                    block_forward, block_forward_saving)
 from anita_core.model.config import ModelConfig
+from anita_core.model.memory_plan import STRATEGIES
 from anita_core.model.ops import (linear_cross_entropy_forward, linear_cross_entropy_forward_backward,
                                   rms_norm_backward, rms_norm_forward, rope_cos_sin,
                                   token_logprobs_backward, token_logprobs_forward)
@@ -25,10 +30,14 @@ IGNORE_INDEX = -100
 
 @dataclass
 class ForwardState:
-    """What backward_hidden needs from forward_hidden: the block inputs, the final
-    norm's statistics and the dropout generator's state before each block."""
+    """What backward_hidden needs from forward_hidden: per block, its kept
+    activations (a dict, "keep") or its input ("recompute"; "offload": None here,
+    the input waits in ``offloader``); the final norm's statistics and the dropout
+    generator's state before each block that recomputes."""
     geometry: BlockGeometry
-    block_inputs: List[torch.Tensor] = field(default_factory=list)
+    strategies: List[str] = field(default_factory=list)
+    offloader: Optional["BlockInputOffloader"] = None
+    block_inputs: List[object] = field(default_factory=list)
     generator_states: List[Optional[torch.Tensor]] = field(default_factory=list)
     generator_state_after: Optional[torch.Tensor] = None
     final_input: Optional[torch.Tensor] = None
@@ -52,6 +61,69 @@ class LayerHooks:
         """Every block's backward has run (LoRA .grad complete on this process)."""
 
 
+class BlockInputOffloader:
+    """Block inputs to pinned host memory in the forward and back in the backward,
+    on a side CUDA stream so that the copies overlap the blocks' compute.
+
+    The forward's device-to-host copy of layer i's input starts once the compute
+    stream has produced it (the side stream waits on the compute stream) and the
+    device tensor is kept alive for that stream (record_stream); the backward
+    starts the host-to-device copy of the next offloaded layer down while the
+    current layer's backward runs (``prefetch``), and the compute stream waits for
+    it only when it needs it (``fetch``). So at most two offloaded inputs are on
+    the device at once during the backward: the one in use and the one arriving.
+
+    On a CPU there is one memory: the "host" copy is a plain copy and so is the
+    copy back (what the tests exercise); ``host_bytes`` says how much is held."""
+
+    def __init__(self, device: torch.device, stream=None):
+        self.cuda = device.type == "cuda"
+        self.stream = stream
+        self.device = device
+        self.arriving: dict = {}
+        self.held: dict = {}
+
+    def host_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.held.values())
+
+    def host_tensors(self) -> List[torch.Tensor]:
+        return list(self.held.values())
+
+    def stash(self, i: int, h: torch.Tensor) -> None:
+        if not self.cuda:
+            self.held[i] = h.clone()
+            return
+        host = torch.empty(h.shape, dtype=h.dtype, device="cpu", pin_memory=True)
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            host.copy_(h, non_blocking=True)
+        h.record_stream(self.stream)
+        self.held[i] = host
+
+    def prefetch(self, i: int) -> None:
+        """Start bringing layer i's input back (no-op if it is on its way)."""
+        if i in self.arriving:
+            return
+        host = self.held.pop(i)
+        if not self.cuda:
+            self.arriving[i] = (host.to(self.device, copy=True), None)
+            return
+        with torch.cuda.stream(self.stream):
+            device_copy = host.to(self.device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        self.arriving[i] = (device_copy, done)
+
+    def fetch(self, i: int) -> torch.Tensor:
+        self.prefetch(i)
+        device_copy, done = self.arriving.pop(i)
+        if done is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(done)
+            device_copy.record_stream(current)
+        return device_copy
+
+
 class QLoRALlama:
     """A LLaMA-family decoder with frozen NF4 projections and optional LoRA adapters.
 
@@ -72,6 +144,13 @@ class QLoRALlama:
         self.dropout_generator.manual_seed(dropout_seed)
         self._rope_cache: Tuple[int, torch.Tensor, torch.Tensor] = (0, None, None)
         self.layer_hooks = LayerHooks()
+        # per layer: "keep", "recompute" or "offload" (set_layer_strategies; a memory
+        # plan chooses them); None: every layer recomputes (or offloads, see above)
+        self.layer_strategies: Optional[List[str]] = None
+        # the side stream the offloaded copies share; each forward gets its own
+        # offloader (the latest is kept here, for tests and diagnostics)
+        self._offload_stream = None
+        self.offloader = BlockInputOffloader(self.device)
 
     # ------------------------------------------------------------------ helpers
     def train(self, mode: bool = True) -> "QLoRALlama":
@@ -138,6 +217,29 @@ class QLoRALlama:
         ad = self.adapters
         return bool(self.training and ad is not None and ad.enabled and ad.config.dropout > 0)
 
+    def set_layer_strategies(self, strategies) -> None:
+        """One strategy per layer (see anita_core.model.memory_plan), or a single
+        name for every layer; None restores the default."""
+        n = len(self.base.layers)
+        if strategies is None:
+            self.layer_strategies = None
+            return
+        if isinstance(strategies, str):
+            strategies = [strategies] * n
+        strategies = list(strategies)
+        if len(strategies) != n:
+            raise ValueError(f"layer strategies: got {len(strategies)} for {n} layers")
+        for s in strategies:
+            if s not in STRATEGIES:
+                raise ValueError(f"layer strategy {s!r} is not one of {', '.join(STRATEGIES)}")
+        self.layer_strategies = strategies
+
+    def strategies(self) -> List[str]:
+        if self.layer_strategies is not None:
+            return list(self.layer_strategies)
+        default = "offload" if self.offload_block_inputs else "recompute"
+        return [default] * len(self.base.layers)
+
     # ----------------------------------------------------------- forward/backward
     def forward_hidden(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                        segment_ids: Optional[torch.Tensor] = None, *,
@@ -146,16 +248,29 @@ class QLoRALlama:
         backward_hidden needs, when ``for_backward``)."""
         c = self.config
         geo = self.geometry(input_ids, position_ids, segment_ids)
-        state = ForwardState(geo) if for_backward else None
+        state = ForwardState(geo, self.strategies()) if for_backward else None
         replay = for_backward and self._uses_dropout()
+        if state is not None and "offload" in state.strategies:
+            if self._offload_stream is None and self.device.type == "cuda":
+                self._offload_stream = torch.cuda.Stream(self.device)
+            state.offloader = self.offloader = BlockInputOffloader(self.device, self._offload_stream)
         h = self.embed(input_ids)
         for i, layer in enumerate(self.base.layers):
+            strategy = state.strategies[i] if state is not None else None
             if state is not None:
-                state.block_inputs.append(self._stash(h))
-                state.generator_states.append(self.dropout_generator.get_state() if replay else None)
+                # a kept block replays no mask: its dropout contexts are kept with it
+                recomputed = replay and strategy != "keep"
+                state.generator_states.append(self.dropout_generator.get_state() if recomputed else None)
+                if strategy == "offload":
+                    state.offloader.stash(i, h)
+                state.block_inputs.append(h if strategy == "recompute" else None)
             self.layer_hooks.before_layer(i, "forward")
-            h = block_forward(h, layer, geo, c.num_attention_heads, c.num_key_value_heads,
-                              c.rms_norm_eps, self.block_lora(i))
+            args = (layer, geo, c.num_attention_heads, c.num_key_value_heads, c.rms_norm_eps,
+                    self.block_lora(i))
+            if strategy == "keep":
+                h, state.block_inputs[i] = block_forward_saving(h, *args, reuse_weights=False)
+            else:
+                h = block_forward(h, *args)
             self.layer_hooks.after_layer(i, "forward")
         hf, rstd = rms_norm_forward(h, self.base.norm, c.rms_norm_eps)
         if state is not None:
@@ -167,29 +282,35 @@ class QLoRALlama:
         """Back-propagate dL/d(final normed hidden) through every block, adding the
         LoRA gradients into the adapters' .grad."""
         c = self.config
+        offloaded = [i for i, s in enumerate(state.strategies) if s == "offload"]
+        if offloaded:                       # the top one arrives during the final norm's backward
+            state.offloader.prefetch(offloaded[-1])
         dh, _ = rms_norm_backward(d_hidden.contiguous(), state.final_input, self.base.norm,
                                   state.final_rstd, False)
         for i in reversed(range(len(self.base.layers))):
+            strategy = state.strategies[i]
             if state.generator_states[i] is not None:
                 self.dropout_generator.set_state(state.generator_states[i])
-            h_in = self._unstash(state.block_inputs[i])
+            if strategy == "offload":
+                h_in = state.offloader.fetch(i)
+                below = [j for j in offloaded if j < i]
+                if below:                   # overlaps this layer's backward
+                    state.offloader.prefetch(below[-1])
+            else:
+                h_in = state.block_inputs[i]
+            state.block_inputs[i] = None    # free as we go
             self.layer_hooks.before_layer(i, "backward")
-            dh = block_backward(dh, h_in, self.base.layers[i], state.geometry, c.num_attention_heads,
-                                c.num_key_value_heads, c.rms_norm_eps, self.block_lora(i))
+            if strategy == "keep":
+                dh = block_backward_saved(dh, h_in, self.base.layers[i], state.geometry)
+            else:
+                dh = block_backward(dh, h_in, self.base.layers[i], state.geometry,
+                                    c.num_attention_heads, c.num_key_value_heads, c.rms_norm_eps,
+                                    self.block_lora(i))
             self.layer_hooks.after_layer(i, "backward")
-            state.block_inputs[i] = None  # free as we go
+            h_in = None
         if state.generator_state_after is not None:
             self.dropout_generator.set_state(state.generator_state_after)
         self.layer_hooks.after_backward()
-
-    def _stash(self, h: torch.Tensor) -> torch.Tensor:
-        if self.offload_block_inputs and h.is_cuda:
-            host = torch.empty(h.shape, dtype=h.dtype, device="cpu", pin_memory=True)
-            return host.copy_(h, non_blocking=True)
-        return h
-
-    def _unstash(self, h: torch.Tensor) -> torch.Tensor:
-        return h.to(self.device, non_blocking=True)
 
     # ------------------------------------------------------------- entry points
     def train_step(self, input_ids: torch.Tensor, targets: torch.Tensor,

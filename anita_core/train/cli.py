@@ -18,6 +18,7 @@ from anita_core.train.flag_types import (comma_subset, count_or_fraction, learni
                                          non_negative_int, positive_float, positive_int,
                                          probability_0_1, seed_int, steps_or_off)
 from anita_core.train.presets import DPO_PRESETS, PRESETS, SFT_PRESETS
+from anita_core.model.memory_plan import STRATEGIES
 from anita_core.model.weights import PROJECTIONS
 
 EXIT_BAD_INPUT = 2          # bad flag, file, row or output folder (argparse's code too)
@@ -65,7 +66,14 @@ def add_common_arguments(parser: argparse.ArgumentParser, preset: str, presets: 
     g.add_argument("--seed", type=seed_int, default=d["seed"], help="seed for data order, LoRA init, dropout")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--offload-activations", action="store_true",
-                   help="keep each block's input in (pinned) CPU memory between forward and backward")
+                   help="keep each block's input in (pinned) CPU memory between forward and backward "
+                        "(same as --recompute offload)")
+    g.add_argument("--memory-budget", type=positive_float, default=None, metavar="GiB",
+                   help="device memory the run may use; the memory planner keeps as many layers' "
+                        "activations as fit, recomputes the rest (default: free GPU memory minus a "
+                        "margin; on a CPU unlimited: every layer keeps)")
+    g.add_argument("--recompute", default="auto", choices=("auto",) + STRATEGIES,
+                   help="per-layer activation strategy: auto (the planner), or one for every layer")
 
     g = parser.add_argument_group("LoRA")
     g.add_argument("--lora-r", type=positive_int, default=d["lora_r"], help="rank")
@@ -261,12 +269,59 @@ def train_config_from_args(args, output_dir: str, settings: Optional[dict] = Non
 
 def run_training(trainer, args, model_dir, model, adapters, run: RunStart, log,
                  data_stats=None) -> int:
-    """Train, save the final adapter (and the merged export), print a summary.
-    Returns the process exit code; the run folder's lock is released."""
+    """Plan the memory, train, save the final adapter (and the merged export), print a
+    summary. Returns the process exit code; the run folder's lock is released."""
+    from anita_core.model.memory_plan import MemoryBudgetError
     try:
-        return _train_and_report(trainer, args, model_dir, model, adapters, run, log, data_stats)
+        try:
+            apply_memory_plan(args, model, trainer.epoch_batches(0), log)
+        except MemoryBudgetError as e:
+            log(f"error: --memory-budget: {e}")
+            return EXIT_BAD_INPUT
+        code = _train_and_report(trainer, args, model_dir, model, adapters, run, log, data_stats)
+        if model.device.type == "cuda":
+            log(f"measured peak device memory: {torch.cuda.max_memory_allocated(model.device) / 2**30:.2f} "
+                f"GiB (torch.cuda.max_memory_allocated)")
+        else:
+            log("measured peak device memory: not measured on CPU")
+        return code
     finally:
         run.lock.release()
+
+
+def _model_rows(batch) -> tuple:
+    """(rows, seq) of the model batch one micro-batch becomes (DPO: chosen + rejected)."""
+    if "input_ids" in batch:
+        return tuple(batch["input_ids"].shape)
+    rows, seq = batch["chosen"]["input_ids"].shape
+    return 2 * rows, seq
+
+
+def default_memory_budget(device: torch.device) -> Optional[int]:
+    """Free device memory plus what this process already holds (the budget covers
+    the weights too), minus a margin for the allocator and the CUDA context; None on
+    a CPU (unlimited)."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    margin = max(2**30, total // 20)
+    return max(0, free + torch.cuda.memory_allocated(device) - margin)
+
+
+def apply_memory_plan(args, model, batches, log):
+    """Choose each layer's strategy for the largest micro-batch and log the prediction.
+    Raises MemoryBudgetError (naming the smallest budget) when nothing fits."""
+    from anita_core.model.memory_plan import plan_memory, shape_for_model
+    strategy = args.recompute
+    if strategy == "auto" and args.offload_activations:
+        strategy = "offload"
+    rows, seq = max((_model_rows(b) for b in batches), key=lambda rs: rs[0] * rs[1])
+    budget = (int(args.memory_budget * 2**30) if args.memory_budget is not None
+              else default_memory_budget(model.device))
+    plan = plan_memory(model.config, shape_for_model(model, rows, seq), budget, strategy)
+    model.set_layer_strategies(plan.strategies)
+    log(f"{plan.describe()} for micro-batches up to {rows} x {seq} tokens (a prediction)")
+    return plan
 
 
 def _train_and_report(trainer, args, model_dir, model, adapters, run: RunStart, log, data_stats) -> int:

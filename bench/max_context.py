@@ -1,0 +1,92 @@
+"""Longest sequence at batch 1 that the memory planner PREDICTS fits, per strategy.
+
+    python -m bench.max_context [--memory-gib 80] [--lora-r 32] [--margin-gib ...]
+
+A prediction, not a measurement: anita_core.model.memory_plan replays one
+train_step's allocations (see its docstring) for LLaMA-3-8B in NF4, bf16
+activations, LoRA r on all seven projections, AdamW, the projections on the
+dequantize path (M > 192, as at any long sequence). The budget is the card's
+memory minus the margin the CLI leaves by default (max(1 GiB, 5%)), for the CUDA
+context and the allocator. tests/test_memory_plan.py checks the replay against a
+live-tensor tracker on the tiny model (within 10%); on a GPU the measured
+torch.cuda.max_memory_allocated is what a run prints at its end.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from anita_core.model.config import ModelConfig
+from anita_core.model.memory_plan import (GiB, PROJECTIONS, STRATEGIES, StepShape, activation_peak,
+                                          gib, plan_memory, static_bytes)
+
+LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,   # bench.shapes
+                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                 rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072)
+
+
+def step_shape(seq: int, rank: int) -> StepShape:
+    return StepShape(1, seq, torch.bfloat16, rank, PROJECTIONS, 0.0, torch.bfloat16, True,
+                     torch.bfloat16)
+
+
+def longest(config: ModelConfig, rank: int, budget: int, strategy: str, step: int) -> int:
+    """The longest multiple of ``step`` whose predicted peak fits (0 if none)."""
+    L = config.num_hidden_layers
+
+    def fits(seq: int) -> bool:
+        shape = step_shape(seq, rank)
+        if strategy == "auto":
+            try:
+                plan_memory(config, shape, budget)
+                return True
+            except ValueError:
+                return False
+        return static_bytes(config, shape) + activation_peak(config, shape, [strategy] * L) <= budget
+
+    lo, hi = 0, step
+    while fits(hi):
+        lo, hi = hi, 2 * hi
+    while hi - lo > step:
+        mid = (lo + hi) // 2 // step * step
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--memory-gib", type=float, default=80.0 * 1e9 / GiB,
+                        help="device memory in GiB (default: an 80 GB card, 80e9 bytes)")
+    parser.add_argument("--margin-gib", type=float, default=None,
+                        help="left free (default: max(1 GiB, 5%% of the memory), as the CLI)")
+    parser.add_argument("--lora-r", type=int, default=32)
+    parser.add_argument("--step", type=int, default=1024, help="sequence granularity")
+    args = parser.parse_args(argv)
+    config = ModelConfig(**LLAMA3_8B)
+    total = int(args.memory_gib * GiB)
+    margin = int(args.margin_gib * GiB) if args.margin_gib is not None else max(GiB, total // 20)
+    budget = total - margin
+    print(f"PREDICTED (memory planner, not measured): LLaMA-3-8B NF4, bf16, LoRA r {args.lora_r} on "
+          f"all 7 projections, batch 1; budget {gib(budget)} = {gib(total)} - margin {gib(margin)}")
+    print(f"static (weights, LoRA + grads + AdamW): {gib(static_bytes(config, step_shape(1, args.lora_r)))}")
+    print("| strategy | longest seq (predicted) | predicted peak there |")
+    print("|---|---|---|")
+    for strategy in ("auto",) + STRATEGIES:
+        seq = longest(config, args.lora_r, budget, strategy, args.step)
+        shape = step_shape(seq, args.lora_r)
+        if strategy == "auto":
+            plan = plan_memory(config, shape, budget)
+            counts = ", ".join(f"{plan.strategies.count(s)} {s}" for s in STRATEGIES
+                               if s in plan.strategies)
+            label, peak = f"planner ({counts})", plan.predicted_bytes
+        else:
+            label = f"every layer {strategy}"
+            peak = static_bytes(config, shape) + activation_peak(config, shape, [strategy] * 32)
+        print(f"| {label} | {seq:,} | {gib(peak)} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
