@@ -325,7 +325,9 @@ class ShardedBase:
         shard = self.layers[i].shard
         out = torch.empty(shard.numel() * self.ctx.world_size, dtype=torch.uint8, device=shard.device)
         try:
-            handle = dist.all_gather_into_tensor(out, shard, async_op=True)
+            # all_gather_single is all_gather_into_tensor's newer name (torch >= 2.10)
+            gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+            handle = gather(out, shard, async_op=True)
         except Exception as e:
             raise collective_failed(self.ctx, f"all-gather of layer {i}", e) from e
         self.gathered_bytes += out.numel()
