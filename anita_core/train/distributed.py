@@ -203,6 +203,7 @@ class GradBuckets:
         self.bytes_per_step = sum(p.numel() * p.element_size()
                                   for ps in self.layer_params.values() for p in ps)
         self.wait_s = 0.0               # time finish() spent blocked on all-reduces
+        self.launches = 0               # all-reduces started
 
     def layer_done(self, i: int) -> None:
         if not (self.sync and self.overlap) or i not in self.layer_params:
@@ -224,6 +225,7 @@ class GradBuckets:
         except Exception as e:
             raise collective_failed(self.ctx, "LoRA gradient all-reduce", e) from e
         self._in_flight.append((handle, flat, params))
+        self.launches += 1
 
     def finish(self) -> None:
         """Every layer's summed gradient in .grad (the same on every rank)."""
