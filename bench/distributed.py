@@ -124,7 +124,7 @@ def _overlap_worker(rank: int, world: int, port: int, ckpt: str, args, results) 
         prev["step_s"] += times[args.warmup:]
         prev["wait_s"].append(grads.wait_s / args.steps)
         out[key] = prev
-        out["bytes"], out["buckets"] = grads.bytes_per_step, grads.launches / args.steps
+        out["bytes"], out[f"buckets_{key}"] = grads.bytes_per_step, grads.launches / args.steps
     # the same bytes all-reduced alone, synchronously: what there is to hide
     flat = torch.zeros(grads.bytes_per_step // 4)
     alone = []
@@ -161,7 +161,7 @@ def run_overlap(args) -> None:
           f"model: {args.layers} layers, hidden {args.hidden}, LoRA r {args.lora_r} on 7 projections, "
           f"micro-batch {args.batch} x {args.seq} tokens, {args.steps} steps x 2 repeats")
     print(f"all-reduced per step: {r['bytes']:,} bytes of fp32 LoRA gradients in "
-          f"{r['buckets']:g} all-reduce(s) (buckets of >= {args.bucket_kb} KiB); the same bytes in "
+          f"{r['buckets_overlap']:g} all-reduce(s) per step (buckets of >= {args.bucket_kb} KiB); the same bytes in "
           f"one synchronous all-reduce: {med(r['alone_s']) * 1e3:.1f} ms")
     print(f"step (forward + backward + all-reduce), median: overlapped "
           f"{med(r['overlap']['step_s']) * 1e3:.1f} ms, all-reduce after backward "

@@ -206,7 +206,11 @@ class GradBuckets:
         self.launches = 0               # all-reduces started
 
     def layer_done(self, i: int) -> None:
-        if not (self.sync and self.overlap) or i not in self.layer_params:
+        if self.sync and self.overlap:
+            self._add_layer(i)
+
+    def _add_layer(self, i: int) -> None:
+        if i not in self.layer_params or i in self._done_layers:
             return
         self._done_layers.add(i)
         self._pending.extend(self.layer_params[i])
@@ -230,8 +234,7 @@ class GradBuckets:
     def finish(self) -> None:
         """Every layer's summed gradient in .grad (the same on every rank)."""
         for i in sorted(self.layer_params, reverse=True):
-            if i not in self._done_layers:
-                self._pending.extend(self.layer_params[i])
+            self._add_layer(i)
         self._launch()
         started = time.perf_counter()
         try:
