@@ -71,6 +71,11 @@ def _case(ctx, objective_name: str, sharded: bool, accum: int, out_dir: Path):
                       log=lambda m: None, dist=ctx, grad_buckets=grads)
     for _ in range(STEPS):
         trainer._train_one_step()
+    if ctx.active:
+        # each layer's LoRA gradients (~18 KB, over the 4 KB bucket) were all-reduced from the
+        # hook at the end of that layer's backward: layer 1's while layer 0's backward ran
+        n_layers = len(model.base.layers)
+        assert grads.launches_in_backward == grads.launches == n_layers * STEPS, grads.launches
     if sharded:
         # between uses this rank holds only its share (1/world) of every layer's NF4 tensors
         sharded_base = model.layer_hooks.sharded

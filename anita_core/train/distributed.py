@@ -204,10 +204,13 @@ class GradBuckets:
                                   for ps in self.layer_params.values() for p in ps)
         self.wait_s = 0.0               # time finish() spent blocked on all-reduces
         self.launches = 0               # all-reduces started
+        self.launches_in_backward = 0   # of which while the backward was still running
 
     def layer_done(self, i: int) -> None:
         if self.sync and self.overlap:
+            before = self.launches
             self._add_layer(i)
+            self.launches_in_backward += self.launches - before
 
     def _add_layer(self, i: int) -> None:
         if i not in self.layer_params or i in self._done_layers:
