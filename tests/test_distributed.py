@@ -160,3 +160,58 @@ def test_a_rank_that_stops_answering_ends_the_collective_within_the_timeout(two_
     waited = float(report[0])
     assert waited < HANG_TIMEOUT_S + 5, waited
     assert "--collective-timeout 3 s" in report[1] and "rank 0" in report[1]
+
+
+def test_sharding_finds_every_nf4_field_and_gathers_the_bytes_back_exactly():
+    """Any NF4Weight a LayerWeights-like dataclass holds (a field of its own, as a
+    fused q/k/v weight would be, or inside a dict) is cut into world shards whose
+    gathered bytes rebuild every tensor exactly (odd sizes, uint8 and fp32 fields);
+    the all-gather is stood in for by concatenating the two ranks' shards."""
+    from dataclasses import dataclass, field
+    from anita_core.train.distributed import DistContext, ShardedBase, layer_nf4_weights
+    from csrc_triton import NF4Weight
+
+    @dataclass
+    class FusedLayer:
+        norm: torch.Tensor
+        qkv: NF4Weight
+        projections: dict = field(default_factory=dict)
+
+    g = torch.Generator().manual_seed(0)
+
+    def weight(rows, cols):
+        n = rows * cols
+        blocks = -(-n // 64)
+        return NF4Weight(packed=torch.randint(0, 256, ((n + 1) // 2,), dtype=torch.uint8, generator=g),
+                         absmax=torch.randint(0, 256, (blocks,), dtype=torch.uint8, generator=g),
+                         shape=(rows, cols), blocksize=64, dtype=torch.float32,
+                         nested_absmax=torch.rand(-(-blocks // 256), generator=g),
+                         nested_code=torch.rand(256, generator=g), nested_offset=torch.tensor(0.25))
+
+    def layers():
+        g.manual_seed(0)
+        return [FusedLayer(torch.ones(3), weight(7, 13), {"o_proj": weight(5, 9), "down": weight(3, 3)})]
+
+    class Base:
+        def __init__(self):
+            self.layers = layers()
+
+    expected = layers()[0]
+    found = layer_nf4_weights(expected)
+    assert len(found) == 3 and found[0] is expected.qkv
+    bases = [Base() for _ in range(2)]
+    shards = [ShardedBase(DistContext(r, 2, 0, "gloo"), b) for r, b in enumerate(bases)]
+    for w in layer_nf4_weights(bases[0].layers[0]):
+        assert w.packed.numel() == 0 and w.nested_code.numel() == 256   # fixed-size ones stay
+    gathered = torch.cat([s.layers[0].shard for s in shards])
+
+    class Done:
+        def wait(self):
+            pass
+    shards[0]._install(0, Done(), gathered)
+    for got, want in zip(layer_nf4_weights(bases[0].layers[0]), found):
+        for name in ("packed", "absmax", "nested_absmax", "nested_code", "nested_offset"):
+            a, b = getattr(got, name), getattr(want, name)
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), name
+    shards[0].free(0)
+    assert all(w.packed.numel() == 0 for w in layer_nf4_weights(bases[0].layers[0]))
