@@ -102,11 +102,11 @@ def add_common_arguments(parser: argparse.ArgumentParser, preset: str, presets: 
     g.add_argument("--save-total-limit", type=non_negative_int, default=2,
                    help="checkpoints kept (0: all)")
 
-    g = parser.add_argument_group("distributed (launch with torchrun; one process: ignored)")
+    g = parser.add_argument_group("distributed (launch with torchrun)")
     g.add_argument("--sharded-base", action="store_true",
                    help="each rank keeps 1/world of every layer's NF4 base and gathers a layer just "
                         "before it runs (for bases one GPU cannot hold); default: every rank holds "
-                        "the whole base (data parallel)")
+                        "the whole base (data parallel). On one process nothing is sharded")
     g.add_argument("--global-batch-size", type=positive_int, default=None,
                    help="rows (SFT) or pairs (DPO) per optimizer step over all ranks; sets "
                         "--gradient-accumulation-steps to it / (--batch-size x world size)")
