@@ -87,7 +87,8 @@ def main(argv=None) -> int:
     grad_buckets = setup_model(dist, model, adapters, sharded_base=args.sharded_base)
     trainer = Trainer(model, adapters, SFTObjective(model), epoch_batches,
                       train_config_from_args(args, output_dir, settings), eval_batches=eval_batches,
-                      log=log, dist=dist, grad_buckets=grad_buckets)
+                      log=log, dist=dist, grad_buckets=grad_buckets,
+                      split_eval=not args.sharded_base)
     log(f"{trainer.total_steps} optimizer steps, {trainer.batches_per_epoch} micro-batches per epoch, "
         f"output in {output_dir}" + (f"; {dist.world_size} ranks ({dist.backend}), "
         f"{'sharded' if args.sharded_base else 'whole'} base, global batch "

@@ -154,16 +154,19 @@ class Trainer:
     batch) and each rank runs its own contiguous share, so the position (epoch,
     global micro-batch index) means the same on any world size. An epoch's last
     micro-batches that do not split evenly over the ranks (fewer than world)
-    are left out. ``grad_buckets`` sums the LoRA gradients over the ranks."""
+    are left out. ``grad_buckets`` sums the LoRA gradients over the ranks.
+    ``split_eval``: each rank evaluates every world-th eval batch and the means
+    are combined by unit counts (False in the sharded-base mode, where every
+    rank must run the same forwards: there every rank evaluates them all)."""
 
     def __init__(self, model, adapters, objective: Objective,
                  epoch_batches: Callable[[int], List], config: TrainConfig,
                  eval_batches: Optional[Sequence] = None, log: Callable[[str], None] = print,
-                 dist: DistContext = SINGLE, grad_buckets=None):
+                 dist: DistContext = SINGLE, grad_buckets=None, split_eval: bool = True):
         self.model, self.adapters, self.objective = model, adapters, objective
         self.epoch_batches, self.config, self.eval_batches = epoch_batches, config, eval_batches
         self.log = log
-        self.dist, self.grad_buckets = dist, grad_buckets
+        self.dist, self.grad_buckets, self.split_eval = dist, grad_buckets, split_eval
         self.output_dir = Path(config.output_dir)
         self.params = list(adapters.parameters())
         self.optimizer = build_optimizer(config.optimizer, self.params, config.learning_rate,
@@ -391,10 +394,23 @@ class Trainer:
                                    f"{good if good else 'none written yet'}") from e
         return last
 
+    def _evaluate_over_ranks(self) -> Dict[str, float]:
+        d = self.dist
+        if not (d.active and self.split_eval):
+            return self.objective.evaluate(self.eval_batches)
+        mine = list(self.eval_batches)[d.rank::d.world_size]
+        units = sum(self.objective.units(b) for b in mine)
+        gathered = all_gather_objects(d, (self.objective.evaluate(mine) if mine else {}, units))
+        total = sum(u for _, u in gathered)
+        keys = sorted({k for result, _ in gathered for k in result})
+        # each metric is a mean over units (target tokens, pairs): weight by them
+        return {k: sum(result.get(k, 0.0) * u for result, u in gathered) / max(total, 1)
+                for k in keys}
+
     def _evaluate(self) -> dict:
         if not self.eval_batches:
             return {}
-        result = self.objective.evaluate(self.eval_batches)
+        result = self._evaluate_over_ranks()
         bad = {k: v for k, v in result.items() if not math.isfinite(v)}
         if bad:
             raise TrainingDiverged(f"step {self.step}: eval metrics are not finite ("
