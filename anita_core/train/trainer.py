@@ -402,7 +402,7 @@ class Trainer:
         units = sum(self.objective.units(b) for b in mine)
         gathered = all_gather_objects(d, (self.objective.evaluate(mine) if mine else {}, units))
         total = sum(u for _, u in gathered)
-        keys = sorted({k for result, _ in gathered for k in result})
+        keys = list(dict.fromkeys(k for result, _ in gathered for k in result))  # the objective's order
         # each metric is a mean over units (target tokens, pairs): weight by them
         return {k: sum(result.get(k, 0.0) * u for result, u in gathered) / max(total, 1)
                 for k in keys}
