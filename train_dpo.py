@@ -59,8 +59,10 @@ def build_parser(argv):
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     from anita_core.train.cli import (build_data_or_report, eval_split_value, load_model_and_adapters,
-                                      log_to_stderr, parse_command_line, per_epoch, resolve_model_dir,
-                                      run_training, start_run, tokenizer_dir_for, train_config_from_args)
+                                      parse_command_line, per_epoch, rank_logger, resolve_model_dir,
+                                      run_training, start_distributed, start_run, tokenizer_dir_for,
+                                      train_config_from_args)
+    from anita_core.train.distributed import setup_model
     from anita_core.train.run_identity import data_fingerprint, model_fingerprint, run_settings
     parser, args = parse_command_line(build_parser, argv)
     if args.max_prompt_length and args.max_prompt_length >= args.max_length:
@@ -73,9 +75,10 @@ def main(argv=None) -> int:
     from anita_core.lora import load_peft
     from anita_core.train.objectives import DPOObjective
     from anita_core.train.trainer import Trainer
-    log = log_to_stderr
+    dist = start_distributed(args)
+    log = rank_logger(dist)
     output_dir = args.output_dir or f"runs/dpo-{args.preset}"
-    run = start_run(args, output_dir, log)
+    run = start_run(args, output_dir, log, dist)
 
     # checked before the model loads: DPO prompts are rendered in LLaMA-3's chat format
     from anita_core.data.templates import LLAMA3_TOKENS
@@ -111,15 +114,18 @@ def main(argv=None) -> int:
     eval_batches = (indexed_dpo_batches(data.eval, batch_size=args.batch_size, pad_id=tokenizer.pad_id,
                                         first_index=len(data.train)) if data.eval else None)
     objective = DPOObjective(model, beta=args.beta, loss_type=args.loss_type, reference_adapters=reference)
-    settings = run_settings(args, "train_dpo.py", model_dir, adapters, data)
+    settings = run_settings(args, "train_dpo.py", model_dir, adapters, data, dist.world_size)
+    grad_buckets = setup_model(dist, model, adapters, sharded_base=args.sharded_base)
     trainer = Trainer(model, adapters, objective, epoch_batches,
                       train_config_from_args(args, output_dir, settings), eval_batches=eval_batches,
-                      log=log)
+                      log=log, dist=dist, grad_buckets=grad_buckets,
+                      split_eval=not args.sharded_base)
     precompute = getattr(args, "precompute_reference", args.reference_adapter is None)
     if precompute:
         # the micro-batches this run reads: epoch 0's up to its last step (later epochs
-        # hold the same pairs), and the eval batches
-        reached = trainer.total_steps * args.gradient_accumulation_steps
+        # hold the same pairs), and the eval batches. Every rank computes them all (the
+        # sharded base gathers layers in lockstep); only rank 0 writes the store.
+        reached = trainer.total_steps * args.gradient_accumulation_steps * dist.world_size
         key = reference_key(model=model_fingerprint(model_dir),
                             reference=adapters_fingerprint(reference) if reference else BASE_REFERENCE,
                             data=data_fingerprint(data.train, data.eval), dtype=model.dtype,
@@ -128,13 +134,15 @@ def main(argv=None) -> int:
         try:
             objective.reference_store = prepare_reference_logps(
                 objective, epoch_batches(0)[:reached] + (eval_batches or []), output_dir, key,
-                resume=run.resume_from is not None,
-                log=log, progress=not args.no_progress)
+                resume=run.resume_from is not None, save=dist.is_main,
+                log=log, progress=not args.no_progress and dist.is_main)
         except StaleReferenceStore as e:
             log(f"error: --resume: {e}")
             return 2
     log(f"{trainer.total_steps} optimizer steps, {trainer.batches_per_epoch} micro-batches per epoch, "
-        f"output in {output_dir}")
+        f"output in {output_dir}" + (f"; {dist.world_size} ranks ({dist.backend}), "
+        f"{'sharded' if args.sharded_base else 'whole'} base, global batch "
+        f"{args.batch_size * args.gradient_accumulation_steps * dist.world_size}" if dist.active else ""))
     return run_training(trainer, args, model_dir, model, adapters, run, log, data.stats)
 
 

@@ -50,16 +50,19 @@ def build_parser(argv):
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     from anita_core.train.cli import (build_data_or_report, eval_split_value, load_model_and_adapters,
-                                      log_to_stderr, parse_command_line, per_epoch, resolve_model_dir,
-                                      run_training, start_run, tokenizer_dir_for, train_config_from_args)
+                                      parse_command_line, per_epoch, rank_logger, resolve_model_dir,
+                                      run_training, start_distributed, start_run, tokenizer_dir_for,
+                                      train_config_from_args)
+    from anita_core.train.distributed import setup_model
     from anita_core.train.run_identity import run_settings
     _, args = parse_command_line(build_parser, argv)
     from anita_core.data import SFTDataConfig, build_sft_data, load_tokenizer, sft_batches
     from anita_core.train.objectives import SFTObjective
     from anita_core.train.trainer import Trainer
-    log = log_to_stderr
+    dist = start_distributed(args)
+    log = rank_logger(dist)
     output_dir = args.output_dir or f"runs/sft-{args.preset}"
-    run = start_run(args, output_dir, log)
+    run = start_run(args, output_dir, log, dist)
 
     # the data is built before the model loads: a tokenizer/template mismatch or
     # a bad row is reported without waiting for the base model
@@ -80,12 +83,16 @@ def main(argv=None) -> int:
 
     epoch_batches = per_epoch(lambda epoch: batches_for(data.train, args.seed + epoch))
     eval_batches = batches_for(data.eval, None) if data.eval else None
-    settings = run_settings(args, "train_sft.py", model_dir, adapters, data)
+    settings = run_settings(args, "train_sft.py", model_dir, adapters, data, dist.world_size)
+    grad_buckets = setup_model(dist, model, adapters, sharded_base=args.sharded_base)
     trainer = Trainer(model, adapters, SFTObjective(model), epoch_batches,
                       train_config_from_args(args, output_dir, settings), eval_batches=eval_batches,
-                      log=log)
+                      log=log, dist=dist, grad_buckets=grad_buckets,
+                      split_eval=not args.sharded_base)
     log(f"{trainer.total_steps} optimizer steps, {trainer.batches_per_epoch} micro-batches per epoch, "
-        f"output in {output_dir}")
+        f"output in {output_dir}" + (f"; {dist.world_size} ranks ({dist.backend}), "
+        f"{'sharded' if args.sharded_base else 'whole'} base, global batch "
+        f"{args.batch_size * args.gradient_accumulation_steps * dist.world_size}" if dist.active else ""))
     return run_training(trainer, args, model_dir, model, adapters, run, log, data.stats)
 
 

@@ -23,6 +23,7 @@ from anita_core.model.weights import PROJECTIONS
 
 EXIT_BAD_INPUT = 2          # bad flag, file, row or output folder (argparse's code too)
 EXIT_DIVERGED = 3           # a non-finite loss, gradient, weight or eval metric
+EXIT_RANK_FAILED = 4        # another rank died, or a collective timed out
 
 BUNDLED_MODEL = os.path.join(ASSETS_DIR, "tiny-llama3")
 
@@ -109,6 +110,17 @@ def add_common_arguments(parser: argparse.ArgumentParser, preset: str, presets: 
     g.add_argument("--save-total-limit", type=non_negative_int, default=2,
                    help="checkpoints kept (0: all)")
 
+    g = parser.add_argument_group("distributed (launch with torchrun)")
+    g.add_argument("--sharded-base", action="store_true",
+                   help="each rank keeps 1/world of every layer's NF4 base and gathers a layer just "
+                        "before it runs (for bases one GPU cannot hold); default: every rank holds "
+                        "the whole base (data parallel). On one process nothing is sharded")
+    g.add_argument("--global-batch-size", type=positive_int, default=None,
+                   help="rows (SFT) or pairs (DPO) per optimizer step over all ranks; sets "
+                        "--gradient-accumulation-steps to it / (--batch-size x world size)")
+    g.add_argument("--collective-timeout", type=positive_float, default=600.0,
+                   help="seconds a rank waits for the others in a collective before the job stops")
+
     g = parser.add_argument_group("data")
     g.add_argument("--max-samples", type=positive_int, default=None,
                    help="draw this many rows uniformly at random (with --seed) from all of --data, "
@@ -129,7 +141,35 @@ def parse_command_line(build_parser, argv: List[str]):
     if args.resume and args.overwrite:
         parser.error("argument --overwrite: not allowed with --resume (one continues the run "
                      "in --output-dir, the other replaces it)")
+    if args.sharded_base and args.merge_export:
+        parser.error("argument --merge-export: not allowed with --sharded-base (no rank holds the "
+                     "whole base); merge the saved adapter in a later single-process run")
+    if args.global_batch_size is not None:
+        from anita_core.train.distributed import check_global_batch
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        try:
+            args.gradient_accumulation_steps = check_global_batch(args.global_batch_size,
+                                                                  args.batch_size, world)
+        except ValueError as e:
+            parser.error(f"argument --global-batch-size: {e}")
     return parser, args
+
+
+def start_distributed(args):
+    """The process group of a torchrun launch (SINGLE without one); a backend that
+    is missing or a rendezvous that fails is a one-line error."""
+    from anita_core.train.distributed import DistributedError, init_from_env
+    try:
+        return init_from_env(args.collective_timeout)
+    except DistributedError as e:
+        usage_error(str(e))
+
+
+def rank_logger(dist):
+    """Rank 0 logs everything; the other ranks only their errors, marked with the rank."""
+    if not dist.active or dist.is_main:
+        return log_to_stderr
+    return lambda m: log_to_stderr(f"[rank {dist.rank}] {m}") if m.startswith("error") else None
 
 
 @dataclass
@@ -144,7 +184,30 @@ def usage_error(message: str) -> NoReturn:
     raise SystemExit(EXIT_BAD_INPUT)
 
 
-def start_run(args, output_dir: str, log) -> RunStart:
+def start_run(args, output_dir: str, log, dist=None) -> RunStart:
+    """``start_run_here`` on rank 0 (the run folder's owner); the other ranks get
+    its outcome: the checkpoint to resume from, or its exit code."""
+    if dist is None or not dist.active:
+        return start_run_here(args, output_dir, log)
+    from anita_core.train.distributed import broadcast_object
+    run, outcome = None, None
+    if dist.is_main:
+        try:
+            run = start_run_here(args, output_dir, log)
+            outcome = (0, str(run.resume_from) if run.resume_from else None)
+        except SystemExit as e:
+            outcome = (e.code, None)
+            broadcast_object(dist, outcome)
+            raise
+    outcome = broadcast_object(dist, outcome)
+    if run is not None:
+        return run
+    if outcome[0]:
+        raise SystemExit(outcome[0])
+    return RunStart(Path(output_dir), Path(outcome[1]) if outcome[1] else None, None)
+
+
+def start_run_here(args, output_dir: str, log) -> RunStart:
     """Before anything expensive: lock the output folder (one run at a time),
     remove what a killed run left half-written, refuse a folder holding another
     run unless --resume / --overwrite, and find the checkpoint to resume from."""
@@ -272,6 +335,7 @@ def run_training(trainer, args, model_dir, model, adapters, run: RunStart, log,
     """Plan the memory, train, save the final adapter (and the merged export), print a
     summary. Returns the process exit code; the run folder's lock is released."""
     from anita_core.model.memory_plan import MemoryBudgetError
+    from anita_core.train.distributed import shutdown
     try:
         try:
             apply_memory_plan(args, model, trainer.epoch_batches(0), log)
@@ -286,7 +350,9 @@ def run_training(trainer, args, model_dir, model, adapters, run: RunStart, log,
             log("measured peak device memory: not measured on CPU")
         return code
     finally:
-        run.lock.release()
+        if run.lock is not None:
+            run.lock.release()
+        shutdown(trainer.dist)
 
 
 def _model_rows(batch) -> tuple:
@@ -326,6 +392,7 @@ def apply_memory_plan(args, model, batches, log):
 
 def _train_and_report(trainer, args, model_dir, model, adapters, run: RunStart, log, data_stats) -> int:
     from anita_core.lora import save_peft
+    from anita_core.train.distributed import DistributedError
     from anita_core.train.trainer import Interrupted, ResumeRefused, TrainingDiverged, stop_on_signals
     output_dir = run.output_dir
     started = time.perf_counter()
@@ -340,7 +407,12 @@ def _train_and_report(trainer, args, model_dir, model, adapters, run: RunStart, 
         return EXIT_BAD_INPUT
     except KeyboardInterrupt as e:
         return 128 + (e.signum if isinstance(e, Interrupted) else 2)
+    except DistributedError as e:
+        log(f"error: {e}. The job stops; its last checkpoint is intact (resume with --resume).")
+        return EXIT_RANK_FAILED
     wall = time.perf_counter() - started
+    if not trainer.dist.is_main:
+        return 0
     adapter_dir = save_peft(adapters, Path(output_dir) / "adapter", base_model_name_or_path=args.model)
     log(f"adapter (PEFT format): {adapter_dir}")
     if args.merge_export:

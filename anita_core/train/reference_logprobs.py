@@ -232,14 +232,17 @@ def remove_orphaned_stores(output_dir: Path) -> None:
 
 def prepare_reference_logps(objective, batches: Sequence[Dict], output_dir: Path, key: dict, *,
                             resume: bool, log: Callable[[str], None],
-                            progress: bool = True) -> ReferenceLogps:
+                            progress: bool = True, save: bool = True) -> ReferenceLogps:
     """The run's reference log-probs for ``batches`` (the ones the run reads: epoch
     0's, up to the run's last step if it ends earlier, and the eval batches). Rows
     stored under the same ``key`` are loaded; only batches holding a row not stored
     yet run the reference (all of them for a new run, none for a resume of the
     same length), and the store is saved when that added rows. A store with
-    another key raises StaleReferenceStore on ``resume``; a fresh run recomputes it."""
-    remove_orphaned_stores(output_dir)
+    another key raises StaleReferenceStore on ``resume``; a fresh run recomputes it.
+    ``save`` off (every rank but rank 0 of a distributed run): nothing is written or
+    cleaned up in ``output_dir``."""
+    if save:
+        remove_orphaned_stores(output_dir)
     folder = Path(output_dir) / STORE_DIR
     store = None
     try:
@@ -267,7 +270,8 @@ def prepare_reference_logps(objective, batches: Sequence[Dict], output_dir: Path
         log(f"reference log-probs of {loaded} pairs loaded from {folder}")
         return store
     store = compute_reference_logps(objective, todo, key["examples"], store=store, progress=progress)
-    save_reference_logps(output_dir, store, key)
+    if save:
+        save_reference_logps(output_dir, store, key)
     added = int(store.computed.sum()) - loaded
     log(f"reference log-probs of {added} pairs computed once"
         + (f" ({loaded} loaded)" if loaded else "") + f", kept in {folder}")

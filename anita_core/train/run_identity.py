@@ -50,12 +50,17 @@ def model_fingerprint(model_dir: str) -> str:
     return h.hexdigest()[:16]
 
 
-def run_settings(args, script: str, model_dir: str, adapters, data) -> dict:
-    """What a checkpoint must share with the run that resumes it."""
+def run_settings(args, script: str, model_dir: str, adapters, data, world_size: int = 1) -> dict:
+    """What a checkpoint must share with the run that resumes it. The global
+    batch (micro-batch x accumulation x world size) is recorded rather than the
+    world size, so a run may resume on another number of ranks with the same
+    updates; the base's mode (whole or sharded over the ranks) must match."""
     c = adapters.config
     return {"script": script, "model": model_fingerprint(model_dir),
             "lora": f"r={c.r} alpha={c.alpha} dropout={c.dropout} rslora={c.use_rslora} "
                     f"targets={','.join(c.target_modules)}",
             "seed": args.seed, "data": data_fingerprint(data.train, data.eval),
             "batch_size": args.batch_size,
-            "gradient_accumulation_steps": args.gradient_accumulation_steps, "world_size": 1}
+            "global_batch": args.batch_size * args.gradient_accumulation_steps * world_size,
+            "base_weights": "sharded over ranks" if getattr(args, "sharded_base", False)
+            else "whole on each rank"}

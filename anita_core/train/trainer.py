@@ -21,6 +21,7 @@ from typing import Callable, Dict, List, Optional, Protocol, Sequence
 
 import torch
 
+from anita_core.train.distributed import SINGLE, DistContext, all_gather_objects, all_reduce_sums, rank_slice
 from anita_core.train.run_checkpoint import (ADAPTER_DIR, latest_checkpoint, load_checkpoint_state, rng_restore,
                             rng_snapshot, save_checkpoint)
 from anita_core.train.optim import build_optimizer, lr_multiplier, warmup_steps_for
@@ -146,22 +147,37 @@ def _all_finite(tensors) -> bool:
 
 class Trainer:
     """``epoch_batches(epoch)`` returns that epoch's list of micro-batches (already
-    shuffled by the caller's seed, so the same epoch always yields the same list)."""
+    shuffled by the caller's seed, so the same epoch always yields the same list).
+
+    On several ranks (``dist``), every rank builds the same list; an optimizer
+    step takes the next world x accumulation micro-batches of it (the global
+    batch) and each rank runs its own contiguous share, so the position (epoch,
+    global micro-batch index) means the same on any world size. An epoch's last
+    micro-batches that do not split evenly over the ranks (fewer than world)
+    are left out. ``grad_buckets`` sums the LoRA gradients over the ranks.
+    ``split_eval``: each rank evaluates every world-th eval batch and the means
+    are combined by unit counts (False in the sharded-base mode, where every
+    rank must run the same forwards: there every rank evaluates them all)."""
 
     def __init__(self, model, adapters, objective: Objective,
                  epoch_batches: Callable[[int], List], config: TrainConfig,
-                 eval_batches: Optional[Sequence] = None, log: Callable[[str], None] = print):
+                 eval_batches: Optional[Sequence] = None, log: Callable[[str], None] = print,
+                 dist: DistContext = SINGLE, grad_buckets=None, split_eval: bool = True):
         self.model, self.adapters, self.objective = model, adapters, objective
         self.epoch_batches, self.config, self.eval_batches = epoch_batches, config, eval_batches
         self.log = log
+        self.dist, self.grad_buckets, self.split_eval = dist, grad_buckets, split_eval
         self.output_dir = Path(config.output_dir)
         self.params = list(adapters.parameters())
         self.optimizer = build_optimizer(config.optimizer, self.params, config.learning_rate,
                                          config.weight_decay)
-        self.batches_per_epoch = len(epoch_batches(0))
+        world = dist.world_size
+        n_batches = len(epoch_batches(0))
+        self.batches_per_epoch = n_batches - n_batches % world
         if self.batches_per_epoch == 0:
-            raise ValueError("the training set produced no batches")
-        accum = config.gradient_accumulation_steps
+            raise ValueError(f"the training set produced {n_batches} micro-batches, fewer than "
+                             f"the {world} ranks" if world > 1 else "the training set produced no batches")
+        accum = config.gradient_accumulation_steps * world
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / accum)
         if config.max_steps > 0:
             self.total_steps = config.max_steps
@@ -185,7 +201,11 @@ class Trainer:
                 "settings": dict(self.config.run_settings),
                 "config": asdict(self.config)}
 
-    def save(self) -> Path:
+    def save(self) -> Optional[Path]:
+        """Rank 0 writes the checkpoint (the others hold the same state)."""
+        self._last_save_time = time.monotonic()
+        if not self.dist.is_main:
+            return None
         path = save_checkpoint(self.output_dir, self.step, self.adapters, self.state_dict(),
                                keep=self.config.save_total_limit)
         self._last_save_time = time.monotonic()
@@ -226,7 +246,8 @@ class Trainer:
         rng_restore(state["rng"], getattr(self.model, "dropout_generator", None))
         self.step, self.epoch, self.batch_index = state["step"], state["epoch"], state["batch_index"]
         # the steps after the checkpoint are replayed: their old records must go
-        truncate_metrics(self.output_dir, self.step)
+        if self.dist.is_main:
+            truncate_metrics(self.output_dir, self.step)
         for record in read_metrics(self.output_dir):
             if record.get("step") == self.step and any(k.startswith("eval_") for k in record):
                 self._last_eval = {k: v for k, v in record.items() if k.startswith("eval_")}
@@ -235,15 +256,20 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
     def _next_group(self) -> List:
-        """The micro-batches of the next optimizer step (never straddling epochs)."""
-        batches = self.epoch_batches(self.epoch)
-        group = batches[self.batch_index:self.batch_index + self.config.gradient_accumulation_steps]
+        """This rank's micro-batches of the next optimizer step (never straddling
+        epochs): its share of the next world x accumulation micro-batches."""
+        world = self.dist.world_size
+        batches = self.epoch_batches(self.epoch)[:self.batches_per_epoch]
+        span = self.config.gradient_accumulation_steps * world
+        group = batches[self.batch_index:self.batch_index + span]
         self.batch_index += len(group)
         if self.batch_index >= len(batches):
             self.epoch, self.batch_index = self.epoch + 1, 0
-        return group
+        return rank_slice(group, world, self.dist.rank)
 
     def _log_metrics(self, record: dict) -> None:
+        if not self.dist.is_main:
+            return
         self.output_dir.mkdir(parents=True, exist_ok=True)
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -253,20 +279,33 @@ class Trainer:
         # an interrupted step is rolled back to here, so a resume replays it whole
         self._step_start = (position, rng_snapshot(getattr(self.model, "dropout_generator", None)))
         group = self._next_group()
-        units = sum(self.objective.units(b) for b in group)
+        # normalized by the units of the whole global batch, counted before the first micro-batch
+        (units,) = all_reduce_sums(self.dist, [sum(self.objective.units(b) for b in group)])
+        units = int(units)
         for p in self.params:
             p.grad = None
         totals: Dict[str, float] = {}
+        where = f"step {self.step + 1} (epoch {position[0]}, batch {position[1]})"
+        failure = None
         if units > 0:
-            for batch in group:
+            for k, batch in enumerate(group):
+                if self.grad_buckets is not None:
+                    self.grad_buckets.sync = k == len(group) - 1
                 try:
                     sums = self.objective.micro_step(batch, 1.0 / units)
                 except FloatingPointError as e:
-                    raise TrainingDiverged(
-                        f"step {self.step + 1} (epoch {position[0]}, batch {position[1]}): {e}") from e
-                for k, v in sums.items():
-                    totals[k] = totals.get(k, 0.0) + float(v)
-        where = f"step {self.step + 1} (epoch {position[0]}, batch {position[1]})"
+                    failure = f"{where}: {e}"
+                    if not self.dist.active:
+                        raise TrainingDiverged(failure) from e
+                    break       # the other ranks still expect this rank's gradients
+                for key, v in sums.items():
+                    totals[key] = totals.get(key, 0.0) + float(v)
+            if self.grad_buckets is not None:
+                self.grad_buckets.finish()
+        if self.dist.active:
+            totals, failure = self._sum_over_ranks(totals, failure)
+        if failure is not None:
+            raise TrainingDiverged(failure)
         if not math.isfinite(totals.get("loss", 0.0)):
             raise TrainingDiverged(f"{where}: loss is {totals['loss']}; the update was not applied")
         lr = self.config.learning_rate * lr_multiplier(self.step, self.total_steps, self.warmup,
@@ -294,13 +333,24 @@ class Trainer:
         record["tokens"] = int(tokens)
         return record
 
+    def _sum_over_ranks(self, totals: Dict[str, float], failure: Optional[str]):
+        """Every rank's metric sums added up, and the first rank's failure if any."""
+        gathered = all_gather_objects(self.dist, (totals, failure))
+        summed: Dict[str, float] = {}
+        for rank_totals, _ in gathered:
+            for key, v in rank_totals.items():
+                summed[key] = summed.get(key, 0.0) + v
+        failures = [f"rank {r}: {f}" for r, (_, f) in enumerate(gathered) if f is not None]
+        return summed, (failures[0] if failures else None)
+
     def train(self, resume_from: Optional[Path] = None) -> dict:
         """Run to total_steps; returns the last logged record."""
         from tqdm.auto import tqdm
         if resume_from is not None:
             used = self.resume(resume_from)
             self.log(f"resumed from {used} at step {self.step}")
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.config.progress,
+        bar = tqdm(total=self.total_steps, initial=self.step,
+                   disable=not (self.config.progress and self.dist.is_main),
                    desc="train", unit="step", dynamic_ncols=True)
         last: dict = {}
         started, tokens_seen = time.perf_counter(), 0
@@ -333,8 +383,9 @@ class Trainer:
             if isinstance(e, Interrupted):
                 self.log(f"{e.args[0]} received: stopping")
             path = self.save()
-            self.log(f"interrupted: checkpoint of step {self.step} written to {path}; "
-                     f"resume with --resume")
+            if path is not None:
+                self.log(f"interrupted: checkpoint of step {self.step} written to {path}; "
+                         f"resume with --resume")
             raise
         except TrainingDiverged as e:
             bar.close()
@@ -343,15 +394,29 @@ class Trainer:
                                    f"{good if good else 'none written yet'}") from e
         return last
 
+    def _evaluate_over_ranks(self) -> Dict[str, float]:
+        d = self.dist
+        if not (d.active and self.split_eval):
+            return self.objective.evaluate(self.eval_batches)
+        mine = list(self.eval_batches)[d.rank::d.world_size]
+        units = sum(self.objective.units(b) for b in mine)
+        gathered = all_gather_objects(d, (self.objective.evaluate(mine) if mine else {}, units))
+        total = sum(u for _, u in gathered)
+        keys = list(dict.fromkeys(k for result, _ in gathered for k in result))  # the objective's order
+        # each metric is a mean over units (target tokens, pairs): weight by them
+        return {k: sum(result.get(k, 0.0) * u for result, u in gathered) / max(total, 1)
+                for k in keys}
+
     def _evaluate(self) -> dict:
         if not self.eval_batches:
             return {}
-        result = self.objective.evaluate(self.eval_batches)
+        result = self._evaluate_over_ranks()
         bad = {k: v for k, v in result.items() if not math.isfinite(v)}
         if bad:
             raise TrainingDiverged(f"step {self.step}: eval metrics are not finite ("
                                    + ", ".join(f"{k}={v}" for k, v in bad.items()) + ")")
         self._last_eval, self._last_eval_step = result, self.step
         self._log_metrics({"step": self.step, **result})
-        self.log("  ".join(f"{k}={v:.4f}" for k, v in result.items()))
+        if self.dist.is_main:
+            self.log("  ".join(f"{k}={v:.4f}" for k, v in result.items()))
         return result
