@@ -555,6 +555,7 @@ def launch_nf4_quantize(flat: torch.Tensor, blocksize: int):
     code = nf4_code(flat.device)
     per_program = _blocks_per_program(n_blocks, blocksize)
     grid = (triton.cdiv(n_blocks, per_program),)
+    _runtime.record_launch("_nf4_quantize_kernel")
     _nf4_quantize_kernel[grid](flat, code, packed, absmax, numel, n_blocks,
                                BLOCKSIZE=blocksize, BLOCKS_PER_PROGRAM=per_program, **_NO_FMA)
     return packed, absmax
@@ -572,6 +573,7 @@ def launch_dynamic_quantize(values: torch.Tensor, offset: torch.Tensor,
     group_max = _runtime.new_output((n_groups,), torch.float32, values.device)
     per_program = _blocks_per_program(n_groups, NESTED_BLOCKSIZE)
     grid = (triton.cdiv(n_groups, per_program),)
+    _runtime.record_launch("_nested_quantize_kernel")
     _nested_quantize_kernel[grid](values, offset, dynamic_map, indices, group_max, n, n_groups,
                                   GROUP=NESTED_BLOCKSIZE, GROUPS_PER_PROGRAM=per_program,
                                   **_NO_FMA)
@@ -600,6 +602,7 @@ def launch_nf4_dequantize(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
     nested = (q.nested_absmax, q.nested_code, q.nested_offset) if q.double_quant else (absmax,) * 3
     per_program = _blocks_per_program(q.n_blocks, q.blocksize)
     grid = (triton.cdiv(q.n_blocks, per_program),)
+    _runtime.record_launch("_nf4_dequantize_kernel")
     _nf4_dequantize_kernel[grid](q.packed, absmax, q.code, *nested, out, q.numel,
                                  (q.numel + 1) // 2, q.n_blocks,
                                  BLOCKSIZE=q.blocksize, BLOCKS_PER_PROGRAM=per_program,

@@ -316,16 +316,18 @@ def _interpreter_block(size: int, cap: int) -> int:
     return min(cap, max(16, triton.next_power_of_2(size)))
 
 
-def _launch(kernel, grid_dims, args, constexprs):
+def _launch(kernel, name: str, grid_dims, args, constexprs, flops: int):
     """Launch with launcher-chosen blocks on the interpreter, autotuned on GPU.
     FMA contraction is off, so the absmax decode nested_code * nested_absmax +
     offset rounds twice, as in nf4_dequantize and bitsandbytes (the MMAs and the
     single multiply per element do not depend on it).
 
+    ``name`` and ``flops`` (2 per multiply-add) go to _runtime.record_launch.
     grid_dims: (rows, columns) of the output tile grid, as sizes of the
     dimensions that BLOCK_M and the second block constexpr cut.
     """
     rows, (column_size, column_block_name) = grid_dims
+    _runtime.record_launch(name, flops)
     if _runtime.INTERPRETING:
         blocks = {"BLOCK_M": _interpreter_block(rows, 512), "BLOCK_N": _interpreter_block(args["N"], 256),
                   "BLOCK_K": _interpreter_block(args["K"], 256), "GROUP_M": 1}
@@ -401,7 +403,7 @@ def launch_forward(op: str, x2d: torch.Tensor, w: NF4Weight,
                 **weight_args(w))
     constexprs = dict(HAS_LORA=lora is not None, BLOCK_R=_lora_block(rank),
                       OPERANDS_IN_FP32=_operands_in_fp32(x2d.dtype), **weight_constexprs(w))
-    _launch(_fwd_kernel, (M, (N, "BLOCK_N")), args, constexprs)
+    _launch(_fwd_kernel, "_nf4_matmul_fwd_kernel", (M, (N, "BLOCK_N")), args, constexprs, 2 * M * N * (K + rank))
     return y
 
 
@@ -434,7 +436,7 @@ def launch_backward_input(op: str, dy2d: torch.Tensor, w: NF4Weight, out_dtype: 
     constexprs = dict(HAS_LORA=lora is not None, HAS_DROPOUT=has_dropout,
                       BLOCK_R=_lora_block(rank),
                       OPERANDS_IN_FP32=_operands_in_fp32(dy2d.dtype), **weight_constexprs(w))
-    _launch(_bwd_input_kernel, (M, (K, "BLOCK_K")), args, constexprs)
+    _launch(_bwd_input_kernel, "_nf4_matmul_bwd_input_kernel", (M, (K, "BLOCK_K")), args, constexprs, 2 * M * K * (N + rank))
     return dx
 
 

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
-from ._runtime import INTERPRETING, new_output
+from ._runtime import INTERPRETING, new_output, record_launch
 
 _OP = "swiglu"
 
@@ -70,6 +70,7 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     h = new_output(gate.shape, gate.dtype, gate.device)
     n = gate.numel()
     if n:
+        record_launch("_swiglu_forward_kernel")
         _swiglu_forward_kernel[(triton.cdiv(n, _BLOCK),)](gate, up, h, n, BLOCK=_BLOCK,
                                                           num_warps=_NUM_WARPS)
     return h
@@ -84,6 +85,7 @@ def swiglu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
     dup = new_output(gate.shape, gate.dtype, gate.device)
     n = gate.numel()
     if n:
+        record_launch("_swiglu_backward_kernel")
         _swiglu_backward_kernel[(triton.cdiv(n, _BLOCK),)](dh, gate, up, dgate, dup, n,
                                                            BLOCK=_BLOCK, num_warps=_NUM_WARPS)
     return dgate, dup
