@@ -28,7 +28,7 @@ import triton.language as tl
 
 from . import _runtime
 from ._checks import FLOAT_DTYPES, check_numel, check_same_device, check_tensor
-from .nf4 import _NO_FMA, NF4Weight, nf4_code_lookup
+from .nf4 import _NO_FMA, NF4Weight, nested_group_and_offset, nf4_code_lookup
 from .nf4_dense import (check_dense_weight, choose_path, dense_backward_input, dense_forward,
                         dequantize_for_matmul)
 from .nf4_operand import check_nf4_weight, weight_args, weight_constexprs
@@ -51,25 +51,31 @@ def _nf4_code_values(packed_ptr, code_ptr, flat, valid):
 
 @triton.jit
 def _block_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr, block, valid,
-                  DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr):
+                  seg_block_1, seg_block_2, seg_group_1, seg_group_2,
+                  DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr, SEGMENTED: tl.constexpr):
     """absmax[b] (fp32) for the quantization-block indices ``block``.
 
     With double quantization the stored absmax is a uint8 index and
-    absmax[b] = nested_code[absmax_u8[b]] * nested_absmax[b // NESTED] + nested_offset.
+    absmax[b] = nested_code[absmax_u8[b]] * nested_absmax[g(b)] + offset(b), with
+    g(b) = b // NESTED and one offset, or per segment (nf4.nested_group_and_offset).
     """
     if DOUBLE_QUANT:
+        group, offset = nested_group_and_offset(nested_offset_ptr, block, valid, seg_block_1,
+                                                seg_block_2, seg_group_1, seg_group_2,
+                                                NESTED, SEGMENTED)
         absmax_q = tl.load(absmax_ptr + block, mask=valid, other=0).to(tl.int32)
-        nested_scale = tl.load(nested_absmax_ptr + block // NESTED, mask=valid, other=0.0)
-        return tl.load(nested_code_ptr + absmax_q) * nested_scale + tl.load(nested_offset_ptr)
+        nested_scale = tl.load(nested_absmax_ptr + group, mask=valid, other=0.0)
+        return tl.load(nested_code_ptr + absmax_q) * nested_scale + offset
     else:
         return tl.load(absmax_ptr + block, mask=valid, other=0.0)
 
 
 @triton.jit
 def _nf4_weight_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
-                     nested_offset_ptr, offs_n, n_ok, k0, K,
+                     nested_offset_ptr, seg_block_1, seg_block_2, seg_group_1, seg_group_2,
+                     offs_n, n_ok, k0, K,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
-                     DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr,
+                     DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr, SEGMENTED: tl.constexpr,
                      ROW_ALIGNED: tl.constexpr, OUT_DTYPE: tl.constexpr):
     """W[offs_n, k0:k0+BLOCK_K] decoded from NF4 into an [BLOCK_N, BLOCK_K] tile of OUT_DTYPE
     (each element computed in fp32, rounded once).
@@ -99,7 +105,8 @@ def _nf4_weight_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested
         byte = tl.load(packed_ptr + byte_index, mask=run_ok[:, :, None], other=0).to(tl.int32)
         block = (offs_n[:, None] * K + run_start[None, :]) // BLOCKSIZE
         scale = _block_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
-                              block, run_ok, DOUBLE_QUANT, NESTED)
+                              block, run_ok, seg_block_1, seg_block_2, seg_group_1, seg_group_2,
+                              DOUBLE_QUANT, NESTED, SEGMENTED)
         scale = tl.where(run_ok, scale, 0.0)[:, :, None]   # rows/runs past the edge decode to 0
         table = tl.load(code_ptr + tl.arange(0, 16))
         even = (nf4_code_lookup(table, byte >> 4) * scale).to(OUT_DTYPE)
@@ -111,7 +118,8 @@ def _nf4_weight_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested
         flat = offs_n[:, None] * K + offs_k[None, :]
         values = _nf4_code_values(packed_ptr, code_ptr, flat, valid)
         scale = _block_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
-                              flat // BLOCKSIZE, valid, DOUBLE_QUANT, NESTED)
+                              flat // BLOCKSIZE, valid, seg_block_1, seg_block_2, seg_group_1,
+                              seg_group_2, DOUBLE_QUANT, NESTED, SEGMENTED)
         return tl.where(valid, values * scale, 0.0).to(OUT_DTYPE)
 
 
@@ -148,10 +156,10 @@ def _tile_ids(M_TILES, COLUMN_TILES, GROUP_M: tl.constexpr):
 @triton.jit
 def _nf4_matmul_fwd_kernel(
         x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
-        nested_offset_ptr, y_ptr, xa_ptr, lora_b_ptr,
+        nested_offset_ptr, seg_block_1, seg_block_2, seg_group_1, seg_group_2, y_ptr, xa_ptr, lora_b_ptr,
         M, N, K, R, lora_scale,
         BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr,
-        ROW_ALIGNED: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
+        SEGMENTED: tl.constexpr, ROW_ALIGNED: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
         OPERANDS_IN_FP32: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr):
@@ -179,9 +187,10 @@ def _nf4_matmul_fwd_kernel(
         x_tile = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :],
                          mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         w_tile = _nf4_weight_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr,
-                                  nested_code_ptr, nested_offset_ptr, offs_n, n_ok, k0, K,
-                                  BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, NESTED, ROW_ALIGNED,
-                                  w_dtype)
+                                  nested_code_ptr, nested_offset_ptr, seg_block_1, seg_block_2,
+                                  seg_group_1, seg_group_2, offs_n, n_ok, k0, K,
+                                  BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, NESTED, SEGMENTED,
+                                  ROW_ALIGNED, w_dtype)
         acc = _mma(x_tile, tl.trans(w_tile), acc, OPERANDS_IN_FP32)
     if HAS_LORA:
         low_rank = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -201,10 +210,10 @@ def _nf4_matmul_fwd_kernel(
 @triton.jit
 def _nf4_matmul_bwd_input_kernel(
         dy_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
-        nested_offset_ptr, dx_ptr, g_ptr, lora_a_ptr, keep_ptr,
+        nested_offset_ptr, seg_block_1, seg_block_2, seg_group_1, seg_group_2, dx_ptr, g_ptr, lora_a_ptr, keep_ptr,
         M, N, K, R, lora_scale, keep_scale,
         BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr,
-        ROW_ALIGNED: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+        SEGMENTED: tl.constexpr, ROW_ALIGNED: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
         BLOCK_R: tl.constexpr, OPERANDS_IN_FP32: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr):
@@ -235,10 +244,10 @@ def _nf4_matmul_bwd_input_kernel(
         dy_tile = tl.load(dy_ptr + offs_m[:, None] * N + offs_n[None, :],
                           mask=m_ok[:, None] & n_ok[None, :], other=0.0)
         w_tile = _nf4_weight_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr,
-                                  nested_code_ptr, nested_offset_ptr, offs_n, n_ok,
-                                  pid_k * BLOCK_K, K,
-                                  BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, NESTED, ROW_ALIGNED,
-                                  w_dtype)
+                                  nested_code_ptr, nested_offset_ptr, seg_block_1, seg_block_2,
+                                  seg_group_1, seg_group_2, offs_n, n_ok, pid_k * BLOCK_K, K,
+                                  BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, NESTED, SEGMENTED,
+                                  ROW_ALIGNED, w_dtype)
         acc = _mma(dy_tile, w_tile, acc, OPERANDS_IN_FP32)
     if HAS_LORA:
         low_rank = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
@@ -403,7 +412,8 @@ def launch_forward(op: str, x2d: torch.Tensor, w: NF4Weight,
                 **weight_args(w))
     constexprs = dict(HAS_LORA=lora is not None, BLOCK_R=_lora_block(rank),
                       OPERANDS_IN_FP32=_operands_in_fp32(x2d.dtype), **weight_constexprs(w))
-    _launch(_fwd_kernel, "_nf4_matmul_fwd_kernel", (M, (N, "BLOCK_N")), args, constexprs, 2 * M * N * (K + rank))
+    _launch(_fwd_kernel, "_nf4_matmul_fwd_kernel", (M, (N, "BLOCK_N")), args, constexprs,
+            2 * M * N * (K + rank))
     return y
 
 
@@ -436,7 +446,8 @@ def launch_backward_input(op: str, dy2d: torch.Tensor, w: NF4Weight, out_dtype: 
     constexprs = dict(HAS_LORA=lora is not None, HAS_DROPOUT=has_dropout,
                       BLOCK_R=_lora_block(rank),
                       OPERANDS_IN_FP32=_operands_in_fp32(dy2d.dtype), **weight_constexprs(w))
-    _launch(_bwd_input_kernel, "_nf4_matmul_bwd_input_kernel", (M, (K, "BLOCK_K")), args, constexprs, 2 * M * K * (N + rank))
+    _launch(_bwd_input_kernel, "_nf4_matmul_bwd_input_kernel", (M, (K, "BLOCK_K")), args,
+            constexprs, 2 * M * K * (N + rank))
     return dx
 
 
