@@ -16,8 +16,9 @@ from csrc_triton.lora_linear import (FusedLoRAContext, LoRAContext, _check_fused
                                      check_lora_backward_args, split_adapter_grads,
                                      stacked_adapters)
 from csrc_triton.nf4 import NF4Weight
+from csrc_triton.nf4_matmul import check_swiglu_input
 
-from .nf4_matmul import dense_weight
+from .nf4_matmul import dense_weight, input_grad_or_swiglu
 
 
 def lora_linear_forward(x2d: torch.Tensor, w: NF4Weight, A: torch.Tensor, B: torch.Tensor,
@@ -47,10 +48,12 @@ def lora_linear_forward(x2d: torch.Tensor, w: NF4Weight, A: torch.Tensor, B: tor
 def lora_linear_backward(dy2d: torch.Tensor, x2d: torch.Tensor, w: NF4Weight, A: torch.Tensor,
                          B: torch.Tensor, scale: float, ctx: LoRAContext, *,
                          input_grad: bool = True, dense_w: Optional[torch.Tensor] = None,
-                         path: Optional[str] = None):
-    """(dx2d in x2d's dtype or None unless input_grad, dA in A's dtype, dB in B's dtype)."""
+                         path: Optional[str] = None, swiglu_input: Optional[tuple] = None):
+    """(dx2d in x2d's dtype or None unless input_grad, dA in A's dtype, dB in B's dtype);
+    with ``swiglu_input`` dx2d is [dgate, dup] (csrc_torch.nf4_matmul.input_grad_or_swiglu)."""
     op = "lora_linear_backward"
     check_lora_backward_args(op, dy2d, x2d, w, A, B, scale, ctx)
+    check_swiglu_input(op, swiglu_input, x2d.shape[0], x2d.shape[1], x2d.dtype)
     dy32 = dy2d.float()
     g = dy32 @ B.float()                                   # dY B, [M, r]
     d_b = (dy32.t() @ ctx.xa).mul_(scale).to(B.dtype)
@@ -62,7 +65,7 @@ def lora_linear_backward(dy2d: torch.Tensor, x2d: torch.Tensor, w: NF4Weight, A:
         low_rank = low_rank.mul_(ctx.keep_mask).mul_(1.0 / (1.0 - ctx.dropout))
     dx = dy32 @ dense_weight(op, w, dense_w, path)
     dx.add_(low_rank, alpha=float(scale))
-    return dx.to(x2d.dtype), d_a, d_b
+    return input_grad_or_swiglu(dx, x2d.dtype, swiglu_input), d_a, d_b
 
 
 def lora_linear_fused_forward(x2d: torch.Tensor, w: NF4Weight, adapters, scale: float, *,

@@ -25,8 +25,8 @@ import torch
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from .nf4 import NF4Weight
 from .nf4_dense import compute_dtype
-from .nf4_matmul import (LoraBackwardEpilogue, LoraForwardEpilogue, launch_backward_input,
-                         launch_forward)
+from .nf4_matmul import (LoraBackwardEpilogue, LoraForwardEpilogue, check_swiglu_input,
+                         launch_backward_input, launch_forward)
 from .nf4_operand import check_nf4_weight
 
 
@@ -121,14 +121,15 @@ def lora_linear_forward(x2d: torch.Tensor, w: NF4Weight, A: torch.Tensor, B: tor
 def lora_linear_backward(dy2d: torch.Tensor, x2d: torch.Tensor, w: NF4Weight, A: torch.Tensor,
                          B: torch.Tensor, scale: float, ctx: LoRAContext, *,
                          input_grad: bool = True, dense_w: Optional[torch.Tensor] = None,
-                         path: Optional[str] = None):
+                         path: Optional[str] = None, swiglu_input: Optional[tuple] = None):
     """Gradients of lora_linear_forward: (dx2d in x2d's dtype, dA in A's dtype,
     dB in B's dtype), all accumulated in fp32. ``ctx`` is what the forward returned.
     ``input_grad=False`` skips the NF4 kernel and returns None for dx2d (for a
-    frozen input, e.g. the first layer's). ``dense_w``/``path``: see
-    nf4_matmul.launch_backward_input."""
+    frozen input, e.g. the first layer's). ``dense_w``/``path``/``swiglu_input``
+    (dx2d becomes [dgate, dup]): see nf4_matmul.launch_backward_input."""
     op = "lora_linear_backward"
     check_lora_backward_args(op, dy2d, x2d, w, A, B, scale, ctx)
+    check_swiglu_input(op, swiglu_input, x2d.shape[0], x2d.shape[1], x2d.dtype)
 
     dy = dy2d.to(compute_dtype(dy2d.dtype))
     g = _low_rank_mm(dy, B)                                        # dY B, [M, r]
@@ -139,7 +140,8 @@ def lora_linear_backward(dy2d: torch.Tensor, x2d: torch.Tensor, w: NF4Weight, A:
     keep = None if ctx.keep_mask is None else ctx.keep_mask.view(torch.uint8)
     epilogue = LoraBackwardEpilogue(g=g, lora_a=A, scale=float(scale), keep=keep,
                                     keep_scale=1.0 / (1.0 - ctx.dropout))
-    dx2d = launch_backward_input(op, dy2d, w, x2d.dtype, epilogue, dense_w=dense_w, path=path)
+    dx2d = launch_backward_input(op, dy2d, w, x2d.dtype, epilogue, dense_w=dense_w, path=path,
+                                 swiglu_input=swiglu_input)
     return dx2d, d_a, d_b
 
 

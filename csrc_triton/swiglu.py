@@ -37,6 +37,14 @@ def _swiglu_forward_kernel(gate_ptr, up_ptr, h_ptr, n_elements, BLOCK: tl.conste
 
 
 @triton.jit
+def swiglu_gradients(dh, g, u):
+    """(dL/dg, dL/du) of h = silu(g) * u for fp32 tiles (derivation: _swiglu_backward_kernel);
+    also the epilogue of nf4_matmul's backward when it produces dh itself."""
+    s = tl.sigmoid(g)
+    return dh * u * s * (1.0 + g * (1.0 - s)), dh * g * s
+
+
+@triton.jit
 def _swiglu_backward_kernel(dh_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, n_elements,
                             BLOCK: tl.constexpr):
     """Gradients of h = silu(g) * u, with s = sigmoid(g):
@@ -51,9 +59,7 @@ def _swiglu_backward_kernel(dh_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, n_elem
     dh = tl.load(dh_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(gate_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(up_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    s = tl.sigmoid(g)
-    dgate = dh * u * s * (1.0 + g * (1.0 - s))
-    dup = dh * g * s
+    dgate, dup = swiglu_gradients(dh, g, u)
     tl.store(dgate_ptr + offsets, dgate.to(dgate_ptr.dtype.element_ty), mask=mask)
     tl.store(dup_ptr + offsets, dup.to(dup_ptr.dtype.element_ty), mask=mask)
 

@@ -22,7 +22,7 @@ from anita_core.model.ops import (choose_path, dequantize_for_matmul, lora_linea
                                   lora_linear_fused_forward, nf4_matmul_backward_input,
                                   nf4_matmul_forward,
                                   rms_norm_backward, rms_norm_forward, rope_backward, rope_forward,
-                                  swiglu_backward, swiglu_forward)
+                                  swiglu_forward)
 from anita_core.model.weights import FUSED_GROUPS, LayerWeights
 
 
@@ -117,31 +117,37 @@ class _Projector:
                                                                 dense_w=dense_w)
         return [part.contiguous() for part in y.split(w.segment_rows, dim=1)]
 
-    def backward(self, name: str, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def backward(self, name: str, dy: torch.Tensor, x: torch.Tensor,
+                 swiglu_input: Optional[tuple] = None) -> torch.Tensor:
+        """dL/dx of projection ``name`` (with ``swiglu_input`` = (gate, up) and
+        x = silu(gate) * up: dL/d[gate, up] instead, from the matmul's epilogue)."""
         w = self.layer.projections[name]
         dense_w = self._dense_weight(name, dy.shape[0], dy.dtype)
         if self.dense is not None:
             self.dense.pop(name, None)      # this projection is done: free its dense W
         ab = self._adapter(name)
         if ab is None:
-            return nf4_matmul_backward_input(dy, w, dense_w=dense_w)
+            return nf4_matmul_backward_input(dy, w, dense_w=dense_w, swiglu_input=swiglu_input)
         A, B = self.lora.weights[name]
         dx, dA, dB = lora_linear_backward(dy, x, w, *ab, self.lora.scale, self.contexts[name],
-                                          dense_w=dense_w)
+                                          dense_w=dense_w, swiglu_input=swiglu_input)
         _accumulate_grad(A, dA)
         _accumulate_grad(B, dB)
         return dx
 
     def backward_group(self, group: str, dys, x: torch.Tensor) -> torch.Tensor:
-        """dL/dx of FUSED_GROUPS[group]'s projections given dL/d(each output) ``dys``."""
+        """dL/dx of FUSED_GROUPS[group]'s projections given dL/d(each output) ``dys``
+        (a sequence, or one tensor of them side by side)."""
         members = FUSED_GROUPS[group]
+        if isinstance(dys, torch.Tensor) and not self._fused(group):
+            dys = dys.split([self.layer.projections[m].shape[0] for m in members], dim=1)
         if not self._fused(group):
             dx = self.backward(members[0], dys[0].contiguous(), x)
             for m, dy in zip(members[1:], dys[1:]):
                 dx = dx + self.backward(m, dy.contiguous(), x)
             return dx
         w = self.layer.fused[group]
-        dy = torch.cat(dys, dim=1)
+        dy = dys if isinstance(dys, torch.Tensor) else torch.cat(dys, dim=1)
         dense_w = self._dense_weight(group, dy.shape[0], dy.dtype)
         if self.dense is not None:
             self.dense.pop(group, None)
@@ -228,9 +234,8 @@ def block_backward_saved(dh2: torch.Tensor, s: dict, layer: LayerWeights,
     proj: _Projector = s["proj"]
 
     # MLP:  h2 = h1 + down(swiglu(gate(x2), up(x2))),  x2 = rmsnorm(h1)
-    dm = proj.backward("down_proj", dh2, s["m"])
-    dg, du = swiglu_backward(dm, s["g"], s["u"])
-    dx2 = proj.backward_group("gate_up_proj", (dg, du), s["x2"])
+    d_gate_up = proj.backward("down_proj", dh2, s["m"], swiglu_input=(s["g"], s["u"]))
+    dx2 = proj.backward_group("gate_up_proj", d_gate_up, s["x2"])
     dx2_h1, _ = rms_norm_backward(dx2, s["h1"], layer.post_attention_layernorm, s["rstd2"], False)
     dh1 = dh2 + dx2_h1
 
