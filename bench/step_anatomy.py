@@ -76,6 +76,7 @@ class Section:
         self.flops = 0
         self.conversion_bytes = 0
         self.conversions: collections.Counter = collections.Counter()
+        self.peak_live_bytes = 0            # all step tensors alive while this section ran
 
     def as_dict(self, activation_bytes: int) -> dict:
         return dict(triton_launches=sum(self.launches.values()),
@@ -83,7 +84,8 @@ class Section:
                     torch_matmuls=self.matmuls,
                     launches_plus_matmuls=sum(self.launches.values()) + self.matmuls,
                     conversion_copies_in_activations=self.conversion_bytes / activation_bytes,
-                    conversions=dict(self.conversions), flops=self.flops)
+                    conversions=dict(self.conversions), flops=self.flops,
+                    peak_live_in_activations=self.peak_live_bytes / activation_bytes)
 
 
 class StepRecorder(TorchDispatchMode):
@@ -141,6 +143,8 @@ class StepRecorder(TorchDispatchMode):
             entry[1].append(weakref.ref(t))
         self._sweep()
         self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        section = self.sections[self.where]
+        section.peak_live_bytes = max(section.peak_live_bytes, self.live_bytes)
 
     def _sweep(self) -> None:
         for key in list(self.live):
@@ -229,17 +233,20 @@ def format_report(result: dict) -> str:
              f"seq {c['seq']} ({result['tokens']} tokens), LoRA {c['targets'] or 'none'} "
              f"r {c['rank']} dropout {c['dropout']}; {result['runtime']}",
              f"{'layer':10s} {'launches':>8s} {'matmuls':>8s} {'sum':>5s} {'conv.copies':>11s} "
-             f"{'FLOPs/min':>9s}  launches by kernel"]
+             f"{'FLOPs/min':>9s} {'peak live':>9s}  launches by kernel"]
     for name, row in result["layers"].items():
         kernels = ", ".join(f"{k.strip('_').removesuffix('_kernel')} {v}"
                             for k, v in row["launches_by_kernel"].items())
         lines.append(f"{name:10s} {row['triton_launches']:8d} {row['torch_matmuls']:8d} "
                      f"{row['launches_plus_matmuls']:5d} "
                      f"{row['conversion_copies_in_activations']:10.2f}a "
-                     f"{row['flops_vs_minimum']:9.3f}  {kernels}")
-    lines.append(f"peak live step tensors: {result['peak_live_bytes']} bytes = "
-                 f"{result['peak_live_in_activations']:.1f} activations of {result['activation_bytes']} "
-                 "bytes ([tokens x hidden] in the compute dtype)")
+                     f"{row['flops_vs_minimum']:9.3f} {row['peak_live_in_activations']:8.1f}a  "
+                     f"{kernels}")
+    lines.append(f"a = one activation, [tokens x hidden] in the compute dtype = "
+                 f"{result['activation_bytes']} bytes; peak live = every tensor made in the step "
+                 "and alive while the layer ran (block inputs of all layers included)")
+    lines.append(f"whole step: peak live {result['peak_live_in_activations']:.1f}a; outside the "
+                 f"layers {result['outside']['launches_plus_matmuls']} launches + matmuls")
     return "\n".join(lines)
 
 

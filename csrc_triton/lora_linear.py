@@ -22,7 +22,9 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from . import _runtime
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from .low_rank import low_rank_matmul
 from .nf4 import NF4Weight
 from .nf4_dense import compute_dtype
 from .nf4_matmul import (LoraBackwardEpilogue, LoraForwardEpilogue, check_swiglu_input,
@@ -70,19 +72,29 @@ def check_lora_backward_args(op: str, dy2d, x2d, w: NF4Weight, A, B, scale,
 
 
 def _dropped_input(x2d: torch.Tensor, ctx: LoRAContext) -> torch.Tensor:
-    """xd = x * keep / (1 - p) in the compute dtype (x itself when there is no
-    dropout and x is already in it: no copy of the activation)."""
-    xd = x2d.to(compute_dtype(x2d.dtype))
-    if ctx.keep_mask is not None:
-        xd = xd.mul(ctx.keep_mask).mul_(1.0 / (1.0 - ctx.dropout))
-    return xd
+    """xd = x * keep / (1 - p) in the compute dtype; x itself when there is no
+    dropout (_low_rank_mm reads it in its own dtype: no copy of the activation)."""
+    if ctx.keep_mask is None:
+        return x2d
+    return x2d.to(compute_dtype(x2d.dtype)).mul(ctx.keep_mask).mul_(1.0 / (1.0 - ctx.dropout))
 
 
 def _low_rank_mm(a: torch.Tensor, b: torch.Tensor, scale: Optional[float] = None,
                  out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """a @ b for the rank-r products, in a's dtype (the compute dtype: tensor cores
-    with fp32 accumulation for fp16/bf16); ``scale`` applied in fp32 after it."""
-    product = torch.mm(a, b.to(a.dtype))
+    """a @ b for the rank-r products in the compute dtype of a's activations (tensor
+    cores with fp32 accumulation for fp16/bf16), returned in it; with ``scale``,
+    scale * (a @ b) in ``out_dtype``, the scale applied in fp32.
+
+    Where the compute dtype is wider than an operand (fp32 under the interpreter),
+    low_rank.low_rank_matmul widens the tiles in registers rather than making an
+    fp32 copy of an activation; elsewhere torch.mm, with the (small) LoRA factor
+    rounded to the activations' dtype."""
+    dtype = compute_dtype(a.dtype)
+    if a.dtype != dtype or b.dtype != dtype:
+        if _runtime.DOT_IN_FP32:
+            return low_rank_matmul(a, b, dtype if scale is None else out_dtype, scale)
+        b = b.to(a.dtype)
+    product = torch.mm(a, b)
     if scale is None:
         return product
     return product.float().mul_(scale).to(out_dtype)
@@ -131,9 +143,8 @@ def lora_linear_backward(dy2d: torch.Tensor, x2d: torch.Tensor, w: NF4Weight, A:
     check_lora_backward_args(op, dy2d, x2d, w, A, B, scale, ctx)
     check_swiglu_input(op, swiglu_input, x2d.shape[0], x2d.shape[1], x2d.dtype)
 
-    dy = dy2d.to(compute_dtype(dy2d.dtype))
-    g = _low_rank_mm(dy, B)                                        # dY B, [M, r]
-    d_b = _low_rank_mm(dy.t(), ctx.xa, scale, B.dtype)             # scale * dY^T xa, [N, r]
+    g = _low_rank_mm(dy2d, B)                                      # dY B, [M, r]
+    d_b = _low_rank_mm(dy2d.t(), ctx.xa, scale, B.dtype)           # scale * dY^T xa, [N, r]
     d_a = _low_rank_mm(g.t(), _dropped_input(x2d, ctx), scale, A.dtype)  # scale * g^T xd, [r, K]
     if not input_grad:
         return None, d_a, d_b
@@ -289,7 +300,7 @@ def lora_linear_fused_forward(x2d: torch.Tensor, w: NF4Weight, adapters, scale: 
     op = "lora_linear_fused_forward"
     ranks = _check_fused_args(op, x2d, w, adapters, scale)
     lora_a, lora_b = stacked_adapters(w, adapters, ranks, compute_dtype(x2d.dtype))
-    xa = _low_rank_mm(x2d.to(lora_a.dtype), lora_a.t())
+    xa = _low_rank_mm(x2d, lora_a.t())
     y2d = launch_forward(op, x2d, w, LoraForwardEpilogue(xa=xa, lora_b=lora_b, scale=float(scale)),
                          dense_w=dense_w, path=path)
     return y2d, FusedLoRAContext(xa=xa, lora_a=lora_a, lora_b=lora_b, ranks=ranks)
@@ -304,11 +315,9 @@ def lora_linear_fused_backward(dy2d: torch.Tensor, x2d: torch.Tensor, w: NF4Weig
     three rank-R products and one NF4 matmul with the LoRA epilogue."""
     op = "lora_linear_fused_backward"
     ranks = check_fused_backward_args(op, dy2d, x2d, w, adapters, scale, ctx)
-    dtype = ctx.lora_a.dtype
-    dy = dy2d.to(dtype)
-    g = _low_rank_mm(dy, ctx.lora_b)                                       # dY B, [M, R]
-    d_b = _low_rank_mm(dy.t(), ctx.xa, scale, torch.float32)              # [N, R]
-    d_a = _low_rank_mm(g.t(), x2d.to(dtype), scale, torch.float32)        # [R, K]
+    g = _low_rank_mm(dy2d, ctx.lora_b)                                     # dY B, [M, R]
+    d_b = _low_rank_mm(dy2d.t(), ctx.xa, scale, torch.float32)            # [N, R]
+    d_a = _low_rank_mm(g.t(), x2d, scale, torch.float32)                  # [R, K]
     grads = split_adapter_grads(w, adapters, ranks, d_a, d_b)
     if not input_grad:
         return None, grads
