@@ -188,6 +188,9 @@ def build_model(args):
     from anita_core.hf.load import load_model
     from anita_core.lora import LoRAAdapters, LoRAConfig
     model = load_model(args.model, compute_dtype=DTYPES[args.dtype], progress=False)
+    if args.no_fusion:              # every projection on its own (the members stay views)
+        for layer in model.base.layers:
+            layer.fused.clear()
     if args.targets:
         lora = LoRAConfig(r=args.rank, alpha=2.0 * args.rank, dropout=args.dropout,
                           target_modules=tuple(args.targets.split(",")))
@@ -262,6 +265,8 @@ def parse_args(argv=None):
                         help="comma-separated LoRA target projections ('' for no LoRA)")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank r")
     parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout p")
+    parser.add_argument("--no-fusion", action="store_true",
+                        help="run q/k/v and gate/up as separate matmuls (for comparison)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     for flag in ("batch", "seq", "rank"):

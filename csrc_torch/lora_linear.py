@@ -39,7 +39,7 @@ def lora_linear_forward(x2d: torch.Tensor, w: NF4Weight, A: torch.Tensor, B: tor
     else:
         p = 0.0
     ctx = LoRAContext(keep_mask=keep_mask, dropout=p, xa=None)
-    xa = (_dropped_input(x2d, ctx) @ A.float().t()).contiguous()
+    xa = (_dropped_input(x2d, ctx).float() @ A.float().t()).contiguous()
     y = x2d.float() @ dense_weight(op, w, dense_w, path).t()
     y.add_(xa @ B.float().t(), alpha=float(scale))
     return y.to(x2d.dtype), ctx._replace(xa=xa)
@@ -57,7 +57,7 @@ def lora_linear_backward(dy2d: torch.Tensor, x2d: torch.Tensor, w: NF4Weight, A:
     dy32 = dy2d.float()
     g = dy32 @ B.float()                                   # dY B, [M, r]
     d_b = (dy32.t() @ ctx.xa).mul_(scale).to(B.dtype)
-    d_a = (g.t() @ _dropped_input(x2d, ctx)).mul_(scale).to(A.dtype)
+    d_a = (g.t() @ _dropped_input(x2d, ctx).float()).mul_(scale).to(A.dtype)
     if not input_grad:
         return None, d_a, d_b
     low_rank = g @ A.float()                               # (dY B) A, [M, K]
