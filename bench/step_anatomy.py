@@ -16,11 +16,11 @@ How each figure is caught (runs through the Triton interpreter on a CPU and on a
     activation in the compute dtype;
   * per layer: the model's LayerHooks say which layer (and forward or backward)
     runs; ops outside every layer (embedding, final norm, loss) are listed apart;
-  * FLOPs of the projections (NF4 matmuls and LoRA products; attention is left
-    out of both sides) relative to the minimum a frozen-base LoRA step needs:
-    per projection [N, K] with rank r over T tokens, forward 2TNK + 2Tr(K+N) and
-    backward 2TNK (dX) + 2Tr(K+N) (dY B and dY^T xa) + 2Tr(K+N)... exactly
-    4TNK + 6Tr(K+N) (see minimum_flops);
+  * FLOPs of the projections (NF4 matmuls and LoRA products, as executed; attention
+    is left out of both sides) relative to the minimum of a frozen-base LoRA step
+    without recompute: per projection [N, K] with rank r over T tokens, forward
+    2TNK + 2TKr + 2TNr (x W^T, x A^T, xa B^T), backward 2TNK (dY W) + 2TNr (dY B)
+    + 2TNr (dB) + 2TKr (dA) + 2TKr (g A): 4TNK + 6Tr(K + N) (minimum_flops);
   * peak live activation bytes: every tensor an op creates during the step is held
     by a weak reference until it dies; the peak of the sum of live storages (each
     counted once), relative to one activation. Weights and adapters made before the
