@@ -4,11 +4,15 @@ The big matmuls (x W^T forward, dY W backward) run on ``nf4_matmul``'s path for
 this M: the fused NF4 kernels, with the LoRA term added in their epilogues on
 the output tile already in registers, or dequantize + cuBLAS, with the LoRA
 term added by one addmm. The rank-r matmuls (xa = drop(x) A^T, g = dY B, dA,
-dB) run in torch in the compute dtype (nf4_dense.compute_dtype: the
-activations' fp16/bf16 on a GPU, on the tensor cores with fp32 accumulation, as
-PEFT computes them under bf16; fp32 under the interpreter), so no fp32 copy of
-an activation is made; dA and dB are scaled in fp32 and returned in the
-adapters' dtype (LoRA masters are usually fp32 while x is fp16/bf16).
+dB) run in the compute dtype (nf4_dense.compute_dtype: the activations'
+fp16/bf16 on a GPU, torch.mm on the tensor cores with fp32 accumulation, as PEFT
+computes them under bf16; fp32 under the interpreter, where low_rank.low_rank_matmul
+widens the activation tiles in registers), so no fp32 copy of an activation is
+made; dA and dB are scaled in fp32 and returned in the adapters' dtype (LoRA
+masters are usually fp32 while x is fp16/bf16).
+
+lora_linear_fused_* run projections that share an input (q/k/v, gate/up) as one
+NF4 matmul and one product with their stacked A (see the section below).
 
 Backward (W frozen), with xd = drop(x) = x * keep / (1 - p) and xa = xd A^T:
   dB = scale * dY^T xa

@@ -17,6 +17,11 @@ Both kernels carry an optional LoRA epilogue (used by ``lora_linear``):
 (a rank-r tl.dot on the tensor cores, operands in the activations' dtype), so
 the low-rank update rides on the output tile that the NF4 matmul already holds
 in registers instead of costing another pass over y or dx.
+
+W may be a row concatenation of weights (nf4_concat: q/k/v as one matmul), decoded
+segment by segment where double quantization keeps per-weight nested statistics.
+The backward can also apply SwiGLU's backward to its own output tile
+(``swiglu_input``): the down projection's dX kernel then writes d[gate, up] directly.
 """
 from __future__ import annotations
 
