@@ -36,7 +36,7 @@ import json
 import sys
 import weakref
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode

@@ -20,9 +20,8 @@ from anita_core.model.attention import attention_backward, attention_forward, at
 from anita_core.model.ops import (choose_path, dequantize_for_matmul, lora_linear_backward,
                                   lora_linear_forward, lora_linear_fused_backward,
                                   lora_linear_fused_forward, nf4_matmul_backward_input,
-                                  nf4_matmul_forward,
-                                  rms_norm_backward, rms_norm_forward, rope_backward, rope_forward,
-                                  swiglu_forward)
+                                  nf4_matmul_forward, rms_norm_backward, rms_norm_forward,
+                                  rope_backward, rope_forward, swiglu_forward)
 from anita_core.model.weights import FUSED_GROUPS, LayerWeights
 
 
