@@ -4,6 +4,7 @@ dtype-conversion copies, FLOPs, peak live activation bytes.
     python -m bench.step_anatomy                       # bundled tiny model, bf16, LoRA on all 7
     python -m bench.step_anatomy --dtype fp32 --batch 2 --seq 64 --rank 16 --dropout 0.1
     python -m bench.step_anatomy --targets q_proj,v_proj --json out.json
+    python -m bench.step_anatomy --no-recompute      # every layer's activations kept
 
 How each figure is caught (runs through the Triton interpreter on a CPU and on a GPU):
   * Triton launches: every launch site in csrc_triton reports itself to
@@ -170,6 +171,35 @@ def _layer_hooks_class():
     return WhereHooks
 
 
+def train_step_keeping_activations(model, ids, targets, recorder: StepRecorder) -> None:
+    """model.train_step with every layer's activations kept (block_forward_saving, then
+    block_backward_saved): nothing recomputed. A stand-in for the memory planner's
+    keep strategy, so the without-recompute figures can be counted; no dropout replay
+    is needed because no mask is drawn twice."""
+    from anita_core.model.block import block_backward_saved, block_forward_saving
+    from anita_core.model.llama import IGNORE_INDEX
+    from anita_core.model.ops import (linear_cross_entropy_forward_backward, rms_norm_backward,
+                                      rms_norm_forward)
+    c = model.config
+    geo = model.geometry(ids, None, None)
+    h, saved = model.embed(ids), []
+    for i, layer in enumerate(model.base.layers):
+        recorder.where = f"layer {i}"
+        h, kept = block_forward_saving(h, layer, geo, c.num_attention_heads,
+                                       c.num_key_value_heads, c.rms_norm_eps, model.block_lora(i))
+        saved.append(kept)
+        recorder.where = OUTSIDE
+    hidden, rstd = rms_norm_forward(h, model.base.norm, c.rms_norm_eps)
+    _, _, d_hidden, _ = linear_cross_entropy_forward_backward(
+        hidden, model.base.output_embedding, targets.reshape(-1), 1.0, IGNORE_INDEX)
+    dh, _ = rms_norm_backward(d_hidden.contiguous(), h, model.base.norm, rstd, False)
+    for i in reversed(range(len(model.base.layers))):
+        recorder.where = f"layer {i}"
+        dh = block_backward_saved(dh, saved[i], model.base.layers[i], geo)
+        saved[i] = None
+        recorder.where = OUTSIDE
+
+
 def minimum_flops(model, tokens: int) -> int:
     """Projection FLOPs of one layer's step with nothing recomputed and nothing wasted:
     per projection [N, K] (LoRA rank r, or none) 4TNK + 6Tr(K+N)."""
@@ -214,7 +244,10 @@ def measure(args) -> dict:
     recorder = StepRecorder()
     model.layer_hooks = _layer_hooks_class()(recorder)
     with _runtime.listen_to_launches(recorder.on_launch), recorder:
-        model.train_step(ids, targets)
+        if args.no_recompute:
+            train_step_keeping_activations(model, ids, targets, recorder)
+        else:
+            model.train_step(ids, targets)
     tokens = args.batch * args.seq
     activation_bytes = tokens * model.config.hidden_size * DTYPES[args.dtype].itemsize
     n_layers = model.config.num_hidden_layers
@@ -234,7 +267,9 @@ def format_report(result: dict) -> str:
     c = result["config"]
     lines = [f"step_anatomy: SFT train_step, {c['model']}, {c['dtype']}, batch {c['batch']} x "
              f"seq {c['seq']} ({result['tokens']} tokens), LoRA {c['targets'] or 'none'} "
-             f"r {c['rank']} dropout {c['dropout']}; {result['runtime']}",
+             f"r {c['rank']} dropout {c['dropout']}, "
+             f"{'activations kept' if c['no_recompute'] else 'recompute'}"
+             f"{', unfused' if c['no_fusion'] else ''}; {result['runtime']}",
              f"{'layer':10s} {'launches':>8s} {'matmuls':>8s} {'sum':>5s} {'conv.copies':>11s} "
              f"{'FLOPs/min':>9s} {'peak live':>9s}  launches by kernel"]
     for name, row in result["layers"].items():
@@ -267,6 +302,9 @@ def parse_args(argv=None):
     parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout p")
     parser.add_argument("--no-fusion", action="store_true",
                         help="run q/k/v and gate/up as separate matmuls (for comparison)")
+    parser.add_argument("--no-recompute", action="store_true",
+                        help="keep every layer's activations instead of recomputing them "
+                             "in the backward")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     for flag in ("batch", "seq", "rank"):

@@ -11,6 +11,7 @@ from bench import step_anatomy
 # layer recomputed in the backward): Triton launches + torch matmuls, and bytes of
 # dtype-conversion copies in units of one [tokens x hidden] activation
 MAX_LAUNCHES_PLUS_MATMULS = 48
+MAX_WITHOUT_RECOMPUTE = 36          # activations kept, nothing recomputed
 MAX_CONVERSION_ACTIVATIONS = 2.0
 SMALL = ["--dtype", "bf16", "--batch", "1", "--seq", "24", "--rank", "4"]
 
@@ -31,6 +32,13 @@ def test_every_layer_within_the_targets():
         assert "_swiglu_backward_kernel" not in kernels      # in the down projection's epilogue
         # with recompute the projections run forward twice: at least 1.5x the minimum
         assert row["flops_vs_minimum"] >= 1.5 and row["peak_live_in_activations"] > 0
+
+
+def test_without_recompute_within_the_target():
+    for name, row in measure("--no-recompute")["layers"].items():
+        assert row["launches_plus_matmuls"] <= MAX_WITHOUT_RECOMPUTE, (name, row)
+        assert row["conversion_copies_in_activations"] <= MAX_CONVERSION_ACTIVATIONS, (name, row)
+        assert row["launches_by_kernel"]["_nf4_matmul_fwd_kernel"] == 4
 
 
 def test_recorder_counts_matmuls_conversions_and_flops():
