@@ -14,7 +14,8 @@ csrc_triton (all plain torch); no Triton kernel ever runs from here.
 from .attention import document_bounds, flash_attention_backward, flash_attention_forward
 from .linear_loss import (linear_cross_entropy_forward, linear_cross_entropy_forward_backward,
                           token_logprobs_backward, token_logprobs_forward)
-from .lora_linear import lora_linear_backward, lora_linear_forward
+from .lora_linear import (lora_linear_backward, lora_linear_forward, lora_linear_fused_backward,
+                          lora_linear_fused_forward)
 from .nf4 import dequant_cache_info, dequantize_fp32, nf4_quantize, set_dequant_cache_bytes
 from .nf4_matmul import choose_path, dequantize_for_matmul
 from .nf4_matmul import nf4_matmul_backward_input, nf4_matmul_forward
@@ -24,7 +25,8 @@ from .swiglu import swiglu_backward, swiglu_forward
 
 __all__ = [
     "nf4_quantize", "nf4_matmul_forward", "nf4_matmul_backward_input", "lora_linear_forward",
-    "lora_linear_backward", "rms_norm_forward", "rms_norm_backward", "rope_forward",
+    "lora_linear_backward", "lora_linear_fused_forward", "lora_linear_fused_backward",
+    "rms_norm_forward", "rms_norm_backward", "rope_forward",
     "rope_backward", "rope_cos_sin", "swiglu_forward", "swiglu_backward",
     "linear_cross_entropy_forward", "linear_cross_entropy_forward_backward",
     "token_logprobs_forward", "token_logprobs_backward",

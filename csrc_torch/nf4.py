@@ -65,9 +65,16 @@ def clear_dequant_cache() -> None:
 def _block_absmax(w: NF4Weight) -> torch.Tensor:
     if not w.double_quant:
         return w.absmax.float()
-    group = torch.arange(w.n_blocks, device=w.device) // NESTED_BLOCKSIZE
+    block = torch.arange(w.n_blocks, device=w.device)
+    if not w.segmented:
+        group, offset = block // NESTED_BLOCKSIZE, w.nested_offset
+    else:       # each segment keeps its own nested groups and offset (NF4Weight.segment_starts)
+        block_starts, group_starts = (torch.tensor(v, device=w.device) for v in w.segment_starts())
+        segment = torch.bucketize(block, block_starts, right=True) - 1
+        group = group_starts[segment] + (block - block_starts[segment]) // NESTED_BLOCKSIZE
+        offset = w.nested_offset[segment]
     scaled = w.nested_code[w.absmax.long()] * w.nested_absmax[group]
-    return scaled + w.nested_offset
+    return scaled + offset
 
 
 def _dequantize_uncached(w: NF4Weight) -> torch.Tensor:

@@ -14,9 +14,10 @@ import torch
 
 from csrc_triton._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from csrc_triton.nf4 import NF4Weight
-from csrc_triton.nf4_matmul import check_nf4_weight
+from csrc_triton.nf4_matmul import check_nf4_weight, check_swiglu_input
 
 from .nf4 import dequantize_fp32
+from .swiglu import swiglu_backward
 
 PATH = "dequant"
 
@@ -54,12 +55,25 @@ def nf4_matmul_forward(x2d: torch.Tensor, w: NF4Weight, *, dense_w: Optional[tor
     return (x2d.float() @ dense_weight(op, w, dense_w, path).t()).to(x2d.dtype)
 
 
+def input_grad_or_swiglu(dx32: torch.Tensor, dtype: torch.dtype,
+                         swiglu_input: Optional[tuple]) -> torch.Tensor:
+    """dx (fp32) rounded to ``dtype``, or with swiglu_input = (gate, up), x = silu(gate) * up,
+    [dgate, dup] computed from the fp32 dx (csrc_triton.nf4_matmul.launch_backward_input)."""
+    if swiglu_input is None:
+        return dx32.to(dtype)
+    return torch.cat(swiglu_backward(dx32, *swiglu_input), dim=1)
+
+
 def nf4_matmul_backward_input(dy2d: torch.Tensor, w: NF4Weight, *,
                               dense_w: Optional[torch.Tensor] = None,
-                              path: Optional[str] = None) -> torch.Tensor:
-    """dx2d = dy2d @ W for dy2d [M, N] and W [N, K] in NF4; dx2d in dy2d's dtype."""
+                              path: Optional[str] = None,
+                              swiglu_input: Optional[tuple] = None) -> torch.Tensor:
+    """dx2d = dy2d @ W for dy2d [M, N] and W [N, K] in NF4; dx2d in dy2d's dtype
+    (with ``swiglu_input``: [dgate, dup], see input_grad_or_swiglu)."""
     op = "nf4_matmul_backward_input"
     check_nf4_weight(op, w)
     check_tensor(op, "dy2d", dy2d, dtypes=FLOAT_DTYPES, ndim=2, shape=(None, w.shape[0]))
     check_same_device(op, dy2d=dy2d, w=w.packed)
-    return (dy2d.float() @ dense_weight(op, w, dense_w, path)).to(dy2d.dtype)
+    check_swiglu_input(op, swiglu_input, dy2d.shape[0], w.shape[1], dy2d.dtype)
+    return input_grad_or_swiglu(dy2d.float() @ dense_weight(op, w, dense_w, path), dy2d.dtype,
+                                swiglu_input)

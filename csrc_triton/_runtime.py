@@ -17,6 +17,8 @@ Rule (first match wins):
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import os
 import sys
 
@@ -104,3 +106,34 @@ def describe() -> str:
     if INTERPRETING:
         return "Triton interpreter (CPU); kernels compute in fp32"
     return f"compiled Triton on {torch.cuda.get_device_name()}"
+
+
+# -- launch counting (bench/step_anatomy.py): the interpreter does not fire Triton's
+# launch hooks, so every launch site reports itself here. One list append per
+# launch when nobody counts; each active counter is a Counter keyed by kernel name.
+_launch_listeners: list = []
+
+
+def record_launch(kernel_name: str, flops: int = 0) -> None:
+    """Called by every launch site just before it launches ``kernel_name``;
+    ``flops`` = the multiply-add work of the launch (2 per MAC) where it is a matmul."""
+    for listener in _launch_listeners:
+        listener(kernel_name, flops)
+
+
+@contextlib.contextmanager
+def listen_to_launches(listener):
+    """Call ``listener(kernel_name, flops)`` for every kernel launched inside the block."""
+    _launch_listeners.append(listener)
+    try:
+        yield listener
+    finally:
+        _launch_listeners.remove(listener)
+
+
+@contextlib.contextmanager
+def count_launches():
+    """A collections.Counter of the kernels launched inside the block, by name."""
+    counter: collections.Counter = collections.Counter()
+    with listen_to_launches(lambda name, flops: counter.update((name,))):
+        yield counter

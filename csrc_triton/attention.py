@@ -64,7 +64,7 @@ import triton
 import triton.language as tl
 
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor
-from ._runtime import DOT_IN_FP32, INTERPRETING, new_output
+from ._runtime import DOT_IN_FP32, INTERPRETING, new_output, record_launch
 
 _OP = "flash_attention"
 MAX_HEAD_DIM = 256
@@ -434,6 +434,7 @@ def flash_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     args, _ = _common(q, k, head_dim)
     blocks = _blocks_override or _blocks("forward", seq, args["group"], block_d)
     first_key = bounds[0] if bounds is not None else q      # unused when HAS_BOUNDS is off
+    record_launch("_attention_forward_kernel")
     _attention_forward_kernel[_query_grid(blocks, batch, seq, k.shape[2], args["group"])](
         q, k, v, out, lse, first_key, **args, HAS_BOUNDS=bounds is not None,
         DOT_FP32=_dot_in_fp32(q.dtype), BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
@@ -476,11 +477,13 @@ def flash_attention_backward(d_out: torch.Tensor, q: torch.Tensor, k: torch.Tens
     delta = new_output((batch, n_q_heads, seq), torch.float32, q.device)
     n_rows = batch * seq * n_q_heads
     delta_rows = _DELTA_ROWS
+    record_launch("_attention_delta_kernel")
     _attention_delta_kernel[(triton.cdiv(n_rows, delta_rows),)](
         out, d_out, delta, n_rows, seq, n_q_heads, head_dim, BLOCK_ROWS=delta_rows, BLOCK_D=block_d)
 
     group = args["group"]
     blocks = _blocks_override or _blocks("dkdv", seq, group, block_d)
+    record_launch("_attention_dkdv_kernel")
     _attention_dkdv_kernel[(triton.cdiv(seq, blocks.block_n), batch * n_kv_heads)](
         q, k, v, d_out, lse, delta, dk, dv, first_key, key_end, **args, scale=scale,
         HAS_BOUNDS=has_bounds, DOT_FP32=dot_fp32, BLOCK_M=blocks.block_m,
@@ -488,6 +491,7 @@ def flash_attention_backward(d_out: torch.Tensor, q: torch.Tensor, k: torch.Tens
         num_warps=blocks.num_warps, num_stages=blocks.num_stages)
 
     blocks = _blocks_override or _blocks("dq", seq, group, block_d)
+    record_launch("_attention_dq_kernel")
     _attention_dq_kernel[_query_grid(blocks, batch, seq, n_kv_heads, group)](
         q, k, v, d_out, lse, delta, dq, first_key, **args, scale=scale,
         HAS_BOUNDS=has_bounds, DOT_FP32=dot_fp32, BLOCK_M=blocks.block_m,

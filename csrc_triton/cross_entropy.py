@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor
-from ._runtime import INTERPRETING, new_output
+from ._runtime import INTERPRETING, new_output, record_launch
 
 _OP = "cross_entropy"
 
@@ -184,6 +184,7 @@ def _lse_rows_unchecked(logits: torch.Tensor, labels: torch.Tensor, ignore_index
     if T > 0:
         BLOCK_V = _pick_block_v(_OP, V, block_v)
         BLOCK_T = _pick_block_t(T, BLOCK_V)
+        record_launch("_lse_rows_kernel")
         _lse_rows_kernel[(triton.cdiv(T, BLOCK_T),)](logits, labels, lse, target, T, V, ignore_index,
                                                      BLOCK_T=BLOCK_T, BLOCK_V=BLOCK_V,
                                                      num_warps=_NUM_WARPS)
@@ -199,6 +200,7 @@ def _softmax_grad_rows_unchecked(logits, labels, lse, row_scale, ignore_index, o
     if T > 0:
         BLOCK_V = _pick_block_v(_OP, V, block_v)
         BLOCK_T = _pick_block_t(T, BLOCK_V)
+        record_launch("_softmax_grad_rows_kernel")
         _softmax_grad_rows_kernel[(triton.cdiv(T, BLOCK_T),)](
             logits, out, labels, lse, row_scale, T, V, ignore_index,
             BLOCK_T=BLOCK_T, BLOCK_V=BLOCK_V, num_warps=_NUM_WARPS)

@@ -51,7 +51,7 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import dataclass, field, replace
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton
@@ -134,7 +134,11 @@ class NF4Weight:
     code: torch.Tensor = field(default=None)  # float32 [16]
     nested_absmax: Optional[torch.Tensor] = None   # float32 [ceil(n_blocks / 256)]
     nested_code: Optional[torch.Tensor] = None     # float32 [256], signed dynamic map
-    nested_offset: Optional[torch.Tensor] = None   # float32 scalar tensor
+    nested_offset: Optional[torch.Tensor] = None   # float32 scalar tensor ([S] if segmented)
+    # Rows of each weight when this one is their row concatenation (nf4_concat:
+    # q/k/v as one matmul operand); None for an ordinary weight. Double-quantized
+    # segments keep their own nested groups and offset, see segment_starts.
+    segment_rows: Optional[Tuple[int, ...]] = None
 
     def __post_init__(self):
         self.shape = torch.Size(self.shape)
@@ -152,6 +156,30 @@ class NF4Weight:
     @property
     def n_blocks(self) -> int:
         return -(-self.numel // self.blocksize)
+
+    @property
+    def segmented(self) -> bool:
+        """Whether the nested absmax is decoded per segment (a concatenation of
+        double-quantized weights); single-quantized segments are a plain concatenation."""
+        return self.segment_rows is not None and self.double_quant
+
+    def segment_starts(self) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+        """(first block, first nested group) of each segment: segment s decodes block b
+        with nested group group_start[s] + (b - block_start[s]) // 256 and offset
+        nested_offset[s]."""
+        rows = self.segment_rows if self.segment_rows is not None else (self.shape[0],)
+        blocks = [r * self.numel // self.shape[0] // self.blocksize for r in rows]
+        block_starts, group_starts = [0], [0]
+        for n in blocks[:-1]:
+            block_starts.append(block_starts[-1] + n)
+            group_starts.append(group_starts[-1] + -(-n // NESTED_BLOCKSIZE))
+        return tuple(block_starts), tuple(group_starts)
+
+    def n_nested_groups(self) -> int:
+        if not self.segmented:
+            return -(-self.n_blocks // NESTED_BLOCKSIZE)
+        block_starts, group_starts = self.segment_starts()
+        return group_starts[-1] + -(-(self.n_blocks - block_starts[-1]) // NESTED_BLOCKSIZE)
 
     @property
     def device(self) -> torch.device:
@@ -190,13 +218,13 @@ class NF4Weight:
         expect("code", self.code, torch.float32, (16,))
         if self.double_quant:
             expect("absmax", self.absmax, torch.uint8, (self.n_blocks,))
-            expect("nested_absmax", self.nested_absmax, torch.float32,
-                   (-(-self.n_blocks // NESTED_BLOCKSIZE),))
+            expect("nested_absmax", self.nested_absmax, torch.float32, (self.n_nested_groups(),))
             if self.nested_code is None or self.nested_offset is None:
                 raise ValueError(f"{op}: a double-quantized NF4Weight needs nested_code "
                                  "and nested_offset as well as nested_absmax")
             expect("nested_code", self.nested_code, torch.float32, (256,))
-            expect("nested_offset", self.nested_offset, torch.float32, ())
+            expect("nested_offset", self.nested_offset, torch.float32,
+                   (len(self.segment_rows),) if self.segmented else ())
         else:
             expect("absmax", self.absmax, torch.float32, (self.n_blocks,))
             if self.nested_code is not None or self.nested_offset is not None:
@@ -206,6 +234,11 @@ class NF4Weight:
                           nested_absmax=self.nested_absmax, nested_code=self.nested_code,
                           nested_offset=self.nested_offset)
         return self
+
+    def refuse_segmented(self, op: str) -> None:
+        if self.segment_rows is not None:
+            raise ValueError(f"{op}: this NF4Weight concatenates {len(self.segment_rows)} "
+                             "weights (a compute operand); save or export its segments instead")
 
     # -- bitsandbytes objects (bitsandbytes imported only here) -----------------------
 
@@ -217,6 +250,7 @@ class NF4Weight:
         from bitsandbytes.functional import QuantState
 
         self.validate("NF4Weight.to_bnb")
+        self.refuse_segmented("NF4Weight.to_bnb")
         nested = None
         if self.double_quant:
             nested = QuantState(absmax=self.nested_absmax, code=self.nested_code.clone(),
@@ -264,6 +298,7 @@ class NF4Weight:
         UTF-8 JSON bytes in a uint8 tensor. Tensors share memory with this weight
         except the two code maps, which are copied (safetensors refuses shared maps)."""
         self.validate("NF4Weight.to_state_dict")
+        self.refuse_segmented("NF4Weight.to_state_dict")
         base = f"{prefix}weight"
         meta = {"quant_type": "nf4", "blocksize": self.blocksize,
                 "dtype": _dtype_name(self.dtype), "shape": list(self.shape)}
@@ -477,8 +512,10 @@ def _nested_quantize_kernel(absmax_ptr, offset_ptr, map_ptr, absmax_q_ptr, neste
 @triton.jit
 def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
                            nested_offset_ptr, out_ptr, numel, n_bytes, n_blocks,
+                           seg_block_1, seg_block_2, seg_group_1, seg_group_2,
                            BLOCKSIZE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr,
-                           DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr):
+                           DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr,
+                           SEGMENTED: tl.constexpr):
     """Decode BLOCKS_PER_PROGRAM consecutive NF4 blocks into the output dtype.
 
     Math (fp32, then one rounding to the output dtype):
@@ -501,10 +538,13 @@ def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, 
     byte = tl.load(packed_ptr + byte_index, mask=byte_index < n_bytes, other=0).to(tl.int32)
 
     if DOUBLE_QUANT:
+        group, offset = nested_group_and_offset(nested_offset_ptr, block, in_range, seg_block_1,
+                                                seg_block_2, seg_group_1, seg_group_2,
+                                                NESTED, SEGMENTED)
         absmax_q = tl.load(absmax_ptr + block, mask=in_range, other=0).to(tl.int32)
-        nested_scale = tl.load(nested_absmax_ptr + block // NESTED, mask=in_range, other=0.0)
+        nested_scale = tl.load(nested_absmax_ptr + group, mask=in_range, other=0.0)
         scale = tl.load(nested_code_ptr + absmax_q) * nested_scale
-        scale = scale + tl.load(nested_offset_ptr)
+        scale = scale + offset
     else:
         scale = tl.load(absmax_ptr + block, mask=in_range, other=0.0)
 
@@ -516,6 +556,46 @@ def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, 
     values = tl.reshape(tl.join(value_even, value_odd), (BLOCKS_PER_PROGRAM, BLOCKSIZE))
     offsets = block[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
     tl.store(out_ptr + offsets, values, mask=offsets < numel)
+
+
+@triton.jit
+def nested_group_and_offset(nested_offset_ptr, block, valid, seg_block_1, seg_block_2,
+                            seg_group_1, seg_group_2, NESTED: tl.constexpr,
+                            SEGMENTED: tl.constexpr):
+    """(nested group, nested offset) of the quantization blocks ``block``.
+
+    An ordinary weight: group b // NESTED and its one offset. A segmented weight
+    (up to three double-quantized weights concatenated by rows, NF4Weight.segment_rows)
+    keeps each segment's own groups and offset: segment s starts at block
+    seg_block_s and group seg_group_s (s = 1, 2; segment 0 at 0, 0; an absent
+    segment starts past the last block), so block b of segment s uses group
+    seg_group_s + (b - seg_block_s) // NESTED and offset nested_offset[s]:
+    exactly the numbers the separate weights decode with.
+    """
+    if SEGMENTED:
+        in_1 = block >= seg_block_1
+        in_2 = block >= seg_block_2
+        block_start = tl.where(in_2, seg_block_2, tl.where(in_1, seg_block_1, 0))
+        group_start = tl.where(in_2, seg_group_2, tl.where(in_1, seg_group_1, 0))
+        segment = in_1.to(tl.int32) + in_2.to(tl.int32)
+        offset = tl.load(nested_offset_ptr + segment, mask=valid, other=0.0)
+        return group_start + (block - block_start) // NESTED, offset
+    else:
+        return block // NESTED, tl.load(nested_offset_ptr)
+
+
+def segment_args(q: "NF4Weight") -> dict:
+    """The runtime arguments of nested_group_and_offset for ``q`` (zeros when unused)."""
+    if not q.segmented:
+        return dict(seg_block_1=0, seg_block_2=0, seg_group_1=0, seg_group_2=0)
+    if len(q.segment_rows) > 3:
+        raise ValueError(f"NF4Weight: {len(q.segment_rows)} segments; the kernels decode at most 3")
+    block_starts, group_starts = q.segment_starts()
+    past = q.n_blocks       # an absent segment starts past the last block
+    block_starts = block_starts + (past,) * (3 - len(block_starts))
+    group_starts = group_starts + (0,) * (3 - len(group_starts))
+    return dict(seg_block_1=block_starts[1], seg_block_2=block_starts[2],
+                seg_group_1=group_starts[1], seg_group_2=group_starts[2])
 
 
 @triton.jit
@@ -555,6 +635,7 @@ def launch_nf4_quantize(flat: torch.Tensor, blocksize: int):
     code = nf4_code(flat.device)
     per_program = _blocks_per_program(n_blocks, blocksize)
     grid = (triton.cdiv(n_blocks, per_program),)
+    _runtime.record_launch("_nf4_quantize_kernel")
     _nf4_quantize_kernel[grid](flat, code, packed, absmax, numel, n_blocks,
                                BLOCKSIZE=blocksize, BLOCKS_PER_PROGRAM=per_program, **_NO_FMA)
     return packed, absmax
@@ -572,6 +653,7 @@ def launch_dynamic_quantize(values: torch.Tensor, offset: torch.Tensor,
     group_max = _runtime.new_output((n_groups,), torch.float32, values.device)
     per_program = _blocks_per_program(n_groups, NESTED_BLOCKSIZE)
     grid = (triton.cdiv(n_groups, per_program),)
+    _runtime.record_launch("_nested_quantize_kernel")
     _nested_quantize_kernel[grid](values, offset, dynamic_map, indices, group_max, n, n_groups,
                                   GROUP=NESTED_BLOCKSIZE, GROUPS_PER_PROGRAM=per_program,
                                   **_NO_FMA)
@@ -600,10 +682,12 @@ def launch_nf4_dequantize(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
     nested = (q.nested_absmax, q.nested_code, q.nested_offset) if q.double_quant else (absmax,) * 3
     per_program = _blocks_per_program(q.n_blocks, q.blocksize)
     grid = (triton.cdiv(q.n_blocks, per_program),)
+    _runtime.record_launch("_nf4_dequantize_kernel")
     _nf4_dequantize_kernel[grid](q.packed, absmax, q.code, *nested, out, q.numel,
-                                 (q.numel + 1) // 2, q.n_blocks,
+                                 (q.numel + 1) // 2, q.n_blocks, **segment_args(q),
                                  BLOCKSIZE=q.blocksize, BLOCKS_PER_PROGRAM=per_program,
-                                 DOUBLE_QUANT=q.double_quant, NESTED=NESTED_BLOCKSIZE, **_NO_FMA)
+                                 DOUBLE_QUANT=q.double_quant, NESTED=NESTED_BLOCKSIZE,
+                                 SEGMENTED=q.segmented, **_NO_FMA)
     return out if kernel_dtype == dtype else out.to(dtype)
 
 

@@ -17,6 +17,11 @@ Both kernels carry an optional LoRA epilogue (used by ``lora_linear``):
 (a rank-r tl.dot on the tensor cores, operands in the activations' dtype), so
 the low-rank update rides on the output tile that the NF4 matmul already holds
 in registers instead of costing another pass over y or dx.
+
+W may be a row concatenation of weights (nf4_concat: q/k/v as one matmul), decoded
+segment by segment where double quantization keeps per-weight nested statistics.
+The backward can also apply SwiGLU's backward to its own output tile
+(``swiglu_input``): the down projection's dX kernel then writes d[gate, up] directly.
 """
 from __future__ import annotations
 
@@ -28,10 +33,11 @@ import triton.language as tl
 
 from . import _runtime
 from ._checks import FLOAT_DTYPES, check_numel, check_same_device, check_tensor
-from .nf4 import _NO_FMA, NF4Weight, nf4_code_lookup
+from .nf4 import _NO_FMA, NF4Weight, nested_group_and_offset, nf4_code_lookup
 from .nf4_dense import (check_dense_weight, choose_path, dense_backward_input, dense_forward,
                         dequantize_for_matmul)
 from .nf4_operand import check_nf4_weight, weight_args, weight_constexprs
+from .swiglu import swiglu_backward, swiglu_gradients
 
 # ---------------------------------------------------------------------------
 # kernels
@@ -51,25 +57,31 @@ def _nf4_code_values(packed_ptr, code_ptr, flat, valid):
 
 @triton.jit
 def _block_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr, block, valid,
-                  DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr):
+                  seg_block_1, seg_block_2, seg_group_1, seg_group_2,
+                  DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr, SEGMENTED: tl.constexpr):
     """absmax[b] (fp32) for the quantization-block indices ``block``.
 
     With double quantization the stored absmax is a uint8 index and
-    absmax[b] = nested_code[absmax_u8[b]] * nested_absmax[b // NESTED] + nested_offset.
+    absmax[b] = nested_code[absmax_u8[b]] * nested_absmax[g(b)] + offset(b), with
+    g(b) = b // NESTED and one offset, or per segment (nf4.nested_group_and_offset).
     """
     if DOUBLE_QUANT:
+        group, offset = nested_group_and_offset(nested_offset_ptr, block, valid, seg_block_1,
+                                                seg_block_2, seg_group_1, seg_group_2,
+                                                NESTED, SEGMENTED)
         absmax_q = tl.load(absmax_ptr + block, mask=valid, other=0).to(tl.int32)
-        nested_scale = tl.load(nested_absmax_ptr + block // NESTED, mask=valid, other=0.0)
-        return tl.load(nested_code_ptr + absmax_q) * nested_scale + tl.load(nested_offset_ptr)
+        nested_scale = tl.load(nested_absmax_ptr + group, mask=valid, other=0.0)
+        return tl.load(nested_code_ptr + absmax_q) * nested_scale + offset
     else:
         return tl.load(absmax_ptr + block, mask=valid, other=0.0)
 
 
 @triton.jit
 def _nf4_weight_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
-                     nested_offset_ptr, offs_n, n_ok, k0, K,
+                     nested_offset_ptr, seg_block_1, seg_block_2, seg_group_1, seg_group_2,
+                     offs_n, n_ok, k0, K,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
-                     DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr,
+                     DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr, SEGMENTED: tl.constexpr,
                      ROW_ALIGNED: tl.constexpr, OUT_DTYPE: tl.constexpr):
     """W[offs_n, k0:k0+BLOCK_K] decoded from NF4 into an [BLOCK_N, BLOCK_K] tile of OUT_DTYPE
     (each element computed in fp32, rounded once).
@@ -99,7 +111,8 @@ def _nf4_weight_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested
         byte = tl.load(packed_ptr + byte_index, mask=run_ok[:, :, None], other=0).to(tl.int32)
         block = (offs_n[:, None] * K + run_start[None, :]) // BLOCKSIZE
         scale = _block_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
-                              block, run_ok, DOUBLE_QUANT, NESTED)
+                              block, run_ok, seg_block_1, seg_block_2, seg_group_1, seg_group_2,
+                              DOUBLE_QUANT, NESTED, SEGMENTED)
         scale = tl.where(run_ok, scale, 0.0)[:, :, None]   # rows/runs past the edge decode to 0
         table = tl.load(code_ptr + tl.arange(0, 16))
         even = (nf4_code_lookup(table, byte >> 4) * scale).to(OUT_DTYPE)
@@ -111,7 +124,8 @@ def _nf4_weight_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested
         flat = offs_n[:, None] * K + offs_k[None, :]
         values = _nf4_code_values(packed_ptr, code_ptr, flat, valid)
         scale = _block_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
-                              flat // BLOCKSIZE, valid, DOUBLE_QUANT, NESTED)
+                              flat // BLOCKSIZE, valid, seg_block_1, seg_block_2, seg_group_1,
+                              seg_group_2, DOUBLE_QUANT, NESTED, SEGMENTED)
         return tl.where(valid, values * scale, 0.0).to(OUT_DTYPE)
 
 
@@ -148,10 +162,11 @@ def _tile_ids(M_TILES, COLUMN_TILES, GROUP_M: tl.constexpr):
 @triton.jit
 def _nf4_matmul_fwd_kernel(
         x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
-        nested_offset_ptr, y_ptr, xa_ptr, lora_b_ptr,
+        nested_offset_ptr, seg_block_1, seg_block_2, seg_group_1, seg_group_2,
+        y_ptr, xa_ptr, lora_b_ptr,
         M, N, K, R, lora_scale,
         BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr,
-        ROW_ALIGNED: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
+        SEGMENTED: tl.constexpr, ROW_ALIGNED: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
         OPERANDS_IN_FP32: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr):
@@ -179,9 +194,10 @@ def _nf4_matmul_fwd_kernel(
         x_tile = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :],
                          mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         w_tile = _nf4_weight_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr,
-                                  nested_code_ptr, nested_offset_ptr, offs_n, n_ok, k0, K,
-                                  BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, NESTED, ROW_ALIGNED,
-                                  w_dtype)
+                                  nested_code_ptr, nested_offset_ptr, seg_block_1, seg_block_2,
+                                  seg_group_1, seg_group_2, offs_n, n_ok, k0, K,
+                                  BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, NESTED, SEGMENTED,
+                                  ROW_ALIGNED, w_dtype)
         acc = _mma(x_tile, tl.trans(w_tile), acc, OPERANDS_IN_FP32)
     if HAS_LORA:
         low_rank = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -201,11 +217,13 @@ def _nf4_matmul_fwd_kernel(
 @triton.jit
 def _nf4_matmul_bwd_input_kernel(
         dy_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
-        nested_offset_ptr, dx_ptr, g_ptr, lora_a_ptr, keep_ptr,
+        nested_offset_ptr, seg_block_1, seg_block_2, seg_group_1, seg_group_2,
+        dx_ptr, g_ptr, lora_a_ptr, keep_ptr, gate_ptr, up_ptr,
         M, N, K, R, lora_scale, keep_scale,
         BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr,
-        ROW_ALIGNED: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-        BLOCK_R: tl.constexpr, OPERANDS_IN_FP32: tl.constexpr,
+        SEGMENTED: tl.constexpr, ROW_ALIGNED: tl.constexpr, HAS_LORA: tl.constexpr,
+        HAS_DROPOUT: tl.constexpr, HAS_SWIGLU: tl.constexpr, BLOCK_R: tl.constexpr,
+        OPERANDS_IN_FP32: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr):
     """Backward w.r.t. the input: dx[m, k] = sum_n dy[m, n] * W[n, k]
@@ -218,6 +236,11 @@ def _nf4_matmul_bwd_input_kernel(
     dy: [M, N], W: logical [N, K] in NF4, dx: [M, K]. Each program owns a
     [BLOCK_M, BLOCK_K] tile of dx and loops over N, decoding [BLOCK_N, BLOCK_K]
     W tiles in registers.
+
+    HAS_SWIGLU (x = silu(gate) * up, the down projection's input): the tile of dx is
+    not stored; dL/dgate and dL/dup of it (swiglu.swiglu_gradients, from the fp32
+    tile) are, side by side in rows of 2K: dx_ptr[m, k] and dx_ptr[m, K + k], i.e.
+    the output gradient of the concatenated gate/up projection.
     """
     pid_m, pid_k = _tile_ids(tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -235,10 +258,10 @@ def _nf4_matmul_bwd_input_kernel(
         dy_tile = tl.load(dy_ptr + offs_m[:, None] * N + offs_n[None, :],
                           mask=m_ok[:, None] & n_ok[None, :], other=0.0)
         w_tile = _nf4_weight_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr,
-                                  nested_code_ptr, nested_offset_ptr, offs_n, n_ok,
-                                  pid_k * BLOCK_K, K,
-                                  BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, NESTED, ROW_ALIGNED,
-                                  w_dtype)
+                                  nested_code_ptr, nested_offset_ptr, seg_block_1, seg_block_2,
+                                  seg_group_1, seg_group_2, offs_n, n_ok, pid_k * BLOCK_K, K,
+                                  BLOCK_N, BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, NESTED, SEGMENTED,
+                                  ROW_ALIGNED, w_dtype)
         acc = _mma(dy_tile, w_tile, acc, OPERANDS_IN_FP32)
     if HAS_LORA:
         low_rank = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
@@ -255,8 +278,18 @@ def _nf4_matmul_bwd_input_kernel(
                            mask=m_ok[:, None] & k_ok[None, :], other=0)
             low_rank = tl.where(keep != 0, low_rank * keep_scale, 0.0)
         acc += lora_scale * low_rank
-    tl.store(dx_ptr + offs_m[:, None] * K + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & k_ok[None, :])
+    tile_ok = m_ok[:, None] & k_ok[None, :]
+    if HAS_SWIGLU:
+        tile = offs_m[:, None] * K + offs_k[None, :]
+        gate = tl.load(gate_ptr + tile, mask=tile_ok, other=0.0).to(tl.float32)
+        up = tl.load(up_ptr + tile, mask=tile_ok, other=0.0).to(tl.float32)
+        d_gate, d_up = swiglu_gradients(acc, gate, up)
+        out = offs_m[:, None] * (2 * K) + offs_k[None, :]
+        tl.store(dx_ptr + out, d_gate.to(dx_ptr.dtype.element_ty), mask=tile_ok)
+        tl.store(dx_ptr + K + out, d_up.to(dx_ptr.dtype.element_ty), mask=tile_ok)
+    else:
+        tl.store(dx_ptr + offs_m[:, None] * K + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
+                 mask=tile_ok)
 
 
 # ---------------------------------------------------------------------------
@@ -316,16 +349,18 @@ def _interpreter_block(size: int, cap: int) -> int:
     return min(cap, max(16, triton.next_power_of_2(size)))
 
 
-def _launch(kernel, grid_dims, args, constexprs):
+def _launch(kernel, name: str, grid_dims, args, constexprs, flops: int):
     """Launch with launcher-chosen blocks on the interpreter, autotuned on GPU.
     FMA contraction is off, so the absmax decode nested_code * nested_absmax +
     offset rounds twice, as in nf4_dequantize and bitsandbytes (the MMAs and the
     single multiply per element do not depend on it).
 
+    ``name`` and ``flops`` (2 per multiply-add) go to _runtime.record_launch.
     grid_dims: (rows, columns) of the output tile grid, as sizes of the
     dimensions that BLOCK_M and the second block constexpr cut.
     """
     rows, (column_size, column_block_name) = grid_dims
+    _runtime.record_launch(name, flops)
     if _runtime.INTERPRETING:
         blocks = {"BLOCK_M": _interpreter_block(rows, 512), "BLOCK_N": _interpreter_block(args["N"], 256),
                   "BLOCK_K": _interpreter_block(args["K"], 256), "GROUP_M": 1}
@@ -401,40 +436,61 @@ def launch_forward(op: str, x2d: torch.Tensor, w: NF4Weight,
                 **weight_args(w))
     constexprs = dict(HAS_LORA=lora is not None, BLOCK_R=_lora_block(rank),
                       OPERANDS_IN_FP32=_operands_in_fp32(x2d.dtype), **weight_constexprs(w))
-    _launch(_fwd_kernel, (M, (N, "BLOCK_N")), args, constexprs)
+    _launch(_fwd_kernel, "_nf4_matmul_fwd_kernel", (M, (N, "BLOCK_N")), args, constexprs,
+            2 * M * N * (K + rank))
     return y
+
+
+def check_swiglu_input(op: str, swiglu_input, M: int, K: int, dtype: torch.dtype) -> None:
+    """``swiglu_input`` = (gate, up), each [M, K] in the activations' dtype, or None."""
+    if swiglu_input is None:
+        return
+    if not isinstance(swiglu_input, (tuple, list)) or len(swiglu_input) != 2:
+        raise ValueError(f"{op}: argument 'swiglu_input' must be (gate, up) or None")
+    for name, t in zip(("gate", "up"), swiglu_input):
+        check_tensor(op, f"swiglu_input.{name}", t, dtypes=(dtype,), ndim=2, shape=(M, K))
 
 
 def launch_backward_input(op: str, dy2d: torch.Tensor, w: NF4Weight, out_dtype: torch.dtype,
                           lora: Optional[LoraBackwardEpilogue] = None, *,
-                          dense_w: Optional[torch.Tensor] = None,
-                          path: Optional[str] = None) -> torch.Tensor:
+                          dense_w: Optional[torch.Tensor] = None, path: Optional[str] = None,
+                          swiglu_input: Optional[tuple] = None) -> torch.Tensor:
     """dx = dy2d @ W (+ LoRA epilogue). Arguments must already be validated.
-    ``dense_w`` and ``path`` as in launch_forward (dense_w in dy2d's dtype)."""
+    ``dense_w`` and ``path`` as in launch_forward (dense_w in dy2d's dtype).
+    ``swiglu_input`` = (gate, up) with x = silu(gate) * up: returns [dgate, dup]
+    [M, 2K] instead of dx (the kernel's SwiGLU epilogue)."""
     M, N = dy2d.shape
     K = w.shape[1]
-    check_numel(op, "the input gradient [M, K]", M * K)
-    dx = _runtime.new_output((M, K), out_dtype, dy2d.device)
+    check_numel(op, "the input gradient [M, 2K]", M * K * 2)
+    dx = _runtime.new_output((M, K * (1 if swiglu_input is None else 2)), out_dtype, dy2d.device)
     if M == 0:
         return dx
     if dense_w is not None or choose_path(op, M, path, dy2d.dtype) == "dequant":
         if dense_w is None:
             dense_w = dequantize_for_matmul(w, dy2d.dtype)
         check_dense_weight(op, dense_w, w, dy2d.dtype)
-        return dense_backward_input(dy2d, dense_w, dx, lora)
+        if swiglu_input is None:
+            return dense_backward_input(dy2d, dense_w, dx, lora)
+        dm = dense_backward_input(dy2d, dense_w, _runtime.new_output((M, K), out_dtype, dy2d.device),
+                                  lora)
+        return torch.cat(swiglu_backward(dm, *swiglu_input), dim=1, out=dx)
     rank = 0 if lora is None else lora.g.shape[1]
     has_dropout = lora is not None and lora.keep is not None
     args = dict(dy_ptr=dy2d, dx_ptr=dx, M=M, N=N, K=K, R=max(rank, 1),
                 g_ptr=dy2d if lora is None else _lora_operand(lora.g, dy2d.dtype),
                 lora_a_ptr=dy2d if lora is None else _lora_operand(lora.lora_a, dy2d.dtype),
                 keep_ptr=lora.keep if has_dropout else dy2d,
+                gate_ptr=dy2d if swiglu_input is None else swiglu_input[0],
+                up_ptr=dy2d if swiglu_input is None else swiglu_input[1],
                 lora_scale=0.0 if lora is None else float(lora.scale),
                 keep_scale=1.0 if lora is None else float(lora.keep_scale),
                 **weight_args(w))
     constexprs = dict(HAS_LORA=lora is not None, HAS_DROPOUT=has_dropout,
+                      HAS_SWIGLU=swiglu_input is not None,
                       BLOCK_R=_lora_block(rank),
                       OPERANDS_IN_FP32=_operands_in_fp32(dy2d.dtype), **weight_constexprs(w))
-    _launch(_bwd_input_kernel, (M, (K, "BLOCK_K")), args, constexprs)
+    _launch(_bwd_input_kernel, "_nf4_matmul_bwd_input_kernel", (M, (K, "BLOCK_K")), args,
+            constexprs, 2 * M * K * (N + rank))
     return dx
 
 
@@ -451,14 +507,17 @@ def nf4_matmul_forward(x2d: torch.Tensor, w: NF4Weight, *, dense_w: Optional[tor
 
 def nf4_matmul_backward_input(dy2d: torch.Tensor, w: NF4Weight, *,
                               dense_w: Optional[torch.Tensor] = None,
-                              path: Optional[str] = None) -> torch.Tensor:
+                              path: Optional[str] = None,
+                              swiglu_input: Optional[tuple] = None) -> torch.Tensor:
     """dx2d = dy2d @ W for dy2d [M, N] and W [N, K] in NF4; dx2d in dy2d's dtype.
-    ``dense_w``/``path``: see launch_forward."""
+    ``dense_w``/``path``/``swiglu_input``: see launch_backward_input."""
     op = "nf4_matmul_backward_input"
     check_nf4_weight(op, w)
     check_tensor(op, "dy2d", dy2d, dtypes=FLOAT_DTYPES, ndim=2, shape=(None, w.shape[0]))
     check_same_device(op, dy2d=dy2d, w=w.packed)
-    return launch_backward_input(op, dy2d, w, dy2d.dtype, dense_w=dense_w, path=path)
+    check_swiglu_input(op, swiglu_input, dy2d.shape[0], w.shape[1], dy2d.dtype)
+    return launch_backward_input(op, dy2d, w, dy2d.dtype, dense_w=dense_w, path=path,
+                                 swiglu_input=swiglu_input)
 
 
 # ---------------------------------------------------------------------------

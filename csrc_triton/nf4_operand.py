@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._checks import check_numel, check_same_device, check_tensor
-from .nf4 import NESTED_BLOCKSIZE, NF4Weight
+from .nf4 import NESTED_BLOCKSIZE, NF4Weight, segment_args
 
 
 def check_nf4_weight(op: str, w) -> None:
@@ -30,12 +30,12 @@ def check_nf4_weight(op: str, w) -> None:
     field("code", w.code, torch.float32, 16)
     if w.double_quant:
         field("absmax", w.absmax, torch.uint8, w.n_blocks)
-        field("nested_absmax", w.nested_absmax, torch.float32,
-              -(-w.n_blocks // NESTED_BLOCKSIZE))
+        field("nested_absmax", w.nested_absmax, torch.float32, w.n_nested_groups())
         if w.nested_code is None or w.nested_offset is None:
             raise ValueError(f"{op}: double-quantized w needs nested_code and nested_offset")
         field("nested_code", w.nested_code, torch.float32, 256)
-        field("nested_offset", w.nested_offset, torch.float32, 1)
+        field("nested_offset", w.nested_offset, torch.float32,
+              len(w.segment_rows) if w.segmented else 1)
     else:
         field("absmax", w.absmax, torch.float32, w.n_blocks)
     check_same_device(op, packed=w.packed, absmax=w.absmax, code=w.code,
@@ -49,11 +49,12 @@ def weight_args(w: NF4Weight) -> dict:
     return dict(packed_ptr=w.packed.reshape(-1), absmax_ptr=absmax, code_ptr=w.code.reshape(-1),
                 nested_absmax_ptr=w.nested_absmax.reshape(-1) if w.double_quant else absmax,
                 nested_code_ptr=w.nested_code.reshape(-1) if w.double_quant else absmax,
-                nested_offset_ptr=w.nested_offset.reshape(-1) if w.double_quant else absmax)
+                nested_offset_ptr=w.nested_offset.reshape(-1) if w.double_quant else absmax,
+                **segment_args(w))
 
 
 def weight_constexprs(w: NF4Weight) -> dict:
     blocksize = w.blocksize
     row_aligned = w.shape[1] % blocksize == 0 and blocksize & (blocksize - 1) == 0
     return dict(BLOCKSIZE=blocksize, DOUBLE_QUANT=w.double_quant, NESTED=NESTED_BLOCKSIZE,
-                ROW_ALIGNED=row_aligned)
+                SEGMENTED=w.segmented, ROW_ALIGNED=row_aligned)

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
-from ._runtime import INTERPRETING, new_output
+from ._runtime import INTERPRETING, new_output, record_launch
 
 _OP = "rms_norm"
 
@@ -172,6 +172,7 @@ def rms_norm_forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float):
         return y, rstd
     block_rows, block_cols, num_warps = _tiling(n_rows, n_cols)
     grid = (triton.cdiv(n_rows, block_rows),)
+    record_launch("_rms_norm_forward_kernel")
     _rms_norm_forward_kernel[grid](x2d, weight, y, rstd, n_rows, n_cols, eps,
                                    BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
                                    num_warps=num_warps)
@@ -196,6 +197,7 @@ def rms_norm_backward(dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tenso
     # placeholder keeps the signature fixed.
     dw_partial = new_output((n_programs, n_cols) if weight_grad else (1,),
                             torch.float32, x2d.device)
+    record_launch("_rms_norm_backward_kernel")
     _rms_norm_backward_kernel[(n_programs,)](
         dy2d, x2d, weight, rstd, dx, dw_partial, n_rows, n_cols,
         blocks_per_program * block_rows,

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor
-from ._runtime import INTERPRETING, new_output
+from ._runtime import INTERPRETING, new_output, record_launch
 
 _OP = "rope"
 
@@ -223,6 +223,7 @@ def _launch(q, k, positions, cos, sin, dims, inverse: bool):
                               triton.next_power_of_2(n_tokens)))
     num_warps = min(16, max(1, block_tokens * block_q_heads * block_half // 256))
     grid = (triton.cdiv(n_tokens, block_tokens),)
+    record_launch("_rope_kernel")
     _rope_kernel[grid](q, k, q_out, k_out, positions, cos, sin,
                        n_tokens, n_q_heads, n_kv_heads, half,
                        BLOCK_TOKENS=block_tokens, BLOCK_Q_HEADS=block_q_heads,

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
-from ._runtime import INTERPRETING, new_output
+from ._runtime import INTERPRETING, new_output, record_launch
 
 _OP = "swiglu"
 
@@ -37,6 +37,14 @@ def _swiglu_forward_kernel(gate_ptr, up_ptr, h_ptr, n_elements, BLOCK: tl.conste
 
 
 @triton.jit
+def swiglu_gradients(dh, g, u):
+    """(dL/dg, dL/du) of h = silu(g) * u for fp32 tiles (derivation: _swiglu_backward_kernel);
+    also the epilogue of nf4_matmul's backward when it produces dh itself."""
+    s = tl.sigmoid(g)
+    return dh * u * s * (1.0 + g * (1.0 - s)), dh * g * s
+
+
+@triton.jit
 def _swiglu_backward_kernel(dh_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, n_elements,
                             BLOCK: tl.constexpr):
     """Gradients of h = silu(g) * u, with s = sigmoid(g):
@@ -51,9 +59,7 @@ def _swiglu_backward_kernel(dh_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, n_elem
     dh = tl.load(dh_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(gate_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(up_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    s = tl.sigmoid(g)
-    dgate = dh * u * s * (1.0 + g * (1.0 - s))
-    dup = dh * g * s
+    dgate, dup = swiglu_gradients(dh, g, u)
     tl.store(dgate_ptr + offsets, dgate.to(dgate_ptr.dtype.element_ty), mask=mask)
     tl.store(dup_ptr + offsets, dup.to(dup_ptr.dtype.element_ty), mask=mask)
 
@@ -70,6 +76,7 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     h = new_output(gate.shape, gate.dtype, gate.device)
     n = gate.numel()
     if n:
+        record_launch("_swiglu_forward_kernel")
         _swiglu_forward_kernel[(triton.cdiv(n, _BLOCK),)](gate, up, h, n, BLOCK=_BLOCK,
                                                           num_warps=_NUM_WARPS)
     return h
@@ -84,6 +91,7 @@ def swiglu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
     dup = new_output(gate.shape, gate.dtype, gate.device)
     n = gate.numel()
     if n:
+        record_launch("_swiglu_backward_kernel")
         _swiglu_backward_kernel[(triton.cdiv(n, _BLOCK),)](dh, gate, up, dgate, dup, n,
                                                            BLOCK=_BLOCK, num_warps=_NUM_WARPS)
     return dgate, dup

@@ -245,8 +245,13 @@ def nf4_specs() -> List[KernelSpec]:
                      nested_absmax_ptr=torch.float32, nested_code_ptr=torch.float32,
                      nested_offset_ptr=torch.float32, out_ptr=dtype, numel=numel,
                      n_bytes=(numel + 1) // 2, n_blocks=n_blocks, BLOCKSIZE=bs, BLOCKS_PER_PROGRAM=per_program,
-                     DOUBLE_QUANT=double_quant, NESTED=nf4.NESTED_BLOCKSIZE),
+                     DOUBLE_QUANT=double_quant, NESTED=nf4.NESTED_BLOCKSIZE, SEGMENTED=False,
+                     **_NO_SEGMENTS),
                 fp_fusion=False, hot=True))
+    # q/k/v concatenated (nf4_concat): the nested absmax decoded per segment
+    segmented = next(s for s in specs if s.name == "nf4_dequantize/bf16-double")
+    specs.append(replace(segmented, name="nf4_dequantize/bf16-double-segmented",
+                         args={**segmented.args, "SEGMENTED": True, **QKV_SEGMENTS}))
     # the control for the no-FMA check: the same decode with contraction allowed
     decode = next(s for s in specs if s.name == "nf4_dequantize/fp32-double")
     specs.append(replace(decode, name="fma_control/nf4_dequantize-fp32-double",
@@ -275,6 +280,7 @@ def nf4_specs() -> List[KernelSpec]:
                           nested_absmax_ptr=torch.float32, nested_code_ptr=torch.float32,
                           nested_offset_ptr=torch.float32, R=16, lora_scale=2.0,
                           BLOCKSIZE=bs, DOUBLE_QUANT=True, NESTED=nf4.NESTED_BLOCKSIZE,
+                          SEGMENTED=False, **_NO_SEGMENTS,
                           ROW_ALIGNED=True, HAS_LORA=True, BLOCK_R=16,
                           OPERANDS_IN_FP32=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                           BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m)
@@ -290,10 +296,41 @@ def nf4_specs() -> List[KernelSpec]:
                 f"nf4_matmul_bwd/{variant}", "csrc_triton.nf4_matmul:_nf4_matmul_bwd_input_kernel",
                 dict(dy_ptr=dtype, dx_ptr=dtype, g_ptr=matmul.lora_operand_dtype(dtype),
                      lora_a_ptr=matmul.lora_operand_dtype(dtype), keep_ptr=torch.uint8,
-                     M=m, N=n, K=k, keep_scale=1.25, HAS_DROPOUT=True, **common),
+                     gate_ptr=dtype, up_ptr=dtype, M=m, N=n, K=k, keep_scale=1.25,
+                     HAS_DROPOUT=True, HAS_SWIGLU=False, **common),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, hot=not sweep,
                 expect_hgmma=mma, sweep=sweep, fp_fusion=False))
+            if sweep:
+                continue
+            # the fused q/k/v forward (segmented nested absmax, LoRA over 3 ranks) and
+            # the down projection's backward with the SwiGLU epilogue (no dropout)
+            fwd = specs[-2]
+            specs.append(replace(fwd, name=f"nf4_matmul_fwd/{variant}-qkv-segmented",
+                                 args={**fwd.args, "SEGMENTED": True, **QKV_SEGMENTS,
+                                       "N": HIDDEN + 2 * KV_HEADS * HEAD_DIM, "K": HIDDEN,
+                                       "R": 48, "BLOCK_R": 64}))
+            bwd = specs[-2]
+            specs.append(replace(bwd, name=f"nf4_matmul_bwd/{variant}-down-swiglu",
+                                 args={**bwd.args, "N": HIDDEN, "K": INTERMEDIATE,
+                                       "HAS_DROPOUT": False, "HAS_SWIGLU": True}))
+    low_rank = importlib.import_module("csrc_triton.low_rank")
+    for tag in ("bf16", "fp16"):
+        dtype = _dtypes()[tag]
+        specs.append(KernelSpec(
+            f"low_rank_matmul/{tag}", "csrc_triton.low_rank:_low_rank_matmul_kernel",
+            dict(a_ptr=dtype, b_ptr=dtype, c_ptr=dtype, M=TOKENS, N=32, K=HIDDEN,
+                 stride_am=HIDDEN, stride_ak=1, stride_bk=1, stride_bn=HIDDEN, scale=1.0,
+                 OPERANDS_IN_FP32=False, **low_rank._GPU_BLOCKS), fp_fusion=False))
     return specs
+
+
+# nested-absmax segment arguments (csrc_triton.nf4.segment_args): none, and LLaMA-3-8B's
+# q/k/v (q: 4096 x 4096, k and v: 1024 x 4096, blocks of 64, nested groups of 256)
+_NO_SEGMENTS = dict(seg_block_1=0, seg_block_2=0, seg_group_1=0, seg_group_2=0)
+QKV_SEGMENTS = dict(seg_block_1=HIDDEN * HIDDEN // 64,
+                    seg_block_2=(HIDDEN + KV_HEADS * HEAD_DIM) * HIDDEN // 64,
+                    seg_group_1=HIDDEN * HIDDEN // 64 // 256,
+                    seg_group_2=(HIDDEN + KV_HEADS * HEAD_DIM) * HIDDEN // 64 // 256)
 
 
 def elementwise_specs() -> List[KernelSpec]:

@@ -250,7 +250,7 @@ def load_base_weights(path: Union[str, Path], config: Optional[ModelConfig] = No
         layers.append(LayerWeights(
             input_layernorm=dense[(layer, "input_layernorm")],
             post_attention_layernorm=dense[(layer, "post_attention_layernorm")],
-            projections={p: quantized[(layer, p)] for p in PROJECTIONS}))
+            projections={p: quantized.pop((layer, p)) for p in PROJECTIONS}))
     base = BaseWeights(embed_tokens=dense[(None, "embed_tokens")], layers=layers,
                        norm=dense[(None, "norm")], lm_head=dense.get((None, "lm_head")))
     return config, base

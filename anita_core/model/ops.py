@@ -59,6 +59,7 @@ LAUNCHERS = (
     "nf4_quantize", "nf4_matmul_forward", "nf4_matmul_backward_input",
     "choose_path", "dequantize_for_matmul",
     "lora_linear_forward", "lora_linear_backward",
+    "lora_linear_fused_forward", "lora_linear_fused_backward",
     "rms_norm_forward", "rms_norm_backward",
     "rope_forward", "rope_backward", "rope_cos_sin",
     "swiglu_forward", "swiglu_backward",
@@ -116,6 +117,8 @@ choose_path = _dispatcher("choose_path")
 dequantize_for_matmul = _dispatcher("dequantize_for_matmul")
 lora_linear_forward = _dispatcher("lora_linear_forward")
 lora_linear_backward = _dispatcher("lora_linear_backward")
+lora_linear_fused_forward = _dispatcher("lora_linear_fused_forward")
+lora_linear_fused_backward = _dispatcher("lora_linear_fused_backward")
 rms_norm_forward = _dispatcher("rms_norm_forward")
 rms_norm_backward = _dispatcher("rms_norm_backward")
 rope_forward = _dispatcher("rope_forward")

@@ -8,11 +8,15 @@ from typing import Dict, List, Optional
 import torch
 
 from csrc_triton import NF4Weight
+from csrc_triton.nf4_concat import concatenate_rows, concatenation_problem, segment_views
 
 # PEFT's target-module names, in the order they appear inside a decoder layer.
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
+# Projections that read the same input, run as one NF4 matmul on the row
+# concatenation of their weights (the names stay per projection everywhere else).
+FUSED_GROUPS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 def projection_module_path(layer: int, projection: str) -> str:
@@ -26,6 +30,27 @@ class LayerWeights:
     input_layernorm: torch.Tensor            # [hidden], compute dtype
     post_attention_layernorm: torch.Tensor   # [hidden], compute dtype
     projections: Dict[str, NF4Weight] = field(default_factory=dict)  # keyed by PROJECTIONS
+    # FUSED_GROUPS name -> the row concatenation of its members; each member in
+    # ``projections`` is then a view into it (nf4_concat.segment_view): one copy of the bytes
+    fused: Dict[str, NF4Weight] = field(default_factory=dict)
+
+    def __post_init__(self):
+        fuse_projections(self)
+
+
+def fuse_projections(layer: LayerWeights) -> None:
+    """Concatenate every complete FUSED_GROUPS group of ``layer`` whose weights allow it
+    (nf4_concat.concatenation_problem) and point its members at views of the result, so
+    the separate weights' storage is released once nothing else holds it."""
+    for group, members in FUSED_GROUPS.items():
+        if group in layer.fused or not all(m in layer.projections for m in members):
+            continue
+        weights = [layer.projections[m] for m in members]
+        if concatenation_problem(weights) is not None:
+            continue
+        fused = concatenate_rows(weights)
+        layer.fused[group] = fused
+        layer.projections.update(zip(members, segment_views(fused)))
 
 
 @dataclass

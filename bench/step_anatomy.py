@@ -1,0 +1,333 @@
+"""What one SFT training step does, per decoder layer: kernel launches, torch matmuls,
+dtype-conversion copies, FLOPs, peak live activation bytes.
+
+    python -m bench.step_anatomy                       # bundled tiny model, bf16, LoRA on all 7
+    python -m bench.step_anatomy --dtype fp32 --batch 2 --seq 64 --rank 16 --dropout 0.1
+    python -m bench.step_anatomy --targets q_proj,v_proj --json out.json
+    python -m bench.step_anatomy --no-recompute      # every layer's activations kept
+
+How each figure is caught (runs through the Triton interpreter on a CPU and on a GPU):
+  * Triton launches: every launch site in csrc_triton reports itself to
+    csrc_triton._runtime.record_launch (the interpreter fires none of Triton's own
+    launch hooks), with the matmul FLOPs of NF4 launches;
+  * torch matmuls and conversion copies: a TorchDispatchMode sees every aten op;
+    a matmul is mm/addmm/bmm/baddbmm (any overload), a conversion copy is an op
+    that writes a tensor of another floating dtype than its input (_to_copy, or
+    copy_ between dtypes), measured in bytes written / bytes of one [tokens x hidden]
+    activation in the compute dtype;
+  * per layer: the model's LayerHooks say which layer (and forward or backward)
+    runs; ops outside every layer (embedding, final norm, loss) are listed apart;
+  * FLOPs of the projections (NF4 matmuls and LoRA products, as executed; attention
+    is left out of both sides) relative to the minimum of a frozen-base LoRA step
+    without recompute: per projection [N, K] with rank r over T tokens, forward
+    2TNK + 2TKr + 2TNr (x W^T, x A^T, xa B^T), backward 2TNK (dY W) + 2TNr (dY B)
+    + 2TNr (dB) + 2TKr (dA) + 2TKr (g A): 4TNK + 6Tr(K + N) (minimum_flops);
+  * peak live activation bytes: every tensor an op creates during the step is held
+    by a weak reference until it dies; the peak of the sum of live storages (each
+    counted once), relative to one activation. Weights and adapters made before the
+    step are not counted.
+
+Without ``--json`` it prints a table; ``--json`` writes the figures too.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import weakref
+from pathlib import Path
+from typing import Dict
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import csrc_triton
+from csrc_triton import _runtime
+
+TINY_MODEL = Path(__file__).resolve().parent.parent / "anita_core" / "assets" / "tiny-llama3"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+OUTSIDE = "outside layers"
+
+_MATMULS = {"mm", "addmm", "bmm", "baddbmm", "addmm_", "baddbmm_", "matmul"}
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _op_name(func) -> str:
+    return func._schema.name.split("::")[-1]
+
+
+def _matmul_flops(name: str, args) -> int:
+    if name in ("mm", "matmul"):
+        a, b = args[0], args[1]
+        return 2 * a.shape[0] * a.shape[1] * b.shape[1]
+    if name in ("addmm", "addmm_"):
+        a, b = args[1], args[2]
+        return 2 * a.shape[0] * a.shape[1] * b.shape[1]
+    a, b = (args[0], args[1]) if name == "bmm" else (args[1], args[2])
+    return 2 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
+
+
+class Section:
+    """Counts of one layer (or of everything outside the layers)."""
+
+    def __init__(self):
+        self.launches: collections.Counter = collections.Counter()
+        self.matmuls = 0
+        self.flops = 0
+        self.conversion_bytes = 0
+        self.conversions: collections.Counter = collections.Counter()
+        self.peak_live_bytes = 0            # all step tensors alive while this section ran
+
+    def as_dict(self, activation_bytes: int) -> dict:
+        return dict(triton_launches=sum(self.launches.values()),
+                    launches_by_kernel=dict(sorted(self.launches.items())),
+                    torch_matmuls=self.matmuls,
+                    launches_plus_matmuls=sum(self.launches.values()) + self.matmuls,
+                    conversion_copies_in_activations=self.conversion_bytes / activation_bytes,
+                    conversions=dict(self.conversions), flops=self.flops,
+                    peak_live_in_activations=self.peak_live_bytes / activation_bytes)
+
+
+class StepRecorder(TorchDispatchMode):
+    """The TorchDispatchMode half, plus the launch listener and the layer hooks'
+    notion of where the step is."""
+
+    def __init__(self):
+        super().__init__()
+        self.sections: Dict[str, Section] = collections.defaultdict(Section)
+        self.where = OUTSIDE
+        self.live: Dict[int, tuple] = {}         # storage key -> (bytes, [weakrefs])
+        self.live_bytes = 0
+        self.peak_bytes = 0
+
+    # -- launches ------------------------------------------------------------------
+    def on_launch(self, kernel: str, flops: int) -> None:
+        section = self.sections[self.where]
+        section.launches[kernel] += 1
+        section.flops += flops
+
+    # -- torch ops -----------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = _op_name(func)
+        section = self.sections[self.where]
+        if name in _MATMULS:
+            section.matmuls += 1
+            section.flops += _matmul_flops(name, args)
+        source = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if name == "copy_" and len(args) > 1 and isinstance(args[1], torch.Tensor):
+            source, target = args[1], args[0]
+        else:
+            target = out if isinstance(out, torch.Tensor) else None
+        if (name in ("_to_copy", "copy_") and source is not None and target is not None
+                and source.dtype in _FLOATS and target.dtype in _FLOATS
+                and source.dtype != target.dtype):
+            section.conversion_bytes += target.numel() * target.element_size()
+            section.conversions[f"{source.dtype}->{target.dtype}".replace("torch.", "")] += 1
+        self._track(out)
+        return out
+
+    def _track(self, out) -> None:
+        tensors = [out] if isinstance(out, torch.Tensor) else \
+            [t for t in (out if isinstance(out, (tuple, list)) else ()) if isinstance(t, torch.Tensor)]
+        for t in tensors:
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if key == 0:
+                continue
+            entry = self.live.get(key)
+            if entry is None:
+                entry = self.live[key] = (storage.nbytes(), [])
+                self.live_bytes += entry[0]
+            entry[1].append(weakref.ref(t))
+        self._sweep()
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        section = self.sections[self.where]
+        section.peak_live_bytes = max(section.peak_live_bytes, self.live_bytes)
+
+    def _sweep(self) -> None:
+        for key in list(self.live):
+            nbytes, refs = self.live[key]
+            refs[:] = [r for r in refs if r() is not None]
+            if not refs:
+                del self.live[key]
+                self.live_bytes -= nbytes
+
+
+def _layer_hooks_class():
+    from anita_core.model.llama import LayerHooks
+
+    class WhereHooks(LayerHooks):
+        def __init__(self, recorder: StepRecorder):
+            self.recorder = recorder
+
+        def before_layer(self, i: int, phase: str) -> None:
+            self.recorder.where = f"layer {i}"
+
+        def after_layer(self, i: int, phase: str) -> None:
+            self.recorder.where = OUTSIDE
+    return WhereHooks
+
+
+def train_step_keeping_activations(model, ids, targets, recorder: StepRecorder) -> None:
+    """model.train_step with every layer's activations kept (block_forward_saving, then
+    block_backward_saved): nothing recomputed. A stand-in for the memory planner's
+    keep strategy, so the without-recompute figures can be counted; no dropout replay
+    is needed because no mask is drawn twice."""
+    from anita_core.model.block import block_backward_saved, block_forward_saving
+    from anita_core.model.llama import IGNORE_INDEX
+    from anita_core.model.ops import (linear_cross_entropy_forward_backward, rms_norm_backward,
+                                      rms_norm_forward)
+    c = model.config
+    geo = model.geometry(ids, None, None)
+    h, saved = model.embed(ids), []
+    for i, layer in enumerate(model.base.layers):
+        recorder.where = f"layer {i}"
+        h, kept = block_forward_saving(h, layer, geo, c.num_attention_heads,
+                                       c.num_key_value_heads, c.rms_norm_eps, model.block_lora(i))
+        saved.append(kept)
+        recorder.where = OUTSIDE
+    hidden, rstd = rms_norm_forward(h, model.base.norm, c.rms_norm_eps)
+    _, _, d_hidden, _ = linear_cross_entropy_forward_backward(
+        hidden, model.base.output_embedding, targets.reshape(-1), 1.0, IGNORE_INDEX)
+    dh, _ = rms_norm_backward(d_hidden.contiguous(), h, model.base.norm, rstd, False)
+    for i in reversed(range(len(model.base.layers))):
+        recorder.where = f"layer {i}"
+        dh = block_backward_saved(dh, saved[i], model.base.layers[i], geo)
+        saved[i] = None
+        recorder.where = OUTSIDE
+
+
+def minimum_flops(model, tokens: int) -> int:
+    """Projection FLOPs of one layer's step with nothing recomputed and nothing wasted:
+    per projection [N, K] (LoRA rank r, or none) 4TNK + 6Tr(K+N)."""
+    from anita_core.model.config import projection_shapes
+    shapes = projection_shapes(model.config)
+    total = 0
+    for name, (n, k) in shapes.items():
+        total += 4 * tokens * n * k
+        pair = model.adapters.get(0, name) if model.adapters is not None else None
+        if pair is not None:
+            total += 6 * tokens * pair[0].shape[0] * (k + n)
+    return total
+
+
+def build_model(args):
+    from anita_core.hf.load import load_model
+    from anita_core.lora import LoRAAdapters, LoRAConfig
+    model = load_model(args.model, compute_dtype=DTYPES[args.dtype], progress=False)
+    if args.no_fusion:              # every projection on its own (the members stay views)
+        for layer in model.base.layers:
+            layer.fused.clear()
+    if args.targets:
+        lora = LoRAConfig(r=args.rank, alpha=2.0 * args.rank, dropout=args.dropout,
+                          target_modules=tuple(args.targets.split(",")))
+        model.adapters = LoRAAdapters.init(lora, model.config)
+        with torch.no_grad():               # B starts at zero: give every product real values
+            for p in model.adapters.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+    return model
+
+
+def measure(args) -> dict:
+    """One SFT train_step of the configured model; figures per layer."""
+    model = build_model(args)
+    V = model.config.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, V, (args.batch, args.seq), generator=generator)
+    targets = torch.randint(0, V, (args.batch, args.seq), generator=generator)
+    model.train_step(ids, targets)          # warm caches (dequantized weights, tables)
+    if model.adapters is not None:
+        model.adapters.zero_grad()
+    recorder = StepRecorder()
+    model.layer_hooks = _layer_hooks_class()(recorder)
+    with _runtime.listen_to_launches(recorder.on_launch), recorder:
+        if args.no_recompute:
+            train_step_keeping_activations(model, ids, targets, recorder)
+        else:
+            model.train_step(ids, targets)
+    tokens = args.batch * args.seq
+    activation_bytes = tokens * model.config.hidden_size * DTYPES[args.dtype].itemsize
+    n_layers = model.config.num_hidden_layers
+    layers = {f"layer {i}": recorder.sections[f"layer {i}"].as_dict(activation_bytes)
+              for i in range(n_layers)}
+    minimum = minimum_flops(model, tokens)
+    for row in layers.values():
+        row["flops_vs_minimum"] = row["flops"] / minimum
+    return dict(config=vars(args), runtime=csrc_triton.runtime_description(),
+                tokens=tokens, activation_bytes=activation_bytes, minimum_layer_flops=minimum,
+                peak_live_bytes=recorder.peak_bytes,
+                peak_live_in_activations=recorder.peak_bytes / activation_bytes,
+                layers=layers, outside=recorder.sections[OUTSIDE].as_dict(activation_bytes))
+
+
+def format_report(result: dict) -> str:
+    c = result["config"]
+    lines = [f"step_anatomy: SFT train_step, {c['model']}, {c['dtype']}, batch {c['batch']} x "
+             f"seq {c['seq']} ({result['tokens']} tokens), LoRA {c['targets'] or 'none'} "
+             f"r {c['rank']} dropout {c['dropout']}, "
+             f"{'activations kept' if c['no_recompute'] else 'recompute'}"
+             f"{', unfused' if c['no_fusion'] else ''}; {result['runtime']}",
+             f"{'layer':10s} {'launches':>8s} {'matmuls':>8s} {'sum':>5s} {'conv.copies':>11s} "
+             f"{'FLOPs/min':>9s} {'peak live':>9s}  launches by kernel"]
+    for name, row in result["layers"].items():
+        kernels = ", ".join(f"{k.strip('_').removesuffix('_kernel')} {v}"
+                            for k, v in row["launches_by_kernel"].items())
+        lines.append(f"{name:10s} {row['triton_launches']:8d} {row['torch_matmuls']:8d} "
+                     f"{row['launches_plus_matmuls']:5d} "
+                     f"{row['conversion_copies_in_activations']:10.2f}a "
+                     f"{row['flops_vs_minimum']:9.3f} {row['peak_live_in_activations']:8.1f}a  "
+                     f"{kernels}")
+    lines.append(f"a = one activation, [tokens x hidden] in the compute dtype = "
+                 f"{result['activation_bytes']} bytes; peak live = every tensor made in the step "
+                 "and alive while the layer ran (block inputs of all layers included)")
+    lines.append(f"whole step: peak live {result['peak_live_in_activations']:.1f}a; outside the "
+                 f"layers {result['outside']['launches_plus_matmuls']} launches + matmuls")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default=str(TINY_MODEL), help="HF LLaMA checkpoint folder")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
+                        help="compute dtype of the activations")
+    parser.add_argument("--batch", type=int, default=2, help="rows per step")
+    parser.add_argument("--seq", type=int, default=32, help="tokens per row")
+    parser.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                        help="comma-separated LoRA target projections ('' for no LoRA)")
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank r")
+    parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout p")
+    parser.add_argument("--no-fusion", action="store_true",
+                        help="run q/k/v and gate/up as separate matmuls (for comparison)")
+    parser.add_argument("--no-recompute", action="store_true",
+                        help="keep every layer's activations instead of recomputing them "
+                             "in the backward")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    args = parser.parse_args(argv)
+    for flag in ("batch", "seq", "rank"):
+        if getattr(args, flag) < 1:
+            parser.error(f"argument --{flag}: must be >= 1, got {getattr(args, flag)}")
+    if not 0.0 <= args.dropout < 1.0:
+        parser.error(f"argument --dropout: must be in [0, 1), got {args.dropout}")
+    if not Path(args.model, "config.json").is_file():
+        parser.error(f"argument --model: {args.model} has no config.json")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    result = measure(args)
+    print(format_report(result))
+    if args.json:
+        path = Path(args.json)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1, default=str))
+        tmp.replace(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
