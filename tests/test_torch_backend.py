@@ -319,10 +319,14 @@ def test_backend_variable_default_and_refusal(monkeypatch):
 
 
 # Both backends run fp32 everywhere on the same inputs and the same dropout masks;
-# they differ only in summation order (~1e-6 relative over 2 layers). 1e-4 of each
-# gradient's largest element is 100x that, and far below what a wrong term, scale
-# or mask moves (O(1) relative).
-MODEL_REL = 1e-4
+# they differ in summation order and in the attention's arithmetic (a full softmax
+# against flash attention's online exp2 rescaling), and the test's large random LoRA
+# weights (PEFT's B = 0 would hide the path) make the 2-layer model poorly
+# conditioned: the first layer's gradients move by thousands of fp32 ulps. Measured
+# over 22 draws of this test (2026-11-29): up to 1.03e-4 of a gradient's largest
+# element, median 2e-5 (an earlier 1e-4 bound failed on one draw). 1e-3 is 10x the
+# worst seen and still far below what a wrong term, scale or mask moves (O(1)).
+MODEL_REL = 1e-3
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
