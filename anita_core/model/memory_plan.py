@@ -74,6 +74,10 @@ class StepShape:
     # recomputed layer holds its seven dense weights through its backward
     dense_weights: bool = False
     dense_dtype: Optional[torch.dtype] = None    # dtype of a dense W (default: dtype)
+    # rows of one MLP chunk (default: block.mlp_chunk_rows), and whether the MLP's
+    # projections take the dequantize path at that M (default: dense_weights)
+    mlp_chunk_rows: Optional[int] = None
+    mlp_dense_weights: Optional[bool] = None
     optimizer_state_bytes_per_param: int = 8     # AdamW: two fp32 moments
 
     @property
@@ -85,29 +89,44 @@ def _elt(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _sizes(config, shape: StepShape) -> Dict[str, int]:
-    """Bytes of every tensor one block allocates, by the name block.py gives it."""
-    T, e = shape.tokens, _elt(shape.dtype)
+def _row_bytes(config, shape: StepShape) -> Dict[str, int]:
+    """Bytes per token row of every tensor one block allocates, by the name block.py
+    gives it (a [T, N] tensor of key k is T * row[k] bytes)."""
+    e = _elt(shape.dtype)
     H, I = config.hidden_size, config.intermediate_size
     Q = config.num_attention_heads * config.head_dim
     KV = config.num_key_value_heads * config.head_dim
     f32 = 4
-    s = dict(h=T * H * e, x=T * H * e, rstd=T * f32, q=T * Q * e, kv=T * KV * e, attn=T * Q * e,
-             lse=shape.batch * config.num_attention_heads * shape.seq * f32, inter=T * I * e)
-    width = {"q_proj": H, "k_proj": H, "v_proj": H, "o_proj": Q, "gate_proj": H, "up_proj": H,
-             "down_proj": I}
-    out = {"q_proj": Q, "k_proj": KV, "v_proj": KV, "o_proj": H, "gate_proj": I, "up_proj": I,
-           "down_proj": H}
+    s = dict(h=H * e, x=H * e, rstd=f32, q=Q * e, kv=KV * e, attn=Q * e,
+             lse=config.num_attention_heads * f32, inter=I * e)
     ce = _elt(shape.lora_compute_dtype or shape.dtype)
-    de = _elt(shape.dense_dtype or shape.dtype)
     for name in PROJECTIONS:
         adapted = shape.lora_rank > 0 and name in shape.lora_targets
-        s[f"xa:{name}"] = T * shape.lora_rank * ce if adapted else 0
-        s[f"mask:{name}"] = T * width[name] if adapted and shape.lora_dropout > 0 else 0
-        s[f"dense:{name}"] = out[name] * width[name] * de if shape.dense_weights else 0
+        s[f"out:{name}"] = _OUT[name](H, I, Q, KV) * e
+        s[f"xa:{name}"] = shape.lora_rank * ce if adapted else 0
+        s[f"mask:{name}"] = _WIDTH[name](H, I, Q, KV) if adapted and shape.lora_dropout > 0 else 0
         # the dropped LoRA input x * mask / (1 - p), a transient in the compute dtype
-        s[f"drop:{name}"] = T * width[name] * ce if s[f"mask:{name}"] else 0
+        s[f"drop:{name}"] = _WIDTH[name](H, I, Q, KV) * ce if s[f"mask:{name}"] else 0
     return s
+
+
+_WIDTH = {"q_proj": lambda H, I, Q, KV: H, "k_proj": lambda H, I, Q, KV: H,
+          "v_proj": lambda H, I, Q, KV: H, "o_proj": lambda H, I, Q, KV: Q,
+          "gate_proj": lambda H, I, Q, KV: H, "up_proj": lambda H, I, Q, KV: H,
+          "down_proj": lambda H, I, Q, KV: I}
+_OUT = {"q_proj": lambda H, I, Q, KV: Q, "k_proj": lambda H, I, Q, KV: KV,
+        "v_proj": lambda H, I, Q, KV: KV, "o_proj": lambda H, I, Q, KV: H,
+        "gate_proj": lambda H, I, Q, KV: I, "up_proj": lambda H, I, Q, KV: I,
+        "down_proj": lambda H, I, Q, KV: H}
+# block.py's fused groups (weights.FUSED_GROUPS), by the names of their members
+GROUPS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def _dense_bytes(config, shape: StepShape, name: str) -> int:
+    H, I = config.hidden_size, config.intermediate_size
+    Q = config.num_attention_heads * config.head_dim
+    KV = config.num_key_value_heads * config.head_dim
+    return _OUT[name](H, I, Q, KV) * _WIDTH[name](H, I, Q, KV) * _elt(shape.dense_dtype or shape.dtype)
 
 
 class _Live:
@@ -131,104 +150,218 @@ class _Live:
         self.free(*[n for n in self.held if n.startswith(prefix) and n not in keep])
 
 
-# what a kept layer holds from its forward to its backward (block_forward's _keep):
-# h1 of the block and everything after, the rope outputs, v, the attention output
-# and lse, the LoRA contexts; not q/k (replaced by their rope) nor the o/down outputs
-KEPT = ("x1", "rstd1", "qr", "kr", "v", "attn", "lse", "h1", "x2", "rstd2", "g", "u", "m")
+def _layer(prefix: str) -> str:
+    """f"{i}." of a block's or one of its chunks' prefix."""
+    return prefix.split(".", 1)[0] + "."
 
 
 class _StepReplay:
-    """One train_step's allocations, in block.py's and llama.py's order."""
+    """One train_step's allocations, in block.py's and llama.py's order.
+
+    Names: f"{layer}.{tensor}" for a block's tensors, f"{layer}.c{chunk}.{tensor}"
+    for one MLP chunk's; every [T, N] tensor is rows * _row_bytes[key]."""
 
     def __init__(self, config, shape: StepShape):
-        self.c, self.shape, self.s = config, shape, _sizes(config, shape)
+        from anita_core.model.block import mlp_chunk_rows
+        self.c, self.shape, self.r = config, shape, _row_bytes(config, shape)
+        self.dims = (config.hidden_size, config.intermediate_size,
+                     config.num_attention_heads * config.head_dim,
+                     config.num_key_value_heads * config.head_dim)
         self.live = _Live()
+        T = shape.tokens
+        rows = shape.mlp_chunk_rows or mlp_chunk_rows(T, config.intermediate_size, shape.dtype)
+        self.chunks = [min(rows, T - i) for i in range(0, T, rows)] or [0]
+        dropout = shape.lora_rank > 0 and shape.lora_dropout > 0
+        # a group runs as one matmul unless a member draws a dropout mask (block._Projector)
+        self.fused = {g: not (dropout and any(m in shape.lora_targets for m in members))
+                      for g, members in GROUPS.items()}
+        mlp_dense = shape.dense_weights if shape.mlp_dense_weights is None else shape.mlp_dense_weights
+        self.dense_path = {n: (mlp_dense if n in GROUPS["gate_up_proj"] + ("down_proj",)
+                               else shape.dense_weights) for n in PROJECTIONS}
 
-    def _project(self, p: str, name: str, out_key: str, out_name: str) -> None:
-        """A projection's forward: its output, its LoRA context (xa, mask)."""
-        s, live = self.s, self.live
-        if s[f"mask:{name}"]:
-            live.alloc(f"{p}mask:{name}", s[f"mask:{name}"])
-            self._transient(f"{p}drop:{name}", s[f"drop:{name}"])
-        if s[f"xa:{name}"]:
-            live.alloc(f"{p}xa:{name}", s[f"xa:{name}"])
-        self._dense_transient(p, name)
-        live.alloc(p + out_name, s[out_key])
+    def _alloc(self, name: str, key: str, rows: int) -> None:
+        self.live.alloc(name, rows * self.r[key])
 
     def _transient(self, name: str, n: int) -> None:
         self.live.alloc(name, n)
         self.live.free(name)
 
-    def _dense_transient(self, p: str, name: str) -> None:
-        """On the dequantize path a launcher given no dense W dequantizes its own."""
-        if self.s[f"dense:{name}"] and f"{p}dense:{name}" not in self.live.held:
-            self._transient(f"{p}W:{name}", self.s[f"dense:{name}"])
+    def _weight(self, p: str, members: Sequence[str], reuse: bool) -> None:
+        """The dense W of a (group of) projection(s) on the dequantize path: held from
+        its first use to its backward when ``reuse`` (a recompute), else a transient
+        the launcher makes for itself."""
+        if not self.dense_path[members[0]]:
+            return
+        n = sum(_dense_bytes(self.c, self.shape, m) for m in members)
+        if reuse:                   # one per layer, whatever the chunk
+            name = _layer(p) + "dense:" + members[0]
+            if name not in self.live.held:
+                self.live.alloc(name, n)
+        else:
+            self._transient(f"{p}W:{members[0]}", n)
 
-    def block_forward(self, i: int, dense: bool) -> None:
-        """Layer i's forward from its input f"{i}.h0" (present); leaves f"{i}.h2" and,
-        for the backward, everything block_forward(_keep) keeps."""
-        s, live, p = self.s, self.live, f"{i}."
-        if dense:
-            for name in PROJECTIONS:
-                live.alloc(f"{p}dense:{name}", s[f"dense:{name}"])
-        live.alloc(p + "x1", s["x"]); live.alloc(p + "rstd1", s["rstd"])
-        self._project(p, "q_proj", "q", "q")
-        self._project(p, "k_proj", "kv", "k")
-        self._project(p, "v_proj", "kv", "v")
-        live.alloc(p + "qr", s["q"]); live.alloc(p + "kr", s["kv"])
-        live.alloc(p + "attn", s["attn"]); live.alloc(p + "lse", s["lse"])
-        self._project(p, "o_proj", "h", "o")
-        live.alloc(p + "h1", s["h"]); live.free(p + "o")
-        live.alloc(p + "x2", s["x"]); live.alloc(p + "rstd2", s["rstd"])
-        self._project(p, "gate_proj", "inter", "g")
-        self._project(p, "up_proj", "inter", "u")
-        live.alloc(p + "m", s["inter"])
-        self._project(p, "down_proj", "h", "down")
-        live.alloc(p + "h2", s["h"]); live.free(p + "down")
-        live.free(p + "q", p + "k")                     # block_forward returns
+    def _contexts(self, p: str, members: Sequence[str], rows: int, fused: bool) -> None:
+        """The LoRA contexts a forward keeps: masks, drop transients, xa."""
+        r = self.r
+        if fused:
+            xa = sum(r[f"xa:{m}"] for m in members)
+            if xa:      # + the stacked A [R, K] and block-diagonal B [N, R] it keeps
+                n_out = sum(r[f"out:{m}"] for m in members) // _elt(self.shape.dtype)
+                width = _WIDTH[members[0]](*self.dims)
+                self.live.alloc(f"{p}xa:{members[0]}", rows * xa + (n_out + width) * xa)
+            return
+        for m in members:
+            if r[f"mask:{m}"]:
+                self._alloc(f"{p}mask:{m}", f"mask:{m}", rows)
+                self._transient(f"{p}drop:{m}", rows * r[f"drop:{m}"])
+            if r[f"xa:{m}"]:
+                self._alloc(f"{p}xa:{m}", f"xa:{m}", rows)
 
-    def drop_intermediates(self, i: int) -> None:
-        """block_forward returned without _keep: only h0 (if held) and h2 remain."""
-        self.live.free_prefix(f"{i}.", keep=(f"{i}.h0", f"{i}.h2"))
+    def _forward(self, p: str, members: Sequence[str], outs: Sequence[str], rows: int,
+                 reuse: bool, group: Optional[str] = None) -> None:
+        """A projection (or a fused group's) forward: contexts, W, the outputs
+        (a fused group's [rows, sum N] output split into contiguous copies)."""
+        fused = group is not None and self.fused[group]
+        if fused:
+            self._contexts(p, members, rows, True)
+            self._weight(p, members, reuse)
+            self.live.alloc(p + "y:" + group, rows * sum(self.r[f"out:{m}"] for m in members))
+            for m, out in zip(members, outs):
+                self._alloc(p + out, f"out:{m}", rows)
+            self.live.free(p + "y:" + group)
+            return
+        for m, out in zip(members, outs):
+            self._contexts(p, (m,), rows, False)
+            self._weight(p, (m,), reuse)
+            self._alloc(p + out, f"out:{m}", rows)
 
-    def _project_backward(self, p: str, name: str, dy: str, dx: Optional[str], dx_key: str) -> None:
-        s, live = self.s, self.live
-        if s[f"xa:{name}"]:
-            # dy B [T, r], then dX's kernel; the LoRA grads accumulate in place
-            live.alloc(f"{p}gB:{name}", s[f"xa:{name}"])
-            if s[f"drop:{name}"]:
-                self._transient(f"{p}drop:{name}", s[f"drop:{name}"])
-        self._dense_transient(p, name)
-        if dx is not None:
-            live.alloc(p + dx, s[dx_key])
-        if s[f"xa:{name}"]:
-            live.free(f"{p}gB:{name}")
-        if s[f"dense:{name}"] and f"{p}dense:{name}" in live.held:
-            live.free(f"{p}dense:{name}")
+    def _drop_contexts(self, p: str, members: Sequence[str]) -> None:
+        for m in members:
+            for kind in ("xa", "mask"):
+                if f"{p}{kind}:{m}" in self.live.held:
+                    self.live.free(f"{p}{kind}:{m}")
 
-    def block_backward(self, i: int, dh2: str) -> str:
-        """block_backward_saved of layer i (its saved tensors present); returns the
-        name of dL/dh0 and leaves only it (and dh2, still the caller's)."""
-        s, live, p = self.s, self.live, f"{i}."
-        self._project_backward(p, "down_proj", dh2, "dm", "inter")
-        live.alloc(p + "dg", s["inter"]); live.alloc(p + "du", s["inter"])
-        self._project_backward(p, "gate_proj", p + "dg", "dx2a", "x")
-        self._project_backward(p, "up_proj", p + "du", "dx2b", "x")
-        live.alloc(p + "dx2", s["x"]); live.free(p + "dx2a", p + "dx2b")
-        live.alloc(p + "dx2_h1", s["h"])
-        live.alloc(p + "dh1", s["h"])
-        self._project_backward(p, "o_proj", p + "dh1", "da", "attn")
-        live.alloc(p + "dqr", s["q"]); live.alloc(p + "dkr", s["kv"]); live.alloc(p + "dvh", s["kv"])
-        live.alloc(p + "dq", s["q"]); live.alloc(p + "dk", s["kv"])
-        self._project_backward(p, "q_proj", p + "dq", "dx1a", "x")
-        self._project_backward(p, "k_proj", p + "dk", "dx1b", "x")
-        live.alloc(p + "dx1", s["x"]); live.free(p + "dx1a", p + "dx1b")
-        self._project_backward(p, "v_proj", p + "dvh", "dx1c", "x")
-        live.alloc(p + "dx1'", s["x"]); live.free(p + "dx1", p + "dx1c")
-        live.alloc(p + "dx1_h0", s["h"])
-        live.alloc(p + "dh0", s["h"])
+    def _backward(self, p: str, members: Sequence[str], dx: str, dx_bytes: int, rows: int,
+                  reuse: bool, release: bool, group: Optional[str] = None,
+                  swiglu: bool = False) -> None:
+        """dX of a projection or fused group from dY (present): the rank-r dY B, the
+        drop transients, dX, then its contexts (and, at ``release``, its W) go."""
+        r, live = self.r, self.live
+        fused = group is None or self.fused[group]
+        parts = [members] if fused else [(m,) for m in members]
+        for j, part in enumerate(parts):
+            gb = rows * sum(r[f"xa:{m}"] for m in part)
+            if not fused:                       # dys.split(...)[j].contiguous(): a copy
+                self._alloc(f"{p}dy:{part[0]}", f"out:{part[0]}", rows)
+            if gb:
+                live.alloc(f"{p}gB:{part[0]}", gb)
+            for m in part:
+                if r[f"drop:{m}"]:
+                    self._transient(f"{p}drop:{m}", rows * r[f"drop:{m}"])
+            self._weight(p, part, reuse)
+            live.alloc(f"{p}{dx}{j}", dx_bytes)
+            if swiglu and self.dense_path[part[0]]:
+                # dense path: dm, then swiglu_backward's dgate, dup, concatenated into dX
+                live.alloc(f"{p}dm", dx_bytes // 2)
+                self._transient(f"{p}dgate_dup", dx_bytes)
+                live.free(f"{p}dm")
+            if gb:
+                live.free(f"{p}gB:{part[0]}")
+            if not fused:
+                live.free(f"{p}dy:{part[0]}")
+            self._drop_contexts(p, part)
+            if release and _layer(p) + "dense:" + part[0] in live.held:
+                live.free(_layer(p) + "dense:" + part[0])
+            if j:                               # dx = dx + dx_j
+                live.alloc(f"{p}{dx}sum{j}", dx_bytes)
+                live.free(f"{p}{dx}0", f"{p}{dx}{j}")
+                live.held[f"{p}{dx}0"] = live.held.pop(f"{p}{dx}sum{j}")
+        live.held[p + dx] = live.held.pop(f"{p}{dx}0")
+
+    def block_forward(self, i: int, keep: bool, reuse: bool, mlp: bool = True) -> None:
+        """Layer i's forward from its input f"{i}.h0" (present). ``keep``: what
+        block_forward_saving keeps stays (else only h0, h2); ``mlp=False``:
+        block_backward's recompute, which stops at x2."""
+        live, p, T = self.live, f"{i}.", self.shape.tokens
+        self._alloc(p + "x1", "x", T); self._alloc(p + "rstd1", "rstd", T)
+        self._forward(p, GROUPS["qkv_proj"], ("q", "k", "v"), T, reuse, "qkv_proj")
+        self._alloc(p + "qr", "q", T); self._alloc(p + "kr", "kv", T)
+        live.free(p + "q", p + "k")
+        self._alloc(p + "attn", "attn", T)
+        if keep or not mlp:
+            self._alloc(p + "lse", "lse", T)
+        else:                       # attention_forward drops it at once
+            self._transient(p + "lse", T * self.r["lse"])
+        self._forward(p, ("o_proj",), ("o",), T, reuse)
+        self._alloc(p + "h1", "h", T); live.free(p + "o")
+        self._alloc(p + "x2", "x", T); self._alloc(p + "rstd2", "rstd", T)
+        if not mlp:
+            return
+        if not keep:        # the MLP chunks need none of the attention's tensors or contexts
+            live.free(p + "x1", p + "qr", p + "kr", p + "v", p + "attn")
+            self._drop_contexts(p, GROUPS["qkv_proj"] + ("o_proj",))
+        self._alloc(p + "h2", "h", T)
+        for j, rows in enumerate(self.chunks):
+            c = f"{p}c{j}."
+            self._mlp_chunk_forward(c, rows, reuse)
+            live.free(c + "down")
+            if not keep:
+                live.free_prefix(c)
+        if not keep:        # block_forward returns: h0 (the caller's) and h2 remain
+            live.free_prefix(p, keep=(p + "h0", p + "h2"))
+
+    def _mlp_chunk_forward(self, c: str, rows: int, reuse: bool) -> None:
+        self._forward(c, GROUPS["gate_up_proj"], ("g", "u"), rows, reuse, "gate_up_proj")
+        self._alloc(c + "m", "inter", rows)
+        self._forward(c, ("down_proj",), ("down",), rows, reuse)
+
+    def block_backward(self, i: int, dh2: str, kept: bool) -> str:
+        """block_backward_saved of layer i (its saved tensors present; ``kept``: each MLP
+        chunk's too, else each chunk's forward reruns first); returns the name of
+        dL/dh0 and leaves only it (and dh2, still the caller's)."""
+        live, p, T, r = self.live, f"{i}.", self.shape.tokens, self.r
+        reuse = not kept
+        self._alloc(p + "dh1", "h", T)
+        for j, rows in enumerate(self.chunks):
+            c, last = f"{p}c{j}.", j == len(self.chunks) - 1
+            # the dense W of a recompute lives in the layer's _Projector, not the chunk's
+            if not kept:
+                self._mlp_chunk_forward(c, rows, reuse)
+                live.free(c + "down")
+            self._backward_mlp(c, rows, reuse, last)
+        live.free(p + "x2", p + "h1", p + "rstd2")
+        # attention
+        self._backward(p, ("o_proj",), "da", T * r["attn"], T, reuse, True)
+        self._alloc(p + "dqr", "q", T); self._alloc(p + "dkr", "kv", T)
+        self._alloc(p + "dvh", "kv", T); self._transient(p + "delta", T * r["lse"])
+        live.free(p + "da", p + "qr", p + "kr", p + "v", p + "attn", p + "lse")
+        self._alloc(p + "dq", "q", T); self._alloc(p + "dk", "kv", T)
+        live.free(p + "dqr", p + "dkr")
+        if self.fused["qkv_proj"]:          # torch.cat of (dq, dk, dv)
+            live.alloc(p + "dqkv", T * sum(r[f"out:{m}"] for m in GROUPS["qkv_proj"]))
+        self._backward(p, GROUPS["qkv_proj"], "dx1", T * r["x"], T, reuse, True, "qkv_proj")
+        if self.fused["qkv_proj"]:
+            live.free(p + "dqkv")
+        live.free(p + "x1", p + "dq", p + "dk", p + "dvh")
+        self._alloc(p + "dx1_h0", "h", T)
+        live.free(p + "dx1", p + "dx1_h0")
+        live.held[p + "dh0"] = live.held.pop(p + "dh1")      # dh1 += dx1_h0, in place
         self.live.free_prefix(p, keep=(p + "dh0",))     # block_backward_saved returns
         return p + "dh0"
+
+    def _backward_mlp(self, c: str, rows: int, reuse: bool, last: bool) -> None:
+        """One MLP chunk's backward, its forward's g, u, m and contexts present."""
+        live, r = self.live, self.r
+        # the down projection's dX with the SwiGLU epilogue: d[gate, up] [rows, 2I]
+        self._backward(c, ("down_proj",), "dgu", rows * 2 * r["inter"], rows, reuse, last,
+                       swiglu=True)
+        live.free(c + "g", c + "u", c + "m")
+        self._backward(c, GROUPS["gate_up_proj"], "dx2", rows * r["x"], rows, reuse, last,
+                       "gate_up_proj")
+        live.free(c + "dgu")
+        self._alloc(c + "dx2_h1", "h", rows)
+        live.free(c + "dx2", c + "dx2_h1")
+        live.free_prefix(c)
 
     def loss(self, T: int) -> None:
         """linear_cross_entropy_forward_backward: dhidden [T, H], per-row fp32 [T]
@@ -246,37 +379,34 @@ class _StepReplay:
 
     def step(self, strategies: Sequence[str]) -> int:
         """Peak activation bytes of one train_step under these per-layer strategies."""
-        s, live, L = self.s, self.live, len(strategies)
-        dense = self.shape.dense_weights
-        live.alloc("0.h0", s["h"])                             # the embedding rows
+        live, L, T = self.live, len(strategies), self.shape.tokens
+        h = T * self.r["h"]
+        live.alloc("0.h0", h)                                  # the embedding rows
         for i, strategy in enumerate(strategies):
             if strategy == "offload":
                 live.alloc(f"{i}.host", 0)                     # not on the device
-            self.block_forward(i, dense=False)
-            if strategy != "keep":
-                self.drop_intermediates(i)
+            self.block_forward(i, keep=strategy == "keep", reuse=False)
             if strategy == "offload":
                 live.free(f"{i}.h0")
             live.held[f"{i + 1}.h0"] = live.held.pop(f"{i}.h2")  # the next block's input
-        live.alloc("final.x", s["x"]); live.alloc("final.rstd", s["rstd"])
-        self.loss(self.shape.tokens)
+        live.alloc("final.x", h); self._alloc("final.rstd", "rstd", T)
+        self.loss(T)
         offloaded = [i for i in range(L) if strategies[i] == "offload"]
         if offloaded:                                          # prefetched before it
-            live.alloc(f"{offloaded[-1]}.h0", s["h"])
-        live.alloc("final.dh", s["h"])                         # the final norm's backward
+            live.alloc(f"{offloaded[-1]}.h0", h)
+        live.alloc("final.dh", h)                              # the final norm's backward
         dh = "final.dh"
         for i in reversed(range(L)):
             strategy = strategies[i]
             if strategy == "offload":
                 if f"{i}.h0" not in live.held:
-                    live.alloc(f"{i}.h0", s["h"])
+                    live.alloc(f"{i}.h0", h)
                 below = [j for j in offloaded if j < i]
                 if below:
-                    live.alloc(f"{below[-1]}.h0", s["h"])      # prefetched
-            if strategy != "keep":
-                self.block_forward(i, dense=dense)             # block_forward_saving
-                # (its h2 stays: block_backward's local ``_`` holds it to the end)
-            new_dh = self.block_backward(i, dh)
+                    live.alloc(f"{below[-1]}.h0", h)           # prefetched
+            if strategy != "keep":                             # block_backward's recompute
+                self.block_forward(i, keep=True, reuse=True, mlp=False)
+            new_dh = self.block_backward(i, dh, kept=strategy == "keep")
             live.free(dh)
             dh = new_dh
         return live.peak
@@ -381,7 +511,7 @@ def plan_memory(config, shape: StepShape, budget_bytes: Optional[int] = None,
             f"{gib(budget_bytes)} is too small for a micro-batch of {shape.batch} x {shape.seq} "
             f"tokens: {how} needs {gib(total, round_up=True)} (predicted); the smallest budget "
             f"that works is {gib(smallest, round_up=True)} (every layer offloaded)")
-    host = chosen.count("offload") * _sizes(config, shape)["h"]
+    host = chosen.count("offload") * shape.tokens * _row_bytes(config, shape)["h"]
     return MemoryPlan(chosen, total, static, by, budget_bytes, host)
 
 
