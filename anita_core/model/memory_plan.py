@@ -391,10 +391,12 @@ class _StepReplay:
             live.held[f"{i + 1}.h0"] = live.held.pop(f"{i}.h2")  # the next block's input
         live.alloc("final.x", h); self._alloc("final.rstd", "rstd", T)
         self.loss(T)
+        live.free("final.x")                                   # train_step drops it
         offloaded = [i for i in range(L) if strategies[i] == "offload"]
         if offloaded:                                          # prefetched before it
             live.alloc(f"{offloaded[-1]}.h0", h)
         live.alloc("final.dh", h)                              # the final norm's backward
+        live.free("loss.dhidden", f"{L}.h0", "final.rstd")     # ... their last use
         dh = "final.dh"
         for i in reversed(range(L)):
             strategy = strategies[i]
