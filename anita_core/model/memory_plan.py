@@ -8,16 +8,20 @@ and the dtypes: nothing is allocated. Each layer runs one of three strategies:
              (block_forward_saving, without the dense dequantized weights); the
              backward runs block_backward_saved: no recompute.
   recompute  the forward keeps only the block input; the backward recomputes the
-             block from it (activation checkpointing, 1.5x the block's FLOPs).
+             block from it (activation checkpointing, 1.5x the block's FLOPs): the
+             attention half up to x2, then each MLP chunk just before its backward.
   offload    like recompute, but the block input waits in pinned host memory;
              during the backward at most two offloaded inputs are on the device
              (the one in use and the next one, arriving on a side stream).
 
 The prediction replays, tensor by tensor, what block.py and llama.py allocate and
 free in one train_step (``_StepReplay``): every kernel output, the locals Python
-keeps alive until a function returns, the LoRA contexts (the rank-r product and
-the dropout mask) and, on the dequantize path (M above the fused threshold), the
-seven dense weights a recompute holds while its layer is differentiated. What it
+keeps alive until they are deleted, the LoRA contexts (the rank-r product, the
+dropout mask, a fused group's stacked A and B), the MLP chunk by chunk
+(block.mlp_chunk_rows: a kept layer holds every chunk's g, u, m, a recomputed
+one builds one chunk's at a time) and, on the dequantize path (M above the fused
+threshold: T rows for the attention's projections, one chunk's for the MLP's),
+the dense weights a recompute holds from their first use to their backward. What it
 leaves out is below the noise: RoPE tables, bounds, a few [T] vectors of ints.
 ``predicted`` = static bytes (NF4 weights, LoRA weights, their grads and AdamW
 states) + the activation peak; tests/test_memory_plan.py compares the activation
@@ -36,6 +40,8 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from anita_core.model.weights import FUSED_GROUPS
 
 STRATEGIES = ("keep", "recompute", "offload")
 GiB = 2**30
@@ -89,6 +95,15 @@ def _elt(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def _projection_shapes(config) -> Dict[str, Tuple[int, int]]:
+    """(N, K) of every projection's weight."""
+    H, I = config.hidden_size, config.intermediate_size
+    Q = config.num_attention_heads * config.head_dim
+    KV = config.num_key_value_heads * config.head_dim
+    return {"q_proj": (Q, H), "k_proj": (KV, H), "v_proj": (KV, H), "o_proj": (H, Q),
+            "gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
+
+
 def _row_bytes(config, shape: StepShape) -> Dict[str, int]:
     """Bytes per token row of every tensor one block allocates, by the name block.py
     gives it (a [T, N] tensor of key k is T * row[k] bytes)."""
@@ -100,33 +115,14 @@ def _row_bytes(config, shape: StepShape) -> Dict[str, int]:
     s = dict(h=H * e, x=H * e, rstd=f32, q=Q * e, kv=KV * e, attn=Q * e,
              lse=config.num_attention_heads * f32, inter=I * e)
     ce = _elt(shape.lora_compute_dtype or shape.dtype)
-    for name in PROJECTIONS:
+    for name, (n_out, width) in _projection_shapes(config).items():
         adapted = shape.lora_rank > 0 and name in shape.lora_targets
-        s[f"out:{name}"] = _OUT[name](H, I, Q, KV) * e
+        s[f"out:{name}"] = n_out * e
         s[f"xa:{name}"] = shape.lora_rank * ce if adapted else 0
-        s[f"mask:{name}"] = _WIDTH[name](H, I, Q, KV) if adapted and shape.lora_dropout > 0 else 0
+        s[f"mask:{name}"] = width if adapted and shape.lora_dropout > 0 else 0
         # the dropped LoRA input x * mask / (1 - p), a transient in the compute dtype
-        s[f"drop:{name}"] = _WIDTH[name](H, I, Q, KV) * ce if s[f"mask:{name}"] else 0
+        s[f"drop:{name}"] = width * ce if s[f"mask:{name}"] else 0
     return s
-
-
-_WIDTH = {"q_proj": lambda H, I, Q, KV: H, "k_proj": lambda H, I, Q, KV: H,
-          "v_proj": lambda H, I, Q, KV: H, "o_proj": lambda H, I, Q, KV: Q,
-          "gate_proj": lambda H, I, Q, KV: H, "up_proj": lambda H, I, Q, KV: H,
-          "down_proj": lambda H, I, Q, KV: I}
-_OUT = {"q_proj": lambda H, I, Q, KV: Q, "k_proj": lambda H, I, Q, KV: KV,
-        "v_proj": lambda H, I, Q, KV: KV, "o_proj": lambda H, I, Q, KV: H,
-        "gate_proj": lambda H, I, Q, KV: I, "up_proj": lambda H, I, Q, KV: I,
-        "down_proj": lambda H, I, Q, KV: H}
-# block.py's fused groups (weights.FUSED_GROUPS), by the names of their members
-GROUPS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-
-
-def _dense_bytes(config, shape: StepShape, name: str) -> int:
-    H, I = config.hidden_size, config.intermediate_size
-    Q = config.num_attention_heads * config.head_dim
-    KV = config.num_key_value_heads * config.head_dim
-    return _OUT[name](H, I, Q, KV) * _WIDTH[name](H, I, Q, KV) * _elt(shape.dense_dtype or shape.dtype)
 
 
 class _Live:
@@ -164,9 +160,8 @@ class _StepReplay:
     def __init__(self, config, shape: StepShape):
         from anita_core.model.block import mlp_chunk_rows
         self.c, self.shape, self.r = config, shape, _row_bytes(config, shape)
-        self.dims = (config.hidden_size, config.intermediate_size,
-                     config.num_attention_heads * config.head_dim,
-                     config.num_key_value_heads * config.head_dim)
+        self.weights = _projection_shapes(config)
+        self.dense_elt = _elt(shape.dense_dtype or shape.dtype)
         self.live = _Live()
         T = shape.tokens
         rows = shape.mlp_chunk_rows or mlp_chunk_rows(T, config.intermediate_size, shape.dtype)
@@ -174,9 +169,9 @@ class _StepReplay:
         dropout = shape.lora_rank > 0 and shape.lora_dropout > 0
         # a group runs as one matmul unless a member draws a dropout mask (block._Projector)
         self.fused = {g: not (dropout and any(m in shape.lora_targets for m in members))
-                      for g, members in GROUPS.items()}
+                      for g, members in FUSED_GROUPS.items()}
         mlp_dense = shape.dense_weights if shape.mlp_dense_weights is None else shape.mlp_dense_weights
-        self.dense_path = {n: (mlp_dense if n in GROUPS["gate_up_proj"] + ("down_proj",)
+        self.dense_path = {n: (mlp_dense if n in FUSED_GROUPS["gate_up_proj"] + ("down_proj",)
                                else shape.dense_weights) for n in PROJECTIONS}
 
     def _alloc(self, name: str, key: str, rows: int) -> None:
@@ -192,7 +187,7 @@ class _StepReplay:
         the launcher makes for itself."""
         if not self.dense_path[members[0]]:
             return
-        n = sum(_dense_bytes(self.c, self.shape, m) for m in members)
+        n = sum(math.prod(self.weights[m]) for m in members) * self.dense_elt
         if reuse:                   # one per layer, whatever the chunk
             name = _layer(p) + "dense:" + members[0]
             if name not in self.live.held:
@@ -206,8 +201,8 @@ class _StepReplay:
         if fused:
             xa = sum(r[f"xa:{m}"] for m in members)
             if xa:      # + the stacked A [R, K] and block-diagonal B [N, R] it keeps
-                n_out = sum(r[f"out:{m}"] for m in members) // _elt(self.shape.dtype)
-                width = _WIDTH[members[0]](*self.dims)
+                n_out = sum(self.weights[m][0] for m in members)
+                width = self.weights[members[0]][1]
                 self.live.alloc(f"{p}xa:{members[0]}", rows * xa + (n_out + width) * xa)
             return
         for m in members:
@@ -284,7 +279,7 @@ class _StepReplay:
         block_backward's recompute, which stops at x2."""
         live, p, T = self.live, f"{i}.", self.shape.tokens
         self._alloc(p + "x1", "x", T); self._alloc(p + "rstd1", "rstd", T)
-        self._forward(p, GROUPS["qkv_proj"], ("q", "k", "v"), T, reuse, "qkv_proj")
+        self._forward(p, FUSED_GROUPS["qkv_proj"], ("q", "k", "v"), T, reuse, "qkv_proj")
         self._alloc(p + "qr", "q", T); self._alloc(p + "kr", "kv", T)
         live.free(p + "q", p + "k")
         self._alloc(p + "attn", "attn", T)
@@ -299,7 +294,7 @@ class _StepReplay:
             return
         if not keep:        # the MLP chunks need none of the attention's tensors or contexts
             live.free(p + "x1", p + "qr", p + "kr", p + "v", p + "attn")
-            self._drop_contexts(p, GROUPS["qkv_proj"] + ("o_proj",))
+            self._drop_contexts(p, FUSED_GROUPS["qkv_proj"] + ("o_proj",))
         self._alloc(p + "h2", "h", T)
         for j, rows in enumerate(self.chunks):
             c = f"{p}c{j}."
@@ -311,7 +306,7 @@ class _StepReplay:
             live.free_prefix(p, keep=(p + "h0", p + "h2"))
 
     def _mlp_chunk_forward(self, c: str, rows: int, reuse: bool) -> None:
-        self._forward(c, GROUPS["gate_up_proj"], ("g", "u"), rows, reuse, "gate_up_proj")
+        self._forward(c, FUSED_GROUPS["gate_up_proj"], ("g", "u"), rows, reuse, "gate_up_proj")
         self._alloc(c + "m", "inter", rows)
         self._forward(c, ("down_proj",), ("down",), rows, reuse)
 
@@ -338,8 +333,8 @@ class _StepReplay:
         self._alloc(p + "dq", "q", T); self._alloc(p + "dk", "kv", T)
         live.free(p + "dqr", p + "dkr")
         if self.fused["qkv_proj"]:          # torch.cat of (dq, dk, dv)
-            live.alloc(p + "dqkv", T * sum(r[f"out:{m}"] for m in GROUPS["qkv_proj"]))
-        self._backward(p, GROUPS["qkv_proj"], "dx1", T * r["x"], T, reuse, True, "qkv_proj")
+            live.alloc(p + "dqkv", T * sum(r[f"out:{m}"] for m in FUSED_GROUPS["qkv_proj"]))
+        self._backward(p, FUSED_GROUPS["qkv_proj"], "dx1", T * r["x"], T, reuse, True, "qkv_proj")
         if self.fused["qkv_proj"]:
             live.free(p + "dqkv")
         live.free(p + "x1", p + "dq", p + "dk", p + "dvh")
@@ -356,7 +351,7 @@ class _StepReplay:
         self._backward(c, ("down_proj",), "dgu", rows * 2 * r["inter"], rows, reuse, last,
                        swiglu=True)
         live.free(c + "g", c + "u", c + "m")
-        self._backward(c, GROUPS["gate_up_proj"], "dx2", rows * r["x"], rows, reuse, last,
+        self._backward(c, FUSED_GROUPS["gate_up_proj"], "dx2", rows * r["x"], rows, reuse, last,
                        "gate_up_proj")
         live.free(c + "dgu")
         self._alloc(c + "dx2_h1", "h", rows)
@@ -448,12 +443,8 @@ def static_bytes(config, shape: StepShape) -> int:
     """NF4 projections (packed nibbles + fp32 absmax, the upper bound of double quant),
     the norms and embeddings in the activation dtype, LoRA weights + grads + optimizer
     state in fp32."""
-    e = _elt(shape.dtype)
-    H, I = config.hidden_size, config.intermediate_size
-    Q = config.num_attention_heads * config.head_dim
-    KV = config.num_key_value_heads * config.head_dim
-    shapes = {"q_proj": (Q, H), "k_proj": (KV, H), "v_proj": (KV, H), "o_proj": (H, Q),
-              "gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
+    e, H = _elt(shape.dtype), config.hidden_size
+    shapes = _projection_shapes(config)
     n_weights = sum(a * b for a, b in shapes.values())
     nf4 = n_weights // 2 + (n_weights // NF4_BLOCKSIZE) * 4
     norms = 2 * H * e
@@ -528,5 +519,9 @@ def shape_for_model(model, batch: int, seq: int) -> StepShape:
     # the dot runs in fp32 in the torch backend and under the Triton interpreter
     fp32_dot = active_backend() == "torch" or model.device.type != "cuda"
     compute = torch.float32 if fp32_dot else model.dtype
+    from anita_core.model.block import mlp_chunk_rows
     dense = choose_path("block", batch * seq, dtype=model.dtype) == "dequant"
-    return StepShape(batch, seq, model.dtype, rank, targets, dropout, compute, dense, compute)
+    rows = mlp_chunk_rows(batch * seq, model.config.intermediate_size, model.dtype)
+    mlp_dense = choose_path("block", rows, dtype=model.dtype) == "dequant"
+    return StepShape(batch, seq, model.dtype, rank, targets, dropout, compute, dense, compute,
+                     mlp_chunk_rows=rows, mlp_dense_weights=mlp_dense)
