@@ -35,17 +35,13 @@ LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,  
 def indexing_limit(config: ModelConfig) -> tuple:
     """(longest T, what bounds it): the widest per-token width of a tensor of all T rows
     that a Triton launcher checks against 2^31 - 1 elements. The MLP's tensors are
-    chunked (block.mlp_chunk_rows) and the loss's logits too, so these are the
-    attention's: the fused q/k/v output and its gradient [T, Q + 2KV], and the
-    [M, 2K] that nf4_matmul.launch_backward_input checks for every dX (K = H for
-    q/k/v and gate/up, Q for o), SwiGLU epilogue or not."""
+    chunked (block.mlp_chunk_rows), the loss's logits too, and q/k/v run one by one
+    when their fused [T, Q + 2KV] output would pass the bound (block.INDEX_LIMIT), so
+    what is left is the [T, H] and [T, Q] activations and their gradients."""
     H = config.hidden_size
     Q = config.num_attention_heads * config.head_dim
-    KV = config.num_key_value_heads * config.head_dim
-    widths = {"fused q/k/v [T, Q + 2KV]": Q + 2 * KV,
-              "launch_backward_input's [M, 2K] check": 2 * max(H, Q)}
-    what = max(widths, key=widths.get)
-    return MAX_INT32_NUMEL // widths[what], what
+    what = "[T, hidden]" if H >= Q else "[T, heads x head_dim]"
+    return MAX_INT32_NUMEL // max(H, Q), what
 
 
 def step_shape(seq: int, rank: int) -> StepShape:

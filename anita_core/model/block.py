@@ -42,6 +42,10 @@ from anita_core.model.weights import FUSED_GROUPS, LayerWeights
 # tensor of the backward together stays near 2 GiB whatever T is
 MLP_CHUNK_BYTES = 256 * 2**20
 MLP_CHUNK_ALIGN = 64        # rows: whole row tiles of the matmul kernels
+# csrc_triton._runtime.MAX_INT32_NUMEL: a launcher refuses a tensor of more elements
+# (32-bit kernel indexing); a fused group whose [rows, sum N] output would exceed it
+# runs its projections one by one (q/k/v of LLaMA-3-8B beyond 349,525 tokens)
+INDEX_LIMIT = 2**31 - 1
 # the LoRA contexts one MLP chunk leaves in _Projector.contexts (fused or one by one)
 MLP_CONTEXTS = ("gate_up_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -126,8 +130,8 @@ class _Projector:
         ab = self.lora.weights.get(name) if self.lora is not None else None
         return None if ab is None else (ab[0].detach(), ab[1].detach())
 
-    def _fused(self, group: str) -> bool:
-        if group not in self.layer.fused:
+    def _fused(self, group: str, rows: int) -> bool:
+        if group not in self.layer.fused or rows * self.layer.fused[group].shape[0] > INDEX_LIMIT:
             return False
         lora = self.lora
         drops = lora is not None and lora.training and lora.dropout > 0
@@ -147,7 +151,7 @@ class _Projector:
     def forward_group(self, group: str, x: torch.Tensor) -> List[torch.Tensor]:
         """The outputs of FUSED_GROUPS[group]'s projections of x, in order (contiguous)."""
         members = FUSED_GROUPS[group]
-        if not self._fused(group):
+        if not self._fused(group, x.shape[0]):
             return [self.forward(m, x) for m in members]
         w = self.layer.fused[group]
         dense_w = self._dense_weight(group, x.shape[0], x.dtype)
@@ -189,9 +193,10 @@ class _Projector:
         """dL/dx of FUSED_GROUPS[group]'s projections given dL/d(each output) ``dys``
         (a sequence, or one tensor of them side by side); ``release`` as in backward."""
         members = FUSED_GROUPS[group]
-        if isinstance(dys, torch.Tensor) and not self._fused(group):
+        fused = self._fused(group, x.shape[0])
+        if isinstance(dys, torch.Tensor) and not fused:
             dys = dys.split([self.layer.projections[m].shape[0] for m in members], dim=1)
-        if not self._fused(group):
+        if not fused:
             dx = self.backward(members[0], dys[0].contiguous(), x, release=release)
             for m, dy in zip(members[1:], dys[1:]):
                 dx = dx + self.backward(m, dy.contiguous(), x, release=release)

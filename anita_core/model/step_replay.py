@@ -81,7 +81,7 @@ class StepReplay:
     for one MLP chunk's; every [T, N] tensor is rows * row_bytes[key]."""
 
     def __init__(self, config, shape):
-        from anita_core.model.block import mlp_chunk_rows
+        from anita_core.model.block import INDEX_LIMIT, mlp_chunk_rows
         self.c, self.shape, self.r = config, shape, row_bytes(config, shape)
         self.weights = projection_shapes(config)
         self.dense_elt = element_size(shape.dense_dtype or shape.dtype)
@@ -91,7 +91,10 @@ class StepReplay:
         self.chunks = [min(rows, T - i) for i in range(0, T, rows)] or [0]
         dropout = shape.lora_rank > 0 and shape.lora_dropout > 0
         # a group runs as one matmul unless a member draws a dropout mask (block._Projector)
+        # ... or its [rows, sum N] output passes block.INDEX_LIMIT elements
+        group_rows = {"qkv_proj": T, "gate_up_proj": self.chunks[0]}
         self.fused = {g: not (dropout and any(m in shape.lora_targets for m in members))
+                      and group_rows[g] * sum(self.weights[m][0] for m in members) <= INDEX_LIMIT
                       for g, members in FUSED_GROUPS.items()}
         mlp_dense = shape.dense_weights if shape.mlp_dense_weights is None else shape.mlp_dense_weights
         self.dense_path = {n: (mlp_dense if n in FUSED_GROUPS["gate_up_proj"] + ("down_proj",)
