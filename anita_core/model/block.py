@@ -279,6 +279,7 @@ def block_forward(h0: torch.Tensor, layer: LayerWeights, geo: BlockGeometry, n_h
 
 
 def layer_intermediate(layer: LayerWeights) -> int:
+    """The MLP's intermediate size (the down projection's input width)."""
     return layer.projections["down_proj"].shape[1]
 
 
