@@ -461,7 +461,8 @@ def launch_backward_input(op: str, dy2d: torch.Tensor, w: NF4Weight, out_dtype: 
     [M, 2K] instead of dx (the kernel's SwiGLU epilogue)."""
     M, N = dy2d.shape
     K = w.shape[1]
-    check_numel(op, "the input gradient [M, 2K]", M * K * 2)
+    check_numel(op, f"the input gradient [M, {'K' if swiglu_input is None else '2K'}]",
+                M * K * (1 if swiglu_input is None else 2))
     dx = _runtime.new_output((M, K * (1 if swiglu_input is None else 2)), out_dtype, dy2d.device)
     if M == 0:
         return dx

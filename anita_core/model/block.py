@@ -8,6 +8,19 @@ block_backward recomputes the internals from the block input h0 (activation
 checkpointing) and replays the LoRA dropout masks by restoring the dropout
 generator's state; block_forward_saving + block_backward_saved are the two
 halves, for a caller that keeps a block's activations instead of recomputing.
+
+The MLP is token-wise, so it runs in row chunks of at most mlp_chunk_rows(T)
+rows: gate/up, SwiGLU and down of one chunk, its rows of h2 written in place,
+before the next. Its [rows x intermediate] tensors (g, u, m and, in the
+backward, d[gate, up]) then never exist for all T rows at once (at LLaMA-3-8B and
+400K tokens one [T x 14336] bf16 tensor is 11.5 GB). A recomputed block's
+backward reruns the MLP forward chunk by chunk, each chunk followed by its own
+backward (so block_backward's recompute stops at x2); a kept block keeps each
+chunk's g, u, m and LoRA contexts. Chunks run in row order both ways, so the
+dropout masks are drawn, and the LoRA gradients summed, in the same order whatever
+the strategy. At small T there is one chunk: exactly the unchunked computation.
+With several chunks the masks are drawn per chunk and the LoRA dA/dB are sums
+over chunks: the same distribution and the same math, not the same bits as one chunk.
 """
 from __future__ import annotations
 
@@ -23,6 +36,40 @@ from anita_core.model.ops import (choose_path, dequantize_for_matmul, lora_linea
                                   nf4_matmul_forward, rms_norm_backward, rms_norm_forward,
                                   rope_backward, rope_forward, swiglu_forward)
 from anita_core.model.weights import FUSED_GROUPS, LayerWeights
+
+# the largest [rows x intermediate] MLP tensor of one chunk, in bytes (like the fused
+# loss's 256 MiB logits chunk): at LLaMA-3-8B in bf16, 9,344 rows; every chunk
+# tensor of the backward together stays near 2 GiB whatever T is
+MLP_CHUNK_BYTES = 256 * 2**20
+MLP_CHUNK_ALIGN = 64        # rows: whole row tiles of the matmul kernels
+# csrc_triton._runtime.MAX_INT32_NUMEL: a launcher refuses a tensor of more elements
+# (32-bit kernel indexing); a fused group whose [rows, sum N] output would exceed it
+# runs its projections one by one (q/k/v of LLaMA-3-8B beyond 349,525 tokens)
+INDEX_LIMIT = 2**31 - 1
+# the LoRA contexts one MLP chunk leaves in _Projector.contexts (fused or one by one)
+MLP_CONTEXTS = ("gate_up_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def mlp_chunk_rows(tokens: int, intermediate: int, dtype: torch.dtype) -> int:
+    """Rows of one MLP chunk for a T = ``tokens`` block: at most MLP_CHUNK_BYTES per
+    [rows x intermediate] tensor, a multiple of MLP_CHUNK_ALIGN when that is at least
+    one tile, the chunks of equal size up to the last (no tiny tail); T itself when
+    that fits (one chunk)."""
+    per_row = intermediate * torch.empty((), dtype=dtype).element_size()
+    limit = max(1, MLP_CHUNK_BYTES // per_row)
+    if limit >= MLP_CHUNK_ALIGN:
+        limit -= limit % MLP_CHUNK_ALIGN
+    if tokens <= limit:
+        return max(tokens, 1)
+    n_chunks = -(-tokens // limit)
+    rows = -(-tokens // n_chunks)
+    if limit >= MLP_CHUNK_ALIGN:
+        rows = min(limit, -(-rows // MLP_CHUNK_ALIGN) * MLP_CHUNK_ALIGN)
+    return rows
+
+
+def _row_chunks(tokens: int, rows: int) -> List[slice]:
+    return [slice(i, min(i + rows, tokens)) for i in range(0, tokens, rows)] or [slice(0, 0)]
 
 
 @dataclass
@@ -83,8 +130,8 @@ class _Projector:
         ab = self.lora.weights.get(name) if self.lora is not None else None
         return None if ab is None else (ab[0].detach(), ab[1].detach())
 
-    def _fused(self, group: str) -> bool:
-        if group not in self.layer.fused:
+    def _fused(self, group: str, rows: int) -> bool:
+        if group not in self.layer.fused or rows * self.layer.fused[group].shape[0] > INDEX_LIMIT:
             return False
         lora = self.lora
         drops = lora is not None and lora.training and lora.dropout > 0
@@ -104,7 +151,7 @@ class _Projector:
     def forward_group(self, group: str, x: torch.Tensor) -> List[torch.Tensor]:
         """The outputs of FUSED_GROUPS[group]'s projections of x, in order (contiguous)."""
         members = FUSED_GROUPS[group]
-        if not self._fused(group):
+        if not self._fused(group, x.shape[0]):
             return [self.forward(m, x) for m in members]
         w = self.layer.fused[group]
         dense_w = self._dense_weight(group, x.shape[0], x.dtype)
@@ -116,45 +163,53 @@ class _Projector:
                                                                 dense_w=dense_w)
         return [part.contiguous() for part in y.split(w.segment_rows, dim=1)]
 
+    def take_contexts(self, names) -> dict:
+        """Remove and return the LoRA contexts of ``names`` (one MLP chunk's)."""
+        return {n: self.contexts.pop(n) for n in names if n in self.contexts}
+
+    def _release(self, name: str, release: bool) -> None:
+        if self.dense is not None and release:
+            self.dense.pop(name, None)      # this projection is done: free its dense W
+
     def backward(self, name: str, dy: torch.Tensor, x: torch.Tensor,
-                 swiglu_input: Optional[tuple] = None) -> torch.Tensor:
+                 swiglu_input: Optional[tuple] = None, release: bool = True) -> torch.Tensor:
         """dL/dx of projection ``name`` (with ``swiglu_input`` = (gate, up) and
-        x = silu(gate) * up: dL/d[gate, up] instead, from the matmul's epilogue)."""
+        x = silu(gate) * up: dL/d[gate, up] instead, from the matmul's epilogue).
+        Its LoRA context is consumed; ``release``: its dense W too (the last chunk)."""
         w = self.layer.projections[name]
         dense_w = self._dense_weight(name, dy.shape[0], dy.dtype)
-        if self.dense is not None:
-            self.dense.pop(name, None)      # this projection is done: free its dense W
+        self._release(name, release)
         ab = self._adapter(name)
         if ab is None:
             return nf4_matmul_backward_input(dy, w, dense_w=dense_w, swiglu_input=swiglu_input)
         A, B = self.lora.weights[name]
-        dx, dA, dB = lora_linear_backward(dy, x, w, *ab, self.lora.scale, self.contexts[name],
+        dx, dA, dB = lora_linear_backward(dy, x, w, *ab, self.lora.scale, self.contexts.pop(name),
                                           dense_w=dense_w, swiglu_input=swiglu_input)
         _accumulate_grad(A, dA)
         _accumulate_grad(B, dB)
         return dx
 
-    def backward_group(self, group: str, dys, x: torch.Tensor) -> torch.Tensor:
+    def backward_group(self, group: str, dys, x: torch.Tensor, release: bool = True) -> torch.Tensor:
         """dL/dx of FUSED_GROUPS[group]'s projections given dL/d(each output) ``dys``
-        (a sequence, or one tensor of them side by side)."""
+        (a sequence, or one tensor of them side by side); ``release`` as in backward."""
         members = FUSED_GROUPS[group]
-        if isinstance(dys, torch.Tensor) and not self._fused(group):
+        fused = self._fused(group, x.shape[0])
+        if isinstance(dys, torch.Tensor) and not fused:
             dys = dys.split([self.layer.projections[m].shape[0] for m in members], dim=1)
-        if not self._fused(group):
-            dx = self.backward(members[0], dys[0].contiguous(), x)
+        if not fused:
+            dx = self.backward(members[0], dys[0].contiguous(), x, release=release)
             for m, dy in zip(members[1:], dys[1:]):
-                dx = dx + self.backward(m, dy.contiguous(), x)
+                dx = dx + self.backward(m, dy.contiguous(), x, release=release)
             return dx
         w = self.layer.fused[group]
         dy = dys if isinstance(dys, torch.Tensor) else torch.cat(dys, dim=1)
         dense_w = self._dense_weight(group, dy.shape[0], dy.dtype)
-        if self.dense is not None:
-            self.dense.pop(group, None)
+        self._release(group, release)
         adapters = [self._adapter(m) for m in members]
         if not any(adapters):
             return nf4_matmul_backward_input(dy, w, dense_w=dense_w)
         dx, grads = lora_linear_fused_backward(dy, x, w, adapters, self.lora.scale,
-                                               self.contexts[group], dense_w=dense_w)
+                                               self.contexts.pop(group), dense_w=dense_w)
         for m, grad in zip(members, grads):
             if grad is not None:
                 A, B = self.lora.weights[m]
@@ -178,15 +233,18 @@ def _heads(t: torch.Tensor, geo: BlockGeometry, n_heads: int) -> torch.Tensor:
 def block_forward(h0: torch.Tensor, layer: LayerWeights, geo: BlockGeometry, n_heads: int,
                   n_kv_heads: int, eps: float, lora: Optional[BlockLoRA] = None,
                   attend: Optional[Callable] = None, _keep: Optional[dict] = None,
-                  _reuse_weights: bool = True) -> torch.Tensor:
+                  _reuse_weights: bool = True, _mlp: bool = True) -> Optional[torch.Tensor]:
     """h0 [T, H] (T = B*S) -> h2 [T, H]. ``attend(q, k, v)`` replaces the masked
     attention (generation passes one that reads and writes a KV cache); ``_keep``
-    (used by block_backward) receives every intermediate the backward needs."""
+    (used by block_backward) receives every intermediate the backward needs;
+    ``_mlp=False`` (block_backward's recompute) stops at x2 and returns None: the
+    backward reruns the MLP chunk by chunk."""
     proj = _Projector(layer, lora, reuse_weights=_keep is not None and _reuse_weights)
     x1, rstd1 = rms_norm_forward(h0, layer.input_layernorm, eps)
     q, k, v = proj.forward_group("qkv_proj", x1)
     qr, kr = rope_forward(_heads(q, geo, n_heads), _heads(k, geo, n_kv_heads), geo.position_ids,
                           geo.cos, geo.sin, positions_checked=True)
+    del q, k                    # replaced by their rope
     vh = _heads(v, geo, n_kv_heads)
     attention_saved = None
     if attend is not None:
@@ -198,13 +256,38 @@ def block_forward(h0: torch.Tensor, layer: LayerWeights, geo: BlockGeometry, n_h
     a = attn.reshape(h0.shape[0], -1)
     h1 = h0 + proj.forward("o_proj", a)
     x2, rstd2 = rms_norm_forward(h1, layer.post_attention_layernorm, eps)
-    g, u = proj.forward_group("gate_up_proj", x2)
-    m = swiglu_forward(g, u)
-    h2 = h1 + proj.forward("down_proj", m)
     if _keep is not None:
         _keep.update(proj=proj, x1=x1, rstd1=rstd1, qr=qr, attention_saved=attention_saved, a=a,
-                     h1=h1, x2=x2, rstd2=rstd2, g=g, u=u, m=m)
+                     h1=h1, x2=x2, rstd2=rstd2)
+    if not _mlp:
+        return None
+    del x1, qr, kr, v, vh, attn, a, attention_saved     # the MLP's chunks need none of them
+    if _keep is None:
+        proj.contexts.clear()   # nor the attention's LoRA contexts (no backward will read them)
+    kept_chunks = _keep.setdefault("mlp_chunks", []) if _keep is not None else None
+    h2 = torch.empty_like(h1)
+    for rows in _row_chunks(h1.shape[0], mlp_chunk_rows(h1.shape[0], layer_intermediate(layer),
+                                                        h1.dtype)):
+        g, u, m, down = _mlp_chunk_forward(proj, x2[rows])
+        torch.add(h1[rows], down, out=h2[rows])
+        del down
+        contexts = proj.take_contexts(MLP_CONTEXTS)
+        if kept_chunks is not None:
+            kept_chunks.append((g, u, m, contexts))
+        del g, u, m, contexts
     return h2
+
+
+def layer_intermediate(layer: LayerWeights) -> int:
+    """The MLP's intermediate size (the down projection's input width)."""
+    return layer.projections["down_proj"].shape[1]
+
+
+def _mlp_chunk_forward(proj: _Projector, x2: torch.Tensor):
+    """(gate, up, m = silu(gate) * up, down(m)) of one chunk of rows of x2."""
+    g, u = proj.forward_group("gate_up_proj", x2)
+    m = swiglu_forward(g, u)
+    return g, u, m, proj.forward("down_proj", m)
 
 
 def block_forward_saving(h0: torch.Tensor, layer: LayerWeights, geo: BlockGeometry, n_heads: int,
@@ -212,9 +295,9 @@ def block_forward_saving(h0: torch.Tensor, layer: LayerWeights, geo: BlockGeomet
                          lora: Optional[BlockLoRA] = None,
                          reuse_weights: bool = True) -> Tuple[torch.Tensor, dict]:
     """block_forward that also returns every intermediate block_backward_saved needs
-    (the recompute of block_backward, or a forward whose activations are kept).
-    ``reuse_weights=False`` (a kept layer, whose backward comes much later) keeps no
-    dense dequantized W between the forward and the backward."""
+    (a forward whose activations are kept: each MLP chunk's g, u, m and LoRA
+    contexts included). ``reuse_weights=False`` (a kept layer, whose backward comes
+    much later) keeps no dense dequantized W between the forward and the backward."""
     saved: dict = {"h0": h0}
     h2 = block_forward(h0, layer, geo, n_heads, n_kv_heads, eps, lora, _keep=saved,
                        _reuse_weights=reuse_weights)
@@ -225,31 +308,61 @@ def block_backward(dh2: torch.Tensor, h0: torch.Tensor, layer: LayerWeights, geo
                    n_heads: int, n_kv_heads: int, eps: float,
                    lora: Optional[BlockLoRA] = None) -> torch.Tensor:
     """Given dL/dh2, recompute the block from h0, add dL/dA and dL/dB into the LoRA
-    tensors' .grad, and return dL/dh0. Norm weights and NF4 weights are frozen."""
-    _, saved = block_forward_saving(h0, layer, geo, n_heads, n_kv_heads, eps, lora)
+    tensors' .grad, and return dL/dh0. Norm weights and NF4 weights are frozen.
+    The recompute stops at x2; block_backward_saved reruns the MLP per chunk."""
+    saved = {"h0": h0}
+    block_forward(h0, layer, geo, n_heads, n_kv_heads, eps, lora, _keep=saved, _mlp=False)
     return block_backward_saved(dh2, saved, layer, geo)
 
 
 def block_backward_saved(dh2: torch.Tensor, s: dict, layer: LayerWeights,
                          geo: BlockGeometry) -> torch.Tensor:
-    """The backward of one block from the intermediates block_forward_saving kept
-    (``s`` is consumed: its dense weights are freed as each projection finishes)."""
-    h0 = s["h0"]
-    proj: _Projector = s["proj"]
+    """The backward of one block from the intermediates block_forward_saving kept, or
+    block_backward's recompute (no "mlp_chunks": each MLP chunk's forward reruns just
+    before its backward). ``s`` is consumed: every intermediate, and each projection's
+    dense weight, is freed after its last use."""
+    h0 = s.pop("h0")
+    proj: _Projector = s.pop("proj")
+    x2, h1, rstd2 = s.pop("x2"), s.pop("h1"), s.pop("rstd2")
+    kept_chunks = s.pop("mlp_chunks", None)
 
-    # MLP:  h2 = h1 + down(swiglu(gate(x2), up(x2))),  x2 = rmsnorm(h1)
-    d_gate_up = proj.backward("down_proj", dh2, s["m"], swiglu_input=(s["g"], s["u"]))
-    dx2 = proj.backward_group("gate_up_proj", d_gate_up, s["x2"])
-    dx2_h1, _ = rms_norm_backward(dx2, s["h1"], layer.post_attention_layernorm, s["rstd2"], False)
-    dh1 = dh2 + dx2_h1
+    # MLP, chunk by chunk:  h2 = h1 + down(swiglu(gate(x2), up(x2))),  x2 = rmsnorm(h1)
+    T = h0.shape[0]
+    chunks = _row_chunks(T, mlp_chunk_rows(T, layer_intermediate(layer), h1.dtype))
+    dh1 = torch.empty_like(dh2)
+    for i, rows in enumerate(chunks):
+        last = i == len(chunks) - 1
+        if kept_chunks is None:
+            g, u, m, down = _mlp_chunk_forward(proj, x2[rows])
+            del down            # only the backward's inputs are wanted
+        else:
+            g, u, m, contexts = kept_chunks[i]
+            kept_chunks[i] = None
+            proj.contexts.update(contexts)
+            del contexts
+        d_gate_up = proj.backward("down_proj", dh2[rows], m, swiglu_input=(g, u), release=last)
+        del g, u, m
+        dx2 = proj.backward_group("gate_up_proj", d_gate_up, x2[rows], release=last)
+        del d_gate_up
+        dx2_h1, _ = rms_norm_backward(dx2, h1[rows], layer.post_attention_layernorm, rstd2[rows],
+                                      False)
+        del dx2
+        torch.add(dh2[rows], dx2_h1, out=dh1[rows])
+        del dx2_h1
+    del x2, h1, rstd2, kept_chunks
 
     # attention:  h1 = h0 + o(attn(rope(q(x1)), rope(k(x1)), v(x1))),  x1 = rmsnorm(h0)
-    da = proj.backward("o_proj", dh1, s["a"])
-    dqr, dkr, dvh = attention_backward(da.view_as(s["qr"]), s["attention_saved"])
+    da = proj.backward("o_proj", dh1, s.pop("a"))
+    qr, attention_saved = s.pop("qr"), s.pop("attention_saved")
+    dqr, dkr, dvh = attention_backward(da.view_as(qr), attention_saved)
+    del da, qr, attention_saved
     dq, dk = rope_backward(dqr.contiguous(), dkr.contiguous(), geo.position_ids, geo.cos, geo.sin,
                            positions_checked=True)
-    T = h0.shape[0]
+    del dqr, dkr
     dx1 = proj.backward_group("qkv_proj", (dq.reshape(T, -1), dk.reshape(T, -1),
-                                           dvh.reshape(T, -1)), s["x1"])
-    dx1_h0, _ = rms_norm_backward(dx1, h0, layer.input_layernorm, s["rstd1"], False)
-    return dh1 + dx1_h0
+                                           dvh.reshape(T, -1)), s.pop("x1"))
+    del dq, dk, dvh
+    dx1_h0, _ = rms_norm_backward(dx1, h0, layer.input_layernorm, s.pop("rstd1"), False)
+    del dx1
+    dh1 += dx1_h0               # dh1 is ours: dL/dh0 = dh1 + dx1_h0 in place
+    return dh1

@@ -287,6 +287,10 @@ class QLoRALlama:
             state.offloader.prefetch(offloaded[-1])
         dh, _ = rms_norm_backward(d_hidden.contiguous(), state.final_input, self.base.norm,
                                   state.final_rstd, False)
+        # their last use: not held through every block's backward (a caller that hands
+        # d_hidden over, like train_step, frees it here)
+        del d_hidden
+        state.final_input = state.final_rstd = None
         for i in reversed(range(len(self.base.layers))):
             strategy = state.strategies[i]
             if state.generator_states[i] is not None:
@@ -332,7 +336,9 @@ class QLoRALlama:
             hidden, self.base.output_embedding, targets.reshape(-1), grad_scale, IGNORE_INDEX)
         if not torch.isfinite(loss_sum):
             raise FloatingPointError(f"loss is {float(loss_sum)}; gradients were not applied")
-        self.backward_hidden(d_hidden, state)
+        del hidden                      # the loss was its last use
+        d_hidden = [d_hidden]           # handed over: freed after the final norm's backward
+        self.backward_hidden(d_hidden.pop(), state)
         return loss_sum, n_tokens
 
     @torch.no_grad()

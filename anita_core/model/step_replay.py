@@ -1,0 +1,335 @@
+"""The memory planner's replay of one train_step: which tensors block.py and
+llama.py hold, tensor by tensor, and the peak of their bytes (see memory_plan's
+docstring for what it covers and what it leaves out). Pure arithmetic: nothing
+is allocated."""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+
+from anita_core.model.weights import FUSED_GROUPS, PROJECTIONS
+
+LOSS_CHUNK_BYTES = 256 * 2**20      # csrc_triton.linear_loss.DEFAULT_CHUNK_BYTES
+
+
+def element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def projection_shapes(config) -> Dict[str, Tuple[int, int]]:
+    """(N, K) of every projection's weight."""
+    H, I = config.hidden_size, config.intermediate_size
+    Q = config.num_attention_heads * config.head_dim
+    KV = config.num_key_value_heads * config.head_dim
+    return {"q_proj": (Q, H), "k_proj": (KV, H), "v_proj": (KV, H), "o_proj": (H, Q),
+            "gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
+
+
+def row_bytes(config, shape) -> Dict[str, int]:
+    """Bytes per token row of every tensor one block allocates, by the name block.py
+    gives it (a [T, N] tensor of key k is T * row[k] bytes)."""
+    e = element_size(shape.dtype)
+    H, I = config.hidden_size, config.intermediate_size
+    Q = config.num_attention_heads * config.head_dim
+    KV = config.num_key_value_heads * config.head_dim
+    f32 = 4
+    s = dict(h=H * e, x=H * e, rstd=f32, q=Q * e, kv=KV * e, attn=Q * e,
+             lse=config.num_attention_heads * f32, inter=I * e)
+    ce = element_size(shape.lora_compute_dtype or shape.dtype)
+    for name, (n_out, width) in projection_shapes(config).items():
+        adapted = shape.lora_rank > 0 and name in shape.lora_targets
+        s[f"out:{name}"] = n_out * e
+        s[f"xa:{name}"] = shape.lora_rank * ce if adapted else 0
+        s[f"mask:{name}"] = width if adapted and shape.lora_dropout > 0 else 0
+        # the dropped LoRA input x * mask / (1 - p), a transient in the compute dtype
+        s[f"drop:{name}"] = width * ce if s[f"mask:{name}"] else 0
+    return s
+
+
+class _Live:
+    """Named allocations and the running peak."""
+
+    def __init__(self):
+        self.held: Dict[str, int] = {}
+        self.now = self.peak = 0
+
+    def alloc(self, name: str, n: int) -> None:
+        assert name not in self.held, name
+        self.held[name] = n
+        self.now += n
+        self.peak = max(self.peak, self.now)
+
+    def free(self, *names: str) -> None:
+        for name in names:
+            self.now -= self.held.pop(name)
+
+    def free_prefix(self, prefix: str, keep: Sequence[str] = ()) -> None:
+        self.free(*[n for n in self.held if n.startswith(prefix) and n not in keep])
+
+
+def _layer(prefix: str) -> str:
+    """f"{i}." of a block's or one of its chunks' prefix."""
+    return prefix.split(".", 1)[0] + "."
+
+
+class StepReplay:
+    """One train_step's allocations, in block.py's and llama.py's order.
+
+    Names: f"{layer}.{tensor}" for a block's tensors, f"{layer}.c{chunk}.{tensor}"
+    for one MLP chunk's; every [T, N] tensor is rows * row_bytes[key]."""
+
+    def __init__(self, config, shape):
+        from anita_core.model.block import INDEX_LIMIT, mlp_chunk_rows
+        self.c, self.shape, self.r = config, shape, row_bytes(config, shape)
+        self.weights = projection_shapes(config)
+        self.dense_elt = element_size(shape.dense_dtype or shape.dtype)
+        self.live = _Live()
+        T = shape.tokens
+        rows = shape.mlp_chunk_rows or mlp_chunk_rows(T, config.intermediate_size, shape.dtype)
+        self.chunks = [min(rows, T - i) for i in range(0, T, rows)] or [0]
+        dropout = shape.lora_rank > 0 and shape.lora_dropout > 0
+        # a group runs as one matmul unless a member draws a dropout mask (block._Projector)
+        # ... or its [rows, sum N] output passes block.INDEX_LIMIT elements
+        group_rows = {"qkv_proj": T, "gate_up_proj": self.chunks[0]}
+        self.fused = {g: not (dropout and any(m in shape.lora_targets for m in members))
+                      and group_rows[g] * sum(self.weights[m][0] for m in members) <= INDEX_LIMIT
+                      for g, members in FUSED_GROUPS.items()}
+        mlp_dense = shape.dense_weights if shape.mlp_dense_weights is None else shape.mlp_dense_weights
+        self.dense_path = {n: (mlp_dense if n in FUSED_GROUPS["gate_up_proj"] + ("down_proj",)
+                               else shape.dense_weights) for n in PROJECTIONS}
+
+    def _alloc(self, name: str, key: str, rows: int) -> None:
+        self.live.alloc(name, rows * self.r[key])
+
+    def _transient(self, name: str, n: int) -> None:
+        self.live.alloc(name, n)
+        self.live.free(name)
+
+    def _weight(self, p: str, members: Sequence[str], reuse: bool) -> None:
+        """The dense W of a (group of) projection(s) on the dequantize path: held from
+        its first use to its backward when ``reuse`` (a recompute), else a transient
+        the launcher makes for itself."""
+        if not self.dense_path[members[0]]:
+            return
+        n = sum(math.prod(self.weights[m]) for m in members) * self.dense_elt
+        if reuse:                   # one per layer, whatever the chunk
+            name = _layer(p) + "dense:" + members[0]
+            if name not in self.live.held:
+                self.live.alloc(name, n)
+        else:
+            self._transient(f"{p}W:{members[0]}", n)
+
+    def _contexts(self, p: str, members: Sequence[str], rows: int, fused: bool) -> None:
+        """The LoRA contexts a forward keeps: masks, drop transients, xa."""
+        r = self.r
+        if fused:
+            xa = sum(r[f"xa:{m}"] for m in members)
+            if xa:      # + the stacked A [R, K] and block-diagonal B [N, R] it keeps
+                n_out = sum(self.weights[m][0] for m in members)
+                width = self.weights[members[0]][1]
+                self.live.alloc(f"{p}xa:{members[0]}", rows * xa + (n_out + width) * xa)
+            return
+        for m in members:
+            if r[f"mask:{m}"]:
+                self._alloc(f"{p}mask:{m}", f"mask:{m}", rows)
+                self._transient(f"{p}drop:{m}", rows * r[f"drop:{m}"])
+            if r[f"xa:{m}"]:
+                self._alloc(f"{p}xa:{m}", f"xa:{m}", rows)
+
+    def _forward(self, p: str, members: Sequence[str], outs: Sequence[str], rows: int,
+                 reuse: bool, group: Optional[str] = None) -> None:
+        """A projection (or a fused group's) forward: contexts, W, the outputs
+        (a fused group's [rows, sum N] output split into contiguous copies)."""
+        fused = group is not None and self.fused[group]
+        if fused:
+            self._contexts(p, members, rows, True)
+            self._weight(p, members, reuse)
+            self.live.alloc(p + "y:" + group, rows * sum(self.r[f"out:{m}"] for m in members))
+            for m, out in zip(members, outs):
+                self._alloc(p + out, f"out:{m}", rows)
+            self.live.free(p + "y:" + group)
+            return
+        for m, out in zip(members, outs):
+            self._contexts(p, (m,), rows, False)
+            self._weight(p, (m,), reuse)
+            self._alloc(p + out, f"out:{m}", rows)
+
+    def _drop_contexts(self, p: str, members: Sequence[str]) -> None:
+        for m in members:
+            for kind in ("xa", "mask"):
+                if f"{p}{kind}:{m}" in self.live.held:
+                    self.live.free(f"{p}{kind}:{m}")
+
+    def _backward(self, p: str, members: Sequence[str], dx: str, dx_bytes: int, rows: int,
+                  reuse: bool, release: bool, group: Optional[str] = None,
+                  swiglu: bool = False) -> None:
+        """dX of a projection or fused group from dY (present): the rank-r dY B, the
+        drop transients, dX, then its contexts (and, at ``release``, its W) go."""
+        r, live = self.r, self.live
+        fused = group is None or self.fused[group]
+        parts = [members] if fused else [(m,) for m in members]
+        for j, part in enumerate(parts):
+            gb = rows * sum(r[f"xa:{m}"] for m in part)
+            if not fused:                       # dys.split(...)[j].contiguous(): a copy
+                self._alloc(f"{p}dy:{part[0]}", f"out:{part[0]}", rows)
+            if gb:
+                live.alloc(f"{p}gB:{part[0]}", gb)
+            for m in part:
+                if r[f"drop:{m}"]:
+                    self._transient(f"{p}drop:{m}", rows * r[f"drop:{m}"])
+            self._weight(p, part, reuse)
+            live.alloc(f"{p}{dx}{j}", dx_bytes)
+            if swiglu and self.dense_path[part[0]]:
+                # dense path: dm, then swiglu_backward's dgate, dup, concatenated into dX
+                live.alloc(f"{p}dm", dx_bytes // 2)
+                self._transient(f"{p}dgate_dup", dx_bytes)
+                live.free(f"{p}dm")
+            if gb:
+                live.free(f"{p}gB:{part[0]}")
+            if not fused:
+                live.free(f"{p}dy:{part[0]}")
+            self._drop_contexts(p, part)
+            if release and _layer(p) + "dense:" + part[0] in live.held:
+                live.free(_layer(p) + "dense:" + part[0])
+            if j:                               # dx = dx + dx_j
+                live.alloc(f"{p}{dx}sum{j}", dx_bytes)
+                live.free(f"{p}{dx}0", f"{p}{dx}{j}")
+                live.held[f"{p}{dx}0"] = live.held.pop(f"{p}{dx}sum{j}")
+        live.held[p + dx] = live.held.pop(f"{p}{dx}0")
+
+    def block_forward(self, i: int, keep: bool, reuse: bool, mlp: bool = True) -> None:
+        """Layer i's forward from its input f"{i}.h0" (present). ``keep``: what
+        block_forward_saving keeps stays (else only h0, h2); ``mlp=False``:
+        block_backward's recompute, which stops at x2."""
+        live, p, T = self.live, f"{i}.", self.shape.tokens
+        self._alloc(p + "x1", "x", T); self._alloc(p + "rstd1", "rstd", T)
+        self._forward(p, FUSED_GROUPS["qkv_proj"], ("q", "k", "v"), T, reuse, "qkv_proj")
+        self._alloc(p + "qr", "q", T); self._alloc(p + "kr", "kv", T)
+        live.free(p + "q", p + "k")
+        self._alloc(p + "attn", "attn", T)
+        if keep or not mlp:
+            self._alloc(p + "lse", "lse", T)
+        else:                       # attention_forward drops it at once
+            self._transient(p + "lse", T * self.r["lse"])
+        self._forward(p, ("o_proj",), ("o",), T, reuse)
+        self._alloc(p + "h1", "h", T); live.free(p + "o")
+        self._alloc(p + "x2", "x", T); self._alloc(p + "rstd2", "rstd", T)
+        if not mlp:
+            return
+        if not keep:        # the MLP chunks need none of the attention's tensors or contexts
+            live.free(p + "x1", p + "qr", p + "kr", p + "v", p + "attn")
+            self._drop_contexts(p, FUSED_GROUPS["qkv_proj"] + ("o_proj",))
+        self._alloc(p + "h2", "h", T)
+        for j, rows in enumerate(self.chunks):
+            c = f"{p}c{j}."
+            self._mlp_chunk_forward(c, rows, reuse)
+            live.free(c + "down")
+            if not keep:
+                live.free_prefix(c)
+        if not keep:        # block_forward returns: h0 (the caller's) and h2 remain
+            live.free_prefix(p, keep=(p + "h0", p + "h2"))
+
+    def _mlp_chunk_forward(self, c: str, rows: int, reuse: bool) -> None:
+        self._forward(c, FUSED_GROUPS["gate_up_proj"], ("g", "u"), rows, reuse, "gate_up_proj")
+        self._alloc(c + "m", "inter", rows)
+        self._forward(c, ("down_proj",), ("down",), rows, reuse)
+
+    def block_backward(self, i: int, dh2: str, kept: bool) -> str:
+        """block_backward_saved of layer i (its saved tensors present; ``kept``: each MLP
+        chunk's too, else each chunk's forward reruns first); returns the name of
+        dL/dh0 and leaves only it (and dh2, still the caller's)."""
+        live, p, T, r = self.live, f"{i}.", self.shape.tokens, self.r
+        reuse = not kept
+        self._alloc(p + "dh1", "h", T)
+        for j, rows in enumerate(self.chunks):
+            c, last = f"{p}c{j}.", j == len(self.chunks) - 1
+            # the dense W of a recompute lives in the layer's _Projector, not the chunk's
+            if not kept:
+                self._mlp_chunk_forward(c, rows, reuse)
+                live.free(c + "down")
+            self._backward_mlp(c, rows, reuse, last)
+        live.free(p + "x2", p + "h1", p + "rstd2")
+        # attention
+        self._backward(p, ("o_proj",), "da", T * r["attn"], T, reuse, True)
+        self._alloc(p + "dqr", "q", T); self._alloc(p + "dkr", "kv", T)
+        self._alloc(p + "dvh", "kv", T); self._transient(p + "delta", T * r["lse"])
+        live.free(p + "da", p + "qr", p + "kr", p + "v", p + "attn", p + "lse")
+        self._alloc(p + "dq", "q", T); self._alloc(p + "dk", "kv", T)
+        live.free(p + "dqr", p + "dkr")
+        if self.fused["qkv_proj"]:          # torch.cat of (dq, dk, dv)
+            live.alloc(p + "dqkv", T * sum(r[f"out:{m}"] for m in FUSED_GROUPS["qkv_proj"]))
+        self._backward(p, FUSED_GROUPS["qkv_proj"], "dx1", T * r["x"], T, reuse, True, "qkv_proj")
+        if self.fused["qkv_proj"]:
+            live.free(p + "dqkv")
+        live.free(p + "x1", p + "dq", p + "dk", p + "dvh")
+        self._alloc(p + "dx1_h0", "h", T)
+        live.free(p + "dx1", p + "dx1_h0")
+        live.held[p + "dh0"] = live.held.pop(p + "dh1")      # dh1 += dx1_h0, in place
+        self.live.free_prefix(p, keep=(p + "dh0",))     # block_backward_saved returns
+        return p + "dh0"
+
+    def _backward_mlp(self, c: str, rows: int, reuse: bool, last: bool) -> None:
+        """One MLP chunk's backward, its forward's g, u, m and contexts present."""
+        live, r = self.live, self.r
+        # the down projection's dX with the SwiGLU epilogue: d[gate, up] [rows, 2I]
+        self._backward(c, ("down_proj",), "dgu", rows * 2 * r["inter"], rows, reuse, last,
+                       swiglu=True)
+        live.free(c + "g", c + "u", c + "m")
+        self._backward(c, FUSED_GROUPS["gate_up_proj"], "dx2", rows * r["x"], rows, reuse, last,
+                       "gate_up_proj")
+        live.free(c + "dgu")
+        self._alloc(c + "dx2_h1", "h", rows)
+        live.free(c + "dx2", c + "dx2_h1")
+        live.free_prefix(c)
+
+    def loss(self, T: int) -> None:
+        """linear_cross_entropy_forward_backward: dhidden [T, H], per-row fp32 [T]
+        vectors, and one chunk of fp32 logits (+ its half copy in half precision)."""
+        c, e, live = self.c, element_size(self.shape.dtype), self.live
+        V = c.vocab_size
+        rows = max(1, LOSS_CHUNK_BYTES // (4 * V))
+        rows = min(T, rows - rows % 16 if rows >= 16 else rows)
+        live.alloc("loss.dhidden", T * c.hidden_size * e)
+        live.alloc("loss.rows", T * (8 + 4 + 4 + 4))            # rows, lse, target, row_scale
+        if e != 4:
+            live.alloc("loss.half", rows * V * e)
+        live.alloc("loss.logits", rows * V * 4)
+        live.free_prefix("loss.", keep=("loss.dhidden",))
+
+    def step(self, strategies: Sequence[str]) -> int:
+        """Peak activation bytes of one train_step under these per-layer strategies."""
+        live, L, T = self.live, len(strategies), self.shape.tokens
+        h = T * self.r["h"]
+        live.alloc("0.h0", h)                                  # the embedding rows
+        for i, strategy in enumerate(strategies):
+            if strategy == "offload":
+                live.alloc(f"{i}.host", 0)                     # not on the device
+            self.block_forward(i, keep=strategy == "keep", reuse=False)
+            if strategy == "offload":
+                live.free(f"{i}.h0")
+            live.held[f"{i + 1}.h0"] = live.held.pop(f"{i}.h2")  # the next block's input
+        live.alloc("final.x", h); self._alloc("final.rstd", "rstd", T)
+        self.loss(T)
+        live.free("final.x")                                   # train_step drops it
+        offloaded = [i for i in range(L) if strategies[i] == "offload"]
+        if offloaded:                                          # prefetched before it
+            live.alloc(f"{offloaded[-1]}.h0", h)
+        live.alloc("final.dh", h)                              # the final norm's backward
+        live.free("loss.dhidden", f"{L}.h0", "final.rstd")     # ... their last use
+        dh = "final.dh"
+        for i in reversed(range(L)):
+            strategy = strategies[i]
+            if strategy == "offload":
+                if f"{i}.h0" not in live.held:
+                    live.alloc(f"{i}.h0", h)
+                below = [j for j in offloaded if j < i]
+                if below:
+                    live.alloc(f"{below[-1]}.h0", h)           # prefetched
+            if strategy != "keep":                             # block_backward's recompute
+                self.block_forward(i, keep=True, reuse=True, mlp=False)
+            new_dh = self.block_backward(i, dh, kept=strategy == "keep")
+            live.free(dh)
+            dh = new_dh
+        return live.peak
