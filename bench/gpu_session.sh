@@ -15,6 +15,8 @@
 #                                                           -> OUT_DIR/kernels.csv
 #   train        QLoRA steps of a LLaMA-3-8B-shaped model (8 layers, seq 2048), anita against
 #                transformers + PEFT + bitsandbytes         -> OUT_DIR/train.csv
+#   step_anatomy launches, matmuls and copies per layer of one step (tiny model)
+#                                                           -> OUT_DIR/step_anatomy.json
 # OUT_DIR/summary.txt lists each step's exit status and seconds; *.log hold their output.
 set -uo pipefail
 
@@ -96,6 +98,8 @@ else
         --providers ours,torch,liger,bitsandbytes --modes both --out "$OUT/kernels.csv"
     step train 110 "$PY" -m bench.train --no-progress --no-plot --layers 8 --seq-lens 2048 \
         --no-max-seq --steps 3 --warmup-steps 1 --out "$OUT/train.csv"
+    # launches per layer as compiled kernels count them (the CPU table is the interpreter's)
+    step step_anatomy 40 "$PY" -m bench.step_anatomy --json "$OUT/step_anatomy.json"
 fi
 
 echo "results in $OUT:"
