@@ -76,34 +76,22 @@ def test_dpo_drops_rows_by_source_and_trains(tmp_path, capsys):
 
 
 def test_sigint_writes_a_checkpoint_and_exits_130(tmp_path):
-    """A real Ctrl-C (SIGINT) to a running train_sft.py: checkpoint, exit 130,
-    and --resume picks the run up from that checkpoint."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
+    """A real Ctrl-C (SIGINT) to a running train_sft.py, once its step 2 is done (a
+    chosen point, ANITA_STOP_AT): checkpoint, exit 130, and --resume picks the run up
+    from that checkpoint."""
+    from tests.run_cli import run_script
     out = tmp_path / "run"
-    cmd = [sys.executable, str(Path(train_sft.__file__)), "--max-steps", "200", "--no-progress",
-           "--output-dir", str(out)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     metrics = out / "metrics.jsonl"
-    deadline = time.time() + 300
-    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        assert time.time() < deadline, "no training step logged within 300 s"
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=300)
+    proc = run_script("train_sft.py", "--max-steps", "200", "--no-progress", "--output-dir", out,
+                      stop_at="SIGINT@step:2")
+    err = proc.stderr
     assert proc.returncode == 130, err[-2000:]
-    assert "interrupted: checkpoint of step" in err
+    assert "interrupted: checkpoint of step 2" in err
     from anita_core.train.run_checkpoint import latest_checkpoint, load_checkpoint_state
     checkpoint = latest_checkpoint(out)
     assert checkpoint is not None
     steps_done = load_checkpoint_state(checkpoint)["step"]
-    assert steps_done >= 2
+    assert steps_done == 2
 
     code = train_sft.main(["--resume", "--max-steps", str(steps_done + 1), "--no-progress",
                            "--output-dir", str(out)])

@@ -1,5 +1,6 @@
 """train_sft.py under torchrun (2 gloo ranks on the CPU): a killed rank ends the
-job non-zero within the collective timeout and leaves a loadable checkpoint;
+job non-zero and leaves a loadable checkpoint (the rank kills itself at a chosen
+point, ANITA_STOP_AT, never at a moment a clock picks);
 that checkpoint resumes on 2 ranks and on 1 process to the adapters of an
 uninterrupted single-process run with the same global batch; a checkpoint from
 the other mode and a global batch the ranks cannot split are refused.
@@ -9,11 +10,10 @@ The children use the torch kernel backend (ANITA_BACKEND=torch) to stay fast.
 from __future__ import annotations
 
 import os
+import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -27,14 +27,31 @@ from tests.test_distributed import free_port
 TIMEOUT_S = 10           # --collective-timeout of the runs
 GLOBAL = ["--global-batch-size", "8", "--lora-dropout", "0", "--lr-scheduler", "constant",
           "--warmup-steps", "0", "--collective-timeout", str(TIMEOUT_S)]
-# 2 ranks vs 1 process sum the fp32 gradients in another order: fp32 rounding
-# amplified by AdamW over a few steps (see tests/test_distributed.py's ATOL)
+# 44 rows give 16 micro-batches per epoch (checked below from both runs' logs): 2 ranks
+# split every step evenly, also the epoch's last, so that they and one process train on
+# the same micro-batches (with an odd count 2 ranks leave the last one out, by design)
+RESUME_DATA = [*TINY, "--max-samples", "44"]
+# rank 1 dies inside step 3, after its first micro-batch: by then rank 0 has written
+# checkpoint 2 (step 3 starts with a collective that waits for it), and it cannot finish
+# step 3 without rank 1's gradients. The resumed runs then train to step 6 (epoch 1).
+KILL_AT = "SIGKILL@step:3.1,rank=1"
+CHECKPOINT_STEP, TARGET_STEP = 2, 6
+# 2 ranks vs 1 process sum the fp32 gradients in another order (per rank, then over the
+# ranks), and AdamW divides each gradient by its own root mean square, so fp32 rounding
+# (~6e-8 relative) of the small gradient entries shows up at the scale of the learning
+# rate's steps. Measured with `python -m bench.distributed_spread --seeds 30 --steps 6`
+# (these settings, uninterrupted, 2 gloo ranks vs 1 process): see SPREAD_NOTE. A real
+# difference -- one micro-batch left out or counted twice -- moves the weights by about
+# the learning rate, 2e-4 per step: the bound stays well below that.
+SPREAD_NOTE = "measured max over 30 seeds: TBD"
 ATOL = 1e-5
 
 
 def child_env(**extra) -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1",
-            "ANITA_BACKEND": "torch", **extra}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1",
+           "ANITA_BACKEND": "torch", "OMP_NUM_THREADS": "1"}
+    env.pop("ANITA_STOP_AT", None)
+    return {**env, **extra}
 
 
 def torchrun(*args) -> list:
@@ -51,25 +68,6 @@ def run(command, timeout=300, **env) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
-def descendants(pid: int):
-    children = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            children += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return children + [d for c in children for d in descendants(c)]
-
-
-def rank_of(pid: int):
-    try:
-        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    ranks = [e[5:].decode() for e in env if e.startswith(b"RANK=")]
-    return int(ranks[0]) if ranks else None
-
-
 def adapter(out: Path) -> dict:
     return load_file(str(out / "adapter" / "adapter_model.safetensors"))
 
@@ -83,50 +81,40 @@ def assert_close(got: dict, expected: dict, what: str) -> float:
 
 @pytest.fixture(scope="module")
 def killed_run(tmp_path_factory):
-    """A 2-rank run whose rank 1 is killed (-9) once a checkpoint exists."""
+    """A 2-rank run whose rank 1 kills itself (-9) at a chosen point (KILL_AT)."""
     out = tmp_path_factory.mktemp("killed") / "run"
-    proc = subprocess.Popen(torchrun(*TINY, *GLOBAL, "--max-steps", 1000, "--save-steps", 1,
+    proc = subprocess.Popen(torchrun(*RESUME_DATA, *GLOBAL, "--max-steps", 1000, "--save-steps", 1,
                                      "--output-dir", out),
-                            cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL,
+                            cwd=REPO, env=child_env(ANITA_STOP_AT=KILL_AT), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 240
-        while latest_checkpoint(out) is None:
-            assert proc.poll() is None, proc.stderr.read()[-3000:]
-            assert time.time() < deadline, "no checkpoint within 240 s"
-            time.sleep(0.05)
-        victims = [p for p in descendants(proc.pid) if rank_of(p) == 1]
-        assert victims, "rank 1's process not found"
-        os.kill(victims[0], signal.SIGKILL)
-        killed_at = time.perf_counter()
-        stderr = proc.communicate(timeout=TIMEOUT_S + 60)[1]
-        ended_after = time.perf_counter() - killed_at
+        stderr = proc.communicate(timeout=300)[1]
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    return out, proc.returncode, ended_after, stderr
+    killed = re.search(r"exitcode\s*:\s*-9", stderr)
+    return out, proc.returncode, stderr, killed is not None
 
 
-def test_a_killed_rank_ends_the_job_nonzero_within_the_timeout_and_the_checkpoint_loads(killed_run):
-    out, code, ended_after, stderr = killed_run
+def test_a_killed_rank_ends_the_job_nonzero_and_the_checkpoint_before_it_loads(killed_run):
+    out, code, stderr, killed = killed_run
     assert code != 0, stderr[-3000:]
-    assert ended_after < TIMEOUT_S + 30, ended_after
+    assert killed, f"rank 1 did not die by SIGKILL:\n{stderr[-3000:]}"
     state = load_checkpoint_state(latest_checkpoint(out))
-    assert state["step"] >= 1 and state["settings"]["global_batch"] == 8
+    assert state["step"] == CHECKPOINT_STEP and state["settings"]["global_batch"] == 8
     assert not (out / "adapter").exists()
-    print(f"job ended {ended_after:.1f} s after rank 1 was killed (exit {code}); "
+    print(f"job ended with exit {code} after rank 1 was killed inside step {CHECKPOINT_STEP + 1}; "
           f"last checkpoint: step {state['step']}")
 
 
 def test_resume_on_two_ranks_and_on_one_process_matches_an_uninterrupted_run(killed_run, tmp_path):
     out, _, _, _ = killed_run
-    step = load_checkpoint_state(latest_checkpoint(out))["step"]
-    target = step + 2
+    assert load_checkpoint_state(latest_checkpoint(out))["step"] == CHECKPOINT_STEP
     two, one, straight = tmp_path / "two", tmp_path / "one", tmp_path / "straight"
     shutil.copytree(out, two)
     shutil.copytree(out, one)
-    common = [*TINY, *GLOBAL, "--max-steps", target]
+    common = [*RESUME_DATA, *GLOBAL, "--max-steps", TARGET_STEP]
     # the three run side by side (the CPU time is the same, the wall time shorter)
     procs = {name: subprocess.Popen(command, cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL,
                                     stderr=subprocess.PIPE, text=True)
@@ -138,17 +126,21 @@ def test_resume_on_two_ranks_and_on_one_process_matches_an_uninterrupted_run(kil
         assert proc.returncode == 0, f"{name}: {proc.stderr_text[-3000:]}"
     assert f"resumed from {two / 'checkpoints'}" in procs["2 ranks"].stderr_text
     assert "2 ranks (gloo), whole base, global batch 8" in procs["2 ranks"].stderr_text
+    # the premise: every run sees the same micro-batches (none cut by 2 ranks)
+    for name, proc in procs.items():
+        assert "16 micro-batches per epoch" in proc.stderr_text, f"{name}: {proc.stderr_text[-2000:]}"
     expected = adapter(straight)
     worst = max(assert_close(adapter(two), expected, "2-rank resume"),
                 assert_close(adapter(one), expected, "1-process resume from a 2-rank checkpoint"))
-    print(f"resume from step {step} to {target}: max |diff| vs uninterrupted = {worst:.3g}")
+    print(f"resume from step {CHECKPOINT_STEP} to {TARGET_STEP}: max |diff| vs uninterrupted = "
+          f"{worst:.3g} (bound {ATOL:g}; {SPREAD_NOTE})")
 
 
 def test_a_checkpoint_of_the_other_mode_is_refused(killed_run, tmp_path):
     out, _, _, _ = killed_run
     copy = tmp_path / "run"
     shutil.copytree(out, copy)
-    proc = run(single(*TINY, *GLOBAL, "--max-steps", 1000, "--resume", "--sharded-base",
+    proc = run(single(*RESUME_DATA, *GLOBAL, "--max-steps", 1000, "--resume", "--sharded-base",
                       "--output-dir", copy))
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "base_weights: checkpoint 'whole on each rank', this run 'sharded over ranks'" in proc.stderr

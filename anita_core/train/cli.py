@@ -290,8 +290,10 @@ def load_model_and_adapters(args, log):
     if args.merge_export and os.path.exists(args.merge_export):
         raise SystemExit(f"--merge-export {args.merge_export}: already exists; choose a new directory "
                          "(checked before training so the run's result is not lost)")
+    from anita_core.train import stop_points
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model_dir = resolve_model_dir(args.model)
+    stop_points.reached("loading")
     started = time.perf_counter()
     try:
         model = load_model(model_dir, compute_dtype=compute_dtype(args.dtype), device=device,

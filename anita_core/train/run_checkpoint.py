@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from anita_core.lora import save_peft
+from anita_core.train import stop_points
 
 LATEST = "latest"
 STATE_JSON = "trainer_state.json"
@@ -178,6 +179,7 @@ def save_checkpoint(output_dir: Path, step: int, adapters, state: dict, keep: in
     try:
         save_peft(adapters, tmp / ADAPTER_DIR)
         write_state(tmp, state)
+        stop_points.reached(f"checkpoint:{step}")
         if final.exists():          # a re-save of the same step (e.g. after resume)
             shutil.rmtree(final)
         os.rename(tmp, final)

@@ -26,6 +26,7 @@ from anita_core.train.run_checkpoint import (ADAPTER_DIR, latest_checkpoint, loa
                             rng_snapshot, save_checkpoint)
 from anita_core.train.optim import build_optimizer, lr_multiplier, warmup_steps_for
 from anita_core.train.run_folder import METRICS_FILE, read_metrics, truncate_metrics
+from anita_core.train import stop_points
 
 
 class Objective(Protocol):
@@ -300,6 +301,7 @@ class Trainer:
                     break       # the other ranks still expect this rank's gradients
                 for key, v in sums.items():
                     totals[key] = totals.get(key, 0.0) + float(v)
+                stop_points.reached(f"step:{self.step + 1}.{k + 1}")
             if self.grad_buckets is not None:
                 self.grad_buckets.finish()
         if self.dist.active:
@@ -370,6 +372,7 @@ class Trainer:
                     self._evaluate()
                 if self._periodic_save_due():
                     self.save()
+                stop_points.reached(f"step:{self.step}")
             bar.close()
             if self.eval_batches:
                 # never a second eval record for one step (e.g. resuming a finished run)
