@@ -33,7 +33,8 @@ import triton.language as tl
 
 from . import _runtime
 from ._checks import FLOAT_DTYPES, check_numel, check_same_device, check_tensor
-from .nf4 import _NO_FMA, NF4Weight, nested_group_and_offset, nf4_code_lookup
+from .nf4 import NF4Weight
+from .nf4_decode import _NO_FMA, nested_group_and_offset, nf4_code_lookup
 from .nf4_dense import (check_dense_weight, choose_path, dense_backward_input, dense_forward,
                         dequantize_for_matmul)
 from .nf4_operand import check_nf4_weight, weight_args, weight_constexprs
@@ -63,7 +64,7 @@ def _block_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_
 
     With double quantization the stored absmax is a uint8 index and
     absmax[b] = nested_code[absmax_u8[b]] * nested_absmax[g(b)] + offset(b), with
-    g(b) = b // NESTED and one offset, or per segment (nf4.nested_group_and_offset).
+    g(b) = b // NESTED and one offset, or per segment (nf4_decode.nested_group_and_offset).
     """
     if DOUBLE_QUANT:
         group, offset = nested_group_and_offset(nested_offset_ptr, block, valid, seg_block_1,
