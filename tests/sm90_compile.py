@@ -289,13 +289,15 @@ def nf4_specs() -> List[KernelSpec]:
             mma = cfg.block_m >= 64
             variant = f"{tag}-{cfg.block_m}x{cfg.block_n}x{cfg.block_k}w{cfg.num_warps}s{cfg.num_stages}"
             specs.append(KernelSpec(
-                f"nf4_matmul_fwd/{variant}", "csrc_triton.nf4_matmul:_nf4_matmul_fwd_kernel",
+                f"nf4_matmul_fwd/{variant}",
+                "csrc_triton.nf4_matmul_kernels:_nf4_matmul_fwd_kernel",
                 dict(x_ptr=dtype, y_ptr=dtype, xa_ptr=matmul.lora_operand_dtype(dtype),
                      lora_b_ptr=matmul.lora_operand_dtype(dtype), M=m, N=n, K=k, **common),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, hot=not sweep,
                 expect_hgmma=mma, sweep=sweep, fp_fusion=False))
             specs.append(KernelSpec(
-                f"nf4_matmul_bwd/{variant}", "csrc_triton.nf4_matmul:_nf4_matmul_bwd_input_kernel",
+                f"nf4_matmul_bwd/{variant}",
+                "csrc_triton.nf4_matmul_kernels:_nf4_matmul_bwd_input_kernel",
                 dict(dy_ptr=dtype, dx_ptr=dtype, g_ptr=matmul.lora_operand_dtype(dtype),
                      lora_a_ptr=matmul.lora_operand_dtype(dtype), keep_ptr=torch.uint8,
                      gate_ptr=dtype, up_ptr=dtype, M=m, N=n, K=k, keep_scale=1.25,
