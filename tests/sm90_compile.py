@@ -432,7 +432,7 @@ def attention_specs() -> List[KernelSpec]:
             specs.append(KernelSpec(
                 f"attention_{kind}/bf16-d{head_dim}-{blocks.block_m}x{blocks.block_n}"
                 f"w{blocks.num_warps}s{blocks.num_stages}",
-                f"csrc_triton.attention:{function}",
+                f"csrc_triton.attention_kernels:{function}",
                 dict(pointers, **shared, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
                      BLOCK_H=blocks.block_h),
                 num_warps=blocks.num_warps, num_stages=blocks.num_stages, hot=True, sweep=sweep,
@@ -440,7 +440,8 @@ def attention_specs() -> List[KernelSpec]:
                 # dK/dV also the key tile (its dK and dV dots)
                 expect_hgmma=blocks.block_m >= 64 or (kind == "dkdv" and blocks.block_n >= 64)))
         specs.append(KernelSpec(
-            f"attention_delta/bf16-d{head_dim}", "csrc_triton.attention:_attention_delta_kernel",
+            f"attention_delta/bf16-d{head_dim}",
+            "csrc_triton.attention_kernels:_attention_delta_kernel",
             dict(out_ptr=dtype, d_out_ptr=dtype, delta_ptr=torch.float32, n_rows=seq * Q_HEADS,
                  seq=seq, n_q_heads=Q_HEADS, head_dim=head_dim,
                  BLOCK_ROWS=attention._DELTA_ROWS, BLOCK_D=block_d),
