@@ -24,7 +24,7 @@ ALLOWED = {
     "anita_core.lora": {"csrc_triton", "csrc_torch", "anita_core.model", "anita_core.lora"},
     "anita_core.hf": {"csrc_triton", "csrc_torch", "anita_core.model", "anita_core.lora",
                       "anita_core.hf"},
-    "anita_core.data": {"anita_core.data", "anita_core.assets"},
+    "anita_core.data": {"anita_core.data"},
     # assets/__init__ is path constants; its build_* scripts rebuild the bundled
     # tokenizer, data and tiny model, so they may use the model and data layers.
     "anita_core.assets": {"anita_core.assets", "anita_core.data", "anita_core.model", "csrc_triton"},
