@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from csrc_triton.nf4 import NF4Weight, nf4_code
+from csrc_triton.nf4 import NF4Weight
+from csrc_triton.nf4_codebook import nf4_code
 
 IGNORE_INDEX = -100
 

@@ -32,7 +32,7 @@ from anita_core.hf import load_model
 from anita_core.model.weights import ATTENTION_PROJECTIONS, PROJECTIONS, BaseWeights, LayerWeights
 from bench.cases import Unavailable
 from csrc_triton import NF4Weight
-from csrc_triton.nf4 import launch_nested_quantize
+from csrc_triton.nf4_encode import launch_nested_quantize
 
 IGNORE_INDEX = -100
 # rms of the NF4 code over uniformly random nibbles: sqrt(mean(code^2)) = 0.517

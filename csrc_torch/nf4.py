@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from csrc_triton._runtime import new_output
-from csrc_triton.nf4 import (NESTED_BLOCKSIZE, NF4Weight, check_quantize_args, nf4_code,
-                             signed_dynamic_map)
+from csrc_triton.nf4 import NF4Weight
+from csrc_triton.nf4_codebook import NESTED_BLOCKSIZE, nf4_code, signed_dynamic_map
+from csrc_triton.nf4_encode import check_quantize_args
 
 DEFAULT_CACHE_BYTES = 1 << 30
 
@@ -137,7 +138,7 @@ def _midpoints(code: torch.Tensor) -> torch.Tensor:
 
 def dynamic_quantize(values: torch.Tensor, offset: torch.Tensor, dynamic_map: torch.Tensor):
     """(indices uint8, group max fp32) of values - offset in groups of 256 against the
-    map, by bitsandbytes' CPU table rule (csrc_triton.nf4.launch_dynamic_quantize)."""
+    map, by bitsandbytes' CPU table rule (csrc_triton.nf4_encode.launch_dynamic_quantize)."""
     groups = _groups(values - offset, NESTED_BLOCKSIZE)
     group_max = groups.abs().amax(dim=1)
     divisor = torch.where(group_max == 0, torch.ones_like(group_max), group_max)

@@ -20,7 +20,9 @@ Triton interpreter on the CPU. Override with ANITA_TRITON_MODE=interpret|compile
 """
 from . import _runtime  # noqa: F401  (must run before any kernel module is imported)
 from ._runtime import INTERPRETING, describe as runtime_description, set_poison_outputs
-from .nf4 import NF4Weight, nf4_dequantize, nf4_quantize
+from .nf4 import NF4Weight
+from .nf4_decode import nf4_dequantize
+from .nf4_encode import nf4_quantize
 from .nf4_matmul import nf4_matmul
 from .lora_linear import lora_linear
 from .rms_norm import rms_norm

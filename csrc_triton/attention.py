@@ -17,35 +17,10 @@ The launchers turn segment ids into two int32 vectors once (``document_bounds``)
 first_key (per query) and key_end (per key: the queries that see key j are
 j <= i < key_end[j]). Without segment ids every row is one causal document.
 
-Tiles. A query tile is BLOCK_M tokens x BLOCK_H query heads that share one kv head
-(the K/V blocks it reads serve all of them; GPU configs use BLOCK_H = 1, the
-interpreter stacks the whole group to cut its per-program cost).
-
-Forward (online softmax, per query tile, scale c = 1/sqrt(D)):
-    s_ij = c q_i . k_j   for visible (i, j), -inf otherwise
-    m_i  = running max,  l_i = sum_j exp(s_ij - m_i),  acc_i = sum_j exp(s_ij - m_i) v_j
-    o_i  = acc_i / l_i,  lse_i = m_i + log l_i
-Key blocks are walked only over [min first_key of the tile's rows, its last token]:
-blocks before the tile's first document or after its last query are skipped, not
-masked. Exponentials are base 2 with log2(e) folded into c.
-
-Backward, from the saved lse (P is recomputed, never stored):
-    P_ij = exp(s_ij - lse_i)  (0 where not visible),   O = P V
-    dV = P^T dO                      (O is linear in V)
-    dP = dO V^T                      (same, in P)
-    dS_ij = P_ij (dP_ij - Delta_i),  Delta_i = sum_j P_ij dP_ij = dO_i . O_i
-        (softmax Jacobian: dP/ds for one row is diag(P) - P P^T)
-    dQ = c dS K,    dK = c dS^T Q    (s = c Q K^T)
-Delta comes from a small preprocessing kernel (rowsum(dO * O), with O as stored).
-dK/dV are computed by one program per (key block, kv head) that loops over the kv
-head's query heads and the query blocks that can see the key block (from the block
-itself to the end of its last key's document, key_end), so the GQA sum over a group
-happens in registers with no second pass over memory and no atomics; dQ by one
-program per query tile, over the same visible key blocks as the forward.
-
-All arithmetic is fp32: on a GPU fp16/bf16 tiles go straight to tl.dot (tensor
-cores, fp32 accumulation; P and dS are rounded to the input dtype for their dot,
-as every flash attention does); fp32 inputs and the interpreter use IEEE fp32 dots.
+The kernels, with the math of the forward and the backward (online softmax, P
+recomputed from the saved lse, the softmax Jacobian), their tiles and precision:
+attention_kernels. Here: the tile sizes, the argument checks, the launchers and the
+autograd.Function.
 
 Public:
   flash_attention(q, k, v, segment_ids=None) -> out           autograd Function
@@ -61,10 +36,11 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
-import triton.language as tl
 
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor
 from ._runtime import DOT_IN_FP32, INTERPRETING, new_output, record_launch
+from .attention_kernels import (_attention_delta_kernel, _attention_dkdv_kernel,
+                                _attention_dq_kernel, _attention_forward_kernel)
 
 _OP = "flash_attention"
 MAX_HEAD_DIM = 256
@@ -115,233 +91,6 @@ def _interpreter_blocks(seq: int, group: int) -> AttentionBlocks:
     block = min(256, max(16, triton.next_power_of_2(seq)))
     block_h = min(triton.next_power_of_2(group), max(1, 1024 // block))
     return AttentionBlocks(block, block, 4, 1, block_h)
-
-
-# ---------------------------------------------------------------- kernels
-
-@triton.jit
-def _tile(row_index, row_ok, head_dim, BLOCK_D: tl.constexpr):
-    """Offsets and mask of a [rows, BLOCK_D] tile of a contiguous [B, S, H, D] tensor,
-    row r being the head vector number row_index[r] = (b S + token) H + head (pad
-    lanes d >= D and rows not row_ok masked)."""
-    dims = tl.arange(0, BLOCK_D)
-    offsets = row_index[:, None] * head_dim + dims[None, :]
-    return offsets, row_ok[:, None] & (dims < head_dim)[None, :]
-
-
-@triton.jit
-def _query_rows(b, kv_h, g0, tokens0, seq, n_q_heads, group, first_key_ptr,
-                HAS_BOUNDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
-    """The rows of a query tile: BLOCK_M tokens from tokens0 for each of the query heads
-    g0 .. g0 + BLOCK_H - 1 of kv head kv_h. Returns (tokens, q row index, lse/Delta
-    index, row_ok, first_key); rows past the sequence or the group see nothing
-    (first_key = token + 1)."""
-    r = tl.arange(0, BLOCK_H * BLOCK_M)
-    g = g0 + r // BLOCK_M
-    tokens = tokens0 + r % BLOCK_M
-    heads = kv_h * group + g
-    row_ok = (tokens < seq) & (g < group)
-    if HAS_BOUNDS:
-        first = tl.load(first_key_ptr + b * seq + tokens, mask=row_ok, other=0)
-    else:
-        first = tl.zeros_like(tokens)
-    first_key = tl.where(row_ok, first, tokens + 1)
-    return (tokens, (b * seq + tokens) * n_q_heads + heads, (b * n_q_heads + heads) * seq + tokens,
-            row_ok, first_key)
-
-
-@triton.jit
-def _query_tile(first_key_ptr, seq, n_q_heads, n_kv_heads, group, HAS_BOUNDS: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
-    """The query tile of a forward / dQ program. Grid axis 0: query blocks; axis 1: batch
-    rows x kv heads x ceil(group / BLOCK_H) head tiles. Returns (b, kv head, and
-    _query_rows' tokens, q row index, lse/Delta index, row_ok, first_key, then lo, hi):
-    the visible keys of the tile lie in [min first_key, last token], so only the key
-    blocks from lo (rounded down to BLOCK_N) to hi are walked, the rest skipped."""
-    pid_m = tl.program_id(0)
-    head_tiles = tl.cdiv(group, BLOCK_H)
-    pid = tl.program_id(1)
-    b = pid // (n_kv_heads * head_tiles)
-    rest = pid % (n_kv_heads * head_tiles)
-    kv_h = rest // head_tiles
-    tokens, q_index, stat_index, row_ok, first_key = _query_rows(
-        b, kv_h, (rest % head_tiles) * BLOCK_H, pid_m * BLOCK_M, seq, n_q_heads, group,
-        first_key_ptr, HAS_BOUNDS, BLOCK_M, BLOCK_H)
-    lo = (tl.min(first_key, axis=0) // BLOCK_N) * BLOCK_N
-    hi = tl.minimum((pid_m + 1) * BLOCK_M, seq)
-    return b, kv_h, tokens, q_index, stat_index, row_ok, first_key, lo, hi
-
-
-@triton.jit
-def _scores(a, b, DOT_FP32: tl.constexpr):
-    """a @ b^T with fp32 accumulation (IEEE fp32 operands when DOT_FP32)."""
-    if DOT_FP32:
-        return tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
-    return tl.dot(a, tl.trans(b))
-
-
-@triton.jit
-def _accumulate(acc, a, b, DOT_FP32: tl.constexpr):
-    """acc + a @ b; ``a`` (fp32 probabilities or score gradients) is rounded to b's dtype."""
-    if DOT_FP32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a.to(b.dtype), b, acc)
-
-
-@triton.jit
-def _visible(tokens, cols, first_key):
-    """[rows, cols] mask: query token i sees key j iff first_key[i] <= j <= i."""
-    return (cols[None, :] >= first_key[:, None]) & (cols[None, :] <= tokens[:, None])
-
-
-@triton.jit
-def _row_statistics(lse_ptr, delta_ptr, stat_index, row_ok):
-    """(lse in base 2, Delta) of query rows; an empty row's -inf lse becomes 0 (its P is
-    masked to 0 anyway) so that no inf enters the arithmetic."""
-    lse = tl.load(lse_ptr + stat_index, mask=row_ok, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
-    return lse2, tl.load(delta_ptr + stat_index, mask=row_ok, other=0.0)
-
-
-@triton.jit
-def _probabilities(q, k, tokens, cols, first_key, lse2, qk_scale_log2, DOT_FP32: tl.constexpr):
-    """P = 2^(s - lse) on visible pairs, 0 elsewhere (s in base-2 units), recomputed."""
-    s = _scores(q, k, DOT_FP32) * qk_scale_log2
-    return tl.where(_visible(tokens, cols, first_key), tl.exp2(s - lse2[:, None]), 0.0)
-
-
-@triton.jit
-def _attention_forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, first_key_ptr,
-                              seq, n_q_heads, n_kv_heads, group, head_dim, qk_scale_log2,
-                              HAS_BOUNDS: tl.constexpr, DOT_FP32: tl.constexpr,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                              BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
-    """One query tile (BLOCK_M tokens x BLOCK_H query heads of one kv head): online
-    softmax over the visible key blocks, which it reads once for all its heads.
-
-    Scores are kept in base-2 units (qk_scale_log2 = log2(e) / sqrt(D)):
-      m_new = max(m, rowmax s),  alpha = 2^(m - m_new),  p = 2^(s - m_new)
-      l = l alpha + rowsum p,    acc = acc alpha + p V
-    A row that has seen no key yet keeps m = -inf; it subtracts 0 instead of m_new
-    so that -inf - -inf never makes a NaN. At the end o = acc / l and
-    lse = (m + log2 l) ln 2; a row with l = 0 (padding) writes o = 0, lse = -inf.
-    Only the key blocks that can be visible are walked (_query_tile).
-    """
-    b, kv_h, tokens, q_index, stat_index, row_ok, first_key, lo, hi = _query_tile(
-        first_key_ptr, seq, n_q_heads, n_kv_heads, group, HAS_BOUNDS, BLOCK_M, BLOCK_N, BLOCK_H)
-    q_offsets, q_mask = _tile(q_index, row_ok, head_dim, BLOCK_D)
-    q = tl.load(q_ptr + q_offsets, mask=q_mask, other=0.0)
-    m_i = tl.full((BLOCK_H * BLOCK_M,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BLOCK_H * BLOCK_M,), tl.float32)
-    acc = tl.zeros((BLOCK_H * BLOCK_M, BLOCK_D), tl.float32)
-    for start in range(lo, hi, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        kv_offsets, kv_mask = _tile((b * seq + cols) * n_kv_heads + kv_h, cols < seq, head_dim,
-                                    BLOCK_D)
-        k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0)
-        s = _scores(q, k, DOT_FP32) * qk_scale_log2
-        s = tl.where(_visible(tokens, cols, first_key), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_sub)
-        p = tl.exp2(s - m_sub[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0)
-        acc = _accumulate(acc * alpha[:, None], p, v, DOT_FP32)
-        m_i = m_new
-    seen = l_i > 0.0
-    l_div = tl.where(seen, l_i, 1.0)
-    out = acc / l_div[:, None]
-    lse = tl.where(seen, (m_i + tl.log2(l_div)) * 0.6931471805599453, float("-inf"))
-    tl.store(out_ptr + q_offsets, out.to(out_ptr.dtype.element_ty), mask=q_mask)
-    tl.store(lse_ptr + stat_index, lse, mask=row_ok)
-
-
-@triton.jit
-def _attention_delta_kernel(out_ptr, d_out_ptr, delta_ptr, n_rows, seq, n_q_heads, head_dim,
-                            BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Delta = sum_d dO_d O_d of BLOCK_ROWS head vectors (row r = (b S + t) Hq + h), written
-    to fp32 [B, Hq, S]: the rowsum(P * dP) of the softmax backward."""
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    row_ok = rows < n_rows
-    offsets, mask = _tile(rows, row_ok, head_dim, BLOCK_D)
-    o = tl.load(out_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(d_out_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    token_row = rows // n_q_heads                      # b S + t
-    stat_index = ((token_row // seq) * n_q_heads + rows % n_q_heads) * seq + token_row % seq
-    tl.store(delta_ptr + stat_index, tl.sum(o * do, axis=1), mask=row_ok)
-
-
-@triton.jit
-def _attention_dkdv_kernel(q_ptr, k_ptr, v_ptr, d_out_ptr, lse_ptr, delta_ptr,
-                           dk_ptr, dv_ptr, first_key_ptr, key_end_ptr,
-                           seq, n_q_heads, n_kv_heads, group, head_dim, qk_scale_log2, scale,
-                           HAS_BOUNDS: tl.constexpr, DOT_FP32: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
-    """dK, dV of one key block of one kv head, summed over the group's query heads:
-      dV_j = sum_h sum_i P_ij dO_i,    dK_j = c sum_h sum_i dS_ij Q_i,
-    over the query tiles that can see the key block: from the block's first key
-    (causal) to max key_end of its keys (the end of the last key's document)."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_kv_heads
-    kv_h = pid_bh % n_kv_heads
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    kv_offsets, kv_mask = _tile((b * seq + cols) * n_kv_heads + kv_h, cols < seq, head_dim, BLOCK_D)
-    k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0)
-    if HAS_BOUNDS:
-        key_end = tl.load(key_end_ptr + b * seq + cols, mask=cols < seq, other=0)
-    else:
-        key_end = tl.where(cols < seq, seq, 0)
-    lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
-    hi = tl.minimum(tl.max(key_end, axis=0), seq)
-    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    for g0 in range(0, group, BLOCK_H):
-        for start in range(lo, hi, BLOCK_M):
-            tokens, q_index, stat_index, row_ok, first_key = _query_rows(
-                b, kv_h, g0, start, seq, n_q_heads, group, first_key_ptr, HAS_BOUNDS,
-                BLOCK_M, BLOCK_H)
-            q_offsets, q_mask = _tile(q_index, row_ok, head_dim, BLOCK_D)
-            q = tl.load(q_ptr + q_offsets, mask=q_mask, other=0.0)
-            do = tl.load(d_out_ptr + q_offsets, mask=q_mask, other=0.0)
-            lse2, delta = _row_statistics(lse_ptr, delta_ptr, stat_index, row_ok)
-            p = _probabilities(q, k, tokens, cols, first_key, lse2, qk_scale_log2, DOT_FP32)
-            dv = _accumulate(dv, tl.trans(p), do, DOT_FP32)
-            ds = p * (_scores(do, v, DOT_FP32) - delta[:, None])
-            dk = _accumulate(dk, tl.trans(ds), q, DOT_FP32)
-    tl.store(dk_ptr + kv_offsets, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptr + kv_offsets, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
-
-
-@triton.jit
-def _attention_dq_kernel(q_ptr, k_ptr, v_ptr, d_out_ptr, lse_ptr, delta_ptr, dq_ptr,
-                         first_key_ptr, seq, n_q_heads, n_kv_heads, group, head_dim,
-                         qk_scale_log2, scale,
-                         HAS_BOUNDS: tl.constexpr, DOT_FP32: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK_H: tl.constexpr):
-    """dQ_i = c sum_j dS_ij K_j for one query tile, over the same visible key blocks as
-    the forward."""
-    b, kv_h, tokens, q_index, stat_index, row_ok, first_key, lo, hi = _query_tile(
-        first_key_ptr, seq, n_q_heads, n_kv_heads, group, HAS_BOUNDS, BLOCK_M, BLOCK_N, BLOCK_H)
-    q_offsets, q_mask = _tile(q_index, row_ok, head_dim, BLOCK_D)
-    q = tl.load(q_ptr + q_offsets, mask=q_mask, other=0.0)
-    do = tl.load(d_out_ptr + q_offsets, mask=q_mask, other=0.0)
-    lse2, delta = _row_statistics(lse_ptr, delta_ptr, stat_index, row_ok)
-    dq = tl.zeros((BLOCK_H * BLOCK_M, BLOCK_D), tl.float32)
-    for start in range(lo, hi, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        kv_offsets, kv_mask = _tile((b * seq + cols) * n_kv_heads + kv_h, cols < seq, head_dim,
-                                    BLOCK_D)
-        k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0)
-        p = _probabilities(q, k, tokens, cols, first_key, lse2, qk_scale_log2, DOT_FP32)
-        ds = p * (_scores(do, v, DOT_FP32) - delta[:, None])
-        dq = _accumulate(dq, ds, k, DOT_FP32)
-    tl.store(dq_ptr + q_offsets, (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
 
 
 # ---------------------------------------------------------------- launchers

@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from . import _runtime
-from .nf4_matmul import _interpreter_block, _mma
+from .nf4_matmul import _interpreter_block
+from .nf4_matmul_kernels import _mma
 
 _GPU_BLOCKS = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
 

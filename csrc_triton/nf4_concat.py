@@ -8,7 +8,7 @@ same block with the same statistic. Double quantization adds one nested level
 per weight (groups of 256 blocks and ONE offset per weight); those cannot be
 merged without requantizing, so the concatenation keeps each segment's nested
 groups and offset (nested_offset becomes [S]) and the kernels look the segment
-up per block (nf4.nested_group_and_offset). Every element decodes to exactly the
+up per block (nf4_decode.nested_group_and_offset). Every element decodes to exactly the
 value it had in its own weight, and the memory is the same.
 
 ``segment_view`` gives each original weight back as an NF4Weight whose tensors
@@ -21,7 +21,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .nf4 import NESTED_BLOCKSIZE, NF4Weight
+from .nf4 import NF4Weight
+from .nf4_codebook import NESTED_BLOCKSIZE
 
 MAX_SEGMENTS = 3
 

@@ -25,7 +25,8 @@ from typing import Optional
 import torch
 
 from . import _runtime
-from .nf4 import NF4Weight, launch_nf4_dequantize
+from .nf4 import NF4Weight
+from .nf4_decode import launch_nf4_dequantize
 
 # --------------------------------------------------------------------------------------
 # Dispatch: fused kernel below FUSED_MAX_M rows, dequantize + cuBLAS from there on.

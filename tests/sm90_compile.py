@@ -224,15 +224,16 @@ def _dtypes():
 def nf4_specs() -> List[KernelSpec]:
     """nf4 quantize / nested quantize / dequantize and the fused nf4_matmul kernels."""
     import torch
-    nf4 = importlib.import_module("csrc_triton.nf4")
+    codebook = importlib.import_module("csrc_triton.nf4_codebook")
+    nf4_decode = importlib.import_module("csrc_triton.nf4_decode")
     matmul = importlib.import_module("csrc_triton.nf4_matmul")
     specs = []
     n, k, bs = INTERMEDIATE, HIDDEN, 64            # gate_proj: the largest weight
     numel, n_blocks = n * k, n * k // bs
-    per_program = nf4._blocks_per_program(n_blocks, bs)
+    per_program = nf4_decode._blocks_per_program(n_blocks, bs)
     for tag, dtype in _dtypes().items():
         specs.append(KernelSpec(
-            f"nf4_quantize/{tag}", "csrc_triton.nf4:_nf4_quantize_kernel",
+            f"nf4_quantize/{tag}", "csrc_triton.nf4_encode:_nf4_quantize_kernel",
             dict(w_ptr=dtype, code_ptr=torch.float32, packed_ptr=torch.uint8,
                  absmax_ptr=torch.float32, numel=numel, n_blocks=n_blocks,
                  BLOCKSIZE=bs, BLOCKS_PER_PROGRAM=per_program), fp_fusion=False))
@@ -240,12 +241,12 @@ def nf4_specs() -> List[KernelSpec]:
             absmax = torch.uint8 if double_quant else torch.float32
             specs.append(KernelSpec(
                 f"nf4_dequantize/{tag}-{'double' if double_quant else 'single'}",
-                "csrc_triton.nf4:_nf4_dequantize_kernel",
+                "csrc_triton.nf4_decode:_nf4_dequantize_kernel",
                 dict(packed_ptr=torch.uint8, absmax_ptr=absmax, code_ptr=torch.float32,
                      nested_absmax_ptr=torch.float32, nested_code_ptr=torch.float32,
                      nested_offset_ptr=torch.float32, out_ptr=dtype, numel=numel,
                      n_bytes=(numel + 1) // 2, n_blocks=n_blocks, BLOCKSIZE=bs, BLOCKS_PER_PROGRAM=per_program,
-                     DOUBLE_QUANT=double_quant, NESTED=nf4.NESTED_BLOCKSIZE, SEGMENTED=False,
+                     DOUBLE_QUANT=double_quant, NESTED=codebook.NESTED_BLOCKSIZE, SEGMENTED=False,
                      **_NO_SEGMENTS),
                 fp_fusion=False, hot=True))
     # q/k/v concatenated (nf4_concat): the nested absmax decoded per segment
@@ -256,13 +257,14 @@ def nf4_specs() -> List[KernelSpec]:
     decode = next(s for s in specs if s.name == "nf4_dequantize/fp32-double")
     specs.append(replace(decode, name="fma_control/nf4_dequantize-fp32-double",
                          fp_fusion=True, hot=False))
-    n_groups = -(-n_blocks // nf4.NESTED_BLOCKSIZE)
+    n_groups = -(-n_blocks // codebook.NESTED_BLOCKSIZE)
     specs.append(KernelSpec(
-        "nested_quantize/fp32", "csrc_triton.nf4:_nested_quantize_kernel",
+        "nested_quantize/fp32", "csrc_triton.nf4_encode:_nested_quantize_kernel",
         dict(absmax_ptr=torch.float32, offset_ptr=torch.float32, map_ptr=torch.float32,
              absmax_q_ptr=torch.uint8, nested_absmax_ptr=torch.float32, n_blocks=n_blocks,
-             n_groups=n_groups, GROUP=nf4.NESTED_BLOCKSIZE,
-             GROUPS_PER_PROGRAM=nf4._blocks_per_program(n_groups, nf4.NESTED_BLOCKSIZE)),
+             n_groups=n_groups, GROUP=codebook.NESTED_BLOCKSIZE,
+             GROUPS_PER_PROGRAM=nf4_decode._blocks_per_program(n_groups,
+                                                               codebook.NESTED_BLOCKSIZE)),
         fp_fusion=False))
 
     chosen = matmul.CHOSEN_GPU_CONFIGS
@@ -279,7 +281,7 @@ def nf4_specs() -> List[KernelSpec]:
             common = dict(packed_ptr=torch.uint8, absmax_ptr=torch.uint8, code_ptr=torch.float32,
                           nested_absmax_ptr=torch.float32, nested_code_ptr=torch.float32,
                           nested_offset_ptr=torch.float32, R=16, lora_scale=2.0,
-                          BLOCKSIZE=bs, DOUBLE_QUANT=True, NESTED=nf4.NESTED_BLOCKSIZE,
+                          BLOCKSIZE=bs, DOUBLE_QUANT=True, NESTED=codebook.NESTED_BLOCKSIZE,
                           SEGMENTED=False, **_NO_SEGMENTS,
                           ROW_ALIGNED=True, HAS_LORA=True, BLOCK_R=16,
                           OPERANDS_IN_FP32=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
@@ -287,13 +289,15 @@ def nf4_specs() -> List[KernelSpec]:
             mma = cfg.block_m >= 64
             variant = f"{tag}-{cfg.block_m}x{cfg.block_n}x{cfg.block_k}w{cfg.num_warps}s{cfg.num_stages}"
             specs.append(KernelSpec(
-                f"nf4_matmul_fwd/{variant}", "csrc_triton.nf4_matmul:_nf4_matmul_fwd_kernel",
+                f"nf4_matmul_fwd/{variant}",
+                "csrc_triton.nf4_matmul_kernels:_nf4_matmul_fwd_kernel",
                 dict(x_ptr=dtype, y_ptr=dtype, xa_ptr=matmul.lora_operand_dtype(dtype),
                      lora_b_ptr=matmul.lora_operand_dtype(dtype), M=m, N=n, K=k, **common),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, hot=not sweep,
                 expect_hgmma=mma, sweep=sweep, fp_fusion=False))
             specs.append(KernelSpec(
-                f"nf4_matmul_bwd/{variant}", "csrc_triton.nf4_matmul:_nf4_matmul_bwd_input_kernel",
+                f"nf4_matmul_bwd/{variant}",
+                "csrc_triton.nf4_matmul_kernels:_nf4_matmul_bwd_input_kernel",
                 dict(dy_ptr=dtype, dx_ptr=dtype, g_ptr=matmul.lora_operand_dtype(dtype),
                      lora_a_ptr=matmul.lora_operand_dtype(dtype), keep_ptr=torch.uint8,
                      gate_ptr=dtype, up_ptr=dtype, M=m, N=n, K=k, keep_scale=1.25,
@@ -324,7 +328,7 @@ def nf4_specs() -> List[KernelSpec]:
     return specs
 
 
-# nested-absmax segment arguments (csrc_triton.nf4.segment_args): none, and LLaMA-3-8B's
+# nested-absmax segment arguments (csrc_triton.nf4_decode.segment_args): none, and LLaMA-3-8B's
 # q/k/v (q: 4096 x 4096, k and v: 1024 x 4096, blocks of 64, nested groups of 256)
 _NO_SEGMENTS = dict(seg_block_1=0, seg_block_2=0, seg_group_1=0, seg_group_2=0)
 QKV_SEGMENTS = dict(seg_block_1=HIDDEN * HIDDEN // 64,
@@ -428,7 +432,7 @@ def attention_specs() -> List[KernelSpec]:
             specs.append(KernelSpec(
                 f"attention_{kind}/bf16-d{head_dim}-{blocks.block_m}x{blocks.block_n}"
                 f"w{blocks.num_warps}s{blocks.num_stages}",
-                f"csrc_triton.attention:{function}",
+                f"csrc_triton.attention_kernels:{function}",
                 dict(pointers, **shared, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
                      BLOCK_H=blocks.block_h),
                 num_warps=blocks.num_warps, num_stages=blocks.num_stages, hot=True, sweep=sweep,
@@ -436,7 +440,8 @@ def attention_specs() -> List[KernelSpec]:
                 # dK/dV also the key tile (its dK and dV dots)
                 expect_hgmma=blocks.block_m >= 64 or (kind == "dkdv" and blocks.block_n >= 64)))
         specs.append(KernelSpec(
-            f"attention_delta/bf16-d{head_dim}", "csrc_triton.attention:_attention_delta_kernel",
+            f"attention_delta/bf16-d{head_dim}",
+            "csrc_triton.attention_kernels:_attention_delta_kernel",
             dict(out_ptr=dtype, d_out_ptr=dtype, delta_ptr=torch.float32, n_rows=seq * Q_HEADS,
                  seq=seq, n_q_heads=Q_HEADS, head_dim=head_dim,
                  BLOCK_ROWS=attention._DELTA_ROWS, BLOCK_D=block_d),

@@ -11,6 +11,7 @@ import json
 
 import pytest
 
+from anita_core.assets import TOKENIZER_DIR
 from anita_core.data import SFTDataConfig, build_sft_data, documents_from_rows, load_tokenizer
 from anita_core.data import templates
 from anita_core.data.chat_template import ChatTemplateError, answer_spans, render
@@ -209,7 +210,7 @@ def test_missing_chat_template_names_the_config_and_a_working_template(tmp_path)
     assert str(e.value) == (f"{folder / 'tokenizer_config.json'}: no chat_template, which "
                             "--template chat needs; use --template alpaca")
     # a LLaMA-3 tokenizer with its chat template: every template works
-    bundled = load_tokenizer()
+    bundled = load_tokenizer(TOKENIZER_DIR)
     for template in templates.TEMPLATES:
         templates.check_template(bundled, template, "chat")
 
@@ -316,7 +317,7 @@ def test_cli_checks_the_template_before_the_model_loads_and_trains_with_chat(tmp
 def test_chat_template_of_the_bundled_tokenizer_equals_the_llama3_template():
     """The bundled tokenizer's chat_template is LLaMA-3's: rendering with it
     (prefix rule) gives the llama3 template's documents, masks included."""
-    tok = load_tokenizer()
+    tok = load_tokenizer(TOKENIZER_DIR)
     rows = [("chat", CHECKS["chat"](r)) for r in sample_rows("chat")]
     rows += [("instruction", CHECKS["instruction"](r)) for r in sample_rows("instruction")[:60]]
     for system_prompt in (None, "Sei un assistente."):

@@ -22,7 +22,7 @@ EOT = "<|eot_id|>"
 
 @pytest.fixture(scope="module")
 def tok():
-    return load_tokenizer()
+    return load_tokenizer(TOKENIZER_DIR)
 
 
 def _writesample_rows(tmp_path, rows, name="pairs.jsonl"):

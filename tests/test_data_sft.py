@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from anita_core.assets import sample_path
+from anita_core.assets import TOKENIZER_DIR, sample_path
 from anita_core.data import (IGNORE_INDEX, BadRowError, SFTDataConfig, build_sft_data, check_batch,
                              documents_from_rows, load_tokenizer, next_fit_rows, sft_batches,
                              shuffled, to_hf_batch)
@@ -25,7 +25,7 @@ BOS = "<|begin_of_text|>"
 
 @pytest.fixture(scope="module")
 def tok():
-    return load_tokenizer()
+    return load_tokenizer(TOKENIZER_DIR)
 
 
 def _docs(tok, shape, rows, **kwargs):

@@ -12,6 +12,7 @@ import tracemalloc
 
 import pytest
 
+from anita_core.assets import TOKENIZER_DIR
 from anita_core.data import BadRowError, DataStats, SFTDataConfig, build_sft_data, load_tokenizer, read_rows
 from anita_core.data.streaming import reservoir_sample, sample_records, shard_files
 
@@ -155,7 +156,7 @@ def test_drawn_rows_are_validated_and_located(tmp_path):
 
 def test_sft_data_from_shards_with_progress(tmp_path, capsys):
     corpus = write_corpus(tmp_path / "corpus", rows_per_shard=50)
-    tok = load_tokenizer()
+    tok = load_tokenizer(TOKENIZER_DIR)
     data = build_sft_data(SFTDataConfig(str(tmp_path / "corpus"), max_samples=40, seed=2,
                                         max_seq_length=64, progress=True), tok)
     assert data.stats.rows_read == 40 and data.stats.examples == 40

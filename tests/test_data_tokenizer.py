@@ -25,7 +25,7 @@ def _jsonl(shape):
 
 @pytest.fixture(scope="module")
 def tok():
-    return load_tokenizer()
+    return load_tokenizer(TOKENIZER_DIR)
 
 
 @pytest.fixture(scope="module")

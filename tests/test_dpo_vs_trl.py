@@ -72,7 +72,7 @@ def _rows():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return load_tokenizer()
+    return load_tokenizer(TOKENIZER_DIR)
 
 
 def _anita_model(ckpt, seed: int) -> QLoRALlama:

@@ -15,7 +15,7 @@ import csrc_torch
 from csrc_triton.lora_linear import lora_linear_backward, lora_linear_forward
 from csrc_triton.lora_linear import (lora_linear_fused_backward as fused_backward,
                                      lora_linear_fused_forward as fused_forward)
-from csrc_triton.nf4 import nf4_dequantize
+from csrc_triton.nf4_decode import nf4_dequantize
 from csrc_triton.nf4_concat import concatenate_rows, segment_views
 from csrc_triton.nf4_matmul import nf4_matmul_backward_input, nf4_matmul_forward
 from anita_core.model.weights import LayerWeights

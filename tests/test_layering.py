@@ -7,12 +7,17 @@
 Every import statement of every module is read with ``ast`` (lazy imports
 inside functions included), so an upward import fails here even when the
 module that holds it is never executed by another test.
+
+Also: no two modules import each other, directly or round a longer circle (the
+same import statements, as a graph of modules), and no module of csrc_triton,
+csrc_torch or anita_core is longer than SIZE_LIMIT lines (split it by concern).
+Imports through importlib.import_module are not seen.
 """
 from __future__ import annotations
 
 import ast
 from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import Dict, Iterator, List, Mapping, Set, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,7 +29,7 @@ ALLOWED = {
     "anita_core.lora": {"csrc_triton", "csrc_torch", "anita_core.model", "anita_core.lora"},
     "anita_core.hf": {"csrc_triton", "csrc_torch", "anita_core.model", "anita_core.lora",
                       "anita_core.hf"},
-    "anita_core.data": {"anita_core.data", "anita_core.assets"},
+    "anita_core.data": {"anita_core.data"},
     # assets/__init__ is path constants; its build_* scripts rebuild the bundled
     # tokenizer, data and tiny model, so they may use the model and data layers.
     "anita_core.assets": {"anita_core.assets", "anita_core.data", "anita_core.model", "csrc_triton"},
@@ -32,6 +37,7 @@ ALLOWED = {
                          "anita_core.data", "anita_core.assets", "anita_core.train"},
 }
 PROJECT_PACKAGES = ("csrc_triton", "csrc_torch", "anita_core")
+SIZE_LIMIT = 450          # lines per module of PROJECT_PACKAGES
 
 
 def layer_of(module: str) -> str:
@@ -120,3 +126,154 @@ def test_the_checker_catches_upward_and_relative_imports():
     assert violations("from anita_core import train\n", "anita_core.hf.load")
     assert not violations("from ..model.config import ModelConfig\n", "anita_core.lora.adapters")
     assert not violations("from . import peft\n", "anita_core.lora", is_package=True)
+
+
+def test_data_knows_no_assets():
+    # the bundled tokenizer's folder is passed in by the caller (cli.tokenizer_dir_for)
+    assert "anita_core.assets" not in ALLOWED["anita_core.data"]
+    assert violations("from anita_core.assets import TOKENIZER_DIR\n", "anita_core.data.tokenizer")
+    assert violations("def f():\n    from ..assets import TOKENIZER_DIR\n",
+                      "anita_core.data.tokenizer")
+    assert not violations("from anita_core.data import load_tokenizer\n",
+                          "anita_core.assets.build_base_model")
+
+
+# ---------------------------------------------------------------------------------------
+# module size
+# ---------------------------------------------------------------------------------------
+
+def line_count(source: str) -> int:
+    """Lines of a module, as ``wc -l`` counts them in a file that ends with a newline."""
+    return len(source.splitlines())
+
+
+def oversized(sizes: Mapping[str, int], limit: int = SIZE_LIMIT) -> List[str]:
+    """'<file>: <n> lines' for every file of ``sizes`` (file -> lines) over ``limit``,
+    the longest first."""
+    longest_first = sorted(sizes.items(), key=lambda item: (-item[1], item[0]))
+    return [f"{name}: {n} lines" for name, n in longest_first if n > limit]
+
+
+def test_no_module_over_the_size_limit():
+    sizes = {path.relative_to(ROOT).as_posix(): line_count(path.read_text(encoding="utf-8"))
+             for path, _, _ in project_modules()}
+    assert len(sizes) > 40, f"only {len(sizes)} modules found: is the tree where expected?"
+    problems = oversized(sizes)
+    assert not problems, (f"modules over {SIZE_LIMIT} lines (split each by concern):\n"
+                          + "\n".join(problems))
+
+
+def test_the_size_check_names_each_offender():
+    assert line_count("x = 1\n" * 451) == 451 and line_count("") == 0
+    assert oversized({"csrc_triton/ok.py": 450, "csrc_triton/big.py": 451,
+                      "anita_core/model/bigger.py": 742}) == [
+        "anita_core/model/bigger.py: 742 lines", "csrc_triton/big.py: 451 lines"]
+    assert oversized({"csrc_torch/rope.py": 42}) == []
+
+
+# ---------------------------------------------------------------------------------------
+# import cycles
+# ---------------------------------------------------------------------------------------
+
+def import_graph(sources: Mapping[str, Tuple[str, bool]]) -> Dict[str, Set[str]]:
+    """module -> the modules of ``sources`` (module -> (source, is_package)) it imports,
+    lazy imports included. An import counts as the deepest module it names that is in
+    ``sources``: ``from pkg import sub`` is pkg.sub when that is a module, else pkg (a
+    name defined in pkg/__init__.py). A module importing itself is no edge."""
+    graph: Dict[str, Set[str]] = {}
+    for module, (source, is_package) in sources.items():
+        targets = set()
+        for _, name in imported_modules(source, module, is_package):
+            while name and name not in sources:
+                name = name.rpartition(".")[0]
+            if name and name != module:
+                targets.add(name)
+        graph[module] = targets
+    return graph
+
+
+def import_cycles(graph: Mapping[str, Set[str]]) -> List[List[str]]:
+    """One circle [a, b, ..., a] for each group of modules that import each other (a
+    strongly connected component of ``graph`` with more than one module): the shortest
+    one through the group's first module in sorted order."""
+    index: Dict[str, int] = {}
+    low: Dict[str, int] = {}
+    stack: List[str] = []
+    on_stack: Set[str] = set()
+    groups: List[Set[str]] = []
+
+    def visit(node: str) -> None:            # Tarjan's algorithm
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in sorted(graph.get(node, ())):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            group = set()
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.add(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                groups.append(group)
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    cycles = []
+    for group in groups:
+        start = min(group)
+        paths = {start: [start]}             # breadth first, inside the group, back to start
+        frontier = [start]
+        while frontier and len(paths[start]) == 1:
+            following = []
+            for node in frontier:
+                for target in sorted(graph.get(node, ())):
+                    if target == start and len(paths[start]) == 1:
+                        paths[start] = paths[node] + [start]
+                    elif target in group and target not in paths:
+                        paths[target] = paths[node] + [target]
+                        following.append(target)
+            frontier = following
+        cycles.append(paths[start])
+    return sorted(cycles)
+
+
+def test_no_import_cycles():
+    sources = {module: (path.read_text(encoding="utf-8"), is_package)
+               for path, module, is_package in project_modules()}
+    graph = import_graph(sources)
+    assert sum(map(len, graph.values())) > 100, "too few imports found: is the graph built?"
+    cycles = import_cycles(graph)
+    assert not cycles, "modules that import each other:\n" + "\n".join(
+        " -> ".join(cycle) for cycle in cycles)
+
+
+def test_the_cycle_check_catches_circles():
+    # the checker itself must be able to fail: a lazy import closes the circle
+    lazy = "def f():\n    from anita_core.data.streaming import g\n"
+    two = {"anita_core.data.loading": (lazy, False),
+           "anita_core.data.streaming": ("from anita_core.data.loading import Table\n", False),
+           "anita_core.data.table": ("import re\n", False)}
+    assert import_cycles(import_graph(two)) == [
+        ["anita_core.data.loading", "anita_core.data.streaming", "anita_core.data.loading"]]
+    # round three modules, through a package __init__ and a relative import
+    three = {"csrc_triton": ("from .nf4 import NF4Weight\n", True),
+             "csrc_triton.nf4": ("from . import nf4_bnb\n", False),
+             "csrc_triton.nf4_bnb": ("from csrc_triton import nf4_quantize\n", False)}
+    assert import_cycles(import_graph(three)) == [
+        ["csrc_triton", "csrc_triton.nf4", "csrc_triton.nf4_bnb", "csrc_triton"]]
+    # `from pkg import sub` is the submodule, not pkg/__init__: no circle here
+    fine = {"csrc_triton": ("from .nf4 import NF4Weight\n", True),
+            "csrc_triton.nf4": ("from csrc_triton import nf4_codebook\n", False),
+            "csrc_triton.nf4_codebook": ("import torch\n", False)}
+    assert import_graph(fine)["csrc_triton.nf4"] == {"csrc_triton.nf4_codebook"}
+    assert import_cycles(import_graph(fine)) == []
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": set()}) == [
+        ["a", "b", "c", "a"]]

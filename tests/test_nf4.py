@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from csrc_triton import nf4_dequantize, nf4_quantize
-from csrc_triton.nf4 import (NF4Weight, SUPPORTED_BLOCKSIZES, launch_dynamic_quantize,
-                             nf4_code, signed_dynamic_map)
+from csrc_triton.nf4 import NF4Weight
+from csrc_triton.nf4_codebook import SUPPORTED_BLOCKSIZES, nf4_code, signed_dynamic_map
+from csrc_triton.nf4_encode import launch_dynamic_quantize
 from tests.helpers import assert_close, bitsandbytes_functional
 from tests.reference.nf4 import (reference_bnb_dynamic_quantize, reference_bnb_nf4_quantize,
                                  reference_nf4_absmax, reference_nf4_dequantize)

@@ -20,7 +20,8 @@ from csrc_torch import nf4 as torch_nf4
 tl_loss, tl_lora, tl_nf4_matmul, tl_rms, tl_rope, tl_swiglu = (
     importlib.import_module(f"csrc_triton.{family}") for family in
     ("linear_loss", "lora_linear", "nf4_matmul", "rms_norm", "rope", "swiglu"))
-from csrc_triton.nf4 import nf4_dequantize, nf4_quantize
+from csrc_triton.nf4_decode import nf4_dequantize
+from csrc_triton.nf4_encode import nf4_quantize
 from tests.helpers import assert_close, quantized
 from tests.reference.losses import reference_linear_cross_entropy
 from tests.reference.rms_norm import reference_rms_norm, reference_rms_norm_backward
@@ -88,7 +89,8 @@ def test_quantize_on_and_near_midpoints_and_table_edges(blocksize):
     """The last-bit cases random data misses (probes of tests/test_nf4.py): values on
     NF4 midpoints in full and partial blocks, and nested values a few ulps around
     every step of bitsandbytes' 65536-entry table."""
-    from csrc_triton.nf4 import launch_dynamic_quantize, signed_dynamic_map
+    from csrc_triton.nf4_codebook import signed_dynamic_map
+    from csrc_triton.nf4_encode import launch_dynamic_quantize
     from tests.test_nf4 import _midpoint_probes
 
     for scale in (1.0, 0.3, 5.9):

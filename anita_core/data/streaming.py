@@ -24,6 +24,9 @@ import random
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, TypeVar
 
+from anita_core.data.rows import RowProblem
+from anita_core.data.table import HUB_NAME, Table, utf8_problem
+
 T = TypeVar("T")
 
 SHARD_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet", ".csv")
@@ -45,7 +48,6 @@ class Record:
         JSON; ``file`` and ``number`` say where)."""
         if not isinstance(self.raw, bytes):
             return self.raw
-        from anita_core.data.loading import utf8_problem
         problem = utf8_problem(self.raw)
         if problem:
             raise ValueError(problem)
@@ -203,12 +205,10 @@ def sample_records(sources: Sequence[str], n: int, seed: int, *, split: str = "t
 
 def sampled_tables(sources: Sequence[str], n: int, seed: int, *, split: str = "train",
                    cache_dir: Optional[str] = None, progress: bool = False) -> list:
-    """The ``n`` drawn rows as one loading.Table per source that has any (the
+    """The ``n`` drawn rows as one table.Table per source that has any (the
     columns: every key its drawn rows hold), each row located by file and
     record number. A drawn line that is not a JSON object is put in as the
     RowProblem saying so, for read_rows to raise or skip like any bad row."""
-    from anita_core.data.loading import HUB_NAME, Table
-    from anita_core.data.rows import RowProblem
     drawn = sample_records(sources, n, seed, split=split, cache_dir=cache_dir,
                            is_hub_name=lambda s: bool(HUB_NAME.match(s)), progress=progress)
     tables = []

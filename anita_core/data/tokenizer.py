@@ -23,11 +23,6 @@ SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
-def default_tokenizer_dir() -> str:
-    from anita_core.assets import TOKENIZER_DIR
-    return TOKENIZER_DIR
-
-
 class Tokenizer:
     """``encode`` never adds special tokens by itself; special tokens written in
     the text are recognised as single ids, as in transformers'
@@ -134,12 +129,13 @@ def _chat_template_of(config: dict, folder: str, config_file: str) -> Optional[s
                      f"{{name, template}}, got {type(value).__name__}")
 
 
-def load_tokenizer(path: Optional[str] = None) -> Tokenizer:
+def load_tokenizer(path: str) -> Tokenizer:
     """Loads ``path/tokenizer.json`` (a folder, e.g. a model folder, or the
-    tokenizer.json file itself); the bundled tokenizer when ``path`` is None.
-    Special tokens and the chat template come from tokenizer_config.json (and
-    chat_template.jinja) next to it when present."""
-    path = default_tokenizer_dir() if path is None else os.fspath(path)
+    tokenizer.json file itself; the bundled tokenizer is the folder
+    anita_core.assets.TOKENIZER_DIR, which the command line picks for a model
+    folder without one). Special tokens and the chat template come from
+    tokenizer_config.json (and chat_template.jinja) next to it when present."""
+    path = os.fspath(path)
     folder, file = (os.path.dirname(path), path) if path.endswith(".json") else (
         path, os.path.join(path, "tokenizer.json"))
     if not os.path.isfile(file):

@@ -35,7 +35,7 @@ import torch
 from safetensors import safe_open
 
 from csrc_triton import NF4Weight
-from csrc_triton.nf4 import SUPPORTED_BLOCKSIZES
+from csrc_triton.nf4_codebook import SUPPORTED_BLOCKSIZES
 from anita_core.hf.bnb import (OTHER_4BIT_SUFFIXES, QUANT_STATE_SUFFIX,
                                        expected_aux_suffixes, is_skipped_module,
                                        nf4_from_bnb_tensors, packed_nbytes,

@@ -44,8 +44,8 @@ def _backend_from_environment() -> str:
 def _triton_launchers() -> SimpleNamespace:
     # by module path: csrc_triton's package namespace holds same-named autograd ops
     modules = [importlib.import_module(f"csrc_triton.{family}") for family in
-               ("attention", "linear_loss", "lora_linear", "nf4", "nf4_dense", "nf4_matmul", "rms_norm",
-                "rope", "swiglu")]
+               ("attention", "linear_loss", "lora_linear", "nf4_encode", "nf4_dense", "nf4_matmul",
+                "rms_norm", "rope", "swiglu")]
     return SimpleNamespace(**{name: next(getattr(m, name) for m in modules if hasattr(m, name))
                               for name in LAUNCHERS})
 

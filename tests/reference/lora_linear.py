@@ -12,7 +12,8 @@ from typing import Optional
 
 import torch
 
-from csrc_triton.nf4 import NESTED_BLOCKSIZE, NF4Weight
+from csrc_triton.nf4 import NF4Weight
+from csrc_triton.nf4_codebook import NESTED_BLOCKSIZE
 
 
 def reference_nf4_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from csrc_triton.nf4 import NF4Weight, nf4_code
+from csrc_triton.nf4 import NF4Weight
+from csrc_triton.nf4_codebook import nf4_code
 
 
 def _padded_groups(values: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
@@ -91,7 +92,7 @@ def reference_bnb_nf4_quantize(w: torch.Tensor, blocksize: int = 64,
     NF4 midpoints strictly below the scaled value; an odd numel pads with y = 0.
     Double quantization takes the mean of the absmax on ``w``'s device (as
     bitsandbytes and nf4_quantize do) and runs reference_bnb_dynamic_quantize."""
-    from csrc_triton.nf4 import signed_dynamic_map
+    from csrc_triton.nf4_codebook import signed_dynamic_map
 
     n = w.numel()
     blocks = _padded_groups(w, blocksize, torch.float32)
