@@ -1,7 +1,7 @@
 """The fp32 spread between 2 ranks and 1 process: what tests/test_distributed_cli.py's
 resume bound is derived from.
 
-    python -m bench.distributed_spread [--seeds 30] [--steps 6]
+    python -m bench.distributed_spread [--seeds 60] [--first 0] [--steps 6]
 
 For each --seed, train_sft.py runs the resume test's settings (the bundled tiny
 model, global batch 8, the torch kernel backend, one thread per process) once on
@@ -57,12 +57,14 @@ def one_seed(seed: int, steps: int, tmp: Path):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=30, help="draws (--seed 0 .. N-1)")
+    parser.add_argument("--seeds", type=int, default=60,
+                        help="seeds tried (--seed FIRST .. FIRST+N-1); about half have an even epoch")
+    parser.add_argument("--first", type=int, default=0, help="first seed")
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per run")
     args = parser.parse_args(argv)
     spreads = []
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in range(args.seeds):
+        for seed in range(args.first, args.first + args.seeds):
             spread, n = one_seed(seed, args.steps, Path(tmp))
             if spread is None:
                 print(f"seed {seed:3d}: {n} micro-batches per epoch (odd: 2 ranks cut one), left out",
