@@ -24,7 +24,13 @@ def random_labels(T: int, V: int, ignore_index: int = -100, ignored_fraction: fl
 
 
 def output_roundoff(dtype: torch.dtype) -> float:
-    """Half an ulp at 1: the relative error of rounding an fp32 result to dtype."""
+    """Half an ulp at 1: the relative error of rounding an fp32 result to dtype.
+
+    This term is exact, not slack: rounding a value just above a power of two to
+    fp16 errs by up to eps/2 of it. Where the output rounding dominates (fp16
+    gradients), a check uses up to ~0.85 of its bound ("tolerance used" of
+    cross_entropy's dlogits and softmax_grad_rows) and cannot pass 1.0 by chance,
+    because every other term is a worst-case bound of the fp32 arithmetic before it."""
     return torch.finfo(dtype).eps / 2 if dtype != torch.float32 else 0.0
 
 

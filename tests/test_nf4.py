@@ -263,7 +263,14 @@ def test_dequantize_equals_bitsandbytes(out_dtype, double_quant, eager_bitsandby
 
 
 def _dequant_tolerances(q: NF4Weight, out_dtype):
-    """atol, rtol of the kernel against the float64 reference decode."""
+    """atol, rtol of the kernel against the float64 reference decode.
+
+    The bound is the exact worst case of the roundings counted below, so a run may
+    use all of it: the summary's "tolerance used" reaches 0.99 for nf4_dequantize
+    (one fp32 rounding of code * absmax, whose error is up to half an ulp of the
+    result, i.e. up to rtol = 2^-24 relative for a result just above a power of two)
+    and can never pass 1.0 by chance; a kernel that rounded twice, or read a wrong
+    code or block, would exceed it by orders of magnitude."""
     # One fp32 rounding of code * absmax: half an ulp, relative.
     rtol = ULP32
     # The smallest absmax (1e-38, an all-zero partial block) gives subnormal
