@@ -88,15 +88,8 @@ def main(argv=None) -> int:
         log(f"error: {tokenizer.name}: no {missing[0]} token; train_dpo.py renders prompts in "
             "LLaMA-3's chat format, which needs it")
         return 2
-    model_dir, model, adapters = load_model_and_adapters(args, log)
-    reference = None
-    if args.reference_adapter:
-        try:
-            reference = load_peft(args.reference_adapter, model.config, device=model.device)
-        except (ValueError, FileNotFoundError) as e:
-            raise SystemExit(f"--reference-adapter: {e}")
-        for p in reference.parameters():
-            p.requires_grad_(False)
+    # the pairs are built before the model loads: a bad file or row is reported without
+    # waiting for the base model
     data_config = DPODataConfig(data=args.data, system_prompt=args.system_prompt,
                                 max_length=args.max_length,
                                 max_prompt_length=args.max_prompt_length or None,
@@ -106,6 +99,15 @@ def main(argv=None) -> int:
     data = build_data_or_report(build_dpo_data, data_config, tokenizer, log, "preference pairs")
     if data is None:
         return 2
+    model_dir, model, adapters = load_model_and_adapters(args, log)
+    reference = None
+    if args.reference_adapter:
+        try:
+            reference = load_peft(args.reference_adapter, model.config, device=model.device)
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"--reference-adapter: {e}")
+        for p in reference.parameters():
+            p.requires_grad_(False)
 
     # batches carry their pairs' example indices: the precomputed reference is looked up by them
     epoch_batches = per_epoch(lambda epoch: indexed_dpo_batches(
