@@ -58,10 +58,10 @@ def build_parser(argv):
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    from anita_core.train.cli import (build_data_or_report, eval_split_value, load_model_and_adapters,
-                                      parse_command_line, per_epoch, rank_logger, resolve_model_dir,
-                                      run_training, start_distributed, start_run, tokenizer_dir_for,
-                                      train_config_from_args)
+    from anita_core.train.cli import (build_data_or_report, eval_split_value, exit_on_disk_full,
+                                      load_model_and_adapters, parse_command_line, per_epoch,
+                                      rank_logger, resolve_model_dir, run_training, start_distributed,
+                                      start_run, tokenizer_dir_for, train_config_from_args, usage_error)
     from anita_core.train.distributed import setup_model
     from anita_core.train.run_identity import data_fingerprint, model_fingerprint, run_settings
     parser, args = parse_command_line(build_parser, argv)
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
         try:
             reference = load_peft(args.reference_adapter, model.config, device=model.device)
         except (ValueError, FileNotFoundError) as e:
-            raise SystemExit(f"--reference-adapter: {e}")
+            usage_error(f"--reference-adapter: {e}")
         for p in reference.parameters():
             p.requires_grad_(False)
 
@@ -134,10 +134,11 @@ def main(argv=None) -> int:
                             batch_size=args.batch_size, seed=args.seed,
                             n_examples=len(data.train) + len(data.eval))
         try:
-            objective.reference_store = prepare_reference_logps(
-                objective, epoch_batches(0)[:reached] + (eval_batches or []), output_dir, key,
-                resume=run.resume_from is not None, save=dist.is_main,
-                log=log, progress=not args.no_progress and dist.is_main)
+            with exit_on_disk_full(output_dir, log):
+                objective.reference_store = prepare_reference_logps(
+                    objective, epoch_batches(0)[:reached] + (eval_batches or []), output_dir, key,
+                    resume=run.resume_from is not None, save=dist.is_main,
+                    log=log, progress=not args.no_progress and dist.is_main)
         except StaleReferenceStore as e:
             log(f"error: --resume: {e}")
             return 2
