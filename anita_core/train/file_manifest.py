@@ -5,7 +5,7 @@ A checkpoint, the final adapter and the DPO reference store each get a
 into place:
 
     {"format": 1, "hash": "xxh3_128",
-     "files": {"adapter/adapter_model.safetensors": {"size": 167835784, "xxh3_128": "9f0c..."}, ...}}
+     "files": {"adapter/adapter_model.safetensors": {"size": 153056, "xxh3_128": "7234d142..."}, ...}}
 
 ``damage(folder)`` checks a folder against it before anything is loaded and
 says, in words, what is wrong with the first file that does not match: missing,
