@@ -19,6 +19,8 @@ setup(
         "datasets>=2.19",
         "numpy>=1.26",
         "tqdm>=4.66",
+        # checkpoint manifests hash with xxh3-128 (anita_core/train/file_manifest.py)
+        "xxhash>=3",
         # chat templates (--template chat) run in its sandbox; 3.1.6 fixed sandbox escapes
         "jinja2>=3.1.6",
     ],

@@ -58,10 +58,10 @@ def build_parser(argv):
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    from anita_core.train.cli import (build_data_or_report, eval_split_value, load_model_and_adapters,
-                                      parse_command_line, per_epoch, rank_logger, resolve_model_dir,
-                                      run_training, start_distributed, start_run, tokenizer_dir_for,
-                                      train_config_from_args)
+    from anita_core.train.cli import (build_data_or_report, eval_split_value, exit_on_disk_full,
+                                      load_model_and_adapters, parse_command_line, per_epoch,
+                                      rank_logger, resolve_model_dir, run_training, start_distributed,
+                                      start_run, tokenizer_dir_for, train_config_from_args, usage_error)
     from anita_core.train.distributed import setup_model
     from anita_core.train.run_identity import data_fingerprint, model_fingerprint, run_settings
     parser, args = parse_command_line(build_parser, argv)
@@ -88,15 +88,8 @@ def main(argv=None) -> int:
         log(f"error: {tokenizer.name}: no {missing[0]} token; train_dpo.py renders prompts in "
             "LLaMA-3's chat format, which needs it")
         return 2
-    model_dir, model, adapters = load_model_and_adapters(args, log)
-    reference = None
-    if args.reference_adapter:
-        try:
-            reference = load_peft(args.reference_adapter, model.config, device=model.device)
-        except (ValueError, FileNotFoundError) as e:
-            raise SystemExit(f"--reference-adapter: {e}")
-        for p in reference.parameters():
-            p.requires_grad_(False)
+    # the pairs are built before the model loads: a bad file or row is reported without
+    # waiting for the base model
     data_config = DPODataConfig(data=args.data, system_prompt=args.system_prompt,
                                 max_length=args.max_length,
                                 max_prompt_length=args.max_prompt_length or None,
@@ -106,6 +99,15 @@ def main(argv=None) -> int:
     data = build_data_or_report(build_dpo_data, data_config, tokenizer, log, "preference pairs")
     if data is None:
         return 2
+    model_dir, model, adapters = load_model_and_adapters(args, log)
+    reference = None
+    if args.reference_adapter:
+        try:
+            reference = load_peft(args.reference_adapter, model.config, device=model.device)
+        except (ValueError, FileNotFoundError) as e:
+            usage_error(f"--reference-adapter: {e}")
+        for p in reference.parameters():
+            p.requires_grad_(False)
 
     # batches carry their pairs' example indices: the precomputed reference is looked up by them
     epoch_batches = per_epoch(lambda epoch: indexed_dpo_batches(
@@ -132,10 +134,11 @@ def main(argv=None) -> int:
                             batch_size=args.batch_size, seed=args.seed,
                             n_examples=len(data.train) + len(data.eval))
         try:
-            objective.reference_store = prepare_reference_logps(
-                objective, epoch_batches(0)[:reached] + (eval_batches or []), output_dir, key,
-                resume=run.resume_from is not None, save=dist.is_main,
-                log=log, progress=not args.no_progress and dist.is_main)
+            with exit_on_disk_full(output_dir, log):
+                objective.reference_store = prepare_reference_logps(
+                    objective, epoch_batches(0)[:reached] + (eval_batches or []), output_dir, key,
+                    resume=run.resume_from is not None, save=dist.is_main,
+                    log=log, progress=not args.no_progress and dist.is_main)
         except StaleReferenceStore as e:
             log(f"error: --resume: {e}")
             return 2

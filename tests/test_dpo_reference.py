@@ -37,6 +37,7 @@ from anita_core.train.reference_logprobs import (BASE_REFERENCE, INDEX_KEY, KEY_
                                                  adapters_fingerprint, compute_reference_logps,
                                                  indexed_dpo_batches, prepare_reference_logps,
                                                  reference_key)
+from anita_core.train.file_manifest import MANIFEST_FILE
 from anita_core.train.run_checkpoint import latest_checkpoint
 from anita_core.train.run_identity import data_fingerprint, model_fingerprint
 from anita_core.train.trainer import TrainConfig, Trainer
@@ -196,9 +197,9 @@ def test_store_files_and_stale_stores_are_detected(tokenizer, pairs, tmp_path, f
 
     first, passes, _ = prepare(key, resume=False)
     assert passes == len(batches)
-    # plain files: safetensors tensors + the JSON key, nothing else
+    # plain files: safetensors tensors + the JSON key, and the manifest of both, nothing else
     folder = out / STORE_DIR
-    assert sorted(p.name for p in folder.iterdir()) == sorted([KEY_FILE, LOGPS_FILE])
+    assert sorted(p.name for p in folder.iterdir()) == sorted([KEY_FILE, LOGPS_FILE, MANIFEST_FILE])
     assert json.loads((folder / KEY_FILE).read_text()) == key
     tensors = load_file(str(folder / LOGPS_FILE))
     assert torch.equal(tensors["logps"], first.logps) and bool(tensors["computed"].all())
@@ -237,11 +238,25 @@ def test_store_files_and_stale_stores_are_detected(tokenizer, pairs, tmp_path, f
     assert json.loads((folder / KEY_FILE).read_text()) == stale_keys["data"]
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "old store left behind"
 
-    # an unreadable store is recomputed, with a warning naming it
-    (folder / LOGPS_FILE).write_bytes(b"\x00" * 7)
+    # a damaged store (cut short, or bytes changed in place) is recomputed, with a warning naming it
+    stored = (folder / LOGPS_FILE).read_bytes()
+    (folder / LOGPS_FILE).write_bytes(stored[:7])
     again, passes, log = prepare(stale_keys["data"], resume=True)
-    assert passes == len(batches) and f"{folder}: cannot be read" in log
+    assert passes == len(batches) and f"{folder}: damaged: {LOGPS_FILE}: cut short" in log
     assert torch.equal(again.logps, first.logps)
+    stored = bytearray((folder / LOGPS_FILE).read_bytes())
+    stored[-1] ^= 0x01
+    (folder / LOGPS_FILE).write_bytes(bytes(stored))
+    again, passes, log = prepare(stale_keys["data"], resume=True)
+    assert passes == len(batches) and f"{folder}: damaged: {LOGPS_FILE}: bytes changed" in log
+    assert torch.equal(again.logps, first.logps)
+    # a store from before manifests: checked by structure, and still used as it is
+    (folder / MANIFEST_FILE).unlink()
+    _, passes, _ = prepare(stale_keys["data"], resume=True)
+    assert passes == 0
+    (folder / LOGPS_FILE).write_bytes((folder / LOGPS_FILE).read_bytes()[:-4])
+    _, passes, log = prepare(stale_keys["data"], resume=True)
+    assert passes == len(batches) and "its header describes" in log
     # a temp folder a killed save left is removed
     orphan = out / f".{STORE_DIR}.killed"
     orphan.mkdir()

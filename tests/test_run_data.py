@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from anita_core.assets import TOKENIZER_DIR
 from anita_core.data import (BadRowError, DPODataConfig, SFTDataConfig, build_dpo_data,
@@ -98,3 +99,58 @@ def test_the_run_summary_shows_the_skipped_rows(tmp_path):
     assert "skipped 3 malformed row(s):" in summary
     for reason in ("row 2: not UTF-8", "row 3: not valid JSON", "row 4: missing field 'output'"):
         assert reason in summary, reason
+
+
+def undecodable(tmp_path, kind: str, suffix: str, seed: int):
+    """A file under a JSON name that is not JSON lines at all."""
+    path = tmp_path / f"{kind}{suffix}"
+    if kind == "random":
+        # random bytes, led by 0xff (never UTF-8) so that row 1 is the first bad one
+        path.write_bytes(b"\xff" + torch.randint(0, 256, (4000,), generator=torch.Generator().manual_seed(seed),
+                                                 dtype=torch.uint8).numpy().tobytes())
+    elif kind == "latin1":
+        path.write_bytes("istruzione: perché?\nrisposta: così\n".encode("latin-1"))
+    else:
+        path.write_text("instruction,output\nCiao,Ciao\n")          # CSV under a JSON name
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+@pytest.mark.parametrize("kind,reason", [("random", r"not UTF-8 text \(byte 0xff at column 1: invalid start byte\)"),
+                                         ("latin1", r"not UTF-8 text \(byte 0xe9 at column 18: "),
+                                         ("csv", r"not valid JSON \(Expecting value\)")])
+def test_a_file_that_is_not_json_lines_is_refused_at_its_first_row(tmp_path, tok, fresh_seed,
+                                                                    kind, reason, suffix):
+    path = undecodable(tmp_path, kind, suffix, fresh_seed)
+    for max_samples in (None, 1000):          # read whole, and streamed (--max-samples)
+        with pytest.raises(BadRowError, match=rf"^{path}: row 1: {reason}"):
+            build_sft_data(SFTDataConfig(str(path), max_samples=max_samples), tok)
+        with pytest.raises(BadRowError, match=r"no row of this file is readable: --skip-bad-rows skips "
+                                              r"rows, not files\)$"):
+            build_sft_data(SFTDataConfig(str(path), max_samples=max_samples, skip_bad_rows=True), tok)
+
+
+def test_a_gzip_name_on_bytes_that_are_not_gzip_is_one_error(tmp_path, tok):
+    path = tmp_path / "rows.jsonl.gz"
+    path.write_bytes(b"\x00not gzip at all\n")
+    with pytest.raises(ValueError, match=rf"^{path}: not a readable gzip file \(BadGzipFile: "):
+        build_sft_data(SFTDataConfig(str(path), max_samples=10), tok)
+
+
+@pytest.mark.parametrize("script,case", [("train_sft.py", "random bytes"), ("train_dpo.py", "random bytes"),
+                                         ("train_sft.py", "row 3 not JSON")])
+def test_the_scripts_refuse_an_undecodable_file_in_one_line_before_the_model_loads(tmp_path, fresh_seed,
+                                                                                  script, case):
+    """Nothing printed before the line: not the base model's, nor `datasets`' own ERROR log
+    ("Failed to load JSON from file ... pyarrow.lib.ArrowInvalid"), which it writes when it
+    reads the whole file and meets a bad row (the row-3 case) before anita's reader takes over."""
+    if case == "random bytes":
+        path = undecodable(tmp_path, "random", ".jsonl", fresh_seed)
+        expected = f"error: {path}: row 1: not UTF-8 text (byte 0xff at column 1: invalid start byte)"
+    else:
+        path = tmp_path / "rows.jsonl"
+        path.write_text(json.dumps(GOOD) + "\n" + json.dumps(GOOD) + "\nnot JSON\n")
+        expected = f"error: {path}: row 3: not valid JSON (Expecting value)"
+    proc = run_script(script, "--no-progress", "--data", path, "--output-dir", tmp_path / "run", timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip() == expected

@@ -53,6 +53,7 @@ def test_stated_defaults_and_exit_codes_are_the_codes():
     assert every_30 in README
     assert {p["save_minutes"] for p in PRESETS.values()} == {30.0}
     assert f"exit code {cli.EXIT_DIVERGED}," in README
+    assert f"stops the run with exit code {cli.EXIT_DISK_FULL} and one line" in README
     assert f"(exit code {cli.EXIT_BAD_INPUT})" in README
     assert "Ctrl-C (SIGINT) and SIGTERM" in README and "with code 130 and 143" in README
     assert "--skip-bad-rows" in README and "skipped, counted, and shown (the first 5" in README

@@ -9,6 +9,7 @@ Every stop happens at a chosen point (ANITA_STOP_AT, anita_core/train/stop_point
 never at a moment a clock or the machine's load picks."""
 from __future__ import annotations
 
+import errno
 import signal
 from pathlib import Path
 
@@ -158,10 +159,16 @@ def test_ctrl_c_while_loading_ends_with_one_line_not_a_traceback(tmp_path, scrip
 
 def test_stop_points_refuse_a_malformed_spec_and_fire_only_where_named(monkeypatch):
     from anita_core.train import stop_points
-    for bad in ("SIGKILL", "SIGHUP@step:2", "SIGKILL@step:x", "SIGKILL@step:2,rank=a"):
+    for bad in ("SIGKILL", "SIGHUP@step:2", "SIGKILL@step:x", "SIGKILL@step:2,rank=a", "ENOSPC@step:2"):
         with pytest.raises(ValueError, match="ANITA_STOP_AT="):
             stop_points.parse(bad)
     assert stop_points.parse("SIGTERM@step:3.1,rank=1") == (signal.SIGTERM, "step:3.1", 1)
+    assert stop_points.parse("ENOSPC@checkpoint:3") == (stop_points.DISK_FULL, "checkpoint:3", None)
+    monkeypatch.setenv("ANITA_STOP_AT", "ENOSPC@checkpoint:3")
+    stop_points.reached("checkpoint:2")
+    with pytest.raises(OSError) as full:
+        stop_points.reached("checkpoint:3")
+    assert full.value.errno == errno.ENOSPC
     received = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
     try:

@@ -17,7 +17,11 @@ BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "c
 def _quiet_datasets():
     import datasets
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    # CRITICAL, not ERROR: `datasets` logs a load it cannot do at ERROR level
+    # ("Failed to load JSON from file ... pyarrow.lib.ArrowInvalid ...") and then
+    # raises; read_table catches that error and says what is wrong with the file
+    # itself (file, row, reason), so the log line would only come before it
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     return datasets
 
 
@@ -56,6 +60,37 @@ def _read_json_lines(path: str, max_rows: Optional[int]) -> Table:
     return Table(source=path, columns=names, rows=rows, problems=problems)
 
 
+def _first_line_unreadable(path: str) -> bool:
+    """Whether a JSON-lines file's first non-blank line is not UTF-8 or not JSON
+    (a file of random bytes, or of another format): such a file is read line by
+    line here, each line a row problem, without handing it to `datasets` first."""
+    with open(path, "rb") as f:
+        for raw in f:
+            if raw.strip():
+                if utf8_problem(raw):
+                    return True
+                try:
+                    json.loads(raw)
+                except json.JSONDecodeError:
+                    return True
+                return False
+    return False
+
+
+def _unreadable_file(table: Table, skip_bad_rows: bool) -> Optional[BadRowError]:
+    """For a file no row of which could be read (all bad JSON or bad encoding: not
+    a JSON-lines file at all), its first bad row, to refuse the file with."""
+    if table.columns or not table.rows:
+        return None
+    for index, row in enumerate(table.rows):
+        problem = table.problems.get(index) or (str(row) if isinstance(row, RowProblem) else "")
+        if problem:
+            if skip_bad_rows:
+                problem += " (no row of this file is readable: --skip-bad-rows skips rows, not files)"
+            return BadRowError(*table.location(index), problem)
+    return None
+
+
 def _is_json_array(path: str) -> bool:
     with open(path, "rb") as f:
         head = f.read(4096).lstrip()
@@ -91,8 +126,10 @@ def read_table(source: str, *, split: str = "train", max_rows: Optional[int] = N
             raise ValueError(f"{source}: unsupported file type {ext!r}; expected one of "
                              f"{sorted(BUILDERS)}")
         _check_not_empty(source)
-        if ext == ".csv":
+        if ext == ".csv" or (ext in (".json", ".jsonl") and _is_json_array(source)):
             _check_utf8(source)
+        elif ext in (".json", ".jsonl") and _first_line_unreadable(source):
+            return _read_json_lines(source, max_rows)
         name, kwargs = BUILDERS[ext], {"data_files": source, "split": "train"}
         if ext == ".csv":
             # CSV cells are text: without this, a column of digits ("17") would
@@ -171,6 +208,9 @@ def read_rows(sources: Union[str, Sequence[str]], *, stats: DataStats, shape: st
     else:
         tables = (read_table(source, split=split, cache_dir=cache_dir) for source in sources)
     for table in tables:
+        unreadable = _unreadable_file(table, skip_bad_rows)
+        if unreadable is not None:
+            raise unreadable
         row_shape = shape if shape != "auto" else detect_shape(table.columns, table.source)
         if row_shape not in allowed_shapes:
             raise ValueError(f"{table.source}: holds {row_shape} rows; expected one of "

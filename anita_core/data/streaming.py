@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, TypeVar
 
@@ -118,8 +119,11 @@ def records(source: str, *, split: str = "train", cache_dir: Optional[str] = Non
     else:
         raise FileNotFoundError(f"{source}: no such file or folder (and not a hub dataset name)")
     for file in files:
-        for number, raw in _file_rows(file):
-            yield Record(source, file, number, raw)
+        try:
+            for number, raw in _file_rows(file):
+                yield Record(source, file, number, raw)
+        except (gzip.BadGzipFile, EOFError, zlib.error) as e:    # a .gz that is not gzip, or cut short
+            raise ValueError(f"{file}: not a readable gzip file ({type(e).__name__}: {e})") from None
 
 
 def _file_rows(file: str) -> Iterator[tuple]:

@@ -168,6 +168,12 @@ def _tensor_plan(config: ModelConfig) -> List[Tuple[str, Tuple[int, ...]]]:
     return plan
 
 
+def merged_export_bytes(config: ModelConfig, dtype: torch.dtype = torch.float32) -> int:
+    """The bytes of the weights export_merged writes for ``config`` in ``dtype``."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return sum(itemsize * int(torch.Size(shape).numel()) for _, shape in _tensor_plan(config))
+
+
 def _shards(plan, itemsize: int, max_bytes: int) -> List[List[Tuple[str, Tuple[int, ...]]]]:
     """Greedy split in order; a tensor larger than max_bytes gets a shard of its own."""
     shards, current, size = [], [], 0

@@ -25,7 +25,7 @@ import re
 import secrets
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 from safetensors import SafetensorError
@@ -39,8 +39,9 @@ from anita_core.model.weights import PROJECTIONS, projection_module_path
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 # Files an adapter directory may hold; save_peft refuses to replace a
-# directory holding anything else, rather than delete it.
-ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, "README.md")
+# directory holding anything else, rather than delete it. manifest.json: the
+# sizes and hashes the trainer records (anita_core/train/file_manifest.py).
+ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, "README.md", "manifest.json")
 
 # LoraConfig fields that change what the adapter computes or how it attaches
 # to the model in ways anita does not implement; each must be absent or
@@ -59,9 +60,12 @@ _PLAIN_INITS = (True, False, "gaussian")
 
 # -------------------------------------------------------------------- saving
 def save_peft(adapters: LoRAAdapters, out_dir: Union[str, os.PathLike],
-              base_model_name_or_path: Optional[str] = None) -> Path:
+              base_model_name_or_path: Optional[str] = None,
+              finish: Optional[Callable[[Path], Any]] = None) -> Path:
     """Write ``adapters`` to ``out_dir`` in PEFT's format, atomically; returns
-    the directory. The tensors are written as fp32 on the CPU."""
+    the directory. The tensors are written as fp32 on the CPU. ``finish`` is
+    called with the temp directory once its files are complete, before it takes
+    ``out_dir``'s name (the trainer writes its manifest there)."""
     if not isinstance(adapters, LoRAAdapters):
         raise ValueError(f"save_peft: adapters must be LoRAAdapters, got {type(adapters).__name__}")
     out_dir = Path(out_dir).absolute()
@@ -72,6 +76,8 @@ def save_peft(adapters: LoRAAdapters, out_dir: Union[str, os.PathLike],
     try:
         _write_weights(adapters, tmp_dir / WEIGHTS_NAME)
         _write_config(peft_config_dict(adapters, base_model_name_or_path), tmp_dir / CONFIG_NAME)
+        if finish is not None:
+            finish(tmp_dir)
         _fsync_path(tmp_dir)
         _replace_dir(tmp_dir, out_dir)
     except BaseException:

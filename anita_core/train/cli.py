@@ -18,12 +18,15 @@ from anita_core.train.flag_types import (comma_subset, count_or_fraction, learni
                                          non_negative_int, positive_float, positive_int,
                                          probability_0_1, seed_int, steps_or_off)
 from anita_core.train.presets import DPO_PRESETS, PRESETS, SFT_PRESETS
+from anita_core.train.storage_faults import EXIT_DISK_FULL, disk_full_guard, exit_on_disk_full
 from anita_core.model.memory_plan import STRATEGIES
 from anita_core.model.weights import PROJECTIONS
 
 EXIT_BAD_INPUT = 2          # bad flag, file, row or output folder (argparse's code too)
 EXIT_DIVERGED = 3           # a non-finite loss, gradient, weight or eval metric
 EXIT_RANK_FAILED = 4        # another rank died, or a collective timed out
+# EXIT_DISK_FULL = 5       a write met a full disk or quota; --resume once there is space
+#                           (defined in storage_faults, imported above)
 
 BUNDLED_MODEL = os.path.join(ASSETS_DIR, "tiny-llama3")
 
@@ -210,34 +213,36 @@ def start_run(args, output_dir: str, log, dist=None) -> RunStart:
 def start_run_here(args, output_dir: str, log) -> RunStart:
     """Before anything expensive: lock the output folder (one run at a time),
     remove what a killed run left half-written, refuse a folder holding another
-    run unless --resume / --overwrite, and find the checkpoint to resume from."""
-    from anita_core.train.run_checkpoint import (check_checkpoint_files, latest_checkpoint,
-                                                 remove_orphaned_temp_files)
+    run unless --resume / --overwrite, find the checkpoint to resume from (its
+    files verified) and check the adapter folders that flags name."""
+    from anita_core.train.file_manifest import adapter_flags_problem
+    from anita_core.train.run_checkpoint import choose_resume_checkpoint, remove_orphaned_temp_files
     from anita_core.train.run_folder import RunFolderError, RunLock, prepare_output_folder
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         usage_error(f"--output-dir {out}: exists and is not a folder")
-    resume_from = None
+    explicit = None
     if args.resume and args.resume != "latest":
-        resume_from = Path(args.resume)
-        if not resume_from.is_dir():
+        explicit = Path(args.resume)
+        if not explicit.is_dir():
             usage_error(f"--resume {args.resume}: no such checkpoint folder")
+    problem = adapter_flags_problem(args)
+    if problem:
+        usage_error(problem)
     try:
-        lock = RunLock(out).acquire()
+        with exit_on_disk_full(out, log):
+            lock = RunLock(out).acquire()
         for path in remove_orphaned_temp_files(out):
             log(f"removed {path}, left half-written by a run that was killed")
         prepare_output_folder(out, resume=bool(args.resume), overwrite=args.overwrite)
     except RunFolderError as e:
         usage_error(str(e))
-    if args.resume == "latest":
-        resume_from = latest_checkpoint(out)
-        if resume_from is None:
-            usage_error(f"--resume: no checkpoint under {out / 'checkpoints'}; start without "
-                        f"--resume (with --overwrite if the folder holds an earlier run's files)")
-    if resume_from is not None:
+    resume_from = None
+    if args.resume:
         try:
-            check_checkpoint_files(resume_from)
+            resume_from = choose_resume_checkpoint(out, explicit, log)
         except (ValueError, FileNotFoundError) as e:
+            lock.release()
             usage_error(f"--resume: {e}")
     return RunStart(out, resume_from, lock)
 
@@ -309,7 +314,7 @@ def load_model_and_adapters(args, log):
         try:
             adapters = load_peft(args.init_adapter, model.config, device=device)
         except (ValueError, FileNotFoundError) as e:
-            raise SystemExit(f"--init-adapter: {e}")
+            usage_error(f"--init-adapter: {e}")
         log(f"adapter from {args.init_adapter} (r {adapters.config.r})")
     else:
         adapters = LoRAAdapters.init(lora_config_from_args(args), model.config, device=device)
@@ -345,7 +350,8 @@ def run_training(trainer, args, model_dir, model, adapters, run: RunStart, log,
         except MemoryBudgetError as e:
             log(f"error: --memory-budget: {e}")
             return EXIT_BAD_INPUT
-        code = _train_and_report(trainer, args, model_dir, model, adapters, run, log, data_stats)
+        with exit_on_disk_full(run.output_dir, log):
+            code = _train_and_report(trainer, args, model_dir, model, adapters, run, log, data_stats)
         if model.device.type == "cuda":
             log(f"measured peak device memory: {torch.cuda.max_memory_allocated(model.device) / 2**30:.2f} "
                 f"GiB (torch.cuda.max_memory_allocated)")
@@ -361,6 +367,7 @@ def run_training(trainer, args, model_dir, model, adapters, run: RunStart, log,
 def _train_and_report(trainer, args, model_dir, model, adapters, run: RunStart, log, data_stats) -> int:
     from anita_core.lora import save_peft
     from anita_core.train.distributed import DistributedError
+    from anita_core.train.file_manifest import write_manifest
     from anita_core.train.trainer import Interrupted, ResumeRefused, TrainingDiverged, stop_on_signals
     output_dir = run.output_dir
     started = time.perf_counter()
@@ -381,13 +388,16 @@ def _train_and_report(trainer, args, model_dir, model, adapters, run: RunStart, 
     wall = time.perf_counter() - started
     if not trainer.dist.is_main:
         return 0
-    adapter_dir = save_peft(adapters, Path(output_dir) / "adapter", base_model_name_or_path=args.model)
+    adapter_dir = Path(output_dir) / "adapter"
+    with disk_full_guard("the adapter", adapter_dir, 4 * adapters.num_parameters()):
+        save_peft(adapters, adapter_dir, base_model_name_or_path=args.model, finish=write_manifest)
     log(f"adapter (PEFT format): {adapter_dir}")
     if args.merge_export:
-        from anita_core.hf.export import export_merged
+        from anita_core.hf.export import export_merged, merged_export_bytes
         deltas = {key: adapters.delta(*key) for key in adapters.adapted()}
-        export_merged(model.config, model.base, deltas, args.merge_export,
-                      tokenizer_dir=tokenizer_dir_for(model_dir))
+        with disk_full_guard("the merged export", args.merge_export, merged_export_bytes(model.config)):
+            export_merged(model.config, model.base, deltas, args.merge_export,
+                          tokenizer_dir=tokenizer_dir_for(model_dir))
         log(f"merged HF checkpoint: {args.merge_export}")
     from anita_core.train.run_folder import read_metrics
     records = read_metrics(output_dir)

@@ -12,6 +12,8 @@ Layout under <output_dir>/reference_logps/:
     logps.safetensors   "logps" [N, 2]: (chosen, rejected) per training example, in the
                         dtype the reference pass returns; "computed" bool [N]
     key.json            what the numbers depend on (see ``reference_key``) and N
+    manifest.json       size and hash of the two files (file_manifest.py): a damaged
+                        store is named in a warning and recomputed
 
 Rows are indexed by the *global example index* (the pair's position in the
 training split, before any shuffle; held-out pairs follow the training ones),
@@ -56,6 +58,8 @@ from anita_core.data.dpo import dpo_batches
 from anita_core.data.packing import shuffled
 # the adapter writer's atomic folder swap, reused (private there, one implementation)
 from anita_core.lora.peft import _fsync_path as fsync_path, _replace_dir as replace_dir
+from anita_core.train.file_manifest import damage, write_manifest
+from anita_core.train.storage_faults import disk_full_guard
 
 FORMAT = 1
 STORE_DIR = "reference_logps"
@@ -185,21 +189,24 @@ def compute_reference_logps(objective, batches: Sequence[Dict], n_examples: int,
 
 def save_reference_logps(output_dir: Path, store: ReferenceLogps, key: dict) -> Path:
     """Write <output_dir>/reference_logps atomically (a reader sees the old store,
-    the new one, or none; never a mix)."""
+    the new one, or none; never a mix). A full disk raises DiskFull."""
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / STORE_DIR
-    tmp = Path(tempfile.mkdtemp(dir=output_dir, prefix=TEMP_PREFIX))
-    try:
-        save_file({"logps": store.logps.contiguous(), "computed": store.computed.contiguous()},
-                  str(tmp / LOGPS_FILE))
-        (tmp / KEY_FILE).write_text(json.dumps(key, indent=1) + "\n")
-        for path in (tmp / LOGPS_FILE, tmp / KEY_FILE, tmp):
-            fsync_path(path)
-        replace_dir(tmp, final)     # its ".reference_logps.old-*" matches TEMP_PREFIX
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    tensors = {"logps": store.logps.contiguous(), "computed": store.computed.contiguous()}
+    with disk_full_guard("the DPO reference store", final,
+                         sum(t.numel() * t.element_size() for t in tensors.values())):
+        output_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=output_dir, prefix=TEMP_PREFIX))
+        try:
+            save_file(tensors, str(tmp / LOGPS_FILE))
+            (tmp / KEY_FILE).write_text(json.dumps(key, indent=1) + "\n")
+            write_manifest(tmp)
+            for path in (tmp / LOGPS_FILE, tmp / KEY_FILE, tmp):
+                fsync_path(path)
+            replace_dir(tmp, final)     # its ".reference_logps.old-*" matches TEMP_PREFIX
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return final
 
 
@@ -210,6 +217,9 @@ def read_reference_logps(output_dir: Path):
     key_path, tensor_path = folder / KEY_FILE, folder / LOGPS_FILE
     if not key_path.is_file() or not tensor_path.is_file():
         return None
+    problem = damage(folder)      # against its manifest (a store from before manifests: by structure)
+    if problem:
+        raise ValueError(f"{folder}: damaged: {problem}")
     try:
         key = json.loads(key_path.read_text())
         tensors = load_file(str(tensor_path))

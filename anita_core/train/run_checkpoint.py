@@ -6,6 +6,8 @@ Layout under <output_dir>/checkpoints/:
     step-00000042/trainer_state.json           positions, settings, optimizer hyper-parameters
     step-00000042/trainer_state.safetensors    every tensor of the state (optimizer moments,
                                                RNG states as uint8 / int64 tensors)
+    step-00000042/manifest.json                size and hash of each file above, written last
+                                               (file_manifest.py)
     latest                                     text file naming the newest complete checkpoint
 
 No pickle is ever read: a checkpoint folder handed over by someone else can hold
@@ -15,7 +17,14 @@ refused, not loaded.
 A checkpoint is assembled in a hidden temp directory and renamed into place,
 and ``latest`` is replaced atomically afterwards, so a process killed at any
 moment leaves the previous checkpoint intact and pointed to. Temp folders a
-killed process left behind are removed by ``remove_orphaned_temp_files``.
+killed process left behind are removed by ``remove_orphaned_temp_files``; a
+write that meets a full disk removes its own and raises
+storage_faults.DiskFull.
+
+``newest_intact_checkpoint`` is what a resume uses: the newest complete
+checkpoint whose files match its manifest (an older one without a manifest is
+checked by structure, see file_manifest.py); the damaged ones it passes over are
+returned with what is wrong, and left as they are.
 """
 from __future__ import annotations
 
@@ -25,7 +34,7 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -33,6 +42,8 @@ from safetensors.torch import load_file, save_file
 
 from anita_core.lora import save_peft
 from anita_core.train import stop_points
+from anita_core.train.file_manifest import damage, write_manifest
+from anita_core.train.storage_faults import disk_full_guard
 
 LATEST = "latest"
 STATE_JSON = "trainer_state.json"
@@ -113,10 +124,15 @@ def _join(value: Any, tensors: Dict[str, torch.Tensor], where: Path) -> Any:
     raise ValueError(f"{where}: unexpected object {sorted(value)} in the trainer state")
 
 
+def split_state(state: dict) -> Tuple[Any, Dict[str, torch.Tensor]]:
+    """(JSON-able data, tensors) of a trainer state, as write_state stores them."""
+    tensors: Dict[str, torch.Tensor] = {}
+    return _split(state, tensors), tensors
+
+
 def write_state(folder: Path, state: dict) -> None:
     """``state`` as trainer_state.json + trainer_state.safetensors, fsynced."""
-    tensors: Dict[str, torch.Tensor] = {}
-    data = _split(state, tensors)
+    data, tensors = split_state(state)
     save_file(tensors, str(folder / STATE_TENSORS))
     with open(folder / STATE_JSON, "w") as f:
         json.dump(data, f)
@@ -163,30 +179,37 @@ def load_checkpoint_state(checkpoint: Path) -> dict:
 def write_text_atomically(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` so that a reader sees the old or the new file, never a mix."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def save_checkpoint(output_dir: Path, step: int, adapters, state: dict, keep: int = 2) -> Path:
-    """Write checkpoint ``step`` atomically and keep only the newest ``keep``."""
+    """Write checkpoint ``step`` atomically and keep only the newest ``keep``.
+    A full disk raises DiskFull (the partial folder removed, the others untouched)."""
     root = Path(output_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f"{TEMP_PREFIX}{step:08d}."))
-    try:
-        save_peft(adapters, tmp / ADAPTER_DIR)
-        write_state(tmp, state)
-        stop_points.reached(f"checkpoint:{step}")
-        if final.exists():          # a re-save of the same step (e.g. after resume)
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    write_text_atomically(root / LATEST, final.name)
+    with disk_full_guard("checkpoint", final, checkpoint_bytes(adapters, state)):
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f"{TEMP_PREFIX}{step:08d}."))
+        try:
+            save_peft(adapters, tmp / ADAPTER_DIR)
+            write_state(tmp, state)
+            write_manifest(tmp)
+            stop_points.reached(f"checkpoint:{step}")
+            if final.exists():          # a re-save of the same step (e.g. after resume)
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        write_text_atomically(root / LATEST, final.name)
     if keep > 0:
         done = sorted(p for p in root.glob("step-*") if p.is_dir())
         for old in done[:-keep]:
@@ -194,21 +217,86 @@ def save_checkpoint(output_dir: Path, step: int, adapters, state: dict, keep: in
     return final
 
 
+def _tensor_bytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
+def checkpoint_bytes(adapters, state: dict) -> int:
+    """About the bytes a checkpoint of ``adapters`` and ``state`` takes: its tensors
+    (counted where they are, nothing copied; the adapter is written as fp32)."""
+    return _tensor_bytes(state) + sum(4 * p.numel() for p in adapters.parameters())
+
+
 def _holds_state(folder: Path) -> bool:
     # a legacy pickle counts, so that resuming from it is refused with its reason
     return (folder / STATE_FILE).is_file() or (folder / LEGACY_STATE_FILE).is_file()
 
 
-def latest_checkpoint(output_dir: Path) -> Optional[Path]:
-    """The newest complete checkpoint of a run, or None."""
+def checkpoint_candidates(output_dir: Path) -> List[Path]:
+    """The run's complete checkpoints, the one to resume first: the one ``latest``
+    names, then the older ones, newest first. Newer ones than ``latest`` names
+    belong to a timeline a --resume of an older checkpoint abandoned (or to a
+    save whose pointer update failed): never resumed while ``latest`` is valid."""
     root = Path(output_dir) / "checkpoints"
+    complete = sorted((p for p in root.glob("step-*") if _holds_state(p)), reverse=True)
     pointer = root / LATEST
-    if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
-        if _holds_state(candidate):
-            return candidate
-    complete = sorted(p for p in root.glob("step-*") if _holds_state(p))
-    return complete[-1] if complete else None
+    named = root / pointer.read_text().strip() if pointer.is_file() else None
+    if named is None or named not in complete:
+        return complete
+    return [named] + [p for p in complete if p.name < named.name]
+
+
+def latest_checkpoint(output_dir: Path) -> Optional[Path]:
+    """The newest complete checkpoint of a run, or None (its files are not read)."""
+    candidates = checkpoint_candidates(output_dir)
+    return candidates[0] if candidates else None
+
+
+def newest_intact_checkpoint(output_dir: Path) -> Tuple[Optional[Path], List[Tuple[Path, str]]]:
+    """(the newest complete checkpoint whose files verify, or None; the newer
+    ones passed over as (path, what is wrong))."""
+    damaged = []
+    for candidate in checkpoint_candidates(output_dir):
+        problem = damage(candidate)
+        if problem is None:
+            return candidate, damaged
+        damaged.append((candidate, problem))
+    return None, damaged
+
+
+def choose_resume_checkpoint(output_dir: Path, explicit: Optional[Path], log) -> Path:
+    """The checkpoint a --resume continues from, verified: ``explicit`` (--resume
+    DIR), or the run's newest intact one, each damaged newer one named in a
+    warning. ValueError (or FileNotFoundError), in one line, when there is none."""
+    if explicit is not None:
+        check_checkpoint_files(explicit)
+        problem = damage(explicit)
+        if problem:
+            raise ValueError(f"{explicit}: damaged: {problem}; resume from another checkpoint "
+                             f"(--resume with no folder takes the run's newest intact one)")
+        return explicit
+    root = Path(output_dir) / "checkpoints"
+    chosen, damaged = newest_intact_checkpoint(output_dir)
+    if chosen is None and damaged:
+        listed = "; ".join(f"{path.name}: {problem}" for path, problem in damaged)
+        raise ValueError(f"no intact checkpoint under {root} ({listed}); restore one from a copy, "
+                         f"or start again without --resume (with --overwrite)")
+    if chosen is None:
+        raise ValueError(f"no checkpoint under {root}; start without --resume (with --overwrite "
+                         f"if the folder holds an earlier run's files)")
+    for path, problem in damaged:
+        log(f"warning: checkpoint {path} is damaged: {problem}; resuming from the newest intact "
+            f"one, {chosen.name} (the damaged one is left as it is)")
+    check_checkpoint_files(chosen)
+    return chosen
 
 
 def remove_orphaned_temp_files(output_dir: Path) -> List[Path]:

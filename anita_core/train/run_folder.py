@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from anita_core.train.run_checkpoint import write_text_atomically
+from anita_core.train.storage_faults import disk_full_guard
 
 LOCK_FILE = "run.lock"
 METRICS_FILE = "metrics.jsonl"
@@ -49,8 +50,13 @@ class RunLock:
                     f"{self.output_dir}: another run (PID {holder}) is using this output folder; "
                     f"wait for it to finish or choose another --output-dir") from None
             raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            with disk_full_guard("the run lock", self.path):
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
         self._fd = fd
         return self
 
@@ -84,6 +90,28 @@ def prepare_output_folder(output_dir: Path, *, resume: bool, overwrite: bool) ->
             path.unlink()
 
 
+def append_metrics(output_dir: Path, record: dict) -> None:
+    """Add one record to metrics.jsonl. A write that fails part-way (a full disk)
+    is cut off again, so the file holds whole lines only; the error is raised
+    (DiskFull for a full disk)."""
+    path = Path(output_dir) / METRICS_FILE
+    data = (json.dumps(record) + "\n").encode()
+    with disk_full_guard("metrics", path, len(data)):
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            start = os.fstat(fd).st_size
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            except BaseException:
+                os.ftruncate(fd, start)
+                raise
+        finally:
+            os.close(fd)
+
+
 def read_metrics(output_dir: Path) -> List[dict]:
     """The records of metrics.jsonl (a last line cut short by a kill is left out)."""
     path = Path(output_dir) / METRICS_FILE
@@ -106,5 +134,7 @@ def truncate_metrics(output_dir: Path, step: int) -> int:
         return 0
     lines = [line for line in path.read_text().splitlines() if line.strip()]
     kept = [r for r in read_metrics(output_dir) if r.get("step", 0) <= step]
-    write_text_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))
+    text = "".join(json.dumps(r) + "\n" for r in kept)
+    with disk_full_guard("metrics", path, len(text.encode())):
+        write_text_atomically(path, text)
     return len(lines) - len(kept)

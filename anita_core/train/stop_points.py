@@ -20,37 +20,53 @@ rank 0):
 
 The signal is real (``os.kill`` of the process's own pid), so the handlers that
 run are the ones a user's Ctrl-C, a scheduler's SIGTERM or a kill -9 meet.
+
+    ANITA_STOP_AT="ENOSPC@checkpoint:K"
+
+instead raises, at that point, the OSError a full disk gives (errno ENOSPC), for
+testing the disk-full path where no small file system can be mounted. It is the
+one fault anita injects into its own writer; the error is the one the kernel's
+would be, and everything after it (the guard that names the write, the removal
+of the partial folder, the message, the exit code) runs as for a real full disk.
 Unset (every normal run), ``reached`` costs one environment lookup.
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import signal
 
 ENV = "ANITA_STOP_AT"
 SIGNALS = ("SIGINT", "SIGTERM", "SIGKILL")
+DISK_FULL = "ENOSPC"          # not a signal: the OSError of a full disk, at checkpoint:K only
 _SPEC = re.compile(r"(?P<signal>[A-Z]+)@(?P<point>import|loading|step:\d+(?:\.\d+)?|checkpoint:\d+)"
                    r"(?:,rank=(?P<rank>\d+))?")
 
 
 def parse(spec: str):
-    """(signal number, point, rank or None) of an ANITA_STOP_AT value; ValueError
-    naming the variable if it is malformed."""
+    """(signal number, or DISK_FULL; point; rank or None) of an ANITA_STOP_AT
+    value; ValueError naming the variable if it is malformed."""
     match = _SPEC.fullmatch(spec.strip())
-    if match is None or match["signal"] not in SIGNALS:
+    disk_full = match is not None and match["signal"] == DISK_FULL
+    if match is None or not (match["signal"] in SIGNALS or disk_full) or (
+            disk_full and not match["point"].startswith("checkpoint:")):
         raise ValueError(f"{ENV}={spec!r}: expected <{'|'.join(SIGNALS)}>@<import|loading|step:K|"
-                         f"step:K.M|checkpoint:K>[,rank=R]")
+                         f"step:K.M|checkpoint:K>[,rank=R], or {DISK_FULL}@checkpoint:K")
     rank = int(match["rank"]) if match["rank"] is not None else None
-    return getattr(signal, match["signal"]), match["point"], rank
+    action = DISK_FULL if disk_full else getattr(signal, match["signal"])
+    return action, match["point"], rank
 
 
 def reached(point: str) -> None:
-    """Called at each named point; signals this process if ANITA_STOP_AT names it."""
+    """Called at each named point; signals this process (or raises the disk-full
+    OSError) if ANITA_STOP_AT names it."""
     spec = os.environ.get(ENV)
     if not spec:
         return
-    signum, wanted, rank = parse(spec)
+    action, wanted, rank = parse(spec)
     if wanted != point or (rank is not None and rank != int(os.environ.get("RANK", "0"))):
         return
-    os.kill(os.getpid(), signum)
+    if action == DISK_FULL:
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({ENV}={spec})")
+    os.kill(os.getpid(), action)

@@ -10,7 +10,6 @@ norm, weights after the update, eval metrics) and stops by signal.
 """
 from __future__ import annotations
 
-import json
 import math
 import signal
 import time
@@ -22,10 +21,11 @@ from typing import Callable, Dict, List, Optional, Protocol, Sequence
 import torch
 
 from anita_core.train.distributed import SINGLE, DistContext, all_gather_objects, all_reduce_sums, rank_slice
-from anita_core.train.run_checkpoint import (ADAPTER_DIR, latest_checkpoint, load_checkpoint_state, rng_restore,
-                            rng_snapshot, save_checkpoint)
+from anita_core.train.run_checkpoint import (ADAPTER_DIR, choose_resume_checkpoint, latest_checkpoint,
+                                             load_checkpoint_state, rng_restore, rng_snapshot,
+                                             save_checkpoint)
 from anita_core.train.optim import build_optimizer, lr_multiplier, warmup_steps_for
-from anita_core.train.run_folder import METRICS_FILE, read_metrics, truncate_metrics
+from anita_core.train.run_folder import METRICS_FILE, append_metrics, read_metrics, truncate_metrics
 from anita_core.train import stop_points
 
 
@@ -220,11 +220,16 @@ class Trainer:
 
     def resume(self, checkpoint: Optional[Path] = None) -> Optional[Path]:
         """Restore adapters, optimizer, RNG and data position from ``checkpoint``
-        (default: the run's newest complete one). Returns the checkpoint used."""
+        (default: the run's newest intact one, each damaged newer one named in a
+        warning). Returns the checkpoint used."""
         from anita_core.lora import load_peft
-        checkpoint = checkpoint or latest_checkpoint(self.output_dir)
         if checkpoint is None:
-            return None
+            if latest_checkpoint(self.output_dir) is None:
+                return None
+            try:
+                checkpoint = choose_resume_checkpoint(self.output_dir, None, self.log)
+            except (ValueError, FileNotFoundError) as e:
+                raise ResumeRefused(str(e)) from None
         try:
             state = load_checkpoint_state(checkpoint)
         except (ValueError, FileNotFoundError) as e:
@@ -269,11 +274,8 @@ class Trainer:
         return rank_slice(group, world, self.dist.rank)
 
     def _log_metrics(self, record: dict) -> None:
-        if not self.dist.is_main:
-            return
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.dist.is_main:
+            append_metrics(self.output_dir, record)
 
     def _train_one_step(self) -> dict:
         position = (self.epoch, self.batch_index)
