@@ -61,9 +61,10 @@ def main(argv=None) -> int:
     from anita_core.train.cli import (build_data_or_report, eval_split_value, exit_on_disk_full,
                                       load_model_and_adapters, parse_command_line, per_epoch,
                                       rank_logger, resolve_model_dir, run_training, start_distributed,
-                                      start_run, tokenizer_dir_for, train_config_from_args, usage_error)
+                                      tokenizer_dir_for, train_config_from_args, usage_error)
     from anita_core.train.distributed import setup_model
     from anita_core.train.run_identity import data_fingerprint, model_fingerprint, run_settings
+    from anita_core.train.run_start import start_run
     parser, args = parse_command_line(build_parser, argv)
     if args.max_prompt_length and args.max_prompt_length >= args.max_length:
         parser.error(f"argument --max-prompt-length: must be below --max-length "

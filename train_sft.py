@@ -51,10 +51,11 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     from anita_core.train.cli import (build_data_or_report, eval_split_value, load_model_and_adapters,
                                       parse_command_line, per_epoch, rank_logger, resolve_model_dir,
-                                      run_training, start_distributed, start_run, tokenizer_dir_for,
+                                      run_training, start_distributed, tokenizer_dir_for,
                                       train_config_from_args)
     from anita_core.train.distributed import setup_model
     from anita_core.train.run_identity import run_settings
+    from anita_core.train.run_start import start_run
     _, args = parse_command_line(build_parser, argv)
     from anita_core.data import SFTDataConfig, build_sft_data, load_tokenizer, sft_batches
     from anita_core.train.objectives import SFTObjective

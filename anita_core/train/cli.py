@@ -18,7 +18,8 @@ from anita_core.train.flag_types import (comma_subset, count_or_fraction, learni
                                          non_negative_int, positive_float, positive_int,
                                          probability_0_1, seed_int, steps_or_off)
 from anita_core.train.presets import DPO_PRESETS, PRESETS, SFT_PRESETS
-from anita_core.train.storage_faults import EXIT_DISK_FULL, disk_full_guard, exit_on_disk_full
+from anita_core.train.run_checkpoint import exit_on_disk_full
+from anita_core.train.storage_faults import EXIT_DISK_FULL, disk_full_guard
 from anita_core.model.memory_plan import STRATEGIES
 from anita_core.model.weights import PROJECTIONS
 
@@ -175,76 +176,9 @@ def rank_logger(dist):
     return lambda m: log_to_stderr(f"[rank {dist.rank}] {m}") if m.startswith("error") else None
 
 
-@dataclass
-class RunStart:
-    output_dir: Path
-    resume_from: Optional[Path]
-    lock: object
-
-
 def usage_error(message: str) -> NoReturn:
     log_to_stderr(f"error: {message}")
     raise SystemExit(EXIT_BAD_INPUT)
-
-
-def start_run(args, output_dir: str, log, dist=None) -> RunStart:
-    """``start_run_here`` on rank 0 (the run folder's owner); the other ranks get
-    its outcome: the checkpoint to resume from, or its exit code."""
-    if dist is None or not dist.active:
-        return start_run_here(args, output_dir, log)
-    from anita_core.train.distributed import broadcast_object
-    run, outcome = None, None
-    if dist.is_main:
-        try:
-            run = start_run_here(args, output_dir, log)
-            outcome = (0, str(run.resume_from) if run.resume_from else None)
-        except SystemExit as e:
-            outcome = (e.code, None)
-            broadcast_object(dist, outcome)
-            raise
-    outcome = broadcast_object(dist, outcome)
-    if run is not None:
-        return run
-    if outcome[0]:
-        raise SystemExit(outcome[0])
-    return RunStart(Path(output_dir), Path(outcome[1]) if outcome[1] else None, None)
-
-
-def start_run_here(args, output_dir: str, log) -> RunStart:
-    """Before anything expensive: lock the output folder (one run at a time),
-    remove what a killed run left half-written, refuse a folder holding another
-    run unless --resume / --overwrite, find the checkpoint to resume from (its
-    files verified) and check the adapter folders that flags name."""
-    from anita_core.train.file_manifest import adapter_flags_problem
-    from anita_core.train.run_checkpoint import choose_resume_checkpoint, remove_orphaned_temp_files
-    from anita_core.train.run_folder import RunFolderError, RunLock, prepare_output_folder
-    out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        usage_error(f"--output-dir {out}: exists and is not a folder")
-    explicit = None
-    if args.resume and args.resume != "latest":
-        explicit = Path(args.resume)
-        if not explicit.is_dir():
-            usage_error(f"--resume {args.resume}: no such checkpoint folder")
-    problem = adapter_flags_problem(args)
-    if problem:
-        usage_error(problem)
-    try:
-        with exit_on_disk_full(out, log):
-            lock = RunLock(out).acquire()
-        for path in remove_orphaned_temp_files(out):
-            log(f"removed {path}, left half-written by a run that was killed")
-        prepare_output_folder(out, resume=bool(args.resume), overwrite=args.overwrite)
-    except RunFolderError as e:
-        usage_error(str(e))
-    resume_from = None
-    if args.resume:
-        try:
-            resume_from = choose_resume_checkpoint(out, explicit, log)
-        except (ValueError, FileNotFoundError) as e:
-            lock.release()
-            usage_error(f"--resume: {e}")
-    return RunStart(out, resume_from, lock)
 
 
 def eval_split_value(x: float):
@@ -337,7 +271,7 @@ def train_config_from_args(args, output_dir: str, settings: Optional[dict] = Non
         run_settings=settings or {})
 
 
-def run_training(trainer, args, model_dir, model, adapters, run: RunStart, log,
+def run_training(trainer, args, model_dir, model, adapters, run, log,
                  data_stats=None) -> int:
     """Plan the memory, train, save the final adapter (and the merged export), print a
     summary. Returns the process exit code; the run folder's lock is released."""
@@ -364,7 +298,7 @@ def run_training(trainer, args, model_dir, model, adapters, run: RunStart, log,
         shutdown(trainer.dist)
 
 
-def _train_and_report(trainer, args, model_dir, model, adapters, run: RunStart, log, data_stats) -> int:
+def _train_and_report(trainer, args, model_dir, model, adapters, run, log, data_stats) -> int:
     from anita_core.lora import save_peft
     from anita_core.train.distributed import DistributedError
     from anita_core.train.file_manifest import write_manifest

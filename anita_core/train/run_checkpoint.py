@@ -33,8 +33,9 @@ import os
 import random
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -43,7 +44,7 @@ from safetensors.torch import load_file, save_file
 from anita_core.lora import save_peft
 from anita_core.train import stop_points
 from anita_core.train.file_manifest import damage, write_manifest
-from anita_core.train.storage_faults import disk_full_guard
+from anita_core.train.storage_faults import EXIT_DISK_FULL, DiskFull, disk_full_guard, disk_full_message
 
 LATEST = "latest"
 STATE_JSON = "trainer_state.json"
@@ -314,3 +315,14 @@ def remove_orphaned_temp_files(output_dir: Path) -> List[Path]:
             path.unlink(missing_ok=True)
         removed.append(path)
     return removed
+
+
+@contextmanager
+def exit_on_disk_full(output_dir, log) -> Iterator[None]:
+    """Inside: a DiskFull ends the script, its line logged (naming the run's last
+    complete checkpoint) and SystemExit(EXIT_DISK_FULL) raised."""
+    try:
+        yield
+    except DiskFull as e:
+        log(disk_full_message(e, latest_checkpoint(output_dir)))
+        raise SystemExit(EXIT_DISK_FULL) from None

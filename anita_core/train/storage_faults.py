@@ -14,7 +14,8 @@ complete) and remove their temp files when a write fails, so a full disk leaves
 every complete file as it was: the earlier checkpoints, the adapter, the
 metrics lines already written (a line cut short is cut off again,
 run_folder.append_metrics). ``disk_full_message`` is the line the scripts
-print (``exit_on_disk_full``); they exit with EXIT_DISK_FULL.
+print (run_checkpoint.exit_on_disk_full, which names the last complete checkpoint);
+they exit with EXIT_DISK_FULL.
 """
 from __future__ import annotations
 
@@ -67,18 +68,6 @@ def disk_full_guard(what: str, path, needed: Optional[int] = None) -> Iterator[N
         if code is None:
             raise
         raise DiskFull(what, path, needed, code) from e
-
-
-@contextmanager
-def exit_on_disk_full(output_dir, log) -> Iterator[None]:
-    """Inside: a DiskFull ends the script, its line logged (naming the run's last
-    complete checkpoint) and SystemExit(EXIT_DISK_FULL) raised."""
-    try:
-        yield
-    except DiskFull as e:
-        from anita_core.train.run_checkpoint import latest_checkpoint    # it imports this module
-        log(disk_full_message(e, latest_checkpoint(output_dir)))
-        raise SystemExit(EXIT_DISK_FULL) from None
 
 
 def free_bytes(path) -> Optional[int]:
