@@ -19,7 +19,7 @@ widest full-length [T x N] tensors a launcher is handed are listed by
 from __future__ import annotations
 
 import argparse
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -51,13 +51,18 @@ def step_shape(seq: int, rank: int) -> StepShape:
 
 
 def longest(config: ModelConfig, rank: int, budget: int, strategy: str, step: int,
-            host_budget: Optional[int] = None) -> int:
+            host_budget: Optional[int] = None, cap: Optional[int] = None,
+            shape_of: Optional[Callable[[int], StepShape]] = None) -> int:
     """The longest multiple of ``step`` whose predicted peak fits (0 if none); "auto" and
-    "offload" plans also keep their offloaded inputs within ``host_budget`` (None: any)."""
+    "offload" plans also keep their offloaded inputs within ``host_budget`` (None: any).
+    ``cap``: never longer than this (checked first: one plan when the cap fits).
+    ``shape_of``: seq -> StepShape (default: step_shape, LLaMA-3-8B on a GPU in bf16;
+    a built model's shape_for_model for anything else)."""
     L = config.num_hidden_layers
+    shape_of = shape_of or (lambda seq: step_shape(seq, rank))
 
     def fits(seq: int) -> bool:
-        shape = step_shape(seq, rank)
+        shape = shape_of(seq)
         if strategy in ("auto", "offload"):
             try:
                 plan_memory(config, shape, budget, strategy, host_budget_bytes=host_budget)
@@ -66,9 +71,13 @@ def longest(config: ModelConfig, rank: int, budget: int, strategy: str, step: in
                 return False
         return static_bytes(config, shape) + activation_peak(config, shape, [strategy] * L) <= budget
 
+    if cap is not None and fits(cap):
+        return cap
     lo, hi = 0, step
-    while fits(hi):
+    while (cap is None or hi < cap) and fits(hi):
         lo, hi = hi, 2 * hi
+    if cap is not None:
+        hi = min(hi, cap)
     while hi - lo > step:
         mid = (lo + hi) // 2 // step * step
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
@@ -80,11 +89,13 @@ def device_budget(total: int, margin: Optional[int] = None) -> int:
     return total - (margin if margin is not None else max(GiB, total // 20))
 
 
-def planned_longest(config: ModelConfig, rank: int, budget: int, host_budget: Optional[int],
-                    step: int):
-    """(longest seq, its MemoryPlan) the planner predicts for ``budget`` and ``host_budget``."""
-    seq = longest(config, rank, budget, "auto", step, host_budget)
-    return seq, plan_memory(config, step_shape(seq, rank), budget, host_budget_bytes=host_budget)
+def planned_longest(model, budget: int, host_budget: Optional[int], step: int,
+                    cap: Optional[int] = None) -> int:
+    """The longest batch-1 seq the planner predicts a built QLoRALlama trains within
+    ``budget`` and ``host_budget`` (at most ``cap``)."""
+    from anita_core.model.memory_plan import shape_for_model
+    return longest(model.config, 0, budget, "auto", step, host_budget, cap,
+                   shape_of=lambda seq: shape_for_model(model, 1, seq))
 
 
 def main(argv=None) -> int:

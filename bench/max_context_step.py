@@ -79,9 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="local HF LLaMA checkpoint (default: none, random NF4 weights)")
     parser.add_argument("--lora-r", type=int, default=32, help="LoRA rank (default: 32)")
-    parser.add_argument("--smoke-budget-mib", type=float, default=8.0,
+    parser.add_argument("--smoke-budget-mib", type=float, default=2.2,
                         help="smoke run: the device budget the prediction uses on a CPU, which "
-                             "has no device memory to cap (default: 8)")
+                             "has no device memory to cap; small enough that the plan offloads "
+                             "(default: 2.2)")
     return parser
 
 
@@ -96,8 +97,9 @@ def choose_length(config, args, predicted: int, ceilings, granularity: int):
     if args.seq is not None:
         return args.seq, "--seq"
     seq, why = predicted, "memory (the planner's predicted maximum)"
-    if args.max_seq is not None and seq > args.max_seq:
-        seq, why = args.max_seq, f"--max-seq {args.max_seq}"
+    if seq >= args.max_seq:
+        seq, why = args.max_seq, (f"--max-seq {args.max_seq} (the kernels' 32-bit indexing bound "
+                                  "unless given; the planner predicts at least this fits)")
     if args.time_budget_s is not None and seq and \
             estimated_step_s(config, seq, args.lora_r, ceilings.matmul_tflops) > args.time_budget_s:
         while seq > granularity and estimated_step_s(config, seq, args.lora_r,
@@ -171,14 +173,15 @@ def run(args) -> int:
            "model": str(args.checkpoint) if args.checkpoint else f"{dims.name} random NF4",
            "cap_bytes": cap, "budget_bytes": budget, "host_budget_bytes": host,
            "ceiling_matmul_tflops": ceilings.matmul_tflops}
-    predicted, _ = max_context.planned_longest(config, args.lora_r, budget, host, granularity)
-    seq, why = choose_length(config, args, predicted, ceilings, granularity)
-    row.update(predicted_max_seq=predicted, tried_seq=seq, limited_by=why)
-    print(f"[{ctx.label}] planner's predicted maximum {predicted:,} tokens (budget "
-          f"{budget / GiB:.2f} GiB, host {'unlimited' if host is None else f'{host / GiB:.1f} GiB'});"
-          f" trying {seq:,} ({why})", flush=True)
     try:
         model = build_model(config, args, ctx, dims)
+        predicted = max_context.planned_longest(model, budget, host, granularity, cap=args.max_seq)
+        seq, why = choose_length(config, args, predicted, ceilings, granularity)
+        row.update(predicted_max_seq=predicted, tried_seq=seq, limited_by=why)
+        print(f"[{ctx.label}] planner's predicted maximum {predicted:,} tokens (budget "
+              f"{budget / GiB:.3g} GiB, host "
+              f"{'unlimited' if host is None else f'{host / GiB:.1f} GiB'}); trying {seq:,} ({why})",
+              flush=True)
         plan = plan_memory(model.config, shape_for_model(model, 1, seq), budget,
                            host_budget_bytes=host)
         model.set_layer_strategies(plan.strategies)
