@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lora-r", type=int, default=32, help="LoRA rank (default: 32)")
     parser.add_argument("--smoke-budget-mib", type=float, default=2.2,
                         help="smoke run: the device budget the prediction uses on a CPU, which "
-                             "has no device memory to cap; small enough that the plan offloads "
+                             "has no device memory to cap; small enough that the plan recomputes "
                              "(default: 2.2)")
     return parser
 

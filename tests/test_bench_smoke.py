@@ -176,9 +176,14 @@ def test_train_csv_rows_and_columns(smoke):
     rows = result["rows"]
     assert [(r["framework"], r["measurement"]) for r in rows] == [
         ("anita", "throughput"), ("anita", "longest_seq_batch1"),
-        ("hf_peft_bnb", "throughput"), ("hf_peft_bnb", "longest_seq_batch1")]
+        ("hf_peft_bnb", "throughput"), ("hf_peft_bnb", "longest_seq_batch1"),
+        ("hf_peft_bnb_liger", "throughput")]
     _no_errors(rows)
     for r in rows:
+        if r["framework"] == "hf_peft_bnb_liger":      # Liger's kernels need a GPU
+            if ON_CPU:
+                assert r["status"].startswith("skipped: Liger-Kernel runs only on a CUDA GPU"), r
+            continue
         if r["framework"] == "hf_peft_bnb" and r["status"] != "ok" \
                 and r["measurement"] == "throughput":
             assert r["status"].startswith("skipped: transformers + PEFT + bitsandbytes"), r
