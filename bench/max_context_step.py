@@ -102,6 +102,7 @@ def choose_length(config, args, predicted: int, ceilings, granularity: int):
                                   "unless given; the planner predicts at least this fits)")
     if args.time_budget_s is not None and seq and \
             estimated_step_s(config, seq, args.lora_r, ceilings.matmul_tflops) > args.time_budget_s:
+        seq = max(granularity, seq // granularity * granularity)
         while seq > granularity and estimated_step_s(config, seq, args.lora_r,
                                                      ceilings.matmul_tflops) > args.time_budget_s:
             seq -= granularity
