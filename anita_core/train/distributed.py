@@ -283,11 +283,9 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 def _views_of_others(weights: List[NF4Weight]) -> Dict[Tuple[int, str], Tuple[int, str, int]]:
-    """(id of a weight, field) -> (id of the owning weight, field, element offset) for
-    every sharded field that is a contiguous view inside another listed weight's field:
-    the per-projection views into a fused q/k/v or gate/up concatenation
-    (nf4_concat.segment_view). Sharding and gathering those too would move and hold
-    their bytes twice; they are rebuilt as views of the gathered owner instead."""
+    """(id of a weight, field) -> (id of the owner, field, element offset) for each sharded
+    field that is a contiguous view into another listed weight's (a projection's view
+    into its fused q/k/v or gate/up weight): gathered once, as part of the owner."""
     by_storage: Dict[Tuple[str, int], List[Tuple[NF4Weight, torch.Tensor]]] = {}
     for w in weights:
         for name in SHARDED_NF4_FIELDS:
@@ -313,8 +311,7 @@ class _LayerShard:
     # (weight, field name, dtype, shape, nbytes, offset of its slice in the shard)
     entries: List[Tuple[NF4Weight, str, torch.dtype, torch.Size, int, int]]
     shard: torch.Tensor                 # uint8 [shard_bytes], this rank's bytes
-    # (weight, field, dtype, shape, owner weight, owner field, element offset): fields
-    # that are views into an owner's field, rebuilt from it after each gather
+    # (weight, field, dtype, shape, owner, owner's field, element offset): views rebuilt
     views: List[Tuple[NF4Weight, str, torch.dtype, torch.Size, NF4Weight, str, int]] = \
         dataclasses.field(default_factory=list)
 
