@@ -13,5 +13,6 @@
 set -u
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=${PYTHON:-$(command -v python3 || command -v python)}
+case $PY in */*) PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY") ;; esac   # steps run in REPO
 export PYTHON=$PY
 exec "$PY" "$REPO/bench/session.py" "$@"
