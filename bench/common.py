@@ -139,15 +139,29 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, default_dtype: str 
     parser.add_argument("--seed", type=int, default=0, help="random inputs' seed (default: 0)")
 
 
+CPU = torch.device("cpu")
+
+
+def bench_device(cpu_only: bool = False) -> torch.device:
+    """The one place a bench entry point's device is decided, then handed to load_model
+    and every tensor: a CUDA GPU when torch sees one and the kernels are compiled (the
+    triton backend refuses CPU tensors there), else the CPU (the Triton interpreter).
+    ``cpu_only``: a benchmark that measures the CPU path by design (cpu_real_model,
+    distributed overlap on gloo) gets the CPU on any machine."""
+    if cpu_only:
+        return CPU
+    return torch.device("cuda") if torch.cuda.is_available() and not csrc_triton.INTERPRETING else CPU
+
+
 def make_context(bench: str, args: argparse.Namespace, default_dtype: str = "bf16") -> RunContext:
     """Decide device, dtype and label from the parsed arguments; refuse a
     non-smoke run without a GPU (SystemExit with the reason)."""
-    has_gpu = torch.cuda.is_available() and not csrc_triton.INTERPRETING
+    device = bench_device()
+    has_gpu = device.type == "cuda"
     if not has_gpu and not args.smoke:
         raise SystemExit(f"bench/{bench}: no CUDA GPU with compiled Triton kernels here "
                          f"({csrc_triton.runtime_description()}). Performance runs need one; "
                          "pass --smoke to check that the harness runs.")
-    device = torch.device("cuda" if has_gpu else "cpu")
     dtype_name = args.dtype or ("fp32" if not has_gpu else default_dtype)
     if not has_gpu and dtype_name != "fp32":
         raise SystemExit(f"bench/{bench}: --dtype {dtype_name} needs a GPU; the Triton "

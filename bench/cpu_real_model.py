@@ -64,6 +64,8 @@ def main(argv=None) -> dict:
     from anita_core.lora import LoRAAdapters, LoRAConfig
     from anita_core.model import ops
     from anita_core.model.generate import generate
+    from bench.common import bench_device
+    device = bench_device(cpu_only=True)      # a CPU benchmark on any machine
 
     ops.set_backend(args.backend)
     if args.threads is not None:
@@ -72,7 +74,7 @@ def main(argv=None) -> dict:
               "cpus": os.cpu_count(), "load_average_1min": os.getloadavg()[0],
               "seq": args.seq, "new_tokens": args.new_tokens}
     start = time.perf_counter()
-    model = load_model(args.model, progress=False)
+    model = load_model(args.model, progress=False, device=device)
     result["load_s"] = time.perf_counter() - start
     model.adapters = LoRAAdapters.init(LoRAConfig(r=16, alpha=32, dropout=0.05), model.config)
 

@@ -96,8 +96,9 @@ def _overlap_worker(rank: int, world: int, port: int, ckpt: str, args, results) 
     from anita_core.hf import load_model
     from anita_core.lora import LoRAAdapters, LoRAConfig
     from anita_core.train.distributed import init_from_env, setup_model
+    from bench.common import bench_device
+    model = load_model(ckpt, progress=False, device=bench_device(cpu_only=True))   # gloo: CPU
     ctx = init_from_env(timeout_s=120)
-    model = load_model(ckpt, progress=False)
     adapters = LoRAAdapters.init(LoRAConfig(r=args.lora_r, alpha=16, seed=0), model.config)
     model.adapters = adapters
     generator = torch.Generator().manual_seed(rank)

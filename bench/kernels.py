@@ -9,7 +9,8 @@ Providers: ours (csrc_triton), torch (eager PyTorch / transformers-style code,
 bench/eager.py), torch.compile of that, and where they import: liger
 (Liger-Kernel), unsloth, bitsandbytes (NF4 ops); for flash_attention, SDPA with a
 dense document mask (torch), SDPA causal on unpacked rows, FlexAttention and
-flash-attn's varlen function (bench/ops_attention.py). Each provider is first
+flash-attn's varlen function, SDPA held to its flash or cuDNN backend
+(bench/ops_attention.py). Each provider is first
 checked against torch eager (outputs and input gradients, smallest shape);
 a provider that disagrees is reported as an error and not timed.
 
@@ -35,7 +36,7 @@ from bench.shapes import (GPU_TOKENS, LLAMA3_8B, SMOKE, SMOKE_PROJECTIONS, SMOKE
                           parse_int_list)
 
 PROVIDERS = ("ours", "torch", "torch.compile", "liger", "unsloth", "bitsandbytes",
-             "sdpa_causal", "flex_attention", "flash_attn")
+             "sdpa_causal", "sdpa_flash", "sdpa_cudnn", "flex_attention", "flash_attn")
 REFERENCE = "torch"
 
 COLUMNS = ["op", "provider", "mode", "group", "shape", "tokens", "status", "median_ms",

@@ -42,6 +42,7 @@ import torch  # noqa: E402
 from bench import common, eager, peers, plot  # noqa: E402
 from bench.cases import (SweepSettings, Unavailable, check_tolerance,  # noqa: E402
                          relative_error)
+from bench.crossover import crossover_rows  # noqa: E402,F401  (re-exported)
 from bench.ops_nf4 import storage_bytes  # noqa: E402
 from bench.shapes import LLAMA3_8B, SMOKE, SMOKE_PROJECTIONS, parse_int_list  # noqa: E402
 from csrc_triton import nf4_matmul, nf4_quantize  # noqa: E402
@@ -280,31 +281,6 @@ def _report(rows, ctx, out) -> None:
                            list(crossover[0]), ctx,
                            ["suggested ANITA_NF4_FUSED_MAX_M = the smallest 'fused wins up to' "
                             "over the shapes and modes used in training"])
-
-
-def crossover_rows(rows) -> list:
-    """Per (mode, shape): walking M upwards, the last M at which ours_fused still beats
-    ours_dequant+matmul before the first M at which it does not."""
-    times: dict = {}
-    for r in rows:
-        if r["provider"] in ("ours_fused", "ours_dequant+matmul") and r.get("median_ms") not in (
-                "", None):
-            times.setdefault((r["mode"], r["shape"]), {}).setdefault(int(r["m"]), {})[
-                r["provider"]] = float(r["median_ms"])
-    out = []
-    for (mode, shape), by_m in sorted(times.items()):
-        ms = sorted(m for m, t in by_m.items() if len(t) == 2)
-        if not ms:
-            continue
-        fused_up_to, first_loss = "never", "none measured"
-        for m in ms:
-            if by_m[m]["ours_fused"] >= by_m[m]["ours_dequant+matmul"]:
-                first_loss = m
-                break
-            fused_up_to = m
-        out.append({"mode": mode, "shape": shape, "fused wins up to": fused_up_to,
-                    "first M where dequant wins": first_loss})
-    return out
 
 
 def main(argv=None) -> int:

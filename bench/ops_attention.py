@@ -7,7 +7,11 @@ Providers (all on the same documents):
   torch           SDPA with the dense [1, 1, T, T] boolean document mask (what anita's model
                   did before; also the correctness reference)
   sdpa_causal     SDPA is_causal on the documents unpacked into their own rows (equal-length
-                  documents batched; no mask, no cross-document work)
+                  documents batched; no mask, no cross-document work), backend as SDPA picks
+  sdpa_flash      the same with SDPA held to its FlashAttention backend (sdpa_kernel)
+  sdpa_cudnn      the same with SDPA held to its cuDNN backend (GPU only; K and V expanded to
+                  the query heads inside the timed call, as HF's repeat_kv does, since that
+                  backend takes no grouped-query heads)
   flex_attention  torch's FlexAttention (compiled) with a document block mask (GPU only:
                   its CPU backward is not implemented)
   flash_attn      flash-attn's varlen function with cumulative document offsets, where it imports
@@ -95,10 +99,14 @@ def _sdpa_dense_mask(inp, ctx) -> Case:
     return Case(forward, wrt=(q, k, v))
 
 
-def _sdpa_causal_unpacked(inp, ctx) -> Case:
+def _sdpa_causal_unpacked(inp, ctx, backend=None, expand_kv: bool = False) -> Case:
     """Each document in its own row: equal-length documents form one batch, the
-    shorter remainder (if any) a second call; outputs concatenated back in order."""
+    shorter remainder (if any) a second call; outputs concatenated back in order.
+    ``backend``: an SDPBackend SDPA is held to; ``expand_kv``: K and V repeated to the
+    query heads (for a backend without grouped-query support)."""
+    import contextlib
     q, k, v = inp["q"], inp["k"], inp["v"]
+    groups = q.shape[2] // k.shape[2]
     lengths = inp["lengths"]
     full = lengths[0]
     n_full = sum(1 for n in lengths if n == full)
@@ -107,16 +115,38 @@ def _sdpa_causal_unpacked(inp, ctx) -> Case:
     def rows(t, start, end, length):
         return _heads_first(t[0, start:end].reshape(-1, length, *t.shape[2:]))
 
+    def kv(t, start, end, length):
+        t = rows(t, start, end, length)
+        return t.repeat_interleave(groups, dim=1) if expand_kv else t
+
     def forward():
         outs = []
-        for start, end, length in ((0, split, full), (split, q.shape[1], q.shape[1] - split)):
-            if end > start:
-                out = torch.nn.functional.scaled_dot_product_attention(
-                    rows(q, start, end, length), rows(k, start, end, length),
-                    rows(v, start, end, length), is_causal=True, enable_gqa=True)
-                outs.append(_heads_first(out).reshape(1, end - start, *q.shape[2:]))
+        held = contextlib.nullcontext() if backend is None else _sdpa_kernel(backend)
+        with held:
+            for start, end, length in ((0, split, full), (split, q.shape[1], q.shape[1] - split)):
+                if end > start:
+                    out = torch.nn.functional.scaled_dot_product_attention(
+                        rows(q, start, end, length), kv(k, start, end, length),
+                        kv(v, start, end, length), is_causal=True, enable_gqa=not expand_kv)
+                    outs.append(_heads_first(out).reshape(1, end - start, *q.shape[2:]))
         return (torch.cat(outs, dim=1),)
     return Case(forward, wrt=(q, k, v))
+
+
+def _sdpa_kernel(backend):
+    from torch.nn.attention import sdpa_kernel
+    return sdpa_kernel([backend])
+
+
+def _sdpa_flash(inp, ctx) -> Case:
+    from torch.nn.attention import SDPBackend
+    return _sdpa_causal_unpacked(inp, ctx, SDPBackend.FLASH_ATTENTION)
+
+
+def _sdpa_cudnn(inp, ctx) -> Case:
+    peers.require_gpu(ctx, "SDPA's cuDNN backend")
+    from torch.nn.attention import SDPBackend
+    return _sdpa_causal_unpacked(inp, ctx, SDPBackend.CUDNN_ATTENTION, expand_kv=True)
 
 
 def _flex_attention(inp, ctx) -> Case:
@@ -163,6 +193,7 @@ def _flash_attn_varlen(inp, ctx) -> Case:
 def op_specs(settings: SweepSettings) -> List[OpSpec]:
     return [OpSpec("flash_attention", lambda: _problems(settings),
                    {"ours": _ours, "torch": _sdpa_dense_mask, "sdpa_causal": _sdpa_causal_unpacked,
+                    "sdpa_flash": _sdpa_flash, "sdpa_cudnn": _sdpa_cudnn,
                     "flex_attention": _flex_attention, "flash_attn": _flash_attn_varlen},
                    bound="compute",
                    notes=("flash_attention: TFLOP/s count only the unmasked (causal, same-document) "

@@ -4,10 +4,25 @@ which ends up in the row's status ("skipped: ...") and in the printed notes."""
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
 from bench.cases import Unavailable
+
+
+# Set by bench/gpu_session.sh for the peers it could not install, e.g.
+# "bitsandbytes,liger-kernel: no wheels folder bench/wheels (bench/fetch_wheels.sh)".
+NOT_INSTALLED_ENV = "ANITA_PEERS_NOT_INSTALLED"
+
+
+def not_installed_note(distribution: str) -> str:
+    """'; not installed: <why>' when the session named ``distribution`` as not installed."""
+    text = os.environ.get(NOT_INSTALLED_ENV, "")
+    names, _, why = text.partition(":")
+    if distribution in [n.strip() for n in names.split(",")]:
+        return f"; not installed: {why.strip()}"
+    return ""
 
 
 def require_gpu(ctx, who: str) -> None:
@@ -26,7 +41,8 @@ def liger(ctx):
     try:
         from liger_kernel.transformers import functional
     except ImportError as err:
-        raise Unavailable(f"liger-kernel not importable ({err})") from None
+        raise Unavailable(f"liger-kernel not importable ({err}){not_installed_note('liger-kernel')}"
+                          ) from None
     return functional
 
 
@@ -46,7 +62,8 @@ def bitsandbytes():
         import bitsandbytes
         import bitsandbytes.functional  # noqa: F401
     except Exception as err:
-        raise Unavailable(f"bitsandbytes not importable ({type(err).__name__}: {err})") from None
+        raise Unavailable(f"bitsandbytes not importable ({type(err).__name__}: {err})"
+                          f"{not_installed_note('bitsandbytes')}") from None
     return bitsandbytes
 
 

@@ -214,30 +214,33 @@ def minimum_flops(model, tokens: int) -> int:
     return total
 
 
-def build_model(args):
+def build_model(args, device: torch.device):
     from anita_core.hf.load import load_model
     from anita_core.lora import LoRAAdapters, LoRAConfig
-    model = load_model(args.model, compute_dtype=DTYPES[args.dtype], progress=False)
+    model = load_model(args.model, compute_dtype=DTYPES[args.dtype], device=device, progress=False)
     if args.no_fusion:              # every projection on its own (the members stay views)
         for layer in model.base.layers:
             layer.fused.clear()
     if args.targets:
         lora = LoRAConfig(r=args.rank, alpha=2.0 * args.rank, dropout=args.dropout,
                           target_modules=tuple(args.targets.split(",")))
-        model.adapters = LoRAAdapters.init(lora, model.config)
+        model.adapters = LoRAAdapters.init(lora, model.config, device=device)
         with torch.no_grad():               # B starts at zero: give every product real values
             for p in model.adapters.parameters():
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+                noise = torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.1
+                p.add_(noise.to(p.device))
     return model
 
 
 def measure(args) -> dict:
     """One SFT train_step of the configured model; figures per layer."""
-    model = build_model(args)
+    from bench.common import bench_device
+    device = bench_device()
+    model = build_model(args, device)
     V = model.config.vocab_size
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, V, (args.batch, args.seq), generator=generator)
-    targets = torch.randint(0, V, (args.batch, args.seq), generator=generator)
+    ids = torch.randint(0, V, (args.batch, args.seq), generator=generator).to(device)
+    targets = torch.randint(0, V, (args.batch, args.seq), generator=generator).to(device)
     model.train_step(ids, targets)          # warm caches (dequantized weights, tables)
     if model.adapters is not None:
         model.adapters.zero_grad()
@@ -256,7 +259,7 @@ def measure(args) -> dict:
     minimum = minimum_flops(model, tokens)
     for row in layers.values():
         row["flops_vs_minimum"] = row["flops"] / minimum
-    return dict(config=vars(args), runtime=csrc_triton.runtime_description(),
+    return dict(config=vars(args), device=str(device), runtime=csrc_triton.runtime_description(),
                 tokens=tokens, activation_bytes=activation_bytes, minimum_layer_flops=minimum,
                 peak_live_bytes=recorder.peak_bytes,
                 peak_live_in_activations=recorder.peak_bytes / activation_bytes,

@@ -6,13 +6,20 @@ same shapes, same LoRA (r 32 on all seven projections), same optimizer.
     python -m bench.train --checkpoint /models/Meta-Llama-3-8B
     python -m bench.train --frameworks anita --seq-lens 2048 --batch 4
     python -m bench.train --smoke                       # CPU check that the harness runs
+    python -m bench.train --objectives sft,dpo --batch 4 --no-max-seq   # as gpu_session.sh
 
 For each framework and sequence length: the largest batch that fits (doubling
 from 1, then bisecting, up to --max-batch; or --batch), then --warmup-steps
 untimed and --steps timed training steps (forward, backward, AdamW step).
 Reported: median step time, tokens/s, model FLOP utilization (formula in
-bench/flops.py), peak GPU memory. Then the longest sequence that fits at
+bench/flops.py), peak GPU memory (the statistic reset after the warm-up steps)
+and, for anita, the memory planner's predicted peak for that step. With
+--objectives dpo also one DPO step per timing (policy only: the reference
+log-probs of the same rows are computed once before, untimed), on batch / 2
+chosen + batch / 2 rejected rows. Then the longest sequence that fits at
 batch 1 (one step per try, doubling then bisecting to --max-seq-granularity).
+Every framework trains on the same token rows (drawn from --seed, the batch and
+the sequence length), every row a full sequence: nothing is padded.
 """
 from __future__ import annotations
 
@@ -43,8 +50,9 @@ SMOKE_TIMING = "time.perf_counter around each step; Triton interpreter on CPU"
 COLUMNS = ["measurement", "framework", "model", "layers", "seq_len", "batch", "tokens_per_step",
            "status", "step_ms", "step_ms_min", "tokens_per_s", "model_tflop_per_step",
            "achieved_tflops", "mfu_vs_measured_matmul", "mfu_vs_datasheet", "peak_mib",
-           "reserved_mib", "loss", "lora_r", "lora_params", "frozen_params", "search",
-           "ceiling_matmul_tflops", "datasheet_tflops"]
+           "reserved_mib", "predicted_peak_mib", "peak_vs_predicted", "loss", "lora_r",
+           "lora_params", "frozen_params", "search", "ceiling_matmul_tflops", "datasheet_tflops"]
+OBJECTIVES = ("sft", "dpo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_common_arguments(parser, kernel_timing=False)
     parser.add_argument("--frameworks", default=",".join(BUILDERS),
                         help=f"comma-separated (default: {','.join(BUILDERS)})")
+    parser.add_argument("--objectives", default="sft",
+                        help="comma-separated from sft, dpo: an SFT step, and/or a DPO step "
+                             "(policy only, reference precomputed) on the same rows "
+                             "(default: sft)")
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="local HF LLaMA checkpoint directory (default: none; a random "
                              "LLaMA-3-8B-shaped model is built)")
@@ -116,12 +128,13 @@ class Runner:
     """One framework's model plus the three things done with it."""
 
     def __init__(self, trainable, ctx, seed: int):
-        self.trainable, self.ctx = trainable, ctx
-        self.generator = torch.Generator(device=ctx.device).manual_seed(seed)
+        self.trainable, self.ctx, self.seed = trainable, ctx, seed
 
     def batch_of(self, batch: int, seq: int) -> torch.Tensor:
+        """The same rows for every framework: drawn on the CPU from (seed, batch, seq)."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + batch * 65_537 + seq)
         return torch.randint(0, self.trainable.config.vocab_size, (batch, seq),
-                             device=self.ctx.device, generator=self.generator)
+                             generator=generator).to(self.ctx.device)
 
     def fits(self, batch: int, seq: int) -> bool:
         """One training step at this shape: False on out-of-memory."""
@@ -138,10 +151,20 @@ class Runner:
         common.release_memory(self.ctx.device, collect=failed)
         return not failed
 
-    def throughput(self, batch: int, seq: int, warmup: int, steps: int) -> dict:
+    def throughput(self, batch: int, seq: int, warmup: int, steps: int,
+                   objective: str = "sft") -> dict:
+        """Time ``steps`` steps after ``warmup`` untimed ones; the peak statistic is reset
+        after the warm-up (the optimizer state exists by then, as in the prediction)."""
         ids = self.batch_of(batch, seq)
+        if objective == "dpo":
+            pairs = max(1, batch // 2)
+            rejected = self.batch_of(pairs, seq + 1)[:, :seq]     # other rows, same shape
+            dpo_step = self.trainable.dpo(ids[:pairs], rejected)
+            step = lambda _ids: dpo_step()      # noqa: E731
+        else:
+            step = self.trainable.step
         for _ in range(warmup):
-            self.trainable.step(ids)
+            step(ids)
         device = self.ctx.device
         common.synchronize(device)
         if device.type == "cuda":
@@ -150,7 +173,7 @@ class Runner:
         for _ in range(steps):
             common.synchronize(device)
             start = time.perf_counter()
-            loss = self.trainable.step(ids)
+            loss = step(ids)
             common.synchronize(device)
             times.append((time.perf_counter() - start) * 1e3)
         result = {"step_ms": statistics.median(times), "step_ms_min": min(times),
@@ -173,6 +196,9 @@ def run(args: argparse.Namespace) -> int:
     unknown = [f for f in frameworks if f not in BUILDERS]
     if unknown:
         raise SystemExit(f"unknown framework(s) {unknown}; choose from {list(BUILDERS)}")
+    objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
+    if not objectives or any(o not in OBJECTIVES for o in objectives):
+        raise SystemExit(f"--objectives {args.objectives!r}: choose from {', '.join(OBJECTIVES)}")
     dims = SMOKE if ctx.smoke else LLAMA3_8B
     config = dims.model_config(layers=args.layers)
     model_name = str(args.checkpoint) if args.checkpoint else f"{dims.name} random NF4 ({args.layers} layers)"
@@ -186,7 +212,8 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or common.default_out_path(ctx)
     sink = common.CsvSink(out, COLUMNS, ctx)
     searches = 0 if args.no_max_seq else 1
-    bar = common.progress(None, total=len(frameworks) * (len(args.seq_lens) + searches),
+    per_framework = len(args.seq_lens) * len(objectives) + searches
+    bar = common.progress(None, total=len(frameworks) * per_framework,
                           desc=f"train [{ctx.label}]", ctx=ctx)
     for framework in frameworks:
         base = {"framework": framework, "model": model_name, "lora_r": args.lora_r}
@@ -195,10 +222,11 @@ def run(args: argparse.Namespace) -> int:
                                             checkpoint=args.checkpoint, blocksize=dims.blocksize,
                                             double_quant=not args.no_double_quant, seed=args.seed)
         except Unavailable as why:
-            for seq in args.seq_lens:
-                sink.write(dict(base, measurement="throughput", seq_len=seq,
-                                status=f"skipped: {why}"))
-            bar.update(len(args.seq_lens) + searches)
+            for objective in objectives:
+                for seq in args.seq_lens:
+                    sink.write(dict(base, measurement=MEASUREMENT[objective], seq_len=seq,
+                                    status=f"skipped: {why}"))
+            bar.update(per_framework)
             continue
         model_config = trainable.config
         counts = flops.parameter_counts(model_config, args.lora_r, PROJECTIONS)
@@ -206,10 +234,11 @@ def run(args: argparse.Namespace) -> int:
                     frozen_params=counts.frozen, ceiling_matmul_tflops=ceilings.matmul_tflops,
                     datasheet_tflops=datasheet)
         runner = Runner(trainable, ctx, args.seed)
-        for seq in args.seq_lens:
-            sink.write(dict(base, **_throughput_row(runner, seq, args, model_config, ceilings,
-                                                    datasheet)))
-            bar.update(1)
+        for objective in objectives:
+            for seq in args.seq_lens:
+                sink.write(dict(base, **_throughput_row(runner, seq, args, model_config, ceilings,
+                                                        datasheet, objective)))
+                bar.update(1)
         if not args.no_max_seq:
             sink.write(dict(base, **_longest_row(runner, args)))
             bar.update(1)
@@ -226,8 +255,12 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def _throughput_row(runner: Runner, seq: int, args, config, ceilings, datasheet) -> dict:
-    row = {"measurement": "throughput", "seq_len": seq}
+MEASUREMENT = {"sft": "throughput", "dpo": "dpo_step"}
+
+
+def _throughput_row(runner: Runner, seq: int, args, config, ceilings, datasheet,
+                    objective: str = "sft") -> dict:
+    row = {"measurement": MEASUREMENT[objective], "seq_len": seq}
     try:
         batch = args.batch
         if not batch:
@@ -236,8 +269,17 @@ def _throughput_row(runner: Runner, seq: int, args, config, ceilings, datasheet)
             if fit.largest is None:
                 return dict(row, status="oom at batch 1")
             batch = fit.largest
+        if objective == "dpo":
+            batch = 2 * max(1, batch // 2)          # chosen + rejected rows
         row.update(batch=batch, tokens_per_step=batch * seq)
-        row.update(runner.throughput(batch, seq, args.warmup_steps, args.steps))
+        row.update(runner.throughput(batch, seq, args.warmup_steps, args.steps, objective))
+        if runner.trainable.predicted_peak is not None:
+            predicted = runner.trainable.predicted_peak(batch, seq) / common.MIB
+            row["predicted_peak_mib"] = predicted
+            if row.get("peak_mib"):
+                row["peak_vs_predicted"] = row["peak_mib"] / predicted
+    except Unavailable as why:
+        return dict(row, status=f"skipped: {why}")
     except Exception as err:  # noqa: BLE001
         status = "oom" if common.is_out_of_memory(err) else common.describe_error(err)
         common.release_memory(runner.ctx.device, collect=True)
@@ -273,6 +315,7 @@ def _report(rows, ctx, out) -> None:
               "batch": r["batch"], "status": str(r["status"])[:60], "step ms": fmt(r["step_ms"]),
               "tokens/s": fmt(r["tokens_per_s"]), "MFU(meas.)": fmt(r["mfu_vs_measured_matmul"], 3),
               "MFU(datasheet)": fmt(r["mfu_vs_datasheet"], 3), "peak MiB": fmt(r["peak_mib"], 6),
+              "predicted MiB": fmt(r["predicted_peak_mib"], 6),
               "search": r["search"]} for r in rows]
     notes = ["MFU = (tokens (4 N_frozen + 6 N_lora) + 6 B L S^2 Hq d) / step time / peak; "
              "see bench/flops.py", f"CSV: {out}"]

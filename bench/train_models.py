@@ -14,14 +14,24 @@ hf: transformers LlamaForCausalLM (SDPA attention, gradient checkpointing,
   weights: transformers' own initialization in the compute dtype, then every
   projection is swapped for a Linear4bit quantized from it, one at a time.
 
+hf + Liger: the same, with Liger-Kernel's RMSNorm, RoPE, SwiGLU and fused linear
+  cross-entropy applied to the model (liger_kernel.transformers.apply_liger_kernel_to_llama
+  with model=, before PEFT wraps it), as a Liger user trains.
+
 Both keep LoRA weights in fp32, take AdamW (fused on CUDA) over them, and use
 the same rank, alpha and dropout.
+
+DPO (``Trainable.dpo``): one step of the policy on chosen and rejected rows against
+reference log-probs computed once beforehand (untimed), beta 0.1, sigmoid loss. anita
+runs its own DPOObjective with a precomputed reference store (as train_dpo.py does);
+hf runs the concatenated chosen + rejected forward TRL's DPOTrainer runs (per-token
+log-softmax in fp32, summed per sequence) with the reference from the adapters disabled.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import torch
 
@@ -30,6 +40,7 @@ from anita_core.lora import LoRAAdapters, LoRAConfig
 from anita_core.model import QLoRALlama
 from anita_core.hf import load_model
 from anita_core.model.weights import ATTENTION_PROJECTIONS, PROJECTIONS, BaseWeights, LayerWeights
+from bench import peers
 from bench.cases import Unavailable
 from csrc_triton import NF4Weight
 from csrc_triton.nf4_encode import launch_nested_quantize
@@ -42,12 +53,17 @@ _UNIFORM_CODE_RMS = 0.517
 @dataclass
 class Trainable:
     """A built model: ``step(input_ids)`` runs one full training step (forward,
-    backward, optimizer) and returns the loss as a float-able tensor."""
+    backward, optimizer) and returns the loss as a float-able tensor;
+    ``dpo(chosen, rejected)`` precomputes the reference (untimed) and returns the
+    zero-argument DPO step; ``predicted_peak(rows, seq)`` is the memory planner's
+    predicted peak bytes of a step on [rows, seq] (anita only)."""
     framework: str
     config: ModelConfig
     step: Callable[[torch.Tensor], torch.Tensor]
     lora_parameters: int
     release: Callable[[], None]
+    dpo: Optional[Callable[[torch.Tensor, torch.Tensor], Callable[[], torch.Tensor]]] = None
+    predicted_peak: Optional[Callable[[int, int], int]] = None
 
 
 def random_nf4_weight(shape, blocksize: int, double_quant: bool, dtype: torch.dtype,
@@ -123,11 +139,52 @@ def build_anita(config: ModelConfig, lora: LoRAConfig, *, dtype, device, checkpo
         optimizer.zero_grad(set_to_none=True)
         return loss_sum / n_targets
 
+    def dpo(chosen: torch.Tensor, rejected: torch.Tensor):
+        from anita_core.train.objectives import DPOObjective
+        from anita_core.train.reference_logprobs import compute_reference_logps
+        batch = _dpo_batch(chosen, rejected)
+        objective = DPOObjective(model, beta=DPO_BETA)
+        objective.reference_store = compute_reference_logps(objective, [batch], chosen.shape[0],
+                                                            progress=False)
+
+        def dpo_step() -> torch.Tensor:
+            sums = objective.micro_step(batch, grad_scale=1.0 / chosen.shape[0])
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return torch.tensor(sums["loss"] / chosen.shape[0])
+        return dpo_step
+
+    def predicted_peak(rows: int, seq: int) -> int:
+        from anita_core.model.memory_plan import activation_peak, shape_for_model, static_bytes
+        shape = shape_for_model(model, rows, seq)
+        return static_bytes(model.config, shape) + activation_peak(model.config, shape,
+                                                                   model.strategies())
+
     def release():
         nonlocal model, optimizer
         model = optimizer = None
 
-    return Trainable("anita", config, step, adapters.num_parameters(), release)
+    return Trainable("anita", config, step, adapters.num_parameters(), release, dpo,
+                     predicted_peak)
+
+
+DPO_BETA = 0.1
+
+
+def _dpo_batch(chosen: torch.Tensor, rejected: torch.Tensor) -> dict:
+    """What indexed_dpo_batches makes of [pairs, seq] chosen and rejected rows (unpadded)."""
+    from anita_core.train.reference_logprobs import INDEX_KEY
+    return {"chosen": {"input_ids": chosen, "targets": _shifted_targets(chosen)},
+            "rejected": {"input_ids": rejected, "targets": _shifted_targets(rejected)},
+            INDEX_KEY: torch.arange(chosen.shape[0])}
+
+
+def _sequence_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """sum over real targets of log softmax(logits)[target], per row (fp32), as TRL."""
+    valid = targets != IGNORE_INDEX
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(
+        -1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (logp * valid).sum(dim=1)
 
 
 def _hf_modules():
@@ -137,7 +194,8 @@ def _hf_modules():
         import transformers
     except Exception as err:  # any of the three missing or broken
         raise Unavailable(f"transformers + PEFT + bitsandbytes not importable "
-                          f"({type(err).__name__}: {err})") from None
+                          f"({type(err).__name__}: {err}){peers.not_installed_note('bitsandbytes')}"
+                          ) from None
     return bnb, peft, transformers
 
 
@@ -158,8 +216,24 @@ def _quantize_projections(model, bnb, dtype, device, blocksize: int, double_quan
             del linear
 
 
+def _apply_liger(model, device) -> None:
+    if torch.device(device).type != "cuda":
+        raise Unavailable("Liger-Kernel runs only on a CUDA GPU (its Triton kernels fail under "
+                          "the interpreter on a CPU)")
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+    except Exception as err:  # noqa: BLE001
+        raise Unavailable(f"liger-kernel not importable ({type(err).__name__}: {err})"
+                          f"{peers.not_installed_note('liger-kernel')}") from None
+    apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                fused_linear_cross_entropy=True, model=model)
+
+
 def build_hf(config: ModelConfig, lora: LoRAConfig, *, dtype, device, checkpoint=None,
-             blocksize: int = 64, double_quant: bool = True, seed: int = 0) -> Trainable:
+             blocksize: int = 64, double_quant: bool = True, seed: int = 0,
+             liger: bool = False) -> Trainable:
+    if liger and torch.device(device).type != "cuda":
+        _apply_liger(None, device)               # the reason, before anything is built
     bnb, peft, transformers = _hf_modules()
     torch.manual_seed(seed)
     if checkpoint is not None:
@@ -177,6 +251,8 @@ def build_hf(config: ModelConfig, lora: LoRAConfig, *, dtype, device, checkpoint
                                                                attn_implementation="sdpa")
         _quantize_projections(model, bnb, dtype, device, blocksize, double_quant)
     model.config.use_cache = False
+    if liger:
+        _apply_liger(model, device)
     # Recent transformers renamed it; older 5.x (the GPU machine's) has only the old name.
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -197,11 +273,34 @@ def build_hf(config: ModelConfig, lora: LoRAConfig, *, dtype, device, checkpoint
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
+    def dpo(chosen: torch.Tensor, rejected: torch.Tensor):
+        stacked = torch.cat([chosen, rejected])
+        targets = _shifted_targets(stacked)
+        with torch.no_grad(), model.disable_adapter():
+            reference = _sequence_logps(model(input_ids=stacked).logits, targets)
+        ref_chosen, ref_rejected = reference.chunk(2)
+
+        def dpo_step() -> torch.Tensor:
+            policy_chosen, policy_rejected = _sequence_logps(
+                model(input_ids=stacked).logits, targets).chunk(2)
+            margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+            loss = -torch.nn.functional.logsigmoid(DPO_BETA * margin).mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss.detach()
+        return dpo_step
+
     def release():
         nonlocal model, optimizer
         model = optimizer = None
 
-    return Trainable("hf_peft_bnb", config, step, sum(p.numel() for p in params), release)
+    name = "hf_peft_bnb_liger" if liger else "hf_peft_bnb"
+    return Trainable(name, config, step, sum(p.numel() for p in params), release, dpo)
 
 
-BUILDERS = {"anita": build_anita, "hf_peft_bnb": build_hf}
+def build_hf_liger(*args, **kwargs) -> Trainable:
+    return build_hf(*args, liger=True, **kwargs)
+
+
+BUILDERS = {"anita": build_anita, "hf_peft_bnb": build_hf, "hf_peft_bnb_liger": build_hf_liger}

@@ -17,6 +17,8 @@ Ops (see the kernel table in README.md for the math of each):
 Where kernels run: on a CUDA GPU when torch sees one, otherwise through the
 Triton interpreter on the CPU. Override with ANITA_TRITON_MODE=interpret|compile
 (or an explicit TRITON_INTERPRET=0/1), set before the first import.
+How autotuned kernels choose their configs: ANITA_AUTOTUNE=full (default) or pruned
+(one config per launch shape, no timing runs; csrc_triton/autotune_policy.py).
 """
 from . import _runtime  # noqa: F401  (must run before any kernel module is imported)
 from ._runtime import INTERPRETING, describe as runtime_description, set_poison_outputs
@@ -31,6 +33,9 @@ from .swiglu import swiglu
 from .cross_entropy import cross_entropy
 from .linear_loss import fused_linear_cross_entropy, token_logprobs
 from .attention import document_bounds, flash_attention
+from . import autotune_policy as _autotune_policy
+
+_autotune_policy.apply()   # ANITA_AUTOTUNE=full|pruned (csrc_triton/autotune_policy.py)
 
 __all__ = [
     "INTERPRETING", "runtime_description", "set_poison_outputs",

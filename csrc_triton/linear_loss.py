@@ -80,6 +80,11 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     torch without that falls back to upcasting the operands: the same fp32
     result, slower (a warning says so), never logits rounded to half precision.
     CPU: upcast first, which is exact for the products of half values.
+
+    Running out of memory is not "unavailable": torch.cuda.OutOfMemoryError is a
+    RuntimeError, and taking it for a missing out_dtype would move the rest of
+    the process onto the slow fp32 copies of [chunk x V] and the lm-head weight
+    (a benchmark's batch search provokes OOMs on purpose). It propagates.
     """
     global _cuda_out_dtype_works
     if a.dtype == torch.float32:
@@ -89,10 +94,21 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             try:
                 return torch.mm(a, b, out_dtype=torch.float32)
             except (RuntimeError, TypeError) as err:
+                if _is_out_of_memory(err):
+                    raise
                 _cuda_out_dtype_works = False
                 warnings.warn(f"linear_loss: torch.mm(out_dtype=float32) unavailable ({err}); "
                               "computing the lm-head chunks in fp32 instead (exact, slower)")
     return a.float() @ b.float()
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    # the class where torch has it; the message for allocators that raise a plain
+    # RuntimeError ("CUDA out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
+    oom = getattr(torch.cuda, "OutOfMemoryError", None)
+    text = str(err).lower()
+    return ((oom is not None and isinstance(err, oom)) or "out of memory" in text
+            or "alloc_failed" in text)
 
 
 def _half_headroom(row_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,7 +35,8 @@ KERNEL_PROVIDERS = {
     "cross_entropy": {"ours", "torch", "torch.compile", "liger", "unsloth"},
     "fused_linear_cross_entropy": {"ours", "torch", "torch.compile", "liger"},
     "token_logprobs": {"ours", "torch", "torch.compile"},
-    "flash_attention": {"ours", "torch", "sdpa_causal", "flex_attention", "flash_attn"},
+    "flash_attention": {"ours", "torch", "sdpa_causal", "sdpa_flash", "sdpa_cudnn", "flex_attention",
+                        "flash_attn"},
 }
 NF4_OPS = {"nf4_quantize", "nf4_dequantize", "nf4_matmul", "lora_linear"}
 NOT_DIFFERENTIABLE = {"nf4_quantize", "nf4_dequantize"}
@@ -130,7 +131,7 @@ def test_kernels_csv_rows_and_columns(smoke):
         differentiable = r["op"] not in NOT_DIFFERENTIABLE
         if r["mode"] != "forward" and not differentiable:
             assert r["status"].startswith("skipped: the op has no backward"), r
-        elif r["provider"] in ("ours", "torch", "sdpa_causal"):
+        elif r["provider"] in ("ours", "torch", "sdpa_causal", "sdpa_flash"):
             assert r["status"] == "ok", r
         elif r["provider"] == "torch.compile":
             assert r["status"].startswith("skipped: torch.compile is not run in smoke mode"), r
@@ -175,9 +176,14 @@ def test_train_csv_rows_and_columns(smoke):
     rows = result["rows"]
     assert [(r["framework"], r["measurement"]) for r in rows] == [
         ("anita", "throughput"), ("anita", "longest_seq_batch1"),
-        ("hf_peft_bnb", "throughput"), ("hf_peft_bnb", "longest_seq_batch1")]
+        ("hf_peft_bnb", "throughput"), ("hf_peft_bnb", "longest_seq_batch1"),
+        ("hf_peft_bnb_liger", "throughput")]
     _no_errors(rows)
     for r in rows:
+        if r["framework"] == "hf_peft_bnb_liger":      # Liger's kernels need a GPU
+            if ON_CPU:
+                assert r["status"].startswith("skipped: Liger-Kernel runs only on a CUDA GPU"), r
+            continue
         if r["framework"] == "hf_peft_bnb" and r["status"] != "ok" \
                 and r["measurement"] == "throughput":
             assert r["status"].startswith("skipped: transformers + PEFT + bitsandbytes"), r

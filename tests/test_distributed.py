@@ -223,3 +223,62 @@ def test_sharding_finds_every_nf4_field_and_gathers_the_bytes_back_exactly():
             assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), name
     shards[0].free(0)
     assert all(w.packed.numel() == 0 for w in layer_nf4_weights(bases[0].layers[0]))
+
+
+def test_sharded_base_gathers_each_nf4_byte_of_a_fused_layer_once():
+    """A decoder layer with fused q/k/v and gate/up (LayerWeights fuses at construction;
+    the per-projection weights are views into the concatenations): the shards of all
+    ranks, i.e. what one all-gather of the layer moves, hold the layer's own NF4 bytes
+    once, counted here from the projection shapes alone (packed nibbles N K / 2, uint8
+    absmax N K / 64, fp32 nested absmax 4 per 256 blocks), plus at most world - 1 bytes
+    of padding per sharded tensor. After the gather every projection decodes as before
+    and is a view of its fused weight, not a second copy."""
+    from anita_core.model.weights import FUSED_GROUPS, PROJECTIONS, LayerWeights
+    from anita_core.train.distributed import DistContext, ShardedBase, layer_nf4_weights
+    from csrc_triton import nf4_dequantize, nf4_quantize
+
+    hidden, inter, q_rows, kv_rows, world = 64, 192, 64, 32, 2
+    shapes = {"q_proj": (q_rows, hidden), "k_proj": (kv_rows, hidden), "v_proj": (kv_rows, hidden),
+              "o_proj": (hidden, q_rows), "gate_proj": (inter, hidden), "up_proj": (inter, hidden),
+              "down_proj": (hidden, inter)}
+
+    def own_nf4_bytes(n, k, blocksize=64):
+        blocks = n * k // blocksize
+        return n * k // 2 + blocks + 4 * -(-blocks // 256)
+    expected = sum(own_nf4_bytes(*shapes[p]) for p in PROJECTIONS)
+
+    def layer():
+        g = torch.Generator().manual_seed(11)
+        projections = {p: nf4_quantize(torch.randn(shapes[p], generator=g), 64, double_quant=True)
+                       for p in PROJECTIONS}
+        return LayerWeights(torch.ones(hidden), torch.ones(hidden), projections)
+
+    class Base:
+        def __init__(self):
+            self.layers = [layer()]
+
+    decoded = {p: nf4_dequantize(w, torch.float32) for p, w in layer().projections.items()}
+    bases = [Base() for _ in range(world)]
+    assert set(bases[0].layers[0].fused) == set(FUSED_GROUPS)
+    shards = [ShardedBase(DistContext(r, world, 0, "gloo"), b) for r, b in enumerate(bases)]
+    padding = (world - 1) * len(shards[0].layers[0].entries)
+    gathered = torch.cat([s.layers[0].shard for s in shards])   # what the all-gather moves
+    assert expected <= gathered.numel() <= expected + padding, (gathered.numel(), expected)
+    assert all(w.packed.numel() == 0 for w in layer_nf4_weights(bases[0].layers[0]))
+
+    class Done:
+        def wait(self):
+            pass
+    shards[0]._install(0, Done(), gathered)
+    got = bases[0].layers[0]
+    for p in PROJECTIONS:
+        assert torch.equal(nf4_dequantize(got.projections[p], torch.float32), decoded[p]), p
+    for group, members in FUSED_GROUPS.items():
+        storage = got.fused[group].packed.untyped_storage().data_ptr()
+        for m in members:
+            assert got.projections[m].packed.untyped_storage().data_ptr() == storage, m
+    held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for w in layer_nf4_weights(got) for t in (w.packed, w.absmax, w.nested_absmax)}
+    assert sum(held.values()) == expected
+    shards[0].free(0)
+    assert all(w.packed.numel() == 0 and w.absmax.numel() == 0 for w in layer_nf4_weights(got))

@@ -223,3 +223,78 @@ def test_fused_launchers_refuse_bad_arguments():
         concatenate_rows([w, make_nf4_weight(16, 32, 64, True)[0]])
     with pytest.raises(ValueError, match="swiglu_input"):
         nf4_matmul_backward_input(torch.randn(5, 32), w, swiglu_input=(x, x[:, :3]))
+
+
+# ---------------------------------------------------------------- GPU: bf16, M <= 192
+# The fused NF4 kernel (M <= 192: generation, evaluation, small DPO batches) on a
+# segmented weight with the LoRA epilogue, and with the SwiGLU epilogue, at
+# LLaMA-3-8B shapes. Tolerances: matmul_tolerance of the NF4 product plus
+# low_precision_lora_tolerances of the rank-r products (tests/test_lora_linear.py).
+# test_gpu_checks_run_on_the_cpu runs the same checks at small shapes in fp16.
+
+QKV_8B = ((4096, 1024, 1024), 4096)
+
+
+def check_fused_qkv_lora(rows, k, m, *, device="cuda", dtype=torch.bfloat16, scale=0.5, rank=32):
+    from csrc_triton.nf4_dense import choose_path
+    from tests.test_lora_linear import low_precision_lora_tolerances, nf4_weight_and_value
+    assert choose_path("lora_linear_fused", m, dtype=dtype) == "fused"
+    pairs = [nf4_weight_and_value(n, k, device) for n in rows]
+    fused = concatenate_rows([w for w, _ in pairs])
+    w64s = [w64 for _, w64 in pairs]
+    adapters = [tuple(t.to(device) for t in make_lora(n, k, rank, torch.float32)) for n in rows]
+    x = torch.randn(m, k, device=device).to(dtype)
+    dys = [(torch.randn(m, n, device=device) / n ** 0.5).to(dtype) for n in rows]
+    y, ctx = fused_forward(x, fused, adapters, scale)
+    dx, grads = fused_backward(torch.cat(dys, dim=1), x, fused, adapters, scale, ctx)
+
+    x64 = quantized(x, dtype)
+    dy64s = [quantized(d, dtype) for d in dys]
+    adapters64 = [tuple(t.double() for t in p) for p in adapters]
+    outs64, dx64, grads64 = reference_group(x64, w64s, adapters64, scale, dy64s)
+    extra_dx, first = 0.0, 0
+    for s, (n, (a64, b64), dy64) in enumerate(zip(rows, adapters64, dy64s)):
+        lora_y, lora_dx, atol_da, atol_db = low_precision_lora_tolerances(
+            x64, dy64, a64, b64, scale, 1.0, m, n, k, dtype)
+        extra_dx += lora_dx
+        atol, rtol = matmul_tolerance(dtype, x64, w64s[s].t())
+        assert_close(OP, "low precision fused forward", y[:, first:first + n], outs64[s],
+                     atol=atol + lora_y, rtol=rtol)
+        assert_close(OP, "low precision fused dA", grads[s][0], grads64[s][0], atol=atol_da, rtol=0.0)
+        assert_close(OP, "low precision fused dB", grads[s][1], grads64[s][1], atol=atol_db, rtol=0.0)
+        first += n
+    atol, rtol = matmul_tolerance(dtype, torch.cat(dy64s, dim=1), torch.cat(w64s))
+    assert_close(OP, "low precision fused dx", dx, dx64, atol=atol + extra_dx, rtol=rtol)
+
+
+def check_swiglu_epilogue(n, k, m, *, device="cuda", dtype=torch.bfloat16):
+    """The down projection's input gradient with the SwiGLU backward in its epilogue."""
+    from tests.test_lora_linear import nf4_weight_and_value
+    w, w64 = nf4_weight_and_value(n, k, device)
+    gate, up = (torch.randn(m, k, device=device).to(dtype) for _ in range(2))
+    dy = (torch.randn(m, n, device=device) / n ** 0.5).to(dtype)
+    got = nf4_matmul_backward_input(dy, w, path="fused", swiglu_input=(gate, up))
+    dy64, g64, u64 = (quantized(t, dtype) for t in (dy, gate, up))
+    d_gate64, d_up64 = reference_swiglu_backward(dy64 @ w64, g64, u64)
+    atol, rtol = matmul_tolerance(dtype, dy64, w64)
+    scale = 1.0 + float(u64.abs().max() + g64.abs().max())   # |d/dm| of the SwiGLU gradients
+    assert got.shape == (m, 2 * k) and got.dtype == dtype
+    assert_close(OP, "swiglu epilogue dgate", got[:, :k], d_gate64, atol=atol * scale, rtol=rtol)
+    assert_close(OP, "swiglu epilogue dup", got[:, k:], d_up64, atol=atol * scale, rtol=rtol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 64, 192])
+def test_gpu_bf16_fused_qkv_lora_at_small_m(m):
+    check_fused_qkv_lora(*QKV_8B, m)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 192])
+def test_gpu_bf16_swiglu_epilogue_at_small_m(m):
+    check_swiglu_epilogue(4096, 14336, m)
+
+
+def test_gpu_checks_run_on_the_cpu():
+    check_fused_qkv_lora((48, 16, 16), 64, 7, device="cpu", dtype=torch.float16)
+    check_swiglu_epilogue(48, 64, 7, device="cpu", dtype=torch.float16)

@@ -417,3 +417,4 @@ def test_token_logprobs_bf16_llama3_8b_shape_on_gpu():
     assert_close(OP_LOGP, "logp_bf16", logp, ref.logp, atol=ref.rel_p, rtol=0.0)  # see Reference
     assert_close(OP_LOGP, "dhidden_bf16", h.grad, ref.dh, atol=ref.dh_atol(torch.bfloat16),
                  rtol=output_roundoff(torch.bfloat16))  # bf16 dlogits and bf16 dh
+

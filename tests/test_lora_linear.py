@@ -244,47 +244,86 @@ def test_rejects_bad_arguments():
 # GPU: bf16 at LLaMA-3-8B shapes
 # ---------------------------------------------------------------------------
 
+def low_precision_lora_tolerances(x64, dy64, a64, b64, scale, keep, m, n, k, dtype=torch.bfloat16):
+    """(extra atol of y, extra atol of dx, atol of dA, atol of dB) for a LoRA projection
+    whose rank-r products run in ``dtype`` with fp32 accumulation (a GPU, or PEFT under
+    bf16), on top of the NF4 matmul's own matmul_tolerance. ``keep``: the dropout's
+    scaled keep mask as float64 (1.0 without dropout).
+
+    y, dx: the roundings of xd, A, xa and B add at most 4 u of s |xd| |A|^T |B|^T to y
+    (likewise for dX with g = dY B). dA = s (dY B)^T xd and dB = s dY^T (xd A^T) are
+    products of three matrices: the rounding of each factor's input (B or A, xd, and
+    the rank-r product g or xa) and of the output adds at most 4 u relative to the
+    absolute products, the fp32 sums gamma_(m+inner) <= 2 (m + inner) u_fp32."""
+    u, u32 = unit_roundoff(dtype), unit_roundoff(torch.float32)
+    xd64 = x64 * keep
+    a_abs, b_abs = a64.abs(), b64.abs()
+    lora_y = 4 * u * abs(scale) * (xd64.abs() @ a_abs.t() @ b_abs.t()).max().item()
+    keep_max = float(keep.max()) if isinstance(keep, torch.Tensor) else float(keep)
+    lora_dx = 4 * u * abs(scale) * keep_max * ((dy64.abs() @ b_abs) @ a_abs).max().item()
+    bound_a = abs(scale) * ((dy64.abs() @ b_abs).t() @ xd64.abs()).max().item()
+    bound_b = abs(scale) * (dy64.abs().t() @ (xd64.abs() @ a_abs.t())).max().item()
+    return (lora_y, lora_dx, (4 * u + 2 * (m + n) * u32) * bound_a,
+            (4 * u + 2 * (m + k) * u32) * bound_b)
+
+
+def nf4_weight_and_value(n, k, device):
+    """(NF4Weight, float64 value): random bytes and scales on a GPU (no 8B-sized quantize),
+    a quantized Gaussian on the CPU."""
+    if torch.device(device).type == "cuda":
+        w = random_nf4_weight(n, k, 64, device)
+        return w, reference_nf4_dequantize(w.to("cpu")).to(device)
+    return make_nf4_weight(n, k, 64, True, device)
+
+
+def check_lora_low_precision(n, k, m, rank, scale, dropout, *, device="cuda",
+                             dtype=torch.bfloat16, path=None, label="bf16_llama3"):
+    """lora_linear forward and backward in ``dtype`` against float64 (tolerances:
+    matmul_tolerance + low_precision_lora_tolerances); ``path`` None: the dispatch by M.
+    The GPU tests run it in bf16; test_low_precision_checks_run_on_the_cpu runs the same
+    code at small shapes in fp16 through the interpreter."""
+    w, w64 = nf4_weight_and_value(n, k, device)
+    a = (torch.randn(rank, k, device=device) / math.sqrt(k))
+    b = torch.randn(n, rank, device=device) * 0.1
+    x = torch.randn(m, k, device=device).to(dtype)
+    dy = (torch.randn(m, n, device=device) / math.sqrt(n)).to(dtype)
+    y, ctx = lora_linear_forward(x, w, a, b, scale, dropout, True, None, path=path)
+    dx, da, db = lora_linear_backward(dy, x, w, a, b, scale, ctx, path=path)
+
+    x64, dy64 = quantized(x, dtype), quantized(dy, dtype)
+    y64, dx64, da64, db64 = reference_with_grads(x64, w64, a.double(), b.double(), scale,
+                                                 ctx.keep_mask, dropout, dy64)
+    keep = 1.0 if ctx.keep_mask is None else ctx.keep_mask.double() / (1 - dropout)
+    lora_y, lora_dx, atol_da, atol_db = low_precision_lora_tolerances(
+        x64, dy64, a.double(), b.double(), scale, keep, m, n, k, dtype)
+    atol, rtol = matmul_tolerance(dtype, x64, w64.t())
+    assert_close(OP, f"{label}_forward", y, y64, atol=atol + lora_y, rtol=rtol)
+    atol, rtol = matmul_tolerance(dtype, dy64, w64)
+    assert_close(OP, f"{label}_dx", dx, dx64, atol=atol + lora_dx, rtol=rtol)
+    assert_close(OP, f"{label}_dA", da, da64, atol=atol_da, rtol=0.0)
+    assert_close(OP, f"{label}_dB", db, db64, atol=atol_db, rtol=0.0)
+
+
+def test_low_precision_checks_run_on_the_cpu():
+    """The GPU tests' check, at small shapes in fp16 on the interpreter (a wrong
+    reference or bound in it would show here, not first on a lent GPU)."""
+    check_lora_low_precision(48, 64, 5, 4, 0.5, 0.1, device="cpu", dtype=torch.float16,
+                             path="fused", label="fp16_cpu_rehearsal")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,k", [(14336, 4096), (4096, 14336), (1024, 4096)],
                          ids=["gate_proj", "down_proj", "k_proj"])
 def test_bf16_llama3_8b_shapes(n, k):
-    m, rank, scale, dropout = 2048, 16, 2.0, 0.1
-    w = random_nf4_weight(n, k, 64, "cuda")
-    w64 = reference_nf4_dequantize(w.to("cpu")).to("cuda")
-    a = (torch.randn(rank, k, device="cuda") / math.sqrt(k))
-    b = torch.randn(n, rank, device="cuda") * 0.1
-    x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
-    dy = (torch.randn(m, n, device="cuda") / math.sqrt(n)).to(torch.bfloat16)
-    y, ctx = lora_linear_forward(x, w, a, b, scale, dropout, True, None)
-    dx, da, db = lora_linear_backward(dy, x, w, a, b, scale, ctx)
+    check_lora_low_precision(n, k, 2048, 16, 2.0, 0.1)
 
-    x64, dy64 = quantized(x, torch.bfloat16), quantized(dy, torch.bfloat16)
-    y64, dx64, da64, db64 = reference_with_grads(x64, w64, a.double(), b.double(), scale,
-                                                 ctx.keep_mask, dropout, dy64)
-    # The LoRA term runs in bf16 (fp32 accumulation): the roundings of xd, A, xa
-    # and B add at most 4 u_bf16 of s |xd| |A|^T |B|^T to y (likewise for dX with
-    # g = dY B), on top of the NF4 matmul's own tolerance.
-    u16 = unit_roundoff(torch.bfloat16)
-    keep_scale = 1.0 / (1 - dropout)
-    lora_y = 4 * u16 * abs(scale) * ((x64.abs() * keep_scale) @ a.double().abs().t()
-                                     @ b.double().abs().t()).max().item()
-    lora_dx = 4 * u16 * abs(scale) * keep_scale * ((dy64.abs() @ b.double().abs())
-                                                   @ a.double().abs()).max().item()
-    atol, rtol = matmul_tolerance(torch.bfloat16, x64, w64.t())
-    assert_close(OP, "bf16_llama3_forward", y, y64, atol=atol + lora_y, rtol=rtol)
-    atol, rtol = matmul_tolerance(torch.bfloat16, dy64, w64)
-    assert_close(OP, "bf16_llama3_dx", dx, dx64, atol=atol + lora_dx, rtol=rtol)
-    # dA = s (dY B)^T xd and dB = s dY^T (xd A^T) are products of three matrices
-    # computed in bf16 with fp32 accumulation (as PEFT under bf16): the rounding of
-    # each of the three factors' bf16 inputs (B or A, xd, and the rank-r product
-    # g or xa) and of the bf16 output adds at most 4 u_bf16 relative to the
-    # absolute products, the fp32 sums gamma_(m+inner) <= 2 (m + inner) u_fp32.
-    keep = 1.0 if ctx.keep_mask is None else ctx.keep_mask.double() / (1 - dropout)
-    xd64 = x64 * keep
-    u32 = unit_roundoff(torch.float32)
-    bound_a = abs(scale) * ((dy64.abs() @ b.double().abs()).t() @ xd64.abs()).max().item()
-    bound_b = abs(scale) * (dy64.abs().t() @ (xd64.abs() @ a.double().abs().t())).max().item()
-    assert_close(OP, "bf16_llama3_dA", da, da64, atol=(4 * u16 + 2 * (m + n) * u32) * bound_a,
-                 rtol=0.0)
-    assert_close(OP, "bf16_llama3_dB", db, db64, atol=(4 * u16 + 2 * (m + k) * u32) * bound_b,
-                 rtol=0.0)
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16, 100, 192])
+@pytest.mark.parametrize("n,k", [(14336, 4096), (4096, 14336)], ids=["gate_proj", "down_proj"])
+def test_bf16_fused_path_with_dropout_at_small_m(n, k, m):
+    """M <= 192 (generation, evaluation, small DPO batches): the dispatch takes the fused
+    kernel, with the LoRA epilogue and dropout, at LLaMA-3-8B shapes in bf16."""
+    from csrc_triton.nf4_dense import choose_path
+    assert choose_path("lora_linear", m, dtype=torch.bfloat16) == "fused"
+    check_lora_low_precision(n, k, m, 32, 0.5, 0.1, label="bf16_fused_small_m")

@@ -32,6 +32,12 @@ reaches them first, so their activations are gone before any recompute's working
 set is built (kept early layers would sit under every later layer's recompute).
 The rest recompute; when even full recompute does not fit, the fewest first
 layers whose inputs must leave the device are offloaded.
+
+Offloading is bounded by the host too: each offloaded layer input stays in pinned
+host memory, T x hidden x e bytes, through the step. With ``host_budget_bytes`` the
+plan offloads no more layers than that holds: a forced "offload" offloads as many
+as fit there and recomputes the rest; when the device needs more offloaded layers
+than the host can hold, the plan is refused (MemoryBudgetError naming both).
 """
 from __future__ import annotations
 
@@ -98,6 +104,7 @@ class MemoryPlan:
     by_strategy: Dict[str, int] = field(default_factory=dict)   # every layer the same
     budget_bytes: Optional[int] = None
     host_bytes: int = 0                  # pinned host memory of the offloaded block inputs
+    host_budget_bytes: Optional[int] = None
 
     def describe(self) -> str:
         counts = {s: self.strategies.count(s) for s in STRATEGIES if s in self.strategies}
@@ -106,6 +113,8 @@ class MemoryPlan:
                                  if s in self.by_strategy)
         budget = "unlimited" if self.budget_bytes is None else gib(self.budget_bytes)
         host = f", {gib(self.host_bytes)} pinned host memory" if self.host_bytes else ""
+        if self.host_bytes and self.host_budget_bytes is not None:
+            host += f" of a {gib(self.host_budget_bytes)} host budget"
         return (f"memory plan: layers {layers}; predicted peak {gib(self.predicted_bytes)}{host} "
                 f"(budget {budget}; {alternatives})")
 
@@ -138,23 +147,34 @@ def static_bytes(config, shape: StepShape) -> int:
     return config.num_hidden_layers * per_layer + embeddings + H * e
 
 
+def host_bytes_per_offloaded_layer(config, shape: StepShape) -> int:
+    """Pinned host memory one offloaded layer input holds: [T, hidden] in the dtype."""
+    return shape.tokens * row_bytes(config, shape)["h"]
+
+
 def plan_memory(config, shape: StepShape, budget_bytes: Optional[int] = None,
-                strategy: str = "auto") -> MemoryPlan:
+                strategy: str = "auto", host_budget_bytes: Optional[int] = None) -> MemoryPlan:
     """Per-layer strategies under ``budget_bytes`` (None: unlimited, every layer keeps).
     ``strategy`` other than "auto" forces one strategy on every layer (still checked
-    against the budget). Raises MemoryBudgetError naming the smallest budget that
-    works when even full offload does not fit."""
+    against the budget; "offload" offloads only as many layers as ``host_budget_bytes``
+    holds and recomputes the rest). Raises MemoryBudgetError naming the smallest budget
+    that works when even full offload does not fit, or the host memory an offloading
+    plan needs when ``host_budget_bytes`` (None: unlimited) is below it."""
     if strategy != "auto" and strategy not in STRATEGIES:
         raise ValueError(f"strategy {strategy!r} is not one of auto, {', '.join(STRATEGIES)}")
     L = config.num_hidden_layers
     static = static_bytes(config, shape)
     by = {s: static + activation_peak(config, shape, [s] * L) for s in STRATEGIES}
+    per_host = host_bytes_per_offloaded_layer(config, shape)
+    host_holds = L if host_budget_bytes is None else min(L, max(0, host_budget_bytes) // per_host)
 
     def fits(strategies):
         total = static + activation_peak(config, shape, strategies)
         return (budget_bytes is None or total <= budget_bytes), total
 
-    if strategy != "auto":
+    if strategy == "offload":
+        chosen = ["offload"] * host_holds + ["recompute"] * (L - host_holds)
+    elif strategy != "auto":
         chosen = [strategy] * L
     elif budget_bytes is None or by["keep"] <= budget_bytes:
         chosen = ["keep"] * L
@@ -170,6 +190,11 @@ def plan_memory(config, shape: StepShape, budget_bytes: Optional[int] = None,
         chosen = ["recompute"] * (L - lo) + ["keep"] * lo
     else:
         lo, hi = 1, L            # the fewest offloaded layers (first layers first) that fit
+        if host_holds < L:       # the host bounds the search: below it, or above (refused below)
+            if host_holds and fits(["offload"] * host_holds + ["recompute"] * (L - host_holds))[0]:
+                hi = host_holds
+            else:
+                lo = host_holds + 1
         while lo < hi:
             mid = (lo + hi) // 2
             if fits(["offload"] * mid + ["recompute"] * (L - mid))[0]:
@@ -177,16 +202,25 @@ def plan_memory(config, shape: StepShape, budget_bytes: Optional[int] = None,
             else:
                 lo = mid + 1
         chosen = ["offload"] * lo + ["recompute"] * (L - lo)
+    offloaded = chosen.count("offload")
     ok, total = fits(chosen)
+    if ok and offloaded > host_holds:
+        raise MemoryBudgetError(
+            f"a micro-batch of {shape.batch} x {shape.seq} tokens fits {gib(budget_bytes)} only "
+            f"with {offloaded} of {L} layer inputs offloaded, {gib(offloaded * per_host, True)} "
+            f"of pinned host memory; the host budget {gib(host_budget_bytes)} holds "
+            f"{host_holds} (--host-memory-budget / ANITA_HOST_MEMORY_BUDGET)")
     if not ok:
         smallest = min(by.values())
-        how = "every layer offloaded" if strategy == "auto" else f"every layer {strategy}"
+        how = ("every layer offloaded" if strategy == "auto" else
+               f"{offloaded} layers offloaded (all the host budget holds), the rest recomputed"
+               if strategy == "offload" and offloaded < L else f"every layer {strategy}")
         raise MemoryBudgetError(
             f"{gib(budget_bytes)} is too small for a micro-batch of {shape.batch} x {shape.seq} "
             f"tokens: {how} needs {gib(total, round_up=True)} (predicted); the smallest budget "
             f"that works is {gib(smallest, round_up=True)} (every layer offloaded)")
-    host = chosen.count("offload") * shape.tokens * row_bytes(config, shape)["h"]
-    return MemoryPlan(chosen, total, static, by, budget_bytes, host)
+    return MemoryPlan(chosen, total, static, by, budget_bytes, offloaded * per_host,
+                      host_budget_bytes)
 
 
 def shape_for_model(model, batch: int, seq: int) -> StepShape:

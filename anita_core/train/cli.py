@@ -18,9 +18,9 @@ from anita_core.train.flag_types import (comma_subset, count_or_fraction, learni
                                          non_negative_int, positive_float, positive_int,
                                          probability_0_1, seed_int, steps_or_off)
 from anita_core.train.presets import DPO_PRESETS, PRESETS, SFT_PRESETS
+from anita_core.train.memory_budget import add_memory_arguments, check_memory_environment
 from anita_core.train.run_checkpoint import exit_on_disk_full
 from anita_core.train.storage_faults import EXIT_DISK_FULL, disk_full_guard
-from anita_core.model.memory_plan import STRATEGIES
 from anita_core.model.weights import PROJECTIONS
 
 EXIT_BAD_INPUT = 2          # bad flag, file, row or output folder (argparse's code too)
@@ -70,15 +70,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, preset: str, presets: 
                    help="compute dtype (auto: bf16 on a GPU, fp32 on the CPU)")
     g.add_argument("--seed", type=seed_int, default=d["seed"], help="seed for data order, LoRA init, dropout")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
-    g.add_argument("--offload-activations", action="store_true",
-                   help="keep each block's input in (pinned) CPU memory between forward and backward "
-                        "(same as --recompute offload)")
-    g.add_argument("--memory-budget", type=positive_float, default=None, metavar="GiB",
-                   help="device memory the run may use; the memory planner keeps as many layers' "
-                        "activations as fit, recomputes the rest (default: free GPU memory minus a "
-                        "margin; on a CPU unlimited: every layer keeps)")
-    g.add_argument("--recompute", default="auto", choices=("auto",) + STRATEGIES,
-                   help="per-layer activation strategy: auto (the planner), or one for every layer")
+    add_memory_arguments(g)
 
     g = parser.add_argument_group("LoRA")
     g.add_argument("--lora-r", type=positive_int, default=d["lora_r"], help="rank")
@@ -156,6 +148,7 @@ def parse_command_line(build_parser, argv: List[str]):
                                                                   args.batch_size, world)
         except ValueError as e:
             parser.error(f"argument --global-batch-size: {e}")
+    check_memory_environment(parser)
     return parser, args
 
 
@@ -277,18 +270,20 @@ def run_training(trainer, args, model_dir, model, adapters, run, log,
     summary. Returns the process exit code; the run folder's lock is released."""
     from anita_core.model.memory_plan import MemoryBudgetError
     from anita_core.train.distributed import shutdown
-    from anita_core.train.memory_budget import apply_memory_plan
+    from anita_core.train.memory_budget import apply_memory_plan, reset_peak_memory
     try:
         try:
             apply_memory_plan(args, model, trainer.epoch_batches(0), log)
         except MemoryBudgetError as e:
-            log(f"error: --memory-budget: {e}")
+            flag = "--host-memory-budget" if "host budget" in str(e) else "--memory-budget"
+            log(f"error: {flag}: {e}")
             return EXIT_BAD_INPUT
+        reset_peak_memory(model.device)     # the plan predicts from here: loading is done
         with exit_on_disk_full(run.output_dir, log):
             code = _train_and_report(trainer, args, model_dir, model, adapters, run, log, data_stats)
         if model.device.type == "cuda":
             log(f"measured peak device memory: {torch.cuda.max_memory_allocated(model.device) / 2**30:.2f} "
-                f"GiB (torch.cuda.max_memory_allocated)")
+                f"GiB (torch.cuda.max_memory_allocated since the first step)")
         else:
             log("measured peak device memory: not measured on CPU")
         return code

@@ -282,11 +282,38 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().reshape(-1).view(torch.uint8)
 
 
+def _views_of_others(weights: List[NF4Weight]) -> Dict[Tuple[int, str], Tuple[int, str, int]]:
+    """(id of a weight, field) -> (id of the owner, field, element offset) for each sharded
+    field that is a contiguous view into another listed weight's (a projection's view
+    into its fused q/k/v or gate/up weight): gathered once, as part of the owner."""
+    by_storage: Dict[Tuple[str, int], List[Tuple[NF4Weight, torch.Tensor]]] = {}
+    for w in weights:
+        for name in SHARDED_NF4_FIELDS:
+            t = getattr(w, name)
+            if t is not None and t.numel():
+                by_storage.setdefault((name, t.untyped_storage().data_ptr()), []).append((w, t))
+    views = {}
+    for (name, _), members in by_storage.items():
+        if len(members) < 2:
+            continue
+        owner, whole = max(members, key=lambda m: m[1].numel())
+        for w, t in members:
+            offset = t.storage_offset() - whole.storage_offset()
+            if (w is not owner and t.is_contiguous() and whole.is_contiguous()
+                    and t.dtype == whole.dtype and 0 <= offset
+                    and offset + t.numel() <= whole.numel()):
+                views[(id(w), name)] = (id(owner), name, offset)
+    return views
+
+
 @dataclass
 class _LayerShard:
     # (weight, field name, dtype, shape, nbytes, offset of its slice in the shard)
     entries: List[Tuple[NF4Weight, str, torch.dtype, torch.Size, int, int]]
     shard: torch.Tensor                 # uint8 [shard_bytes], this rank's bytes
+    # (weight, field, dtype, shape, owner, owner's field, element offset): views rebuilt
+    views: List[Tuple[NF4Weight, str, torch.dtype, torch.Size, NF4Weight, str, int]] = \
+        dataclasses.field(default_factory=list)
 
 
 class ShardedBase:
@@ -294,9 +321,12 @@ class ShardedBase:
 
     Every sharded tensor is cut, as bytes padded to a multiple of world, into
     world equal slices; rank r keeps slice r of each, concatenated into one
-    buffer per layer, so a layer is gathered by a single all_gather. While a
-    layer is not in use its NF4Weights hold empty tensors (a kernel reaching one
-    fails its shape check instead of computing garbage).
+    buffer per layer, so a layer is gathered by a single all_gather. A tensor that
+    is a view into another one (a projection's slice of a fused q/k/v weight) is not
+    sharded: after the gather it becomes a view of the gathered owner again, so each
+    NF4 byte crosses the network and sits on the device once. While a layer is not
+    in use its NF4Weights hold empty tensors (a kernel reaching one fails its shape
+    check instead of computing garbage).
     """
 
     def __init__(self, ctx: DistContext, base, prefetch: bool = True):
@@ -308,11 +338,19 @@ class ShardedBase:
 
     def _shard_layer(self, layer) -> _LayerShard:
         world, rank = self.ctx.world_size, self.ctx.rank
-        entries, pieces, offset = [], [], 0
-        for w in layer_nf4_weights(layer):
+        weights = layer_nf4_weights(layer)
+        by_id = {id(w): w for w in weights}
+        view_of = _views_of_others(weights)
+        entries, pieces, views, offset = [], [], [], 0
+        for w in weights:
             for name in SHARDED_NF4_FIELDS:
                 t = getattr(w, name)
                 if t is None:
+                    continue
+                if (id(w), name) in view_of:
+                    owner, owner_name, element_offset = view_of[(id(w), name)]
+                    views.append((w, name, t.dtype, t.shape, by_id[owner], owner_name,
+                                  element_offset))
                     continue
                 raw = _as_bytes(t)
                 share = -(-raw.numel() // world)
@@ -321,9 +359,16 @@ class ShardedBase:
                 pieces.append(padded[rank * share:(rank + 1) * share].clone())
                 entries.append((w, name, t.dtype, t.shape, raw.numel(), offset))
                 offset += share
-                setattr(w, name, torch.empty(0, dtype=t.dtype, device=t.device))
         shard = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.uint8)
-        return _LayerShard(entries, shard)
+        result = _LayerShard(entries, shard, views)
+        self._empty(result)
+        return result
+
+    @staticmethod
+    def _empty(s: _LayerShard) -> None:
+        for w, name, dtype, *_ in list(s.entries) + list(s.views):
+            t = getattr(w, name)
+            setattr(w, name, torch.empty(0, dtype=dtype, device=t.device))
 
     def shard_bytes(self) -> int:
         return sum(s.shard.numel() for s in self.layers)
@@ -353,6 +398,10 @@ class ShardedBase:
             piece = -(-nbytes // self.ctx.world_size)
             raw = rows[:, offset:offset + piece].reshape(-1)[:nbytes]
             setattr(w, name, raw.clone().view(dtype).view(shape))
+        for w, name, dtype, shape, owner, owner_name, element_offset in s.views:
+            whole = getattr(owner, owner_name).reshape(-1)
+            n = shape.numel()
+            setattr(w, name, whole[element_offset:element_offset + n].view(shape))
 
     def gather(self, i: int, next_layer: Optional[int]) -> None:
         """Layer i whole on this rank; start gathering ``next_layer`` too."""
@@ -368,9 +417,7 @@ class ShardedBase:
         self._install(i, handle, out)
 
     def free(self, i: int) -> None:
-        for w, name, dtype, _, _, _ in self.layers[i].entries:
-            t = getattr(w, name)
-            setattr(w, name, torch.empty(0, dtype=dtype, device=t.device))
+        self._empty(self.layers[i])
 
 
 class DistributedHooks(LayerHooks):

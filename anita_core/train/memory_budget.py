@@ -1,10 +1,37 @@
-"""The run's memory plan: the budget a run may use and the per-layer strategy
-(keep / recompute / offload) the planner chooses for its largest micro-batch."""
+"""The run's memory plan: the budgets a run may use (device memory, and the pinned host
+memory offloaded layer inputs take), the per-layer strategy (keep / recompute /
+offload) the planner chooses for its largest micro-batch, the flags that set them, and
+where the measured peak that is compared with the plan starts."""
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
+
+from anita_core.model.memory_plan import STRATEGIES
+from anita_core.train.flag_types import positive_float
+
+HOST_BUDGET_ENV = "ANITA_HOST_MEMORY_BUDGET"     # GiB, as --host-memory-budget
+GiB = 2**30
+
+
+def add_memory_arguments(g) -> None:
+    """The memory flags of train_sft.py / train_dpo.py, in argument group ``g``."""
+    g.add_argument("--offload-activations", action="store_true",
+                   help="keep each block's input in (pinned) CPU memory between forward and backward "
+                        "(same as --recompute offload)")
+    g.add_argument("--memory-budget", type=positive_float, default=None, metavar="GiB",
+                   help="device memory the run may use; the memory planner keeps as many layers' "
+                        "activations as fit, recomputes the rest (default: free GPU memory minus a "
+                        "margin; on a CPU unlimited: every layer keeps)")
+    g.add_argument("--host-memory-budget", type=positive_float, default=None, metavar="GiB",
+                   help="pinned host memory the planner may fill with offloaded layer inputs; a plan "
+                        f"needing more is refused, --recompute offload recomputes the layers beyond "
+                        f"it (default: ${HOST_BUDGET_ENV} if set, else on a GPU the machine's "
+                        "available memory minus max(4 GiB, 10%%); on a CPU unlimited)")
+    g.add_argument("--recompute", default="auto", choices=("auto",) + STRATEGIES,
+                   help="per-layer activation strategy: auto (the planner), or one for every layer")
 
 
 def _model_rows(batch) -> tuple:
@@ -26,17 +53,88 @@ def default_memory_budget(device: torch.device) -> Optional[int]:
     return max(0, free + torch.cuda.memory_allocated(device) - margin)
 
 
+def available_host_bytes() -> Optional[int]:
+    """The host memory the kernel says can be allocated without swapping (MemAvailable),
+    or the free physical pages where /proc/meminfo is missing; None if neither is known."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def host_budget_from_env() -> Optional[int]:
+    """ANITA_HOST_MEMORY_BUDGET in bytes (None when unset); ValueError naming it when bad."""
+    text = os.environ.get(HOST_BUDGET_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{HOST_BUDGET_ENV}={text!r}: expected a positive number of GiB")
+    return int(value * GiB)
+
+
+def check_memory_environment(parser) -> None:
+    """A malformed ANITA_HOST_MEMORY_BUDGET is a usage error before anything loads."""
+    try:
+        host_budget_from_env()
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def default_host_budget(device: Optional[torch.device] = None) -> Optional[int]:
+    """Pinned host memory the planner may plan for: ANITA_HOST_MEMORY_BUDGET if set, else
+    (on a GPU, or with no device named) the available host memory minus max(4 GiB, 10%):
+    pinned pages cannot be swapped, and the process, the data and the page cache need
+    the rest. None (unlimited) on a CPU device or where the host memory is unknown."""
+    from_env = host_budget_from_env()
+    if from_env is not None:
+        return from_env
+    if device is not None and device.type != "cuda":
+        return None
+    available = available_host_bytes()
+    if available is None:
+        return None
+    return max(0, available - max(4 * GiB, available // 10))
+
+
+def host_budget(args, device: torch.device) -> Optional[int]:
+    """--host-memory-budget if given, else default_host_budget(device)."""
+    flag = getattr(args, "host_memory_budget", None)
+    return int(flag * GiB) if flag is not None else default_host_budget(device)
+
+
 def apply_memory_plan(args, model, batches, log):
     """Choose each layer's strategy for the largest micro-batch and log the prediction.
-    Raises MemoryBudgetError (naming the smallest budget) when nothing fits."""
+    Raises MemoryBudgetError (naming the smallest budget, or the host memory an
+    offloading plan needs) when nothing fits."""
     from anita_core.model.memory_plan import plan_memory, shape_for_model
     strategy = args.recompute
     if strategy == "auto" and args.offload_activations:
         strategy = "offload"
     rows, seq = max((_model_rows(b) for b in batches), key=lambda rs: rs[0] * rs[1])
-    budget = (int(args.memory_budget * 2**30) if args.memory_budget is not None
+    budget = (int(args.memory_budget * GiB) if args.memory_budget is not None
               else default_memory_budget(model.device))
-    plan = plan_memory(model.config, shape_for_model(model, rows, seq), budget, strategy)
+    plan = plan_memory(model.config, shape_for_model(model, rows, seq), budget, strategy,
+                       host_budget_bytes=host_budget(args, model.device))
     model.set_layer_strategies(plan.strategies)
     log(f"{plan.describe()} for micro-batches up to {rows} x {seq} tokens (a prediction)")
     return plan
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start the measured peak where the plan's prediction starts: after loading (and a
+    DPO reference precompute), right before the first training step, so that
+    torch.cuda.max_memory_allocated at the end compares with the predicted step peak
+    (static bytes + one step's activations), not with a load-time high-water mark."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
