@@ -26,14 +26,16 @@ def default_memory_budget(device: torch.device) -> Optional[int]:
     return max(0, free + torch.cuda.memory_allocated(device) - margin)
 
 
-def apply_memory_plan(args, model, batches, log):
-    """Choose each layer's strategy for the largest micro-batch and log the prediction.
-    Raises MemoryBudgetError (naming the smallest budget) when nothing fits."""
+def apply_memory_plan(args, model, batches, log, largest=None):
+    """Choose each layer's strategy for the largest micro-batch and log the prediction:
+    ``largest`` (rows, seq) when the caller knows a bound over every epoch, else the
+    largest of ``batches``. Raises MemoryBudgetError (naming the smallest budget)
+    when nothing fits."""
     from anita_core.model.memory_plan import plan_memory, shape_for_model
     strategy = args.recompute
     if strategy == "auto" and args.offload_activations:
         strategy = "offload"
-    rows, seq = max((_model_rows(b) for b in batches), key=lambda rs: rs[0] * rs[1])
+    rows, seq = largest or max((_model_rows(b) for b in batches), key=lambda rs: rs[0] * rs[1])
     budget = (int(args.memory_budget * 2**30) if args.memory_budget is not None
               else default_memory_budget(model.device))
     plan = plan_memory(model.config, shape_for_model(model, rows, seq), budget, strategy)

@@ -50,7 +50,7 @@ class SFTObjective:
         b = batch_to_device(batch, self.model.device)
         loss_sum, _ = self.model.train_step(b["input_ids"], b["targets"], b.get("position_ids"),
                                             b.get("segment_ids"), grad_scale=grad_scale, facts=facts)
-        return {"loss": loss_sum, "tokens": _real_tokens(batch)}
+        return {"loss": loss_sum, "tokens": _real_tokens(batch), "computed": batch["input_ids"].numel()}
 
     @torch.no_grad()
     def evaluate(self, batches: Sequence) -> Dict[str, float]:
@@ -158,7 +158,8 @@ class DPOObjective:
         self.model.logprobs_backward(d_token, saved)
         metrics = dpo_metrics(policy, reference, self.beta)
         sums: Dict[str, object] = {k: v.double() * n_pairs for k, v in metrics.items()}
-        sums.update(loss=loss_sum.detach(), tokens=_real_tokens(host))
+        sums.update(loss=loss_sum.detach(), tokens=_real_tokens(host),
+                    computed=host["input_ids"].numel())
         return sums
 
     @torch.no_grad()

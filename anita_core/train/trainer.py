@@ -41,8 +41,9 @@ class Objective(Protocol):
 
     def micro_step(self, batch, grad_scale: float) -> Dict[str, object]:
         """Add grad_scale * d(loss sum)/d(params) into .grad; return sums:
-        {"loss": loss sum, "tokens": tokens processed, <metric>: sum over units},
-        each a Python number or a 0-dim device tensor (read back once per step).
+        {"loss": loss sum, "tokens": tokens processed (not padding), "computed":
+        positions computed, padding included (default: tokens), <metric>: sum over
+        units}, each a Python number or a 0-dim device tensor (read back once per step).
         A non-finite loss need not be caught here: the step's check sees it."""
 
     def evaluate(self, batches: Sequence) -> Dict[str, float]:
@@ -204,6 +205,7 @@ class Trainer:
         self._last_eval: dict = {}        # the latest eval metrics, and the step they are of
         self._last_eval_step: Optional[int] = None
         self._last_save_time = time.monotonic()
+        self.tokens_trained = self.tokens_computed = 0    # over this process's steps
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -348,9 +350,12 @@ class Trainer:
                                                      self.batches_per_epoch, 4),
                   "lr": lr, "grad_norm": grad_norm, "units": units}
         tokens = totals.pop("tokens", 0.0)
+        computed = totals.pop("computed", tokens)
         for k, v in totals.items():
             record[k] = v / max(units, 1)
-        record["tokens"] = int(tokens)
+        record["tokens"], record["computed_tokens"] = int(tokens), int(computed)
+        self.tokens_trained += record["tokens"]
+        self.tokens_computed += record["computed_tokens"]
         return record
 
     def _sum_over_ranks(self, totals: Dict[str, float], failure: Optional[str]):
