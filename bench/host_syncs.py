@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import sys
 import tempfile
 import traceback
@@ -98,7 +97,8 @@ def _tensors(tree) -> List[torch.Tensor]:
 def _device_of(value) -> Optional[torch.device]:
     if isinstance(value, torch.Tensor):
         return value.device
-    if isinstance(value, (str, torch.device)) or (isinstance(value, int) and not isinstance(value, bool)):
+    if isinstance(value, (str, torch.device)) or (isinstance(value, int)
+                                                   and not isinstance(value, bool)):
         try:
             return torch.device(value)
         except (RuntimeError, TypeError):
@@ -188,7 +188,8 @@ class HostSyncCounter:
         host = self.is_host(src)
         if self.device.type == "cpu" and target is not None and not host and not literal_host:
             target = None          # a device tensor to the model's device (the CPU): no move
-        if target is None or (host and target.type == "cpu" and (literal_host or self.device.type != "cpu")):
+        if target is None or (host and target.type == "cpu"
+                              and (literal_host or self.device.type != "cpu")):
             return func(*args, **kwargs)                    # a dtype change, or host to host
         upload = host
         if upload:
@@ -257,7 +258,8 @@ class HostSyncCounter:
             self.count("device->host copy")
         elif direction == "host->device" and not (
                 non_blocking and (src.device.type == self.device.type or src.is_pinned())):
-            self.count("host->device copy (blocking)")      # (a CPU run cannot pin: non_blocking is enough)
+            # (a CPU run cannot pin: non_blocking is enough there)
+            self.count("host->device copy (blocking)")
 
 
 def _copy_direction(src: torch.device, dst) -> Optional[str]:
@@ -392,9 +394,11 @@ def format_report(result: dict) -> str:
         lines.append(f"step {row['step']}: {row['per_step']} syncs in all; per micro-batch "
                      + ", ".join(str(n) for n in row["per_micro_batch"]))
     lines.append(f"final checkpoint: {result['checkpoint']} syncs")
-    grouped = collections.Counter(
-        (s["section"].split(" micro-batch")[0] + (" (micro-batches)" if "micro-batch" in s["section"] else ""),
-         s["what"], s["where"]) for s in result["syncs"])
+    def group(section: str) -> str:
+        step = section.split(" micro-batch")[0]
+        return step + (" (micro-batches)" if step != section else "")
+    grouped = collections.Counter((group(s["section"]), s["what"], s["where"])
+                                  for s in result["syncs"])
     for (section, what, where), n in sorted(grouped.items()):
         lines.append(f"  {section:26s} {n:3d} x {what:32s} {where}")
     return "\n".join(lines)
@@ -402,30 +406,30 @@ def format_report(result: dict) -> str:
 
 def parse_args(argv=None):
     from anita_core.model.ops import BACKENDS
+    from anita_core.train.flag_types import int_at_least, positive_int, probability_0_1
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default=str(TINY_MODEL), help="HF LLaMA checkpoint folder")
+    parser.add_argument("--model", type=_model_folder, default=str(TINY_MODEL),
+                        help="HF LLaMA checkpoint folder")
     parser.add_argument("--backend", choices=BACKENDS, default="triton", help="who runs the model's ops")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="compute dtype")
-    parser.add_argument("--batch", type=int, default=1, help="packed rows per micro-batch")
-    parser.add_argument("--seq", type=int, default=64, help="tokens per packed row")
-    parser.add_argument("--accumulation", type=int, default=4, help="micro-batches per optimizer step")
-    parser.add_argument("--steps", type=int, default=2, help="optimizer steps (the first warms up)")
-    parser.add_argument("--rank", type=int, default=8, help="LoRA rank r")
-    parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout p")
+    parser.add_argument("--batch", type=positive_int, default=1, help="packed rows per micro-batch")
+    parser.add_argument("--seq", type=int_at_least(2), default=64, help="tokens per packed row")
+    parser.add_argument("--accumulation", type=positive_int, default=4,
+                        help="micro-batches per optimizer step")
+    parser.add_argument("--steps", type=positive_int, default=2,
+                        help="optimizer steps (the first warms up)")
+    parser.add_argument("--rank", type=positive_int, default=8, help="LoRA rank r")
+    parser.add_argument("--dropout", type=probability_0_1, default=0.0, help="LoRA dropout p")
     parser.add_argument("--progress", action="store_true", help="show the trainer's progress bar")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
-    args = parser.parse_args(argv)
-    for flag in ("batch", "accumulation", "steps", "rank"):
-        if getattr(args, flag) < 1:
-            parser.error(f"argument --{flag}: must be >= 1, got {getattr(args, flag)}")
-    if args.seq < 2:
-        parser.error(f"argument --seq: must be >= 2, got {args.seq}")
-    if not 0.0 <= args.dropout < 1.0:
-        parser.error(f"argument --dropout: must be in [0, 1), got {args.dropout}")
-    if not Path(args.model, "config.json").is_file():
-        parser.error(f"argument --model: {args.model} has no config.json")
-    return args
+    return parser.parse_args(argv)
+
+
+def _model_folder(text: str) -> str:
+    if not Path(text, "config.json").is_file():
+        raise argparse.ArgumentTypeError(f"{text} has no config.json")
+    return text
 
 
 def main(argv=None) -> int:
@@ -433,10 +437,8 @@ def main(argv=None) -> int:
     result = measure(args)
     print(format_report(result))
     if args.json:
-        path = Path(args.json)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=1, default=str))
-        tmp.replace(path)
+        from bench.common import write_json
+        write_json(args.json, result)
     return 0
 
 

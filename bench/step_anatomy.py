@@ -266,7 +266,8 @@ def measure(args) -> dict:
                 tokens=tokens, activation_bytes=activation_bytes, minimum_layer_flops=minimum,
                 peak_live_bytes=recorder.peak_bytes,
                 peak_live_in_activations=recorder.peak_bytes / activation_bytes,
-                host_syncs=[f"{s.what} at {s.where}" for s in syncs.syncs], layers=layers, outside=recorder.sections[OUTSIDE].as_dict(activation_bytes))
+                host_syncs=[f"{s.what} at {s.where}" for s in syncs.syncs],
+                layers=layers, outside=recorder.sections[OUTSIDE].as_dict(activation_bytes))
 
 
 def format_report(result: dict) -> str:

@@ -170,7 +170,8 @@ class QLoRALlama:
         return cos, sin
 
     def geometry(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor],
-                 segment_ids: Optional[torch.Tensor], facts: Optional[BatchFacts] = None) -> BlockGeometry:
+                 segment_ids: Optional[torch.Tensor],
+                 facts: Optional[BatchFacts] = None) -> BlockGeometry:
         """The batch's positions, RoPE tables and document bounds. The table size comes
         from the shape (no position_ids: 0 .. S-1) or from ``facts`` (counted on the
         host); only positions given without facts are read back to be checked."""
