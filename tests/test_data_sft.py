@@ -11,7 +11,8 @@ import torch
 
 from anita_core.assets import TOKENIZER_DIR, sample_path
 from anita_core.data import (IGNORE_INDEX, BadRowError, SFTDataConfig, build_sft_data, check_batch,
-                             documents_from_rows, load_tokenizer, next_fit_rows, sft_batches,
+                             documents_from_rows, largest_sft_batch, load_tokenizer,
+                             next_fit_rows, sft_batches,
                              shuffled, to_hf_batch)
 from anita_core.data import templates
 from anita_core.data.documents import Document, make_document
@@ -238,6 +239,22 @@ def test_short_documents_are_not_padded_to_the_row_length(tok):
         longest = int((b["segment_ids"] >= 0).sum(dim=1).max())
         assert b["input_ids"].shape[1] == min(-(-longest // 100) * 100, 150)
     assert max(b["input_ids"].shape[1] for b in two) == 150           # the cap was met
+
+
+def test_largest_sft_batch_bounds_every_epoch(tok):
+    """The memory plan is made for largest_sft_batch: no shuffle packs a wider batch."""
+    docs = _docs(tok, "chat", sample_rows("chat")) + _docs(tok, "text", sample_rows("text"))
+    lengths = [len(d) for d in docs]
+    for pack, seq_len in ((True, 203), (True, 100000), (False, 400)):
+        rows, width = largest_sft_batch(lengths, batch_size=3, seq_len=seq_len, pack=pack)
+        seen = [tuple(b["input_ids"].shape) for seed in range(8)
+                for b in sft_batches(docs, batch_size=3, seq_len=seq_len, pad_id=tok.pad_id,
+                                     pack=pack, shuffle_seed=seed)]
+        assert all(r <= rows and w <= width for r, w in seen), (pack, seq_len, rows, width)
+        assert max(r for r, _ in seen) == rows and max(w for _, w in seen) == width
+    # all the data in one row: as wide as all its tokens (rounded), not seq_len
+    assert largest_sft_batch(lengths, batch_size=3, seq_len=100000)[1] == \
+        -(-sum(lengths) // PACKED_WIDTH_MULTIPLE) * PACKED_WIDTH_MULTIPLE
 
 
 def test_next_fit_rows_fill_rows_in_order():

@@ -99,12 +99,16 @@ def packed_width(longest: int, seq_len: int, multiple: Optional[int] = PACKED_WI
 def largest_sft_batch(lengths: Sequence[int], *, batch_size: int, seq_len: int, pack: bool = True,
                       pad_to_multiple_of: Optional[int] = None) -> Tuple[int, int]:
     """(rows, width): the largest batch ``sft_batches`` can make of documents of these
-    lengths in any order, i.e. in any epoch's shuffle (what a memory plan must fit)."""
-    if pack:    # a packed row holds at most seq_len tokens, and at most all there are
-        longest, multiple = min(seq_len, sum(lengths)), pad_to_multiple_of or PACKED_WIDTH_MULTIPLE
-    else:
-        longest, multiple = max(lengths), pad_to_multiple_of
-    return min(batch_size, len(lengths)), packed_width(longest, seq_len, multiple)
+    lengths in any order, i.e. in any epoch's shuffle (what a memory plan must fit).
+    Packed, a row holds at most seq_len tokens and at most all there are; and next fit
+    opens a row only when the next document does not fit, so two neighbouring rows
+    hold more than seq_len together: fewer than 2 * tokens / seq_len + 1 rows."""
+    rows = min(batch_size, len(lengths))
+    if not pack:
+        return rows, packed_width(max(lengths), seq_len, pad_to_multiple_of)
+    total = sum(lengths)
+    return (min(rows, 2 * total // seq_len + 1),
+            packed_width(min(seq_len, total), seq_len, pad_to_multiple_of or PACKED_WIDTH_MULTIPLE))
 
 
 def sft_batches(documents: Sequence[Document], *, batch_size: int, seq_len: int, pad_id: int,
