@@ -181,7 +181,7 @@ class QLoRALlama:
                 raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {(B, S)} like input_ids")
         if position_ids is None:
             position_ids = torch.arange(S, device=self.device).expand(B, S)
-            cos, sin = self.rope_tables(S)
+            cos, sin = self.rope_tables(max(S, 1))
         elif facts is not None:
             cos, sin = self.rope_tables(facts.position_bound)
         else:
