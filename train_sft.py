@@ -57,7 +57,8 @@ def main(argv=None) -> int:
     from anita_core.train.run_identity import run_settings
     from anita_core.train.run_start import start_run
     _, args = parse_command_line(build_parser, argv)
-    from anita_core.data import SFTDataConfig, build_sft_data, load_tokenizer, sft_batches
+    from anita_core.data import (SFTDataConfig, build_sft_data, largest_sft_batch, load_tokenizer,
+                                 sft_batches)
     from anita_core.train.objectives import SFTObjective
     from anita_core.train.trainer import Trainer
     dist = start_distributed(args)
@@ -94,7 +95,10 @@ def main(argv=None) -> int:
         f"output in {output_dir}" + (f"; {dist.world_size} ranks ({dist.backend}), "
         f"{'sharded' if args.sharded_base else 'whole'} base, global batch "
         f"{args.batch_size * args.gradient_accumulation_steps * dist.world_size}" if dist.active else ""))
-    return run_training(trainer, args, model_dir, model, adapters, run, log, data.stats)
+    # packed widths follow each batch's longest row: plan for the widest any epoch can make
+    largest = largest_sft_batch([len(d) for d in data.train], batch_size=args.batch_size,
+                                seq_len=args.max_seq_length, pack=not args.no_packing)
+    return run_training(trainer, args, model_dir, model, adapters, run, log, data.stats, largest)
 
 
 if __name__ == "__main__":

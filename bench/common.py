@@ -360,3 +360,12 @@ def progress(iterable, *, total: Optional[int], desc: str, ctx: RunContext):
     return tqdm(iterable, total=total, desc=desc, disable=not ctx.progress, file=sys.stderr,
                 dynamic_ncols=True)
 
+
+
+def write_json(path, result: dict) -> None:
+    """``result`` as JSON at ``path``, written whole or not at all (temp file, rename)."""
+    import json
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=str))
+    tmp.replace(path)

@@ -25,7 +25,9 @@ How each figure is caught (runs through the Triton interpreter on a CPU and on a
   * peak live activation bytes: every tensor an op creates during the step is held
     by a weak reference until it dies; the peak of the sum of live storages (each
     counted once), relative to one activation. Weights and adapters made before the
-    step are not counted.
+    step are not counted;
+  * host syncs: bench.host_syncs.HostSyncCounter over the step, which gets the
+    batch's facts counted on the host as the trainer's objectives do.
 
 Without ``--json`` it prints a table; ``--json`` writes the figures too.
 """
@@ -43,6 +45,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import csrc_triton
+from anita_core.model.batch_facts import batch_facts
+from bench.host_syncs import HostSyncCounter
 from csrc_triton import _runtime
 
 TINY_MODEL = Path(__file__).resolve().parent.parent / "anita_core" / "assets" / "tiny-llama3"
@@ -171,7 +175,7 @@ def _layer_hooks_class():
     return WhereHooks
 
 
-def train_step_keeping_activations(model, ids, targets, recorder: StepRecorder) -> None:
+def train_step_keeping_activations(model, ids, targets, recorder: StepRecorder, facts) -> None:
     """model.train_step with every layer's activations kept (block_forward_saving, then
     block_backward_saved): nothing recomputed. A stand-in for the memory planner's
     keep strategy, so the without-recompute figures can be counted; no dropout replay
@@ -181,8 +185,8 @@ def train_step_keeping_activations(model, ids, targets, recorder: StepRecorder) 
     from anita_core.model.ops import (linear_cross_entropy_forward_backward, rms_norm_backward,
                                       rms_norm_forward)
     c = model.config
-    geo = model.geometry(ids, None, None)
-    h, saved = model.embed(ids), []
+    geo = model.geometry(ids, None, None, facts)
+    h, saved = model.embed(ids, checked=True), []
     for i, layer in enumerate(model.base.layers):
         recorder.where = f"layer {i}"
         h, kept = block_forward_saving(h, layer, geo, c.num_attention_heads,
@@ -191,7 +195,8 @@ def train_step_keeping_activations(model, ids, targets, recorder: StepRecorder) 
         recorder.where = OUTSIDE
     hidden, rstd = rms_norm_forward(h, model.base.norm, c.rms_norm_eps)
     _, _, d_hidden, _ = linear_cross_entropy_forward_backward(
-        hidden, model.base.output_embedding, targets.reshape(-1), 1.0, IGNORE_INDEX)
+        hidden, model.base.output_embedding, targets.reshape(-1), 1.0, IGNORE_INDEX,
+        num_targets=facts.num_targets)
     dh, _ = rms_norm_backward(d_hidden.contiguous(), h, model.base.norm, rstd, False)
     for i in reversed(range(len(model.base.layers))):
         recorder.where = f"layer {i}"
@@ -239,18 +244,20 @@ def measure(args) -> dict:
     model = build_model(args, device)
     V = model.config.vocab_size
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, V, (args.batch, args.seq), generator=generator).to(device)
-    targets = torch.randint(0, V, (args.batch, args.seq), generator=generator).to(device)
-    model.train_step(ids, targets)          # warm caches (dequantized weights, tables)
+    ids = torch.randint(0, V, (args.batch, args.seq), generator=generator)
+    targets = torch.randint(0, V, (args.batch, args.seq), generator=generator)
+    facts = batch_facts(ids, targets, None, V)      # on the host, as SFTObjective does
+    ids, targets = ids.to(device), targets.to(device)
+    model.train_step(ids, targets, facts=facts)     # warm caches (dequantized weights, tables)
     if model.adapters is not None:
         model.adapters.zero_grad()
-    recorder = StepRecorder()
+    recorder, syncs = StepRecorder(), HostSyncCounter(model.device)
     model.layer_hooks = _layer_hooks_class()(recorder)
-    with _runtime.listen_to_launches(recorder.on_launch), recorder:
+    with _runtime.listen_to_launches(recorder.on_launch), recorder, syncs:
         if args.no_recompute:
-            train_step_keeping_activations(model, ids, targets, recorder)
+            train_step_keeping_activations(model, ids, targets, recorder, facts)
         else:
-            model.train_step(ids, targets)
+            model.train_step(ids, targets, facts=facts)
     tokens = args.batch * args.seq
     activation_bytes = tokens * model.config.hidden_size * DTYPES[args.dtype].itemsize
     n_layers = model.config.num_hidden_layers
@@ -263,6 +270,7 @@ def measure(args) -> dict:
                 tokens=tokens, activation_bytes=activation_bytes, minimum_layer_flops=minimum,
                 peak_live_bytes=recorder.peak_bytes,
                 peak_live_in_activations=recorder.peak_bytes / activation_bytes,
+                host_syncs=[f"{s.what} at {s.where}" for s in syncs.syncs],
                 layers=layers, outside=recorder.sections[OUTSIDE].as_dict(activation_bytes))
 
 
@@ -287,7 +295,9 @@ def format_report(result: dict) -> str:
                  f"{result['activation_bytes']} bytes; peak live = every tensor made in the step "
                  "and alive while the layer ran (block inputs of all layers included)")
     lines.append(f"whole step: peak live {result['peak_live_in_activations']:.1f}a; outside the "
-                 f"layers {result['outside']['launches_plus_matmuls']} launches + matmuls")
+                 f"layers {result['outside']['launches_plus_matmuls']} launches + matmuls; "
+                 f"{len(result['host_syncs'])} host syncs"
+                 + "".join(f"\n  host sync: {s}" for s in result["host_syncs"]))
     return "\n".join(lines)
 
 

@@ -12,17 +12,18 @@ import torch
 
 from csrc_triton._runtime import new_output
 from csrc_triton.linear_loss import (DEFAULT_CHUNK_BYTES, _check_common, _check_scalar, _chunk_rows,
-                                     check_token_logprobs_backward_args, scatter_token_logprobs)
+                                     check_token_logprobs_backward_args, scatter_token_logprobs,
+                                     target_rows)
 
 
 def _chunked_pass(hidden, weight, labels, ignore_index, chunk_bytes, *, row_scale=None,
-                  saved_lse=None, weight_grad=False):
+                  saved_lse=None, weight_grad=False, num_targets=None):
     """(rows, lse, target, dhidden, dweight) over the non-ignored rows; gradients of
     sum_t row_scale_t * (lse_t - target_t) when row_scale is given (target is None
-    when saved_lse is given)."""
+    when saved_lse is given). ``num_targets``: see csrc_triton.linear_loss.target_rows."""
     T, H = hidden.shape
     V = weight.shape[0]
-    rows = torch.nonzero(labels != ignore_index).squeeze(1)
+    rows = target_rows(labels, ignore_index, num_targets)
     n = rows.numel()
     w32 = weight.float()
     dhidden = torch.zeros_like(hidden) if row_scale is not None else None
@@ -62,47 +63,53 @@ def _loss_and_count(rows, lse, target, hidden):
 def linear_cross_entropy_forward_backward(hidden: torch.Tensor, weight: torch.Tensor,
                                           labels: torch.Tensor, grad_scale: float,
                                           ignore_index: int = -100, weight_grad: bool = False,
-                                          chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+                                          chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                                          num_targets=None):
     """(loss_sum fp32 0-dim, n_tokens int64 0-dim, dhidden in hidden's dtype, dweight
     fp32 or None): the loss and the gradients of grad_scale * loss_sum."""
     op = "linear_cross_entropy_forward_backward"
-    T, _, _ = _check_common(op, hidden, weight, labels, ignore_index, chunk_bytes)
+    T, _, _ = _check_common(op, hidden, weight, labels, ignore_index, chunk_bytes, num_targets)
     grad_scale = _check_scalar(op, "grad_scale", grad_scale)
     row_scale = torch.full((T,), grad_scale, dtype=torch.float32, device=hidden.device)
     rows, lse, target, dhidden, dweight = _chunked_pass(
         hidden, weight, labels, ignore_index, chunk_bytes, row_scale=row_scale,
-        weight_grad=bool(weight_grad))
+        weight_grad=bool(weight_grad), num_targets=num_targets)
     loss_sum, n_tokens = _loss_and_count(rows, lse, target, hidden)
     return loss_sum, n_tokens, dhidden, dweight
 
 
 def linear_cross_entropy_forward(hidden: torch.Tensor, weight: torch.Tensor,
                                  labels: torch.Tensor, ignore_index: int = -100,
-                                 chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+                                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, num_targets=None):
     """(loss_sum fp32 0-dim, n_tokens int64 0-dim), no gradients."""
     _check_common("linear_cross_entropy_forward", hidden, weight, labels, ignore_index,
-                  chunk_bytes)
-    rows, lse, target, _, _ = _chunked_pass(hidden, weight, labels, ignore_index, chunk_bytes)
+                  chunk_bytes, num_targets)
+    rows, lse, target, _, _ = _chunked_pass(hidden, weight, labels, ignore_index, chunk_bytes,
+                                            num_targets=num_targets)
     return _loss_and_count(rows, lse, target, hidden)
 
 
 def token_logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                           ignore_index: int = -100, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+                           ignore_index: int = -100, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                           num_targets=None):
     """(logp fp32 [T], lse fp32 [T]), both exactly 0 at ignored positions."""
-    _check_common("token_logprobs_forward", hidden, weight, labels, ignore_index, chunk_bytes)
-    rows, lse_rows, target_rows, _, _ = _chunked_pass(hidden, weight, labels, ignore_index,
-                                                      chunk_bytes)
-    return scatter_token_logprobs(hidden.shape[0], rows, lse_rows, target_rows)
+    _check_common("token_logprobs_forward", hidden, weight, labels, ignore_index, chunk_bytes,
+                  num_targets)
+    rows, lse_rows, target_logits, _, _ = _chunked_pass(hidden, weight, labels, ignore_index,
+                                                        chunk_bytes, num_targets=num_targets)
+    return scatter_token_logprobs(hidden.shape[0], rows, lse_rows, target_logits)
 
 
 def token_logprobs_backward(dlogp: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
                             labels: torch.Tensor, lse: torch.Tensor, ignore_index: int = -100,
-                            weight_grad: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+                            weight_grad: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                            num_targets=None):
     """(dhidden in hidden's dtype, dweight fp32 or None) for the upstream dlogp fp32 [T];
     the gradient rows are the cross-entropy rows with row scale -dlogp."""
     check_token_logprobs_backward_args(dlogp, hidden, weight, labels, lse, ignore_index,
-                                       chunk_bytes)
+                                       chunk_bytes, num_targets)
     _, _, _, dhidden, dweight = _chunked_pass(hidden, weight, labels, ignore_index, chunk_bytes,
                                               row_scale=-dlogp, saved_lse=lse,
-                                              weight_grad=bool(weight_grad))
+                                              weight_grad=bool(weight_grad),
+                                              num_targets=num_targets)
     return dhidden, dweight

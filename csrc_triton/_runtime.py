@@ -101,6 +101,18 @@ def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
     return out
 
 
+def upload(t: torch.Tensor, device) -> torch.Tensor:
+    """``t`` on ``device`` without making the host wait. A blocking copy from the CPU
+    to a GPU waits for every queued kernel (torch synchronizes the stream after it),
+    and so may a non_blocking one from pageable memory; a non_blocking copy from
+    pinned memory does not (torch's pinned-memory cache keeps the staging buffer
+    until the copy is done). On a CPU this is ``t.to(device)``."""
+    device = torch.device("cpu" if device is None else device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def describe() -> str:
     """One line saying how kernels run in this process."""
     if INTERPRETING:

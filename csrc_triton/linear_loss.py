@@ -37,6 +37,9 @@ Low level (the model's hand-written backward):
   token_logprobs_backward(dlogp, hidden, weight, labels, lse, ignore_index=-100,
       weight_grad=False, chunk_bytes=DEFAULT_CHUNK_BYTES) -> (dhidden, dweight or None)
       dh_t = dlogp_t * (onehot(y_t) - softmax_t) @ W.
+  Each also takes num_targets=None: the number of labels that are not ignore_index,
+  counted (and the labels checked) on the host by a caller that knows them; with it
+  the launcher reads nothing back from the device (target_rows).
 
 dtypes: hidden and weight share one of fp32 / fp16 / bf16. loss and logp are
 fp32; dhidden has hidden's dtype; the low-level dweight is fp32 (accumulated
@@ -124,7 +127,8 @@ def _half_headroom(row_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 # argument checks
 
 
-def _check_common(op, hidden, weight, labels, ignore_index, chunk_bytes) -> tuple[int, int, int]:
+def _check_common(op, hidden, weight, labels, ignore_index, chunk_bytes,
+                  num_targets=None) -> tuple[int, int, int]:
     check_tensor(op, "hidden", hidden, dtypes=FLOAT_DTYPES, ndim=2)
     T, H = hidden.shape
     check_tensor(op, "weight", weight, dtypes=(hidden.dtype,), ndim=2)
@@ -139,8 +143,28 @@ def _check_common(op, hidden, weight, labels, ignore_index, chunk_bytes) -> tupl
     check_ignore_index(op, ignore_index)
     if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
         raise ValueError(f"{op}: chunk_bytes must be a positive int, got {chunk_bytes!r}")
-    check_labels_in_range(op, labels, V, ignore_index)
+    if num_targets is None:
+        check_labels_in_range(op, labels, V, ignore_index)      # one device read
+    elif isinstance(num_targets, bool) or not isinstance(num_targets, int) or not 0 <= num_targets <= T:
+        raise ValueError(f"{op}: num_targets must be an int in [0, {T}], got {num_targets!r}")
     return T, H, V
+
+
+def target_rows(labels: torch.Tensor, ignore_index: int, num_targets=None) -> torch.Tensor:
+    """int64 [N]: the indices of the labels that are not ignore_index, in order.
+
+    Without ``num_targets`` that is a nonzero, whose size the host must wait for
+    (a device sync). A caller that counted the targets on the host (and checked
+    that each lies in the vocabulary: the model's batch_facts) passes the count:
+    a stable sort of the ignored flags puts the kept indices first, in order, and
+    the first num_targets of them are taken without the host waiting. A count
+    that does not match the labels fails a device-side assertion."""
+    kept = labels != ignore_index
+    if num_targets is None:
+        return torch.nonzero(kept).squeeze(1)
+    torch._assert_async(kept.sum() == num_targets,
+                        "linear_loss: num_targets does not match the labels that are not ignore_index")
+    return torch.sort((~kept).to(torch.uint8), stable=True).indices[:num_targets]
 
 
 def _check_scalar(op, name, value) -> float:
@@ -194,8 +218,8 @@ def _accumulate_grads(dlogits, down, weight, h_c, rows_c, dhidden, dweight):
         dweight.add_(dw_c)
 
 
-def _chunked_pass(hidden, weight, labels, ignore_index, chunk_bytes, *,
-                  row_scale=None, saved_lse=None, hidden_grad=False, weight_grad=False):
+def _chunked_pass(hidden, weight, labels, ignore_index, chunk_bytes, *, row_scale=None,
+                  saved_lse=None, hidden_grad=False, weight_grad=False, num_targets=None):
     """One pass over the non-ignored tokens, chunk by chunk.
 
     Returns (rows, lse, target, dhidden, dweight). rows int64 [N] are the
@@ -204,11 +228,11 @@ def _chunked_pass(hidden, weight, labels, ignore_index, chunk_bytes, *,
     forward's lse). When row_scale (fp32 [T]) is given, the gradients of
     sum_t row_scale_t * (lse_t - target_t) are accumulated into dhidden [T, H]
     (hidden's dtype, 0 at ignored rows) and dweight fp32 [V, H]; each is None
-    when not asked for.
+    when not asked for. ``num_targets``: see target_rows.
     """
     T, H = hidden.shape
     V = weight.shape[0]
-    rows = torch.nonzero(labels != ignore_index).squeeze(1)
+    rows = target_rows(labels, ignore_index, num_targets)
     n = rows.numel()
     want_grads = row_scale is not None and (hidden_grad or weight_grad)
     dhidden = torch.zeros_like(hidden) if want_grads and hidden_grad else None
@@ -252,56 +276,63 @@ def _chunked_pass(hidden, weight, labels, ignore_index, chunk_bytes, *,
 def linear_cross_entropy_forward_backward(hidden: torch.Tensor, weight: torch.Tensor,
                                           labels: torch.Tensor, grad_scale: float,
                                           ignore_index: int = -100, weight_grad: bool = False,
-                                          chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+                                          chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                                          num_targets=None):
     """(loss_sum fp32 0-dim, n_tokens int64 0-dim, dhidden [T, H] in hidden's
     dtype, dweight fp32 [V, H] or None): loss and the gradients of
-    grad_scale * loss_sum, in one pass over the token chunks."""
+    grad_scale * loss_sum, in one pass over the token chunks. ``num_targets``
+    (counted and checked on the host, see target_rows): no device reads."""
     op = "linear_cross_entropy_forward_backward"
-    T, _, _ = _check_common(op, hidden, weight, labels, ignore_index, chunk_bytes)
+    T, _, _ = _check_common(op, hidden, weight, labels, ignore_index, chunk_bytes, num_targets)
     grad_scale = _check_scalar(op, "grad_scale", grad_scale)
     return _fused_unchecked(hidden, weight, labels, ignore_index, chunk_bytes,
-                            grad_scale=grad_scale, hidden_grad=True, weight_grad=bool(weight_grad))
+                            grad_scale=grad_scale, hidden_grad=True, weight_grad=bool(weight_grad),
+                            num_targets=num_targets)
 
 
 def linear_cross_entropy_forward(hidden: torch.Tensor, weight: torch.Tensor,
                                  labels: torch.Tensor, ignore_index: int = -100,
-                                 chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+                                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, num_targets=None):
     """(loss_sum fp32 0-dim, n_tokens int64 0-dim) alone, for evaluation: no
     gradient rows and none of the two backward matmuls per chunk."""
     _check_common("linear_cross_entropy_forward", hidden, weight, labels, ignore_index,
-                  chunk_bytes)
+                  chunk_bytes, num_targets)
     loss_sum, n_tokens, _, _ = _fused_unchecked(hidden, weight, labels, ignore_index,
-                                                chunk_bytes, grad_scale=None,
-                                                hidden_grad=False, weight_grad=False)
+                                                chunk_bytes, grad_scale=None, hidden_grad=False,
+                                                weight_grad=False, num_targets=num_targets)
     return loss_sum, n_tokens
 
 
 def _fused_unchecked(hidden, weight, labels, ignore_index, chunk_bytes, *, grad_scale,
-                     hidden_grad, weight_grad):
+                     hidden_grad, weight_grad, num_targets=None):
     T = hidden.shape[0]
     row_scale = None
     if grad_scale is not None:
         row_scale = torch.full((T,), grad_scale, dtype=torch.float32, device=hidden.device)
     rows, lse, target, dhidden, dweight = _chunked_pass(
         hidden, weight, labels, ignore_index, chunk_bytes, row_scale=row_scale,
-        hidden_grad=hidden_grad, weight_grad=weight_grad)
+        hidden_grad=hidden_grad, weight_grad=weight_grad, num_targets=num_targets)
     loss_sum = (lse - target).sum()
     n_tokens = torch.tensor(rows.numel(), dtype=torch.int64, device=hidden.device)
     return loss_sum, n_tokens, dhidden, dweight
 
 
 def token_logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                           ignore_index: int = -100, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+                           ignore_index: int = -100, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                           num_targets=None):
     """(logp fp32 [T], lse fp32 [T]): log softmax(h W^T)[label] and the row
     logsumexp, both exactly 0 at ignored positions (their lse is not computed)."""
-    _check_common("token_logprobs_forward", hidden, weight, labels, ignore_index, chunk_bytes)
-    return _token_logprobs_forward_unchecked(hidden, weight, labels, ignore_index, chunk_bytes)
+    _check_common("token_logprobs_forward", hidden, weight, labels, ignore_index, chunk_bytes,
+                  num_targets)
+    return _token_logprobs_forward_unchecked(hidden, weight, labels, ignore_index, chunk_bytes,
+                                             num_targets)
 
 
-def _token_logprobs_forward_unchecked(hidden, weight, labels, ignore_index, chunk_bytes):
-    rows, lse_rows, target_rows, _, _ = _chunked_pass(hidden, weight, labels, ignore_index,
-                                                      chunk_bytes)
-    return scatter_token_logprobs(hidden.shape[0], rows, lse_rows, target_rows)
+def _token_logprobs_forward_unchecked(hidden, weight, labels, ignore_index, chunk_bytes,
+                                      num_targets=None):
+    rows, lse_rows, target_logits, _, _ = _chunked_pass(hidden, weight, labels, ignore_index,
+                                                        chunk_bytes, num_targets=num_targets)
+    return scatter_token_logprobs(hidden.shape[0], rows, lse_rows, target_logits)
 
 
 def scatter_token_logprobs(n_tokens: int, rows, lse_rows, target_rows):
@@ -315,10 +346,10 @@ def scatter_token_logprobs(n_tokens: int, rows, lse_rows, target_rows):
 
 
 def check_token_logprobs_backward_args(dlogp, hidden, weight, labels, lse, ignore_index,
-                                       chunk_bytes) -> None:
+                                       chunk_bytes, num_targets=None) -> None:
     """The checks of token_logprobs_backward (shared with csrc_torch's)."""
     op = "token_logprobs_backward"
-    T, _, _ = _check_common(op, hidden, weight, labels, ignore_index, chunk_bytes)
+    T, _, _ = _check_common(op, hidden, weight, labels, ignore_index, chunk_bytes, num_targets)
     check_tensor(op, "dlogp", dlogp, dtypes=(torch.float32,), shape=(T,))
     check_tensor(op, "lse", lse, dtypes=(torch.float32,), shape=(T,))
     check_same_device(op, dlogp=dlogp, lse=lse, hidden=hidden)
@@ -326,23 +357,24 @@ def check_token_logprobs_backward_args(dlogp, hidden, weight, labels, lse, ignor
 
 def token_logprobs_backward(dlogp: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
                             labels: torch.Tensor, lse: torch.Tensor, ignore_index: int = -100,
-                            weight_grad: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+                            weight_grad: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                            num_targets=None):
     """(dhidden [T, H] in hidden's dtype, dweight fp32 [V, H] or None) for the
     upstream gradient dlogp fp32 [T] of token_logprobs; lse is the forward's.
 
     d logp_t / d logits_tv = [v == y_t] - softmax_tv, so the gradient rows are
     the cross-entropy rows with row scale -dlogp_t (ignored rows: 0)."""
     check_token_logprobs_backward_args(dlogp, hidden, weight, labels, lse, ignore_index,
-                                       chunk_bytes)
+                                       chunk_bytes, num_targets)
     return _token_logprobs_backward_unchecked(dlogp, hidden, weight, labels, lse, ignore_index,
-                                              True, bool(weight_grad), chunk_bytes)
+                                              True, bool(weight_grad), chunk_bytes, num_targets)
 
 
 def _token_logprobs_backward_unchecked(dlogp, hidden, weight, labels, lse, ignore_index,
-                                       hidden_grad, weight_grad, chunk_bytes):
+                                       hidden_grad, weight_grad, chunk_bytes, num_targets=None):
     _, _, _, dhidden, dweight = _chunked_pass(
         hidden, weight, labels, ignore_index, chunk_bytes, row_scale=-dlogp, saved_lse=lse,
-        hidden_grad=hidden_grad, weight_grad=weight_grad)
+        hidden_grad=hidden_grad, weight_grad=weight_grad, num_targets=num_targets)
     return dhidden, dweight
 
 

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor
-from ._runtime import INTERPRETING, new_output, record_launch
+from ._runtime import INTERPRETING, new_output, record_launch, upload
 
 _OP = "rope"
 
@@ -118,8 +118,8 @@ def rope_cos_sin(head_dim: int, max_position: int, rope_theta: float,
     max_position = _positive_int("max_position", max_position)
     inv_freq = rope_inv_freq(head_dim, rope_theta, rope_scaling).to(torch.float64)
     angles = torch.arange(max_position, dtype=torch.float64)[:, None] * inv_freq[None, :]
-    cos = angles.cos().to(torch.float32).to(device)
-    sin = angles.sin().to(torch.float32).to(device)
+    cos = upload(angles.cos().to(torch.float32), device)     # the host does not wait
+    sin = upload(angles.sin().to(torch.float32), device)
     return cos.contiguous(), sin.contiguous()
 
 

@@ -11,10 +11,12 @@ import torch
 
 from anita_core.assets import TOKENIZER_DIR, sample_path
 from anita_core.data import (IGNORE_INDEX, BadRowError, SFTDataConfig, build_sft_data, check_batch,
-                             documents_from_rows, load_tokenizer, next_fit_rows, sft_batches,
+                             documents_from_rows, largest_sft_batch, load_tokenizer,
+                             next_fit_rows, sft_batches,
                              shuffled, to_hf_batch)
 from anita_core.data import templates
 from anita_core.data.documents import Document, make_document
+from anita_core.data.packing import PACKED_WIDTH_MULTIPLE
 from anita_core.data.rows import CHECKS
 from tests.helpers import sample_rows
 
@@ -192,17 +194,20 @@ def test_packing_never_leaks_across_documents(tok):
     rows_seen = 0
     for batch in batches:
         check_batch(batch)
-        assert batch["input_ids"].shape[1] == seq_len
         ids, targets, pos, seg = (batch[k] for k in ("input_ids", "targets", "position_ids", "segment_ids"))
+        width = ids.shape[1]
+        longest = int((seg >= 0).sum(dim=1).max())
+        # the longest row rounded up, never past seq_len: not padded out to seq_len
+        assert width == min(-(-longest // PACKED_WIDTH_MULTIPLE) * PACKED_WIDTH_MULTIPLE, seq_len)
         for b in range(ids.shape[0]):
             rows_seen += 1
-            for t in range(seq_len):
+            for t in range(width):
                 if seg[b, t] < 0:                                   # padding
                     assert ids[b, t] == tok.pad_id and targets[b, t] == IGNORE_INDEX
                     continue
                 first = t == 0 or seg[b, t - 1] != seg[b, t]
                 assert pos[b, t] == (0 if first else pos[b, t - 1] + 1)
-                last = t == seq_len - 1 or seg[b, t + 1] != seg[b, t]
+                last = t == width - 1 or seg[b, t + 1] != seg[b, t]
                 if last:                                            # document boundary
                     assert targets[b, t] == IGNORE_INDEX
                 elif targets[b, t] != IGNORE_INDEX:
@@ -213,6 +218,43 @@ def test_packing_never_leaks_across_documents(tok):
            [(d.input_ids, d.targets) for d in shuffled(docs, 7)]
     assert rows_seen == len(next_fit_rows([len(d) for d in shuffled(docs, 7)], seq_len))
     assert rows_seen < len(docs) // 2                              # rows really are packed
+
+
+def test_short_documents_are_not_padded_to_the_row_length(tok):
+    """The sft preset's 8192-token rows: 40 instruction rows fit in one row of ~1,600
+    tokens, which used to be padded to 8192 (80% padding); now to its length rounded
+    up to PACKED_WIDTH_MULTIPLE. The documents come out whole and in order."""
+    docs = _docs(tok, "instruction", sample_rows("instruction")[:40])
+    real = sum(len(d) for d in docs)
+    assert real < 8192 - 4 * PACKED_WIDTH_MULTIPLE
+    (batch,) = sft_batches(docs, batch_size=1, seq_len=8192, pad_id=tok.pad_id)
+    check_batch(batch)
+    assert batch["input_ids"].shape == (1, -(-real // PACKED_WIDTH_MULTIPLE) * PACKED_WIDTH_MULTIPLE)
+    assert [(d.input_ids, d.targets) for d in _unpack(batch)] == [(d.input_ids, d.targets) for d in docs]
+    # rows of one batch share the longest one's width; a multiple that would pass
+    # seq_len stops at seq_len
+    two = sft_batches(docs[:6], batch_size=2, seq_len=150, pad_id=tok.pad_id, pad_to_multiple_of=100)
+    for b in two:
+        check_batch(b)
+        longest = int((b["segment_ids"] >= 0).sum(dim=1).max())
+        assert b["input_ids"].shape[1] == min(-(-longest // 100) * 100, 150)
+    assert max(b["input_ids"].shape[1] for b in two) == 150           # the cap was met
+
+
+def test_largest_sft_batch_bounds_every_epoch(tok):
+    """The memory plan is made for largest_sft_batch: no shuffle packs a wider batch."""
+    docs = _docs(tok, "chat", sample_rows("chat")) + _docs(tok, "text", sample_rows("text"))
+    lengths = [len(d) for d in docs]
+    for pack, seq_len in ((True, 203), (True, 100000), (False, 400)):
+        rows, width = largest_sft_batch(lengths, batch_size=3, seq_len=seq_len, pack=pack)
+        seen = [tuple(b["input_ids"].shape) for seed in range(8)
+                for b in sft_batches(docs, batch_size=3, seq_len=seq_len, pad_id=tok.pad_id,
+                                     pack=pack, shuffle_seed=seed)]
+        assert all(r <= rows and w <= width for r, w in seen), (pack, seq_len, rows, width)
+        assert max(r for r, _ in seen) == rows and max(w for _, w in seen) == width
+    # all the data in one row: as wide as all its tokens (rounded), not seq_len
+    assert largest_sft_batch(lengths, batch_size=3, seq_len=100000)[1] == \
+        -(-sum(lengths) // PACKED_WIDTH_MULTIPLE) * PACKED_WIDTH_MULTIPLE
 
 
 def test_next_fit_rows_fill_rows_in_order():

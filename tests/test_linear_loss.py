@@ -382,6 +382,48 @@ def test_linear_losses_reject_bad_arguments():
         token_logprobs_backward(torch.ones(T), hidden, weight, labels, lse[:2])
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_counted_targets_give_the_same_bits_without_reading_the_device(backend):
+    """num_targets (counted on the host, as the model's batch_facts do) replaces the
+    labels check and the nonzero: the same rows in the same order, so the same bits,
+    and not one host sync (bench.host_syncs counts them; without it there are some)."""
+    from bench.host_syncs import HostSyncCounter
+    import csrc_torch
+    import csrc_triton.linear_loss as triton_side
+    ops = triton_side if backend == "triton" else csrc_torch
+    T, H, V = 23, 12, 37
+    hidden, weight = make_inputs(T, H, V, torch.float32)
+    labels = random_labels(T, V)
+    n = int((labels != -100).sum())
+    assert 0 < n < T
+    upstream = torch.randn(T)
+
+    def run(**hint):
+        loss, count, dh, dw = ops.linear_cross_entropy_forward_backward(
+            hidden, weight, labels, 0.5, weight_grad=True, chunk_bytes=5 * V * 4, **hint)
+        eval_loss, _ = ops.linear_cross_entropy_forward(hidden, weight, labels, **hint)
+        logp, lse = ops.token_logprobs_forward(hidden, weight, labels, chunk_bytes=7 * V * 4, **hint)
+        dh2, dw2 = ops.token_logprobs_backward(upstream, hidden, weight, labels, lse,
+                                               weight_grad=True, **hint)
+        return [loss, count, dh, dw, eval_loss, logp, lse, dh2, dw2]
+
+    plain = run()
+    counter = HostSyncCounter()
+    with counter:
+        counted = run(num_targets=n)
+    assert counter.syncs == [], counter.syncs
+    for i, (a, b) in enumerate(zip(plain, counted)):
+        assert torch.equal(a, b), i
+    with HostSyncCounter() as seen:
+        run()
+    assert {s.what for s in seen.syncs} >= {"nonzero", "Tensor.__bool__"}
+    for bad in (True, -1, T + 1, 2.0):
+        with pytest.raises(ValueError, match="num_targets must be an int"):
+            ops.linear_cross_entropy_forward(hidden, weight, labels, num_targets=bad)
+    with pytest.raises(RuntimeError, match="num_targets does not match"):
+        ops.linear_cross_entropy_forward(hidden, weight, labels, num_targets=n - 1)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("T,weight_grad", [(8192, False), (4096, True)])
 def test_fused_linear_cross_entropy_bf16_llama3_8b_shape_on_gpu(T, weight_grad):

@@ -104,9 +104,15 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     assert good.name == "step-00000002"
     with torch.no_grad():
         trainer.adapters.parameters()[1].fill_(float("nan"))   # B of layer 0 q_proj
+    before = [p.detach().clone() for p in trainer.adapters.parameters()]
     trainer.total_steps = 4
-    with pytest.raises(TrainingDiverged, match=r"step 3 .*Last good checkpoint: .*step-00000002"):
+    # the loss is read back once, at the step's end, before the update
+    with pytest.raises(TrainingDiverged, match=r"step 3 \(epoch \d+, batch \d+\): loss is nan; the "
+                                               r"update was not applied; stopping\. Last good "
+                                               r"checkpoint: .*step-00000002"):
         trainer.train()
+    for a, b in zip(before, trainer.adapters.parameters()):
+        assert torch.equal(a.nan_to_num(), b.nan_to_num()), "an update was applied"
     assert latest_checkpoint(tmp_path) == good
     restored = load_peft(good / "adapter", trainer.model.config)
     assert all(torch.isfinite(p).all() for p in restored.parameters())

@@ -11,8 +11,8 @@ from anita_core.data.dpo import (DPOData, DPODataConfig, PreferencePair, build_d
                                  collate_pairs, dpo_batches, pair_documents, tokenize_pairs,
                                  truncate_pair)
 from anita_core.data.loading import read_rows, read_table
-from anita_core.data.packing import (BATCH_KEYS, Batch, check_batch, collate_rows, next_fit_rows,
-                                     sft_batches, shuffled, to_hf_batch)
+from anita_core.data.packing import (BATCH_KEYS, Batch, check_batch, collate_rows, largest_sft_batch,
+                                     next_fit_rows, sft_batches, shuffled, to_hf_batch)
 from anita_core.data.rows import BadRowError, detect_shape
 from anita_core.data.sft import (SFTData, SFTDataConfig, build_sft_data, documents_from_rows,
                                  row_segments, split_train_eval)
@@ -24,8 +24,8 @@ __all__ = [
     "DPOData", "DPODataConfig", "PreferencePair", "build_dpo_data", "collate_pairs", "dpo_batches",
     "pair_documents", "tokenize_pairs", "truncate_pair",
     "read_rows", "read_table",
-    "BATCH_KEYS", "Batch", "check_batch", "collate_rows", "next_fit_rows", "sft_batches",
-    "shuffled", "to_hf_batch",
+    "BATCH_KEYS", "Batch", "check_batch", "collate_rows", "largest_sft_batch", "next_fit_rows",
+    "sft_batches", "shuffled", "to_hf_batch",
     "BadRowError", "detect_shape",
     "SFTData", "SFTDataConfig", "build_sft_data", "documents_from_rows", "row_segments",
     "split_train_eval",

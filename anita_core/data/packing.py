@@ -12,7 +12,7 @@ A batch is a dict of int64 tensors, all [B, S]:
 from __future__ import annotations
 
 import random
-from typing import Dict, List, Optional, Sequence, TypeVar
+from typing import Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 
@@ -21,6 +21,13 @@ from anita_core.data.documents import IGNORE_INDEX, Document
 Batch = Dict[str, torch.Tensor]
 BATCH_KEYS = ("input_ids", "targets", "position_ids", "segment_ids")
 PAD_SEGMENT = -1
+
+# A packed batch is as wide as its longest row rounded up to this, never wider than
+# the row length: every matmul and the loss compute each padding column, so a batch
+# of short documents is not padded out to --max-seq-length. Rounding keeps the
+# number of distinct widths small (each new one can mean a kernel compile or an
+# autotuning pass on a GPU): at most 64 up to 8192, and < 128 padding tokens a row.
+PACKED_WIDTH_MULTIPLE = 128
 
 T = TypeVar("T")
 
@@ -84,15 +91,37 @@ def collate_rows(rows: Sequence[Sequence[Document]], *, pad_id: int, length: Opt
     return batch
 
 
+def packed_width(longest: int, seq_len: int, multiple: Optional[int] = PACKED_WIDTH_MULTIPLE) -> int:
+    """The width of a packed batch whose longest row holds ``longest`` tokens."""
+    return min(_round_up(longest, multiple), max(seq_len, longest))
+
+
+def largest_sft_batch(lengths: Sequence[int], *, batch_size: int, seq_len: int, pack: bool = True,
+                      pad_to_multiple_of: Optional[int] = None) -> Tuple[int, int]:
+    """(rows, width): the largest batch ``sft_batches`` can make of documents of these
+    lengths in any order, i.e. in any epoch's shuffle (what a memory plan must fit).
+    Packed, a row holds at most seq_len tokens and at most all there are; and next fit
+    opens a row only when the next document does not fit, so two neighbouring rows
+    hold more than seq_len together: fewer than 2 * tokens / seq_len + 1 rows."""
+    rows = min(batch_size, len(lengths))
+    if not pack:
+        return rows, packed_width(max(lengths), seq_len, pad_to_multiple_of)
+    total = sum(lengths)
+    return (min(rows, 2 * total // seq_len + 1),
+            packed_width(min(seq_len, total), seq_len, pad_to_multiple_of or PACKED_WIDTH_MULTIPLE))
+
+
 def sft_batches(documents: Sequence[Document], *, batch_size: int, seq_len: int, pad_id: int,
                 pack: bool = True, shuffle_seed: Optional[int] = None,
                 pad_to_multiple_of: Optional[int] = None) -> List[Batch]:
     """All batches of one pass over ``documents`` (shuffled first when a seed is
     given; pass e.g. seed + epoch for a new order each epoch).
 
-    pack=True: documents are packed into rows of exactly ``seq_len`` tokens.
-    pack=False: one document per row, padded to the batch's longest row.
-    The last batch may hold fewer rows."""
+    pack=True: documents are packed into rows of at most ``seq_len`` tokens (next
+    fit, in order); each batch is padded to its longest row rounded up to
+    ``pad_to_multiple_of`` (default PACKED_WIDTH_MULTIPLE), never beyond seq_len.
+    pack=False: one document per row, padded to the batch's longest row (rounded
+    up when ``pad_to_multiple_of`` is given). The last batch may hold fewer rows."""
     if batch_size < 1 or seq_len < 2:
         raise ValueError(f"batch_size must be >= 1 and seq_len >= 2, got {batch_size}, {seq_len}")
     documents = shuffled(documents, shuffle_seed)
@@ -104,9 +133,15 @@ def sft_batches(documents: Sequence[Document], *, batch_size: int, seq_len: int,
             if len(d) > seq_len:
                 raise ValueError(f"document {i} has {len(d)} tokens, more than seq_len {seq_len}")
         rows = [[d] for d in documents]
-    return [collate_rows(rows[i:i + batch_size], pad_id=pad_id,
-                         length=seq_len if pack else None, pad_to_multiple_of=pad_to_multiple_of)
-            for i in range(0, len(rows), batch_size)]
+    multiple = pad_to_multiple_of if pad_to_multiple_of or not pack else PACKED_WIDTH_MULTIPLE
+    batches = []
+    for i in range(0, len(rows), batch_size):
+        group = rows[i:i + batch_size]
+        longest = max(sum(len(d) for d in row) for row in group)
+        batches.append(collate_rows(group, pad_id=pad_id,
+                                    length=packed_width(longest, seq_len, multiple)))
+    return batches
+
 
 
 def to_hf_batch(batch: Batch) -> Dict[str, torch.Tensor]:

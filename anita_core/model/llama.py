@@ -16,6 +16,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from anita_core.model.attention import attention_bounds
+from anita_core.model.batch_facts import IGNORE_INDEX, BatchFacts
 from anita_core.model.block import (BlockGeometry, BlockLoRA, block_backward, block_backward_saved,
                                     block_forward, block_forward_saving)
 from anita_core.model.config import ModelConfig
@@ -24,8 +25,6 @@ from anita_core.model.ops import (linear_cross_entropy_forward, linear_cross_ent
                                   rms_norm_backward, rms_norm_forward, rope_cos_sin,
                                   token_logprobs_backward, token_logprobs_forward)
 from anita_core.model.weights import BaseWeights
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -171,21 +170,28 @@ class QLoRALlama:
         return cos, sin
 
     def geometry(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor],
-                 segment_ids: Optional[torch.Tensor]) -> BlockGeometry:
+                 segment_ids: Optional[torch.Tensor],
+                 facts: Optional[BatchFacts] = None) -> BlockGeometry:
+        """The batch's positions, RoPE tables and document bounds. The table size comes
+        from the shape (no position_ids: 0 .. S-1) or from ``facts`` (counted on the
+        host); only positions given without facts are read back to be checked."""
         B, S = input_ids.shape
-        if position_ids is None:
-            position_ids = torch.arange(S, device=self.device).expand(B, S)
         for name, t in (("position_ids", position_ids), ("segment_ids", segment_ids)):
             if t is not None and tuple(t.shape) != (B, S):
                 raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {(B, S)} like input_ids")
-        position_ids = position_ids.contiguous()
-        cos, sin = self.position_tables(position_ids)
-        return BlockGeometry(B, S, position_ids, attention_bounds(segment_ids), cos, sin)
+        if position_ids is None:
+            position_ids = torch.arange(S, device=self.device).expand(B, S)
+            cos, sin = self.rope_tables(max(S, 1))
+        elif facts is not None:
+            cos, sin = self.rope_tables(facts.position_bound)
+        else:
+            cos, sin = self.position_tables(position_ids)
+        return BlockGeometry(B, S, position_ids.contiguous(), attention_bounds(segment_ids), cos, sin)
 
     def position_tables(self, position_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Validate position ids once (one device sync per batch; the blocks' RoPE
         kernels then skip their own check) and return tables covering them."""
-        low, high = (int(v) for v in torch.aminmax(position_ids))
+        low, high = torch.stack(torch.aminmax(position_ids)).tolist()
         if low < 0:
             raise ValueError(f"position_ids must be >= 0, got {low}")
         return self.rope_tables(high + 1)
@@ -204,13 +210,16 @@ class QLoRALlama:
         return BlockLoRA(weights, ad.config.scale, ad.config.dropout, self.training,
                          self.dropout_generator)
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, checked: bool = False) -> torch.Tensor:
+        """Embedding rows of ``input_ids`` [B, S]; unless ``checked`` (on the host:
+        batch_facts), the ids' range is read back and checked first (one sync)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         V = self.config.vocab_size
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= V):
-            raise ValueError(f"input_ids must lie in [0, {V}); got range "
-                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        if input_ids.numel() and not checked:
+            low, high = torch.stack(torch.aminmax(input_ids)).tolist()
+            if low < 0 or high >= V:
+                raise ValueError(f"input_ids must lie in [0, {V}); got range [{low}, {high}]")
         return self.base.embed_tokens[input_ids.reshape(-1)]
 
     def _uses_dropout(self) -> bool:
@@ -242,19 +251,21 @@ class QLoRALlama:
 
     # ----------------------------------------------------------- forward/backward
     def forward_hidden(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
-                       segment_ids: Optional[torch.Tensor] = None, *,
-                       for_backward: bool = True) -> Tuple[torch.Tensor, Optional[ForwardState]]:
+                       segment_ids: Optional[torch.Tensor] = None, *, for_backward: bool = True,
+                       facts: Optional[BatchFacts] = None,
+                       ) -> Tuple[torch.Tensor, Optional[ForwardState]]:
         """Token ids [B, S] -> final normed hidden states [B*S, H] (and the state
-        backward_hidden needs, when ``for_backward``)."""
+        backward_hidden needs, when ``for_backward``). ``facts``: batch_facts of the
+        CPU-side batch, so that nothing is read back from the device."""
         c = self.config
-        geo = self.geometry(input_ids, position_ids, segment_ids)
+        geo = self.geometry(input_ids, position_ids, segment_ids, facts)
         state = ForwardState(geo, self.strategies()) if for_backward else None
         replay = for_backward and self._uses_dropout()
         if state is not None and "offload" in state.strategies:
             if self._offload_stream is None and self.device.type == "cuda":
                 self._offload_stream = torch.cuda.Stream(self.device)
             state.offloader = self.offloader = BlockInputOffloader(self.device, self._offload_stream)
-        h = self.embed(input_ids)
+        h = self.embed(input_ids, checked=facts is not None)
         for i, layer in enumerate(self.base.layers):
             strategy = state.strategies[i] if state is not None else None
             if state is not None:
@@ -319,54 +330,60 @@ class QLoRALlama:
     # ------------------------------------------------------------- entry points
     def train_step(self, input_ids: torch.Tensor, targets: torch.Tensor,
                    position_ids: Optional[torch.Tensor] = None,
-                   segment_ids: Optional[torch.Tensor] = None, *,
-                   grad_scale: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
+                   segment_ids: Optional[torch.Tensor] = None, *, grad_scale: float = 1.0,
+                   facts: Optional[BatchFacts] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """One micro-batch of causal-LM training.
 
         ``targets[b, t]`` is the token to predict at position t (already shifted;
         -100 = no loss). Adds grad_scale * d(loss_sum)/d(LoRA) into the adapters'
-        .grad and returns (loss_sum fp32, n_tokens). Pass grad_scale = 1 / (target
-        tokens of the whole accumulated batch) for exact token-mean normalization.
+        .grad and returns (loss_sum fp32, n_tokens), both device tensors: a NaN or
+        inf loss is not looked at here (that read would stall the host on a GPU),
+        so its gradients are NaN too and the caller decides (the trainer checks
+        the step's loss and gradient norm once, before any update). Pass grad_scale
+        = 1 / (target tokens of the whole accumulated batch) for exact token-mean
+        normalization, and ``facts`` (batch_facts of the CPU-side batch) to read
+        nothing back from the device.
         """
         if tuple(targets.shape) != tuple(input_ids.shape):
             raise ValueError(f"targets has shape {tuple(targets.shape)}; expected "
                              f"{tuple(input_ids.shape)} like input_ids")
-        hidden, state = self.forward_hidden(input_ids, position_ids, segment_ids)
+        hidden, state = self.forward_hidden(input_ids, position_ids, segment_ids, facts=facts)
         loss_sum, n_tokens, d_hidden, _ = linear_cross_entropy_forward_backward(
-            hidden, self.base.output_embedding, targets.reshape(-1), grad_scale, IGNORE_INDEX)
-        if not torch.isfinite(loss_sum):
-            raise FloatingPointError(f"loss is {float(loss_sum)}; gradients were not applied")
+            hidden, self.base.output_embedding, targets.reshape(-1), grad_scale, IGNORE_INDEX,
+            num_targets=_targets(facts))
         del hidden                      # the loss was its last use
         d_hidden = [d_hidden]           # handed over: freed after the final norm's backward
         self.backward_hidden(d_hidden.pop(), state)
         return loss_sum, n_tokens
 
     @torch.no_grad()
-    def loss(self, input_ids, targets, position_ids=None, segment_ids=None):
+    def loss(self, input_ids, targets, position_ids=None, segment_ids=None, *, facts=None):
         """(loss_sum, n_tokens) without touching gradients (evaluation)."""
-        hidden, _ = self.forward_hidden(input_ids, position_ids, segment_ids, for_backward=False)
+        hidden, _ = self.forward_hidden(input_ids, position_ids, segment_ids, for_backward=False,
+                                        facts=facts)
         return linear_cross_entropy_forward(hidden, self.base.output_embedding,
-                                            targets.reshape(-1), IGNORE_INDEX)
+                                            targets.reshape(-1), IGNORE_INDEX,
+                                            num_targets=_targets(facts))
 
     def token_logprobs(self, input_ids, targets, position_ids=None, segment_ids=None, *,
-                       for_backward: bool = True):
+                       for_backward: bool = True, facts: Optional[BatchFacts] = None):
         """Per-token log p(target) [B, S] (0 where target is -100) and, when
         ``for_backward``, the state that ``logprobs_backward`` needs."""
         hidden, state = self.forward_hidden(input_ids, position_ids, segment_ids,
-                                            for_backward=for_backward)
+                                            for_backward=for_backward, facts=facts)
         flat_targets = targets.reshape(-1).contiguous()
         with torch.no_grad():
             logp, lse = token_logprobs_forward(hidden, self.base.output_embedding, flat_targets,
-                                               IGNORE_INDEX)
-        saved = (hidden, flat_targets, lse, state) if for_backward else None
+                                               IGNORE_INDEX, num_targets=_targets(facts))
+        saved = (hidden, flat_targets, lse, state, _targets(facts)) if for_backward else None
         return logp.view(targets.shape), saved
 
     def logprobs_backward(self, d_logp: torch.Tensor, saved) -> None:
         """Back-propagate a per-token upstream gradient into the LoRA .grad."""
-        hidden, flat_targets, lse, state = saved
+        hidden, flat_targets, lse, state, num_targets = saved
         d_hidden, _ = token_logprobs_backward(d_logp.reshape(-1).float().contiguous(), hidden,
                                               self.base.output_embedding, flat_targets, lse,
-                                              IGNORE_INDEX)
+                                              IGNORE_INDEX, num_targets=num_targets)
         self.backward_hidden(d_hidden, state)
 
     @torch.no_grad()
@@ -376,3 +393,7 @@ class QLoRALlama:
         hidden, _ = self.forward_hidden(input_ids, position_ids, segment_ids, for_backward=False)
         logits = hidden.float() @ self.base.output_embedding.float().t()
         return logits.view(*input_ids.shape, -1)
+
+
+def _targets(facts: Optional[BatchFacts]) -> Optional[int]:
+    return None if facts is None else facts.num_targets

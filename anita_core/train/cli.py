@@ -265,15 +265,16 @@ def train_config_from_args(args, output_dir: str, settings: Optional[dict] = Non
 
 
 def run_training(trainer, args, model_dir, model, adapters, run, log,
-                 data_stats=None) -> int:
-    """Plan the memory, train, save the final adapter (and the merged export), print a
-    summary. Returns the process exit code; the run folder's lock is released."""
+                 data_stats=None, largest_batch=None) -> int:
+    """Plan the memory (for ``largest_batch`` (rows, seq) if given), train, save the final
+    adapter (and the merged export), print a summary. Returns the process exit code;
+    the run folder's lock is released."""
     from anita_core.model.memory_plan import MemoryBudgetError
     from anita_core.train.distributed import shutdown
     from anita_core.train.memory_budget import apply_memory_plan, reset_peak_memory
     try:
         try:
-            apply_memory_plan(args, model, trainer.epoch_batches(0), log)
+            apply_memory_plan(args, model, trainer.epoch_batches(0), log, largest_batch)
         except MemoryBudgetError as e:
             flag = "--host-memory-budget" if "host budget" in str(e) else "--memory-budget"
             log(f"error: {flag}: {e}")
@@ -339,6 +340,10 @@ def _train_and_report(trainer, args, model_dir, model, adapters, run, log, data_
             f"({len(losses)} steps, {wall:.1f}s)")
     if evals:
         log("eval loss by step: " + ", ".join(f"{s}: {v:.4f}" for s, v in evals))
+    if trainer.tokens_computed:
+        padding = trainer.tokens_computed - trainer.tokens_trained
+        log(f"tokens computed: {trainer.tokens_computed:,}, of which padding {padding:,} "
+            f"({100 * padding / trainer.tokens_computed:.1f}%)")
     if data_stats is not None and data_stats.skipped_bad_rows:
         log(data_stats.skipped_rows_report())
     return 0

@@ -52,15 +52,17 @@ def dpo_loss(policy: PreferenceLogps, reference: PreferenceLogps, beta: float,
 
 
 @torch.no_grad()
-def dpo_metrics(policy: PreferenceLogps, reference: PreferenceLogps, beta: float) -> Dict[str, float]:
-    """The metrics TRL logs, under TRL's names."""
+def dpo_metrics(policy: PreferenceLogps, reference: PreferenceLogps,
+                beta: float) -> Dict[str, torch.Tensor]:
+    """The metrics TRL logs, under TRL's names: 0-dim tensors on the log-probs'
+    device (read back by the caller, all at once: anita_core.train.host_reads)."""
     chosen_rewards = beta * (policy.chosen - reference.chosen)
     rejected_rewards = beta * (policy.rejected - reference.rejected)
     return {
-        "rewards/chosen": float(chosen_rewards.mean()),
-        "rewards/rejected": float(rejected_rewards.mean()),
-        "rewards/accuracies": float((chosen_rewards > rejected_rewards).float().mean()),
-        "rewards/margins": float((chosen_rewards - rejected_rewards).mean()),
-        "logps/chosen": float(policy.chosen.mean()),
-        "logps/rejected": float(policy.rejected.mean()),
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "logps/chosen": policy.chosen.mean(),
+        "logps/rejected": policy.rejected.mean(),
     }

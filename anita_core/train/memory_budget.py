@@ -113,15 +113,16 @@ def host_budget(args, device: torch.device) -> Optional[int]:
     return int(flag * GiB) if flag is not None else default_host_budget(device)
 
 
-def apply_memory_plan(args, model, batches, log):
-    """Choose each layer's strategy for the largest micro-batch and log the prediction.
-    Raises MemoryBudgetError (naming the smallest budget, or the host memory an
-    offloading plan needs) when nothing fits."""
+def apply_memory_plan(args, model, batches, log, largest=None):
+    """Choose each layer's strategy for the largest micro-batch and log the prediction:
+    ``largest`` (rows, seq) when the caller knows a bound over every epoch, else the
+    largest of ``batches``. Raises MemoryBudgetError (naming the smallest budget, or the
+    host memory an offloading plan needs) when nothing fits."""
     from anita_core.model.memory_plan import plan_memory, shape_for_model
     strategy = args.recompute
     if strategy == "auto" and args.offload_activations:
         strategy = "offload"
-    rows, seq = max((_model_rows(b) for b in batches), key=lambda rs: rs[0] * rs[1])
+    rows, seq = largest or max((_model_rows(b) for b in batches), key=lambda rs: rs[0] * rs[1])
     budget = (int(args.memory_budget * GiB) if args.memory_budget is not None
               else default_memory_budget(model.device))
     plan = plan_memory(model.config, shape_for_model(model, rows, seq), budget, strategy,

@@ -6,6 +6,12 @@ per sequence, against a reference (the base with adapters off, or a given
 frozen adapter); unit = preference pair. The DPO loss is differentiated by
 torch on [pairs]-sized tensors only; that per-sequence gradient is spread over
 the completion tokens and pushed through the model's hand-written backward.
+
+Nothing here makes the host wait for the device: what the model needs to know
+about a batch (its target count, its positions' reach, that its ids are in the
+vocabulary) is read from the CPU-side batch (batch_facts), the batch goes up
+without blocking, and the sums a micro-batch reports are device tensors that the
+trainer reads back once per optimizer step (host_reads).
 """
 from __future__ import annotations
 
@@ -14,18 +20,22 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
+from anita_core.model.batch_facts import BatchFacts, batch_facts
+from anita_core.train.host_reads import batch_to_device, read_floats, to_device
 from anita_core.train.losses import PreferenceLogps, dpo_loss, dpo_metrics
 from anita_core.train.reference_logprobs import INDEX_KEY
 from anita_core.model import IGNORE_INDEX
 
 
-def _to(batch: dict, device) -> dict:
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-
-
 def _real_tokens(batch: dict) -> int:
+    """Tokens that are not padding, counted on the CPU-side batch."""
     seg = batch.get("segment_ids")
     return int((seg >= 0).sum()) if seg is not None else batch["input_ids"].numel()
+
+
+def _facts(model, batch: dict) -> BatchFacts:
+    return batch_facts(batch["input_ids"], batch["targets"], batch.get("position_ids"),
+                       model.config.vocab_size)
 
 
 class SFTObjective:
@@ -35,26 +45,28 @@ class SFTObjective:
     def units(self, batch) -> int:
         return int((batch["targets"] != IGNORE_INDEX).sum())
 
-    def micro_step(self, batch, grad_scale: float) -> Dict[str, float]:
-        b = _to(batch, self.model.device)
+    def micro_step(self, batch, grad_scale: float) -> Dict[str, object]:
+        facts = _facts(self.model, batch)
+        b = batch_to_device(batch, self.model.device)
         loss_sum, _ = self.model.train_step(b["input_ids"], b["targets"], b.get("position_ids"),
-                                            b.get("segment_ids"), grad_scale=grad_scale)
-        return {"loss": float(loss_sum), "tokens": _real_tokens(batch)}
+                                            b.get("segment_ids"), grad_scale=grad_scale, facts=facts)
+        return {"loss": loss_sum, "tokens": _real_tokens(batch), "computed": batch["input_ids"].numel()}
 
     @torch.no_grad()
     def evaluate(self, batches: Sequence) -> Dict[str, float]:
-        total, count = 0.0, 0
+        total, count = 0.0, 0           # the loss sums stay on the device, in float64
         was_training = self.model.training
         self.model.eval()
         try:
             for batch in batches:
-                b = _to(batch, self.model.device)
-                loss_sum, n = self.model.loss(b["input_ids"], b["targets"], b.get("position_ids"),
-                                              b.get("segment_ids"))
-                total, count = total + float(loss_sum), count + int(n)
+                facts = _facts(self.model, batch)
+                b = batch_to_device(batch, self.model.device)
+                loss_sum, _ = self.model.loss(b["input_ids"], b["targets"], b.get("position_ids"),
+                                              b.get("segment_ids"), facts=facts)
+                total, count = total + loss_sum.double(), count + facts.num_targets
         finally:
             self.model.train(was_training)
-        return {"eval_loss": total / max(count, 1)}
+        return {"eval_loss": read_floats({"sum": total})["sum"] / max(count, 1)}
 
 
 def _stack_pair(batch: dict) -> dict:
@@ -98,50 +110,56 @@ class DPOObjective:
             model.adapters = previous
             model.train(was_training)
 
-    def _sequence_logps(self, stacked: dict, for_backward: bool):
+    def _sequence_logps(self, stacked: dict, for_backward: bool, facts: Optional[BatchFacts]):
         logp, saved = self.model.token_logprobs(stacked["input_ids"], stacked["targets"],
                                                 stacked.get("position_ids"), stacked.get("segment_ids"),
-                                                for_backward=for_backward)
+                                                for_backward=for_backward, facts=facts)
         return logp.sum(dim=1), saved
 
     def stack_batch(self, batch: dict) -> dict:
         """The chosen rows then the rejected rows, on the model's device."""
-        return _to(_stack_pair(batch), self.model.device)
+        return batch_to_device(_stack_pair(batch), self.model.device)
 
-    def reference_logps(self, stacked: dict) -> torch.Tensor:
+    def _stacked(self, batch: dict):
+        """(stacked batch on the device, its CPU-side copy, the facts read from that)."""
+        host = _stack_pair(batch)
+        return batch_to_device(host, self.model.device), host, _facts(self.model, host)
+
+    def reference_logps(self, stacked: dict, facts: Optional[BatchFacts] = None) -> torch.Tensor:
         self.reference_passes += 1
         with torch.no_grad(), self._reference_mode():
-            seq, _ = self._sequence_logps(stacked, for_backward=False)
+            seq, _ = self._sequence_logps(stacked, False, facts)
         return seq
 
-    def _reference_for(self, batch: dict, stacked: dict) -> torch.Tensor:
+    def _reference_for(self, batch: dict, stacked: dict, facts: BatchFacts) -> torch.Tensor:
         if self.reference_store is None:
-            return self.reference_logps(stacked)
+            return self.reference_logps(stacked, facts)
         if INDEX_KEY not in batch:
             raise ValueError(f"precomputed reference log-probs need batches with {INDEX_KEY!r} "
                              "(reference_logprobs.indexed_dpo_batches)")
-        return self.reference_store.lookup(batch[INDEX_KEY]).to(self.model.device)
+        return to_device(self.reference_store.lookup(batch[INDEX_KEY]), self.model.device)
 
-    def micro_step(self, batch, grad_scale: float) -> Dict[str, float]:
-        stacked = self.stack_batch(batch)
+    def micro_step(self, batch, grad_scale: float) -> Dict[str, object]:
+        stacked, host, facts = self._stacked(batch)
         n_pairs = self.units(batch)
         counted = stacked["targets"] != IGNORE_INDEX
         n_tokens = counted.sum(dim=1)
-        ref = self._reference_for(batch, stacked)
-        seq, saved = self._sequence_logps(stacked, for_backward=True)
+        ref = self._reference_for(batch, stacked, facts)
+        seq, saved = self._sequence_logps(stacked, True, facts)
         policy_seq = seq.detach().requires_grad_()
         pc, pr = policy_seq.chunk(2)
         policy = PreferenceLogps(pc, pr, *n_tokens.chunk(2))
         reference = PreferenceLogps(*ref.chunk(2), *n_tokens.chunk(2))
+        # a NaN loss is not looked at here (a host read): its gradients are NaN too,
+        # and the trainer checks the step's loss and gradient norm before any update
         loss_sum = dpo_loss(policy, reference, self.beta, self.loss_type) * n_pairs
-        if not torch.isfinite(loss_sum):
-            raise FloatingPointError(f"DPO loss is {float(loss_sum)}; gradients were not applied")
         (d_seq,) = torch.autograd.grad(loss_sum, policy_seq)
         d_token = (d_seq * grad_scale)[:, None] * counted.to(d_seq.dtype)
         self.model.logprobs_backward(d_token, saved)
         metrics = dpo_metrics(policy, reference, self.beta)
-        sums = {k: v * n_pairs for k, v in metrics.items()}
-        sums.update(loss=float(loss_sum.detach()), tokens=_real_tokens(stacked))
+        sums: Dict[str, object] = {k: v.double() * n_pairs for k, v in metrics.items()}
+        sums.update(loss=loss_sum.detach(), tokens=_real_tokens(host),
+                    computed=host["input_ids"].numel())
         return sums
 
     @torch.no_grad()
@@ -152,18 +170,19 @@ class DPOObjective:
         self.model.eval()
         try:
             for batch in batches:
-                stacked = self.stack_batch(batch)
+                stacked, _, facts = self._stacked(batch)
                 n_tokens = (stacked["targets"] != IGNORE_INDEX).sum(dim=1)
-                ref = self._reference_for(batch, stacked)
-                seq, _ = self._sequence_logps(stacked, for_backward=False)
+                ref = self._reference_for(batch, stacked, facts)
+                seq, _ = self._sequence_logps(stacked, False, facts)
                 policy = PreferenceLogps(*seq.chunk(2), *n_tokens.chunk(2))
                 reference = PreferenceLogps(*ref.chunk(2), *n_tokens.chunk(2))
                 n = self.units(batch)
                 pairs += n
-                totals["eval_loss"] = totals.get("eval_loss", 0.0) + float(
-                    dpo_loss(policy, reference, self.beta, self.loss_type)) * n
+                # sums stay on the device in float64 until the one read below
+                totals["eval_loss"] = totals.get("eval_loss", 0.0) + dpo_loss(
+                    policy, reference, self.beta, self.loss_type).double() * n
                 for k, v in dpo_metrics(policy, reference, self.beta).items():
-                    totals[f"eval_{k}"] = totals.get(f"eval_{k}", 0.0) + v * n
+                    totals[f"eval_{k}"] = totals.get(f"eval_{k}", 0.0) + v.double() * n
         finally:
             self.model.train(was_training)
-        return {k: v / max(pairs, 1) for k, v in totals.items()}
+        return {k: v / max(pairs, 1) for k, v in read_floats(totals).items()}

@@ -22,10 +22,21 @@ def paged_adamw_8bit_usable() -> bool:
     return True
 
 
+def adamw_implementation(params) -> dict:
+    """torch AdamW's implementation flags for ``params``: fused on CUDA (one kernel
+    launch updates every tensor: an 8B model's LoRA is ~450 of them, a few kernels
+    each one by one), foreach elsewhere (one op per step of the update over the whole
+    list). Both compute the same update in fp32 as the one-tensor-at-a-time loop,
+    to rounding (tests/test_optim.py)."""
+    if params and all(p.is_cuda for p in params):
+        return {"fused": True}
+    return {"foreach": True}
+
+
 def build_optimizer(name: str, params: Iterable[torch.Tensor], lr: float, weight_decay: float,
                     betas=(0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
-    """AdamW, or bitsandbytes' PagedAdamW8bit when asked for and usable (falls back to
-    torch AdamW with a warning otherwise, e.g. on a CPU)."""
+    """AdamW (adamw_implementation), or bitsandbytes' PagedAdamW8bit when asked for and
+    usable (falls back to torch AdamW with a warning otherwise, e.g. on a CPU)."""
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer {name!r}: expected one of {', '.join(OPTIMIZERS)}")
     params = list(params)
@@ -37,7 +48,7 @@ def build_optimizer(name: str, params: Iterable[torch.Tensor], lr: float, weight
         warnings.warn("paged_adamw_8bit needs CUDA and bitsandbytes; using torch AdamW instead",
                       stacklevel=2)
     return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                             foreach=False)
+                             **adamw_implementation(params))
 
 
 def warmup_steps_for(total_steps: int, warmup_steps: int = 0, warmup_ratio: float = 0.0) -> int:

@@ -7,6 +7,11 @@ whole optimizer step before the first micro-batch runs), AdamW, the schedule,
 clipping, logging, atomic checkpoints (every save_steps steps and every
 save_minutes minutes), exact resume, non-finite values anywhere (loss, gradient
 norm, weights after the update, eval metrics) and stops by signal.
+
+The host waits for the device twice per optimizer step, however many
+micro-batches it has: once for the step's sums and gradient norm together
+(read before the update, which a non-finite one stops), once for the check that
+the weights are finite after it. The micro-batches read nothing back.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from anita_core.train.distributed import SINGLE, DistContext, all_gather_objects
 from anita_core.train.run_checkpoint import (ADAPTER_DIR, choose_resume_checkpoint, latest_checkpoint,
                                              load_checkpoint_state, rng_restore, rng_snapshot,
                                              save_checkpoint)
+from anita_core.train.host_reads import read_floats
 from anita_core.train.optim import build_optimizer, lr_multiplier, warmup_steps_for
 from anita_core.train.run_folder import METRICS_FILE, append_metrics, read_metrics, truncate_metrics
 from anita_core.train import stop_points
@@ -33,9 +39,12 @@ class Objective(Protocol):
     def units(self, batch) -> int:
         """How many normalization units (target tokens, pairs) the batch holds."""
 
-    def micro_step(self, batch, grad_scale: float) -> Dict[str, float]:
+    def micro_step(self, batch, grad_scale: float) -> Dict[str, object]:
         """Add grad_scale * d(loss sum)/d(params) into .grad; return sums:
-        {"loss": loss sum, "tokens": tokens processed, <metric>: sum over units}."""
+        {"loss": loss sum, "tokens": tokens processed (not padding), "computed":
+        positions computed, padding included (default: tokens), <metric>: sum over
+        units}, each a Python number or a 0-dim device tensor (read back once per step).
+        A non-finite loss need not be caught here: the step's check sees it."""
 
     def evaluate(self, batches: Sequence) -> Dict[str, float]:
         """Metrics over held-out batches, e.g. {"eval_loss": ...}."""
@@ -64,6 +73,9 @@ class TrainConfig:
     # what makes a checkpoint belong to this run (model, LoRA config, seed, data...):
     # a resume whose settings differ is refused, listing each difference
     run_settings: Dict[str, object] = field(default_factory=dict)
+
+
+GRAD_NORM = "grad_norm"
 
 
 class TrainingDiverged(RuntimeError):
@@ -193,6 +205,7 @@ class Trainer:
         self._last_eval: dict = {}        # the latest eval metrics, and the step they are of
         self._last_eval_step: Optional[int] = None
         self._last_save_time = time.monotonic()
+        self.tokens_trained = self.tokens_computed = 0    # over this process's steps
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -287,7 +300,7 @@ class Trainer:
         units = int(units)
         for p in self.params:
             p.grad = None
-        totals: Dict[str, float] = {}
+        totals: Dict[str, object] = {}
         where = f"step {self.step + 1} (epoch {position[0]}, batch {position[1]})"
         failure = None
         if units > 0:
@@ -302,10 +315,20 @@ class Trainer:
                         raise TrainingDiverged(failure) from e
                     break       # the other ranks still expect this rank's gradients
                 for key, v in sums.items():
-                    totals[key] = totals.get(key, 0.0) + float(v)
+                    # a device value stays there, summed in float64 (exactly what summing
+                    # Python floats gives), until the step's one read below
+                    v = v.detach().double() if isinstance(v, torch.Tensor) else v
+                    totals[key] = totals.get(key, 0.0) + v
                 stop_points.reached(f"step:{self.step + 1}.{k + 1}")
             if self.grad_buckets is not None:
                 self.grad_buckets.finish()
+        # clipped on the device before anything is read: a non-finite norm makes the
+        # clipped gradients non-finite too, and then no update uses them
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if grads:
+            totals[GRAD_NORM] = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        totals = read_floats(totals)            # the step's first read: sums and norm together
+        grad_norm = totals.pop(GRAD_NORM, 0.0)
         if self.dist.active:
             totals, failure = self._sum_over_ranks(totals, failure)
         if failure is not None:
@@ -316,15 +339,12 @@ class Trainer:
                                                        self.config.lr_scheduler)
         for group_ in self.optimizer.param_groups:
             group_["lr"] = lr
-        grads = [p.grad for p in self.params if p.grad is not None]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)) \
-            if grads else 0.0
         if not math.isfinite(grad_norm):
             raise TrainingDiverged(f"{where}: gradient norm is {grad_norm}; the update was not applied")
         with _signals_deferred():
             if units > 0:
                 self.optimizer.step()
-                if not _all_finite(self.params):
+                if not _all_finite(self.params):    # the step's second read
                     raise TrainingDiverged(f"{where}: the LoRA weights are not finite after the update")
             self.step += 1
             self._step_start = None
@@ -332,9 +352,12 @@ class Trainer:
                                                      self.batches_per_epoch, 4),
                   "lr": lr, "grad_norm": grad_norm, "units": units}
         tokens = totals.pop("tokens", 0.0)
+        computed = totals.pop("computed", tokens)
         for k, v in totals.items():
             record[k] = v / max(units, 1)
-        record["tokens"] = int(tokens)
+        record["tokens"], record["computed_tokens"] = int(tokens), int(computed)
+        self.tokens_trained += record["tokens"]
+        self.tokens_computed += record["computed_tokens"]
         return record
 
     def _sum_over_ranks(self, totals: Dict[str, float], failure: Optional[str]):
