@@ -419,7 +419,9 @@ def build_data_or_report(build, config, tokenizer, log, what: str):
         log(data.stats.skipped_rows_report())
     if data.stats.identical_pairs:
         log(f"warning: {data.stats.identical_pairs} preference pair(s) whose chosen and rejected "
-            f"answers are the same after templating were skipped (they carry no preference signal)")
+            f"answers are the same after templating were skipped (they carry no preference signal): "
+            + ", ".join(data.stats.identical_pair_rows)
+            + (", ..." if data.stats.identical_pairs > len(data.stats.identical_pair_rows) else ""))
     if not data.train:
         log(f"error: no {what} left after filtering")
         return None
