@@ -23,20 +23,16 @@ import argparse
 import sys
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Keeps the usage examples' line breaks and shows every default."""
-
-
 def build_parser(argv):
     from anita_core.assets import sample_path
     from anita_core.data.dpo_render import DPO_TEMPLATES
     from anita_core.train.cli import add_common_arguments, resolve_preset
-    from anita_core.train.flag_types import int_at_least, non_negative_int, positive_float
+    from anita_core.train.flag_types import HelpFormatter, int_at_least, non_negative_int, positive_float
     from anita_core.train.losses import DPO_LOSS_TYPES
     from anita_core.train.presets import DPO_PRESETS, PRESETS
     preset = resolve_preset(argv, demo="dpo-demo", real="dpo", allowed=DPO_PRESETS)
     d = PRESETS[preset]
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog="train_dpo.py", description=__doc__, formatter_class=HelpFormatter)
     add_common_arguments(parser, preset, DPO_PRESETS)
     g = parser.add_argument_group("DPO")
     g.add_argument("--data", nargs="+", default=[sample_path("dpo")],

@@ -88,16 +88,30 @@ def _kv(t: torch.Tensor) -> torch.Tensor:
     return t.float().transpose(1, 2).contiguous()
 
 
-def _block_probabilities(qg, kf, visible, scale, lse=None):
-    """(P, lse) of one block: qg [B, Hkv, G, n, D], kf [B, Hkv, m, D] ->
-    P [B, Hkv, G, n, m] fp32, lse [B, Hkv, G, n]; with ``lse`` given P is rebuilt from it."""
-    batch, n_kv, group, n, dim = qg.shape
-    scores = (qg.reshape(batch, n_kv, group * n, dim) @ kf.transpose(-1, -2))
-    scores = scores.view(batch, n_kv, group, n, -1).mul_(scale).masked_fill_(~visible, float("-inf"))
-    if lse is None:
-        lse = torch.logsumexp(scores, dim=-1)                           # -inf where nothing is seen
-    probs = torch.exp(scores.sub_(lse[..., None])).masked_fill_(~visible, 0.0)   # no -inf - -inf NaN
-    return probs, lse
+def _block_scores(qs, kf, visible):
+    """Scaled scores of one block, -inf where not visible: qs [B, Hkv, G, n, D] (q already
+    times 1/sqrt(D)), kf [B, Hkv, m, D] -> [B, Hkv, G, n, m] fp32."""
+    batch, n_kv, group, n, dim = qs.shape
+    scores = qs.reshape(batch, n_kv, group * n, dim) @ kf.transpose(-1, -2)
+    return scores.view(batch, n_kv, group, n, -1).masked_fill_(~visible, float("-inf"))
+
+
+def _block_softmax(scores):
+    """(P, lse) from a block's scores, in place: m = max, e = exp(s - m), P = e / sum e,
+    lse = m + log sum e. A row that sees nothing (all -inf) gets P = 0 and lse = -inf."""
+    top = scores.amax(dim=-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, 0.0)
+    probs = scores.sub_(top).exp_()
+    total = probs.sum(dim=-1, keepdim=True)
+    lse = (top + torch.log(total)).squeeze(-1)
+    return probs.div_(torch.where(total > 0, total, 1.0)), lse
+
+
+def _block_probabilities_from_lse(scores, lse):
+    """P = exp(s - lse) in place (the backward's recompute); exp(-inf) = 0 covers the keys
+    not seen, and a row with lse -inf subtracts 0 instead (no -inf - -inf NaN)."""
+    lse = torch.where(torch.isfinite(lse), lse, 0.0)
+    return scores.sub_(lse[..., None]).exp_()
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -111,14 +125,13 @@ def flash_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """(out [B, S, Hq, D] in q's dtype, lse fp32 [B, Hq, S]); see the module docstring."""
     batch, seq, n_q_heads, n_kv_heads, head_dim = check_qkv(q, k, v)
     check_bounds(bounds, batch, seq, q.device)
-    scale = 1.0 / math.sqrt(head_dim)
-    qg, kf, vf = _grouped(q, n_kv_heads), _kv(k), _kv(v)
-    out = torch.zeros_like(qg)
-    lse = torch.full(qg.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
+    qs = _grouped(q, n_kv_heads).mul_(1.0 / math.sqrt(head_dim))
+    kf, vf = _kv(k), _kv(v)
+    out = torch.zeros_like(qs)
+    lse = torch.full(qs.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
     for q0, q1, k0 in _blocks(bounds, seq, QUERY_BLOCK):
-        visible = _visible(bounds, q0, q1, k0, q.device)
-        probs, lse[..., q0:q1] = _block_probabilities(qg[..., q0:q1, :], kf[:, :, k0:q1], visible,
-                                                      scale)
+        scores = _block_scores(qs[..., q0:q1, :], kf[:, :, k0:q1], _visible(bounds, q0, q1, k0, q.device))
+        probs, lse[..., q0:q1] = _block_softmax(scores)
         out[..., q0:q1, :] = (_rows(probs) @ vf[:, :, k0:q1]).view(probs.shape[:-1] + (head_dim,))
     return _ungrouped(out, q.dtype), lse.view(batch, n_q_heads, seq)
 
@@ -130,20 +143,22 @@ def flash_attention_backward(d_out: torch.Tensor, q: torch.Tensor, k: torch.Tens
     batch, seq, n_q_heads, n_kv_heads, head_dim = check_backward_args(d_out, q, k, v, out, lse,
                                                                        bounds)
     scale = 1.0 / math.sqrt(head_dim)
-    qg, kf, vf = _grouped(q, n_kv_heads), _kv(k), _kv(v)
+    qs = _grouped(q, n_kv_heads).mul_(scale)
+    kf, vf = _kv(k), _kv(v)
     d_o = _grouped(d_out, n_kv_heads)
     delta = (d_o * _grouped(out, n_kv_heads)).sum(-1)                    # [B, Hkv, G, S]
-    lse_g = lse.view(qg.shape[:-1])
-    dq, dk, dv = torch.zeros_like(qg), torch.zeros_like(kf), torch.zeros_like(vf)
+    lse_g = lse.view(qs.shape[:-1])
+    dq, dk, dv = torch.zeros_like(qs), torch.zeros_like(kf), torch.zeros_like(vf)
     for q0, q1, k0 in _blocks(bounds, seq, QUERY_BLOCK):
-        visible = _visible(bounds, q0, q1, k0, q.device)
-        q_b, k_b, v_b, d_o_b = qg[..., q0:q1, :], kf[:, :, k0:q1], vf[:, :, k0:q1], d_o[..., q0:q1, :]
-        probs, _ = _block_probabilities(q_b, k_b, visible, scale, lse_g[..., q0:q1])
+        q_b, k_b, v_b, d_o_b = qs[..., q0:q1, :], kf[:, :, k0:q1], vf[:, :, k0:q1], d_o[..., q0:q1, :]
+        scores = _block_scores(q_b, k_b, _visible(bounds, q0, q1, k0, q.device))
+        probs = _block_probabilities_from_lse(scores, lse_g[..., q0:q1])
         d_p = (_rows(d_o_b) @ v_b.transpose(-1, -2)).view(probs.shape)
         d_s = d_p.sub_(delta[..., q0:q1, None]).mul_(probs)              # P (dP - Delta), in place
         dv[:, :, k0:q1] += _rows(probs).transpose(-1, -2) @ _rows(d_o_b)
         dq[..., q0:q1, :] = (_rows(d_s) @ k_b).view(q_b.shape).mul_(scale)
-        dk[:, :, k0:q1] += (_rows(d_s).transpose(-1, -2) @ _rows(q_b)).mul_(scale)
+        # dK = dS^T Q / sqrt(D) = dS^T (Q / sqrt(D))
+        dk[:, :, k0:q1] += _rows(d_s).transpose(-1, -2) @ _rows(q_b)
     return _ungrouped(dq, q.dtype), _per_kv_head(dk, q.dtype), _per_kv_head(dv, q.dtype)
 
 

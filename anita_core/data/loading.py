@@ -34,7 +34,9 @@ class Table:
 def _quiet_datasets():
     import datasets
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    # CRITICAL, not ERROR: its JSON builder logs the parser's failure (with its own,
+    # 0-based row count) before raising; anita reports the file and row itself
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     return datasets
 
 
