@@ -88,3 +88,20 @@ def chat_model_dir(tmp_path, kind: str = "chatml"):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tok_dir / name, ckpt / name)
     return ckpt
+
+
+class Unloadable:
+    """``with Unloadable(ckpt):`` the checkpoint's weights are garbage inside the block
+    (loading them would fail: a command that errors before loading shows it never
+    loaded), restored after."""
+
+    def __init__(self, ckpt):
+        self.path = ckpt / "model.safetensors"
+
+    def __enter__(self):
+        self.weights = self.path.read_bytes()
+        self.path.write_bytes(b"not a model")
+        return self
+
+    def __exit__(self, *exc):
+        self.path.write_bytes(self.weights)

@@ -16,7 +16,7 @@ from anita_core.data import templates
 from anita_core.data.chat_template import ChatTemplateError, answer_spans, render
 from anita_core.data.documents import IGNORE_INDEX
 from anita_core.data.rows import CHECKS
-from tests.chat_tokenizers import CHATML, CHATML_MARKED, INST, INST_MARKED, chat_model_dir
+from tests.chat_tokenizers import CHATML, CHATML_MARKED, INST, INST_MARKED, Unloadable, chat_model_dir
 from tests.chat_tokenizers import write_tokenizer as _write_tokenizer
 from tests.helpers import sample_rows
 
@@ -221,16 +221,14 @@ def test_cli_checks_the_template_before_the_model_loads_and_trains_with_chat(tmp
     import train_sft
     from anita_core.assets import sample_path
     ckpt = chat_model_dir(tmp_path)
-    weights = (ckpt / "model.safetensors").read_bytes()
-    (ckpt / "model.safetensors").write_bytes(b"not a model")   # loading it would fail
-    code = train_sft.main(["--model", str(ckpt), "--data", sample_path("chat"),
-                           "--output-dir", str(tmp_path / "bad"), *FAST])
+    with Unloadable(ckpt):
+        code = train_sft.main(["--model", str(ckpt), "--data", sample_path("chat"),
+                               "--output-dir", str(tmp_path / "bad"), *FAST])
     assert code == 2
     err = capsys.readouterr().err
     assert (f"error: {ckpt / 'tokenizer.json'}: no <|begin_of_text|> token, which --template llama3 "
             "needs; use --template chat or --template alpaca") in err
     assert "base model" not in err                               # the model was never loaded
-    (ckpt / "model.safetensors").write_bytes(weights)
     code = train_sft.main(["--model", str(ckpt), "--data", sample_path("chat"), "--template", "chat",
                            "--output-dir", str(tmp_path / "run"), *FAST])
     assert code == 0, capsys.readouterr().err

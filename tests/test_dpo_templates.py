@@ -13,7 +13,7 @@ from anita_core.assets import TOKENIZER_DIR
 from anita_core.data import BadRowError, DPODataConfig, build_dpo_data, load_tokenizer, tokenize_pairs
 from anita_core.data.dpo_render import check_dpo_template, split_pair, PairProblem
 from anita_core.data.rows import check_dpo_row
-from tests.chat_tokenizers import CHATML, INST, chat_model_dir, write_tokenizer
+from tests.chat_tokenizers import CHATML, INST, Unloadable, chat_model_dir, write_tokenizer
 from tests.helpers import sample_rows
 
 
@@ -138,17 +138,15 @@ FAST = ["--max-steps", "1", "--batch-size", "2", "--no-progress", "--eval-split"
 def test_cli_checks_the_template_before_loading_and_trains_with_chat(tmp_path, capsys):
     import train_dpo
     ckpt = chat_model_dir(tmp_path)
-    weights = (ckpt / "model.safetensors").read_bytes()
-    (ckpt / "model.safetensors").write_bytes(b"not a model")       # loading it would fail
     data = _write(tmp_path / "pairs.jsonl", sample_rows("dpo")[:4] + [dict(GOOD, rejected="Roma.")])
-    code = train_dpo.main(["--model", str(ckpt), "--data", data, "--output-dir", str(tmp_path / "bad"),
-                           *FAST])
+    with Unloadable(ckpt):
+        code = train_dpo.main(["--model", str(ckpt), "--data", data, "--output-dir", str(tmp_path / "bad"),
+                               *FAST])
     assert code == 2
     err = capsys.readouterr().err
     assert (f"error: argument --template: {ckpt / 'tokenizer.json'}: no <|begin_of_text|> token, which "
             "--template llama3 needs; use --template chat or --template none") in err
     assert "base model" not in err                                  # the model was never loaded
-    (ckpt / "model.safetensors").write_bytes(weights)
     code = train_dpo.main(["--model", str(ckpt), "--data", data, "--template", "chat",
                            "--output-dir", str(tmp_path / "run"), *FAST])
     err = capsys.readouterr().err

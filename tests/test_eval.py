@@ -32,45 +32,13 @@ pytest.importorskip("lm_eval", reason="lm-eval comes with the test extra")
 
 from anita_core.assets import TOKENIZER_DIR  # noqa: E402
 from anita_core.data import load_tokenizer  # noqa: E402
+from tests import eval_tasks  # noqa: E402
 from tests.model_factory import make_tiny_llama_dir  # noqa: E402
 
 REL = 1e-4
 ROOT = Path(__file__).resolve().parents[1]
-TASK = "anita_test_mc"
-QUESTIONS = [
-    ("Qual è la capitale d'Italia?", ["Roma", "Milano", "Napoli", "Torino"], 0),
-    ("Di che colore è il cielo sereno?", ["verde", "azzurro", "rosso"], 1),
-    ("Quante zampe ha un gatto?", ["due", "tre", "quattro", "sei"], 2),
-    ("Qual è il contrario di caldo?", ["freddo", "alto"], 0),
-    ("In quale mare si trova la Sicilia?", ["nel Mar Baltico", "nel Mar Mediterraneo",
-                                            "nell'Oceano Indiano"], 1),
-    ("Chi scrisse la Divina Commedia?", ["Manzoni", "Leopardi", "Dante Alighieri"], 2),
-]
-
-
-def write_task(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    data = folder / "mc.jsonl"
-    data.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}, ensure_ascii=False)
-                            + "\n" for q, c, a in QUESTIONS), encoding="utf-8")
-    (folder / f"{TASK}.yaml").write_text(f"""task: {TASK}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Domanda: {{{{question}}}}\\nRisposta:"
-doc_to_choice: choices
-doc_to_target: answer
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-""", encoding="utf-8")
-    return folder
+TASK = eval_tasks.TASK
+write_task = eval_tasks.write_task
 
 
 @pytest.fixture(scope="module")
