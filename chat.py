@@ -120,6 +120,8 @@ def describe_numerics(numerics: str, model_dir: Path) -> str:
     config = _read_json(model_dir / "config.json")
     stored = config.get("dtype") or config.get("torch_dtype") or "float32"
     if numerics == "checkpoint":
+        if "quantization_config" in config:
+            return "bitsandbytes 4-bit as stored, transformers"
         return f"{stored} weights as stored, transformers"
     if "quantization_config" in config:
         return "NF4 as stored (bitsandbytes 4-bit checkpoint), anita"

@@ -69,6 +69,9 @@ def main(argv=None) -> int:
     from anita_core.train.distributed import setup_model
     from anita_core.train.run_identity import data_fingerprint, model_fingerprint, run_settings
     parser, args = parse_command_line(build_parser, argv)
+    if args.template == "none" and args.system_prompt:
+        parser.error("argument --system-prompt: not allowed with --template none (raw text has no "
+                     "system turn)")
     if args.max_prompt_length and args.max_prompt_length >= args.max_length:
         parser.error(f"argument --max-prompt-length: must be below --max-length "
                      f"({args.max_length}), or 0; got {args.max_prompt_length}")

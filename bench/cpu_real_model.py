@@ -20,7 +20,9 @@ time.perf_counter on this machine's CPU (a CPU measurement, not a GPU number):
             loaded 4-bit by bitsandbytes (NF4, double quantization, fp32 compute,
             SDPA with a block-diagonal causal mask, the way packed rows are given to
             it) + PEFT, forward with labels and loss.backward(); --hf-seq sizes only
-            (0 of them: skipped). Needs the test extra (transformers, peft).
+            (0 of them: skipped). Needs the test extra (transformers, peft). At a size
+            both time, their steps alternate (anita, hf, anita, hf, ...), so a change of
+            the machine's load reaches both.
   generate  greedy decoding of new-tokens tokens after a 24-token prompt with the
             KV cache: seconds per generated token (prefill included)
 Targets (issue 18, torch backend, one thread): a step of 8,192 packed tokens costs at
@@ -102,17 +104,25 @@ def packed_row(seq: int, doc_tokens, vocab: int, seed: int = 0):
     return ids, targets, positions, segments
 
 
-def _timed(step, steps: int, label: str):
-    times = []
+def _summary(times):
+    return {"first_s": times[0], "step_s": statistics.median(times[1:]) if len(times) > 1 else times[0],
+            "all_s": times}
+
+
+def _timed(steps_by_name: dict, steps: int) -> dict:
+    """Each step function ``steps`` times, interleaved (a, b, a, b, ...) so that both see
+    the same machine load as it drifts; name -> first, median of the rest, all."""
+    times = {name: [] for name in steps_by_name}
     for _ in range(steps):
-        start = time.perf_counter()
-        loss = step()
-        times.append(time.perf_counter() - start)
-        print(f"{label}: {times[-1]:.2f} s (loss {loss:.3f})", flush=True)
-    return {"first_s": times[0], "step_s": statistics.median(times[1:]) if len(times) > 1 else times[0]}
+        for name, step in steps_by_name.items():
+            start = time.perf_counter()
+            loss = step()
+            times[name].append(time.perf_counter() - start)
+            print(f"[{name}]: {times[name][-1]:.2f} s (loss {loss:.3f})", flush=True)
+    return {name: _summary(t) for name, t in times.items()}
 
 
-def anita_steps(model, row, steps: int) -> dict:
+def anita_step(model, row):
     ids, targets, positions, segments = row
     n_targets = int((targets != -100).sum())
 
@@ -120,7 +130,7 @@ def anita_steps(model, row, steps: int) -> dict:
         model.adapters.zero_grad()
         loss, n = model.train_step(ids, targets, positions, segments, grad_scale=1.0 / n_targets)
         return float(loss) / int(n)
-    return _timed(step, steps, f"[anita {ids.shape[1]}]")
+    return step
 
 
 def hf_model(model_dir: str):
@@ -132,7 +142,7 @@ def hf_model(model_dir: str):
     return get_peft_model(load_hf_4bit(model_dir), config)
 
 
-def hf_steps(model, row, steps: int) -> dict:
+def hf_step(model, row):
     ids, targets, positions, segments = row
     seq = ids.shape[1]
     index = torch.arange(seq)
@@ -146,7 +156,7 @@ def hf_steps(model, row, steps: int) -> dict:
         out = model(input_ids=ids, position_ids=positions, attention_mask=mask[None, None], labels=labels)
         out.loss.backward()
         return float(out.loss.detach())
-    return _timed(step, steps, f"[hf {seq}]")
+    return step
 
 
 def main(argv=None) -> dict:
@@ -171,18 +181,20 @@ def main(argv=None) -> dict:
     model.set_layer_strategies("keep")
     V = model.config.vocab_size
     rows = {seq: packed_row(seq, args.doc_tokens, V) for seq in sorted(set(args.seq) | set(args.hf_seq))}
-    for seq in args.seq:
-        result["anita"][seq] = anita_steps(model, rows[seq], args.steps)
+    hf = hf_model(args.model) if args.hf_seq else None
+    for seq in sorted(set(args.seq) | set(args.hf_seq)):
+        steps = {}
+        if seq in args.seq:
+            steps[f"anita {seq}"] = anita_step(model, rows[seq])
+        if seq in args.hf_seq:
+            steps[f"hf {seq}"] = hf_step(hf, rows[seq])
+        for name, summary in _timed(steps, args.steps).items():
+            result[name.split()[0]][seq] = summary
     if args.new_tokens:
         prompt = torch.randint(0, V, (24,), generator=torch.Generator().manual_seed(2)).tolist()
         start = time.perf_counter()
         out = generate(model, [prompt], max_new_tokens=args.new_tokens)
         result["generate_s_per_token"] = (time.perf_counter() - start) / len(out[0])
-    del model
-    if args.hf_seq:
-        hf = hf_model(args.model)
-        for seq in args.hf_seq:
-            result["hf"][seq] = hf_steps(hf, rows[seq], args.steps)
     result["load_average_1min_after"] = os.getloadavg()[0]
     report(result)
     if args.json:

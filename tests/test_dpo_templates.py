@@ -154,3 +154,13 @@ def test_cli_checks_the_template_before_loading_and_trains_with_chat(tmp_path, c
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
     assert (f"warning: 1 preference pair(s) whose chosen and rejected answers are the same after "
             f"templating were skipped (they carry no preference signal): {data}: row 5") in err
+
+
+def test_none_template_refuses_a_system_prompt(capsys):
+    import train_dpo
+    with pytest.raises(SystemExit) as e:
+        train_dpo.main(["--template", "none", "--system-prompt", "Sii breve."])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "train_dpo.py: error: argument --system-prompt: not allowed with --template none (raw text "
+        "has no system turn)")

@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only the first N documents of each task (default: all)")
     p.add_argument("--lm", choices=("anita", "hf"), default="anita",
                    help="anita: anita's NF4 model + adapter; hf: lm-eval's HF model on the stored weights")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                   help="--lm anita: compute dtype (auto: bf16 on a GPU, fp32 on the CPU, as training)")
     p.add_argument("--hf-dtype", default="float32", help="--lm hf: the dtype transformers loads in")
     p.add_argument("--batch-tokens", type=positive_int, default=4096,
                    help="--lm anita: tokens per packed scoring row")
@@ -101,18 +103,23 @@ def make_lm(args):
     from anita_core.eval.lm import AnitaLM
     from anita_core.hf import load_model
     from anita_core.lora import load_peft
+    from anita_core.train.cli import compute_dtype
+    import torch
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     started = time.perf_counter()
     try:
         tokenizer = load_tokenizer(args.model)
-        model = load_model(args.model, progress=not args.no_progress)
+        model = load_model(args.model, compute_dtype=compute_dtype(args.dtype), device=device,
+                           progress=not args.no_progress)
         if args.adapter:
-            model.adapters = load_peft(args.adapter, model.config)
+            model.adapters = load_peft(args.adapter, model.config, device=device)
     except (ValueError, FileNotFoundError) as e:
         _say(f"{PROG}: error: {e}")
         raise SystemExit(EXIT_BAD_INPUT)
     lm = AnitaLM(model, tokenizer, max_length=args.max_length, batch_tokens=args.batch_tokens,
                  progress=not args.no_progress)
-    what = "anita's model, NF4 base" + (f" + adapter {args.adapter}" if args.adapter else "")
+    what = ("anita's model, NF4 base" + (f" + adapter {args.adapter}" if args.adapter else "")
+            + f", {str(model.dtype).replace('torch.', '')} compute on {device}")
     return lm, f"{what} ({time.perf_counter() - started:.1f}s to load)"
 
 
