@@ -41,8 +41,17 @@ TASK = eval_tasks.TASK
 write_task = eval_tasks.write_task
 
 
+@pytest.fixture(scope="module", autouse=True)
+def torch_backend():
+    """anita's side runs on the torch backend, the CPU path eval.py takes on a CPU (the
+    kernels' own parity with it is tests/test_torch_backend.py's)."""
+    from anita_core.model.ops import use_backend
+    with use_backend("torch"):
+        yield
+
+
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, torch_backend):
     """(base folder, adapter folder, merged export, dequantized base, task folder, model)."""
     from anita_core.hf import load_model
     from anita_core.hf.export import export_merged
