@@ -33,6 +33,7 @@ pytest.importorskip("lm_eval", reason="lm-eval comes with the test extra")
 from anita_core.assets import TOKENIZER_DIR  # noqa: E402
 from anita_core.data import load_tokenizer  # noqa: E402
 from tests import eval_tasks  # noqa: E402
+from tests.helpers import assert_close  # noqa: E402
 from tests.model_factory import make_tiny_llama_dir  # noqa: E402
 
 REL = 1e-4
@@ -108,16 +109,21 @@ def test_loglikelihoods_equal_lm_evals_hf_model_merged_and_through_peft(setup):
     ours = AnitaLM(model, load_tokenizer(str(base)), progress=False)
     acc, docs = _evaluate(ours, tasks)
     bounds = _bounds(ours, docs)
-    for reference in (_hflm(merged), _hflm(dequantized, peft=str(adapter_dir))):
+    hfs = (_hflm(merged), _hflm(dequantized, peft=str(adapter_dir)))
+    for reference in hfs:
         ref_acc, ref_docs = _evaluate(reference, tasks)
         assert acc == ref_acc
-        for doc, ref, bound in zip(docs, ref_docs, bounds):
+        got, want, bound = [], [], []
+        for doc, ref, doc_bounds in zip(docs, ref_docs, bounds):
             assert doc["doc_id"] == ref["doc_id"] and doc["acc"] == ref["acc"]
-            got = [ll for ll, _ in doc["filtered_resps"]]
-            want = [ll for ll, _ in ref["filtered_resps"]]
+            got += [ll for ll, _ in doc["filtered_resps"]]
+            want += [ll for ll, _ in ref["filtered_resps"]]
+            bound += doc_bounds
             assert len(got) == len(want) == len(bound)
-            for g, w, b in zip(got, want, bound):
-                assert abs(g - w) <= b, (doc["doc_id"], g, w, b)
+        got, want, bound = (torch.tensor(x, dtype=torch.float64) for x in (got, want, bound))
+        label = "merged export" if reference is hfs[0] else "peft= on the dequantized base"
+        assert_close("eval_vs_lm_eval loglikelihood", label, got, want, atol=float("inf"), rtol=0.0)
+        assert_close("eval_vs_lm_eval (units of bound)", label, got / bound, want / bound, atol=1.0, rtol=0.0)
     # not vacuous: the adapter moves the answers away from the base's
     plain = AnitaLM(model, ours.tok, progress=False)
     saved, model.adapters = model.adapters, None
