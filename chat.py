@@ -8,9 +8,20 @@
 The prompt is rendered as one user turn with the template of --template (auto:
 the tokenizer's own chat template from the model folder when it has one, else the
 LLaMA-3 chat format when the tokenizer has its special tokens, else the raw text)
-and continued greedily (or sampled with --temperature) by anita's KV-cache
-generation. With --adapter the answer is printed twice: the base model's, then
-the adapted model's. Runs on the backend ANITA_BACKEND picks (torch on a CPU).
+and continued greedily (or sampled with --temperature). With --adapter the
+answer is printed twice: the base model's, then the adapted model's.
+
+Numerics (--numerics; each answer's header says which ran):
+  nf4         anita's model: the projections quantized to NF4 on load (or read as
+              stored from a bitsandbytes 4-bit checkpoint), the numerics adapters
+              are trained with; KV-cache generation on the backend ANITA_BACKEND
+              picks (torch on a CPU).
+  checkpoint  the weights as stored (bf16, fp32, ...), run by transformers'
+              LlamaForCausalLM (+ PEFT for --adapter); needs transformers and peft
+              (pip install -e ".[real-model]").
+  auto        (default) checkpoint for a merged export (the folder --merge-export
+              writes: its weights are NF4 + the LoRA delta, which quantizing again
+              would change), nf4 for everything else.
 """
 from __future__ import annotations
 
@@ -20,6 +31,7 @@ import sys
 from pathlib import Path
 
 TEMPLATES = ("auto", "chat", "llama3", "alpaca", "none")
+NUMERICS = ("auto", "nf4", "checkpoint")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64, help="default: %(default)s")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    p.add_argument("--numerics", default="auto", choices=NUMERICS,
+                   help="nf4: anita's NF4 model; checkpoint: the stored weights in transformers; "
+                        "auto: checkpoint for a merged export, else nf4 (default: %(default)s)")
+    from anita_core.train.cli import add_threads_argument
+    add_threads_argument(p)
     return p
 
 
@@ -91,8 +108,57 @@ def stop_ids(model_dir: Path, tokenizer) -> list:
     return sorted({int(i) for i in ids if i is not None})
 
 
+def choose_numerics(args, model_dir: Path) -> str:
+    from anita_core.hf.export import MERGED_MARKER
+    if args.numerics != "auto":
+        return args.numerics
+    return "checkpoint" if (model_dir / MERGED_MARKER).is_file() else "nf4"
+
+
+def describe_numerics(numerics: str, model_dir: Path) -> str:
+    """What runs, for the answer's header."""
+    config = _read_json(model_dir / "config.json")
+    stored = config.get("dtype") or config.get("torch_dtype") or "float32"
+    if numerics == "checkpoint":
+        if "quantization_config" in config:
+            return "bitsandbytes 4-bit as stored, transformers"
+        return f"{stored} weights as stored, transformers"
+    if "quantization_config" in config:
+        return "NF4 as stored (bitsandbytes 4-bit checkpoint), anita"
+    return f"NF4, quantized on load from the {stored} weights, anita"
+
+
+class TransformersModel:
+    """--numerics checkpoint: transformers' LlamaForCausalLM in the stored dtype."""
+
+    def __init__(self, model_dir: Path):
+        try:
+            from transformers import LlamaForCausalLM
+        except ImportError:
+            raise SystemExit("--numerics checkpoint: needs transformers (pip install -e "
+                             "\".[real-model]\"), or use --numerics nf4")
+        self.model = LlamaForCausalLM.from_pretrained(str(model_dir), dtype="auto").eval()
+        self.base = self.model
+
+    def add_adapter(self, adapter: str) -> None:
+        from peft import PeftModel
+        self.model = PeftModel.from_pretrained(self.base, adapter).eval()
+
+    def generate(self, prompt_ids, args, stops):
+        import torch
+        torch.manual_seed(args.seed)
+        with torch.no_grad():
+            out = self.model.generate(torch.tensor([prompt_ids]), max_new_tokens=args.max_new_tokens,
+                                      do_sample=args.temperature > 0,
+                                      temperature=args.temperature if args.temperature > 0 else None,
+                                      top_k=None, top_p=None, eos_token_id=stops, pad_token_id=stops[0])
+        return out[0, len(prompt_ids):].tolist()
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from anita_core.train.cli import apply_threads
+    apply_threads(args)
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
         raise SystemExit(f"--model {args.model}: no config.json there")
@@ -114,24 +180,36 @@ def main(argv=None) -> int:
     except ValueError as err:
         raise SystemExit(f"--model {args.model}: {err}")
     prompt_ids = tokenizer.encode(render_prompt(args, tokenizer))
-    adapters = None
-    model = load_model(model_dir, progress=False)
-    if args.adapter is not None:   # read before generating: a bad adapter fails fast
-        try:
-            adapters = load_peft(args.adapter, model.config)
-        except ValueError as err:
-            raise SystemExit(f"--adapter {args.adapter}: {err}")
+    numerics = choose_numerics(args, model_dir)
     stops = stop_ids(model_dir, tokenizer)
+    if numerics == "checkpoint":
+        runner = TransformersModel(model_dir)
+
+        def tokens():
+            return runner.generate(prompt_ids, args, stops)
+    else:
+        model = load_model(model_dir, progress=False)
+        if args.adapter is not None:   # read before generating: a bad adapter fails fast
+            try:
+                adapters = load_peft(args.adapter, model.config)
+            except ValueError as err:
+                raise SystemExit(f"--adapter {args.adapter}: {err}")
+
+        def tokens():
+            return generate(model, [prompt_ids], args.max_new_tokens, temperature=args.temperature,
+                            eos_token_ids=stops, seed=args.seed)[0]
 
     def answer() -> str:
-        out = generate(model, [prompt_ids], args.max_new_tokens, temperature=args.temperature,
-                       eos_token_ids=stops, seed=args.seed)[0]
-        return tokenizer.decode([t for t in out if t not in stops], skip_special_tokens=True).strip()
+        return tokenizer.decode([t for t in tokens() if t not in stops], skip_special_tokens=True).strip()
 
-    print(f"### base model ({model_dir.name})\n{answer()}\n", flush=True)
-    if adapters is not None:
-        model.adapters = adapters
-        print(f"### with adapter ({args.adapter})\n{answer()}", flush=True)
+    how = describe_numerics(numerics, model_dir)
+    print(f"### base model ({model_dir.name}; {how})\n{answer()}\n", flush=True)
+    if args.adapter is not None:
+        if numerics == "checkpoint":
+            runner.add_adapter(args.adapter)
+        else:
+            model.adapters = adapters
+        print(f"### with adapter ({args.adapter}; {how})\n{answer()}", flush=True)
     return 0
 
 

@@ -26,7 +26,10 @@ setup(
     ],
     extras_require={
         "test": ["transformers>=4.45", "peft>=0.13", "trl>=0.12", "pytest>=8", "accelerate>=0.34",
-                 "matplotlib>=3.8", "gguf>=0.10"],
+                 "matplotlib>=3.8", "gguf>=0.10", "lm-eval>=0.4.13,<0.5"],
+        # eval.py: lm-evaluation-harness (its TemplateLM API of 0.4.x); about 350 MB with its
+        # dependencies (scikit-learn, scipy, nltk, sacrebleu, evaluate, ...)
+        "eval": ["lm-eval>=0.4.13,<0.5", "transformers>=4.45", "peft>=0.13"],
         "bench": ["matplotlib>=3.8"],
         # python -m anita_core.assets.smollm2: transformers reads the GGUF with gguf
         "real-model": ["gguf>=0.10", "transformers>=4.45"],

@@ -7,7 +7,10 @@
 
 Rows: {prompt, chosen, rejected} as strings, or chosen/rejected as message lists
 whose last message is the answer (the earlier ones are the prompt), as in
-orpo-dpo-mix-40k. Policy = base + trainable LoRA; reference = the same base with
+orpo-dpo-mix-40k. --template llama3 (LLaMA-3's chat format), chat (the
+tokenizer's own chat_template: SmolLM2's ChatML, Mistral-style and other chat
+models) or none (raw text + EOS), each rendered and split into prompt and answer
+as TRL's DPOTrainer does. Policy = base + trainable LoRA; reference = the same base with
 adapters off, or with --reference-adapter; reference log-probs take no gradient.
 With --precompute-reference (the default for the base reference) they are
 computed for every training and held-out pair in one pass before training, kept in
@@ -20,23 +23,24 @@ import argparse
 import sys
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Keeps the usage examples' line breaks and shows every default."""
-
-
 def build_parser(argv):
     from anita_core.assets import sample_path
+    from anita_core.data.dpo_render import DPO_TEMPLATES
     from anita_core.train.cli import add_common_arguments, resolve_preset
-    from anita_core.train.flag_types import int_at_least, non_negative_int, positive_float
+    from anita_core.train.flag_types import HelpFormatter, int_at_least, non_negative_int, positive_float
     from anita_core.train.losses import DPO_LOSS_TYPES
     from anita_core.train.presets import DPO_PRESETS, PRESETS
     preset = resolve_preset(argv, demo="dpo-demo", real="dpo", allowed=DPO_PRESETS)
     d = PRESETS[preset]
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog="train_dpo.py", description=__doc__, formatter_class=HelpFormatter)
     add_common_arguments(parser, preset, DPO_PRESETS)
     g = parser.add_argument_group("DPO")
     g.add_argument("--data", nargs="+", default=[sample_path("dpo")],
                    help="preference data file(s), folder(s) or hub name(s)")
+    g.add_argument("--template", default="llama3", choices=DPO_TEMPLATES,
+                   help="how prompts and answers are rendered (chat: the tokenizer's own "
+                        "chat_template from tokenizer_config.json; llama3 needs LLaMA-3's tokens; "
+                        "none: raw text, answers end with the EOS token)")
     g.add_argument("--beta", type=positive_float, default=d["beta"], help="DPO temperature")
     g.add_argument("--loss-type", default=d["loss_type"], choices=DPO_LOSS_TYPES, help="preference loss")
     g.add_argument("--max-length", type=int_at_least(2), default=d["max_length"], help="prompt + answer tokens")
@@ -66,6 +70,9 @@ def main(argv=None) -> int:
     from anita_core.train.run_identity import data_fingerprint, model_fingerprint, run_settings
     from anita_core.train.run_start import start_run
     parser, args = parse_command_line(build_parser, argv)
+    if args.template == "none" and args.system_prompt:
+        parser.error("argument --system-prompt: not allowed with --template none (raw text has no "
+                     "system turn)")
     if args.max_prompt_length and args.max_prompt_length >= args.max_length:
         parser.error(f"argument --max-prompt-length: must be below --max-length "
                      f"({args.max_length}), or 0; got {args.max_prompt_length}")
@@ -81,17 +88,17 @@ def main(argv=None) -> int:
     output_dir = args.output_dir or f"runs/dpo-{args.preset}"
     run = start_run(args, output_dir, log, dist)
 
-    # checked before the model loads: DPO prompts are rendered in LLaMA-3's chat format
-    from anita_core.data.templates import LLAMA3_TOKENS
+    # checked before the model loads: the tokenizer can render --template
+    from anita_core.data.dpo_render import check_dpo_template
     tokenizer = load_tokenizer(tokenizer_dir_for(resolve_model_dir(args.model)))
-    missing = [t for t in LLAMA3_TOKENS if not tokenizer.has_token(t)]
-    if missing:
-        log(f"error: {tokenizer.name}: no {missing[0]} token; train_dpo.py renders prompts in "
-            "LLaMA-3's chat format, which needs it")
+    try:
+        check_dpo_template(tokenizer, args.template)
+    except ValueError as e:
+        log(f"error: argument --template: {e}")
         return 2
     # the pairs are built before the model loads: a bad file or row is reported without
     # waiting for the base model
-    data_config = DPODataConfig(data=args.data, system_prompt=args.system_prompt,
+    data_config = DPODataConfig(data=args.data, system_prompt=args.system_prompt, template=args.template,
                                 max_length=args.max_length,
                                 max_prompt_length=args.max_prompt_length or None,
                                 exclude_sources=tuple(args.exclude_sources), max_samples=args.max_samples,

@@ -19,18 +19,14 @@ import argparse
 import sys
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Keeps the usage examples' line breaks and shows every default."""
-
-
 def build_parser(argv):
     from anita_core.assets import sample_path
     from anita_core.train.cli import add_common_arguments, resolve_preset
-    from anita_core.train.flag_types import int_at_least
+    from anita_core.train.flag_types import HelpFormatter, int_at_least
     from anita_core.train.presets import PRESETS, SFT_PRESETS
     preset = resolve_preset(argv, demo="demo", real="sft", allowed=SFT_PRESETS)
     d = PRESETS[preset]
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog="train_sft.py", description=__doc__, formatter_class=HelpFormatter)
     add_common_arguments(parser, preset, SFT_PRESETS)
     g = parser.add_argument_group("SFT data")
     g.add_argument("--data", nargs="+", default=[sample_path("text" if d["data_shape"] == "text" else "instruction")],

@@ -8,15 +8,26 @@ csrc_triton.attention (same launchers, arguments, checks and return conventions)
     dP = dO V^T, dS = P (dP - Delta), dQ = dS K / sqrt(D), dK = dS^T Q / sqrt(D),
     dV = P^T dO; dK and dV of a kv head summed over its query heads.
 
-Everything in fp32, rounded once to the inputs' dtype. K and V are repeated per query
-head and scores are [B, Hq, S, S] fp32: fine for the CPU-sized runs this backend
-serves (SmolLM2 at 512 tokens: 9 MiB); the Triton kernel is the O(S)-memory path.
-A row that sees no key (padding) gives out 0, lse -inf and zero gradients.
+Blocked like the kernel, never a score matrix over the whole row: the queries go
+in blocks of QUERY_BLOCK tokens, and a block reads only the keys from its earliest
+query's document start (min first_key over the block) to its last query. A block's
+scores are [B, Hq, QUERY_BLOCK, keys it reads], so memory is O(S x block), and a
+row of documents of lengths L_d costs O(sum L_d^2 + S x block) work instead of
+O(S^2): 8,192 tokens of 300-token documents read ~556 keys per query, not ~4,096.
+Within a block the softmax is exact (one logsumexp over the block's keys; the keys
+it skips are keys no query of the block sees, whose probability is exactly 0).
+
+GQA by layout, not by copying: q is viewed as [B, Hkv, group, S, D], so the query
+heads of one kv head are stacked rows of one matmul against that head's K and V,
+and dK/dV come out summed over the group by the same matmul.
+
+Everything in fp32, rounded once to the inputs' dtype. A row that sees no key
+(padding) gives out 0, lse -inf and zero gradients.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 
@@ -25,45 +36,104 @@ from csrc_triton.attention import (check_backward_args, check_bounds, check_qkv,
                                    document_bounds)
 Bounds = Optional[Tuple[torch.Tensor, torch.Tensor]]
 
+# query tokens per block: large enough that each block is a few big matmuls (the
+# Python loop runs S / QUERY_BLOCK times per layer), small enough that a block's
+# [Hq, QUERY_BLOCK, keys] fp32 scores stay small (SmolLM2, one 8,192-token document:
+# 9 x 256 x 8,192 x 4 B = 72 MiB)
+QUERY_BLOCK = 256
 
-def _visible(bounds: Bounds, batch: int, seq: int, device) -> torch.Tensor:
-    """Bool [B, 1, S, S]: query i sees key j (causal, within i's document)."""
-    index = torch.arange(seq, device=device)
-    causal = (index[None, :] <= index[:, None])[None, None]
+
+def _blocks(bounds: Bounds, seq: int, block: int) -> Iterator[Tuple[int, int, int]]:
+    """(q0, q1, k0) per query block [q0, q1) that sees any key: its keys are [k0, q1)."""
     if bounds is None:
-        return causal.expand(batch, 1, seq, seq)
-    first_key = bounds[0].long()                                      # [B, S]
-    return causal & (index[None, None, None, :] >= first_key[:, None, :, None])
+        yield from ((q0, min(q0 + block, seq), 0) for q0 in range(0, seq, block))
+        return
+    first_key = bounds[0]
+    # a padding query (first_key = i + 1) sees nothing: it must not set k0
+    index = torch.arange(seq, device=first_key.device)
+    first_seen = torch.where(first_key <= index, first_key, seq).amin(dim=0)     # [S]
+    starts = first_seen[:seq - seq % block].view(-1, block).amin(dim=1).tolist()
+    if seq % block:
+        starts.append(int(first_seen[seq - seq % block:].min()))
+    for q0, k0 in zip(range(0, seq, block), starts):
+        q1 = min(q0 + block, seq)
+        if k0 < q1:
+            yield q0, q1, k0
 
 
-def _per_query_head(t: torch.Tensor, group: int) -> torch.Tensor:
-    """[B, S, Hkv, D] -> fp32 [B, Hq, S, D], each kv head repeated for its query heads."""
-    return t.float().transpose(1, 2).repeat_interleave(group, dim=1)
+def _visible(bounds: Bounds, q0: int, q1: int, k0: int, device) -> torch.Tensor:
+    """Bool [B or 1, 1, 1, n, m]: query q0 + a sees key k0 + c (causal, within its document)."""
+    queries = torch.arange(q0, q1, device=device)
+    keys = torch.arange(k0, q1, device=device)
+    visible = (keys[None, :] <= queries[:, None])[None]
+    if bounds is not None:
+        visible = visible & (keys[None, None, :] >= bounds[0][:, q0:q1, None].long())
+    return visible[:, None, None]
 
 
-def _probabilities(q, k, bounds, lse=None):
-    """(P [B, Hq, S, S] fp32, lse [B, Hq, S] fp32); with ``lse`` given, P is rebuilt from it."""
-    batch, seq, n_q, head_dim = q.shape
-    group = n_q // k.shape[2]
-    scores = (q.float().transpose(1, 2) @ _per_query_head(k, group).transpose(-1, -2))
-    scores.mul_(1.0 / math.sqrt(head_dim))
-    visible = _visible(bounds, batch, seq, q.device)
-    scores = scores.masked_fill(~visible, float("-inf"))
-    if lse is None:
-        lse = torch.logsumexp(scores, dim=-1)                          # -inf where nothing is seen
-    probs = torch.exp(scores - lse[..., None]).masked_fill(~visible, 0.0)   # no -inf - -inf NaN
-    return probs, lse
+def _grouped(t: torch.Tensor, n_kv: int) -> torch.Tensor:
+    """[B, S, Hq, D] -> contiguous fp32 [B, Hkv, group, S, D] (query head h = kv * group + g)."""
+    batch, seq, heads, dim = t.shape
+    return t.float().view(batch, seq, n_kv, heads // n_kv, dim).permute(0, 2, 3, 1, 4).contiguous()
+
+
+def _ungrouped(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, Hkv, group, S, D] -> [B, S, Hq, D] in ``dtype``."""
+    batch, n_kv, group, seq, dim = t.shape
+    return t.permute(0, 3, 1, 2, 4).reshape(batch, seq, n_kv * group, dim).to(dtype).contiguous()
+
+
+def _kv(t: torch.Tensor) -> torch.Tensor:
+    """[B, S, Hkv, D] -> contiguous fp32 [B, Hkv, S, D]."""
+    return t.float().transpose(1, 2).contiguous()
+
+
+def _block_scores(qs, kf, visible):
+    """Scaled scores of one block, -inf where not visible: qs [B, Hkv, G, n, D] (q already
+    times 1/sqrt(D)), kf [B, Hkv, m, D] -> [B, Hkv, G, n, m] fp32."""
+    batch, n_kv, group, n, dim = qs.shape
+    scores = qs.reshape(batch, n_kv, group * n, dim) @ kf.transpose(-1, -2)
+    return scores.view(batch, n_kv, group, n, -1).masked_fill_(~visible, float("-inf"))
+
+
+def _block_softmax(scores):
+    """(P, lse) from a block's scores, in place: m = max, e = exp(s - m), P = e / sum e,
+    lse = m + log sum e. A row that sees nothing (all -inf) gets P = 0 and lse = -inf."""
+    top = scores.amax(dim=-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, 0.0)
+    probs = scores.sub_(top).exp_()
+    total = probs.sum(dim=-1, keepdim=True)
+    lse = (top + torch.log(total)).squeeze(-1)
+    return probs.div_(torch.where(total > 0, total, 1.0)), lse
+
+
+def _block_probabilities_from_lse(scores, lse):
+    """P = exp(s - lse) in place (the backward's recompute); exp(-inf) = 0 covers the keys
+    not seen, and a row with lse -inf subtracts 0 instead (no -inf - -inf NaN)."""
+    lse = torch.where(torch.isfinite(lse), lse, 0.0)
+    return scores.sub_(lse[..., None]).exp_()
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """[B, Hkv, G, n, x] -> [B, Hkv, G * n, x] (the group's query rows stacked)."""
+    batch, n_kv, group, n, x = t.shape
+    return t.reshape(batch, n_kv, group * n, x)
 
 
 def flash_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             bounds: Bounds = None):
     """(out [B, S, Hq, D] in q's dtype, lse fp32 [B, Hq, S]); see the module docstring."""
-    batch, seq, n_q_heads, _, _ = check_qkv(q, k, v)
+    batch, seq, n_q_heads, n_kv_heads, head_dim = check_qkv(q, k, v)
     check_bounds(bounds, batch, seq, q.device)
-    group = n_q_heads // k.shape[2]
-    probs, lse = _probabilities(q, k, bounds)
-    out = probs @ _per_query_head(v, group)
-    return out.transpose(1, 2).to(q.dtype).contiguous(), lse.contiguous()
+    qs = _grouped(q, n_kv_heads).mul_(1.0 / math.sqrt(head_dim))
+    kf, vf = _kv(k), _kv(v)
+    out = torch.zeros_like(qs)
+    lse = torch.full(qs.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
+    for q0, q1, k0 in _blocks(bounds, seq, QUERY_BLOCK):
+        scores = _block_scores(qs[..., q0:q1, :], kf[:, :, k0:q1], _visible(bounds, q0, q1, k0, q.device))
+        probs, lse[..., q0:q1] = _block_softmax(scores)
+        out[..., q0:q1, :] = (_rows(probs) @ vf[:, :, k0:q1]).view(probs.shape[:-1] + (head_dim,))
+    return _ungrouped(out, q.dtype), lse.view(batch, n_q_heads, seq)
 
 
 def flash_attention_backward(d_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
@@ -72,18 +142,26 @@ def flash_attention_backward(d_out: torch.Tensor, q: torch.Tensor, k: torch.Tens
     """(dq, dk, dv) in the inputs' dtype, from the forward's out and lse."""
     batch, seq, n_q_heads, n_kv_heads, head_dim = check_backward_args(d_out, q, k, v, out, lse,
                                                                        bounds)
-    group = n_q_heads // n_kv_heads
     scale = 1.0 / math.sqrt(head_dim)
-    probs, _ = _probabilities(q, k, bounds, lse)
-    d_o = d_out.float().transpose(1, 2)                                 # [B, Hq, S, D]
-    delta = (d_o * out.float().transpose(1, 2)).sum(-1, keepdim=True)   # [B, Hq, S, 1]
-    d_scores = probs * (d_o @ _per_query_head(v, group).transpose(-1, -2) - delta)
-    dq = (d_scores @ _per_query_head(k, group)).mul_(scale)
-    dk = (d_scores.transpose(-1, -2) @ q.float().transpose(1, 2)).mul_(scale)
-    dv = probs.transpose(-1, -2) @ d_o
+    qs = _grouped(q, n_kv_heads).mul_(scale)
+    kf, vf = _kv(k), _kv(v)
+    d_o = _grouped(d_out, n_kv_heads)
+    delta = (d_o * _grouped(out, n_kv_heads)).sum(-1)                    # [B, Hkv, G, S]
+    lse_g = lse.view(qs.shape[:-1])
+    dq, dk, dv = torch.zeros_like(qs), torch.zeros_like(kf), torch.zeros_like(vf)
+    for q0, q1, k0 in _blocks(bounds, seq, QUERY_BLOCK):
+        q_b, k_b, v_b, d_o_b = qs[..., q0:q1, :], kf[:, :, k0:q1], vf[:, :, k0:q1], d_o[..., q0:q1, :]
+        scores = _block_scores(q_b, k_b, _visible(bounds, q0, q1, k0, q.device))
+        probs = _block_probabilities_from_lse(scores, lse_g[..., q0:q1])
+        d_p = (_rows(d_o_b) @ v_b.transpose(-1, -2)).view(probs.shape)
+        d_s = d_p.sub_(delta[..., q0:q1, None]).mul_(probs)              # P (dP - Delta), in place
+        dv[:, :, k0:q1] += _rows(probs).transpose(-1, -2) @ _rows(d_o_b)
+        dq[..., q0:q1, :] = (_rows(d_s) @ k_b).view(q_b.shape).mul_(scale)
+        # dK = dS^T Q / sqrt(D) = dS^T (Q / sqrt(D))
+        dk[:, :, k0:q1] += _rows(d_s).transpose(-1, -2) @ _rows(q_b)
+    return _ungrouped(dq, q.dtype), _per_kv_head(dk, q.dtype), _per_kv_head(dv, q.dtype)
 
-    def per_kv_head(t):             # [B, Hq, S, D] -> [B, S, Hkv, D], summed over the group
-        t = t.view(batch, n_kv_heads, group, seq, head_dim).sum(2)
-        return t.transpose(1, 2).to(q.dtype).contiguous()
 
-    return dq.transpose(1, 2).to(q.dtype).contiguous(), per_kv_head(dk), per_kv_head(dv)
+def _per_kv_head(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, Hkv, S, D] fp32 -> [B, S, Hkv, D] in ``dtype``."""
+    return t.transpose(1, 2).to(dtype).contiguous()

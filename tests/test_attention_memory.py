@@ -36,23 +36,27 @@ class LargestAllocation(TorchDispatchMode):
         return result
 
 
-def packed_row(seq: int):
-    """Documents of 1, 300, 1, 450 and the rest of the row; positions restart per document."""
-    lengths = [1, 300, 1, 450]
+def packed_row(seq: int, lengths=(1, 300, 1, 450)):
+    """Documents of ``lengths`` and the rest of the row; positions restart per document."""
+    lengths = list(lengths)
     lengths.append(seq - sum(lengths))
     segments = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None]
     positions = torch.cat([torch.arange(n) for n in lengths])[None]
     return segments, positions
 
 
-def test_training_step_at_1024_tokens_allocates_nothing_quadratic(tmp_path):
+def step_inputs(tmp_path, seq: int, lengths=(1, 300, 1, 450)):
+    """(one-layer tiny model with adapters, ids, targets, positions, segments) of one packed row."""
     model = load_model(make_tiny_llama_dir(tmp_path, num_layers=1, num_heads=2, num_kv_heads=1),
                        progress=False)
     model.adapters = LoRAAdapters.init(LoRAConfig(r=4, alpha=8, seed=1), model.config)
     V = model.config.vocab_size
-    ids = torch.randint(0, V, (1, SEQ))
-    targets = torch.randint(0, V, (1, SEQ))
-    segments, positions = packed_row(SEQ)
+    segments, positions = packed_row(seq, lengths)
+    return model, torch.randint(0, V, (1, seq)), torch.randint(0, V, (1, seq)), positions, segments
+
+
+def test_training_step_at_1024_tokens_allocates_nothing_quadratic(tmp_path):
+    model, ids, targets, positions, segments = step_inputs(tmp_path, SEQ)
 
     tracker = LargestAllocation()
     with tracker:
@@ -72,3 +76,33 @@ def test_training_step_at_1024_tokens_allocates_nothing_quadratic(tmp_path):
     with check:
         _ = segments[:, :, None] == segments[:, None, :]
     assert check.nbytes == SEQ * SEQ
+
+
+# ------------------------------------------------------------------ the torch backend
+TORCH_SEQ = 4096
+
+
+def test_torch_backend_step_at_4096_tokens_allocates_nothing_quadratic(tmp_path):
+    """The same check on the CPU path (csrc_torch.attention computes per query block over
+    the keys of the block's documents): at 4,096 tokens a bool [S, S] is 16 MiB; a block's
+    scores are [heads, 256, the keys of its documents] fp32."""
+    from anita_core.model.ops import use_backend
+    # four times 1, 300, 1, 450, then a document of 1,088 tokens
+    model, ids, targets, positions, segments = step_inputs(tmp_path, TORCH_SEQ, (1, 300, 1, 450) * 4)
+    tracker = LargestAllocation()
+    with use_backend("torch"), tracker:
+        loss_sum, n_tokens = model.train_step(ids, targets, positions, segments)
+    assert torch.isfinite(loss_sum) and int(n_tokens) == TORCH_SEQ
+    assert tracker.nbytes >= TORCH_SEQ * model.config.hidden_size * 4, (tracker.nbytes, tracker.op)
+    assert tracker.nbytes < TORCH_SEQ * TORCH_SEQ, (tracker.nbytes, tracker.op)
+
+    # the attention alone: its largest tensor is one block's scores; the 1,088-token
+    # document's last block reads its 1,088 keys: 2 heads x 256 x 1,088 x 4 B = 2.1 MiB
+    import csrc_torch
+    q, k, v = (torch.randn(1, TORCH_SEQ, h, 24) for h in (2, 1, 1))
+    bounds = csrc_torch.document_bounds(segments)
+    tracker = LargestAllocation()
+    with tracker:
+        out, lse = csrc_torch.flash_attention_forward(q, k, v, bounds)
+        csrc_torch.flash_attention_backward(torch.randn_like(out), q, k, v, out, lse, bounds)
+    assert tracker.nbytes == 2 * 256 * 1088 * 4, (tracker.nbytes, tracker.op)

@@ -47,9 +47,40 @@ def test_malformed_row_names_file_and_row_or_is_skipped_and_counted(tmp_path, ca
     assert (tmp_path / "run2" / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_missing_model_directory_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="no such model directory"):
-        train_sft.main(["--model", str(tmp_path / "nowhere"), *FAST])
+def test_missing_model_directory_is_a_clear_error(tmp_path, capsys):
+    for main, script in ((train_sft.main, "train_sft.py"), (train_dpo.main, "train_dpo.py")):
+        with pytest.raises(SystemExit) as e:
+            main(["--model", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "run"), *FAST])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1] == (f"{script}: error: argument --model: {tmp_path / 'nowhere'}: no such "
+                           "model directory (and not a hub name owner/name)")
+        assert not (tmp_path / "run").exists()          # stopped before the output folder
+
+
+def test_help_shows_each_default_once(capsys):
+    for main in (train_sft.main, train_dpo.main):
+        with pytest.raises(SystemExit):
+            main(["--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        assert "(default: runs/<script>-<preset>)" in out
+        assert "(default: None)" not in out
+        assert "--threads N" in out
+
+
+def test_threads_flag_sets_torch_threads(tmp_path):
+    import torch
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        code = train_sft.main(["--threads", "1", "--output-dir", str(tmp_path / "run"), "--max-steps", "1",
+                               "--batch-size", "2", "--no-progress", "--eval-split", "0"])
+        assert code == 0 and torch.get_num_threads() == 1
+        with pytest.raises(SystemExit) as e:
+            train_dpo.main(["--threads", "0"])
+        assert e.value.code == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_model_of_another_architecture_is_a_clear_error(tmp_path):
@@ -98,3 +129,22 @@ def test_sigint_writes_a_checkpoint_and_exits_130(tmp_path):
     assert code == 0
     logged = [json.loads(l)["step"] for l in metrics.read_text().splitlines() if '"loss"' in l]
     assert logged[-1] == steps_done + 1
+
+
+def test_malformed_json_line_is_reported_once_by_anita(tmp_path, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"instruction": "a", "input": "", "output": "b"}\n{"instruction": bad}\n')
+    code = train_sft.main(["--data", str(data), "--output-dir", str(tmp_path / "run"), *FAST])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"error: {data}: row 2: not valid JSON (Expecting value)" in err
+    assert "pyarrow" not in err and "Failed to load JSON" not in err
+
+
+def test_generate_module_is_not_a_silent_command():
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "anita_core.model.generate"], capture_output=True,
+                          text=True, cwd=Path(train_sft.__file__).parent, timeout=300)
+    assert done.returncode == 2
+    assert "not a command" in done.stderr and "chat.py --model DIR" in done.stderr

@@ -17,73 +17,9 @@ from anita_core.data import templates
 from anita_core.data.chat_template import ChatTemplateError, answer_spans, render
 from anita_core.data.documents import IGNORE_INDEX
 from anita_core.data.rows import CHECKS
+from tests.chat_tokenizers import CHATML, CHATML_MARKED, INST, INST_MARKED, Unloadable, chat_model_dir
+from tests.chat_tokenizers import write_tokenizer as _write_tokenizer
 from tests.helpers import sample_rows
-
-# SmolLM2's ChatML layout (a public format): a default system turn when the
-# conversation has none, "<|im_start|>{role}\n{content}<|im_end|>\n" per turn.
-CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-          "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
-          "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-# The same template with the answers marked for transformers' assistant masks.
-CHATML_MARKED = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-                 "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
-                 "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}"
-                 "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
-                 "{{ '\n' }}{% else %}"
-                 "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-                 "{% endif %}{% endfor %}"
-                 "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-# Mistral-style: BOS once, "[INST] {user} [/INST]" and the answer right after,
-# closed by EOS; a system turn is prepended to the first user turn; roles must alternate.
-INST = ("{{ bos_token }}{% set ns = namespace(system='') %}"
-        "{% for message in messages %}{% if message['role'] == 'system' %}"
-        "{% set ns.system = message['content'] + '\n\n' %}"
-        "{% elif message['role'] == 'user' %}{{ '[INST] ' + ns.system + message['content'] + ' [/INST]' }}"
-        "{% set ns.system = '' %}"
-        "{% else %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}")
-INST_MARKED = INST.replace("{% else %}{{ message['content'] + eos_token }}",
-                           "{% else %}{% generation %}{{ message['content'] + eos_token }}"
-                           "{% endgeneration %}")
-
-
-def _corpus():
-    for row in sample_rows("chat"):
-        for m in row["messages"]:
-            yield m["role"]
-            yield m["content"]
-    for row in sample_rows("instruction"):
-        yield from (row["instruction"], row["input"], row["output"])
-
-
-def _write_tokenizer(folder, kind, chat_template):
-    """A small trained tokenizer folder (tokenizer.json + tokenizer_config.json)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    folder.mkdir(parents=True, exist_ok=True)
-    if kind == "chatml":
-        specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        alphabet = pre_tokenizers.ByteLevel.alphabet()
-        config = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
-                  "unk_token": "<|endoftext|>", "pad_token": "<|im_end|>"}
-    else:
-        specials = ["<unk>", "<s>", "</s>"]
-        tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=False))
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
-        tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
-        alphabet = []
-        config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=alphabet,
-                                  show_progress=False)
-    tok.train_from_iterator(_corpus(), trainer)
-    tok.save(str(folder / "tokenizer.json"))
-    config.update(tokenizer_class="PreTrainedTokenizerFast", model_max_length=4096)
-    if chat_template is not None:
-        config["chat_template"] = chat_template
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    return folder
 
 
 FIXTURES = {"chatml": (CHATML, CHATML_MARKED), "inst": (INST, INST_MARKED)}
@@ -278,18 +214,6 @@ def test_templates_run_sandboxed(tmp_path):
 
 
 # ------------------------------------------------------------------ the CLI
-def _chatml_model(tmp_path):
-    """A tiny random Llama whose folder holds the ChatML tokenizer."""
-    import shutil
-    from tests.model_factory import make_tiny_llama_dir
-    tok_dir = _write_tokenizer(tmp_path / "tok", "chatml", CHATML)
-    size = load_tokenizer(str(tok_dir)).vocab_size
-    ckpt = make_tiny_llama_dir(tmp_path, vocab_size=size, name="chatml-llama")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tok_dir / name, ckpt / name)
-    return ckpt
-
-
 FAST = ["--max-steps", "1", "--batch-size", "1", "--no-progress", "--eval-split", "0",
         "--max-seq-length", "64", "--max-samples", "6", "--gradient-accumulation-steps", "1"]
 
@@ -297,17 +221,15 @@ FAST = ["--max-steps", "1", "--batch-size", "1", "--no-progress", "--eval-split"
 def test_cli_checks_the_template_before_the_model_loads_and_trains_with_chat(tmp_path, capsys):
     import train_sft
     from anita_core.assets import sample_path
-    ckpt = _chatml_model(tmp_path)
-    weights = (ckpt / "model.safetensors").read_bytes()
-    (ckpt / "model.safetensors").write_bytes(b"not a model")   # loading it would fail
-    code = train_sft.main(["--model", str(ckpt), "--data", sample_path("chat"),
-                           "--output-dir", str(tmp_path / "bad"), *FAST])
+    ckpt = chat_model_dir(tmp_path)
+    with Unloadable(ckpt):
+        code = train_sft.main(["--model", str(ckpt), "--data", sample_path("chat"),
+                               "--output-dir", str(tmp_path / "bad"), *FAST])
     assert code == 2
     err = capsys.readouterr().err
     assert (f"error: {ckpt / 'tokenizer.json'}: no <|begin_of_text|> token, which --template llama3 "
             "needs; use --template chat or --template alpaca") in err
     assert "base model" not in err                               # the model was never loaded
-    (ckpt / "model.safetensors").write_bytes(weights)
     code = train_sft.main(["--model", str(ckpt), "--data", sample_path("chat"), "--template", "chat",
                            "--output-dir", str(tmp_path / "run"), *FAST])
     assert code == 0, capsys.readouterr().err

@@ -15,6 +15,13 @@ base with the adapters off.
 
 Both sides compute in fp32: TRL's cast of QLoRA adapters to bf16 is undone
 (see tests/trl_reference.py).
+
+Tokenizers: the bundled LLaMA-3 one (anita's --template llama3, TRL with the
+tokenizer's LLaMA-3 chat template), and two built here that are not LLaMA-3's
+(tests/chat_tokenizers.py): ChatML (SmolLM2's layout) and a SentencePiece-style
+one with a Mistral-style [INST] template, where anita renders with --template
+chat. The ChatML completion includes the newline the template writes after
+<|im_end|> (TRL's split: what follows the prompt in the whole conversation).
 """
 from __future__ import annotations
 
@@ -30,6 +37,7 @@ from anita_core.lora import LoRAAdapters, LoRAConfig
 from anita_core.model import QLoRALlama
 from anita_core.hf import load_model
 from anita_core.train.objectives import DPOObjective
+from tests.chat_tokenizers import CHATML, INST, write_tokenizer
 from tests.helpers import assert_close, bitsandbytes_functional
 from tests.model_factory import make_tiny_llama_dir
 
@@ -70,9 +78,22 @@ def _rows():
     return [check_dpo_row(by_file[shape][index]) for shape, index in PAIRS]
 
 
+# kind -> (chat template for tests.chat_tokenizers, or None for the bundled LLaMA-3 tokenizer;
+# anita's --template)
+TOKENIZERS = {"llama3": (None, "llama3"), "chatml": (CHATML, "chat"), "inst": (INST, "chat")}
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return load_tokenizer(TOKENIZER_DIR)
+
+
+def _tokenizer_dir(kind, tmp_path):
+    chat_template, _ = TOKENIZERS[kind]
+    if chat_template is None:
+        return TOKENIZER_DIR
+    return str(write_tokenizer(tmp_path / f"tok-{kind}", "chatml" if kind == "chatml" else "inst",
+                               chat_template))
 
 
 def _anita_model(ckpt, seed: int) -> QLoRALlama:
@@ -99,20 +120,26 @@ def _same_batch(anita_batch, trl_collated) -> None:
 
 
 # hinge: beta small enough that beta * delta < 1 for some pairs, so the loss
-# and its gradient are not zero (asserted below)
-@pytest.mark.parametrize("loss_type,beta", [("sigmoid", 0.1), ("ipo", 0.25), ("hinge", 0.02)])
-def test_dpo_step_matches_trl_dpo_trainer(tmp_path, tokenizer, fresh_seed, loss_type, beta):
+# and its gradient are not zero (asserted below). The loss types do not depend on
+# the tokenizer: the other tokenizers run with sigmoid (the recipe's).
+@pytest.mark.parametrize("kind,loss_type,beta", [
+    ("llama3", "sigmoid", 0.1), ("llama3", "ipo", 0.25), ("llama3", "hinge", 0.02),
+    ("chatml", "sigmoid", 0.1), ("inst", "sigmoid", 0.1)])
+def test_dpo_step_matches_trl_dpo_trainer(tmp_path, fresh_seed, kind, loss_type, beta):
     rows = _rows()
     n_pairs = len(rows)
+    tokenizer_dir = _tokenizer_dir(kind, tmp_path)
+    tokenizer = load_tokenizer(tokenizer_dir)
     ckpt = make_tiny_llama_dir(tmp_path, vocab_size=tokenizer.vocab_size, seed=fresh_seed, **SHAPES)
     model = _anita_model(ckpt, seed=fresh_seed)
 
-    trainer = trl_dpo_twin(ckpt, model.adapters, rows, TOKENIZER_DIR, str(tmp_path / "trl"),
+    trainer = trl_dpo_twin(ckpt, model.adapters, rows, tokenizer_dir, str(tmp_path / "trl"),
                            beta=beta, loss_type=loss_type)
     collated = trl_batch(trainer)
     trl_loss, trl_metrics = trl_dpo_loss(trainer, collated)
 
-    batch = collate_pairs(tokenize_pairs(rows, tokenizer), pad_id=tokenizer.pad_id)
+    batch = collate_pairs(tokenize_pairs(rows, tokenizer, template=TOKENIZERS[kind][1]),
+                          pad_id=tokenizer.pad_id)
     _same_batch(batch, collated)
     sums = DPOObjective(model, beta=beta, loss_type=loss_type).micro_step(
         batch, grad_scale=1.0 / n_pairs)

@@ -2,6 +2,7 @@
 
     csrc_triton  <-  csrc_torch (the same launchers in plain torch)
     csrc_triton, csrc_torch  <-  anita_core.model  <-  anita_core.lora  <-  anita_core.hf  <-  anita_core.train
+                                                                             <-  anita_core.eval (may use train)
                                            anita_core.data (beside the model: knows no model)
 
 Every import statement of every module is read with ``ast`` (lazy imports
@@ -35,6 +36,9 @@ ALLOWED = {
     "anita_core.assets": {"anita_core.assets", "anita_core.data", "anita_core.model", "csrc_triton"},
     "anita_core.train": {"csrc_triton", "csrc_torch", "anita_core.model", "anita_core.lora", "anita_core.hf",
                          "anita_core.data", "anita_core.assets", "anita_core.train"},
+    # evaluation (lm-eval): loads models and adapters; its command reuses train's flag helpers
+    "anita_core.eval": {"csrc_triton", "csrc_torch", "anita_core.model", "anita_core.lora", "anita_core.hf",
+                        "anita_core.data", "anita_core.assets", "anita_core.train", "anita_core.eval"},
 }
 PROJECT_PACKAGES = ("csrc_triton", "csrc_torch", "anita_core")
 SIZE_LIMIT = 450          # lines per module of PROJECT_PACKAGES

@@ -38,10 +38,11 @@ def test_every_flag_the_readme_names_exists():
         for flag in re.findall(r"(--[a-z][a-z0-9-]+)", command):
             assert flag in options[script], (script, flag)
     # a flag named on its own belongs to one of the project's command lines: the two
-    # trainers, chat.py, or the CPU benchmark the README's timing table cites
+    # trainers, chat.py, eval.py, or the CPU benchmark the README's timing table cites
     import chat
+    from anita_core.eval import cli as eval_cli
     from bench import cpu_real_model
-    other_parsers = (chat.build_parser(), cpu_real_model.build_parser())
+    other_parsers = (chat.build_parser(), cpu_real_model.build_parser(), eval_cli.build_parser())
     known = options["train_sft.py"] | options["train_dpo.py"] | {
         s for parser in other_parsers for a in parser._actions for s in a.option_strings}
     for flag in set(re.findall(r"`(--[a-z][a-z0-9-]+)", README)):

@@ -115,3 +115,32 @@ def test_chat_prints_the_answer_without_and_with_the_adapter(tmp_path, capsys):
         chat.main(argv + ["--adapter", str(tmp_path)])
     with pytest.raises(SystemExit, match="--model .*no config.json"):
         chat.main(["--model", str(tmp_path), "hi"])
+
+
+def test_chat_runs_a_merged_export_as_stored_and_says_so(tmp_path, capsys):
+    """A merged export (train_sft.py --merge-export) runs in its stored precision by
+    default, through transformers, and the header says so; --numerics nf4 re-quantizes
+    and says that; the answer equals transformers' own greedy decoding of the prompt."""
+    import chat
+    import train_sft
+    from transformers import LlamaForCausalLM
+    from anita_core.data import load_tokenizer
+    merged = tmp_path / "merged"
+    assert train_sft.main(["--max-steps", "1", "--no-progress", "--eval-split", "0",
+                           "--output-dir", str(tmp_path / "run"), "--merge-export", str(merged)]) == 0
+    capsys.readouterr()
+    argv = ["--model", str(merged), "--max-new-tokens", "6", "--no-template", "Il mare"]
+    assert chat.main(argv) == 0
+    header, text = capsys.readouterr().out.strip().split("\n", 1)
+    assert header == "### base model (merged; float32 weights as stored, transformers)"
+    tok = load_tokenizer(str(merged))
+    prompt = tok.encode((tok.bos_token or "") + "Il mare")
+    hf = LlamaForCausalLM.from_pretrained(str(merged)).eval()
+    stops = chat.stop_ids(merged, tok)
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
+                          eos_token_id=stops, pad_token_id=stops[0])[0, len(prompt):].tolist()
+    assert text.strip() == tok.decode([t for t in out if t not in stops], skip_special_tokens=True).strip()
+    assert chat.main(argv + ["--numerics", "nf4"]) == 0
+    header = capsys.readouterr().out.split("\n", 1)[0]
+    assert header == "### base model (merged; NF4, quantized on load from the float32 weights, anita)"

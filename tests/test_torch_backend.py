@@ -399,3 +399,32 @@ def test_flash_attention(dtype, shape):
     assert torch.equal(finite, torch.isfinite(lse))      # the same rows see nothing
     assert_close("torch:flash_attention", "lse vs triton", lse[finite], k_lse[finite],
                  atol=2e-5, rtol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_segments", [True, False], ids=["packed", "causal"])
+def test_flash_attention_in_many_query_blocks(dtype, with_segments, monkeypatch):
+    """Query blocks of 8 tokens over 67 (a short tail block; documents spanning blocks;
+    blocks whose key range starts at a document far back; a padding-only block), against
+    the float64 reference, every element of out, lse, dq, dk, dv."""
+    from csrc_torch import attention as torch_attention
+    from tests.test_attention import check_all, make_inputs, packed_segments, reference_with_grads
+    monkeypatch.setattr(torch_attention, "QUERY_BLOCK", 8)
+    batch, seq, n_q, n_kv, head_dim = 2, 67, 4, 2, 24
+    q, k, v = make_inputs(batch, seq, n_q, n_kv, head_dim, dtype)
+    segments = packed_segments(batch, seq, lengths=[1, 30, 2, 9, 40])
+    segments[:, -3:] = -1                   # the last block [64, 67): padding in every row
+    if not with_segments:
+        segments = torch.zeros_like(segments)
+    bounds = csrc_torch.document_bounds(segments) if with_segments else None
+    # the padding-only block is skipped; the block after the 30-token document starts reads
+    # from that document's start
+    blocks = list(torch_attention._blocks(bounds, seq, 8))
+    assert len(blocks) == (8 if with_segments else 9)
+    if with_segments:
+        assert blocks[3] == (24, 32, 1) and blocks[4][2] > 0
+    out, lse = csrc_torch.flash_attention_forward(q, k, v, bounds)
+    d_out = torch.randn_like(out)
+    grads = csrc_torch.flash_attention_backward(d_out, q, k, v, out, lse, bounds)
+    check_all(f"torch blocks {'packed' if with_segments else 'causal'}", dtype, (out, lse, grads),
+              reference_with_grads(q, k, v, segments, d_out, dtype), (q, k, d_out, segments))

@@ -2,10 +2,15 @@
 ids, the source filter, TRL's truncation, and chosen/rejected batches in the
 same contract as SFT (targets mask the prompt).
 
-Tokenization follows TRL 1.16's DPOTrainer for conversational rows: the prompt
-is the chat template with the generation prompt (BOS, turns, assistant header)
-and each completion is what follows it in prompt + answer, i.e. the stripped
-answer and <|eot_id|>.
+Tokenization follows TRL 1.16's DPOTrainer (dpo_render.py): the prompt is the
+template with the generation prompt (for llama3: BOS, turns, assistant header)
+and each completion is what follows it in prompt + answer (for llama3: the
+stripped answer and <|eot_id|>; for the tokenizer's own chat template, whatever
+it writes after the prompt, e.g. ChatML's "answer<|im_end|>\n").
+A row the template cannot render, or that leaves no prompt or no answer token,
+is a BadRowError naming its file and row (skipped and counted with
+skip_bad_rows); a pair whose chosen and rejected ids are the same is skipped,
+and the first few such rows are named in the log.
 
 Truncation (``truncate_pair``):
 - max_length only: TRL 1.16. A pair whose prompt alone has >= max_length
@@ -28,8 +33,10 @@ from typing import Any, Collection, Dict, List, Optional, Sequence, Tuple, Union
 
 from anita_core.data import templates
 from anita_core.data.documents import IGNORE_INDEX, Document
+from anita_core.data.dpo_render import PairProblem, check_dpo_template, encode_pairs
 from anita_core.data.loading import read_rows
 from anita_core.data.packing import Batch, collate_rows, shuffled
+from anita_core.data.rows import BadRowError
 from anita_core.data.sft import split_train_eval
 from anita_core.data.stats import DataStats
 from anita_core.data.tokenizer import Tokenizer
@@ -47,6 +54,7 @@ class PreferencePair:
 class DPODataConfig:
     data: Union[str, Sequence[str]]
     system_prompt: Optional[str] = None     # default system turn for prompts without one
+    template: str = "llama3"                # llama3 | chat | none (dpo_render)
     max_length: Optional[int] = 1024        # prompt + completion; None: no truncation
     max_prompt_length: Optional[int] = None
     exclude_sources: Collection[str] = ()   # e.g. ("toxic-dpo",)
@@ -71,20 +79,17 @@ def prompt_text(prompt: Sequence[Dict[str, str]], system_prompt: Optional[str] =
     return templates.render(templates.llama3_chat_segments(messages, add_generation_prompt=True))
 
 
-def completion_text(answer: str) -> str:
-    return answer.strip() + templates.EOT
-
-
 def tokenize_pairs(rows: Sequence[Dict[str, Any]], tokenizer: Tokenizer,
-                   system_prompt: Optional[str] = None) -> List[PreferencePair]:
-    """Token ids for validated DPO rows (see rows.check_dpo_row), one batch call."""
-    texts = []
-    for row in rows:
-        texts += [prompt_text(row["prompt"], system_prompt), completion_text(row["chosen"]),
-                  completion_text(row["rejected"])]
-    ids = tokenizer.encode_batch(texts)
-    return [PreferencePair(ids[3 * i], ids[3 * i + 1], ids[3 * i + 2], row.get("source"))
-            for i, row in enumerate(rows)]
+                   system_prompt: Optional[str] = None, template: str = "llama3",
+                   ) -> List[PreferencePair]:
+    """Token ids for validated DPO rows (see rows.check_dpo_row), rendered with
+    ``template`` (dpo_render); a row that cannot be rendered raises its PairProblem."""
+    pairs = []
+    for row, ids in zip(rows, encode_pairs(rows, tokenizer, template, system_prompt)):
+        if isinstance(ids, PairProblem):
+            raise ids
+        pairs.append(PreferencePair(*ids, source=row.get("source")))
+    return pairs
 
 
 def truncate_pair(prompt: Sequence[int], chosen: Sequence[int], rejected: Sequence[int], *,
@@ -150,24 +155,35 @@ def dpo_batches(pairs: Sequence[PreferencePair], *, batch_size: int, pad_id: int
 
 
 def build_dpo_data(config: DPODataConfig, tokenizer: Tokenizer) -> DPOData:
+    check_dpo_template(tokenizer, config.template)     # before reading anything
     stats = DataStats()
+    locations: List[Tuple[str, int]] = []
     rows = read_rows(config.data, stats=stats, shape="dpo", allowed_shapes=("dpo",),
                      skip_bad_rows=config.skip_bad_rows, max_samples=config.max_samples,
                      exclude_sources=config.exclude_sources, split=config.split,
-                     cache_dir=config.cache_dir, seed=config.seed)
+                     cache_dir=config.cache_dir, seed=config.seed, locations=locations)
+    rows = [row for _, row in rows]
     pairs = []
-    for pair in tokenize_pairs([row for _, row in rows], tokenizer, config.system_prompt):
-        if pair.chosen_ids == pair.rejected_ids:    # same answer after templating: no signal
-            stats.identical_pairs += 1
+    encoded = encode_pairs(rows, tokenizer, config.template, config.system_prompt)
+    for row, ids, (source, number) in zip(rows, encoded, locations):
+        if isinstance(ids, PairProblem):
+            error = BadRowError(source, number, f"{_preview(row)}: {ids}")
+            if not config.skip_bad_rows:
+                raise error
+            stats.note_bad_row(str(error))
             continue
-        kept, truncated = truncate_pair(pair.prompt_ids, pair.chosen_ids, pair.rejected_ids,
+        prompt_ids, chosen_ids, rejected_ids = ids
+        if chosen_ids == rejected_ids:    # same answer after templating: no signal
+            stats.note_identical_pair(f"{source}: row {number}")
+            continue
+        kept, truncated = truncate_pair(prompt_ids, chosen_ids, rejected_ids,
                                         max_length=config.max_length,
                                         max_prompt_length=config.max_prompt_length)
         if kept is None:
             stats.dropped_too_long += 1
             continue
         stats.truncated += truncated
-        pairs.append(PreferencePair(*kept, source=pair.source))
+        pairs.append(PreferencePair(*kept, source=row.get("source")))
     if not pairs:
         raise ValueError(f"no usable preference pairs in {config.data!r}: {stats.summary()}")
     train, held_out = split_train_eval(pairs, config.eval_split, config.seed)
@@ -176,3 +192,8 @@ def build_dpo_data(config: DPODataConfig, tokenizer: Tokenizer) -> DPOData:
     stats.tokens = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
     stats.target_tokens = sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
     return DPOData(train=train, eval=held_out, stats=stats)
+
+
+def _preview(row: Dict[str, Any]) -> str:
+    text = " ".join(row["prompt"][-1]["content"].split())
+    return f"pair whose prompt ends {text[-40:]!r}"

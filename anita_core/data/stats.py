@@ -22,11 +22,17 @@ class DataStats:
     tokens: int = 0               # tokens in the kept examples (chosen + rejected for DPO)
     target_tokens: int = 0        # tokens that are a prediction target
     bad_row_examples: List[str] = field(default_factory=list)  # first few skip reasons
+    identical_pair_rows: List[str] = field(default_factory=list)  # first few, "file: row N"
 
     def note_bad_row(self, message: str) -> None:
         self.skipped_bad_rows += 1
         if len(self.bad_row_examples) < MAX_REMEMBERED_PROBLEMS:
             self.bad_row_examples.append(message)
+
+    def note_identical_pair(self, where: str) -> None:
+        self.identical_pairs += 1
+        if len(self.identical_pair_rows) < MAX_REMEMBERED_PROBLEMS:
+            self.identical_pair_rows.append(where)
 
     def as_dict(self) -> dict:
         return asdict(self)

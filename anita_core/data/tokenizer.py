@@ -83,8 +83,10 @@ class Tokenizer:
     def encode(self, text: str) -> List[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: Iterable[str]) -> List[List[int]]:
-        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+    def encode_batch(self, texts: Iterable[str], add_special_tokens: bool = False) -> List[List[int]]:
+        """``add_special_tokens``: let tokenizer.json's post-processor add its tokens (BOS...)."""
+        return [e.ids for e in self.backend.encode_batch(list(texts),
+                                                         add_special_tokens=add_special_tokens)]
 
     def encode_batch_with_offsets(self, texts: Iterable[str],
                                   ) -> List[Tuple[List[int], List[Tuple[int, int]]]]:

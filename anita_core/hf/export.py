@@ -32,6 +32,9 @@ from anita_core.model.weights import PROJECTIONS, BaseWeights, projection_module
 
 EXPORT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # transformers' default shard size
+# written into every merged export: chat.py runs such a folder in its stored precision
+# by default (its weights are W_nf4 + B A, which re-quantizing would change)
+MERGED_MARKER = "anita_merged.json"
 
 # Files copied from tokenizer_dir when present (tokenizer + generation defaults).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -76,6 +79,8 @@ def export_merged(config: ModelConfig, base: BaseWeights, merged_deltas: Optiona
         hf = config.to_hf_dict()
         hf["dtype"] = str(dtype).replace("torch.", "")
         (tmp / CONFIG_FILENAME).write_text(json.dumps(hf, indent=2) + "\n")
+        (tmp / MERGED_MARKER).write_text(json.dumps(
+            {"merged": "nf4_dequantize(W) + LoRA delta", "dtype": hf["dtype"]}) + "\n")
         for f in tokenizer_files:
             shutil.copy2(f, tmp / f.name)
         _move_into_place(tmp, out_dir)

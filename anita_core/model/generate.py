@@ -122,3 +122,11 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, 
         return out
     finally:
         model.train(was_training)
+
+
+if __name__ == "__main__":      # a library module: say where generation is a command
+    import sys
+    print("python -m anita_core.model.generate: error: this is a library module (KV-cache "
+          "generation), not a command; to generate text run: python chat.py --model DIR \"prompt\"",
+          file=sys.stderr)
+    sys.exit(2)

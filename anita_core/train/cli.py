@@ -70,6 +70,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, preset: str, presets: 
                    help="compute dtype (auto: bf16 on a GPU, fp32 on the CPU)")
     g.add_argument("--seed", type=seed_int, default=d["seed"], help="seed for data order, LoRA init, dropout")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_threads_argument(g)
     add_memory_arguments(g)
 
     g = parser.add_argument_group("LoRA")
@@ -129,11 +130,36 @@ def add_common_arguments(parser: argparse.ArgumentParser, preset: str, presets: 
     g.add_argument("--system-prompt", default=None, help="default system prompt for rows without one")
 
 
+def add_threads_argument(group) -> None:
+    """--threads N: torch.set_num_threads, for the trainers, chat.py and eval.py."""
+    group.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                       help="CPU threads torch computes with (torch.set_num_threads; default: "
+                            "torch's, one per core). On a CPU shared with other jobs, 1 avoids "
+                            "threads waiting for each other's descheduled peers")
+
+
+def apply_threads(args) -> None:
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+
+
+def check_model_flag(parser, model: str) -> None:
+    """--model is a local folder or a hub name ("owner/name"); anything else stops here
+    with argparse's one-line error (exit 2), before the output folder is touched."""
+    if os.path.isdir(model):
+        return
+    if os.path.exists(model) or model.startswith((".", "/", "~")) or model.count("/") != 1:
+        parser.error(f"argument --model: {model}: no such model directory (and not a hub "
+                     "name owner/name)")
+
+
 def parse_command_line(build_parser, argv: List[str]):
     """(parser, args): flags parsed and checked, each alone (their argparse types)
     and together; a bad one exits with an argparse error (code 2)."""
     parser = build_parser(argv)
     args = parser.parse_args(argv)
+    check_model_flag(parser, args.model)
+    apply_threads(args)
     if args.resume and args.overwrite:
         parser.error("argument --overwrite: not allowed with --resume (one continues the run "
                      "in --output-dir, the other replaces it)")
@@ -194,14 +220,12 @@ def resolve_model_dir(model: str) -> str:
     """A local directory as is; otherwise a hub name fetched with huggingface_hub."""
     if os.path.isdir(model):
         return model
-    if os.path.exists(model) or model.startswith((".", "/")) or model.count("/") != 1:
-        raise SystemExit(f"--model {model}: no such model directory")
     try:
         from huggingface_hub import snapshot_download
         return snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
     except Exception as e:  # offline, unknown repo, gated model...
-        raise SystemExit(f"--model {model}: not a local directory and could not be fetched from "
-                         f"the hub ({type(e).__name__}: {e})")
+        usage_error(f"--model {model}: not a local directory and could not be fetched from "
+                    f"the hub ({type(e).__name__}: {e})")
 
 
 def tokenizer_dir_for(model_dir: str) -> str:
@@ -363,7 +387,9 @@ def build_data_or_report(build, config, tokenizer, log, what: str):
         log(data.stats.skipped_rows_report())
     if data.stats.identical_pairs:
         log(f"warning: {data.stats.identical_pairs} preference pair(s) whose chosen and rejected "
-            f"answers are the same after templating were skipped (they carry no preference signal)")
+            f"answers are the same after templating were skipped (they carry no preference signal): "
+            + ", ".join(data.stats.identical_pair_rows)
+            + (", ..." if data.stats.identical_pairs > len(data.stats.identical_pair_rows) else ""))
     if not data.train:
         log(f"error: no {what} left after filtering")
         return None

@@ -9,6 +9,17 @@ import math
 from typing import Callable, Sequence
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Keeps the usage examples' line breaks and shows every default that is a value;
+    a flag whose default is None says in its own help what happens without it (so
+    "(default: runs/<script>-<preset>)" is not followed by "(default: None)")."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _number(text: str, kind):
     try:
         value = kind(text)
