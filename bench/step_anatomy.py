@@ -5,6 +5,7 @@ dtype-conversion copies, FLOPs, peak live activation bytes.
     python -m bench.step_anatomy --dtype fp32 --batch 2 --seq 64 --rank 16 --dropout 0.1
     python -m bench.step_anatomy --targets q_proj,v_proj --json out.json
     python -m bench.step_anatomy --no-recompute      # every layer's activations kept
+    python -m bench.step_anatomy --batch 2 --seq 256 --documents 2   # 512 tokens, packed rows
 
 How each figure is caught (runs through the Triton interpreter on a CPU and on a GPU):
   * Triton launches: every launch site in csrc_triton reports itself to
@@ -15,6 +16,8 @@ How each figure is caught (runs through the Triton interpreter on a CPU and on a
     that writes a tensor of another floating dtype than its input (_to_copy, or
     copy_ between dtypes), measured in bytes written / bytes of one [tokens x hidden]
     activation in the compute dtype;
+  * same-dtype copies of activation-shaped tensors (contiguous, cat, clone, copy_):
+    bench/copy_count.py, in the same unit;
   * per layer: the model's LayerHooks say which layer (and forward or backward)
     runs; ops outside every layer (embedding, final norm, loss) are listed apart;
   * FLOPs of the projections (NF4 matmuls and LoRA products, as executed; attention
@@ -43,6 +46,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import csrc_triton
+from bench.copy_count import SameDtypeCopies
 from csrc_triton import _runtime
 
 TINY_MODEL = Path(__file__).resolve().parent.parent / "anita_core" / "assets" / "tiny-llama3"
@@ -171,7 +175,8 @@ def _layer_hooks_class():
     return WhereHooks
 
 
-def train_step_keeping_activations(model, ids, targets, recorder: StepRecorder) -> None:
+def train_step_keeping_activations(model, ids, targets, recorder: StepRecorder,
+                                   positions=None, segments=None) -> None:
     """model.train_step with every layer's activations kept (block_forward_saving, then
     block_backward_saved): nothing recomputed. A stand-in for the memory planner's
     keep strategy, so the without-recompute figures can be counted; no dropout replay
@@ -181,7 +186,7 @@ def train_step_keeping_activations(model, ids, targets, recorder: StepRecorder) 
     from anita_core.model.ops import (linear_cross_entropy_forward_backward, rms_norm_backward,
                                       rms_norm_forward)
     c = model.config
-    geo = model.geometry(ids, None, None)
+    geo = model.geometry(ids, positions, segments)
     h, saved = model.embed(ids), []
     for i, layer in enumerate(model.base.layers):
         recorder.where = f"layer {i}"
@@ -231,6 +236,17 @@ def build_model(args):
     return model
 
 
+def packed_documents(batch: int, seq: int, documents: int):
+    """(position_ids, segment_ids) [B, S] of rows packed with ``documents`` documents of
+    (nearly) equal length each, positions restarting at 0 in each; (None, None) for 1."""
+    if documents == 1:
+        return None, None
+    index = torch.arange(seq)
+    segment = (index * documents) // seq
+    start = torch.searchsorted(segment, segment, right=False)   # first index of each document
+    return (index - start).expand(batch, seq).contiguous(), segment.expand(batch, seq).contiguous()
+
+
 def measure(args) -> dict:
     """One SFT train_step of the configured model; figures per layer."""
     model = build_model(args)
@@ -238,20 +254,23 @@ def measure(args) -> dict:
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, V, (args.batch, args.seq), generator=generator)
     targets = torch.randint(0, V, (args.batch, args.seq), generator=generator)
-    model.train_step(ids, targets)          # warm caches (dequantized weights, tables)
+    positions, segments = packed_documents(args.batch, args.seq, args.documents)
+    model.train_step(ids, targets, positions, segments)     # warm caches (dequantized weights, tables)
     if model.adapters is not None:
         model.adapters.zero_grad()
     recorder = StepRecorder()
     model.layer_hooks = _layer_hooks_class()(recorder)
-    with _runtime.listen_to_launches(recorder.on_launch), recorder:
-        if args.no_recompute:
-            train_step_keeping_activations(model, ids, targets, recorder)
-        else:
-            model.train_step(ids, targets)
     tokens = args.batch * args.seq
+    copies = SameDtypeCopies(lambda: recorder.where, tokens)
+    with _runtime.listen_to_launches(recorder.on_launch), recorder, copies:
+        if args.no_recompute:
+            train_step_keeping_activations(model, ids, targets, recorder, positions, segments)
+        else:
+            model.train_step(ids, targets, positions, segments)
     activation_bytes = tokens * model.config.hidden_size * DTYPES[args.dtype].itemsize
     n_layers = model.config.num_hidden_layers
-    layers = {f"layer {i}": recorder.sections[f"layer {i}"].as_dict(activation_bytes)
+    layers = {f"layer {i}": dict(recorder.sections[f"layer {i}"].as_dict(activation_bytes),
+                                 **copies.sections[f"layer {i}"].as_dict(activation_bytes))
               for i in range(n_layers)}
     minimum = minimum_flops(model, tokens)
     for row in layers.values():
@@ -267,10 +286,11 @@ def format_report(result: dict) -> str:
     c = result["config"]
     lines = [f"step_anatomy: SFT train_step, {c['model']}, {c['dtype']}, batch {c['batch']} x "
              f"seq {c['seq']} ({result['tokens']} tokens), LoRA {c['targets'] or 'none'} "
-             f"r {c['rank']} dropout {c['dropout']}, "
+             f"r {c['rank']} dropout {c['dropout']}, {c['documents']} document(s) per row, "
              f"{'activations kept' if c['no_recompute'] else 'recompute'}"
              f"{', unfused' if c['no_fusion'] else ''}; {result['runtime']}",
              f"{'layer':10s} {'launches':>8s} {'matmuls':>8s} {'sum':>5s} {'conv.copies':>11s} "
+             f"{'same.copies':>11s} "
              f"{'FLOPs/min':>9s} {'peak live':>9s}  launches by kernel"]
     for name, row in result["layers"].items():
         kernels = ", ".join(f"{k.strip('_').removesuffix('_kernel')} {v}"
@@ -278,6 +298,7 @@ def format_report(result: dict) -> str:
         lines.append(f"{name:10s} {row['triton_launches']:8d} {row['torch_matmuls']:8d} "
                      f"{row['launches_plus_matmuls']:5d} "
                      f"{row['conversion_copies_in_activations']:10.2f}a "
+                     f"{row['same_dtype_copies_in_activations']:10.2f}a "
                      f"{row['flops_vs_minimum']:9.3f} {row['peak_live_in_activations']:8.1f}a  "
                      f"{kernels}")
     lines.append(f"a = one activation, [tokens x hidden] in the compute dtype = "
@@ -299,6 +320,9 @@ def parse_args(argv=None):
     parser.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                         help="comma-separated LoRA target projections ('' for no LoRA)")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank r")
+    parser.add_argument("--documents", type=int, default=1,
+                        help="documents packed into each row (equal lengths, segment ids and "
+                             "positions restarting per document); 1: no segment ids")
     parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout p")
     parser.add_argument("--no-fusion", action="store_true",
                         help="run q/k/v and gate/up as separate matmuls (for comparison)")
@@ -307,9 +331,12 @@ def parse_args(argv=None):
                              "in the backward")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
-    for flag in ("batch", "seq", "rank"):
+    for flag in ("batch", "seq", "rank", "documents"):
         if getattr(args, flag) < 1:
             parser.error(f"argument --{flag}: must be >= 1, got {getattr(args, flag)}")
+    if args.documents > args.seq:
+        parser.error(f"argument --documents: {args.documents} documents do not fit in "
+                     f"--seq {args.seq} tokens")
     if not 0.0 <= args.dropout < 1.0:
         parser.error(f"argument --dropout: must be in [0, 1), got {args.dropout}")
     if not Path(args.model, "config.json").is_file():

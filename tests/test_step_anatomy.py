@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench import step_anatomy
+from bench import copy_count, step_anatomy
 
 # issue 14, per layer per step (SFT, LoRA on all 7 projections, no dropout, every
 # layer recomputed in the backward): Triton launches + torch matmuls, and bytes of
@@ -54,6 +54,30 @@ def test_recorder_counts_matmuls_conversions_and_flops():
     assert recorder.peak_bytes >= y.numel() * 4 + z.numel() * 4
 
 
+def test_same_dtype_copies_are_counted_by_shape_and_dtype():
+    tokens = 6
+    counter = copy_count.SameDtypeCopies(lambda: "here", tokens)
+    y = torch.randn(tokens, 10)
+    with counter:
+        parts = [p.contiguous() for p in y.split([4, 6], dim=1)]   # 2 clones: 6 x 10 fp32
+        torch.cat(parts, dim=1)                                     # 6 x 10 more
+        y.t().contiguous()                                          # [10, 6]: not per token
+        y.to(torch.float16)                                         # a conversion, not this
+        y.contiguous()                                              # already contiguous: no op
+        torch.empty(2, 3, 4).copy_(torch.randn(2, 3, 4))            # 2 x 3 = 6 leading cells
+    section = counter.sections["here"]
+    assert section.activation_bytes == (6 * 10 * 2 + 2 * 3 * 4) * 4
+    assert section.ops == {"clone": 2, "cat": 1, "copy_": 1}
+    assert section.all_bytes == section.activation_bytes + 10 * 6 * 4
+
+
+def test_packed_documents_restart_positions():
+    positions, segments = step_anatomy.packed_documents(2, 7, 2)
+    assert segments.tolist() == [[0, 0, 0, 0, 1, 1, 1]] * 2
+    assert positions.tolist() == [[0, 1, 2, 3, 0, 1, 2]] * 2
+    assert step_anatomy.packed_documents(1, 5, 1) == (None, None)
+
+
 def test_the_counts_see_unfused_projections():
     unfused = measure("--no-fusion")
     for name, row in unfused["layers"].items():
@@ -63,6 +87,7 @@ def test_the_counts_see_unfused_projections():
 
 def test_bad_flags_are_argparse_errors(capsys):
     for flags, word in ((["--seq", "0"], "--seq"), (["--dropout", "1.5"], "--dropout"),
+                        (["--seq", "4", "--documents", "5"], "--documents"),
                         (["--model", "/nonexistent"], "--model")):
         with pytest.raises(SystemExit):
             step_anatomy.parse_args(flags)
