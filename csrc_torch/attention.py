@@ -21,8 +21,8 @@ from typing import Optional, Tuple
 import torch
 
 # document_bounds is O(S) plain torch; the checks are the kernel's own
-from csrc_triton.attention import (check_backward_args, check_bounds, check_qkv,  # noqa: F401
-                                   document_bounds)
+from csrc_triton.attention import (check_backward_args, check_bounds, check_into,  # noqa: F401
+                                   check_qkv, document_bounds)
 Bounds = Optional[Tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -68,8 +68,9 @@ def flash_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def flash_attention_backward(d_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                              v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                             bounds: Bounds = None):
-    """(dq, dk, dv) in the inputs' dtype, from the forward's out and lse."""
+                             bounds: Bounds = None, *, into=None):
+    """(dq, dk, dv) in the inputs' dtype, from the forward's out and lse (written into
+    ``into`` = (dq, dk, dv) views when given, as csrc_triton.attention's)."""
     batch, seq, n_q_heads, n_kv_heads, head_dim = check_backward_args(d_out, q, k, v, out, lse,
                                                                        bounds)
     group = n_q_heads // n_kv_heads
@@ -86,4 +87,7 @@ def flash_attention_backward(d_out: torch.Tensor, q: torch.Tensor, k: torch.Tens
         t = t.view(batch, n_kv_heads, group, seq, head_dim).sum(2)
         return t.transpose(1, 2).to(q.dtype).contiguous()
 
-    return dq.transpose(1, 2).to(q.dtype).contiguous(), per_kv_head(dk), per_kv_head(dv)
+    grads = dq.transpose(1, 2).to(q.dtype).contiguous(), per_kv_head(dk), per_kv_head(dv)
+    if into is None:
+        return grads
+    return tuple(t.copy_(g) for t, g in zip(check_into(into, q, k), grads))
