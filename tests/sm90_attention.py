@@ -75,7 +75,7 @@ def attention_specs() -> List[KernelSpec]:
                     dict(_pointers(kind, dtype, torch), **shared, **extra, BLOCK_M=c.block_m,
                          BLOCK_N=c.block_n, BLOCK_H=c.block_h),
                     num_warps=c.num_warps, num_stages=c.num_stages, hot=not pruned,
-                    sweep=not default,
+                    sweep=not default, pruned=pruned,
                     # wgmma needs >= 64 rows: the query tile (every dot of forward and dQ),
                     # or in dK/dV also the key tile (its dK and dV dots)
                     expect_hgmma=not pruned and (c.block_m >= 64

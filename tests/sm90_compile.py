@@ -69,6 +69,7 @@ class KernelSpec:
     hot: bool = False             # a hot kernel's chosen config: must not spill
     expect_hgmma: bool = False    # fp16/bf16 tl.dot with BLOCK_M >= 64: must emit HGMMA
     sweep: bool = False           # only with --sweep (autotune configs beyond the chosen ones)
+    pruned: bool = False          # a candidate its configs table excludes (expected to fail)
 
 
 @dataclass
@@ -89,6 +90,9 @@ class CompileReport:
     sass_instructions: int = 0
     loop_instructions: int = 0    # in the main loop (0: no MMA loop found)
     loop_mma: int = 0
+    # every loop (backward branch) whose body holds MMAs: [instructions, MMAs] in address
+    # order (attention: the masked loop and the unmasked one, which is the main loop)
+    mma_loops: List[List[int]] = field(default_factory=list)
     ptx_fma_f32: int = 0          # fma.rn.f32 in the PTX (contracted fp32 multiply-adds)
     ptx_approx: Dict[str, int] = field(default_factory=dict)  # approximate math ops in the PTX
     spec: dict = field(default_factory=dict)
@@ -139,8 +143,9 @@ _BRANCH_TARGET = re.compile(r"\bBRA(?:\.\w+)*\s+(?:\w+,\s*)?0x([0-9a-f]+)")
 
 
 def _main_loop(sass: str):
-    """(instructions, MMAs) in the body of the backward branch whose loop holds the
-    most MMAs (the innermost such loop on a tie)."""
+    """((instructions, MMAs) in the body of the backward branch whose loop holds the
+    most MMAs (the innermost, i.e. shortest, such loop on a tie), and [instructions,
+    MMAs] of every loop with MMAs)."""
     instructions = []          # (address, opcode, branch target or None)
     for line in sass.splitlines():
         m = _SASS_LINE.search(line)
@@ -148,15 +153,17 @@ def _main_loop(sass: str):
             target = _BRANCH_TARGET.search(line) if m.group(2).startswith("BRA") else None
             instructions.append((int(m.group(1), 16), m.group(2),
                                  int(target.group(1), 16) if target else None))
-    best = (0, 0)
+    best, loops = (0, 0), []
     for address, _, target in instructions:
         if target is None or target >= address:
             continue
         body = [op for a, op, _ in instructions if target <= a <= address and op != "NOP"]
         mma = sum(op.startswith(("HGMMA", "HMMA")) for op in body)
+        if mma:
+            loops.append([len(body), mma])
         if mma > best[1] or (mma == best[1] and mma and len(body) < best[0]):
             best = (len(body), mma)
-    return best
+    return best, loops
 
 
 def compile_spec(spec: KernelSpec) -> CompileReport:
@@ -197,7 +204,7 @@ def compile_spec(spec: KernelSpec) -> CompileReport:
         report.spill_instructions = sum(op.startswith(("STL", "LDL")) for op in opcodes)
         report.wide_loads = sum(op.startswith("LDG") and op.endswith(".128") for op in opcodes)
         report.wide_stores = sum(op.startswith("STG") and op.endswith(".128") for op in opcodes)
-        report.loop_instructions, report.loop_mma = _main_loop(sass)
+        (report.loop_instructions, report.loop_mma), report.mma_loops = _main_loop(sass)
         report.ok = True
     except Exception as err:  # noqa: BLE001 - a failed compile is a result
         last_line = (str(err).strip().splitlines() or [""])[-1]
