@@ -36,6 +36,15 @@ KINDS = ("forward", "dkdv", "dq")
 HEAD_DIMS = (64, 128, 256)       # padded head dims (BLOCK_D) the GPU configs are written for
 
 B = AttentionBlocks
+# the backward kernels' candidates (dK/dV and dQ share them; each is pruned on its own)
+_BACKWARD = {
+    64: (B(64, 64, 4, 2), B(64, 64, 8, 2), B(128, 64, 8, 2), B(64, 128, 8, 2), B(32, 64, 4, 2),
+         B(64, 32, 4, 3), B(128, 128, 8, 2), B(64, 64, 4, 3)),
+    128: (B(64, 64, 8, 2), B(64, 64, 4, 2), B(128, 64, 8, 2), B(64, 128, 8, 2), B(32, 64, 4, 2),
+          B(64, 32, 4, 2), B(64, 64, 8, 3), B(128, 32, 8, 2)),
+    256: (B(32, 64, 8, 1), B(64, 64, 8, 1), B(32, 32, 4, 2), B(64, 32, 8, 1), B(32, 64, 4, 1),
+          B(16, 64, 4, 1)),
+}
 # candidates per (kind, BLOCK_D); the first of each list is the configuration this
 # kernel shipped with before autotuning (the default compile check's reference)
 CANDIDATES: Dict[Tuple[str, int], Tuple[AttentionBlocks, ...]] = {
@@ -45,18 +54,7 @@ CANDIDATES: Dict[Tuple[str, int], Tuple[AttentionBlocks, ...]] = {
                        B(128, 32, 8, 4), B(64, 128, 8, 2), B(128, 64, 8, 2), B(64, 64, 4, 4)),
     ("forward", 256): (B(64, 64, 8, 2), B(64, 32, 4, 2), B(128, 64, 8, 2), B(64, 64, 4, 2),
                        B(128, 32, 8, 2), B(64, 128, 8, 1), B(64, 32, 8, 3)),
-    ("dkdv", 64): (B(64, 64, 4, 2), B(64, 64, 8, 2), B(128, 64, 8, 2), B(64, 128, 8, 2),
-                   B(32, 64, 4, 2), B(64, 32, 4, 3), B(128, 128, 8, 2), B(64, 64, 4, 3)),
-    ("dkdv", 128): (B(64, 64, 8, 2), B(64, 64, 4, 2), B(128, 64, 8, 2), B(64, 128, 8, 2),
-                    B(32, 64, 4, 2), B(64, 32, 4, 2), B(64, 64, 8, 3), B(128, 32, 8, 2)),
-    ("dkdv", 256): (B(32, 64, 8, 1), B(64, 64, 8, 1), B(32, 32, 4, 2), B(64, 32, 8, 1),
-                    B(32, 64, 4, 1), B(16, 64, 4, 1)),
-    ("dq", 64): (B(64, 64, 4, 2), B(64, 64, 8, 2), B(128, 64, 8, 2), B(64, 128, 8, 2),
-                 B(32, 64, 4, 2), B(64, 32, 4, 3), B(128, 128, 8, 2), B(64, 64, 4, 3)),
-    ("dq", 128): (B(64, 64, 8, 2), B(64, 64, 4, 2), B(128, 64, 8, 2), B(64, 128, 8, 2),
-                  B(32, 64, 4, 2), B(64, 32, 4, 2), B(64, 64, 8, 3), B(128, 32, 8, 2)),
-    ("dq", 256): (B(32, 64, 8, 1), B(64, 64, 8, 1), B(32, 32, 4, 2), B(64, 32, 8, 1),
-                  B(32, 64, 4, 1), B(16, 64, 4, 1)),
+    **{(kind, d): configs for kind in ("dkdv", "dq") for d, configs in _BACKWARD.items()},
 }
 
 # candidates the sm_90 compile check rejected: (kind, BLOCK_D, config) -> what failed

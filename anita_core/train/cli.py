@@ -14,9 +14,10 @@ from typing import List, NoReturn, Optional, Sequence
 import torch
 
 from anita_core.assets import ASSETS_DIR, TOKENIZER_DIR
-from anita_core.train.flag_types import (comma_subset, count_or_fraction, learning_rate, non_negative_float,
-                                         non_negative_int, positive_float, positive_int,
-                                         probability_0_1, seed_int, steps_or_off)
+from anita_core.train.flag_types import (check_token_rows, comma_subset, count_or_fraction,
+                                         learning_rate, non_negative_float, non_negative_int,
+                                         positive_float, positive_int, probability_0_1, seed_int,
+                                         steps_or_off)
 from anita_core.train.presets import DPO_PRESETS, PRESETS, SFT_PRESETS
 from anita_core.model.memory_plan import STRATEGIES
 from anita_core.model.weights import PROJECTIONS
@@ -144,7 +145,7 @@ def parse_command_line(build_parser, argv: List[str]):
     if args.sharded_base and args.merge_export:
         parser.error("argument --merge-export: not allowed with --sharded-base (no rank holds the "
                      "whole base); merge the saved adapter in a later single-process run")
-    _check_token_rows(parser, args)
+    check_token_rows(parser, args)
     if args.global_batch_size is not None:
         from anita_core.train.distributed import check_global_batch
         world = int(os.environ.get("WORLD_SIZE", "1") or 1)
@@ -154,23 +155,6 @@ def parse_command_line(build_parser, argv: List[str]):
         except ValueError as e:
             parser.error(f"argument --global-batch-size: {e}")
     return parser, args
-
-
-def _check_token_rows(parser, args) -> None:
-    """The one bound the kernels still put on a micro-batch: its token rows (B x S) are
-    counted in 32 bits (offsets are 64-bit). SFT rows are --max-seq-length long, DPO
-    pairs two rows of --max-length."""
-    from csrc_triton.attention import MAX_TOKENS
-    flag, per_item = (("max_seq_length", 1) if hasattr(args, "max_seq_length")
-                      else ("max_length", 2))
-    if getattr(args, flag, None) is None:
-        return
-    rows = args.batch_size * per_item
-    tokens = rows * getattr(args, flag)
-    if tokens > MAX_TOKENS:
-        parser.error(f"argument --{flag.replace('_', '-')}: {rows} rows x {getattr(args, flag)} "
-                     f"= {tokens:,} tokens per micro-batch, more than the {MAX_TOKENS:,} token "
-                     "rows the kernels index")
 
 
 def start_distributed(args):
