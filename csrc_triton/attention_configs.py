@@ -58,7 +58,31 @@ CANDIDATES: Dict[Tuple[str, int], Tuple[AttentionBlocks, ...]] = {
 }
 
 # candidates the sm_90 compile check rejected: (kind, BLOCK_D, config) -> what failed
-PRUNED: Dict[Tuple[str, int, AttentionBlocks], str] = {}
+# (tests.sm90_attention.verdict at LLaMA-3-8B shapes, bf16, 2026-12-01; shared memory
+# stayed within sm_90's 227 KiB for every candidate: registers decided)
+PRUNED: Dict[Tuple[str, int, AttentionBlocks], str] = {
+    ("forward", 64, B(128, 128, 4, 2)): "spills (232 B stack, 136 STL/LDL)",
+    ("dkdv", 64, B(64, 128, 8, 2)): "spills (16 B stack, 8 STL/LDL)",
+    ("dkdv", 64, B(128, 128, 8, 2)): "spills (48 B stack, 29 STL/LDL)",
+    ("forward", 128, B(128, 64, 4, 3)): "spills (240 B stack, 155 STL/LDL)",
+    ("forward", 128, B(128, 128, 8, 2)): "spills (24 B stack, 10 STL/LDL)",
+    ("dkdv", 128, B(64, 64, 4, 2)): "spills (72 B stack, 48 STL/LDL)",
+    ("dkdv", 128, B(64, 128, 8, 2)): "spills (360 B stack, 252 STL/LDL)",
+    ("dkdv", 128, B(32, 64, 4, 2)): "spills (40 B stack, 21 STL/LDL)",
+    ("dq", 128, B(32, 64, 4, 2)): "spills (8 B stack, 2 STL/LDL)",
+    ("forward", 256, B(64, 32, 4, 2)): "spills (80 B stack, 41 STL/LDL)",
+    ("forward", 256, B(128, 64, 8, 2)): "spills (8 B stack, 2 STL/LDL)",
+    ("forward", 256, B(64, 64, 4, 2)): "spills (344 B stack, 202 STL/LDL)",
+    ("forward", 256, B(64, 128, 8, 1)): "spills (120 B stack, 60 STL/LDL)",
+    ("dkdv", 256, B(64, 64, 8, 1)): "spills (584 B stack, 416 STL/LDL)",
+    ("dkdv", 256, B(32, 32, 4, 2)): "spills (168 B stack, 129 STL/LDL)",
+    ("dkdv", 256, B(64, 32, 8, 1)): "spills (240 B stack, 192 STL/LDL)",
+    ("dkdv", 256, B(32, 64, 4, 1)): "spills (1040 B stack, 947 STL/LDL)",
+    ("dkdv", 256, B(16, 64, 4, 1)): "spills (1032 B stack, 941 STL/LDL)",
+    ("dq", 256, B(64, 64, 8, 1)): "spills (200 B stack, 144 STL/LDL)",
+    ("dq", 256, B(64, 32, 8, 1)): "spills (48 B stack, 25 STL/LDL)",
+    ("dq", 256, B(32, 64, 4, 1)): "spills (8 B stack, 3 STL/LDL)",
+}
 
 
 def head_dim_class(block_d: int) -> int:

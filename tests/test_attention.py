@@ -226,6 +226,25 @@ def test_blocks_outside_a_block_documents_are_skipped_not_masked():
     assert torch.isnan(out[:, :32]).all()          # the poison was really there
 
 
+def test_gpu_launches_autotune_over_the_configs_that_passed_the_sm90_check():
+    """What a GPU launch times on first use, per kernel and head dim: attention_configs'
+    candidates minus PRUNED (the sweep test holds PRUNED to the compiler), keyed on the
+    sequence bucket, heads, head dim and bounds (triton adds the dtypes)."""
+    from csrc_triton import attention, attention_configs
+    for kind in attention_configs.KINDS:
+        for block_d in (16, 64, 128, 256):
+            tuner = attention.tuned_kernel(kind, block_d)
+            chosen = attention_configs.gpu_configs(kind, block_d)
+            assert chosen and len(tuner.configs) == len(chosen)
+            for config, blocks in zip(tuner.configs, chosen):
+                assert (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps,
+                        config.num_stages) == tuple(blocks)[:4]
+                assert (kind, attention_configs.head_dim_class(block_d), blocks) \
+                    not in attention_configs.PRUNED
+            assert tuner.keys == attention.AUTOTUNE_KEY
+    assert attention_configs.PRUNED            # the check did reject some candidates
+
+
 def test_document_bounds_against_brute_force():
     segments = torch.cat([packed_segments(3, 57), torch.full((1, 57), -1),
                           torch.tensor([[-1] * 4 + [0] * 50 + [1] * 3])])
