@@ -238,7 +238,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.
 
     Differentiable in x, and in weight when weight.requires_grad (norms are
     frozen under QLoRA, so dw is skipped unless asked for)."""
-    check_tensor(_OP, "x", x, dtypes=FLOAT_DTYPES)
+    check_tensor(_OP, "x", x, dtypes=FLOAT_DTYPES, max_numel=None)
     if x.dim() == 0:
         raise ValueError(f"{_OP}: argument 'x' must have at least 1 dim [..., H], got a scalar")
     return RMSNormFunction.apply(x, weight, eps)
