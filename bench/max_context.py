@@ -11,10 +11,10 @@ context and the allocator. tests/test_memory_plan.py checks the replay against a
 live-tensor tracker on the tiny model (within 10%); on a GPU the measured
 torch.cuda.max_memory_allocated is what a run prints at its end.
 
-Memory is not the only bound: the Triton launchers refuse any operand or output of
-more than 2^31 - 1 elements (32-bit indexing, csrc_triton._checks), and the
-widest full-length [T x N] tensors a launcher is handed are listed by
-``indexing_limit``; the script prints the T where that bites.
+Indexing is no bound here: the kernels switch to 64-bit offsets when an activation
+passes 2^31 - 1 elements (csrc_triton._checks.wide_index). What the kernels still
+count in 32 bits is token rows, 2^31 - 1 per micro-batch (attention.MAX_TOKENS,
+refused by the CLI before training), far past any memory.
 """
 from __future__ import annotations
 
@@ -24,25 +24,13 @@ from typing import Callable, Optional
 import torch
 
 from anita_core.model.config import ModelConfig
-from csrc_triton._runtime import MAX_INT32_NUMEL
+from csrc_triton.attention import MAX_TOKENS
 from anita_core.model.memory_plan import (GiB, PROJECTIONS, STRATEGIES, StepShape, activation_peak,
                                           gib, plan_memory, static_bytes)
 
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,   # bench.shapes
                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                  rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072)
-
-
-def indexing_limit(config: ModelConfig) -> tuple:
-    """(longest T, what bounds it): the widest per-token width of a tensor of all T rows
-    that a Triton launcher checks against 2^31 - 1 elements. The MLP's tensors are
-    chunked (block.mlp_chunk_rows), the loss's logits too, and q/k/v run one by one
-    when their fused [T, Q + 2KV] output would pass the bound (block.INDEX_LIMIT), so
-    what is left is the [T, H] and [T, Q] activations and their gradients."""
-    H = config.hidden_size
-    Q = config.num_attention_heads * config.head_dim
-    what = "[T, hidden]" if H >= Q else "[T, heads x head_dim]"
-    return MAX_INT32_NUMEL // max(H, Q), what
 
 
 def step_shape(seq: int, rank: int) -> StepShape:
@@ -141,9 +129,8 @@ def main(argv=None) -> int:
             label = f"every layer {strategy}"
             peak = static_bytes(config, shape) + activation_peak(config, shape, [strategy] * 32)
         print(f"| {label} | {seq:,} | {gib(peak)} | {gib(host_bytes) if host_bytes else '0'} |")
-    limit, what = indexing_limit(config)
-    print(f"32-bit kernel indexing: at most {limit:,} tokens ({what} <= 2^31 - 1 elements), "
-          f"whatever the memory")
+    print(f"kernel indexing: 64-bit offsets where needed; at most {MAX_TOKENS:,} tokens per "
+          "micro-batch (token rows counted in 32 bits)")
     return 0
 
 

@@ -10,7 +10,7 @@ with the GPU's memory capped (80 GB by default), and its measured peak.
 2. The prediction: bench.max_context's search with the CLI's budget for the cap
    (minus max(1 GiB, 5%)) and this machine's pinned-host budget (available host
    memory minus max(4 GiB, 10%), or $ANITA_HOST_MEMORY_BUDGET, or --host-memory-gib),
-   at most the 32-bit indexing bound of the kernels.
+   at most the kernels' token-row bound (2^31 - 1 rows per micro-batch).
 3. The try: one step (forward, backward, AdamW) with the plan's per-layer strategies,
    torch.cuda.max_memory_allocated reset right before it.
 
@@ -70,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seq", type=int, default=None,
                         help="try this length instead of the prediction (default: the prediction)")
     parser.add_argument("--max-seq", type=int, default=None,
-                        help="never try longer than this (default: the kernels' 32-bit indexing "
-                             "bound; smoke: 64)")
+                        help="never try longer than this (default: the kernels' token-row bound, "
+                             "2^31 - 1; smoke: 64)")
     parser.add_argument("--granularity", type=int, default=None,
                         help="lengths are multiples of this (default: 4096; smoke: 8)")
     parser.add_argument("--layers", type=int, default=None,
@@ -98,7 +98,7 @@ def choose_length(config, args, predicted: int, ceilings, granularity: int):
         return args.seq, "--seq"
     seq, why = predicted, "memory (the planner's predicted maximum)"
     if seq >= args.max_seq:
-        seq, why = args.max_seq, (f"--max-seq {args.max_seq} (the kernels' 32-bit indexing bound "
+        seq, why = args.max_seq, (f"--max-seq {args.max_seq} (the kernels' token-row bound "
                                   "unless given; the planner predicts at least this fits)")
     if args.time_budget_s is not None and seq and \
             estimated_step_s(config, seq, args.lora_r, ceilings.matmul_tflops) > args.time_budget_s:
@@ -157,7 +157,7 @@ def run(args) -> int:
         config = dims.model_config(layers=layers)
     granularity = args.granularity or (8 if ctx.smoke else 4096)
     if args.max_seq is None:
-        args.max_seq = 64 if ctx.smoke else max_context.indexing_limit(config)[0]
+        args.max_seq = 64 if ctx.smoke else max_context.MAX_TOKENS
     ceilings = common.measure_ceilings(ctx)
     if ctx.on_gpu:
         total = torch.cuda.get_device_properties(ctx.device).total_memory

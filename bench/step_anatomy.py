@@ -5,6 +5,7 @@ dtype-conversion copies, FLOPs, peak live activation bytes.
     python -m bench.step_anatomy --dtype fp32 --batch 2 --seq 64 --rank 16 --dropout 0.1
     python -m bench.step_anatomy --targets q_proj,v_proj --json out.json
     python -m bench.step_anatomy --no-recompute      # every layer's activations kept
+    python -m bench.step_anatomy --batch 2 --seq 256 --documents 2   # 512 tokens, packed rows
 
 How each figure is caught (runs through the Triton interpreter on a CPU and on a GPU):
   * Triton launches: every launch site in csrc_triton reports itself to
@@ -15,6 +16,8 @@ How each figure is caught (runs through the Triton interpreter on a CPU and on a
     that writes a tensor of another floating dtype than its input (_to_copy, or
     copy_ between dtypes), measured in bytes written / bytes of one [tokens x hidden]
     activation in the compute dtype;
+  * same-dtype copies of activation-shaped tensors (contiguous, cat, clone, copy_):
+    bench/copy_count.py, in the same unit;
   * per layer: the model's LayerHooks say which layer (and forward or backward)
     runs; ops outside every layer (embedding, final norm, loss) are listed apart;
   * FLOPs of the projections (NF4 matmuls and LoRA products, as executed; attention
@@ -46,6 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import csrc_triton
 from anita_core.model.batch_facts import batch_facts
+from bench.copy_count import SameDtypeCopies
 from bench.host_syncs import HostSyncCounter
 from csrc_triton import _runtime
 
@@ -175,7 +179,8 @@ def _layer_hooks_class():
     return WhereHooks
 
 
-def train_step_keeping_activations(model, ids, targets, recorder: StepRecorder, facts) -> None:
+def train_step_keeping_activations(model, ids, targets, recorder: StepRecorder, facts,
+                                   positions=None, segments=None) -> None:
     """model.train_step with every layer's activations kept (block_forward_saving, then
     block_backward_saved): nothing recomputed. A stand-in for the memory planner's
     keep strategy, so the without-recompute figures can be counted; no dropout replay
@@ -185,7 +190,7 @@ def train_step_keeping_activations(model, ids, targets, recorder: StepRecorder, 
     from anita_core.model.ops import (linear_cross_entropy_forward_backward, rms_norm_backward,
                                       rms_norm_forward)
     c = model.config
-    geo = model.geometry(ids, None, None, facts)
+    geo = model.geometry(ids, positions, segments, facts)
     h, saved = model.embed(ids, checked=True), []
     for i, layer in enumerate(model.base.layers):
         recorder.where = f"layer {i}"
@@ -237,6 +242,17 @@ def build_model(args, device: torch.device):
     return model
 
 
+def packed_documents(batch: int, seq: int, documents: int):
+    """(position_ids, segment_ids) [B, S] of rows packed with ``documents`` documents of
+    (nearly) equal length each, positions restarting at 0 in each; (None, None) for 1."""
+    if documents == 1:
+        return None, None
+    index = torch.arange(seq)
+    segment = (index * documents) // seq
+    start = torch.searchsorted(segment, segment, right=False)   # first index of each document
+    return (index - start).expand(batch, seq).contiguous(), segment.expand(batch, seq).contiguous()
+
+
 def measure(args) -> dict:
     """One SFT train_step of the configured model; figures per layer."""
     from bench.common import bench_device
@@ -246,22 +262,28 @@ def measure(args) -> dict:
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, V, (args.batch, args.seq), generator=generator)
     targets = torch.randint(0, V, (args.batch, args.seq), generator=generator)
-    facts = batch_facts(ids, targets, None, V)      # on the host, as SFTObjective does
+    positions, segments = packed_documents(args.batch, args.seq, args.documents)
+    facts = batch_facts(ids, targets, positions, V)     # on the host, as SFTObjective does
     ids, targets = ids.to(device), targets.to(device)
-    model.train_step(ids, targets, facts=facts)     # warm caches (dequantized weights, tables)
+    if positions is not None:
+        positions, segments = positions.to(device), segments.to(device)
+    # warm caches (dequantized weights, tables)
+    model.train_step(ids, targets, positions, segments, facts=facts)
     if model.adapters is not None:
         model.adapters.zero_grad()
     recorder, syncs = StepRecorder(), HostSyncCounter(model.device)
     model.layer_hooks = _layer_hooks_class()(recorder)
-    with _runtime.listen_to_launches(recorder.on_launch), recorder, syncs:
-        if args.no_recompute:
-            train_step_keeping_activations(model, ids, targets, recorder, facts)
-        else:
-            model.train_step(ids, targets, facts=facts)
     tokens = args.batch * args.seq
+    copies = SameDtypeCopies(lambda: recorder.where, tokens)
+    with _runtime.listen_to_launches(recorder.on_launch), recorder, copies, syncs:
+        if args.no_recompute:
+            train_step_keeping_activations(model, ids, targets, recorder, facts, positions, segments)
+        else:
+            model.train_step(ids, targets, positions, segments, facts=facts)
     activation_bytes = tokens * model.config.hidden_size * DTYPES[args.dtype].itemsize
     n_layers = model.config.num_hidden_layers
-    layers = {f"layer {i}": recorder.sections[f"layer {i}"].as_dict(activation_bytes)
+    layers = {f"layer {i}": dict(recorder.sections[f"layer {i}"].as_dict(activation_bytes),
+                                 **copies.sections[f"layer {i}"].as_dict(activation_bytes))
               for i in range(n_layers)}
     minimum = minimum_flops(model, tokens)
     for row in layers.values():
@@ -278,10 +300,11 @@ def format_report(result: dict) -> str:
     c = result["config"]
     lines = [f"step_anatomy: SFT train_step, {c['model']}, {c['dtype']}, batch {c['batch']} x "
              f"seq {c['seq']} ({result['tokens']} tokens), LoRA {c['targets'] or 'none'} "
-             f"r {c['rank']} dropout {c['dropout']}, "
+             f"r {c['rank']} dropout {c['dropout']}, {c['documents']} document(s) per row, "
              f"{'activations kept' if c['no_recompute'] else 'recompute'}"
              f"{', unfused' if c['no_fusion'] else ''}; {result['runtime']}",
              f"{'layer':10s} {'launches':>8s} {'matmuls':>8s} {'sum':>5s} {'conv.copies':>11s} "
+             f"{'same.copies':>11s} "
              f"{'FLOPs/min':>9s} {'peak live':>9s}  launches by kernel"]
     for name, row in result["layers"].items():
         kernels = ", ".join(f"{k.strip('_').removesuffix('_kernel')} {v}"
@@ -289,6 +312,7 @@ def format_report(result: dict) -> str:
         lines.append(f"{name:10s} {row['triton_launches']:8d} {row['torch_matmuls']:8d} "
                      f"{row['launches_plus_matmuls']:5d} "
                      f"{row['conversion_copies_in_activations']:10.2f}a "
+                     f"{row['same_dtype_copies_in_activations']:10.2f}a "
                      f"{row['flops_vs_minimum']:9.3f} {row['peak_live_in_activations']:8.1f}a  "
                      f"{kernels}")
     lines.append(f"a = one activation, [tokens x hidden] in the compute dtype = "
@@ -312,6 +336,9 @@ def parse_args(argv=None):
     parser.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                         help="comma-separated LoRA target projections ('' for no LoRA)")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank r")
+    parser.add_argument("--documents", type=int, default=1,
+                        help="documents packed into each row (equal lengths, segment ids and "
+                             "positions restarting per document); 1: no segment ids")
     parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout p")
     parser.add_argument("--no-fusion", action="store_true",
                         help="run q/k/v and gate/up as separate matmuls (for comparison)")
@@ -320,9 +347,12 @@ def parse_args(argv=None):
                              "in the backward")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
-    for flag in ("batch", "seq", "rank"):
+    for flag in ("batch", "seq", "rank", "documents"):
         if getattr(args, flag) < 1:
             parser.error(f"argument --{flag}: must be >= 1, got {getattr(args, flag)}")
+    if args.documents > args.seq:
+        parser.error(f"argument --documents: {args.documents} documents do not fit in "
+                     f"--seq {args.seq} tokens")
     if not 0.0 <= args.dropout < 1.0:
         parser.error(f"argument --dropout: must be in [0, 1), got {args.dropout}")
     if not Path(args.model, "config.json").is_file():

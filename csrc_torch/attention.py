@@ -32,8 +32,8 @@ from typing import Iterator, Optional, Tuple
 import torch
 
 # document_bounds is O(S) plain torch; the checks are the kernel's own
-from csrc_triton.attention import (check_backward_args, check_bounds, check_qkv,  # noqa: F401
-                                   document_bounds)
+from csrc_triton.attention import (check_backward_args, check_bounds, check_into,  # noqa: F401
+                                   check_qkv, document_bounds)
 Bounds = Optional[Tuple[torch.Tensor, torch.Tensor]]
 
 # query tokens per block: large enough that each block is a few big matmuls (the
@@ -74,7 +74,8 @@ def _visible(bounds: Bounds, q0: int, q1: int, k0: int, device) -> torch.Tensor:
 def _grouped(t: torch.Tensor, n_kv: int) -> torch.Tensor:
     """[B, S, Hq, D] -> contiguous fp32 [B, Hkv, group, S, D] (query head h = kv * group + g)."""
     batch, seq, heads, dim = t.shape
-    return t.float().view(batch, seq, n_kv, heads // n_kv, dim).permute(0, 2, 3, 1, 4).contiguous()
+    # reshape, not view: q may be a strided view into the fused q/k/v output
+    return t.float().reshape(batch, seq, n_kv, heads // n_kv, dim).permute(0, 2, 3, 1, 4).contiguous()
 
 
 def _ungrouped(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -138,8 +139,9 @@ def flash_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def flash_attention_backward(d_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                              v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                             bounds: Bounds = None):
-    """(dq, dk, dv) in the inputs' dtype, from the forward's out and lse."""
+                             bounds: Bounds = None, *, into=None):
+    """(dq, dk, dv) in the inputs' dtype, from the forward's out and lse (written into
+    ``into`` = (dq, dk, dv) views when given, as csrc_triton.attention's)."""
     batch, seq, n_q_heads, n_kv_heads, head_dim = check_backward_args(d_out, q, k, v, out, lse,
                                                                        bounds)
     scale = 1.0 / math.sqrt(head_dim)
@@ -159,7 +161,10 @@ def flash_attention_backward(d_out: torch.Tensor, q: torch.Tensor, k: torch.Tens
         dq[..., q0:q1, :] = (_rows(d_s) @ k_b).view(q_b.shape).mul_(scale)
         # dK = dS^T Q / sqrt(D) = dS^T (Q / sqrt(D))
         dk[:, :, k0:q1] += _rows(d_s).transpose(-1, -2) @ _rows(q_b)
-    return _ungrouped(dq, q.dtype), _per_kv_head(dk, q.dtype), _per_kv_head(dv, q.dtype)
+    grads = _ungrouped(dq, q.dtype), _per_kv_head(dk, q.dtype), _per_kv_head(dv, q.dtype)
+    if into is None:
+        return grads
+    return tuple(t.copy_(g) for t, g in zip(check_into(into, q, k), grads))
 
 
 def _per_kv_head(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -4,26 +4,33 @@ With s = sigmoid(g): dL/du = dh * g * s,  dL/dg = dh * u * s * (1 + g * (1 - s))
 """
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import torch
 
-from csrc_triton._checks import FLOAT_DTYPES, check_same_device, check_tensor
-from csrc_triton.swiglu import _OP, _check_pair
+from csrc_triton._checks import FLOAT_DTYPES, check_rows, check_same_device
+from csrc_triton.swiglu import _OP, _check_out, _check_pair
 
 
 def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """gate, up: same shape and dtype -> h = silu(gate) * up in that dtype."""
+    """gate, up: same shape and dtype (row views) -> h = silu(gate) * up in that dtype."""
     _check_pair(gate, up)
     g = gate.float()
     return (g * torch.sigmoid(g) * up.float()).to(gate.dtype)
 
 
-def swiglu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
-    """Given dL/dh (gate's shape, any float dtype) -> (dgate, dup) in gate's dtype."""
+def swiglu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                    out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
+    """Given dL/dh (gate's shape, any float dtype) -> (dgate, dup) in gate's dtype
+    (written into ``out`` when given, as csrc_triton.swiglu.swiglu_backward)."""
     _check_pair(gate, up)
-    check_tensor(_OP, "dh", dh, dtypes=FLOAT_DTYPES, shape=tuple(gate.shape))
+    check_rows(_OP, "dh", dh, dtypes=FLOAT_DTYPES, shape=tuple(gate.shape))
     check_same_device(_OP, dh=dh, gate=gate)
     g, u, d = gate.float(), up.float(), dh.float()
     s = torch.sigmoid(g)
-    dgate = d * u * s * (1.0 + g * (1.0 - s))
-    dup = d * g * s
-    return dgate.to(gate.dtype), dup.to(gate.dtype)
+    dgate = (d * u * s * (1.0 + g * (1.0 - s))).to(gate.dtype)
+    dup = (d * g * s).to(gate.dtype)
+    if out is None:
+        return dgate, dup
+    out_gate, out_up = _check_out(out, gate)
+    return out_gate.copy_(dgate), out_up.copy_(dup)

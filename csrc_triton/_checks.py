@@ -1,8 +1,16 @@
-"""Argument validation shared by every launcher.
+"""Argument validation shared by every launcher, and the choice of index width.
 
 Each check raises ValueError naming the op, the argument and what was
 expected, so a bad call never turns into a silent wrong answer or a crash deep
 inside a kernel.
+
+Index width. A kernel that indexes activations ([T, hidden], [T, intermediate],
+[B, S, heads, D]) takes an ``INDEX_64`` constexpr: its launcher sets it when some
+element offset of an argument can pass 2^31 - 1 (``wide_index``), and the kernel then
+widens its row index to int64 once, before the row base offset is formed. The
+common case compiles exactly as a 32-bit kernel (the same SASS); only the launches
+that need it pay for 64-bit address arithmetic. Such arguments are checked with
+``max_numel=None``; every other tensor keeps the 32-bit bound of ``check_tensor``.
 """
 from __future__ import annotations
 
@@ -23,8 +31,10 @@ def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:
 def check_tensor(op: str, name: str, t, *, dtypes: Optional[Sequence[torch.dtype]] = None,
                  ndim: Optional[int | Sequence[int]] = None,
                  shape: Optional[Sequence[Optional[int]]] = None,
-                 contiguous: bool = True) -> torch.Tensor:
-    """Validate one tensor argument. ``shape`` entries of None match any size."""
+                 contiguous: bool = True,
+                 max_numel: Optional[int] = MAX_INT32_NUMEL) -> torch.Tensor:
+    """Validate one tensor argument. ``shape`` entries of None match any size;
+    ``max_numel=None`` for an argument its kernel indexes in 64 bits when it must."""
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{op}: argument '{name}' must be a torch.Tensor, got {type(t).__name__}")
     if dtypes is not None and t.dtype not in dtypes:
@@ -42,9 +52,9 @@ def check_tensor(op: str, name: str, t, *, dtypes: Optional[Sequence[torch.dtype
     if contiguous and not t.is_contiguous():
         raise ValueError(f"{op}: argument '{name}' must be contiguous "
                          f"(shape {tuple(t.shape)}, stride {t.stride()}); call .contiguous()")
-    if t.numel() > MAX_INT32_NUMEL:
+    if max_numel is not None and t.numel() > max_numel:
         raise ValueError(f"{op}: argument '{name}' has {t.numel()} elements, more than the "
-                         f"{MAX_INT32_NUMEL} that 32-bit kernel indexing supports; split it")
+                         f"{max_numel} that 32-bit kernel indexing supports; split it")
     _check_device(op, name, t)
     return t
 
@@ -71,3 +81,51 @@ def check_numel(op: str, what: str, numel: int) -> None:
     if numel > MAX_INT32_NUMEL:
         raise ValueError(f"{op}: {what} would have {numel} elements, more than the "
                          f"{MAX_INT32_NUMEL} that 32-bit kernel indexing supports")
+
+
+def index_span(t: torch.Tensor) -> int:
+    """Elements from ``t``'s first element to its last, inclusive (1 + sum (size - 1) *
+    stride; 0 when empty): the largest offset a kernel adds to its data pointer, + 1."""
+    if t.numel() == 0:
+        return 0
+    return 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+
+
+def wide_index(*tensors: Optional[torch.Tensor]) -> bool:
+    """INDEX_64 for a launch over these tensors: whether any offset can pass 2^31 - 1."""
+    return any(t is not None and index_span(t) > MAX_INT32_NUMEL for t in tensors)
+
+
+def check_rows(op: str, name: str, t, *, dtypes: Optional[Sequence[torch.dtype]] = None,
+               shape: Optional[Sequence[Optional[int]]] = None) -> int:
+    """Validate a tensor read or written as rows of its last dim, each row contiguous,
+    rows any distance apart (a column slice of a wider buffer, e.g. the gate half of the
+    fused gate/up output); the leading dims must merge into one row index. Returns the
+    row stride in elements. No element bound: its kernels index in 64 bits when needed."""
+    check_tensor(op, name, t, dtypes=dtypes, shape=shape, contiguous=False, max_numel=None)
+    last = t.shape[-1] if t.dim() else 1
+    if t.numel() == 0:
+        return max(last, 1)
+    try:
+        rows = t.view(-1, last)
+    except RuntimeError:
+        rows = None
+    if rows is None or (last > 1 and rows.stride(1) != 1):
+        raise ValueError(f"{op}: argument '{name}' must be rows of contiguous elements "
+                         f"(shape {tuple(t.shape)}, stride {t.stride()}); call .contiguous()")
+    return rows.stride(0) if rows.shape[0] > 1 else max(last, 1)
+
+
+def check_token_rows(op: str, name: str, t: torch.Tensor) -> int:
+    """For a [B, S, heads, D] tensor (validated otherwise with contiguous=False): each
+    token's heads x D must be contiguous, tokens any distance apart (e.g. q as a column
+    slice of the fused q/k/v output). Returns the token stride in elements."""
+    batch, seq, heads, dim = t.shape
+    s_batch, s_token, s_head, s_dim = t.stride()
+    token = s_token if seq > 1 else (s_batch if batch > 1 else heads * dim)
+    if not ((dim <= 1 or s_dim == 1) and (heads <= 1 or s_head == dim)
+            and (batch <= 1 or seq <= 1 or s_batch == seq * s_token)):
+        raise ValueError(f"{op}: argument '{name}' must hold each token's heads x head dim "
+                         f"contiguously (shape {tuple(t.shape)}, stride {t.stride()}); "
+                         "call .contiguous()")
+    return token

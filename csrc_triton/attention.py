@@ -17,68 +17,56 @@ The launchers turn segment ids into two int32 vectors once (``document_bounds``)
 first_key (per query) and key_end (per key: the queries that see key j are
 j <= i < key_end[j]). Without segment ids every row is one causal document.
 
+Layout: each token's heads x D contiguous, tokens any distance apart (q, k, v may be
+column slices of the fused q/k/v projection's output; k and v share a token stride).
+The backward can write dq, dk, dv into caller-given views (``into``: slices of one
+[tokens, (Hq + 2 Hkv) D] buffer, the input gradient of that fused projection).
+
 The kernels, with the math of the forward and the backward (online softmax, P
 recomputed from the saved lse, the softmax Jacobian), their tiles and precision:
-attention_kernels. Here: the tile sizes, the argument checks, the launchers and the
-autograd.Function.
+attention_kernels; the GPU tile configurations and their pruning: attention_configs.
+Here: the argument checks, the launchers (autotuned on a GPU, fixed tiles under the
+interpreter) and the autograd.Function.
 
 Public:
   flash_attention(q, k, v, segment_ids=None) -> out           autograd Function
   document_bounds(segment_ids) -> (first_key, key_end)        int32 [B, S] each
 Low level (used by the model's hand-written backward):
   flash_attention_forward(q, k, v, bounds) -> (out, lse)      lse fp32 [B, Hq, S]
-  flash_attention_backward(d_out, q, k, v, out, lse, bounds) -> (dq, dk, dv)
+  flash_attention_backward(d_out, q, k, v, out, lse, bounds, into=None) -> (dq, dk, dv)
 """
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
 
-from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor
-from ._runtime import DOT_IN_FP32, INTERPRETING, new_output, record_launch
+from ._checks import (FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor,
+                      check_token_rows, wide_index)
+from ._runtime import DOT_IN_FP32, INTERPRETING, MAX_INT32_NUMEL, new_output, record_launch
+from .attention_configs import AttentionBlocks, gpu_configs, head_dim_class
 from .attention_kernels import (_attention_delta_kernel, _attention_dkdv_kernel,
                                 _attention_dq_kernel, _attention_forward_kernel)
 
+__all__ = ["AttentionBlocks", "document_bounds", "flash_attention", "flash_attention_forward",
+           "flash_attention_backward"]
+
 _OP = "flash_attention"
 MAX_HEAD_DIM = 256
+# token rows (B x S) are indexed in int32 inside the kernels; offsets are 64-bit when needed
+MAX_TOKENS = MAX_INT32_NUMEL
+_MAX_GRID_Y = 65535             # CUDA's limit on grid axis 1 (batch rows x kv heads)
 _LOG2E = 1.4426950408889634
 # head vectors per program of the Delta preprocessing (memory-bound; the interpreter
 # pays per program, so it takes many)
 _DELTA_ROWS = 1024 if INTERPRETING else 32
-
-
-class AttentionBlocks(NamedTuple):
-    """Tile sizes and launch options of the kernels. A query tile holds BLOCK_M tokens of
-    each of BLOCK_H query heads that share one kv head (BLOCK_H * BLOCK_M rows); dkdv
-    walks BLOCK_N keys against such query tiles."""
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-    block_h: int = 1
-
-
-def gpu_blocks(kind: str, block_d: int) -> AttentionBlocks:
-    """Fixed GPU configurations per kernel and padded head dim (no autotuning, so the
-    Hopper compile check, tests/test_hopper_compile.py via tests/sm90_compile.py, sees exactly what runs).
-    Dot dims >= 64 so that bf16 dots become wgmma (HGMMA) on sm_90. At D = 256 the
-    backward's 64-row tiles spill (dK + dV accumulators alone are 128 registers per
-    thread at 8 warps), so its query tile drops to 32 rows: no spills, but the dots
-    with 32 rows run on mma.sync (HMMA)."""
-    if kind == "forward":
-        if block_d <= 64:
-            return AttentionBlocks(128, 64, 4, 3)
-        if block_d <= 128:
-            return AttentionBlocks(128, 64, 8, 3)
-        return AttentionBlocks(64, 64, 8, 2)
-    if kind in ("dkdv", "dq"):
-        if block_d <= 128:
-            return AttentionBlocks(64, 64, 8 if block_d > 64 else 4, 2)
-        return AttentionBlocks(32, 64, 8, 1)
-    raise ValueError(f"gpu_blocks: unknown kernel kind {kind!r}")
+_KERNELS = {"forward": _attention_forward_kernel, "dkdv": _attention_dkdv_kernel,
+            "dq": _attention_dq_kernel}
+# what a tuned choice depends on (plus every tensor's dtype, which triton adds itself)
+AUTOTUNE_KEY = ["seq_bucket", "n_q_heads", "n_kv_heads", "head_dim", "HAS_BOUNDS"]
+_tuned: dict = {}
 
 
 def _interpreter_blocks(seq: int, group: int) -> AttentionBlocks:
@@ -91,6 +79,33 @@ def _interpreter_blocks(seq: int, group: int) -> AttentionBlocks:
     block = min(256, max(16, triton.next_power_of_2(seq)))
     block_h = min(triton.next_power_of_2(group), max(1, 1024 // block))
     return AttentionBlocks(block, block, 4, 1, block_h)
+
+
+def tuned_kernel(kind: str, block_d: int):
+    """triton.autotune of one kernel over attention_configs.gpu_configs(kind, block_d)."""
+    key = (kind, head_dim_class(block_d))
+    if key not in _tuned:
+        configs = [triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n,
+                                  "BLOCK_H": c.block_h},
+                                 num_warps=c.num_warps, num_stages=c.num_stages)
+                   for c in gpu_configs(kind, block_d)]
+        _tuned[key] = triton.autotune(configs=configs, key=AUTOTUNE_KEY)(_KERNELS[kind])
+    return _tuned[key]
+
+
+def _launch(kind: str, grid, args: dict, blocks: Optional[AttentionBlocks], seq: int,
+            group: int, block_d: int) -> None:
+    """Launch kernel ``kind``: with ``blocks`` (a test's override) or the interpreter's
+    tiles as given, else autotuned. ``grid(block_m, block_n, block_h)`` -> the grid."""
+    record_launch(f"_attention_{kind}_kernel")
+    if blocks is None and not INTERPRETING:
+        tuned_kernel(kind, block_d)[lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"],
+                                                      meta["BLOCK_H"])](**args)
+        return
+    blocks = blocks or _interpreter_blocks(seq, group)
+    _KERNELS[kind][grid(blocks.block_m, blocks.block_n, blocks.block_h)](
+        **args, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_H=blocks.block_h,
+        num_warps=blocks.num_warps, num_stages=blocks.num_stages)
 
 
 # ---------------------------------------------------------------- launchers
@@ -115,12 +130,27 @@ def document_bounds(segment_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tens
     return first_key, key_end
 
 
+def _check_heads(name: str, t, dtypes, shape=None) -> None:
+    check_tensor(_OP, name, t, dtypes=dtypes, ndim=4, shape=shape, contiguous=False,
+                 max_numel=None)
+    check_token_rows(_OP, name, t)
+
+
+def _same_stride(names: Tuple[str, str], a: torch.Tensor, b: torch.Tensor) -> int:
+    stride = check_token_rows(_OP, names[0], a)
+    if a.shape[0] * a.shape[1] > 1 and check_token_rows(_OP, names[1], b) != stride:
+        raise ValueError(f"{_OP}: '{names[0]}' and '{names[1]}' must share a token stride "
+                         f"(strides {a.stride()} and {b.stride()})")
+    return stride
+
+
 def check_qkv(q, k, v, q_name="q"):
-    """Validate q/k/v; returns (B, S, Hq, Hkv, D)."""
-    check_tensor(_OP, q_name, q, dtypes=FLOAT_DTYPES, ndim=4)
+    """Validate q/k/v (token rows, see the module docstring); returns (B, S, Hq, Hkv, D)."""
+    _check_heads(q_name, q, FLOAT_DTYPES)
     batch, seq, n_q_heads, head_dim = q.shape
-    check_tensor(_OP, "k", k, dtypes=(q.dtype,), shape=(batch, seq, None, head_dim))
-    check_tensor(_OP, "v", v, dtypes=(q.dtype,), shape=tuple(k.shape))
+    _check_heads("k", k, (q.dtype,), (batch, seq, None, head_dim))
+    _check_heads("v", v, (q.dtype,), tuple(k.shape))
+    _same_stride(("k", "v"), k, v)
     n_kv_heads = k.shape[2]
     if n_kv_heads == 0 or n_q_heads % n_kv_heads:
         raise ValueError(f"{_OP}: the query heads of '{q_name}' ({n_q_heads}) must be a multiple "
@@ -128,6 +158,12 @@ def check_qkv(q, k, v, q_name="q"):
     if not 0 < head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"{_OP}: head dim (last dim of '{q_name}', {head_dim}) must be in "
                          f"[1, {MAX_HEAD_DIM}]")
+    if batch * seq > MAX_TOKENS:
+        raise ValueError(f"{_OP}: '{q_name}' has {batch} x {seq} token rows, more than the "
+                         f"{MAX_TOKENS} the kernels index")
+    if not INTERPRETING and batch * n_kv_heads > _MAX_GRID_Y:
+        raise ValueError(f"{_OP}: {batch} rows x {n_kv_heads} kv heads = {batch * n_kv_heads} "
+                         f"programs on grid axis 1, more than CUDA's {_MAX_GRID_Y}")
     check_same_device(_OP, **{q_name: q, "k": k, "v": v})
     return batch, seq, n_q_heads, n_kv_heads, head_dim
 
@@ -144,51 +180,47 @@ def check_bounds(bounds, batch, seq, device):
             raise ValueError(f"{_OP}: argument '{name}' is on {t.device}; q is on {device}")
 
 
-def _blocks(kind: str, seq: int, group: int, block_d: int) -> AttentionBlocks:
-    return _interpreter_blocks(seq, group) if INTERPRETING else gpu_blocks(kind, block_d)
-
-
-def _query_grid(blocks: AttentionBlocks, batch: int, seq: int, n_kv_heads: int, group: int):
+def _query_grid(batch: int, seq: int, n_kv_heads: int, group: int):
     """Forward / dQ grid: query blocks x (batch rows x kv heads x head tiles of the group)."""
-    return (triton.cdiv(seq, blocks.block_m), batch * n_kv_heads * triton.cdiv(group, blocks.block_h))
+    return lambda block_m, block_n, block_h: (
+        triton.cdiv(seq, block_m), batch * n_kv_heads * triton.cdiv(group, block_h))
 
 
 def _dot_in_fp32(dtype: torch.dtype) -> bool:
     return DOT_IN_FP32 or dtype == torch.float32
 
 
-def _common(q, k, head_dim):
+def _common(q, k, head_dim, bounds):
     """Scalar and constexpr arguments every kernel takes."""
     batch, seq, n_q_heads, _ = q.shape
     n_kv_heads = k.shape[2]
     scale = 1.0 / math.sqrt(head_dim)
     return dict(seq=seq, n_q_heads=n_q_heads, n_kv_heads=n_kv_heads,
-                group=n_q_heads // n_kv_heads, head_dim=head_dim,
-                qk_scale_log2=scale * _LOG2E), scale
+                group=n_q_heads // n_kv_heads, head_dim=head_dim, qk_scale_log2=scale * _LOG2E,
+                seq_bucket=triton.next_power_of_2(max(seq, 1)), HAS_BOUNDS=bounds is not None,
+                DOT_FP32=_dot_in_fp32(q.dtype),
+                BLOCK_D=max(16, triton.next_power_of_2(head_dim))), scale
 
 
 def flash_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             bounds: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
                             *, _blocks_override: Optional[AttentionBlocks] = None):
-    """q [B, S, Hq, D], k/v [B, S, Hkv, D] (one dtype, contiguous), bounds from
+    """q [B, S, Hq, D], k/v [B, S, Hkv, D] (one dtype, token rows), bounds from
     document_bounds (None: one causal document per row) -> (out [B, S, Hq, D] in q's
-    dtype, lse fp32 [B, Hq, S], natural log, -inf for rows that see nothing)."""
-    batch, seq, n_q_heads, _, head_dim = check_qkv(q, k, v)
+    dtype, contiguous, lse fp32 [B, Hq, S], natural log, -inf for rows that see nothing)."""
+    batch, seq, n_q_heads, n_kv_heads, head_dim = check_qkv(q, k, v)
     check_bounds(bounds, batch, seq, q.device)
     out = new_output(q.shape, q.dtype, q.device)
     lse = new_output((batch, n_q_heads, seq), torch.float32, q.device)
     if out.numel() == 0:
         return out, lse
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    args, _ = _common(q, k, head_dim)
-    blocks = _blocks_override or _blocks("forward", seq, args["group"], block_d)
-    first_key = bounds[0] if bounds is not None else q      # unused when HAS_BOUNDS is off
-    record_launch("_attention_forward_kernel")
-    _attention_forward_kernel[_query_grid(blocks, batch, seq, k.shape[2], args["group"])](
-        q, k, v, out, lse, first_key, **args, HAS_BOUNDS=bounds is not None,
-        DOT_FP32=_dot_in_fp32(q.dtype), BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
-        BLOCK_D=block_d, BLOCK_H=blocks.block_h, num_warps=blocks.num_warps,
-        num_stages=blocks.num_stages)
+    args, _ = _common(q, k, head_dim, bounds)
+    args.update(q_ptr=q, k_ptr=k, v_ptr=v, out_ptr=out, lse_ptr=lse,
+                first_key_ptr=bounds[0] if bounds is not None else q,   # unused without bounds
+                stride_q=check_token_rows(_OP, "q", q), stride_kv=check_token_rows(_OP, "k", k),
+                stride_o=n_q_heads * head_dim, INDEX_64=wide_index(q, k, v, out, lse))
+    _launch("forward", _query_grid(batch, seq, n_kv_heads, args["group"]), args,
+            _blocks_override, seq, args["group"], args["BLOCK_D"])
     return out, lse
 
 
@@ -197,55 +229,66 @@ def check_backward_args(d_out, q, k, v, out, lse, bounds):
     (B, S, Hq, Hkv, D)."""
     batch, seq, n_q_heads, n_kv_heads, head_dim = check_qkv(q, k, v)
     check_bounds(bounds, batch, seq, q.device)
-    check_tensor(_OP, "d_out", d_out, dtypes=(q.dtype,), shape=tuple(q.shape))
-    check_tensor(_OP, "out", out, dtypes=(q.dtype,), shape=tuple(q.shape))
-    check_tensor(_OP, "lse", lse, dtypes=(torch.float32,), shape=(batch, n_q_heads, seq))
+    _check_heads("d_out", d_out, (q.dtype,), tuple(q.shape))
+    _check_heads("out", out, (q.dtype,), tuple(q.shape))
+    _same_stride(("out", "d_out"), out, d_out)
+    check_tensor(_OP, "lse", lse, dtypes=(torch.float32,), shape=(batch, n_q_heads, seq),
+                 max_numel=None)
     check_same_device(_OP, q=q, d_out=d_out, out=out, lse=lse)
     return batch, seq, n_q_heads, n_kv_heads, head_dim
+
+
+def check_into(into, q, k):
+    """``into`` = (dq, dk, dv) views to write the gradients into (q's and k's shapes and
+    dtype, token rows, dk and dv sharing a token stride), or None: new tensors."""
+    if into is None:
+        return (new_output(q.shape, q.dtype, q.device), new_output(k.shape, k.dtype, k.device),
+                new_output(k.shape, k.dtype, k.device))
+    if not isinstance(into, (tuple, list)) or len(into) != 3:
+        raise ValueError(f"{_OP}: argument 'into' must be (dq, dk, dv) or None")
+    for name, t, like in zip(("into[0]", "into[1]", "into[2]"), into, (q, k, k)):
+        _check_heads(name, t, (q.dtype,), tuple(like.shape))
+        check_same_device(_OP, q=q, **{name: t})
+    _same_stride(("into[1]", "into[2]"), into[1], into[2])
+    return tuple(into)
 
 
 def flash_attention_backward(d_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                              v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                              bounds: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-                             *, _blocks_override: Optional[AttentionBlocks] = None):
+                             *, into=None, _blocks_override: Optional[AttentionBlocks] = None):
     """Gradients (dq, dk, dv) of flash_attention_forward given dL/d(out), from its
-    saved out and lse; dk/dv of a kv head are summed over its query heads."""
+    saved out and lse; dk/dv of a kv head are summed over its query heads. Written into
+    ``into`` = (dq, dk, dv) when given (see check_into), else new contiguous tensors."""
     batch, seq, n_q_heads, n_kv_heads, head_dim = check_backward_args(d_out, q, k, v, out, lse,
                                                                        bounds)
-    dq = new_output(q.shape, q.dtype, q.device)
-    dk = new_output(k.shape, k.dtype, k.device)
-    dv = new_output(v.shape, v.dtype, v.device)
+    dq, dk, dv = check_into(into, q, k)
     if q.numel() == 0:
         return dq, dk, dv
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    args, scale = _common(q, k, head_dim)
-    has_bounds = bounds is not None
-    first_key, key_end = bounds if has_bounds else (q, q)
-    dot_fp32 = _dot_in_fp32(q.dtype)
-
+    args, scale = _common(q, k, head_dim, bounds)
+    group, block_d = args.pop("group"), args["BLOCK_D"]
+    first_key, key_end = bounds if bounds is not None else (q, q)
+    stride_o = check_token_rows(_OP, "out", out)
     delta = new_output((batch, n_q_heads, seq), torch.float32, q.device)
+    wide = wide_index(q, k, v, d_out, out, lse, dq, dk, dv)
     n_rows = batch * seq * n_q_heads
-    delta_rows = _DELTA_ROWS
     record_launch("_attention_delta_kernel")
-    _attention_delta_kernel[(triton.cdiv(n_rows, delta_rows),)](
-        out, d_out, delta, n_rows, seq, n_q_heads, head_dim, BLOCK_ROWS=delta_rows, BLOCK_D=block_d)
+    _attention_delta_kernel[(triton.cdiv(n_rows, _DELTA_ROWS),)](
+        out, d_out, delta, n_rows, seq, n_q_heads, head_dim, stride_o, BLOCK_ROWS=_DELTA_ROWS,
+        BLOCK_D=block_d, INDEX_64=wide)
 
-    group = args["group"]
-    blocks = _blocks_override or _blocks("dkdv", seq, group, block_d)
-    record_launch("_attention_dkdv_kernel")
-    _attention_dkdv_kernel[(triton.cdiv(seq, blocks.block_n), batch * n_kv_heads)](
-        q, k, v, d_out, lse, delta, dk, dv, first_key, key_end, **args, scale=scale,
-        HAS_BOUNDS=has_bounds, DOT_FP32=dot_fp32, BLOCK_M=blocks.block_m,
-        BLOCK_N=blocks.block_n, BLOCK_D=block_d, BLOCK_H=blocks.block_h,
-        num_warps=blocks.num_warps, num_stages=blocks.num_stages)
-
-    blocks = _blocks_override or _blocks("dq", seq, group, block_d)
-    record_launch("_attention_dq_kernel")
-    _attention_dq_kernel[_query_grid(blocks, batch, seq, n_kv_heads, group)](
-        q, k, v, d_out, lse, delta, dq, first_key, **args, scale=scale,
-        HAS_BOUNDS=has_bounds, DOT_FP32=dot_fp32, BLOCK_M=blocks.block_m,
-        BLOCK_N=blocks.block_n, BLOCK_D=block_d, BLOCK_H=blocks.block_h,
-        num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+    shared = dict(args, group=group, q_ptr=q, k_ptr=k, v_ptr=v, d_out_ptr=d_out, lse_ptr=lse,
+                  delta_ptr=delta, first_key_ptr=first_key, scale=scale,
+                  stride_q=check_token_rows(_OP, "q", q), stride_kv=check_token_rows(_OP, "k", k),
+                  stride_o=stride_o, INDEX_64=wide)
+    _launch("dkdv", lambda block_m, block_n, block_h: (triton.cdiv(seq, block_n),
+                                                       batch * n_kv_heads),
+            dict(shared, dk_ptr=dk, dv_ptr=dv, key_end_ptr=key_end,
+                 stride_dkv=check_token_rows(_OP, "into[1]", dk)),
+            _blocks_override, seq, group, block_d)
+    _launch("dq", _query_grid(batch, seq, n_kv_heads, group),
+            dict(shared, dq_ptr=dq, stride_dq=check_token_rows(_OP, "into[0]", dq)),
+            _blocks_override, seq, group, block_d)
     return dq, dk, dv
 
 

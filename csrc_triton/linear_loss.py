@@ -129,7 +129,8 @@ def _half_headroom(row_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 def _check_common(op, hidden, weight, labels, ignore_index, chunk_bytes,
                   num_targets=None) -> tuple[int, int, int]:
-    check_tensor(op, "hidden", hidden, dtypes=FLOAT_DTYPES, ndim=2)
+    # [T, H] itself only meets torch.mm (64-bit); the kernels see [chunk, V] logits
+    check_tensor(op, "hidden", hidden, dtypes=FLOAT_DTYPES, ndim=2, max_numel=None)
     T, H = hidden.shape
     check_tensor(op, "weight", weight, dtypes=(hidden.dtype,), ndim=2)
     V = weight.shape[0]

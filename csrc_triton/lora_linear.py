@@ -46,7 +46,7 @@ class LoRAContext(NamedTuple):
 def _check_lora_args(op: str, x2d, w: NF4Weight, A, B, scale, dropout) -> None:
     check_nf4_weight(op, w)
     N, K = w.shape
-    check_tensor(op, "x2d", x2d, dtypes=FLOAT_DTYPES, ndim=2, shape=(None, K))
+    check_tensor(op, "x2d", x2d, dtypes=FLOAT_DTYPES, ndim=2, shape=(None, K), max_numel=None)
     check_tensor(op, "A", A, dtypes=FLOAT_DTYPES, ndim=2, shape=(None, K))
     rank = A.shape[0]
     if rank < 1:
@@ -67,11 +67,11 @@ def check_lora_backward_args(op: str, dy2d, x2d, w: NF4Weight, A, B, scale,
     _check_lora_args(op, x2d, w, A, B, scale, ctx.dropout)
     M, K = x2d.shape
     N, rank = B.shape
-    check_tensor(op, "dy2d", dy2d, dtypes=(x2d.dtype,), ndim=2, shape=(M, N))
+    check_tensor(op, "dy2d", dy2d, dtypes=(x2d.dtype,), ndim=2, shape=(M, N), max_numel=None)
     check_tensor(op, "ctx.xa", ctx.xa, dtypes=(compute_dtype(x2d.dtype),), ndim=2, shape=(M, rank))
     if ctx.keep_mask is not None:
         check_tensor(op, "ctx.keep_mask", ctx.keep_mask, dtypes=(torch.bool,), ndim=2,
-                     shape=(M, K))
+                     shape=(M, K), max_numel=None)
     check_same_device(op, dy2d=dy2d, x2d=x2d, xa=ctx.xa, keep_mask=ctx.keep_mask)
 
 
@@ -166,7 +166,7 @@ class LoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, A, B, scale, dropout, training, generator):
         op = "lora_linear"
-        check_tensor(op, "x", x, dtypes=FLOAT_DTYPES)
+        check_tensor(op, "x", x, dtypes=FLOAT_DTYPES, max_numel=None)
         check_nf4_weight(op, w)
         if x.dim() < 1 or x.shape[-1] != w.shape[1]:
             raise ValueError(f"{op}: argument 'x' has shape {tuple(x.shape)}; expected "
@@ -231,7 +231,7 @@ def _check_fused_args(op: str, x2d, w: NF4Weight, adapters, scale) -> tuple:
         raise ValueError(f"{op}: argument 'w' must be a row concatenation (nf4_concat), "
                          f"got an ordinary weight of shape {tuple(w.shape)}")
     N, K = w.shape
-    check_tensor(op, "x2d", x2d, dtypes=FLOAT_DTYPES, ndim=2, shape=(None, K))
+    check_tensor(op, "x2d", x2d, dtypes=FLOAT_DTYPES, ndim=2, shape=(None, K), max_numel=None)
     if len(adapters) != len(w.segment_rows):
         raise ValueError(f"{op}: argument 'adapters' has {len(adapters)} entries; w has "
                          f"{len(w.segment_rows)} segments")
@@ -286,7 +286,8 @@ def check_fused_backward_args(op: str, dy2d, x2d, w: NF4Weight, adapters, scale,
     """The checks of lora_linear_fused_backward (shared with csrc_torch's); returns the ranks."""
     ranks = _check_fused_args(op, x2d, w, adapters, scale)
     M = x2d.shape[0]
-    check_tensor(op, "dy2d", dy2d, dtypes=(x2d.dtype,), ndim=2, shape=(M, w.shape[0]))
+    check_tensor(op, "dy2d", dy2d, dtypes=(x2d.dtype,), ndim=2, shape=(M, w.shape[0]),
+                 max_numel=None)
     if not isinstance(ctx, FusedLoRAContext) or tuple(ctx.ranks) != ranks:
         raise ValueError(f"{op}: argument 'ctx' is not the FusedLoRAContext of these adapters "
                          f"(ranks {ranks})")

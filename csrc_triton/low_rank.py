@@ -12,8 +12,9 @@ tile in registers instead, so no copy of an activation is ever made.
     C[M, N] = scale * sum_k A[m, k] B[k, n]    (fp32 accumulation, one rounding to C)
 
 A and B are read through their strides, so a transposed operand (dY^T, g^T) costs
-nothing either. No backward: it is a building block of lora_linear's hand-written
-backward, never differentiated itself.
+nothing either; offsets are int64 when an operand spans more than 2^31 - 1
+elements (INDEX_64, chosen by the launcher), int32 otherwise. No backward: it is a
+building block of lora_linear's hand-written backward, never differentiated itself.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import triton
 import triton.language as tl
 
 from . import _runtime
+from ._checks import wide_index
 from .nf4_matmul import _interpreter_block
 from .nf4_matmul_kernels import _mma
 
@@ -33,17 +35,23 @@ _GPU_BLOCKS = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
 @triton.jit
 def _low_rank_matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk,
                             stride_bn, scale, OPERANDS_IN_FP32: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            INDEX_64: tl.constexpr):
     """One [BLOCK_M, BLOCK_N] tile of C = scale * A @ B, looping over K; C is [M, N]
     row-major. Out-of-range rows and columns load as 0 and add nothing."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
     n_ok = offs_n < N
+    if INDEX_64:
+        offs_m = offs_m.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
+        if INDEX_64:
+            offs_k = offs_k.to(tl.int64)
         a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
@@ -75,5 +83,5 @@ def low_rank_matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype,
     _low_rank_matmul_kernel[grid](a, b, c, M, N, K, a.stride(0), a.stride(1), b.stride(0),
                                   b.stride(1), 1.0 if scale is None else float(scale),
                                   OPERANDS_IN_FP32=_runtime.DOT_IN_FP32 or torch.float32 in
-                                  (a.dtype, b.dtype), **blocks)
+                                  (a.dtype, b.dtype), INDEX_64=wide_index(a, b, c), **blocks)
     return c

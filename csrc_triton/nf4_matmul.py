@@ -11,6 +11,11 @@ every row of output tiles, would cost more than the tensor cores' work).
 Here: the block sizes (the autotuned GPU configs, the interpreter's blocks), the
 launchers with their LoRA and SwiGLU epilogue arguments (used by ``lora_linear``),
 nf4_matmul_forward / nf4_matmul_backward_input, and the autograd.Function of nf4_matmul.
+
+Index width: the fused kernels index activations in 32 bits (they only see M up to
+the dispatch threshold); a launch whose activations pass 2^31 - 1 elements takes the
+dequantize path (torch.mm indexes in 64 bits) whatever M's threshold says, and an
+explicit path='fused' for it is refused.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import torch
 import triton
 
 from . import _runtime
-from ._checks import FLOAT_DTYPES, check_numel, check_same_device, check_tensor
+from ._checks import FLOAT_DTYPES, check_rows, check_same_device, check_tensor, wide_index
 from .nf4 import NF4Weight
 from .nf4_decode import _NO_FMA
 from .nf4_dense import (check_dense_weight, choose_path, dense_backward_input, dense_forward,
@@ -145,6 +150,18 @@ def _operands_in_fp32(dtype: torch.dtype) -> bool:
     return _runtime.DOT_IN_FP32 or dtype == torch.float32
 
 
+def _choose(op: str, M: int, path: Optional[str], dtype: torch.dtype, dense_w, *tensors) -> str:
+    """nf4_dense.choose_path, except that activations past 32-bit indexing (``tensors``,
+    by their span) always take the dequantize path (refused for an explicit 'fused')."""
+    chosen = "dequant" if dense_w is not None else choose_path(op, M, path, dtype)
+    if chosen == "fused" and wide_index(*tensors):
+        if path == "fused":
+            raise ValueError(f"{op}: path 'fused' indexes activations in 32 bits, and these pass "
+                             f"{_runtime.MAX_INT32_NUMEL} elements; use path 'dequant' or None")
+        chosen = "dequant"
+    return chosen
+
+
 def launch_forward(op: str, x2d: torch.Tensor, w: NF4Weight,
                    lora: Optional[LoraForwardEpilogue] = None, *,
                    dense_w: Optional[torch.Tensor] = None,
@@ -156,11 +173,10 @@ def launch_forward(op: str, x2d: torch.Tensor, w: NF4Weight,
     given, so a caller running forward and backward on one layer decodes W once."""
     M, K = x2d.shape
     N = w.shape[0]
-    check_numel(op, "the output [M, N]", M * N)
     y = _runtime.new_output((M, N), x2d.dtype, x2d.device)
     if M == 0:
         return y
-    if dense_w is not None or choose_path(op, M, path, x2d.dtype) == "dequant":
+    if _choose(op, M, path, x2d.dtype, dense_w, x2d, y) == "dequant":
         if dense_w is None:
             dense_w = dequantize_for_matmul(w, x2d.dtype)
         check_dense_weight(op, dense_w, w, x2d.dtype)
@@ -178,14 +194,16 @@ def launch_forward(op: str, x2d: torch.Tensor, w: NF4Weight,
     return y
 
 
-def check_swiglu_input(op: str, swiglu_input, M: int, K: int, dtype: torch.dtype) -> None:
-    """``swiglu_input`` = (gate, up), each [M, K] in the activations' dtype, or None."""
+def check_swiglu_input(op: str, swiglu_input, M: int, K: int, dtype: torch.dtype):
+    """``swiglu_input`` = (gate, up), each [M, K] in the activations' dtype, rows of
+    contiguous elements (e.g. the two halves of the fused gate/up output), or None.
+    Returns their row strides (None without)."""
     if swiglu_input is None:
-        return
+        return None
     if not isinstance(swiglu_input, (tuple, list)) or len(swiglu_input) != 2:
         raise ValueError(f"{op}: argument 'swiglu_input' must be (gate, up) or None")
-    for name, t in zip(("gate", "up"), swiglu_input):
-        check_tensor(op, f"swiglu_input.{name}", t, dtypes=(dtype,), ndim=2, shape=(M, K))
+    return tuple(check_rows(op, f"swiglu_input.{name}", t, dtypes=(dtype,), shape=(M, K))
+                 for name, t in zip(("gate", "up"), swiglu_input))
 
 
 def launch_backward_input(op: str, dy2d: torch.Tensor, w: NF4Weight, out_dtype: torch.dtype,
@@ -195,23 +213,26 @@ def launch_backward_input(op: str, dy2d: torch.Tensor, w: NF4Weight, out_dtype: 
     """dx = dy2d @ W (+ LoRA epilogue). Arguments must already be validated.
     ``dense_w`` and ``path`` as in launch_forward (dense_w in dy2d's dtype).
     ``swiglu_input`` = (gate, up) with x = silu(gate) * up: returns [dgate, dup]
-    [M, 2K] instead of dx (the kernel's SwiGLU epilogue)."""
+    [M, 2K] instead of dx (the kernel's SwiGLU epilogue; on the dequantize path the
+    matmul writes dL/dx into dx's first K columns and swiglu_backward turns them, in
+    place, into dgate there and dup beside them: one buffer, no concatenation)."""
     M, N = dy2d.shape
     K = w.shape[1]
-    check_numel(op, f"the input gradient [M, {'K' if swiglu_input is None else '2K'}]",
-                M * K * (1 if swiglu_input is None else 2))
     dx = _runtime.new_output((M, K * (1 if swiglu_input is None else 2)), out_dtype, dy2d.device)
     if M == 0:
         return dx
-    if dense_w is not None or choose_path(op, M, path, dy2d.dtype) == "dequant":
+    swiglu_strides = (0, 0) if swiglu_input is None else (swiglu_input[0].stride(0),
+                                                          swiglu_input[1].stride(0))
+    if _choose(op, M, path, dy2d.dtype, dense_w, dy2d, dx,
+               *(swiglu_input or ())) == "dequant":
         if dense_w is None:
             dense_w = dequantize_for_matmul(w, dy2d.dtype)
         check_dense_weight(op, dense_w, w, dy2d.dtype)
         if swiglu_input is None:
             return dense_backward_input(dy2d, dense_w, dx, lora)
-        dm = dense_backward_input(dy2d, dense_w, _runtime.new_output((M, K), out_dtype, dy2d.device),
-                                  lora)
-        return torch.cat(swiglu_backward(dm, *swiglu_input), dim=1, out=dx)
+        dm = dense_backward_input(dy2d, dense_w, dx[:, :K], lora)
+        swiglu_backward(dm, *swiglu_input, out=(dm, dx[:, K:]))
+        return dx
     rank = 0 if lora is None else lora.g.shape[1]
     has_dropout = lora is not None and lora.keep is not None
     args = dict(dy_ptr=dy2d, dx_ptr=dx, M=M, N=N, K=K, R=max(rank, 1),
@@ -222,6 +243,7 @@ def launch_backward_input(op: str, dy2d: torch.Tensor, w: NF4Weight, out_dtype: 
                 up_ptr=dy2d if swiglu_input is None else swiglu_input[1],
                 lora_scale=0.0 if lora is None else float(lora.scale),
                 keep_scale=1.0 if lora is None else float(lora.keep_scale),
+                stride_gate=swiglu_strides[0], stride_up=swiglu_strides[1],
                 **weight_args(w))
     constexprs = dict(HAS_LORA=lora is not None, HAS_DROPOUT=has_dropout,
                       HAS_SWIGLU=swiglu_input is not None,
@@ -238,7 +260,8 @@ def nf4_matmul_forward(x2d: torch.Tensor, w: NF4Weight, *, dense_w: Optional[tor
     ``dense_w``/``path``: see launch_forward."""
     op = "nf4_matmul_forward"
     check_nf4_weight(op, w)
-    check_tensor(op, "x2d", x2d, dtypes=FLOAT_DTYPES, ndim=2, shape=(None, w.shape[1]))
+    check_tensor(op, "x2d", x2d, dtypes=FLOAT_DTYPES, ndim=2, shape=(None, w.shape[1]),
+                 max_numel=None)
     check_same_device(op, x2d=x2d, w=w.packed)
     return launch_forward(op, x2d, w, dense_w=dense_w, path=path)
 
@@ -251,7 +274,8 @@ def nf4_matmul_backward_input(dy2d: torch.Tensor, w: NF4Weight, *,
     ``dense_w``/``path``/``swiglu_input``: see launch_backward_input."""
     op = "nf4_matmul_backward_input"
     check_nf4_weight(op, w)
-    check_tensor(op, "dy2d", dy2d, dtypes=FLOAT_DTYPES, ndim=2, shape=(None, w.shape[0]))
+    check_tensor(op, "dy2d", dy2d, dtypes=FLOAT_DTYPES, ndim=2, shape=(None, w.shape[0]),
+                 max_numel=None)
     check_same_device(op, dy2d=dy2d, w=w.packed)
     check_swiglu_input(op, swiglu_input, dy2d.shape[0], w.shape[1], dy2d.dtype)
     return launch_backward_input(op, dy2d, w, dy2d.dtype, dense_w=dense_w, path=path,
@@ -269,7 +293,7 @@ class NF4Matmul(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, w: NF4Weight) -> torch.Tensor:
         op = "nf4_matmul"
         check_nf4_weight(op, w)
-        check_tensor(op, "x", x, dtypes=FLOAT_DTYPES)
+        check_tensor(op, "x", x, dtypes=FLOAT_DTYPES, max_numel=None)
         if x.dim() < 1 or x.shape[-1] != w.shape[1]:
             raise ValueError(f"{op}: argument 'x' has shape {tuple(x.shape)}; expected "
                              f"last dim {w.shape[1]} (= in_features K of w {tuple(w.shape)})")

@@ -208,7 +208,7 @@ def _nf4_matmul_bwd_input_kernel(
         dy_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
         nested_offset_ptr, seg_block_1, seg_block_2, seg_group_1, seg_group_2,
         dx_ptr, g_ptr, lora_a_ptr, keep_ptr, gate_ptr, up_ptr,
-        M, N, K, R, lora_scale, keep_scale,
+        M, N, K, R, lora_scale, keep_scale, stride_gate, stride_up,
         BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr,
         SEGMENTED: tl.constexpr, ROW_ALIGNED: tl.constexpr, HAS_LORA: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, HAS_SWIGLU: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -229,7 +229,8 @@ def _nf4_matmul_bwd_input_kernel(
     HAS_SWIGLU (x = silu(gate) * up, the down projection's input): the tile of dx is
     not stored; dL/dgate and dL/dup of it (swiglu.swiglu_gradients, from the fp32
     tile) are, side by side in rows of 2K: dx_ptr[m, k] and dx_ptr[m, K + k], i.e.
-    the output gradient of the concatenated gate/up projection.
+    the output gradient of the concatenated gate/up projection. gate and up are read
+    through their row strides (halves of that projection's [M, 2K] output).
     """
     pid_m, pid_k = _tile_ids(tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -269,9 +270,10 @@ def _nf4_matmul_bwd_input_kernel(
         acc += lora_scale * low_rank
     tile_ok = m_ok[:, None] & k_ok[None, :]
     if HAS_SWIGLU:
-        tile = offs_m[:, None] * K + offs_k[None, :]
-        gate = tl.load(gate_ptr + tile, mask=tile_ok, other=0.0).to(tl.float32)
-        up = tl.load(up_ptr + tile, mask=tile_ok, other=0.0).to(tl.float32)
+        gate = tl.load(gate_ptr + offs_m[:, None] * stride_gate + offs_k[None, :], mask=tile_ok,
+                       other=0.0).to(tl.float32)
+        up = tl.load(up_ptr + offs_m[:, None] * stride_up + offs_k[None, :], mask=tile_ok,
+                     other=0.0).to(tl.float32)
         d_gate, d_up = swiglu_gradients(acc, gate, up)
         out = offs_m[:, None] * (2 * K) + offs_k[None, :]
         tl.store(dx_ptr + out, d_gate.to(dx_ptr.dtype.element_ty), mask=tile_ok)

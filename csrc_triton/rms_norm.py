@@ -1,8 +1,9 @@
 """RMSNorm as in LLaMA: y = x * rsqrt(mean(x^2) + eps) * w over the last dim.
 
-Forward and backward are Triton kernels working on a 2-D view [rows, H]; the
-per-row rstd = rsqrt(mean(x^2) + eps) is returned by the forward (fp32) so the
-backward does not recompute it.
+Forward and backward are Triton kernels working on a 2-D view [rows, H] (rows of
+contiguous elements, any row stride; outputs contiguous); the per-row
+rstd = rsqrt(mean(x^2) + eps) is returned by the forward (fp32) so the backward
+does not recompute it. Row offsets are 64-bit only when a launch needs it (INDEX_64).
 
 Public:
   rms_norm(x, weight, eps=1e-5) -> y          autograd Function, x [..., H]
@@ -25,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from ._checks import FLOAT_DTYPES, check_rows, check_same_device, check_tensor, wide_index
 from ._runtime import INTERPRETING, new_output, record_launch
 
 _OP = "rms_norm"
@@ -45,8 +46,9 @@ def _dw_programs(device: torch.device) -> int:
 
 
 @triton.jit
-def _rms_norm_forward_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, n_rows, n_cols, eps,
-                             BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+def _rms_norm_forward_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, n_rows, n_cols, stride_x, stride_y,
+                             eps, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+                             INDEX_64: tl.constexpr):
     """One program normalizes BLOCK_ROWS whole rows of x [n_rows, n_cols].
 
     rstd_r = 1 / sqrt(sum_j x_rj^2 / n_cols + eps)      (fp32, stored per row)
@@ -59,22 +61,23 @@ def _rms_norm_forward_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, n_rows, n_cols, eps,
     row_ok = rows < n_rows
     col_ok = cols < n_cols
     mask = row_ok[:, None] & col_ok[None, :]
-    offsets = rows[:, None] * n_cols + cols[None, :]
+    row = rows.to(tl.int64) if INDEX_64 else rows
 
-    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + row[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     mean_square = tl.sum(x * x, axis=1) / n_cols
     rstd = 1.0 / tl.sqrt(mean_square + eps)
     y = x * rstd[:, None] * w[None, :]
-    tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + row[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=mask)
     tl.store(rstd_ptr + rows, rstd, mask=row_ok)
 
 
 @triton.jit
 def _rms_norm_backward_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr,
-                              n_rows, n_cols, rows_per_program,
+                              n_rows, n_cols, stride_dy, stride_x, stride_dx, rows_per_program,
                               BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
-                              WEIGHT_GRAD: tl.constexpr):
+                              WEIGHT_GRAD: tl.constexpr, INDEX_64: tl.constexpr):
     """Gradients of y = xhat * w, xhat = x * rstd, rstd = (mean(x^2) + eps)^(-1/2).
 
     Derivation, for one row of length H (g = w * dy):
@@ -101,16 +104,17 @@ def _rms_norm_backward_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial
         rows = block_start + tl.arange(0, BLOCK_ROWS)
         row_ok = rows < n_rows
         mask = row_ok[:, None] & col_ok[None, :]
-        offsets = rows[:, None] * n_cols + cols[None, :]
-        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        row = (rows.to(tl.int64) if INDEX_64 else rows)[:, None]
+        x = tl.load(x_ptr + row * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + row * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
 
         xhat = x * rstd[:, None]
         g = dy * w[None, :]
         mean_g_xhat = tl.sum(g * xhat, axis=1) / n_cols
         dx = rstd[:, None] * (g - xhat * mean_g_xhat[:, None])
-        tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + row * stride_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
+                 mask=mask)
         if WEIGHT_GRAD:
             dw_acc += tl.sum(dy * xhat, axis=0)
 
@@ -138,7 +142,8 @@ def _check_weight(weight: torch.Tensor, n_cols: int) -> None:
 
 def check_forward_args(x2d, weight, eps) -> float:
     """The checks of rms_norm_forward (shared with csrc_torch's); returns eps as a float."""
-    check_tensor(_OP, "x2d", x2d, dtypes=FLOAT_DTYPES, ndim=2)
+    check_tensor(_OP, "x2d", x2d, dtypes=FLOAT_DTYPES, ndim=2, contiguous=False, max_numel=None)
+    check_rows(_OP, "x2d", x2d)
     n_rows, n_cols = x2d.shape
     if n_cols == 0:
         raise ValueError(f"{_OP}: argument 'x2d' has an empty last dim (shape {tuple(x2d.shape)})")
@@ -150,9 +155,10 @@ def check_forward_args(x2d, weight, eps) -> float:
 
 def check_backward_args(dy2d, x2d, weight, rstd, weight_grad) -> None:
     """The checks of rms_norm_backward (shared with csrc_torch's)."""
-    check_tensor(_OP, "x2d", x2d, dtypes=FLOAT_DTYPES, ndim=2)
+    check_tensor(_OP, "x2d", x2d, dtypes=FLOAT_DTYPES, ndim=2, contiguous=False, max_numel=None)
+    check_rows(_OP, "x2d", x2d)
     n_rows, n_cols = x2d.shape
-    check_tensor(_OP, "dy2d", dy2d, dtypes=FLOAT_DTYPES, shape=(n_rows, n_cols))
+    check_rows(_OP, "dy2d", dy2d, dtypes=FLOAT_DTYPES, shape=(n_rows, n_cols))
     _check_weight(weight, n_cols)
     check_tensor(_OP, "rstd", rstd, dtypes=(torch.float32,), shape=(n_rows,))
     check_same_device(_OP, dy2d=dy2d, x2d=x2d, weight=weight, rstd=rstd)
@@ -173,9 +179,10 @@ def rms_norm_forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float):
     block_rows, block_cols, num_warps = _tiling(n_rows, n_cols)
     grid = (triton.cdiv(n_rows, block_rows),)
     record_launch("_rms_norm_forward_kernel")
-    _rms_norm_forward_kernel[grid](x2d, weight, y, rstd, n_rows, n_cols, eps,
+    _rms_norm_forward_kernel[grid](x2d, weight, y, rstd, n_rows, n_cols,
+                                   check_rows(_OP, "x2d", x2d), n_cols, eps,
                                    BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
-                                   num_warps=num_warps)
+                                   INDEX_64=wide_index(x2d, y), num_warps=num_warps)
     return y, rstd
 
 
@@ -199,10 +206,10 @@ def rms_norm_backward(dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tenso
                             torch.float32, x2d.device)
     record_launch("_rms_norm_backward_kernel")
     _rms_norm_backward_kernel[(n_programs,)](
-        dy2d, x2d, weight, rstd, dx, dw_partial, n_rows, n_cols,
-        blocks_per_program * block_rows,
+        dy2d, x2d, weight, rstd, dx, dw_partial, n_rows, n_cols, check_rows(_OP, "dy2d", dy2d),
+        check_rows(_OP, "x2d", x2d), n_cols, blocks_per_program * block_rows,
         BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, WEIGHT_GRAD=weight_grad,
-        num_warps=num_warps)
+        INDEX_64=wide_index(dy2d, x2d, dx), num_warps=num_warps)
     if not weight_grad:
         return dx, None
     # A few hundred partial rows at most: summing them in torch is negligible.
@@ -231,7 +238,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.
 
     Differentiable in x, and in weight when weight.requires_grad (norms are
     frozen under QLoRA, so dw is skipped unless asked for)."""
-    check_tensor(_OP, "x", x, dtypes=FLOAT_DTYPES)
+    check_tensor(_OP, "x", x, dtypes=FLOAT_DTYPES, max_numel=None)
     if x.dim() == 0:
         raise ValueError(f"{_OP}: argument 'x' must have at least 1 dim [..., H], got a scalar")
     return RMSNormFunction.apply(x, weight, eps)

@@ -9,12 +9,19 @@ theta_i = position * inv_freq_i, c = cos(theta_i), s = sin(theta_i):
 
 Positions come per token ([B, S]), since packed documents restart at 0.
 
+q and k are read (and the results written) through their token strides: each
+token's heads x D must be contiguous, tokens may lie any distance apart, e.g. q and
+k as column slices of the fused q/k/v projection's [T, (Hq + 2 Hkv) D] output.
+``in_place=True`` writes the rotation back over its input (each pair is loaded
+before the program that loaded it stores it), so that output is all the memory
+q and k ever take.
+
 Public:
   rope_cos_sin(head_dim, max_position, rope_theta, rope_scaling, device) -> (cos, sin)
   rope(q, k, positions, cos, sin) -> (q_rot, k_rot)      autograd Function
 Low level (used by the model's hand-written backward):
-  rope_forward(q, k, positions, cos, sin) -> (q_rot, k_rot)
-  rope_backward(dq_rot, dk_rot, positions, cos, sin) -> (dq, dk)
+  rope_forward(q, k, positions, cos, sin, in_place=False) -> (q_rot, k_rot)
+  rope_backward(dq_rot, dk_rot, positions, cos, sin, in_place=False) -> (dq, dk)
 """
 from __future__ import annotations
 
@@ -25,7 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor
+from ._checks import (FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor,
+                      check_token_rows, wide_index)
 from ._runtime import INTERPRETING, new_output, record_launch, upload
 
 _OP = "rope"
@@ -126,9 +134,10 @@ def rope_cos_sin(head_dim: int, max_position: int, rope_theta: float,
 # ---------------------------------------------------------------- kernels
 
 @triton.jit
-def _rotate_heads(in_ptr, out_ptr, tokens, token_ok, n_heads, half, cos, sin,
-                  BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr):
-    """Rotate every head of BLOCK_TOKENS tokens of a [tokens, n_heads, 2 * half] tensor.
+def _rotate_heads(in_ptr, out_ptr, tokens, token_ok, stride_in, stride_out, n_heads, half,
+                  cos, sin, BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Rotate every head of BLOCK_TOKENS tokens of a [tokens, n_heads, 2 * half] tensor
+    whose tokens are ``stride_in`` elements apart (``stride_out`` for the output).
 
     cos, sin: fp32 [BLOCK_TOKENS, BLOCK_HALF] for these tokens' positions.
     For each pair (x1, x2) = (x_i, x_{i+half}):
@@ -136,26 +145,27 @@ def _rotate_heads(in_ptr, out_ptr, tokens, token_ok, n_heads, half, cos, sin,
     """
     heads = tl.arange(0, BLOCK_HEADS)
     pairs = tl.arange(0, BLOCK_HALF)
-    first = (tokens[:, None, None] * (n_heads * 2 * half)
-             + heads[None, :, None] * (2 * half) + pairs[None, None, :])
+    within = heads[None, :, None] * (2 * half) + pairs[None, None, :]
+    first_in = tokens[:, None, None] * stride_in + within
+    first_out = tokens[:, None, None] * stride_out + within
     mask = (token_ok[:, None, None] & (heads < n_heads)[None, :, None]
             & (pairs < half)[None, None, :])
-    x1 = tl.load(in_ptr + first, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(in_ptr + first + half, mask=mask, other=0.0).to(tl.float32)
+    x1 = tl.load(in_ptr + first_in, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(in_ptr + first_in + half, mask=mask, other=0.0).to(tl.float32)
     c = cos[:, None, :]
     s = sin[:, None, :]
     y1 = x1 * c - x2 * s
     y2 = x2 * c + x1 * s
-    tl.store(out_ptr + first, y1.to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(out_ptr + first + half, y2.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + first_out, y1.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + first_out + half, y2.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _rope_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cos_ptr, sin_ptr,
-                 n_tokens, n_q_heads, n_kv_heads, half,
-                 BLOCK_TOKENS: tl.constexpr, BLOCK_Q_HEADS: tl.constexpr,
+                 n_tokens, n_q_heads, n_kv_heads, half, stride_q, stride_k, stride_q_out,
+                 stride_k_out, BLOCK_TOKENS: tl.constexpr, BLOCK_Q_HEADS: tl.constexpr,
                  BLOCK_KV_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                 INVERSE: tl.constexpr):
+                 INVERSE: tl.constexpr, INDEX_64: tl.constexpr):
     """RoPE of q [tokens, Hq, D] and k [tokens, Hkv, D] for BLOCK_TOKENS tokens.
 
     Forward (INVERSE=False): rotate each pair (x_i, x_{i+D/2}) by theta =
@@ -166,7 +176,7 @@ def _rope_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cos_ptr, sin_ptr,
     rotation with sin negated (cos is even, sin is odd).
 
     Each token's cos/sin row (gathered by its position) is loaded once and used
-    for all q and all k heads.
+    for all q and all k heads. INDEX_64: token offsets (token x stride) in int64.
     """
     pid = tl.program_id(0)
     tokens = pid * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)
@@ -179,19 +189,24 @@ def _rope_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cos_ptr, sin_ptr,
     sin = tl.load(sin_ptr + table, mask=table_mask, other=0.0)
     if INVERSE:
         sin = -sin
-    _rotate_heads(q_ptr, q_out_ptr, tokens, token_ok, n_q_heads, half, cos, sin,
-                  BLOCK_Q_HEADS, BLOCK_HALF)
-    _rotate_heads(k_ptr, k_out_ptr, tokens, token_ok, n_kv_heads, half, cos, sin,
-                  BLOCK_KV_HEADS, BLOCK_HALF)
+    if INDEX_64:
+        tokens = tokens.to(tl.int64)
+    _rotate_heads(q_ptr, q_out_ptr, tokens, token_ok, stride_q, stride_q_out, n_q_heads, half,
+                  cos, sin, BLOCK_Q_HEADS, BLOCK_HALF)
+    _rotate_heads(k_ptr, k_out_ptr, tokens, token_ok, stride_k, stride_k_out, n_kv_heads, half,
+                  cos, sin, BLOCK_KV_HEADS, BLOCK_HALF)
 
 
 # ---------------------------------------------------------------- launchers
 
 def _check_args(q_name, q, k_name, k, positions, cos, sin, positions_checked=False):
     """Validate a (q, k, positions, cos, sin) call; returns (B, S, Hq, Hkv, D)."""
-    check_tensor(_OP, q_name, q, dtypes=FLOAT_DTYPES, ndim=4)
+    check_tensor(_OP, q_name, q, dtypes=FLOAT_DTYPES, ndim=4, contiguous=False, max_numel=None)
     batch, seq, n_q_heads, head_dim = q.shape
-    check_tensor(_OP, k_name, k, dtypes=FLOAT_DTYPES, shape=(batch, seq, None, head_dim))
+    check_tensor(_OP, k_name, k, dtypes=FLOAT_DTYPES, shape=(batch, seq, None, head_dim),
+                 contiguous=False, max_numel=None)
+    check_token_rows(_OP, q_name, q)
+    check_token_rows(_OP, k_name, k)
     n_kv_heads = k.shape[2]
     if head_dim % 2:
         raise ValueError(f"{_OP}: head dim (last dim of '{q_name}', shape {tuple(q.shape)}) "
@@ -209,10 +224,13 @@ def _check_args(q_name, q, k_name, k, positions, cos, sin, positions_checked=Fal
     return batch, seq, n_q_heads, n_kv_heads, head_dim
 
 
-def _launch(q, k, positions, cos, sin, dims, inverse: bool):
+def _launch(q, k, positions, cos, sin, dims, inverse: bool, in_place: bool):
     batch, seq, n_q_heads, n_kv_heads, head_dim = dims
-    q_out = new_output(q.shape, q.dtype, q.device)
-    k_out = new_output(k.shape, k.dtype, k.device)
+    if in_place:
+        q_out, k_out = q, k
+    else:
+        q_out = new_output(q.shape, q.dtype, q.device)
+        k_out = new_output(k.shape, k.dtype, k.device)
     n_tokens = batch * seq
     if n_tokens == 0:
         return q_out, k_out
@@ -224,33 +242,38 @@ def _launch(q, k, positions, cos, sin, dims, inverse: bool):
     num_warps = min(16, max(1, block_tokens * block_q_heads * block_half // 256))
     grid = (triton.cdiv(n_tokens, block_tokens),)
     record_launch("_rope_kernel")
+    strides = [check_token_rows(_OP, "out", t) for t in (q, k, q_out, k_out)]
     _rope_kernel[grid](q, k, q_out, k_out, positions, cos, sin,
-                       n_tokens, n_q_heads, n_kv_heads, half,
+                       n_tokens, n_q_heads, n_kv_heads, half, *strides,
                        BLOCK_TOKENS=block_tokens, BLOCK_Q_HEADS=block_q_heads,
                        BLOCK_KV_HEADS=triton.next_power_of_2(n_kv_heads),
-                       BLOCK_HALF=block_half, INVERSE=inverse, num_warps=num_warps)
+                       BLOCK_HALF=block_half, INVERSE=inverse,
+                       INDEX_64=wide_index(q, k, q_out, k_out), num_warps=num_warps)
     return q_out, k_out
 
 
 def rope_forward(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
-                 cos: torch.Tensor, sin: torch.Tensor, *, positions_checked: bool = False):
-    """q [B, S, Hq, D], k [B, S, Hkv, D] (D even, any Hq/Hkv), positions [B, S]
-    int32/int64, cos/sin fp32 [P, D/2] -> (q_rot, k_rot), new tensors in q's and
-    k's dtypes. Positions outside [0, P) raise ValueError (checked on the host:
+                 cos: torch.Tensor, sin: torch.Tensor, *, positions_checked: bool = False,
+                 in_place: bool = False):
+    """q [B, S, Hq, D], k [B, S, Hkv, D] (D even, any Hq/Hkv; token rows, see the module
+    docstring), positions [B, S] int32/int64, cos/sin fp32 [P, D/2] -> (q_rot, k_rot),
+    new contiguous tensors in q's and k's dtypes, or q and k themselves, overwritten,
+    with ``in_place``. Positions outside [0, P) raise ValueError (checked on the host:
     costs one device sync per call). ``positions_checked=True`` skips that check
     for a caller that has already validated these positions against these
     tables (the model does it once per step, not twice per layer)."""
     dims = _check_args("q", q, "k", k, positions, cos, sin, positions_checked)
-    return _launch(q, k, positions, cos, sin, dims, inverse=False)
+    return _launch(q, k, positions, cos, sin, dims, inverse=False, in_place=in_place)
 
 
 def rope_backward(dq_rot: torch.Tensor, dk_rot: torch.Tensor, positions: torch.Tensor,
-                  cos: torch.Tensor, sin: torch.Tensor, *, positions_checked: bool = False):
+                  cos: torch.Tensor, sin: torch.Tensor, *, positions_checked: bool = False,
+                  in_place: bool = False):
     """Gradients through rope_forward: (dq, dk) = rotation of (dq_rot, dk_rot) by
     -theta (the transpose of the forward rotation). Same shapes, checks, host
-    sync and ``positions_checked`` as rope_forward."""
+    sync, ``positions_checked`` and ``in_place`` as rope_forward."""
     dims = _check_args("dq_rot", dq_rot, "dk_rot", dk_rot, positions, cos, sin, positions_checked)
-    return _launch(dq_rot, dk_rot, positions, cos, sin, dims, inverse=True)
+    return _launch(dq_rot, dk_rot, positions, cos, sin, dims, inverse=True, in_place=in_place)
 
 
 class RoPEFunction(torch.autograd.Function):

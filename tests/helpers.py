@@ -58,6 +58,23 @@ def quantized(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype).to(torch.float64)
 
 
+# A row stride that puts row 2 of a view past 2^31 - 1 elements from row 0.
+FAR_ROWS = 2**30 + 64
+
+
+def far_apart_rows(values: torch.Tensor, stride: int = FAR_ROWS) -> torch.Tensor:
+    """``values`` [rows, width] copied into a view whose rows lie ``stride`` elements apart
+    in one storage that is allocated but never touched outside those rows (the OS maps
+    its pages lazily: a 4 GiB fp16 storage costs a few pages). With 3 rows or more the
+    last offset passes 2^31 - 1, so only 64-bit kernel indexing reaches it: the
+    launchers' wide-index path on a tensor of a few hundred elements."""
+    rows, width = values.shape
+    storage = torch.empty((rows - 1) * stride + width, dtype=values.dtype)
+    view = storage.as_strided((rows, width), (stride, 1))
+    view.copy_(values)
+    return view
+
+
 def bitsandbytes_functional():
     """bitsandbytes.functional, the byte-identity oracle. It is a declared
     dependency, so on the CPU machines (CI) a missing install is an error, not

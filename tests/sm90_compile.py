@@ -69,6 +69,7 @@ class KernelSpec:
     hot: bool = False             # a hot kernel's chosen config: must not spill
     expect_hgmma: bool = False    # fp16/bf16 tl.dot with BLOCK_M >= 64: must emit HGMMA
     sweep: bool = False           # only with --sweep (autotune configs beyond the chosen ones)
+    pruned: bool = False          # a candidate its configs table excludes (expected to fail)
 
 
 @dataclass
@@ -89,6 +90,9 @@ class CompileReport:
     sass_instructions: int = 0
     loop_instructions: int = 0    # in the main loop (0: no MMA loop found)
     loop_mma: int = 0
+    # every loop (backward branch) whose body holds MMAs: [instructions, MMAs] in address
+    # order (attention: the masked loop and the unmasked one, which is the main loop)
+    mma_loops: List[List[int]] = field(default_factory=list)
     ptx_fma_f32: int = 0          # fma.rn.f32 in the PTX (contracted fp32 multiply-adds)
     ptx_approx: Dict[str, int] = field(default_factory=dict)  # approximate math ops in the PTX
     spec: dict = field(default_factory=dict)
@@ -139,8 +143,9 @@ _BRANCH_TARGET = re.compile(r"\bBRA(?:\.\w+)*\s+(?:\w+,\s*)?0x([0-9a-f]+)")
 
 
 def _main_loop(sass: str):
-    """(instructions, MMAs) in the body of the backward branch whose loop holds the
-    most MMAs (the innermost such loop on a tie)."""
+    """((instructions, MMAs) in the body of the backward branch whose loop holds the
+    most MMAs (the innermost, i.e. shortest, such loop on a tie), and [instructions,
+    MMAs] of every loop with MMAs)."""
     instructions = []          # (address, opcode, branch target or None)
     for line in sass.splitlines():
         m = _SASS_LINE.search(line)
@@ -148,15 +153,17 @@ def _main_loop(sass: str):
             target = _BRANCH_TARGET.search(line) if m.group(2).startswith("BRA") else None
             instructions.append((int(m.group(1), 16), m.group(2),
                                  int(target.group(1), 16) if target else None))
-    best = (0, 0)
+    best, loops = (0, 0), []
     for address, _, target in instructions:
         if target is None or target >= address:
             continue
         body = [op for a, op, _ in instructions if target <= a <= address and op != "NOP"]
         mma = sum(op.startswith(("HGMMA", "HMMA")) for op in body)
+        if mma:
+            loops.append([len(body), mma])
         if mma > best[1] or (mma == best[1] and mma and len(body) < best[0]):
             best = (len(body), mma)
-    return best
+    return best, loops
 
 
 def compile_spec(spec: KernelSpec) -> CompileReport:
@@ -197,7 +204,7 @@ def compile_spec(spec: KernelSpec) -> CompileReport:
         report.spill_instructions = sum(op.startswith(("STL", "LDL")) for op in opcodes)
         report.wide_loads = sum(op.startswith("LDG") and op.endswith(".128") for op in opcodes)
         report.wide_stores = sum(op.startswith("STG") and op.endswith(".128") for op in opcodes)
-        report.loop_instructions, report.loop_mma = _main_loop(sass)
+        (report.loop_instructions, report.loop_mma), report.mma_loops = _main_loop(sass)
         report.ok = True
     except Exception as err:  # noqa: BLE001 - a failed compile is a result
         last_line = (str(err).strip().splitlines() or [""])[-1]
@@ -301,6 +308,7 @@ def nf4_specs() -> List[KernelSpec]:
                 dict(dy_ptr=dtype, dx_ptr=dtype, g_ptr=matmul.lora_operand_dtype(dtype),
                      lora_a_ptr=matmul.lora_operand_dtype(dtype), keep_ptr=torch.uint8,
                      gate_ptr=dtype, up_ptr=dtype, M=m, N=n, K=k, keep_scale=1.25,
+                     stride_gate=2 * k, stride_up=2 * k,
                      HAS_DROPOUT=True, HAS_SWIGLU=False, **common),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, hot=not sweep,
                 expect_hgmma=mma, sweep=sweep, fp_fusion=False))
@@ -316,6 +324,8 @@ def nf4_specs() -> List[KernelSpec]:
             bwd = specs[-2]
             specs.append(replace(bwd, name=f"nf4_matmul_bwd/{variant}-down-swiglu",
                                  args={**bwd.args, "N": HIDDEN, "K": INTERMEDIATE,
+                                       "stride_gate": 2 * INTERMEDIATE,
+                                       "stride_up": 2 * INTERMEDIATE,
                                        "HAS_DROPOUT": False, "HAS_SWIGLU": True}))
     low_rank = importlib.import_module("csrc_triton.low_rank")
     for tag in ("bf16", "fp16"):
@@ -324,7 +334,8 @@ def nf4_specs() -> List[KernelSpec]:
             f"low_rank_matmul/{tag}", "csrc_triton.low_rank:_low_rank_matmul_kernel",
             dict(a_ptr=dtype, b_ptr=dtype, c_ptr=dtype, M=TOKENS, N=32, K=HIDDEN,
                  stride_am=HIDDEN, stride_ak=1, stride_bk=1, stride_bn=HIDDEN, scale=1.0,
-                 OPERANDS_IN_FP32=False, **low_rank._GPU_BLOCKS), fp_fusion=False))
+                 OPERANDS_IN_FP32=False, INDEX_64=False, **low_rank._GPU_BLOCKS),
+            fp_fusion=False))
     return specs
 
 
@@ -352,35 +363,47 @@ def elementwise_specs() -> List[KernelSpec]:
     block_tokens = max(1, min(rope._TILE_ELEMENTS // (block_q * block_half), triton_next_pow2(TOKENS)))
     rope_warps = min(16, max(1, block_tokens * block_q * block_half // 256))
     block_v = ce._pick_block_v("sm90", VOCAB, None)
+    n_cols = INTERMEDIATE
+    swiglu_cols = min(swiglu._BLOCK, triton_next_pow2(n_cols))
+    swiglu_tiles = dict(BLOCK_ROWS=swiglu._BLOCK // swiglu_cols, BLOCK_COLS=swiglu_cols)
     for tag, dtype in _dtypes().items():
         specs.append(KernelSpec(
             f"rms_norm_fwd/{tag}", "csrc_triton.rms_norm:_rms_norm_forward_kernel",
             dict(x_ptr=dtype, w_ptr=dtype, y_ptr=dtype, rstd_ptr=torch.float32, n_rows=rows,
-                 n_cols=cols, eps=1e-5, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols),
+                 n_cols=cols, stride_x=cols, stride_y=cols, eps=1e-5, BLOCK_ROWS=block_rows,
+                 BLOCK_COLS=block_cols, INDEX_64=False),
             num_warps=warps, hot=True))
         specs.append(KernelSpec(
             f"rms_norm_bwd/{tag}", "csrc_triton.rms_norm:_rms_norm_backward_kernel",
             dict(dy_ptr=dtype, x_ptr=dtype, w_ptr=dtype, rstd_ptr=torch.float32, dx_ptr=dtype,
-                 dw_partial_ptr=torch.float32, n_rows=rows, n_cols=cols, rows_per_program=8,
-                 BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, WEIGHT_GRAD=False),
+                 dw_partial_ptr=torch.float32, n_rows=rows, n_cols=cols, stride_dy=cols,
+                 stride_x=cols, stride_dx=cols, rows_per_program=8,
+                 BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, WEIGHT_GRAD=False,
+                 INDEX_64=False),
             num_warps=warps, hot=True))
+        qkv = (Q_HEADS + 2 * KV_HEADS) * HEAD_DIM      # q and k: slices of the fused output
         specs.append(KernelSpec(
             f"rope/{tag}", "csrc_triton.rope:_rope_kernel",
             dict(q_ptr=dtype, k_ptr=dtype, q_out_ptr=dtype, k_out_ptr=dtype,
                  pos_ptr=torch.int64, cos_ptr=torch.float32, sin_ptr=torch.float32,
                  n_tokens=TOKENS, n_q_heads=Q_HEADS, n_kv_heads=KV_HEADS, half=half,
+                 stride_q=qkv, stride_k=qkv, stride_q_out=qkv, stride_k_out=qkv,
                  BLOCK_TOKENS=block_tokens, BLOCK_Q_HEADS=block_q,
-                 BLOCK_KV_HEADS=triton_next_pow2(KV_HEADS), BLOCK_HALF=block_half, INVERSE=False),
+                 BLOCK_KV_HEADS=triton_next_pow2(KV_HEADS), BLOCK_HALF=block_half, INVERSE=False,
+                 INDEX_64=False),
             num_warps=rope_warps, hot=True))
-        n = TOKENS * INTERMEDIATE
         specs.append(KernelSpec(
             f"swiglu_fwd/{tag}", "csrc_triton.swiglu:_swiglu_forward_kernel",
-            dict(gate_ptr=dtype, up_ptr=dtype, h_ptr=dtype, n_elements=n, BLOCK=swiglu._BLOCK),
+            dict(gate_ptr=dtype, up_ptr=dtype, h_ptr=dtype, n_rows=TOKENS, n_cols=n_cols,
+                 stride_gate=2 * n_cols, stride_up=2 * n_cols, stride_h=n_cols, **swiglu_tiles,
+                 INDEX_64=False),
             num_warps=swiglu._NUM_WARPS, hot=True))
         specs.append(KernelSpec(
             f"swiglu_bwd/{tag}", "csrc_triton.swiglu:_swiglu_backward_kernel",
             dict(dh_ptr=dtype, gate_ptr=dtype, up_ptr=dtype, dgate_ptr=dtype, dup_ptr=dtype,
-                 n_elements=n, BLOCK=swiglu._BLOCK),
+                 n_rows=TOKENS, n_cols=n_cols, stride_dh=2 * n_cols, stride_gate=2 * n_cols,
+                 stride_up=2 * n_cols, stride_dgate=2 * n_cols, stride_dup=2 * n_cols,
+                 **swiglu_tiles, INDEX_64=False),
             num_warps=swiglu._NUM_WARPS, hot=True))
         specs.append(KernelSpec(
             f"cross_entropy_lse/{tag}", "csrc_triton.cross_entropy:_lse_rows_kernel",
@@ -394,64 +417,24 @@ def elementwise_specs() -> List[KernelSpec]:
                  lse_ptr=torch.float32, row_scale_ptr=torch.float32, T=TOKENS, V=VOCAB,
                  ignore_index=-100, BLOCK_T=ce._pick_block_t(TOKENS, block_v), BLOCK_V=block_v),
             num_warps=ce._NUM_WARPS, hot=True))
-    return specs
+    return specs + wide_index_specs(specs)
 
 
-def attention_specs() -> List[KernelSpec]:
-    """The flash attention kernels (forward, delta preprocessing, dK/dV, dQ) in bf16 over one
-    packed 8K-token row of LLaMA-3-8B (32 query / 8 kv heads), with the GPU tiles the
-    launchers use (csrc_triton.attention.gpu_blocks), at head dims 64 and 128 (LLaMA values);
-    256 (the largest accepted, padded) only in the sweep."""
-    import torch
-    attention = importlib.import_module("csrc_triton.attention")
-    seq, dtype = 8192, torch.bfloat16
-    specs = []
-    for head_dim in (64, 128, 256):
-        block_d = max(16, triton_next_pow2(head_dim))
-        scale = head_dim ** -0.5
-        shared = dict(seq=seq, n_q_heads=Q_HEADS, n_kv_heads=KV_HEADS, group=Q_HEADS // KV_HEADS,
-                      head_dim=head_dim, qk_scale_log2=scale * attention._LOG2E, HAS_BOUNDS=True,
-                      DOT_FP32=False, BLOCK_D=block_d)
-        kernels = {
-            "forward": ("_attention_forward_kernel",
-                        dict(q_ptr=dtype, k_ptr=dtype, v_ptr=dtype, out_ptr=dtype,
-                             lse_ptr=torch.float32, first_key_ptr=torch.int32)),
-            "dkdv": ("_attention_dkdv_kernel",
-                     dict(q_ptr=dtype, k_ptr=dtype, v_ptr=dtype, d_out_ptr=dtype,
-                          lse_ptr=torch.float32, delta_ptr=torch.float32, dk_ptr=dtype,
-                          dv_ptr=dtype, first_key_ptr=torch.int32, key_end_ptr=torch.int32,
-                          scale=scale)),
-            "dq": ("_attention_dq_kernel",
-                   dict(q_ptr=dtype, k_ptr=dtype, v_ptr=dtype, d_out_ptr=dtype,
-                        lse_ptr=torch.float32, delta_ptr=torch.float32, dq_ptr=dtype,
-                        first_key_ptr=torch.int32, scale=scale)),
-        }
-        sweep = head_dim == 256
-        for kind, (function, pointers) in kernels.items():
-            blocks = attention.gpu_blocks(kind, block_d)
-            specs.append(KernelSpec(
-                f"attention_{kind}/bf16-d{head_dim}-{blocks.block_m}x{blocks.block_n}"
-                f"w{blocks.num_warps}s{blocks.num_stages}",
-                f"csrc_triton.attention_kernels:{function}",
-                dict(pointers, **shared, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
-                     BLOCK_H=blocks.block_h),
-                num_warps=blocks.num_warps, num_stages=blocks.num_stages, hot=True, sweep=sweep,
-                # wgmma needs >= 64 rows: the query tile (every dot of forward and dQ), or in
-                # dK/dV also the key tile (its dK and dV dots)
-                expect_hgmma=blocks.block_m >= 64 or (kind == "dkdv" and blocks.block_n >= 64)))
-        specs.append(KernelSpec(
-            f"attention_delta/bf16-d{head_dim}",
-            "csrc_triton.attention_kernels:_attention_delta_kernel",
-            dict(out_ptr=dtype, d_out_ptr=dtype, delta_ptr=torch.float32, n_rows=seq * Q_HEADS,
-                 seq=seq, n_q_heads=Q_HEADS, head_dim=head_dim,
-                 BLOCK_ROWS=attention._DELTA_ROWS, BLOCK_D=block_d),
-            hot=True, sweep=sweep))
-    return specs
+def wide_index_specs(specs: List[KernelSpec]) -> List[KernelSpec]:
+    """The INDEX_64 variant (64-bit row offsets: what a launch past 2^31 - 1 elements
+    compiles) of every bf16 spec that has the switch: it must compile and not spill."""
+    return [replace(s, name=s.name + "-idx64", args={**s.args, "INDEX_64": True})
+            for s in specs if s.args.get("INDEX_64") is False and s.name.endswith("/bf16")]
 
 
 def triton_next_pow2(n: int) -> int:
     import triton
     return triton.next_power_of_2(n)
+
+
+def attention_specs() -> List[KernelSpec]:
+    """The flash attention kernels: tests/sm90_attention.py (every tile candidate)."""
+    return importlib.import_module("tests.sm90_attention").attention_specs()
 
 
 # Every source of specs; another module's kernels join by appending a function here.

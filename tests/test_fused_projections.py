@@ -157,21 +157,31 @@ def test_fused_lora_matches_unfused_and_float64(dtype, case, backend):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend,path", [("triton", "fused"), ("triton", "dequant"),
                                           ("torch", "dequant")])   # torch: one path only
-def test_swiglu_epilogue_of_the_input_gradient(dtype, path, backend):
+@pytest.mark.parametrize("layout", ["halves", "separate"])
+def test_swiglu_epilogue_of_the_input_gradient(dtype, path, backend, layout):
+    """dgate, dup of the down projection's input silu(gate) * up, from its dX. ``halves``:
+    gate and up as the two halves of one [m, 2k] buffer (the fused gate/up output, read
+    through its row stride), as the model passes them."""
     m, k, n = 37, 64, 48          # down projection [n, k]: its input is silu(gate) * up, [m, k]
     w, w64 = make_nf4_weight(n, k, 64, True)
-    gate, up = torch.randn(m, k).to(dtype), torch.randn(m, k).to(dtype)
+    if layout == "halves":
+        gate_up = torch.randn(m, 2 * k).to(dtype)
+        gate, up = gate_up[:, :k], gate_up[:, k:]
+    else:
+        gate, up = torch.randn(m, k).to(dtype), torch.randn(m, k).to(dtype)
     dy = torch.randn(m, n).to(dtype)
     a, b = make_lora(n, k, 8, torch.float32)
     if backend == "triton":
         plain = nf4_matmul_backward_input(dy, w, path=path, swiglu_input=(gate, up))
-        _, ctx = lora_linear_forward(gate, w, a, b, 0.5, 0.0, True, None, path=path)
-        lora, _, _ = lora_linear_backward(dy, gate, w, a, b, 0.5, ctx, path=path,
+        x = gate.contiguous()     # (any [m, k] input of the LoRA: only its products matter)
+        _, ctx = lora_linear_forward(x, w, a, b, 0.5, 0.0, True, None, path=path)
+        lora, _, _ = lora_linear_backward(dy, x, w, a, b, 0.5, ctx, path=path,
                                           swiglu_input=(gate, up))
     else:
         plain = csrc_torch.nf4_matmul_backward_input(dy, w, swiglu_input=(gate, up))
-        _, ctx = csrc_torch.lora_linear_forward(gate, w, a, b, 0.5, 0.0, True, None)
-        lora, _, _ = csrc_torch.lora_linear_backward(dy, gate, w, a, b, 0.5, ctx,
+        x = gate.contiguous()
+        _, ctx = csrc_torch.lora_linear_forward(x, w, a, b, 0.5, 0.0, True, None)
+        lora, _, _ = csrc_torch.lora_linear_backward(dy, x, w, a, b, 0.5, ctx,
                                                      swiglu_input=(gate, up))
     dy64, g64, u64 = (quantized(t, dtype) for t in (dy, gate, up))
     # the matmul's fp32 tile feeds the SwiGLU gradient unrounded: the reference takes

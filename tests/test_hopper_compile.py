@@ -61,7 +61,7 @@ def test_every_kernel_compiles_for_sm90(reports):
 
 
 def test_shared_memory_within_the_sm90_limit(reports):
-    over = [r for r in reports if r["shared"] > SHARED_MEMORY_LIMIT]
+    over = [r for r in reports if r["shared"] > SHARED_MEMORY_LIMIT and not r["spec"]["pruned"]]
     assert not over, f"over {SHARED_MEMORY_LIMIT} B of shared memory: " + ", ".join(
         f"{r['name']} ({r['shared']} B)" for r in over)
 
@@ -82,6 +82,15 @@ def test_low_precision_dots_use_wgmma(reports):
     for r in expected:
         print(f"{r['name']}: {r['non_mma_per_mma']:.1f} non-MMA instructions per HGMMA in the "
               f"main loop ({r['loop_instructions']} instructions, {r['loop_mma']} HGMMA)")
+
+
+def test_the_64_bit_index_variants_compile_without_spills(reports):
+    # every kernel that indexes activations has an INDEX_64 variant (what a launch past
+    # 2^31 - 1 elements runs); hot, so test_hot_configs_do_not_spill holds it too
+    wide = {r["name"].split("/")[0] for r in reports if r["name"].endswith("-idx64")}
+    assert {"rms_norm_fwd", "rms_norm_bwd", "rope", "swiglu_fwd", "swiglu_bwd",
+            "attention_forward", "attention_dkdv", "attention_dq"} <= wide, wide
+    assert all(r["ok"] and r["spec"]["hot"] for r in reports if r["name"].endswith("-idx64"))
 
 
 def test_nf4_decode_is_not_contracted_into_fma(reports):
@@ -108,11 +117,32 @@ def test_nf4_dequantize_moves_16_bytes_per_access(reports):
 @pytest.mark.sweep
 def test_full_config_sweep(tmp_path):
     rows = compile_reports(tmp_path, "--sweep", timeout=3000)
-    failed = [r for r in rows if not r["ok"]]
+    kept = [r for r in rows if not r["spec"]["pruned"]]     # pruned: checked apart, below
+    failed = [r for r in kept if not r["ok"]]
     assert not failed, f"failed to compile for sm_90: {_names(failed)}"
-    over = [r for r in rows if r["shared"] > SHARED_MEMORY_LIMIT]
+    over = [r for r in kept if r["shared"] > SHARED_MEMORY_LIMIT]
     assert not over, f"over the shared-memory limit: {_names(over)}"
     missing = [r for r in rows if r["spec"]["expect_hgmma"] and not r["hgmma"]]
     assert not missing, f"no HGMMA: {_names(missing)}"
     spilling = [r for r in rows if r["spec"]["hot"] and (r["stack"] or r["spill_instructions"])]
     assert not spilling, f"hot configs that spill: {_names(spilling)}"
+    check_attention_pruning(rows)
+
+
+def check_attention_pruning(rows) -> None:
+    """csrc_triton.attention_configs.PRUNED is exactly the compiler's verdict on the
+    candidates: every pruned one fails (compile, shared memory or spills), every other
+    passes, and each kernel and head dim keeps at least one configuration."""
+    from csrc_triton import attention_configs as configs
+    from tests.sm90_attention import spec_name, verdict
+    by_name = {r["name"]: r for r in rows}
+    disagree = []
+    for (kind, head_dim), candidates in configs.CANDIDATES.items():
+        for c in candidates:
+            why = verdict(by_name[spec_name(kind, head_dim, c)])
+            listed = configs.PRUNED.get((kind, head_dim, c))
+            if (why is None) != (listed is None):
+                disagree.append(f"{spec_name(kind, head_dim, c)}: compiler {why or 'passes'}, "
+                                f"PRUNED {listed or 'absent'}")
+        assert configs.gpu_configs(kind, head_dim), (kind, head_dim)
+    assert not disagree, "attention_configs.PRUNED disagrees with sm_90:\n" + "\n".join(disagree)

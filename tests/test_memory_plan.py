@@ -104,7 +104,7 @@ def force_mlp_chunk_rows(monkeypatch, model, rows):
     (2, 1, 200, 0.0, ["keep", "offload"], None),
     # the MLP in 4 chunks of 13 rows and a tail of 10, dropout masks drawn per chunk
     (2, 2, 31, 0.3, ["keep", "recompute"], 13),
-    # q/k/v too wide to fuse (block.INDEX_LIMIT, lowered here): one matmul each
+    # no dropout: q/k/v and gate/up fused, the MLP in 5 chunks of 8 rows
     (2, 1, 40, 0.0, ["recompute", "keep"], 8),
 ])
 def test_strategies_same_gradients_and_peak_as_predicted(tmp_path, monkeypatch, num_layers, batch,
@@ -112,11 +112,6 @@ def test_strategies_same_gradients_and_peak_as_predicted(tmp_path, monkeypatch, 
     model = tiny_model(tmp_path, num_layers, dropout)
     if chunk_rows is not None:
         force_mlp_chunk_rows(monkeypatch, model, chunk_rows)
-    if seq == 40:
-        qkv_width = model.base.layers[0].fused["qkv_proj"].shape[0]
-        monkeypatch.setattr(block, "INDEX_LIMIT", 40 * qkv_width - 1)
-        assert not block._Projector(model.base.layers[0], None)._fused("qkv_proj", 40)
-        assert block._Projector(model.base.layers[0], None)._fused("gate_up_proj", 8)
     T = batch * seq
     assert block.mlp_chunk_rows(T, model.config.intermediate_size, model.dtype) == (chunk_rows or T)
     g = torch.Generator().manual_seed(num_layers)

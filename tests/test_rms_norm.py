@@ -138,6 +138,19 @@ def test_matches_transformers_llama_rms_norm_fp32():
                  **TOLERANCE[torch.float32])
 
 
+def test_rows_of_a_wider_buffer():
+    """x and dy as column slices (row stride > H) of wider buffers: bitwise what
+    contiguous copies give; the outputs are contiguous."""
+    x = torch.randn(13, 100)[:, 10:74].to(torch.float16)
+    dy = torch.randn(13, 80)[:, :64].to(torch.float16)
+    w = torch.randn(64)
+    y, rstd = rms_norm_forward(x, w, EPS)
+    want_y, want_rstd = rms_norm_forward(x.contiguous(), w, EPS)
+    assert y.is_contiguous() and torch.equal(y, want_y) and torch.equal(rstd, want_rstd)
+    dx, _ = rms_norm_backward(dy, x, w, rstd, False)
+    assert torch.equal(dx, rms_norm_backward(dy.contiguous(), x.contiguous(), w, rstd, False)[0])
+
+
 def test_bad_arguments_raise_value_error():
     x = torch.randn(5, 8)
     w = torch.randn(8)

@@ -168,6 +168,28 @@ def test_forward_and_backward_against_float64(shape, dtype):
     assert_close(OP, "dk", dk, dk_ref, **TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_in_place_on_slices_of_the_fused_qkv_output(dtype):
+    """q and k as column slices of one [T, (Hq + 2 Hkv) D] buffer, rotated in place
+    (forward, then backward over the result): bitwise what contiguous inputs give out of
+    place, v's columns untouched."""
+    batch, seq, n_q, n_kv, d = 2, 7, 4, 2, 16
+    cos, sin = rope_cos_sin(d, 64, 10000.0)
+    positions = torch.randint(0, 64, (batch, seq))
+    fused = torch.randn(batch * seq, (n_q + 2 * n_kv) * d).to(dtype)
+    v_before = fused[:, (n_q + n_kv) * d:].clone()
+    q = fused[:, :n_q * d].view(batch, seq, n_q, d)
+    k = fused[:, n_q * d:(n_q + n_kv) * d].view(batch, seq, n_kv, d)
+    want = rope_forward(q.contiguous(), k.contiguous(), positions, cos, sin)
+    back = rope_backward(*want, positions, cos, sin)
+    got = rope_forward(q, k, positions, cos, sin, in_place=True)
+    assert got[0].data_ptr() == fused.data_ptr()
+    assert torch.equal(q, want[0]) and torch.equal(k, want[1])
+    rope_backward(q, k, positions, cos, sin, in_place=True)
+    assert torch.equal(q, back[0]) and torch.equal(k, back[1])
+    assert torch.equal(fused[:, (n_q + n_kv) * d:], v_before)
+
+
 def test_int32_positions_and_packed_documents():
     shape = (2, 37, 6, 2, 18)
     cos, sin = rope_cos_sin(18, 64, 10000.0, None)

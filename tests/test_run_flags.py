@@ -10,6 +10,7 @@ import pytest
 
 import train_dpo
 import train_sft
+from anita_core.train.cli import parse_command_line
 from anita_core.train.presets import PRESETS
 from tests.run_cli import run_script
 
@@ -52,6 +53,19 @@ def test_flags_that_contradict_each_other_are_refused(capsys):
     assert "error: argument --overwrite: not allowed with --resume" in err
     err = parse_error(train_dpo.main, ["--max-length", "64", "--max-prompt-length", "64"], capsys)
     assert "error: argument --max-prompt-length: must be below --max-length (64)" in err
+
+
+def test_a_micro_batch_past_the_kernels_token_bound_is_refused(capsys):
+    # 2^31 token rows (B x S counted in 32 bits); the bound is in the message
+    err = parse_error(train_sft.main, ["--batch-size", "1024", "--max-seq-length", str(2**21)],
+                      capsys)
+    assert "error: argument --max-seq-length: 1024 rows x 2097152 = 2,147,483,648 tokens" in err
+    assert "2,147,483,647" in err
+    err = parse_error(train_dpo.main, ["--batch-size", "512", "--max-length", str(2**21)], capsys)
+    assert "error: argument --max-length: 1024 rows x 2097152" in err
+    _, args = parse_command_line(train_sft.build_parser, ["--batch-size", "1", "--max-seq-length",
+                                                          str(2**31 - 1)])          # the bound: fits
+    assert args.max_seq_length == 2**31 - 1
 
 
 def test_valid_edge_values_are_accepted():

@@ -50,6 +50,29 @@ def test_forward_and_backward_against_float64(shape, dtype):
     assert_close(OP, "dup", dup, dup_ref, **TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_halves_of_one_buffer_read_and_written_in_place(dtype):
+    """gate and up as the two halves of one [rows, 2I] buffer (the fused gate/up output),
+    and the backward writing dgate over dh, itself the first half of the [rows, 2I]
+    d[gate, up] buffer, and dup beside it (the down projection's dX on the dequantize
+    path): the same values as contiguous tensors, against float64."""
+    rows, inter = 37, 99
+    gate_up = torch.cat(make_inputs((rows, inter), dtype)[:2], dim=1)
+    gate, up = gate_up[:, :inter], gate_up[:, inter:]
+    g64, u64 = quantized(gate, dtype), quantized(up, dtype)
+    h = swiglu_forward(gate, up)
+    assert h.is_contiguous() and torch.equal(h, swiglu_forward(gate.contiguous(), up.contiguous()))
+    assert_close(OP, "h halves", h, reference_swiglu(g64, u64), **TOLERANCE[dtype])
+    d = torch.full((rows, 2 * inter), float("nan"), dtype=dtype)
+    d[:, :inter] = torch.randn(rows, inter).to(dtype)                 # dh, in dgate's place
+    dh64 = quantized(d[:, :inter], dtype)
+    dgate, dup = swiglu_backward(d[:, :inter], gate, up, out=(d[:, :inter], d[:, inter:]))
+    assert dgate.data_ptr() == d.data_ptr() and dup.data_ptr() == d[:, inter:].data_ptr()
+    dgate_ref, dup_ref = reference_swiglu_backward(dh64, g64, u64)
+    assert_close(OP, "dgate in place", d[:, :inter], dgate_ref, **TOLERANCE[dtype])
+    assert_close(OP, "dup beside it", d[:, inter:], dup_ref, **TOLERANCE[dtype])
+
+
 # The interpreter evaluates sigmoid with NumPy, which warns when exp(-g) overflows
 # to inf; that overflow is the saturation this test is about.
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
@@ -121,6 +144,10 @@ def test_bad_arguments_raise_value_error():
         swiglu_backward(dh[:4], gate, up)
     with pytest.raises(ValueError, match="'dh'.*dtype"):
         swiglu_backward(dh.to(torch.int32), gate, up)
+    with pytest.raises(ValueError, match="'out'"):
+        swiglu_backward(dh, gate, up, out=(dh,))
+    with pytest.raises(ValueError, match="'out\\[1\\]'.*shape"):
+        swiglu_backward(dh, gate, up, out=(dh, dh[:, :3]))
     with pytest.raises(ValueError, match="'up'.*shape"):
         swiglu(gate, up[:, :4].contiguous())
 

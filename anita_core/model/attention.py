@@ -48,10 +48,12 @@ def attention_forward_for_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     return out, (q, k, v, out, lse, bounds)
 
 
-def attention_backward(d_out: torch.Tensor, saved) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients for q, k, v of the attention saved by attention_forward_for_backward."""
+def attention_backward(d_out: torch.Tensor, saved,
+                       into=None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients for q, k, v of the attention saved by attention_forward_for_backward,
+    written into ``into`` = (dq, dk, dv) views when given (flash_attention_backward)."""
     q, k, v, out, lse, bounds = saved
-    return flash_attention_backward(d_out.contiguous(), q, k, v, out, lse, bounds)
+    return flash_attention_backward(d_out.contiguous(), q, k, v, out, lse, bounds, into=into)
 
 
 def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -21,6 +21,15 @@ dropout masks are drawn, and the LoRA gradients summed, in the same order whatev
 the strategy. At small T there is one chunk: exactly the unchunked computation.
 With several chunks the masks are drawn per chunk and the LoRA dA/dB are sums
 over chunks: the same distribution and the same math, not the same bits as one chunk.
+
+No activation is copied to be made contiguous. A fused group's [rows, sum N] output
+stays one tensor and its members are column views of it: RoPE rotates the q and k
+views in place, attention reads q, k, v through their token strides, SwiGLU and the
+down projection's backward read gate and up through their row strides. Backwards,
+attention writes dq, dk, dv into one [T, q+k+v] buffer (RoPE's backward rotates its
+dq, dk views in place), which is the fused q/k/v dX's input as it stands, and the
+down projection writes d[gate, up] into one [rows, 2I] buffer (on the dequantize
+path its dm lands in the first half and SwiGLU's backward fills both, in place).
 """
 from __future__ import annotations
 
@@ -42,10 +51,6 @@ from anita_core.model.weights import FUSED_GROUPS, LayerWeights
 # tensor of the backward together stays near 2 GiB whatever T is
 MLP_CHUNK_BYTES = 256 * 2**20
 MLP_CHUNK_ALIGN = 64        # rows: whole row tiles of the matmul kernels
-# csrc_triton._runtime.MAX_INT32_NUMEL: a launcher refuses a tensor of more elements
-# (32-bit kernel indexing); a fused group whose [rows, sum N] output would exceed it
-# runs its projections one by one (q/k/v of LLaMA-3-8B beyond 349,525 tokens)
-INDEX_LIMIT = 2**31 - 1
 # the LoRA contexts one MLP chunk leaves in _Projector.contexts (fused or one by one)
 MLP_CONTEXTS = ("gate_up_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -131,7 +136,7 @@ class _Projector:
         return None if ab is None else (ab[0].detach(), ab[1].detach())
 
     def _fused(self, group: str, rows: int) -> bool:
-        if group not in self.layer.fused or rows * self.layer.fused[group].shape[0] > INDEX_LIMIT:
+        if group not in self.layer.fused:
             return False
         lora = self.lora
         drops = lora is not None and lora.training and lora.dropout > 0
@@ -149,7 +154,8 @@ class _Projector:
         return y
 
     def forward_group(self, group: str, x: torch.Tensor) -> List[torch.Tensor]:
-        """The outputs of FUSED_GROUPS[group]'s projections of x, in order (contiguous)."""
+        """The outputs of FUSED_GROUPS[group]'s projections of x, in order: column views
+        of one [rows, sum N] tensor when the group runs fused, else each its own."""
         members = FUSED_GROUPS[group]
         if not self._fused(group, x.shape[0]):
             return [self.forward(m, x) for m in members]
@@ -161,7 +167,15 @@ class _Projector:
         else:
             y, self.contexts[group] = lora_linear_fused_forward(x, w, adapters, self.lora.scale,
                                                                 dense_w=dense_w)
-        return [part.contiguous() for part in y.split(w.segment_rows, dim=1)]
+        return list(y.split(w.segment_rows, dim=1))
+
+    def gradient_buffer(self, group: str, like: torch.Tensor) -> Optional[torch.Tensor]:
+        """An uninitialized [rows of ``like``, sum N] tensor for dL/d(the group's outputs) side
+        by side, when the group runs fused (its backward then takes it whole); else None."""
+        if not self._fused(group, like.shape[0]):
+            return None
+        return torch.empty(like.shape[0], self.layer.fused[group].shape[0], dtype=like.dtype,
+                           device=like.device)
 
     def take_contexts(self, names) -> dict:
         """Remove and return the LoRA contexts of ``names`` (one MLP chunk's)."""
@@ -242,9 +256,10 @@ def block_forward(h0: torch.Tensor, layer: LayerWeights, geo: BlockGeometry, n_h
     proj = _Projector(layer, lora, reuse_weights=_keep is not None and _reuse_weights)
     x1, rstd1 = rms_norm_forward(h0, layer.input_layernorm, eps)
     q, k, v = proj.forward_group("qkv_proj", x1)
+    # q and k are rotated where they are (views of the fused output when q/k/v run fused)
     qr, kr = rope_forward(_heads(q, geo, n_heads), _heads(k, geo, n_kv_heads), geo.position_ids,
-                          geo.cos, geo.sin, positions_checked=True)
-    del q, k                    # replaced by their rope
+                          geo.cos, geo.sin, positions_checked=True, in_place=True)
+    del q, k
     vh = _heads(v, geo, n_kv_heads)
     attention_saved = None
     if attend is not None:
@@ -354,14 +369,22 @@ def block_backward_saved(dh2: torch.Tensor, s: dict, layer: LayerWeights,
     # attention:  h1 = h0 + o(attn(rope(q(x1)), rope(k(x1)), v(x1))),  x1 = rmsnorm(h0)
     da = proj.backward("o_proj", dh1, s.pop("a"))
     qr, attention_saved = s.pop("qr"), s.pop("attention_saved")
-    dqr, dkr, dvh = attention_backward(da.view_as(qr), attention_saved)
-    del da, qr, attention_saved
-    dq, dk = rope_backward(dqr.contiguous(), dkr.contiguous(), geo.position_ids, geo.cos, geo.sin,
-                           positions_checked=True)
+    kr, vh = attention_saved[1], attention_saved[2]
+    d_qkv = proj.gradient_buffer("qkv_proj", dh1)     # dq, dk, dv side by side (fused q/k/v)
+    into = None
+    if d_qkv is not None:
+        widths = (qr.shape[2] * qr.shape[3], kr.shape[2] * kr.shape[3], vh.shape[2] * vh.shape[3])
+        into = tuple(part.view(like.shape) for part, like in
+                     zip(d_qkv.split(widths, dim=1), (qr, kr, vh)))
+    dqr, dkr, dvh = attention_backward(da.view_as(qr), attention_saved, into=into)
+    del da, qr, kr, vh, attention_saved, into
+    dq, dk = rope_backward(dqr, dkr, geo.position_ids, geo.cos, geo.sin, positions_checked=True,
+                           in_place=True)
     del dqr, dkr
-    dx1 = proj.backward_group("qkv_proj", (dq.reshape(T, -1), dk.reshape(T, -1),
-                                           dvh.reshape(T, -1)), s.pop("x1"))
-    del dq, dk, dvh
+    dys = d_qkv if d_qkv is not None else (dq.reshape(T, -1), dk.reshape(T, -1),
+                                           dvh.reshape(T, -1))
+    dx1 = proj.backward_group("qkv_proj", dys, s.pop("x1"))
+    del dq, dk, dvh, dys, d_qkv
     dx1_h0, _ = rms_norm_backward(dx1, h0, layer.input_layernorm, s.pop("rstd1"), False)
     del dx1
     dh1 += dx1_h0               # dh1 is ours: dL/dh0 = dh1 + dx1_h0 in place

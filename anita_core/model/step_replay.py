@@ -81,7 +81,7 @@ class StepReplay:
     for one MLP chunk's; every [T, N] tensor is rows * row_bytes[key]."""
 
     def __init__(self, config, shape):
-        from anita_core.model.block import INDEX_LIMIT, mlp_chunk_rows
+        from anita_core.model.block import mlp_chunk_rows
         self.c, self.shape, self.r = config, shape, row_bytes(config, shape)
         self.weights = projection_shapes(config)
         self.dense_elt = element_size(shape.dense_dtype or shape.dtype)
@@ -91,10 +91,7 @@ class StepReplay:
         self.chunks = [min(rows, T - i) for i in range(0, T, rows)] or [0]
         dropout = shape.lora_rank > 0 and shape.lora_dropout > 0
         # a group runs as one matmul unless a member draws a dropout mask (block._Projector)
-        # ... or its [rows, sum N] output passes block.INDEX_LIMIT elements
-        group_rows = {"qkv_proj": T, "gate_up_proj": self.chunks[0]}
         self.fused = {g: not (dropout and any(m in shape.lora_targets for m in members))
-                      and group_rows[g] * sum(self.weights[m][0] for m in members) <= INDEX_LIMIT
                       for g, members in FUSED_GROUPS.items()}
         mlp_dense = shape.dense_weights if shape.mlp_dense_weights is None else shape.mlp_dense_weights
         self.dense_path = {n: (mlp_dense if n in FUSED_GROUPS["gate_up_proj"] + ("down_proj",)
@@ -138,18 +135,20 @@ class StepReplay:
             if r[f"xa:{m}"]:
                 self._alloc(f"{p}xa:{m}", f"xa:{m}", rows)
 
+    def _outputs(self, group: str, outs: Sequence[str]) -> Sequence[str]:
+        """The names a group's outputs are held under: one (the fused [rows, sum N]
+        output, whose column views they are), or one each."""
+        return ("".join(outs),) if self.fused[group] else tuple(outs)
+
     def _forward(self, p: str, members: Sequence[str], outs: Sequence[str], rows: int,
                  reuse: bool, group: Optional[str] = None) -> None:
-        """A projection (or a fused group's) forward: contexts, W, the outputs
-        (a fused group's [rows, sum N] output split into contiguous copies)."""
+        """A projection (or a fused group's) forward: contexts, W, the outputs (a fused
+        group's [rows, sum N] output, held whole: its members are views of it)."""
         fused = group is not None and self.fused[group]
         if fused:
             self._contexts(p, members, rows, True)
             self._weight(p, members, reuse)
-            self.live.alloc(p + "y:" + group, rows * sum(self.r[f"out:{m}"] for m in members))
-            for m, out in zip(members, outs):
-                self._alloc(p + out, f"out:{m}", rows)
-            self.live.free(p + "y:" + group)
+            self.live.alloc(p + "".join(outs), rows * sum(self.r[f"out:{m}"] for m in members))
             return
         for m, out in zip(members, outs):
             self._contexts(p, (m,), rows, False)
@@ -164,15 +163,17 @@ class StepReplay:
 
     def _backward(self, p: str, members: Sequence[str], dx: str, dx_bytes: int, rows: int,
                   reuse: bool, release: bool, group: Optional[str] = None,
-                  swiglu: bool = False) -> None:
+                  split_dy: bool = False) -> None:
         """dX of a projection or fused group from dY (present): the rank-r dY B, the
-        drop transients, dX, then its contexts (and, at ``release``, its W) go."""
+        drop transients, dX, then its contexts (and, at ``release``, its W) go.
+        ``split_dy``: an unfused group's dY comes as one tensor, each member's columns
+        copied out contiguous (the gate/up backward under dropout)."""
         r, live = self.r, self.live
         fused = group is None or self.fused[group]
         parts = [members] if fused else [(m,) for m in members]
         for j, part in enumerate(parts):
             gb = rows * sum(r[f"xa:{m}"] for m in part)
-            if not fused:                       # dys.split(...)[j].contiguous(): a copy
+            if split_dy and not fused:          # dys.split(...)[j].contiguous(): a copy
                 self._alloc(f"{p}dy:{part[0]}", f"out:{part[0]}", rows)
             if gb:
                 live.alloc(f"{p}gB:{part[0]}", gb)
@@ -180,15 +181,12 @@ class StepReplay:
                 if r[f"drop:{m}"]:
                     self._transient(f"{p}drop:{m}", rows * r[f"drop:{m}"])
             self._weight(p, part, reuse)
+            # (with the SwiGLU epilogue on the dequantize path, dm and then dgate, dup are
+            # written into dX's own [rows, 2I]: nothing beside it)
             live.alloc(f"{p}{dx}{j}", dx_bytes)
-            if swiglu and self.dense_path[part[0]]:
-                # dense path: dm, then swiglu_backward's dgate, dup, concatenated into dX
-                live.alloc(f"{p}dm", dx_bytes // 2)
-                self._transient(f"{p}dgate_dup", dx_bytes)
-                live.free(f"{p}dm")
             if gb:
                 live.free(f"{p}gB:{part[0]}")
-            if not fused:
+            if split_dy and not fused:
                 live.free(f"{p}dy:{part[0]}")
             self._drop_contexts(p, part)
             if release and _layer(p) + "dense:" + part[0] in live.held:
@@ -205,9 +203,8 @@ class StepReplay:
         block_backward's recompute, which stops at x2."""
         live, p, T = self.live, f"{i}.", self.shape.tokens
         self._alloc(p + "x1", "x", T); self._alloc(p + "rstd1", "rstd", T)
+        # q, k rotated in place (rope_forward in_place): no tensor beside the outputs
         self._forward(p, FUSED_GROUPS["qkv_proj"], ("q", "k", "v"), T, reuse, "qkv_proj")
-        self._alloc(p + "qr", "q", T); self._alloc(p + "kr", "kv", T)
-        live.free(p + "q", p + "k")
         self._alloc(p + "attn", "attn", T)
         if keep or not mlp:
             self._alloc(p + "lse", "lse", T)
@@ -219,7 +216,7 @@ class StepReplay:
         if not mlp:
             return
         if not keep:        # the MLP chunks need none of the attention's tensors or contexts
-            live.free(p + "x1", p + "qr", p + "kr", p + "v", p + "attn")
+            live.free(p + "x1", p + "attn", *(p + n for n in self._qkv()))
             self._drop_contexts(p, FUSED_GROUPS["qkv_proj"] + ("o_proj",))
         self._alloc(p + "h2", "h", T)
         for j, rows in enumerate(self.chunks):
@@ -230,6 +227,9 @@ class StepReplay:
                 live.free_prefix(c)
         if not keep:        # block_forward returns: h0 (the caller's) and h2 remain
             live.free_prefix(p, keep=(p + "h0", p + "h2"))
+
+    def _qkv(self) -> Sequence[str]:
+        return self._outputs("qkv_proj", ("q", "k", "v"))
 
     def _mlp_chunk_forward(self, c: str, rows: int, reuse: bool) -> None:
         self._forward(c, FUSED_GROUPS["gate_up_proj"], ("g", "u"), rows, reuse, "gate_up_proj")
@@ -253,17 +253,16 @@ class StepReplay:
         live.free(p + "x2", p + "h1", p + "rstd2")
         # attention
         self._backward(p, ("o_proj",), "da", T * r["attn"], T, reuse, True)
-        self._alloc(p + "dqr", "q", T); self._alloc(p + "dkr", "kv", T)
-        self._alloc(p + "dvh", "kv", T); self._transient(p + "delta", T * r["lse"])
-        live.free(p + "da", p + "qr", p + "kr", p + "v", p + "attn", p + "lse")
-        self._alloc(p + "dq", "q", T); self._alloc(p + "dk", "kv", T)
-        live.free(p + "dqr", p + "dkr")
-        if self.fused["qkv_proj"]:          # torch.cat of (dq, dk, dv)
-            live.alloc(p + "dqkv", T * sum(r[f"out:{m}"] for m in FUSED_GROUPS["qkv_proj"]))
+        # dq, dk, dv: into one [T, q+k+v] buffer (fused q/k/v) or one each; RoPE's
+        # backward rotates dq, dk in place
+        grads = {"dqkv": r["q"] + 2 * r["kv"]} if self.fused["qkv_proj"] else \
+            {"dq": r["q"], "dk": r["kv"], "dv": r["kv"]}
+        for name, per_row in grads.items():
+            live.alloc(p + name, T * per_row)
+        self._transient(p + "delta", T * r["lse"])
+        live.free(p + "da", p + "attn", p + "lse", *(p + n for n in self._qkv()))
         self._backward(p, FUSED_GROUPS["qkv_proj"], "dx1", T * r["x"], T, reuse, True, "qkv_proj")
-        if self.fused["qkv_proj"]:
-            live.free(p + "dqkv")
-        live.free(p + "x1", p + "dq", p + "dk", p + "dvh")
+        live.free(p + "x1", *(p + name for name in grads))
         self._alloc(p + "dx1_h0", "h", T)
         live.free(p + "dx1", p + "dx1_h0")
         live.held[p + "dh0"] = live.held.pop(p + "dh1")      # dh1 += dx1_h0, in place
@@ -274,11 +273,10 @@ class StepReplay:
         """One MLP chunk's backward, its forward's g, u, m and contexts present."""
         live, r = self.live, self.r
         # the down projection's dX with the SwiGLU epilogue: d[gate, up] [rows, 2I]
-        self._backward(c, ("down_proj",), "dgu", rows * 2 * r["inter"], rows, reuse, last,
-                       swiglu=True)
-        live.free(c + "g", c + "u", c + "m")
+        self._backward(c, ("down_proj",), "dgu", rows * 2 * r["inter"], rows, reuse, last)
+        live.free(c + "m", *(c + n for n in self._outputs("gate_up_proj", ("g", "u"))))
         self._backward(c, FUSED_GROUPS["gate_up_proj"], "dx2", rows * r["x"], rows, reuse, last,
-                       "gate_up_proj")
+                       "gate_up_proj", split_dy=True)
         live.free(c + "dgu")
         self._alloc(c + "dx2_h1", "h", rows)
         live.free(c + "dx2", c + "dx2_h1")

@@ -14,9 +14,10 @@ from typing import List, NoReturn, Optional, Sequence
 import torch
 
 from anita_core.assets import ASSETS_DIR, TOKENIZER_DIR
-from anita_core.train.flag_types import (comma_subset, count_or_fraction, learning_rate, non_negative_float,
-                                         non_negative_int, positive_float, positive_int,
-                                         probability_0_1, seed_int, steps_or_off)
+from anita_core.train.flag_types import (check_token_rows, comma_subset, count_or_fraction,
+                                         learning_rate, non_negative_float, non_negative_int,
+                                         positive_float, positive_int, probability_0_1, seed_int,
+                                         steps_or_off)
 from anita_core.train.presets import DPO_PRESETS, PRESETS, SFT_PRESETS
 from anita_core.train.memory_budget import add_memory_arguments, check_memory_environment
 from anita_core.train.run_checkpoint import exit_on_disk_full
@@ -166,6 +167,7 @@ def parse_command_line(build_parser, argv: List[str]):
     if args.sharded_base and args.merge_export:
         parser.error("argument --merge-export: not allowed with --sharded-base (no rank holds the "
                      "whole base); merge the saved adapter in a later single-process run")
+    check_token_rows(parser, args)
     if args.global_batch_size is not None:
         from anita_core.train.distributed import check_global_batch
         world = int(os.environ.get("WORLD_SIZE", "1") or 1)

@@ -111,3 +111,20 @@ def comma_subset(choices: Sequence[str]) -> Callable[[str], str]:
                 f"subset of {','.join(choices)}")
         return text
     return parse
+
+
+def check_token_rows(parser, args) -> None:
+    """The one bound the kernels still put on a micro-batch: its token rows (B x S) are
+    counted in 32 bits (offsets are 64-bit). SFT rows are --max-seq-length long, DPO
+    pairs two rows of --max-length."""
+    from csrc_triton.attention import MAX_TOKENS
+    flag, per_item = (("max_seq_length", 1) if hasattr(args, "max_seq_length")
+                      else ("max_length", 2))
+    if getattr(args, flag, None) is None:
+        return
+    rows = args.batch_size * per_item
+    tokens = rows * getattr(args, flag)
+    if tokens > MAX_TOKENS:
+        parser.error(f"argument --{flag.replace('_', '-')}: {rows} rows x {getattr(args, flag)} "
+                     f"= {tokens:,} tokens per micro-batch, more than the {MAX_TOKENS:,} token "
+                     "rows the kernels index")
