@@ -83,13 +83,30 @@ def test_threads_flag_sets_torch_threads(tmp_path):
         torch.set_num_threads(before)
 
 
-def test_model_of_another_architecture_is_a_clear_error(tmp_path):
+def test_model_of_another_architecture_is_a_clear_error(tmp_path, capsys):
     ckpt = make_tiny_llama_dir(tmp_path)
     config = json.loads((ckpt / "config.json").read_text())
     config.update(model_type="mistral", architectures=["MistralForCausalLM"])
     (ckpt / "config.json").write_text(json.dumps(config))
-    with pytest.raises(SystemExit, match=r"config\.json.*model_type"):
+    with pytest.raises(SystemExit) as e:
         train_sft.main(["--model", str(ckpt), *FAST])
+    assert e.value.code == 2           # bad input, as every other refusal
+    err = capsys.readouterr().err
+    assert f"error: --model {ckpt}: cannot load the base model: " in err
+    assert "config.json" in err and "model_type" in err
+
+
+def test_an_existing_merge_export_folder_is_refused_before_the_model_loads(tmp_path, capsys):
+    taken = tmp_path / "merged"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("someone's files")
+    with pytest.raises(SystemExit) as e:
+        train_sft.main(["--merge-export", str(taken), "--output-dir", str(tmp_path / "run"), *FAST])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: --merge-export {taken}: already exists; choose a new directory" in err
+    assert "base model" not in err                       # refused before loading
+    assert (taken / "keep.txt").read_text() == "someone's files"
 
 
 def test_dpo_drops_rows_by_source_and_trains(tmp_path, capsys):

@@ -246,8 +246,8 @@ def load_model_and_adapters(args, log):
     from anita_core.lora import LoRAAdapters, load_peft
     from anita_core.hf import load_model
     if args.merge_export and os.path.exists(args.merge_export):
-        raise SystemExit(f"--merge-export {args.merge_export}: already exists; choose a new directory "
-                         "(checked before training so the run's result is not lost)")
+        usage_error(f"--merge-export {args.merge_export}: already exists; choose a new directory "
+                    "(checked before training so the run's result is not lost)")
     from anita_core.train import stop_points
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model_dir = resolve_model_dir(args.model)
@@ -259,7 +259,7 @@ def load_model_and_adapters(args, log):
                                            offload_block_inputs=args.offload_activations,
                                            dropout_seed=args.seed)
     except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"cannot load the base model: {e}")
+        usage_error(f"--model {model_dir}: cannot load the base model: {e}")
     log(f"base model {model_dir}: {model.config.num_hidden_layers} layers, hidden "
         f"{model.config.hidden_size}, vocab {model.config.vocab_size}, NF4 on {device} "
         f"({time.perf_counter() - started:.1f}s)")
