@@ -355,15 +355,19 @@ def measure(args) -> dict:
     from anita_core.model.ops import use_backend
     from anita_core.train.objectives import SFTObjective
     from anita_core.train.trainer import TrainConfig
+    from bench.common import bench_device
     with use_backend(args.backend), tempfile.TemporaryDirectory() as out:
         tokenizer = load_tokenizer(args.model)
         data = build_sft_data(SFTDataConfig(sample_path("instruction"), max_seq_length=args.seq,
                                             seed=0), tokenizer)
         batches = sft_batches(data.train, batch_size=args.batch, seq_len=args.seq,
                               pad_id=tokenizer.pad_id, shuffle_seed=0)[:args.steps * args.accumulation]
-        model = load_model(args.model, compute_dtype=DTYPES[args.dtype], progress=False)
+        # the GPU when there is one: the compiled kernels refuse CPU tensors
+        model = load_model(args.model, compute_dtype=DTYPES[args.dtype], device=bench_device(),
+                           progress=False)
         model.adapters = LoRAAdapters.init(LoRAConfig(r=args.rank, alpha=2.0 * args.rank,
-                                                      dropout=args.dropout, seed=0), model.config)
+                                                      dropout=args.dropout, seed=0), model.config,
+                                           device=model.device)
         counter = HostSyncCounter(model.device)
         counter.mark_host(batches)
         config = TrainConfig(output_dir=out, learning_rate=2e-4, weight_decay=0.01, optimizer="adamw",

@@ -16,6 +16,9 @@ row of documents of lengths L_d costs O(sum L_d^2 + S x block) work instead of
 O(S^2): 8,192 tokens of 300-token documents read ~556 keys per query, not ~4,096.
 Within a block the softmax is exact (one logsumexp over the block's keys; the keys
 it skips are keys no query of the block sees, whose probability is exactly 0).
+The block starts are read back to the host (a few small reads per call): this is
+the CPU path, where that read costs nothing; the Triton kernels, the GPU's path,
+read the bounds on the device and stall nothing (tests/test_host_syncs.py).
 
 GQA by layout, not by copying: q is viewed as [B, Hkv, group, S, D], so the query
 heads of one kv head are stacked rows of one matmul against that head's K and V,

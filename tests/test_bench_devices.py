@@ -76,6 +76,13 @@ def run_cpu_real_model(monkeypatch, load, tmp_path):
         ops.set_backend(previous)
 
 
+def run_host_syncs(monkeypatch, load, tmp_path):
+    import anita_core.hf
+    from bench import host_syncs
+    monkeypatch.setattr(anita_core.hf, "load_model", load)
+    host_syncs.measure(host_syncs.parse_args([]))
+
+
 def run_distributed_overlap(monkeypatch, load, tmp_path):
     import argparse
     import anita_core.hf
@@ -94,6 +101,7 @@ ENTRY_POINTS = {
     "step_anatomy": (run_step_anatomy, "cuda"),
     "train_models": (run_train, "cuda"),             # bench.train --checkpoint
     "max_context_step": (run_max_context_step, "cuda"),
+    "host_syncs": (run_host_syncs, "cuda"),
     "cpu_real_model": (run_cpu_real_model, "cpu"),    # times the CPU path by design
     "distributed": (run_distributed_overlap, "cpu"),  # 2 gloo ranks on the CPU
 }

@@ -65,7 +65,7 @@ def test_chat_template_pairs_tokenize_as_trl_does(kind, tmp_path):
 
 def test_none_template_is_trls_raw_text(tmp_path):
     """--template none: TRL's non-conversational rows (the tokenizer adds its BOS, EOS ends answers)."""
-    tok = load_tokenizer()
+    tok = load_tokenizer(TOKENIZER_DIR)
     rows = [check_dpo_row(r) for r in sample_rows("dpo")[:30]]
     expected = _trl_tokenized(TOKENIZER_DIR, [{"prompt": r["prompt"][0]["content"], "chosen": r["chosen"],
                                                "rejected": r["rejected"]} for r in rows], tmp_path)
@@ -113,7 +113,7 @@ def test_rows_a_template_cannot_use_are_named(tmp_path):
 
 
 def test_identical_pairs_after_templating_are_named(tmp_path):
-    tok = load_tokenizer()
+    tok = load_tokenizer(TOKENIZER_DIR)
     same = dict(GOOD, chosen="Roma.", rejected="  Roma.\n")    # llama3 trims the answers
     path = _write(tmp_path / "pairs.jsonl", [GOOD, same, GOOD])
     data = build_dpo_data(DPODataConfig(path), tok)
@@ -128,7 +128,7 @@ def test_check_names_the_template_that_works(tmp_path):
     assert str(e.value) == (f"{tok.name}: no <|begin_of_text|> token, which --template llama3 needs; "
                             "use --template chat or --template none")
     for template in ("llama3", "chat", "none"):
-        check_dpo_template(load_tokenizer(), template)
+        check_dpo_template(load_tokenizer(TOKENIZER_DIR), template)
 
 
 FAST = ["--max-steps", "1", "--batch-size", "2", "--no-progress", "--eval-split", "0",

@@ -58,7 +58,7 @@ def setup(tmp_path_factory, torch_backend):
     from anita_core.hf.export import export_merged
     from anita_core.lora import LoRAAdapters, LoRAConfig, save_peft
     root = tmp_path_factory.mktemp("eval")
-    tok = load_tokenizer()
+    tok = load_tokenizer(TOKENIZER_DIR)
     base = make_tiny_llama_dir(root, vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=100,
                                num_heads=4, num_kv_heads=2, seed=3)
     for name in ("tokenizer.json", "tokenizer_config.json"):

@@ -48,8 +48,10 @@ def test_the_counter_sees_every_kind_of_read_and_only_device_ones():
 
 @pytest.fixture(scope="module")
 def optimizer_steps():
-    """Two optimizer steps of 4 micro-batches (the first warms up), torch backend."""
-    args = host_syncs.parse_args(["--backend", "torch", "--dtype", "fp32", "--seq", "32",
+    """Two optimizer steps of 4 micro-batches (the first warms up), triton backend (the
+    GPU's path, here through the interpreter; the torch backend is the CPU path, whose
+    blocked attention reads its block starts on the host by design)."""
+    args = host_syncs.parse_args(["--backend", "triton", "--dtype", "fp32", "--seq", "32",
                                   "--rank", "4", "--accumulation", "4", "--steps", "2"])
     return host_syncs.measure(args)
 
@@ -78,7 +80,7 @@ def test_facts_from_the_host_change_no_bit_of_the_loss_or_the_gradients():
     from anita_core.hf import load_model
     from anita_core.lora import LoRAAdapters, LoRAConfig
     from anita_core.train.cli import BUNDLED_MODEL
-    with use_backend("torch"):
+    with use_backend("triton"):
         model = load_model(BUNDLED_MODEL, progress=False)
         model.adapters = LoRAAdapters.init(LoRAConfig(r=4, alpha=8, dropout=0.0, seed=2), model.config)
         with torch.no_grad():
