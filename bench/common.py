@@ -362,6 +362,27 @@ def progress(iterable, *, total: Optional[int], desc: str, ctx: RunContext):
 
 
 
+def report_main(parse_args, measure, format_report, argv=None) -> int:
+    """The main of a bench that measures once and reports (step_anatomy, host_syncs):
+    parse ``argv``, measure, print the report, write the result to --json when given."""
+    args = parse_args(argv)
+    result = measure(args)
+    print(format_report(result))
+    if args.json:
+        write_json(args.json, result)
+    return 0
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, smoke_layers: int) -> None:
+    """--checkpoint and --layers: a local checkpoint, or a random LLaMA-3-8B-shaped model
+    of that many decoder layers."""
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="local HF LLaMA checkpoint directory (default: none; a random "
+                             "LLaMA-3-8B-shaped model with NF4 weights is built)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help=f"decoder layers of the random model (default: 32; smoke: {smoke_layers})")
+
+
 def write_json(path, result: dict) -> None:
     """``result`` as JSON at ``path``, written whole or not at all (temp file, rename)."""
     import json

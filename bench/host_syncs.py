@@ -437,13 +437,8 @@ def _model_folder(text: str) -> str:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    result = measure(args)
-    print(format_report(result))
-    if args.json:
-        from bench.common import write_json
-        write_json(args.json, result)
-    return 0
+    from bench.common import report_main
+    return report_main(parse_args, measure, format_report, argv)
 
 
 if __name__ == "__main__":

@@ -74,10 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "2^31 - 1; smoke: 64)")
     parser.add_argument("--granularity", type=int, default=None,
                         help="lengths are multiples of this (default: 4096; smoke: 8)")
-    parser.add_argument("--layers", type=int, default=None,
-                        help="decoder layers of the random model (default: 32; smoke: 2)")
-    parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="local HF LLaMA checkpoint (default: none, random NF4 weights)")
+    common.add_model_arguments(parser, smoke_layers=2)
     parser.add_argument("--lora-r", type=int, default=32, help="LoRA rank (default: 32)")
     parser.add_argument("--smoke-budget-mib", type=float, default=2.2,
                         help="smoke run: the device budget the prediction uses on a CPU, which "

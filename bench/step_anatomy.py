@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import sys
 import weakref
 from pathlib import Path
@@ -361,15 +360,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    result = measure(args)
-    print(format_report(result))
-    if args.json:
-        path = Path(args.json)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=1, default=str))
-        tmp.replace(path)
-    return 0
+    from bench.common import report_main
+    return report_main(parse_args, measure, format_report, argv)
 
 
 if __name__ == "__main__":

@@ -65,11 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated from sft, dpo: an SFT step, and/or a DPO step "
                              "(policy only, reference precomputed) on the same rows "
                              "(default: sft)")
-    parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="local HF LLaMA checkpoint directory (default: none; a random "
-                             "LLaMA-3-8B-shaped model is built)")
-    parser.add_argument("--layers", type=int, default=None,
-                        help="decoder layers of the random model (default: 32; smoke: 1)")
+    common.add_model_arguments(parser, smoke_layers=1)
     parser.add_argument("--seq-lens", type=parse_int_list, default=None,
                         help=f"comma-separated sequence lengths (default: "
                              f"{','.join(map(str, GPU_SEQS))}; smoke: "
