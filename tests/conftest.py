@@ -1,5 +1,5 @@
-"""pytest wiring: markers, per-test fresh random seeds, output poisoning, and the
-largest-error table printed at the end of each run."""
+"""pytest wiring: markers, per-test fresh random seeds, output poisoning, no run folders
+left in the checkout, and the largest-error table printed at the end of each run."""
 from __future__ import annotations
 
 import json
@@ -49,6 +49,24 @@ def poisoned_outputs():
     previous = csrc_triton.set_poison_outputs(True)
     yield
     csrc_triton.set_poison_outputs(previous)
+
+
+RUNS_IN_CHECKOUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runs")
+
+
+def _run_folders():
+    return set(os.listdir(RUNS_IN_CHECKOUT)) if os.path.isdir(RUNS_IN_CHECKOUT) else set()
+
+
+@pytest.fixture(autouse=True)
+def no_run_folder_in_the_checkout():
+    """A test runs the CLIs in tmp_path, never in the checkout's runs/ (a scripts'
+    default --output-dir): a folder left there would mix with a user's own runs, and
+    two suites running at once would meet in it (its folder lock refuses the second)."""
+    before = _run_folders()
+    yield
+    made = _run_folders() - before
+    assert not made, f"the test wrote {sorted(made)} into {RUNS_IN_CHECKOUT}; pass --output-dir"
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -89,7 +89,7 @@ def test_model_of_another_architecture_is_a_clear_error(tmp_path, capsys):
     config.update(model_type="mistral", architectures=["MistralForCausalLM"])
     (ckpt / "config.json").write_text(json.dumps(config))
     with pytest.raises(SystemExit) as e:
-        train_sft.main(["--model", str(ckpt), *FAST])
+        train_sft.main(["--model", str(ckpt), "--output-dir", str(tmp_path / "run"), *FAST])
     assert e.value.code == 2           # bad input, as every other refusal
     err = capsys.readouterr().err
     assert f"error: --model {ckpt}: cannot load the base model: " in err
