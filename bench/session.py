@@ -45,6 +45,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
 PROG = "gpu_session.sh"
+# what every step imports (the peers are optional: their rows say "not installed")
+REQUIRED_MODULES = ("torch", "triton", "transformers", "safetensors")
 KILL_GRACE_S = 5
 # distribution -> (module, needed on a CPU too): liger's kernels run only on a GPU
 PEERS = {"bitsandbytes": ("bitsandbytes", True), "liger-kernel": ("liger_kernel", False)}
@@ -190,6 +192,13 @@ def parse_args(argv) -> argparse.Namespace:
     if args.only is None and out.is_dir() and any(out.iterdir()):
         p.error(f"argument OUT: {out} exists and is not empty; give a new folder, or --only "
                 "STEPS to rerun steps into it")
+    # the steps run this interpreter: without the project's packages every step would
+    # fail in its own log, so say it once, before OUT is made
+    lacking = [m for m in REQUIRED_MODULES if importlib.util.find_spec(m) is None]
+    if lacking:
+        p.error(f"{os.environ.get('PYTHON') or sys.executable} cannot import {', '.join(lacking)}; "
+                "run it with the project's interpreter (PYTHON=.venv/bin/python "
+                "bench/gpu_session.sh OUT, or activate the venv)")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

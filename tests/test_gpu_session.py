@@ -162,6 +162,20 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, word):
     assert word in proc.stderr and not (tmp_path / "new").exists()
 
 
+def test_an_interpreter_without_the_projects_packages_is_one_line_and_exit_2(tmp_path, monkeypatch,
+                                                                           capsys):
+    monkeypatch.setattr(session, "REQUIRED_MODULES", ("torch", "no_such_module_of_anita"))
+    monkeypatch.setenv("PYTHON", "/usr/bin/python3")
+    with pytest.raises(SystemExit) as e:
+        session.main([str(tmp_path / "new"), "--smoke"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err == (f"{session.PROG}: error: /usr/bin/python3 cannot import no_such_module_of_anita; "
+                   "run it with the project's interpreter (PYTHON=.venv/bin/python "
+                   "bench/gpu_session.sh OUT, or activate the venv)\n")
+    assert not (tmp_path / "new").exists()
+
+
 def test_an_earlier_session_is_not_overwritten(tmp_path):
     (tmp_path / "summary.txt").write_text("an earlier session\n")
     proc = run_session(tmp_path, "--smoke")
