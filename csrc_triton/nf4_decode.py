@@ -68,16 +68,9 @@ def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, 
     # masks constant over 16 contiguous bytes and issues 16-byte loads
     byte = tl.load(packed_ptr + byte_index, mask=byte_index < n_bytes, other=0).to(tl.int32)
 
-    if DOUBLE_QUANT:
-        group, offset = nested_group_and_offset(nested_offset_ptr, block, in_range, seg_block_1,
-                                                seg_block_2, seg_group_1, seg_group_2,
-                                                NESTED, SEGMENTED)
-        absmax_q = tl.load(absmax_ptr + block, mask=in_range, other=0).to(tl.int32)
-        nested_scale = tl.load(nested_absmax_ptr + group, mask=in_range, other=0.0)
-        scale = tl.load(nested_code_ptr + absmax_q) * nested_scale
-        scale = scale + offset
-    else:
-        scale = tl.load(absmax_ptr + block, mask=in_range, other=0.0)
+    scale = block_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr, block,
+                         in_range, seg_block_1, seg_block_2, seg_group_1, seg_group_2,
+                         DOUBLE_QUANT, NESTED, SEGMENTED)
 
     table = tl.load(code_ptr + tl.arange(0, 16))
     out_type = out_ptr.dtype.element_ty
@@ -113,6 +106,30 @@ def nested_group_and_offset(nested_offset_ptr, block, valid, seg_block_1, seg_bl
         return group_start + (block - block_start) // NESTED, offset
     else:
         return block // NESTED, tl.load(nested_offset_ptr)
+
+
+@triton.jit
+def block_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr, block, valid,
+                 seg_block_1, seg_block_2, seg_group_1, seg_group_2,
+                 DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr, SEGMENTED: tl.constexpr):
+    """absmax[b] (fp32) for the quantization-block indices ``block``.
+
+    With double quantization the stored absmax is a uint8 index and
+    absmax[b] = nested_code[absmax_u8[b]] * nested_absmax[g(b)] + offset(b), with
+    g(b) = b // NESTED and one offset, or per segment (nested_group_and_offset).
+    Shared by the dequantize kernel and the NF4 matmuls' tile decode; where the
+    launcher disables FMA contraction (dequantize) the product and the sum round
+    separately, as bitsandbytes' fp32 operations do.
+    """
+    if DOUBLE_QUANT:
+        group, offset = nested_group_and_offset(nested_offset_ptr, block, valid, seg_block_1,
+                                                seg_block_2, seg_group_1, seg_group_2,
+                                                NESTED, SEGMENTED)
+        absmax_q = tl.load(absmax_ptr + block, mask=valid, other=0).to(tl.int32)
+        nested_scale = tl.load(nested_absmax_ptr + group, mask=valid, other=0.0)
+        return tl.load(nested_code_ptr + absmax_q) * nested_scale + offset
+    else:
+        return tl.load(absmax_ptr + block, mask=valid, other=0.0)
 
 
 def segment_args(q: "NF4Weight") -> dict:

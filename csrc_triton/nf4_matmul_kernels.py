@@ -25,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .nf4_decode import nested_group_and_offset, nf4_code_lookup
+from .nf4_decode import block_absmax, nf4_code_lookup
 from .swiglu import swiglu_gradients
 
 # ---------------------------------------------------------------------------
@@ -42,27 +42,6 @@ def _nf4_code_values(packed_ptr, code_ptr, flat, valid):
     byte = tl.load(packed_ptr + flat // 2, mask=valid, other=0).to(tl.int32)
     nibble = tl.where((flat % 2) == 0, byte >> 4, byte & 15)
     return tl.load(code_ptr + nibble)  # nibble is always in 0..15
-
-
-@triton.jit
-def _block_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr, block, valid,
-                  seg_block_1, seg_block_2, seg_group_1, seg_group_2,
-                  DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr, SEGMENTED: tl.constexpr):
-    """absmax[b] (fp32) for the quantization-block indices ``block``.
-
-    With double quantization the stored absmax is a uint8 index and
-    absmax[b] = nested_code[absmax_u8[b]] * nested_absmax[g(b)] + offset(b), with
-    g(b) = b // NESTED and one offset, or per segment (nf4_decode.nested_group_and_offset).
-    """
-    if DOUBLE_QUANT:
-        group, offset = nested_group_and_offset(nested_offset_ptr, block, valid, seg_block_1,
-                                                seg_block_2, seg_group_1, seg_group_2,
-                                                NESTED, SEGMENTED)
-        absmax_q = tl.load(absmax_ptr + block, mask=valid, other=0).to(tl.int32)
-        nested_scale = tl.load(nested_absmax_ptr + group, mask=valid, other=0.0)
-        return tl.load(nested_code_ptr + absmax_q) * nested_scale + offset
-    else:
-        return tl.load(absmax_ptr + block, mask=valid, other=0.0)
 
 
 @triton.jit
@@ -99,9 +78,9 @@ def _nf4_weight_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested
                       + tl.arange(0, HALF_SUB)[None, None, :])                 # [BN, RUNS, HALF]
         byte = tl.load(packed_ptr + byte_index, mask=run_ok[:, :, None], other=0).to(tl.int32)
         block = (offs_n[:, None] * K + run_start[None, :]) // BLOCKSIZE
-        scale = _block_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
-                              block, run_ok, seg_block_1, seg_block_2, seg_group_1, seg_group_2,
-                              DOUBLE_QUANT, NESTED, SEGMENTED)
+        scale = block_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
+                             block, run_ok, seg_block_1, seg_block_2, seg_group_1, seg_group_2,
+                             DOUBLE_QUANT, NESTED, SEGMENTED)
         scale = tl.where(run_ok, scale, 0.0)[:, :, None]   # rows/runs past the edge decode to 0
         table = tl.load(code_ptr + tl.arange(0, 16))
         even = (nf4_code_lookup(table, byte >> 4) * scale).to(OUT_DTYPE)
@@ -112,9 +91,9 @@ def _nf4_weight_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested
         valid = n_ok[:, None] & (offs_k[None, :] < K)
         flat = offs_n[:, None] * K + offs_k[None, :]
         values = _nf4_code_values(packed_ptr, code_ptr, flat, valid)
-        scale = _block_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
-                              flat // BLOCKSIZE, valid, seg_block_1, seg_block_2, seg_group_1,
-                              seg_group_2, DOUBLE_QUANT, NESTED, SEGMENTED)
+        scale = block_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset_ptr,
+                             flat // BLOCKSIZE, valid, seg_block_1, seg_block_2, seg_group_1,
+                             seg_group_2, DOUBLE_QUANT, NESTED, SEGMENTED)
         return tl.where(valid, values * scale, 0.0).to(OUT_DTYPE)
 
 
