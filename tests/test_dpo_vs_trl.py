@@ -122,13 +122,13 @@ def _same_batch(anita_batch, trl_collated) -> None:
 def _log_ratios(objective: DPOObjective, batch) -> torch.Tensor:
     """log pi(y|x) - log pi_ref(y|x) of every chosen and rejected sequence.
 
-    The guard above reads these per sequence, not as TRL's batch means: a mean of
-    four signed log-ratios can nearly cancel (ANITA_TEST_SEED=354181775 put
-    |rewards/chosen| at 0.34x the guard's threshold), while the largest single one
-    stayed >= 45x the threshold in every one of 900 draws (this test's setup with
-    ANITA_TEST_SEED = 0 ... 299 for each of the three tokenizers; measured
-    2026-12-02, median 160x). The threshold does not depend on beta: both sides
-    of the comparison scale with it."""
+    The test's not-vacuous guard reads these per sequence, not as TRL's batch
+    means: a mean of four signed log-ratios can nearly cancel
+    (ANITA_TEST_SEED=354181775 put |rewards/chosen| at 0.34x the guard's
+    threshold), while the largest single one stayed >= 45x the threshold in every
+    one of 900 draws (this test's setup with ANITA_TEST_SEED = 0 ... 299 for each
+    of the three tokenizers; measured 2026-12-02, median 160x). The threshold does
+    not depend on beta: both sides of the comparison scale with it."""
     stacked = objective.stack_batch(batch)
     with torch.no_grad():
         policy, _ = objective.model.token_logprobs(
