@@ -1,80 +1,86 @@
-"""Reading rows from local JSON / JSONL / Parquet / CSV files (or a folder of
-them, or a hub dataset name when online) through `datasets`."""
+"""Reading rows from local JSON / JSONL / Parquet / CSV files or a folder of them
+(table.py's readers, without `datasets`), or from a hub dataset name when online
+(through `datasets`, the one source that needs it), and validating them."""
 from __future__ import annotations
 
-import csv
-import json
+import itertools
 import os
-from typing import Any, Collection, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Collection, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from anita_core.data.rows import CHECKS, SHAPES, BadRowError, RowProblem, detect_shape
 from anita_core.data.stats import DataStats
-from anita_core.data.table import HUB_NAME, Table, utf8_problem
-
-BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-
-
-def _quiet_datasets():
-    import datasets
-    datasets.disable_progress_bars()
-    # CRITICAL, not ERROR: `datasets` logs a load it cannot do at ERROR level
-    # ("Failed to load JSON from file ... pyarrow.lib.ArrowInvalid ...") and then
-    # raises; read_table catches that error and says what is wrong with the file
-    # itself (file, row, reason), so the log line would only come before it
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
-    return datasets
+from anita_core.data.table import (DATA_SUFFIXES, HUB_NAME, Table, file_rows, hub_datasets,
+                                   parse_record, shard_files)
 
 
-def _read_json_lines(path: str, max_rows: Optional[int]) -> Table:
-    """A JSON-lines file read line by line, for when `datasets` cannot load it: each
-    blank line is ignored, each other line is one row, and a line that is not UTF-8,
-    not JSON or not an object becomes a row problem (reported, or skipped with
-    skip_bad_rows) instead of failing the whole file."""
+def read_table(source: str, *, split: str = "train", max_rows: Optional[int] = None,
+               cache_dir: Optional[str] = None) -> Table:
+    """All rows of ``source`` (the first ``max_rows`` when given).
+
+    ``source`` is a data file (``table.DATA_SUFFIXES``), a folder of them (which
+    files, and in which order: table.shard_files, ``split`` choosing among files
+    whose names mark splits), or a hub dataset name (needs `datasets` and network).
+    A row that cannot be read (a JSON line that is not UTF-8, not JSON or not an
+    object; a CSV row with too many cells) is in ``problems``; a file that cannot
+    be read at all raises a ValueError naming it (and the line, where there is one)."""
+    source = os.path.expanduser(os.fspath(source))
+    if os.path.isfile(source):
+        if not source.lower().endswith(DATA_SUFFIXES):
+            raise ValueError(f"{source}: unsupported file type {os.path.splitext(source)[1].lower()!r}; "
+                             f"expected one of {list(DATA_SUFFIXES)}")
+        _check_not_empty(source)
+        return _local_table(source, [source], max_rows)
+    if os.path.isdir(source):
+        return _local_table(source, shard_files(source, split), max_rows)
+    if source.lower().endswith(DATA_SUFFIXES):
+        raise FileNotFoundError(f"{source}: no such file")
+    if not HUB_NAME.match(source):
+        # a path that is not there; asking the hub would only retry for half a minute
+        raise FileNotFoundError(f"{source}: no such file or folder (and not a hub dataset name)")
+    return _hub_table(source, split, max_rows, cache_dir)
+
+
+def _local_table(source: str, files: List[str], max_rows: Optional[int]) -> Table:
+    """The rows of local ``files``, numbered per file: row k of a file is its k-th
+    record (for JSON lines, blank lines not counted: a problem row whose line number
+    differs says its line too). The columns: every key of any row, in order of first
+    appearance; a row lacking one has None there (as `datasets` reads a JSON-lines file)."""
+    def numbered() -> Iterator[Tuple[str, int, int, Any]]:
+        for file in files:
+            for row_number, (number, raw) in enumerate(file_rows(file), start=1):
+                yield file, row_number, number, raw
+
     rows: List[Dict[str, Any]] = []
     problems: Dict[int, str] = {}
+    locations: List[Tuple[str, int]] = []
     columns: Dict[str, None] = {}
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            if max_rows is not None and len(rows) >= max_rows:
-                break
-            if not raw.strip():
-                continue
-            problem = utf8_problem(raw)
-            value = None
-            if not problem:
-                try:
-                    value = json.loads(raw.decode("utf-8"))
-                except json.JSONDecodeError as e:
-                    problem = f"not valid JSON ({e.msg})"
-            if not problem and not isinstance(value, dict):
-                problem = f"expected a JSON object, got {type(value).__name__}"
-            if problem:
-                where = "" if number == len(rows) + 1 else f"line {number}: "   # blank lines above
-                problems[len(rows)] = where + problem
-                rows.append({})
-            else:
-                columns.update(dict.fromkeys(value))
-                rows.append(value)
+    for file, row_number, number, raw in itertools.islice(numbered(), max_rows):
+        try:
+            row = parse_record(raw)
+            columns.update(dict.fromkeys(row))
+        except ValueError as e:
+            where = f"line {number}: " if isinstance(raw, bytes) and number != row_number else ""
+            problems[len(rows)] = where + str(e)
+            row = {}
+        rows.append(row)
+        locations.append((file, row_number))
     names = list(columns)
     rows = [row if i in problems else {c: row.get(c) for c in names} for i, row in enumerate(rows)]
-    return Table(source=path, columns=names, rows=rows, problems=problems)
+    return Table(source=source, columns=names, rows=rows, problems=problems,
+                 locations=None if files == [source] else locations)
 
 
-def _first_line_unreadable(path: str) -> bool:
-    """Whether a JSON-lines file's first non-blank line is not UTF-8 or not JSON
-    (a file of random bytes, or of another format): such a file is read line by
-    line here, each line a row problem, without handing it to `datasets` first."""
-    with open(path, "rb") as f:
-        for raw in f:
-            if raw.strip():
-                if utf8_problem(raw):
-                    return True
-                try:
-                    json.loads(raw)
-                except json.JSONDecodeError:
-                    return True
-                return False
-    return False
+def _hub_table(name: str, split: str, max_rows: Optional[int], cache_dir: Optional[str]) -> Table:
+    datasets = hub_datasets(name)
+    try:
+        dataset = datasets.load_dataset(name, split=split, cache_dir=cache_dir)
+        if max_rows is not None and max_rows < len(dataset):
+            dataset = dataset.select(range(max_rows))
+        return Table(source=name, columns=list(dataset.column_names), rows=dataset.to_list())
+    except Exception as e:             # offline, unknown dataset, ...: datasets' own error types
+        reason = f"{type(e).__name__}: {e}" if str(e).strip() else type(e).__name__
+        raise ValueError(f"{name}: not a local file or folder, and loading it as a hub dataset "
+                         f"failed (offline?): {reason}") from e
 
 
 def _unreadable_file(table: Table, skip_bad_rows: bool) -> Optional[BadRowError]:
@@ -91,91 +97,10 @@ def _unreadable_file(table: Table, skip_bad_rows: bool) -> Optional[BadRowError]
     return None
 
 
-def _is_json_array(path: str) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(4096).lstrip()
-    return head.startswith(b"[")
-
-
 def _check_not_empty(path: str) -> None:
     with open(path, "rb") as f:
         if not f.read(1 << 16).strip() and not f.read(1):
             raise ValueError(f"{path}: empty file (no rows)")
-
-
-def _check_utf8(path: str) -> None:
-    """For whole-file formats (a JSON array, CSV): the first line that is not UTF-8."""
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            problem = utf8_problem(raw)
-            if problem:
-                raise ValueError(f"{path}: line {number}: {problem}")
-
-
-def read_table(source: str, *, split: str = "train", max_rows: Optional[int] = None,
-               cache_dir: Optional[str] = None) -> Table:
-    """All rows of ``source`` (the first ``max_rows`` when given).
-
-    ``source`` is a .json/.jsonl/.parquet/.csv file, a folder `datasets` can
-    load, or a hub dataset name (needs network)."""
-    datasets = _quiet_datasets()
-    source = os.path.expanduser(os.fspath(source))
-    ext = os.path.splitext(source)[1].lower()
-    if os.path.isfile(source):
-        if ext not in BUILDERS:
-            raise ValueError(f"{source}: unsupported file type {ext!r}; expected one of "
-                             f"{sorted(BUILDERS)}")
-        _check_not_empty(source)
-        if ext == ".csv" or (ext in (".json", ".jsonl") and _is_json_array(source)):
-            _check_utf8(source)
-        elif ext in (".json", ".jsonl") and _first_line_unreadable(source):
-            return _read_json_lines(source, max_rows)
-        name, kwargs = BUILDERS[ext], {"data_files": source, "split": "train"}
-        if ext == ".csv":
-            # CSV cells are text: without this, a column of digits ("17") would
-            # be inferred as numbers and then rejected as the wrong type
-            kwargs["features"] = _all_text_features(datasets, source)
-    elif ext in BUILDERS:
-        raise FileNotFoundError(f"{source}: no such file")
-    elif not os.path.isdir(source) and not HUB_NAME.match(source):
-        # a path that is not there; asking the hub would only retry for half a minute
-        raise FileNotFoundError(f"{source}: no such file or folder (and not a hub dataset name)")
-    else:
-        name, kwargs = source, {"split": split}
-    try:
-        dataset = datasets.load_dataset(name, cache_dir=cache_dir, **kwargs)
-        if max_rows is not None and max_rows < len(dataset):
-            dataset = dataset.select(range(max_rows))
-        # Arrow does not check UTF-8 on load: a bad byte shows here, in to_list
-        return Table(source=source, columns=list(dataset.column_names), rows=dataset.to_list())
-    except Exception as e:             # datasets wraps parser errors in its own types
-        if os.path.isfile(source) and ext in (".json", ".jsonl"):
-            if not _is_json_array(source):
-                return _read_json_lines(source, max_rows)
-            _check_utf8(source)
-        raise ValueError(_load_failure(source, ext, e)) from e
-
-
-def _all_text_features(datasets, path: str):
-    with open(path, newline="", encoding="utf-8") as f:
-        header = next(csv.reader(f), None)
-    if not header:
-        raise ValueError(f"{path}: empty CSV file (no header row)")
-    return datasets.Features({column: datasets.Value("string") for column in header})
-
-
-def _load_failure(source: str, ext: str, error: Exception) -> str:
-    reason = f"{type(error).__name__}: {error}" if str(error).strip() else type(error).__name__
-    if os.path.isfile(source) and ext == ".json":
-        with open(source, encoding="utf-8") as f:
-            try:
-                json.load(f)
-            except json.JSONDecodeError as e:
-                return f"{source}: line {e.lineno}: not valid JSON ({e.msg})"
-    if os.path.exists(source):
-        return f"{source}: cannot be read as {BUILDERS.get(ext, 'a dataset')}: {reason}"
-    return (f"{source}: not a local file or folder, and loading it as a hub dataset failed "
-            f"(offline?): {reason}")
 
 
 def read_rows(sources: Union[str, Sequence[str]], *, stats: DataStats, shape: str = "auto",

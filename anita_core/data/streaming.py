@@ -1,10 +1,11 @@
 """Sources larger than memory: rows streamed one at a time from a local file or
-folder of shards (.jsonl / .json / .parquet / .csv, and .jsonl.gz / .json.gz)
-or from a hub dataset (`datasets` streaming, when online), and a seeded,
-uniform draw of N of them in O(N) memory (reservoir sampling).
+folder of shards (.jsonl / .json / .parquet / .csv, and .jsonl.gz / .json.gz; read
+by table.file_rows, the reader of a whole table too) or from a hub dataset
+(`datasets` streaming, when online), and a seeded, uniform draw of N of them in
+O(N) memory (reservoir sampling).
 
 The draw: every record of every source, in order (sources as given; a folder's
-shards sorted by path), is one candidate; ``reservoir_sample`` keeps N of them,
+files as table.shard_files picks and sorts them), is one candidate; ``reservoir_sample`` keeps N of them,
 each N-subset equally likely (Li's "Algorithm L": the gaps between
 replacements are drawn directly, so the random generator is called about
 N log(total / N) times, not once per record). The same seed over the same
@@ -14,48 +15,34 @@ is not JSON is then reported like any malformed row (file and line).
 """
 from __future__ import annotations
 
-import csv
-import gzip
 import itertools
-import json
 import math
 import os
 import random
-import zlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, TypeVar
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, TypeVar
 
 from anita_core.data.rows import RowProblem
-from anita_core.data.table import HUB_NAME, Table, utf8_problem
+from anita_core.data.table import HUB_NAME, Table, file_rows, hub_datasets, parse_record, shard_files
 
 T = TypeVar("T")
 
-SHARD_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet", ".csv")
-PARQUET_BATCH_ROWS = 256      # rows turned into Python dicts at a time
 PROGRESS_EVERY = 4096          # records between progress-bar updates
 
 
 @dataclass
 class Record:
-    """One candidate row: where it is, and the row (a dict, or the raw JSON line
-    until ``parsed``)."""
+    """One candidate row: where it is, and the row as read (table.file_rows: a
+    JSON line stays raw bytes until ``parsed``)."""
     source: str        # the source as given (file, folder or hub name)
     file: str          # the file it is in (the hub name for a hub dataset)
     number: int        # 1-based record number in that file (JSON lines: the line number)
-    raw: Any           # a dict, or the raw bytes of a JSON line
+    raw: Any           # a dict, a JSON value, the raw bytes of a JSON line, or an Unreadable
 
-    def parsed(self) -> Any:
-        """The row; a raw JSON line is parsed now (a ValueError says why it is not
-        JSON; ``file`` and ``number`` say where)."""
-        if not isinstance(self.raw, bytes):
-            return self.raw
-        problem = utf8_problem(self.raw)
-        if problem:
-            raise ValueError(problem)
-        try:
-            return json.loads(self.raw.decode("utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"not valid JSON ({e.msg})") from None
+    def parsed(self) -> Dict[str, Any]:
+        """The row; a raw JSON line is parsed now (a ValueError says why it is not a
+        row: not UTF-8, not JSON, not an object; ``file`` and ``number`` say where)."""
+        return parse_record(self.raw)
 
 
 def reservoir_sample(items: Iterable[T], n: int, seed: int) -> List[T]:
@@ -92,16 +79,6 @@ def _uniform(rng: random.Random) -> float:
             return u
 
 
-def shard_files(folder: str) -> List[str]:
-    """The data files under ``folder`` (recursively, hidden ones skipped), sorted."""
-    files = []
-    for root, dirs, names in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        files += [os.path.join(root, name) for name in names
-                  if not name.startswith(".") and name.lower().endswith(SHARD_SUFFIXES)]
-    return sorted(files)
-
-
 def records(source: str, *, split: str = "train", cache_dir: Optional[str] = None,
             is_hub_name: Callable[[str], bool] = lambda s: False) -> Iterator[Record]:
     """Every record of ``source`` (a data file, a folder of shards, or a hub
@@ -110,73 +87,19 @@ def records(source: str, *, split: str = "train", cache_dir: Optional[str] = Non
     if os.path.isfile(path):
         files = [path]
     elif os.path.isdir(path):
-        files = shard_files(path)
-        if not files:
-            raise ValueError(f"{source}: no data files ({', '.join(SHARD_SUFFIXES)}) in this folder")
+        files = shard_files(path, split)
     elif is_hub_name(path):
         yield from _hub_records(source, split, cache_dir)
         return
     else:
         raise FileNotFoundError(f"{source}: no such file or folder (and not a hub dataset name)")
     for file in files:
-        try:
-            for number, raw in _file_rows(file):
-                yield Record(source, file, number, raw)
-        except (gzip.BadGzipFile, EOFError, zlib.error) as e:    # a .gz that is not gzip, or cut short
-            raise ValueError(f"{file}: not a readable gzip file ({type(e).__name__}: {e})") from None
-
-
-def _file_rows(file: str) -> Iterator[tuple]:
-    lower = file.lower()
-    if lower.endswith(".parquet"):
-        import pyarrow.parquet as pq
-        number = 0
-        for batch in pq.ParquetFile(file).iter_batches(batch_size=PARQUET_BATCH_ROWS):
-            for row in batch.to_pylist():
-                number += 1
-                yield number, row
-    elif lower.endswith(".csv"):
-        with open(file, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames:
-                raise ValueError(f"{file}: empty CSV file (no header row)")
-            # an empty cell is a missing value, as `datasets` reads it
-            for number, row in enumerate(reader, start=1):
-                yield number, {k: (v if v != "" else None) for k, v in row.items()}
-    elif lower.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
-        # read as bytes: a line that is not UTF-8 is then one bad row (Record.parsed
-        # says so, with its line), not an error that stops the whole file
-        opener = gzip.open if lower.endswith(".gz") else open
-        with opener(file, "rb") as f:
-            first = _first_char(f)
-            if first == b"[":     # a JSON array cannot be streamed line by line: read this file whole
-                try:
-                    rows = json.loads(f.read().decode("utf-8"))
-                except UnicodeDecodeError as e:
-                    raise ValueError(f"{file}: not UTF-8 text (byte {e.start + 1}: {e.reason})") from None
-                for number, row in enumerate(rows, start=1):
-                    yield number, row
-                return
-            for number, line in enumerate(f, start=1):
-                if line.strip():
-                    yield number, line
-    else:
-        raise ValueError(f"{file}: unsupported file type; expected one of {list(SHARD_SUFFIXES)}")
-
-
-def _first_char(f) -> bytes:
-    """The first non-blank byte of a file opened in binary, which is then rewound."""
-    while True:
-        chunk = f.read(4096)
-        if not chunk or chunk.strip():
-            f.seek(0)
-            return chunk.strip()[:1]
+        for number, raw in file_rows(file):
+            yield Record(source, file, number, raw)
 
 
 def _hub_records(name: str, split: str, cache_dir: Optional[str]) -> Iterator[Record]:
-    import datasets
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    datasets = hub_datasets(name)
     try:
         dataset = datasets.load_dataset(name, split=split, streaming=True, cache_dir=cache_dir)
         for number, row in enumerate(dataset, start=1):
@@ -221,8 +144,6 @@ def sampled_tables(sources: Sequence[str], n: int, seed: int, *, split: str = "t
         for record in (r for r in drawn if r.source == source):
             try:
                 row = record.parsed()
-                if not isinstance(row, dict):
-                    row = RowProblem(f"expected a JSON object, got {type(row).__name__}")
             except ValueError as e:
                 row = RowProblem(str(e))
             if isinstance(row, dict):
