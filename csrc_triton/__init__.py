@@ -33,9 +33,6 @@ from .swiglu import swiglu
 from .cross_entropy import cross_entropy
 from .linear_loss import fused_linear_cross_entropy, token_logprobs
 from .attention import document_bounds, flash_attention
-from . import autotune_policy as _autotune_policy
-
-_autotune_policy.apply()   # ANITA_AUTOTUNE=full|pruned (csrc_triton/autotune_policy.py)
 
 __all__ = [
     "INTERPRETING", "runtime_description", "set_poison_outputs",

@@ -21,6 +21,7 @@ import collections
 import contextlib
 import os
 import sys
+from typing import Optional
 
 import torch
 
@@ -67,6 +68,9 @@ def _check_triton_not_built_for_the_other_mode(interpreting: bool) -> None:
 INTERPRETING: bool = _decide_interpret()
 os.environ["TRITON_INTERPRET"] = "1" if INTERPRETING else "0"
 _check_triton_not_built_for_the_other_mode(INTERPRETING)
+
+import triton  # noqa: E402  (only now: TRITON_INTERPRET is decided above)
+import triton.language as tl  # noqa: E402
 
 # The interpreter cannot do bf16 arithmetic (NOTES.md): kernels upcast every
 # tile to fp32 there. Compiled kernels feed fp16/bf16 tiles straight to the
@@ -120,6 +124,50 @@ def describe() -> str:
     return f"compiled Triton on {torch.cuda.get_device_name()}"
 
 
+# -- whether this interpreter can run the kernels at all. triton <= 3.6's interpreter
+# turns a loop bound (a 1-element array) into an int with int(array), which numpy >= 2.4
+# refuses ("only 0-dimensional arrays can be converted to Python scalars"; triton issue
+# 9171, fixed in later tritons). Every kernel with a runtime loop bound then fails deep
+# inside the interpreter; the first launch says so in one line instead. Checked by
+# running a one-program loop, not by version numbers, and only when something launches:
+# a torch-backend run imports csrc_triton without interpreting anything.
+_interpreter_checked = False
+
+
+@triton.jit
+def _loop_probe_kernel(out_ptr, n):
+    total = 0
+    for i in range(0, n):
+        total += i
+    tl.store(out_ptr, total)
+
+
+def interpreter_problem() -> Optional[str]:
+    """None when the interpreter runs a loop with a runtime bound, else why it cannot."""
+    import numpy
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        _loop_probe_kernel[(1,)](out, 3)
+    except Exception as err:   # noqa: BLE001 - any failure of the probe is the answer
+        if "0-dimensional arrays" not in str(err):
+            raise
+        return (f"the Triton interpreter of triton {triton.__version__} cannot run with "
+                f"numpy {numpy.__version__} (numpy >= 2.4 refuses its int() of a loop bound): "
+                "install numpy<2.4 to run the kernels on a CPU, or use ANITA_BACKEND=torch")
+    if out.item() != 3:
+        return f"the Triton interpreter's probe loop summed 0..2 to {out.item()}, not 3"
+    return None
+
+
+def check_interpreter() -> None:
+    """Raise RuntimeError (one line) when interpreter_problem() finds one; checked once."""
+    global _interpreter_checked
+    problem = interpreter_problem()
+    if problem:
+        raise RuntimeError(f"csrc_triton: {problem}")
+    _interpreter_checked = True
+
+
 # -- launch counting (bench/step_anatomy.py): the interpreter does not fire Triton's
 # launch hooks, so every launch site reports itself here. One list append per
 # launch when nobody counts; each active counter is a Counter keyed by kernel name.
@@ -128,7 +176,10 @@ _launch_listeners: list = []
 
 def record_launch(kernel_name: str, flops: int = 0) -> None:
     """Called by every launch site just before it launches ``kernel_name``;
-    ``flops`` = the multiply-add work of the launch (2 per MAC) where it is a matmul."""
+    ``flops`` = the multiply-add work of the launch (2 per MAC) where it is a matmul.
+    Under the interpreter, the first call also checks that it can run loops here."""
+    if INTERPRETING and not _interpreter_checked:
+        check_interpreter()
     for listener in _launch_listeners:
         listener(kernel_name, flops)
 

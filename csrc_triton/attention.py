@@ -49,6 +49,7 @@ from ._runtime import DOT_IN_FP32, INTERPRETING, MAX_INT32_NUMEL, new_output, re
 from .attention_configs import AttentionBlocks, gpu_configs, head_dim_class
 from .attention_kernels import (_attention_delta_kernel, _attention_dkdv_kernel,
                                 _attention_dq_kernel, _attention_forward_kernel)
+from .autotune_policy import autotune
 
 __all__ = ["AttentionBlocks", "document_bounds", "flash_attention", "flash_attention_forward",
            "flash_attention_backward"]
@@ -89,7 +90,7 @@ def tuned_kernel(kind: str, block_d: int):
                                   "BLOCK_H": c.block_h},
                                  num_warps=c.num_warps, num_stages=c.num_stages)
                    for c in gpu_configs(kind, block_d)]
-        _tuned[key] = triton.autotune(configs=configs, key=AUTOTUNE_KEY)(_KERNELS[kind])
+        _tuned[key] = autotune(_KERNELS[kind], configs, key=AUTOTUNE_KEY)
     return _tuned[key]
 
 

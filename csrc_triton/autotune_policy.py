@@ -13,16 +13,18 @@
           takes the 16-row tiles, up to 64 the 64-row ones, above that the 128-row ones),
           which full tuning can match or beat but not lose to beyond timing noise.
 
-Read when csrc_triton is imported (``apply``, called at the end of its __init__) and
-applied to every ``triton.autotune`` kernel of the package's modules, wherever a kernel
-module defines it. Under the Triton interpreter nothing is autotuned and this does
-nothing.
+Every autotuned kernel of csrc_triton is built through ``autotune`` below, at import
+(nf4_matmul) or on first use (the attention kernels, one per head-dim class), and the
+policy is read from the environment when it is built, so both kinds follow it. Under
+``pruned`` the kernel is not wrapped in triton's Autotuner at all but in a
+``PrunedLauncher`` that launches the chosen config directly: triton 3.6's Autotuner
+times even a list pruned to one config (3.9's does not). Under the Triton interpreter
+nothing is autotuned and the launchers never call ``autotune``.
 """
 from __future__ import annotations
 
 import os
-import sys
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 ENV = "ANITA_AUTOTUNE"
 POLICIES = ("full", "pruned")
@@ -48,44 +50,45 @@ def pruned_choice(configs: List, rows: Optional[int]) -> List:
     return [next(c for c in sized if c.kwargs["BLOCK_M"] == largest)]
 
 
-def _pruner(previous: Optional[Callable]) -> Callable:
-    def prune(configs, named_args, **kwargs):
-        if previous is not None:
-            configs = previous(configs, named_args, **kwargs) or configs
-        arguments: Dict = {**(named_args or {}), **kwargs}
-        rows = arguments.get("M")
-        return pruned_choice(list(configs), int(rows) if isinstance(rows, int) else None)
-    prune.anita_policy = "pruned"
-    return prune
+class PrunedLauncher:
+    """``kernel[grid](**args)`` like a triton Autotuner, launching ``pruned_choice``'s
+    config directly (no Autotuner, so no timing run on any triton). ``grid`` may be a
+    callable of the launch's meta-parameters (the arguments plus the config's), as for
+    triton.autotune. ``chosen`` records each key's choice, for tests and reports."""
+
+    anita_policy = "pruned"
+
+    def __init__(self, fn, configs: Sequence, key: Sequence[str]):
+        if not configs:
+            raise ValueError("PrunedLauncher: no configs to choose from")
+        self.fn, self.configs, self.keys = fn, list(configs), list(key)
+        self.chosen: Dict[tuple, object] = {}
+
+    def choose(self, args: Dict) -> object:
+        rows = args.get("M")
+        key = tuple(args.get(k) for k in self.keys)
+        if key not in self.chosen:
+            self.chosen[key] = pruned_choice(self.configs,
+                                             int(rows) if isinstance(rows, int) else None)[0]
+        return self.chosen[key]
+
+    def __getitem__(self, grid) -> Callable:
+        def launch(**args):
+            config = self.choose(args)
+            meta = {**args, **config.kwargs}
+            options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+            return self.fn[grid(meta) if callable(grid) else grid](**args, **config.kwargs,
+                                                                    **options)
+        return launch
 
 
-def autotuned_kernels(package: str = "csrc_triton") -> List:
-    """Every triton Autotuner held by a module of ``package`` (imported so far)."""
-    try:
-        from triton.runtime.autotuner import Autotuner
-    except ImportError:            # a triton without the class: nothing to find
-        return []
-    found, seen = [], set()
-    for name, module in list(sys.modules.items()):
-        if module is None or not (name == package or name.startswith(package + ".")):
-            continue
-        for value in vars(module).values():
-            if isinstance(value, Autotuner) and id(value) not in seen:
-                seen.add(id(value))
-                found.append(value)
-    return found
-
-
-def apply(policy: Optional[str] = None, kernels: Optional[List] = None) -> int:
-    """Apply ``policy`` (default: ANITA_AUTOTUNE) to ``kernels`` (default: every
-    autotuned kernel of csrc_triton); returns how many were set to prune."""
+def autotune(fn, configs: Sequence, key: Sequence[str], policy: Optional[str] = None):
+    """``fn`` autotuned over ``configs`` by ``key`` under ``policy`` (default: ANITA_AUTOTUNE
+    now): triton.autotune for ``full``, a PrunedLauncher for ``pruned``."""
     policy = policy or policy_from_env()
     if policy not in POLICIES:
         raise ValueError(f"autotune policy {policy!r}: expected one of {', '.join(POLICIES)}")
-    changed = 0
-    for tuner in autotuned_kernels() if kernels is None else kernels:
-        current = getattr(tuner, "early_config_prune", None)
-        if policy == "pruned" and getattr(current, "anita_policy", None) != "pruned":
-            tuner.early_config_prune = _pruner(current)
-            changed += 1
-    return changed
+    if policy == "pruned":
+        return PrunedLauncher(fn, configs, key)
+    import triton
+    return triton.autotune(configs=list(configs), key=list(key))(fn)

@@ -41,7 +41,9 @@ def _nf4_quantize_kernel(w_ptr, code_ptr, packed_ptr, absmax_ptr, numel, n_block
     x = tl.load(w_ptr + offsets, mask=offsets < numel, other=0.0).to(tl.float32)
 
     absmax = tl.max(tl.abs(x), axis=1)
-    safe = tl.maximum(absmax, 1e-38)
+    # 1e-38 is below fp32's smallest normal: a bare literal is typed fp64 by triton 3.6
+    # (which then refuses it in div_rn), so the floor is made an fp32 tensor explicitly
+    safe = tl.maximum(absmax, tl.full([BLOCKS_PER_PROGRAM], 1e-38, tl.float32))
     partial = (block + 1) * BLOCKSIZE > numel
     reciprocal = tl.div_rn(tl.full([BLOCKS_PER_PROGRAM], 1.0, tl.float32), safe)
     # Full blocks multiply by the rounded reciprocal, the partial block divides:

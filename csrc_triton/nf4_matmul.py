@@ -26,6 +26,7 @@ import triton
 
 from . import _runtime
 from ._checks import FLOAT_DTYPES, check_rows, check_same_device, check_tensor, wide_index
+from .autotune_policy import autotune
 from .nf4 import NF4Weight
 from .nf4_decode import _NO_FMA
 from .nf4_dense import (check_dense_weight, choose_path, dense_backward_input, dense_forward,
@@ -78,10 +79,9 @@ if _runtime.INTERPRETING:
     _fwd_kernel = _nf4_matmul_fwd_kernel
     _bwd_input_kernel = _nf4_matmul_bwd_input_kernel
 else:
-    _fwd_kernel = triton.autotune(configs=_gpu_configs(), key=["M", "N", "K"])(
-        _nf4_matmul_fwd_kernel)
-    _bwd_input_kernel = triton.autotune(configs=_gpu_configs(), key=["M", "N", "K"])(
-        _nf4_matmul_bwd_input_kernel)
+    _fwd_kernel = autotune(_nf4_matmul_fwd_kernel, _gpu_configs(), key=["M", "N", "K"])
+    _bwd_input_kernel = autotune(_nf4_matmul_bwd_input_kernel, _gpu_configs(),
+                                 key=["M", "N", "K"])
 
 
 def _interpreter_block(size: int, cap: int) -> int:

@@ -10,6 +10,7 @@ candidate at 64, 128 and 256.
 from __future__ import annotations
 
 import importlib
+from dataclasses import replace
 from typing import List, Optional
 
 from tests.sm90_compile import (HEAD_DIM, KV_HEADS, Q_HEADS, SHARED_MEMORY_LIMIT, KernelSpec,
@@ -81,11 +82,10 @@ def attention_specs() -> List[KernelSpec]:
                     expect_hgmma=not pruned and (c.block_m >= 64
                                                  or (kind == "dkdv" and c.block_n >= 64)))
                 specs.append(spec)
-                if default:
-                    specs.append(KernelSpec(spec.name + "-idx64", spec.kernel,
-                                            dict(spec.args, INDEX_64=True),
-                                            num_warps=spec.num_warps, num_stages=spec.num_stages,
-                                            hot=True))
+                # the 64-bit index variant (a launch past 2^31 - 1 elements) of every
+                # candidate: autotuning may pick any of them there too
+                specs.append(replace(spec, name=spec.name + "-idx64",
+                                     args=dict(spec.args, INDEX_64=True), expect_hgmma=False))
         delta = KernelSpec(
             f"attention_delta/bf16-d{head_dim}",
             "csrc_triton.attention_kernels:_attention_delta_kernel",

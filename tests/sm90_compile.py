@@ -96,6 +96,7 @@ class CompileReport:
     ptx_fma_f32: int = 0          # fma.rn.f32 in the PTX (contracted fp32 multiply-adds)
     ptx_approx: Dict[str, int] = field(default_factory=dict)  # approximate math ops in the PTX
     spec: dict = field(default_factory=dict)
+    triton: str = ""              # the version that compiled it (tests/stacks.py)
 
     @property
     def non_mma_per_mma(self) -> Optional[float]:
@@ -172,7 +173,8 @@ def compile_spec(spec: KernelSpec) -> CompileReport:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
 
-    report = CompileReport(name=spec.name, ok=False, spec=_describe(spec))
+    report = CompileReport(name=spec.name, ok=False, spec=_describe(spec),
+                           triton=triton.__version__)
     start = time.perf_counter()
     try:
         fn = _kernel_function(spec.kernel)

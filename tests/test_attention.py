@@ -10,6 +10,10 @@ from csrc_triton.attention import (AttentionBlocks, document_bounds, flash_atten
 from tests.helpers import assert_close, quantized
 from tests.reference.attention import reference_attention, reference_visible
 
+# a kernel against its float64 reference: also run under the oldest supported triton
+# (tests/test_supported_tritons.py)
+pytestmark = pytest.mark.kernels
+
 OP = "flash_attention"
 
 # Tolerances. Values are O(1) (outputs are convex combinations of unit-normal V;

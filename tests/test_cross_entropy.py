@@ -10,6 +10,10 @@ from tests.helpers import assert_close, quantized
 from tests.reference.losses import (reference_cross_entropy, reference_logsumexp,
                                     reference_softmax_grad_rows, reference_target_logit)
 
+# a kernel against its float64 reference: also run under the oldest supported triton
+# (tests/test_supported_tritons.py)
+pytestmark = pytest.mark.kernels
+
 OP = "cross_entropy"
 FP32_U = 2.0**-24  # unit roundoff of fp32
 

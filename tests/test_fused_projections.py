@@ -30,6 +30,10 @@ from tests.reference.swiglu import reference_swiglu_backward
 from tests.test_lora_linear import make_lora, small_matmul_tolerance
 from tests.test_nf4_matmul import make_nf4_weight, matmul_tolerance
 
+# a kernel against its float64 reference: also run under the oldest supported triton
+# (tests/test_supported_tritons.py)
+pytestmark = pytest.mark.kernels
+
 OP = "fused_projections"
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
 # (rows per segment, K, blocksize, double quant): 300 rows x 64 = 300 blocks of 64,

@@ -9,6 +9,9 @@ FMAs (bit identity with bitsandbytes, which rounds the product and the sum).
 The table printed at the end (pytest -s) carries the fused NF4 kernel's non-MMA
 instructions per HGMMA in its main loop.
 
+Every check runs under each supported triton (tests/stacks.py): the pinned 3.9 and
+the lent GPU machine's 3.6, whose compiler decides spills differently.
+
 The compile runs in a subprocess: it needs TRITON_INTERPRET=0 before triton is
 imported, and this process runs the interpreter. The full autotune sweep is behind
 the `sweep` marker (deselected by default in pytest.ini: `pytest -m sweep` runs it).
@@ -16,7 +19,6 @@ the `sweep` marker (deselected by default in pytest.ini: `pytest -m sweep` runs 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,25 +26,36 @@ from pathlib import Path
 import pytest
 
 from tests.sm90_compile import SHARED_MEMORY_LIMIT
+from tests.stacks import ROOT, STACKS, Stack, require, stack_env
 
-ROOT = Path(__file__).resolve().parent.parent
 
-
-def compile_reports(tmp_path: Path, *extra: str, timeout: int) -> list:
+def compile_reports(tmp_path: Path, stack: Stack, *extra: str, timeout: int) -> list:
+    require(stack)
     out = tmp_path / "sm90.json"
-    env = {k: v for k, v in os.environ.items() if k != "ANITA_TRITON_MODE"}
-    env.update(TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join(
-        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     done = subprocess.run([sys.executable, "-m", "tests.sm90_compile", "--json", str(out), *extra],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+                          cwd=ROOT, env=stack_env(stack, TRITON_INTERPRET="0"),
+                          capture_output=True, text=True, timeout=timeout)
     print(done.stdout[-20000:])
     assert out.exists(), f"sm90_compile wrote no report (exit {done.returncode}):\n{done.stderr[-4000:]}"
-    return json.loads(out.read_text())
+    rows = json.loads(out.read_text())
+    assert rows and all(r["triton"] == rows[0]["triton"] for r in rows)
+    return rows
 
 
-@pytest.fixture(scope="module")
-def reports(tmp_path_factory):
-    return compile_reports(tmp_path_factory.mktemp("sm90"), timeout=900)
+@pytest.fixture(scope="module", params=STACKS, ids=lambda s: s.name)
+def reports(request, tmp_path_factory):
+    return compile_reports(tmp_path_factory.mktemp("sm90"), request.param, timeout=900)
+
+
+def test_each_stack_compiles_with_its_own_triton(reports, request):
+    # the oldest stack's overlay must really replace the compiler, or it checks nothing
+    stack = request.node.callspec.params["reports"]
+    version = reports[0]["triton"]
+    if stack.overlay is None:
+        import triton
+        assert version == triton.__version__
+    else:
+        assert f"triton=={version}" in stack.packages, (version, stack.packages)
 
 
 def _names(rows) -> str:
@@ -115,8 +128,9 @@ def test_nf4_dequantize_moves_16_bytes_per_access(reports):
 
 
 @pytest.mark.sweep
-def test_full_config_sweep(tmp_path):
-    rows = compile_reports(tmp_path, "--sweep", timeout=3000)
+@pytest.mark.parametrize("stack", STACKS, ids=lambda s: s.name)
+def test_full_config_sweep(tmp_path, stack):
+    rows = compile_reports(tmp_path, stack, "--sweep", timeout=3000)
     kept = [r for r in rows if not r["spec"]["pruned"]]     # pruned: checked apart, below
     failed = [r for r in kept if not r["ok"]]
     assert not failed, f"failed to compile for sm_90: {_names(failed)}"
@@ -130,19 +144,29 @@ def test_full_config_sweep(tmp_path):
 
 
 def check_attention_pruning(rows) -> None:
-    """csrc_triton.attention_configs.PRUNED is exactly the compiler's verdict on the
-    candidates: every pruned one fails (compile, shared memory or spills), every other
-    passes, and each kernel and head dim keeps at least one configuration."""
+    """The compiling triton's table in csrc_triton.attention_configs.PRUNED_BY_TRITON is
+    exactly its compiler's verdict on the candidates: every pruned one fails (compile,
+    shared memory or spills, at 32-bit or 64-bit indexing), every other passes, and each
+    kernel and head dim keeps at least one configuration."""
     from csrc_triton import attention_configs as configs
     from tests.sm90_attention import spec_name, verdict
+    version = rows[0]["triton"]
+    series = configs.triton_series(version)
+    assert series in configs.PRUNED_BY_TRITON, f"no pruning table for triton {version}"
+    table = configs.PRUNED_BY_TRITON[series]
     by_name = {r["name"]: r for r in rows}
     disagree = []
     for (kind, head_dim), candidates in configs.CANDIDATES.items():
+        kept = []
         for c in candidates:
-            why = verdict(by_name[spec_name(kind, head_dim, c)])
-            listed = configs.PRUNED.get((kind, head_dim, c))
+            name = spec_name(kind, head_dim, c)
+            why = verdict(by_name[name]) or verdict(by_name[name + "-idx64"])
+            listed = table.get((kind, head_dim, c))
             if (why is None) != (listed is None):
-                disagree.append(f"{spec_name(kind, head_dim, c)}: compiler {why or 'passes'}, "
-                                f"PRUNED {listed or 'absent'}")
-        assert configs.gpu_configs(kind, head_dim), (kind, head_dim)
-    assert not disagree, "attention_configs.PRUNED disagrees with sm_90:\n" + "\n".join(disagree)
+                disagree.append(f"{name}: compiler {why or 'passes'}, "
+                                f"PRUNED_BY_TRITON[{series!r}] {listed or 'absent'}")
+            if listed is None:
+                kept.append(c)
+        assert kept, (kind, head_dim, series)
+    assert not disagree, (f"attention_configs.PRUNED_BY_TRITON[{series!r}] disagrees with "
+                          "sm_90:\n" + "\n".join(disagree))

@@ -31,6 +31,10 @@ from tests.reference.losses import (reference_linear_cross_entropy,
                                     reference_linear_token_logprobs)
 from tests.test_cross_entropy import FP32_U, output_roundoff, random_labels
 
+# a kernel against its float64 reference: also run under the oldest supported triton
+# (tests/test_supported_tritons.py)
+pytestmark = pytest.mark.kernels
+
 OP_CE = "fused_linear_cross_entropy"
 OP_LOGP = "token_logprobs"
 

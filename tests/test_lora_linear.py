@@ -15,6 +15,10 @@ from tests.reference.nf4 import reference_nf4_dequantize
 from tests.test_nf4_matmul import (FP32_ATOL, FP32_RTOL, LOW_PRECISION_ATOL, make_nf4_weight,
                                    matmul_tolerance, random_nf4_weight, unit_roundoff)
 
+# a kernel against its float64 reference: also run under the oldest supported triton
+# (tests/test_supported_tritons.py)
+pytestmark = pytest.mark.kernels
+
 OP = "lora_linear"
 
 

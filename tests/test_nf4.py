@@ -24,6 +24,10 @@ from tests.helpers import assert_close, bitsandbytes_functional
 from tests.reference.nf4 import (reference_bnb_dynamic_quantize, reference_bnb_nf4_quantize,
                                  reference_nf4_absmax, reference_nf4_dequantize)
 
+# a kernel against its float64 reference: also run under the oldest supported triton
+# (tests/test_supported_tritons.py)
+pytestmark = pytest.mark.kernels
+
 # (shape, why): small, odd, not multiples of any blocksize unless stated.
 SHAPES = [
     ((1, 37), "one row, odd numel"),

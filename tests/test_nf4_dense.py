@@ -16,6 +16,10 @@ from tests.reference.lora_linear import reference_nf4_matmul
 from tests.test_lora_linear import check_against_reference, make_lora
 from tests.test_nf4_matmul import make_nf4_weight, matmul_tolerance, random_nf4_weight
 
+# a kernel against its float64 reference: also run under the oldest supported triton
+# (tests/test_supported_tritons.py)
+pytestmark = pytest.mark.kernels
+
 OP = "nf4_matmul"
 block_module = importlib.import_module("anita_core.model.block")
 nf4_matmul_module = importlib.import_module("csrc_triton.nf4_matmul")

@@ -15,6 +15,10 @@ from tests.helpers import assert_close, bitsandbytes_functional, quantized
 from tests.reference.lora_linear import reference_double_quantize, reference_nf4_matmul
 from tests.reference.nf4 import reference_nf4_dequantize, reference_nf4_quantize
 
+# a kernel against its float64 reference: also run under the oldest supported triton
+# (tests/test_supported_tritons.py)
+pytestmark = pytest.mark.kernels
+
 OP = "nf4_matmul"
 
 # fp32 results: fp32 accumulation over K <= ~300 products of size ~1 with |y| up

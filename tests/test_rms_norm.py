@@ -8,6 +8,10 @@ from csrc_triton.rms_norm import rms_norm, rms_norm_backward, rms_norm_forward
 from tests.helpers import assert_close, quantized
 from tests.reference.rms_norm import reference_rms_norm, reference_rms_norm_backward
 
+# a kernel against its float64 reference: also run under the oldest supported triton
+# (tests/test_supported_tritons.py)
+pytestmark = pytest.mark.kernels
+
 OP = "rms_norm"
 EPS = 1e-5
 

@@ -11,6 +11,10 @@ from csrc_triton.rope import rope, rope_backward, rope_cos_sin, rope_forward, ro
 from tests.helpers import assert_close, quantized
 from tests.reference.rope import (reference_cos_sin, reference_inv_freq, reference_rope)
 
+# a kernel against its float64 reference: also run under the oldest supported triton
+# (tests/test_supported_tritons.py)
+pytestmark = pytest.mark.kernels
+
 OP = "rope"
 
 # Tolerances per dtype for rotated values of size O(1..5):

@@ -8,6 +8,10 @@ from csrc_triton.swiglu import swiglu, swiglu_backward, swiglu_forward
 from tests.helpers import assert_close, quantized
 from tests.reference.swiglu import reference_swiglu, reference_swiglu_backward
 
+# a kernel against its float64 reference: also run under the oldest supported triton
+# (tests/test_supported_tritons.py)
+pytestmark = pytest.mark.kernels
+
 OP = "swiglu"
 
 # Tolerances per dtype; inputs are O(1..10), so are the outputs:

@@ -27,6 +27,10 @@ from csrc_triton.rope import rope_backward, rope_cos_sin, rope_forward
 from csrc_triton.swiglu import swiglu_backward, swiglu_forward
 from tests.helpers import FAR_ROWS, far_apart_rows
 
+# a kernel against its float64 reference: also run under the oldest supported triton
+# (tests/test_supported_tritons.py)
+pytestmark = pytest.mark.kernels
+
 DTYPE = torch.float16
 
 
