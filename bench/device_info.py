@@ -5,7 +5,8 @@ bench.headline), written atomically.
 
 GPU name, compute capability, memory and multiprocessors; torch / triton / CUDA /
 transformers / peft versions; host CPU count, host memory total and available (the
-memory planner's pinned-host budget comes from the latter); the UTC date.
+memory planner's pinned-host budget comes from the latter); the autotuning policy and
+Triton cache settings the steps run with; the UTC date.
 """
 from __future__ import annotations
 
@@ -26,7 +27,9 @@ def describe() -> dict:
             "torch": torch.__version__, "cuda": str(torch.version.cuda),
             "triton": _version("triton") or "absent", "cpus": os.cpu_count(),
             "host_memory_available_bytes": available_host_bytes(),
-            "autotune": os.environ.get("ANITA_AUTOTUNE", "full")}
+            "autotune": os.environ.get("ANITA_AUTOTUNE", "full"),
+            "triton_cache_dir": os.environ.get("TRITON_CACHE_DIR", "triton's default"),
+            "triton_cache_autotuning": os.environ.get("TRITON_CACHE_AUTOTUNING", "0")}
     for name in ("transformers", "peft", "bitsandbytes", "liger-kernel"):
         info[name] = _version(name) or "absent"
     try:

@@ -199,7 +199,9 @@ def run(args) -> int:
         {k: row.get(k, "") for k in ("status", "tried_seq", "predicted_max_seq", "strategies",
                                      "predicted_peak_mib", "peak_mib", "step_s")}],
         ["status", "tried_seq", "predicted_max_seq", "strategies", "predicted_peak_mib",
-         "peak_mib", "step_s"], ctx, [f"limited by: {why}", f"CSV: {out}"])
+         "peak_mib", "step_s"], ctx,
+        [f"limited by: {row.get('limited_by', 'not reached (the step failed first)')}",
+         f"CSV: {out}"])
     return 0 if row["status"] in ("ok", "oom") else 1
 
 

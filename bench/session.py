@@ -13,9 +13,14 @@ limit keeps what it finished. OUT/summary.txt (and summary.csv) get one line per
 as it ends: exit status, seconds, budget, rows written. The last step writes
 OUT/headline.csv and prints it (bench/headline.py).
 
-Autotuning: ANITA_AUTOTUNE=pruned for every step unless set already (one config per
-launch shape, no timing runs: csrc_triton/autotune_policy.py), which bounds compile
-time from a cold Triton cache.
+Correctness first: gpu_tests (the parity tests first) runs right after device and
+wheels, so a broken kernel shows before minutes go to timing it.
+
+Unless set already, for every step: ANITA_AUTOTUNE=pruned (one config per launch shape,
+no timing runs: csrc_triton/autotune_policy.py), which bounds compile time from a cold
+Triton cache; TRITON_CACHE_DIR=OUT/triton_cache, one cache for every step; and
+TRITON_CACHE_AUTOTUNING=1 (triton >= 3.2) keeps autotuning results in it: a kernel
+compiled or tuned in one step is loaded, not rebuilt, in the next.
 
 Peers: bitsandbytes (and on a GPU liger-kernel) are installed offline from --wheels
 (default $WHEELS, else bench/wheels; bench/fetch_wheels.sh fills it on a machine with
@@ -68,6 +73,8 @@ STEPS = (
          ("device.json",)),
     Step("wheels", 25, 60, "install missing peers offline from the wheels folder",
          ("wheels.log",)),
+    Step("gpu_tests", 60, 240, "pytest -m gpu, the parity tests first, a row per test as it "
+         "ends", ("gpu_tests.csv",)),
     Step("train_anita", 70, 240, "anita SFT + DPO steps, LLaMA-3-8B (32 layers), seq 2048, "
          "batch 4; planner's predicted peak", ("train_anita.csv",)),
     Step("train_peers", 110, 300, "transformers+PEFT+bitsandbytes, then + Liger: the same rows",
@@ -78,7 +85,6 @@ STEPS = (
          "M = 1 ... 16384, crossover", ("nf4_matmul.csv",)),
     Step("max_context", 55, 180, "one batch-1 step at the planner's maximum under an 80 GB cap "
          "(time-limited)", ("max_context.csv",)),
-    Step("gpu_tests", 60, 240, "pytest -m gpu, a row per test as it ends", ("gpu_tests.csv",)),
     Step("step_anatomy", 15, 120, "launches / matmuls / copies per layer (tiny model)",
          ("step_anatomy.json",)),
     Step("headline", 5, 60, "OUT/headline.csv from the CSVs above, printed",
@@ -94,11 +100,13 @@ def step_command(name: str, out: Path, smoke: bool, py: str) -> List[str]:
     if name == "device":
         return [py, "-m", "bench.device_info", str(out)]
     if name == "train_anita" or name == "train_peers":
-        frameworks = "anita" if name == "train_anita" else "hf_peft_bnb,hf_peft_bnb_liger"
+        # the peers' first-step losses are compared with anita's rows
+        frameworks = ["anita"] if name == "train_anita" else [
+            "hf_peft_bnb,hf_peft_bnb_liger", "--loss-reference", str(out / "train_anita.csv")]
         sizes = ["--batch", "2"] if smoke else ["--layers", "32", "--seq-lens", "2048",
                                                 "--batch", "4", "--steps", "3",
                                                 "--warmup-steps", "1"]
-        return [py, "-m", "bench.train", *s, *quiet, "--frameworks", frameworks, "--objectives",
+        return [py, "-m", "bench.train", *s, *quiet, "--frameworks", *frameworks, "--objectives",
                 "sft,dpo", "--no-max-seq", *sizes, "--out", str(out / f"{name}.csv")]
     if name == "kernels":
         tokens = [] if smoke else ["--tokens", "8192", "--warmup-ms", "10", "--rep-ms", "50"]
@@ -123,7 +131,7 @@ def step_command(name: str, out: Path, smoke: bool, py: str) -> List[str]:
         size = ["--batch", "1", "--seq", "16"] if smoke else []
         return [py, "-m", "bench.step_anatomy", *size, "--json", str(out / "step_anatomy.json")]
     if name == "headline":
-        return [py, "-m", "bench.headline", str(out)] + (["--smoke"] if smoke else [])
+        return [py, "-m", "bench.headline", str(out)]    # labels come from the rows
     return []
 
 
@@ -395,7 +403,9 @@ def main(argv=None) -> int:
     py = os.environ.get("PYTHON") or sys.executable
     site = Path(tempfile.mkdtemp(prefix="anita-session-site-"))
     env = dict(os.environ, PYTHONUNBUFFERED="1", ANITA_SESSION_SITE=str(site))
-    env.setdefault("ANITA_AUTOTUNE", "pruned")
+    for key, value in (("ANITA_AUTOTUNE", "pruned"), ("TRITON_CACHE_AUTOTUNING", "1"),
+                       ("TRITON_CACHE_DIR", str(out / "triton_cache"))):
+        env[key] = env.get(key) or value          # unless set already (see above)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), str(REPO), env.get("PYTHONPATH"))
                                         if p)
     session = Session(args, out, py, env)

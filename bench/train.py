@@ -20,10 +20,19 @@ chosen + batch / 2 rejected rows. Then the longest sequence that fits at
 batch 1 (one step per try, doubling then bisecting to --max-seq-granularity).
 Every framework trains on the same token rows (drawn from --seed, the batch and
 the sequence length), every row a full sequence: nothing is padded.
+
+Every timed step is checked to train (bench/train_checks.py): each measurement starts
+from the LoRA init (B = 0) and a fresh optimizer; its first step's loss (loss_first,
+the loss before any update) must be finite and, for SFT, agree with another
+framework's row of the same measurement (earlier in this run, or in --loss-reference)
+within the derived bound loss_bound; after the timed steps (outside the timed loop)
+the LoRA gradients of the last step must be finite and non-zero (grad_finite,
+grad_nonzero). A row whose check fails says "check failed: ..." and the run exits 1.
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import statistics
 import sys
 import time
@@ -36,7 +45,7 @@ import torch  # noqa: E402
 
 from anita_core.lora import LoRAConfig  # noqa: E402
 from anita_core.model.weights import PROJECTIONS  # noqa: E402
-from bench import common, flops, plot  # noqa: E402
+from bench import common, flops, plot, train_checks  # noqa: E402
 from bench.cases import Unavailable  # noqa: E402
 from bench.fit import largest_that_fits  # noqa: E402
 from bench.shapes import LLAMA3_8B, SMOKE, parse_int_list  # noqa: E402
@@ -51,7 +60,8 @@ COLUMNS = ["measurement", "framework", "model", "layers", "seq_len", "batch", "t
            "status", "step_ms", "step_ms_min", "tokens_per_s", "model_tflop_per_step",
            "achieved_tflops", "mfu_vs_measured_matmul", "mfu_vs_datasheet", "peak_mib",
            "reserved_mib", "predicted_peak_mib", "peak_vs_predicted", "loss", "lora_r",
-           "lora_params", "frozen_params", "search", "ceiling_matmul_tflops", "datasheet_tflops"]
+           "lora_params", "frozen_params", "search", "ceiling_matmul_tflops", "datasheet_tflops",
+           *train_checks.CHECK_COLUMNS]
 OBJECTIVES = ("sft", "dpo")
 
 
@@ -96,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-plot", action="store_true",
                         help="do not write the PNG plot (default: written when matplotlib is "
                              "installed)")
+    parser.add_argument("--loss-reference", type=Path, default=None, metavar="CSV",
+                        help="another bench/train.py CSV whose rows of the same measurements "
+                             "the first-step losses are compared with, e.g. anita's rows when "
+                             "the peers run in a process of their own (default: none; the "
+                             "rows of this run are compared with each other)")
     parser.add_argument("--datasheet-tflops", type=float, default=None,
                         help="peak dense bf16 TFLOP/s for mfu_vs_datasheet (default: looked up "
                              "from the device name in bench/flops.py, empty if unknown)")
@@ -149,8 +164,11 @@ class Runner:
 
     def throughput(self, batch: int, seq: int, warmup: int, steps: int,
                    objective: str = "sft") -> dict:
-        """Time ``steps`` steps after ``warmup`` untimed ones; the peak statistic is reset
-        after the warm-up (the optimizer state exists by then, as in the prediction)."""
+        """Time ``steps`` steps after ``warmup`` untimed ones, from the LoRA init and a
+        fresh optimizer; the peak statistic is reset after the warm-up (the optimizer
+        state exists by then, as in the prediction). The first step's loss and, after
+        the timed loop, the last step's LoRA gradients are read for the checks."""
+        self.trainable.reset()
         ids = self.batch_of(batch, seq)
         if objective == "dpo":
             pairs = max(1, batch // 2)
@@ -159,8 +177,10 @@ class Runner:
             step = lambda _ids: dpo_step()      # noqa: E731
         else:
             step = self.trainable.step
+        first = None
         for _ in range(warmup):
-            step(ids)
+            loss = step(ids)
+            first = loss if first is None else first
         device = self.ctx.device
         common.synchronize(device)
         if device.type == "cuda":
@@ -172,11 +192,16 @@ class Runner:
             loss = step(ids)
             common.synchronize(device)
             times.append((time.perf_counter() - start) * 1e3)
+            first = loss if first is None else first
         result = {"step_ms": statistics.median(times), "step_ms_min": min(times),
-                  "loss": float(loss)}
+                  "loss": float(loss),
+                  "loss_first": f"{float(first):.9g}"}    # 9 digits: compared to ~1e-6
         if device.type == "cuda":
             result["peak_mib"] = torch.cuda.max_memory_allocated(device) / common.MIB
             result["reserved_mib"] = torch.cuda.max_memory_reserved(device) / common.MIB
+        # after the timing and the peak: the last step's LoRA gradients, read once
+        result.update(train_checks.grad_check(self.trainable.lora_named_parameters(),
+                                              first_step=warmup + steps == 1))
         return result
 
 
@@ -232,8 +257,10 @@ def run(args: argparse.Namespace) -> int:
         runner = Runner(trainable, ctx, args.seed)
         for objective in objectives:
             for seq in args.seq_lens:
-                sink.write(dict(base, **_throughput_row(runner, seq, args, model_config, ceilings,
-                                                        datasheet, objective)))
+                row = dict(base, **_throughput_row(runner, seq, args, model_config, ceilings,
+                                                   datasheet, objective))
+                # the reference CSV is read again for each row: it may be written meanwhile
+                sink.write(_checked(row, ctx, _read_rows(args.loss_reference) + sink.rows))
                 bar.update(1)
         if not args.no_max_seq:
             sink.write(dict(base, **_longest_row(runner, args)))
@@ -246,9 +273,32 @@ def run(args: argparse.Namespace) -> int:
     _report(sink.rows, ctx, out)
     if not args.no_plot:
         plot.plot_or_note(out)
-    failures = [r for r in sink.rows if r["framework"] == "anita"
-                and str(r["status"]).startswith("error")]
+    failures = [r for r in sink.rows if (r["framework"] == "anita" and str(r["status"])
+                                         .startswith("error")) or
+                str(r["status"]).startswith("check failed")]
     return 1 if failures else 0
+
+
+def _read_rows(path) -> list:
+    """The rows of --loss-reference; none when it is not given or not there (yet): the
+    row's loss_check then says it had nothing to compare with."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    except (OSError, TypeError):
+        return []
+
+
+def _checked(row: dict, ctx, references: list) -> dict:
+    """``row`` with its loss_check, and status "check failed: ..." when a check fails."""
+    if row.get("status") != "ok":
+        return row
+    full = {k: common._cell(v) for k, v in dict(ctx.meta, **row).items()}
+    row["loss_check"] = train_checks.own_loss_check(full, references)
+    problems = train_checks.failed_checks(dict(full, loss_check=row["loss_check"]))
+    if problems:
+        row["status"] = "check failed: " + "; ".join(problems)
+    return row
 
 
 MEASUREMENT = {"sft": "throughput", "dpo": "dpo_step"}
@@ -280,6 +330,11 @@ def _throughput_row(runner: Runner, seq: int, args, config, ceilings, datasheet,
         status = "oom" if common.is_out_of_memory(err) else common.describe_error(err)
         common.release_memory(runner.ctx.device, collect=True)
         return dict(row, status=status)
+    if objective == "sft":
+        row["loss_bound"] = train_checks.sft_loss_bound(
+            runner.ctx.meta["dtype"], config.num_hidden_layers, seq, batch,
+            hidden=config.hidden_size, intermediate=config.intermediate_size,
+            vocab=config.vocab_size)
     step_flops = flops.training_step_flops(config, batch, seq, args.lora_r, PROJECTIONS)
     achieved = common.rate(step_flops, row["step_ms"], 1e12)
     row.update(status="ok", tokens_per_s=batch * seq / (row["step_ms"] * 1e-3),

@@ -19,7 +19,14 @@ hf + Liger: the same, with Liger-Kernel's RMSNorm, RoPE, SwiGLU and fused linear
   with model=, before PEFT wraps it), as a Liger user trains.
 
 Both keep LoRA weights in fp32, take AdamW (fused on CUDA) over them, and use
-the same rank, alpha and dropout.
+the same rank, alpha and dropout. With random weights both hold the same base model:
+the hf build takes anita's random NF4 weights (same seed), handed to bitsandbytes bit
+for bit (NF4Weight.to_bnb), and anita's embedding, norms and lm_head, so the two compute
+the same function and their losses before any update agree up to rounding
+(bench/train_checks.py). A step clears the gradients before its backward, not after its
+update, so the last step's LoRA gradients can be read once after timing
+(``lora_named_parameters``); ``reset()`` puts the LoRA back to its init (B = 0) and
+starts a fresh optimizer.
 
 DPO (``Trainable.dpo``): one step of the policy on chosen and rejected rows against
 reference log-probs computed once beforehand (untimed), beta 0.1, sigmoid loss. anita
@@ -31,7 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -56,7 +63,9 @@ class Trainable:
     backward, optimizer) and returns the loss as a float-able tensor;
     ``dpo(chosen, rejected)`` precomputes the reference (untimed) and returns the
     zero-argument DPO step; ``predicted_peak(rows, seq)`` is the memory planner's
-    predicted peak bytes of a step on [rows, seq] (anita only)."""
+    predicted peak bytes of a step on [rows, seq] (anita only);
+    ``lora_named_parameters()`` the LoRA tensors (names with lora_A / lora_B), whose
+    .grad hold the last step's gradients; ``reset()`` LoRA init and a fresh optimizer."""
     framework: str
     config: ModelConfig
     step: Callable[[torch.Tensor], torch.Tensor]
@@ -64,6 +73,8 @@ class Trainable:
     release: Callable[[], None]
     dpo: Optional[Callable[[torch.Tensor, torch.Tensor], Callable[[], torch.Tensor]]] = None
     predicted_peak: Optional[Callable[[int, int], int]] = None
+    lora_named_parameters: Optional[Callable[[], List[Tuple[str, torch.Tensor]]]] = None
+    reset: Optional[Callable[[], None]] = None
 
 
 def random_nf4_weight(shape, blocksize: int, double_quant: bool, dtype: torch.dtype,
@@ -134,9 +145,9 @@ def build_anita(config: ModelConfig, lora: LoRAConfig, *, dtype, device, checkpo
         targets = _shifted_targets(input_ids)
         # every position but the last has a target; known without a device sync
         n_targets = max(1, input_ids.shape[0] * (input_ids.shape[1] - 1))
+        optimizer.zero_grad(set_to_none=True)
         loss_sum, _ = model.train_step(input_ids, targets, grad_scale=1.0 / n_targets)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         return loss_sum / n_targets
 
     def dpo(chosen: torch.Tensor, rejected: torch.Tensor):
@@ -148,9 +159,9 @@ def build_anita(config: ModelConfig, lora: LoRAConfig, *, dtype, device, checkpo
                                                             progress=False)
 
         def dpo_step() -> torch.Tensor:
+            optimizer.zero_grad(set_to_none=True)
             sums = objective.micro_step(batch, grad_scale=1.0 / chosen.shape[0])
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
             return torch.tensor(sums["loss"] / chosen.shape[0])
         return dpo_step
 
@@ -160,12 +171,21 @@ def build_anita(config: ModelConfig, lora: LoRAConfig, *, dtype, device, checkpo
         return static_bytes(model.config, shape) + activation_peak(model.config, shape,
                                                                    model.strategies())
 
+    def reset():
+        nonlocal optimizer
+        fresh = LoRAAdapters.init(lora, config, device=device)
+        with torch.no_grad():
+            for mine, init in zip(adapters.parameters(), fresh.parameters()):
+                mine.copy_(init)
+        adapters.zero_grad(set_to_none=True)
+        optimizer = _adamw(adapters.parameters(), device)
+
     def release():
         nonlocal model, optimizer
         model = optimizer = None
 
     return Trainable("anita", config, step, adapters.num_parameters(), release, dpo,
-                     predicted_peak)
+                     predicted_peak, lambda: list(adapters.named_parameters()), reset)
 
 
 DPO_BETA = 0.1
@@ -199,21 +219,31 @@ def _hf_modules():
     return bnb, peft, transformers
 
 
-def _quantize_projections(model, bnb, dtype, device, blocksize: int, double_quant: bool) -> None:
-    """Swap every projection nn.Linear for a bitsandbytes NF4 Linear4bit
-    quantized from its weight (what from_pretrained does when loading in 4 bit)."""
-    for layer in model.model.layers:
-        for name in PROJECTIONS:
-            parent = layer.self_attn if name in ATTENTION_PROJECTIONS else layer.mlp
-            linear = getattr(parent, name)
-            quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False,
-                                          compute_dtype=dtype, compress_statistics=double_quant,
-                                          quant_type="nf4", device="meta")
-            quantized.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False,
-                                                 quant_type="nf4", blocksize=blocksize,
-                                                 compress_statistics=double_quant)
-            setattr(parent, name, quantized.to(device))   # .to() quantizes
-            del linear
+def _take_base_weights(model, base: BaseWeights, bnb, dtype) -> None:
+    """Put anita's base weights into the transformers model: embedding, norms and lm_head
+    copied, every projection swapped for a bitsandbytes Linear4bit holding the same NF4
+    codes, scales and double-quantization constants (NF4Weight.to_bnb: bit for bit, no
+    quantization), so both frameworks dequantize the same values."""
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(base.embed_tokens)
+        model.lm_head.weight.copy_(base.lm_head)
+        model.model.norm.weight.copy_(base.norm)
+        for layer, weights in zip(model.model.layers, base.layers):
+            layer.input_layernorm.weight.copy_(weights.input_layernorm)
+            layer.post_attention_layernorm.weight.copy_(weights.post_attention_layernorm)
+            for name in PROJECTIONS:
+                parent = layer.self_attn if name in ATTENTION_PROJECTIONS else layer.mlp
+                linear, nf4 = getattr(parent, name), weights.projections[name]
+                packed, state = nf4.to_bnb()
+                quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False,
+                                              compute_dtype=dtype, quant_type="nf4",
+                                              compress_statistics=nf4.double_quant, device="meta")
+                quantized.weight = bnb.nn.Params4bit(
+                    packed, requires_grad=False, quant_state=state, blocksize=nf4.blocksize,
+                    compress_statistics=nf4.double_quant, quant_type="nf4", bnb_quantized=True,
+                    module=quantized)
+                setattr(parent, name, quantized)
+                del linear
 
 
 def _apply_liger(model, device) -> None:
@@ -249,7 +279,9 @@ def build_hf(config: ModelConfig, lora: LoRAConfig, *, dtype, device, checkpoint
         with torch.device(device):
             model = transformers.LlamaForCausalLM._from_config(hf_config, dtype=dtype,
                                                                attn_implementation="sdpa")
-        _quantize_projections(model, bnb, dtype, device, blocksize, double_quant)
+        # anita's random model (same seed), so both frameworks train the same function
+        _take_base_weights(model, random_base_weights(config, dtype, device, blocksize,
+                                                      double_quant, seed), bnb, dtype)
     model.config.use_cache = False
     if liger:
         _apply_liger(model, device)
@@ -267,10 +299,10 @@ def build_hf(config: ModelConfig, lora: LoRAConfig, *, dtype, device, checkpoint
     optimizer = _adamw(params, device)
 
     def step(input_ids: torch.Tensor) -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
         loss = model(input_ids=input_ids, labels=input_ids).loss
         loss.backward()
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
     def dpo(chosen: torch.Tensor, rejected: torch.Tensor):
@@ -281,22 +313,38 @@ def build_hf(config: ModelConfig, lora: LoRAConfig, *, dtype, device, checkpoint
         ref_chosen, ref_rejected = reference.chunk(2)
 
         def dpo_step() -> torch.Tensor:
+            optimizer.zero_grad(set_to_none=True)
             policy_chosen, policy_rejected = _sequence_logps(
                 model(input_ids=stacked).logits, targets).chunk(2)
             margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
             loss = -torch.nn.functional.logsigmoid(DPO_BETA * margin).mean()
             loss.backward()
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
             return loss.detach()
         return dpo_step
+
+    def named():
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def reset():
+        """PEFT's init_lora_weights=True: A Kaiming-uniform (a = sqrt 5), B zero."""
+        nonlocal optimizer
+        with torch.no_grad():
+            for n, p in named():
+                if "lora_B" in n:
+                    p.zero_()
+                elif "lora_A" in n:
+                    torch.nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+                p.grad = None
+        optimizer = _adamw(params, device)
 
     def release():
         nonlocal model, optimizer
         model = optimizer = None
 
     name = "hf_peft_bnb_liger" if liger else "hf_peft_bnb"
-    return Trainable(name, config, step, sum(p.numel() for p in params), release, dpo)
+    return Trainable(name, config, step, sum(p.numel() for p in params), release, dpo,
+                     None, named, reset)
 
 
 def build_hf_liger(*args, **kwargs) -> Trainable:

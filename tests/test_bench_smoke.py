@@ -198,6 +198,15 @@ def test_train_csv_rows_and_columns(smoke):
         else:   # the smoke search runs 8 -> 16 and hits its limit without running out of memory
             assert r["status"].startswith("ok (limit 16 reached"), r
             assert int(r["seq_len"]) == 16 and r["search"] == "8:ok 16:ok", r
+    # every timed step trained: finite, non-zero LoRA gradients; first-step losses agree
+    timed = [r for r in rows if r["measurement"] == "throughput" and r["status"] == "ok"]
+    for r in timed:
+        assert r["grad_finite"] == "yes" and r["grad_nonzero"].startswith("yes: 7/7 B"), r
+        assert float(r["grad_norm"]) > 0 and float(r["loss_bound"]) > 0, r
+    hf = [r for r in timed if r["framework"] == "hf_peft_bnb"]
+    for r in hf:    # the same NF4 model and rows as anita's: the same loss before any update
+        assert r["loss_check"].startswith("ok: first-step loss ") and "vs anita's" in \
+            r["loss_check"], r
 
 
 def test_plots_written(smoke):
@@ -261,3 +270,100 @@ def test_help_states_every_default(module):
 def test_performance_run_refused_without_gpu(module):
     with pytest.raises(SystemExit, match="no CUDA GPU"):
         module.main([])
+
+
+# ------------------------------------------------------------------ training checks
+def test_the_loss_bound_is_the_stated_one():
+    """bench/train_checks.py: 5.5e-3 at the session's shapes, bf16; fp32 smoke far below."""
+    from bench.train_checks import sft_loss_bound
+    gpu = sft_loss_bound("bf16", 32, 2048, 4, hidden=4096, intermediate=14336, vocab=128256)
+    assert gpu == pytest.approx(5.53e-3, rel=0.01)
+    assert sft_loss_bound("fp32", 1, 24, 2, hidden=64, intermediate=192, vocab=301) < 2e-6
+    assert sft_loss_bound("bf16", 32, 2048, 1, hidden=4096, intermediate=14336,
+                          vocab=128256) == pytest.approx(2 * gpu, rel=1e-3)   # 1 / sqrt(N)
+
+
+def test_a_step_without_gradients_fails_the_gradient_check():
+    from bench.train_checks import grad_check
+    a, b = torch.ones(2, 3, requires_grad=True), torch.ones(3, 2, requires_grad=True)
+    named = [("x.lora_A.weight", a), ("x.lora_B.weight", b)]
+    none = grad_check(named, first_step=False)
+    assert none["grad_finite"].startswith("no:") and none["grad_nonzero"].startswith("no:")
+    a.grad, b.grad = torch.zeros(2, 3), torch.ones(3, 2)
+    assert grad_check(named, first_step=True)["grad_nonzero"].startswith("yes")   # dA = 0 at B = 0
+    assert grad_check(named, first_step=False)["grad_nonzero"].startswith("no: 1/1 B, 0/1 A")
+    a.grad = torch.full((2, 3), float("nan"))
+    assert grad_check(named, first_step=False)["grad_finite"].startswith("no: 1 of 2")
+
+
+def planted(kind: str):
+    """A tiny pure-torch framework for bench.train: embedding, one LoRA pair, lm_head, the
+    same base weights for every kind. "trains": a real step; "zero_grads": back-propagates
+    zero (its step silently does nothing); "wrong_loss": trains, reports twice the loss."""
+    from bench.train_models import Trainable
+
+    def build(config, lora, *, dtype, device, seed=0, **_):
+        g = torch.Generator().manual_seed(seed)
+        v, h = config.vocab_size, 16
+        embed, head = torch.randn(v, h, generator=g), torch.randn(v, h, generator=g) * h ** -0.5
+        a = torch.zeros(lora.r, h, requires_grad=True)
+        b = torch.zeros(h, lora.r, requires_grad=True)
+        state = {}
+
+        def reset():
+            with torch.no_grad():
+                torch.nn.init.kaiming_uniform_(a, a=5 ** 0.5)
+                b.zero_()
+            a.grad = b.grad = None
+            state["optimizer"] = torch.optim.AdamW([a, b], lr=1e-2)
+
+        def step(ids):
+            state["optimizer"].zero_grad(set_to_none=True)
+            x = embed[ids]
+            logits = (x + (x @ a.T) @ b.T) @ head.T
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, v),
+                                                     ids[:, 1:].reshape(-1))
+            (loss * (0.0 if kind == "zero_grads" else 1.0)).backward()
+            state["optimizer"].step()
+            return loss.detach() * (2.0 if kind == "wrong_loss" else 1.0)
+        reset()
+        return Trainable(kind, config, step, a.numel() + b.numel(), lambda: None,
+                         lora_named_parameters=lambda: [("lora_A", a), ("lora_B", b)], reset=reset)
+    return build
+
+
+def test_planted_frameworks_that_do_not_train_are_flagged_and_not_ranked(tmp_path, monkeypatch,
+                                                                          capsys):
+    """anita's place taken by a framework that trains, the peers' by one whose step does
+    nothing (zero gradients) and one whose loss disagrees: both flagged in their rows, the
+    run exits 1, and the headline ranks neither."""
+    import json
+    from bench import headline, train_models
+    monkeypatch.setattr(train_models, "BUILDERS", {
+        "anita": planted("trains"), "hf_peft_bnb": planted("zero_grads"),
+        "hf_peft_bnb_liger": planted("wrong_loss")})
+    monkeypatch.setattr(train, "BUILDERS", train_models.BUILDERS)
+    out = tmp_path / "out"
+    code = train.main(["--smoke", "--batch", "2", "--steps", "2", "--objectives", "sft",
+                       "--no-max-seq", "--no-plot", "--no-progress",
+                       "--out", str(out / "train_anita.csv")])
+    assert code == 1
+    with open(out / "train_anita.csv", newline="", encoding="utf-8") as f:
+        rows = {r["framework"]: r for r in csv.DictReader(f)}
+    good, lazy, wrong = rows["anita"], rows["hf_peft_bnb"], rows["hf_peft_bnb_liger"]
+    assert good["status"] == "ok" and good["grad_nonzero"] == "yes: 1/1 B, 1/1 A", good
+    assert lazy["status"].startswith("check failed: grad_nonzero no: 0/1 B, 0/1 A"), lazy
+    assert lazy["loss_check"].startswith("ok: first-step loss"), lazy   # its loss is right
+    assert wrong["grad_nonzero"].startswith("yes") and wrong["status"].startswith(
+        "check failed: loss_check failed: first-step loss"), wrong
+    assert float(wrong["loss_first"]) == pytest.approx(2 * float(good["loss_first"]), rel=1e-6)
+    (out / "device.json").write_text(json.dumps({"cuda_device": False, "device": "cpu"}))
+    assert headline.main([str(out)]) == 0
+    with open(out / "headline.csv", newline="", encoding="utf-8") as f:
+        table = {(r["section"], r["provider"]): r for r in csv.DictReader(f)}
+    sft = "training (SFT)"
+    assert table[(sft, "anita")]["value"] and table[(sft, "anita")]["status"] == "ok"
+    for peer, why in (("transformers+PEFT+bitsandbytes (SDPA)", "not ranked: grad_nonzero no"),
+                      ("transformers+PEFT+bitsandbytes + Liger", "not ranked: loss_check failed")):
+        assert table[(sft, peer)]["value"] == "" and table[(sft, peer)]["status"].startswith(why)
+        assert table[(sft, f"anita / {peer}")]["ratio"] == ""
