@@ -53,14 +53,13 @@ multiplied back by its inverse.
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor
 from ._runtime import MAX_INT32_NUMEL, new_output
 from .cross_entropy import (_lse_rows_unchecked, _softmax_grad_rows_unchecked,
                             check_ignore_index, check_labels_in_range)
+from .linear_loss_matmul import mm_fp32 as _mm_fp32   # fp32 results (see its docstring)
 
 # 256 MiB of fp32 logits per chunk: 523 tokens at V = 128,256, enough rows for
 # the projection GEMM to run near peak while staying small next to an 8B model.
@@ -68,50 +67,6 @@ DEFAULT_CHUNK_BYTES = 256 * 2**20
 
 # Largest power of two a half-precision gradient row scale is brought up to.
 _HALF_HEADROOM_EXPONENT = 15
-
-
-# ----------------------------------------------------------------------------
-# matmuls with fp32 results
-
-_cuda_out_dtype_works = True
-
-
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b for a, b of one dtype, as fp32, with fp32 accumulation.
-
-    GPU fp16/bf16: cuBLAS with an fp32 output (torch.mm(..., out_dtype)). A
-    torch without that falls back to upcasting the operands: the same fp32
-    result, slower (a warning says so), never logits rounded to half precision.
-    CPU: upcast first, which is exact for the products of half values.
-
-    Running out of memory is not "unavailable": torch.cuda.OutOfMemoryError is a
-    RuntimeError, and taking it for a missing out_dtype would move the rest of
-    the process onto the slow fp32 copies of [chunk x V] and the lm-head weight
-    (a benchmark's batch search provokes OOMs on purpose). It propagates.
-    """
-    global _cuda_out_dtype_works
-    if a.dtype == torch.float32:
-        return a @ b
-    if a.is_cuda:
-        if _cuda_out_dtype_works:
-            try:
-                return torch.mm(a, b, out_dtype=torch.float32)
-            except (RuntimeError, TypeError) as err:
-                if _is_out_of_memory(err):
-                    raise
-                _cuda_out_dtype_works = False
-                warnings.warn(f"linear_loss: torch.mm(out_dtype=float32) unavailable ({err}); "
-                              "computing the lm-head chunks in fp32 instead (exact, slower)")
-    return a.float() @ b.float()
-
-
-def _is_out_of_memory(err: BaseException) -> bool:
-    # the class where torch has it; the message for allocators that raise a plain
-    # RuntimeError ("CUDA out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
-    oom = getattr(torch.cuda, "OutOfMemoryError", None)
-    text = str(err).lower()
-    return ((oom is not None and isinstance(err, oom)) or "out of memory" in text
-            or "alloc_failed" in text)
 
 
 def _half_headroom(row_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

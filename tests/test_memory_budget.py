@@ -45,17 +45,49 @@ def test_forced_offload_recomputes_the_layers_beyond_the_host_budget():
 
 
 def test_the_issue_s_832k_token_plan_does_not_fit_a_128_gib_host():
-    """The planner's 832,512-token plan for an 80 GB card offloads 31 layer inputs,
-    31 x 832,512 x 4096 x 2 bytes = 211 GB of pinned host memory; with the host budget
-    of a 128 GiB machine (minus the default margin, 10%) it is refused, naming what
-    the host holds: 115.2 GiB / (832,512 x 8192 bytes) = 18 layer inputs."""
+    """The issue's 832,512-token plan for an 80 GB card offloaded 31 layer inputs; counted
+    in full (the RoPE tables alone are 0.40 GiB at that length) it does not fit the card
+    at all, and the planner says so. 800 x 1024 tokens do, with 31 layer inputs offloaded:
+    31 x 819,200 x 4096 x 2 bytes = 193.75 GiB of pinned host memory; with the host budget
+    of a 128 GiB machine (minus the default margin, 10%) it is refused, naming what the
+    host holds: 115.2 GiB / (819,200 x 8192 bytes) = 18 layer inputs. A forced offload
+    pins exactly 18 x 6.25 = 112.5 GiB: one pool, not 18 allocations each rounded up to
+    the next power of two (8 GiB: 144 GiB on a 128 GiB machine)."""
     config = llama3_8b()
     device_budget = int(80e9) - max(GiB, int(80e9) // 20)
     host = 128 * GiB - max(4 * GiB, 128 * GiB // 10)
-    with pytest.raises(MemoryBudgetError, match=r"31 of 32 layer inputs offloaded, 196\.9. GiB "
+    with pytest.raises(MemoryBudgetError, match=r"70\.78 GiB is too small .* 832512 tokens: every "
+                                                r"layer offloaded needs 71\.2. GiB"):
+        plan_memory(config, shape_8b(832_512), device_budget, host_budget_bytes=host)
+    with pytest.raises(MemoryBudgetError, match=r"31 of 32 layer inputs offloaded, 193\.75 GiB "
                                                 r"of pinned host memory; the host budget "
                                                 r"115\.2. GiB holds 18 "):
-        plan_memory(config, shape_8b(832_512), device_budget, host_budget_bytes=host)
+        plan_memory(config, shape_8b(819_200), device_budget, host_budget_bytes=host)
+    forced = plan_memory(config, shape_8b(819_200), strategy="offload", host_budget_bytes=host)
+    assert forced.strategies.count("offload") == 18
+    assert forced.host_bytes == 18 * 819_200 * 4096 * 2 == int(112.5 * GiB) <= host
+
+
+def test_the_plan_sizes_the_host_pool_and_every_micro_batch_shares_it(tmp_path):
+    """apply_memory_plan reserves the plan's host bytes: the first offloading step makes
+    one host allocation of exactly that figure, and a smaller micro-batch, then the
+    largest, reuse it (no allocation per step, no growth)."""
+    import argparse
+    from anita_core.model.ops import use_backend
+    from tests.test_memory_plan import random_batch, tiny_model
+    model = tiny_model(tmp_path, 3, 0.0)
+    args = argparse.Namespace(recompute="offload", offload_activations=False, memory_budget=None,
+                              host_memory_budget=None)
+    batches = [{"input_ids": torch.zeros(2, 16, dtype=torch.long)}]
+    plan = memory_budget.apply_memory_plan(args, model, batches, log=lambda line: None)
+    per_layer = 2 * 16 * model.config.hidden_size * 4                    # fp32
+    assert plan.strategies == ["offload"] * 3 and plan.host_bytes == 3 * per_layer
+    assert model.host_pool.reserved == plan.host_bytes and model.host_pool.allocations == 0
+    with use_backend("torch"):
+        for batch, seq in ((1, 10), (2, 16)):
+            model.train_step(*random_batch(model.config, batch, seq))
+            assert model.host_pool.allocations == 1
+            assert model.host_pool.nbytes == plan.host_bytes
 
 
 def test_default_host_budget_is_available_memory_minus_a_margin(monkeypatch):

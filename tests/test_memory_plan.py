@@ -1,20 +1,34 @@
 """The memory planner against what a train_step really holds, the three layer
-strategies against each other, and the planner's choices and errors.
+strategies against each other, the host pool of the offloaded inputs, and the
+planner's choices and errors.
 
 Peaks are tracked by a TorchDispatchMode that registers every storage an ATen op
 creates (not the storages of its inputs: views, in-place ops) with a weak
 reference to the storage itself (StorageWeakRef: a view keeps its storage alive,
 a dropped Python wrapper does not end it), and sums the storages still alive
-after every op. The kernels run on the Triton backend (the suite's, under the
-interpreter): its torch allocations are those of the GPU path (the torch backend
-has its own dense-weight cache and [S, S] attention temporaries). What the
-tracker cannot see (a kernel's registers, an op's internal scratch) the planner
-does not count either. The offloader's host copies are not device memory and are
-left out of the tally.
+after every op. Before it records a new peak it collects garbage: the Triton
+interpreter's launcher keeps each launch's arguments in reference cycles (its
+recursive helpers close over the dict of argument storages) until the next
+collection, which a compiled launch does not do, so what only a cycle holds is
+not what the step holds. (The objects that exist when the tracking starts are
+frozen out of those collections, gc.freeze, so that each stays cheap.) The kernels
+run on the Triton backend (the suite's, under the interpreter): its torch
+allocations are those of the GPU path (the torch backend has its own dense-weight
+cache and [S, S] attention temporaries).
+What the tracker cannot see (a kernel's registers, an op's internal scratch) the
+planner does not count either. The offloader's host pool is not device memory and
+is left out of the tally.
 
-Tolerance 10% (the issue's): the planner omits the RoPE tables' growth, position
-ids and a few [T] integer vectors (about 1% here)."""
+Margin: the replay must never predict less than the tracker measures, and may
+predict more only by what it counts that the tracker cannot see, all of it the
+batch: its input ids and targets (made before the step, outside the tracker),
+segment ids and the two int32 document bounds (these batches have none; the
+planner counts them for packed batches), 8 bytes a token each, and the 8-byte
+token count train_step returns (torch.tensor of a host int: no ATen op the mode
+sees) -- UNSEEN_BYTES_PER_TOKEN * T + 8 in all, 0.3-1.5% of the peaks here."""
 from __future__ import annotations
+
+import gc
 
 import pytest
 import torch
@@ -26,11 +40,20 @@ from anita_core.hf import load_model
 from anita_core.model import block
 from anita_core.lora import LoRAAdapters, LoRAConfig
 from anita_core.model.memory_plan import (STRATEGIES, MemoryBudgetError, StepShape, activation_peak,
-                                          plan_memory, shape_for_model)
+                                          host_bytes_per_offloaded_layer, plan_memory,
+                                          shape_for_model)
+from anita_core.model.ops import use_backend
 from anita_core.model.config import ModelConfig
 from tests.model_factory import make_tiny_llama_dir
 
-TOLERANCE = 0.10
+UNSEEN_BYTES_PER_TOKEN = 8 + 8 + 8 + 2 * 4     # ids, targets, segment ids, bounds
+
+
+def assert_predicted_covers(name, tracked, predicted, tokens):
+    """tracked <= predicted <= tracked + what the tracker cannot see (module docstring)."""
+    unseen = UNSEEN_BYTES_PER_TOKEN * tokens + 8
+    print(f"{name}: tracked {tracked} predicted {predicted} ratio {predicted / tracked:.3f}")
+    assert tracked <= predicted <= tracked + unseen, (name, tracked, predicted, unseen)
 
 
 class LiveDeviceBytes(TorchDispatchMode):
@@ -43,8 +66,7 @@ class LiveDeviceBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
-            del self.live[key]
+        self._drop_expired()        # first: a new storage may reuse an expired one's address
         inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
                   if isinstance(t, torch.Tensor)}
         for t in tree_leaves(out):
@@ -53,10 +75,30 @@ class LiveDeviceBytes(TorchDispatchMode):
                 key = storage.data_ptr()
                 if key not in self.live and key not in inputs and storage.nbytes():
                     self.live[key] = (StorageWeakRef(storage), storage.nbytes())
-        host = {t.untyped_storage().data_ptr() for t in self.host()}
-        now = sum(n for key, (_, n) in self.live.items() if key not in host)
+        now = self._now()
+        if now > self.peak:         # only what the program still reaches (module docstring)
+            gc.collect()
+            now = self._now()
         self.peak = max(self.peak, now)
         return out
+
+    def __enter__(self):
+        gc.collect()
+        gc.freeze()     # what exists already is never scanned again: collections stay cheap
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        gc.unfreeze()
+        return super().__exit__(*exc)
+
+    def _drop_expired(self) -> None:
+        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
+            del self.live[key]
+
+    def _now(self) -> int:
+        self._drop_expired()
+        host = {t.untyped_storage().data_ptr() for t in self.host()}
+        return sum(n for key, (_, n) in self.live.items() if key not in host)
 
 
 def tiny_model(tmp_path, num_layers, dropout):
@@ -123,9 +165,7 @@ def test_strategies_same_gradients_and_peak_as_predicted(tmp_path, monkeypatch, 
     for name, strategies in [("recompute", "recompute"), ("keep", "keep"), ("offload", "offload"),
                              ("mixed", mixed)]:
         runs[name] = tracked_step(model, strategies, ids, targets)
-        tracked, predicted = runs[name][:2]
-        print(f"{name}: tracked {tracked} predicted {predicted} ratio {predicted / tracked:.3f}")
-        assert abs(predicted - tracked) <= TOLERANCE * tracked, (name, tracked, predicted)
+        assert_predicted_covers(name, *runs[name][:2], T)
     base_loss, base_grads, base_state = runs["recompute"][2:]
     for name, (_, _, loss, grads, state) in runs.items():
         assert torch.equal(loss, base_loss), name
@@ -133,11 +173,12 @@ def test_strategies_same_gradients_and_peak_as_predicted(tmp_path, monkeypatch, 
             assert torch.equal(a, b), name            # bitwise, fp32
         assert torch.equal(state, base_state), name   # dropout generator left where it was
     assert all(torch.count_nonzero(g) for g in base_grads)     # every adapter was reached
-    # keeping activations costs memory, offloading saves it (more than 2 layers)
+    # keeping activations costs memory, offloading saves it (more than 2 layers: with 2,
+    # the top layer's input and the one prefetched below it are all there is)
     assert runs["keep"][0] > runs["recompute"][0]
-    if num_layers > 2:
-        assert runs["offload"][0] < runs["recompute"][0]
-    assert not model.offloader.held and not model.offloader.arriving
+    assert (runs["offload"][0] < runs["recompute"][0]) == (num_layers > 2)
+    assert (runs["offload"][1] < runs["recompute"][1]) == (num_layers > 2)
+    assert model.offloader.done()
 
 
 def test_mlp_chunks_match_one_chunk_and_lower_the_peak_as_predicted(tmp_path, monkeypatch):
@@ -147,11 +188,8 @@ def test_mlp_chunks_match_one_chunk_and_lower_the_peak_as_predicted(tmp_path, mo
     of <= 200 terms, whose rounding is ~200 * 6e-8 relative to their magnitudes), and
     a tracked peak that falls with the chunk rows, each within 10% of the replay's.
     M = 200: the attention's projections take the dequantize path, the chunks' the
-    fused one. The smallest chunks come out ~9% under the tracker here: the Triton
-    interpreter holds the arguments of each kernel's latest launch until its next
-    one (checked: the recompute's h1, last read by the last chunk's rms_norm_backward,
-    stays alive through the attention's backward), which a compiled launch does not,
-    and that fixed excess weighs more as the chunks shrink the rest."""
+    fused one. Each peak is covered as in every other case (module docstring), and
+    the saving itself is predicted within the same unseen bytes."""
     model = tiny_model(tmp_path, 2, 0.0)
     g = torch.Generator().manual_seed(7)
     V = model.config.vocab_size
@@ -164,17 +202,14 @@ def test_mlp_chunks_match_one_chunk_and_lower_the_peak_as_predicted(tmp_path, mo
             force_mlp_chunk_rows(monkeypatch, model, rows)
         assert block.mlp_chunk_rows(200, model.config.intermediate_size, model.dtype) == rows
         runs[rows] = tracked_step(model, "recompute", ids, targets)
-        tracked, predicted = runs[rows][:2]
-        print(f"chunk rows {rows}: tracked {tracked} predicted {predicted} "
-              f"ratio {predicted / tracked:.3f}")
-        assert abs(predicted - tracked) <= TOLERANCE * tracked, (rows, tracked, predicted)
+        assert_predicted_covers(f"chunk rows {rows}", *runs[rows][:2], 200)
     assert shape_for_model(model, 1, 200).dense_weights
     assert not shape_for_model(model, 1, 200).mlp_dense_weights
     peaks = [runs[rows][0] for rows in (200, 40, 8)]
     predicted = [runs[rows][1] for rows in (200, 40, 8)]
     assert peaks[0] > peaks[1] > peaks[2] and predicted[0] > predicted[1] > predicted[2]
-    # the saving itself as predicted (within the same 10% of the one-chunk peak)
-    assert abs((predicted[0] - predicted[2]) - (peaks[0] - peaks[2])) <= TOLERANCE * peaks[0]
+    # the saving itself as predicted (the unseen bytes are the same in both)
+    assert abs((predicted[0] - predicted[2]) - (peaks[0] - peaks[2])) <= UNSEEN_BYTES_PER_TOKEN * 200 + 8
     one_loss, one_grads = runs[200][2:4]
     scale = max(float(grad.abs().max()) for grad in one_grads)
     for rows in (40, 8):
@@ -186,6 +221,143 @@ def test_mlp_chunks_match_one_chunk_and_lower_the_peak_as_predicted(tmp_path, mo
     keep = tracked_step(model, "keep", ids, targets)
     assert torch.equal(keep[2], runs[8][2])
     assert all(torch.equal(a, b) for a, b in zip(keep[3], runs[8][3]))
+
+
+def random_batch(config, batch, seq, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    V = config.vocab_size
+    return (torch.randint(0, V, (batch, seq), generator=g),
+            torch.randint(0, V, (batch, seq), generator=g))
+
+
+def offload_two_of_three(model, batch, seq):
+    """The plan that offloads as many layers as a host budget of two layer inputs holds."""
+    shape = shape_for_model(model, batch, seq)
+    per_layer = host_bytes_per_offloaded_layer(model.config, shape)
+    plan = plan_memory(model.config, shape, strategy="offload", host_budget_bytes=2 * per_layer)
+    assert plan.strategies == ["offload", "offload", "recompute"]
+    assert plan.host_bytes == 2 * per_layer
+    return plan
+
+
+def test_offloaded_inputs_take_one_host_allocation_of_the_planned_bytes(tmp_path):
+    """The offloaded inputs of a step are views of ONE host allocation (offload.HostPool)
+    of exactly the planner's host figure, made once and kept by the next steps; a larger
+    micro-batch replaces it by one of exactly its size; a forward whose backward has not
+    run yet keeps its inputs: a forward meanwhile gets a pool of its own. On a CPU the pool
+    is not pinned (no pinned allocator without CUDA); what pinning adds is checked on a
+    GPU (tests/test_gpu_training.py:
+    test_gpu_offload_pins_exactly_the_planned_host_bytes)."""
+    model = tiny_model(tmp_path, 3, 0.0)
+    pool = model.host_pool
+    with use_backend("torch"):          # the offloader is the same on every backend
+        plan = offload_two_of_three(model, 2, 12)
+        model.set_layer_strategies(plan.strategies)
+        ids, targets = random_batch(model.config, 2, 12)
+        for _ in range(2):
+            hidden, state = model.forward_hidden(ids)
+            held = state.offloader.held
+            assert state.offloader.pool is pool and sorted(held) == [0, 1]
+            assert all(t.untyped_storage().data_ptr() == pool.buffer.data_ptr() for t in held.values())
+            assert pool.allocations == 1 and pool.nbytes == plan.host_bytes
+            model.backward_hidden(torch.ones_like(hidden), state)
+            assert state.offloader.done()
+        loss, _ = model.train_step(ids, targets)
+        assert pool.allocations == 1 and pool.nbytes == plan.host_bytes
+        assert model.offloader.host_tensors() == [pool.buffer] and not pool.buffer.is_pinned()
+
+        bigger = offload_two_of_three(model, 2, 20)
+        model.train_step(*random_batch(model.config, 2, 20))
+        assert pool.allocations == 2 and pool.nbytes == bigger.host_bytes
+
+        # three forwards before their backwards: the same gradients as three steps
+        for p in model.adapters.parameters():
+            p.grad = None
+        model.train_step(ids, targets)
+        one = [p.grad.clone() for p in model.adapters.parameters()]
+        for p in model.adapters.parameters():
+            p.grad = None
+        forwards = [model.forward_hidden(ids) for _ in range(3)]
+        pools = [state.offloader.pool for _, state in forwards]
+        assert pools[0] is pool and len({id(p) for p in pools}) == 3
+        assert pools[1].nbytes == pools[2].nbytes == plan.host_bytes
+        for hidden, state in (forwards[1], forwards[2], forwards[0]):
+            model.backward_hidden(_loss_gradient(model, hidden, targets), state)
+        for p, g in zip(model.adapters.parameters(), one):
+            assert torch.equal(p.grad, 3 * g)
+        assert pool.allocations == 2 and not pool.busy()
+
+
+def test_the_pinned_pool_registers_exactly_its_bytes_and_unregisters_after_the_copies(
+        monkeypatch):
+    """HostPool(pin=True) against a stand-in CUDA runtime (the real one needs a GPU): one
+    cudaHostRegister of exactly the bytes asked for (no power-of-two rounding), views side
+    by side in it; a larger request waits for the side stream's copies, unregisters the old
+    pool and registers the new one; so does the pool's end; a failed registration is an
+    error naming the bytes."""
+    from anita_core.model.offload import HostPool
+    calls, answer = [], [0]
+
+    class Runtime:
+        def cudaHostRegister(self, ptr, size, flags):
+            calls.append(("register", ptr, size))
+            return answer[0]
+
+        def cudaHostUnregister(self, ptr):
+            calls.append(("unregister", ptr))
+            return 0
+
+    class SideStream:
+        def synchronize(self):
+            calls.append(("synchronize",))
+    monkeypatch.setattr(torch.cuda, "cudart", Runtime)
+    pool = HostPool(pin=True, stream=SideStream())
+    pool.reserve(1000)
+    views = pool.views(2, (3, 5), torch.float32)
+    first = pool.buffer.data_ptr()
+    assert calls == [("register", first, 1000)] and pool.nbytes == 1000
+    assert [v.data_ptr() - first for v in views] == [0, 60] and views[1].shape == (3, 5)
+    del views
+    pool.views(3, (100,), torch.float32)                   # 1200 bytes: a new pool
+    second = pool.buffer.data_ptr()
+    assert calls[1:] == [("synchronize",), ("unregister", first), ("register", second, 1200)]
+    assert pool.allocations == 2
+    del pool
+    gc.collect()
+    assert calls[4:] == [("synchronize",), ("unregister", second)]
+    answer[0] = 2
+    with pytest.raises(RuntimeError, match="cudaHostRegister of 64 bytes .* failed"):
+        HostPool(pin=True).views(1, (16,), torch.float32)
+
+
+def _loss_gradient(model, hidden, targets):
+    from anita_core.model.ops import linear_cross_entropy_forward_backward
+    _, _, d_hidden, _ = linear_cross_entropy_forward_backward(
+        hidden, model.base.output_embedding, targets.reshape(-1), 1.0)
+    return d_hidden
+
+
+def test_an_offloading_step_waits_on_the_device_no_more_than_a_recomputing_one(tmp_path):
+    """The copies to the host pool and back never make the host wait (non_blocking; on a
+    GPU on the side stream, from page-locked memory): with the batch's facts counted on
+    the host, a step that offloads syncs exactly as often as one that recomputes (the
+    torch backend's own reads included), and never in offload.py."""
+    from anita_core.model.batch_facts import batch_facts
+    from bench.host_syncs import HostSyncCounter
+    model = tiny_model(tmp_path, 3, 0.0)
+    ids, targets = random_batch(model.config, 1, 16)
+    facts = batch_facts(ids, targets, None, model.config.vocab_size)
+    syncs = {}
+    with use_backend("torch"):
+        for strategy in ("recompute", "offload"):
+            model.set_layer_strategies(strategy)
+            model.train_step(ids, targets, facts=facts)          # warm: pool, tables
+            counter = HostSyncCounter()
+            with counter:
+                model.train_step(ids, targets, facts=facts)
+            syncs[strategy] = counter.syncs
+    assert len(syncs["offload"]) == len(syncs["recompute"]), syncs
+    assert not [s for s in syncs["offload"] if "offload.py" in s.where], syncs["offload"]
 
 
 def test_mlp_chunk_rows():

@@ -21,6 +21,7 @@ from anita_core.model.block import (BlockGeometry, BlockLoRA, block_backward, bl
                                     block_forward, block_forward_saving)
 from anita_core.model.config import ModelConfig
 from anita_core.model.memory_plan import STRATEGIES
+from anita_core.model.offload import BlockInputOffloader, HostPool
 from anita_core.model.ops import (linear_cross_entropy_forward, linear_cross_entropy_forward_backward,
                                   rms_norm_backward, rms_norm_forward, rope_cos_sin,
                                   token_logprobs_backward, token_logprobs_forward)
@@ -60,69 +61,6 @@ class LayerHooks:
         """Every block's backward has run (LoRA .grad complete on this process)."""
 
 
-class BlockInputOffloader:
-    """Block inputs to pinned host memory in the forward and back in the backward,
-    on a side CUDA stream so that the copies overlap the blocks' compute.
-
-    The forward's device-to-host copy of layer i's input starts once the compute
-    stream has produced it (the side stream waits on the compute stream) and the
-    device tensor is kept alive for that stream (record_stream); the backward
-    starts the host-to-device copy of the next offloaded layer down while the
-    current layer's backward runs (``prefetch``), and the compute stream waits for
-    it only when it needs it (``fetch``). So at most two offloaded inputs are on
-    the device at once during the backward: the one in use and the one arriving.
-
-    On a CPU there is one memory: the "host" copy is a plain copy and so is the
-    copy back (what the tests exercise); ``host_bytes`` says how much is held."""
-
-    def __init__(self, device: torch.device, stream=None):
-        self.cuda = device.type == "cuda"
-        self.stream = stream
-        self.device = device
-        self.arriving: dict = {}
-        self.held: dict = {}
-
-    def host_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.held.values())
-
-    def host_tensors(self) -> List[torch.Tensor]:
-        return list(self.held.values())
-
-    def stash(self, i: int, h: torch.Tensor) -> None:
-        if not self.cuda:
-            self.held[i] = h.clone()
-            return
-        host = torch.empty(h.shape, dtype=h.dtype, device="cpu", pin_memory=True)
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.stream):
-            host.copy_(h, non_blocking=True)
-        h.record_stream(self.stream)
-        self.held[i] = host
-
-    def prefetch(self, i: int) -> None:
-        """Start bringing layer i's input back (no-op if it is on its way)."""
-        if i in self.arriving:
-            return
-        host = self.held.pop(i)
-        if not self.cuda:
-            self.arriving[i] = (host.to(self.device, copy=True), None)
-            return
-        with torch.cuda.stream(self.stream):
-            device_copy = host.to(self.device, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(self.stream)
-        self.arriving[i] = (device_copy, done)
-
-    def fetch(self, i: int) -> torch.Tensor:
-        self.prefetch(i)
-        device_copy, done = self.arriving.pop(i)
-        if done is not None:
-            current = torch.cuda.current_stream(self.device)
-            current.wait_event(done)
-            device_copy.record_stream(current)
-        return device_copy
-
-
 class QLoRALlama:
     """A LLaMA-family decoder with frozen NF4 projections and optional LoRA adapters.
 
@@ -146,10 +84,12 @@ class QLoRALlama:
         # per layer: "keep", "recompute" or "offload" (set_layer_strategies; a memory
         # plan chooses them); None: every layer recomputes (or offloads, see above)
         self.layer_strategies: Optional[List[str]] = None
-        # the side stream the offloaded copies share; each forward gets its own
-        # offloader (the latest is kept here, for tests and diagnostics)
+        # the side stream the offloaded copies share, and the host pool of their inputs;
+        # each forward gets its own offloader (the latest is kept here, for tests and
+        # diagnostics), on the model's pool unless a forward still holds it
         self._offload_stream = None
-        self.offloader = BlockInputOffloader(self.device)
+        self.host_pool = HostPool(self.device.type == "cuda")
+        self.offloader = BlockInputOffloader(self.device, pool=self.host_pool)
 
     # ------------------------------------------------------------------ helpers
     def train(self, mode: bool = True) -> "QLoRALlama":
@@ -262,9 +202,7 @@ class QLoRALlama:
         state = ForwardState(geo, self.strategies()) if for_backward else None
         replay = for_backward and self._uses_dropout()
         if state is not None and "offload" in state.strategies:
-            if self._offload_stream is None and self.device.type == "cuda":
-                self._offload_stream = torch.cuda.Stream(self.device)
-            state.offloader = self.offloader = BlockInputOffloader(self.device, self._offload_stream)
+            state.offloader = self.offloader = self._new_offloader(state.strategies)
         h = self.embed(input_ids, checked=facts is not None)
         for i, layer in enumerate(self.base.layers):
             strategy = state.strategies[i] if state is not None else None
@@ -288,6 +226,16 @@ class QLoRALlama:
             state.final_input, state.final_rstd = h, rstd
             state.generator_state_after = self.dropout_generator.get_state() if replay else None
         return hf, state
+
+    def _new_offloader(self, strategies: List[str]) -> BlockInputOffloader:
+        if self._offload_stream is None and self.device.type == "cuda":
+            self._offload_stream = torch.cuda.Stream(self.device)
+            self.host_pool.stream = self._offload_stream
+        pool = self.host_pool
+        if pool.busy():     # a forward whose backward has not run holds it: one of its own
+            pool = HostPool(self.device.type == "cuda", self._offload_stream)
+        layers = [i for i, s in enumerate(strategies) if s == "offload"]
+        return BlockInputOffloader(self.device, self._offload_stream, pool, layers)
 
     def backward_hidden(self, d_hidden: torch.Tensor, state: ForwardState) -> None:
         """Back-propagate dL/d(final normed hidden) through every block, adding the

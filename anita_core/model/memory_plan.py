@@ -21,11 +21,19 @@ dropout mask, a fused group's stacked A and B), the MLP chunk by chunk
 (block.mlp_chunk_rows: a kept layer holds every chunk's g, u, m, a recomputed
 one builds one chunk's at a time) and, on the dequantize path (M above the fused
 threshold: T rows for the attention's projections, one chunk's for the MLP's),
-the dense weights a recompute holds from their first use to their backward. What it
-leaves out is below the noise: RoPE tables, bounds, a few [T] vectors of ints.
+the dense weights a recompute holds from their first use to their backward, the
+LoRA backward's dA and dB, the fused loss's per-chunk rows (hidden rows, labels, fp32
+dh_c, the [chunk] vectors), and the batch on the device (ids, targets, positions,
+segment ids, the document bounds; counted whether or not the batch is packed).
 ``predicted`` = static bytes (NF4 weights, LoRA weights, their grads and AdamW
-states) + the activation peak; tests/test_memory_plan.py compares the activation
-peak with a live-tensor tracker on the tiny model for every strategy.
+states, the RoPE tables) + the activation peak: tests/test_memory_plan.py checks, for
+every strategy on the tiny model, that the activation peak is at least what a
+live-tensor tracker measures and over it by no more than the batch tensors the
+tracker cannot see. Not counted: a kernel's own scratch (registers, shared memory,
+cuBLAS' workspace, made once per process), and the CUDA caching allocator's
+rounding, which the replay bounds separately (``allocator_peak``: each block
+rounded to 512 bytes, up to 1 MiB more for a block above 1 MiB) and the default
+budget's margin covers (train.memory_budget.default_memory_budget).
 
 The plan keeps as many layers as fit, the last layers first: the backward
 reaches them first, so their activations are gone before any recompute's working
@@ -34,7 +42,10 @@ The rest recompute; when even full recompute does not fit, the fewest first
 layers whose inputs must leave the device are offloaded.
 
 Offloading is bounded by the host too: each offloaded layer input stays in pinned
-host memory, T x hidden x e bytes, through the step. With ``host_budget_bytes`` the
+host memory, T x hidden x e bytes, through the step, in one pool of exactly the
+offloaded layers' bytes (offload.HostPool: page-locked with cudaHostRegister, which
+does not round it up to a power of two as torch's pinned allocator would), so
+``MemoryPlan.host_bytes`` is what the run pins. With ``host_budget_bytes`` the
 plan offloads no more layers than that holds: a forced "offload" offloads as many
 as fit there and recomputes the rest; when the device needs more offloaded layers
 than the host can hold, the plan is refused (MemoryBudgetError naming both).
@@ -89,6 +100,9 @@ class StepShape:
     # projections take the dequantize path at that M (default: dense_weights)
     mlp_chunk_rows: Optional[int] = None
     mlp_dense_weights: Optional[bool] = None
+    # the lm-head's fp32-output matmuls upcast their operands (csrc_triton.linear_loss_matmul
+    # .upcasts: half dtypes on a CPU, or a torch without mm's out_dtype)
+    loss_upcast: bool = False
     optimizer_state_bytes_per_param: int = 8     # AdamW: two fp32 moments
 
     @property
@@ -119,20 +133,36 @@ class MemoryPlan:
                 f"(budget {budget}; {alternatives})")
 
 
-def activation_peak(config, shape: StepShape, strategies: Sequence[str]) -> int:
-    """Peak bytes of the tensors one train_step allocates (not the weights)."""
+def _replay(config, shape: StepShape, strategies: Sequence[str]) -> StepReplay:
     for s in strategies:
         if s not in STRATEGIES:
             raise ValueError(f"strategy {s!r} is not one of {', '.join(STRATEGIES)}")
     if len(strategies) != config.num_hidden_layers:
         raise ValueError(f"strategies: got {len(strategies)} for {config.num_hidden_layers} layers")
-    return StepReplay(config, shape).step(strategies)
+    replay = StepReplay(config, shape)
+    replay.step(strategies)
+    return replay
+
+
+def activation_peak(config, shape: StepShape, strategies: Sequence[str]) -> int:
+    """Peak bytes of the tensors one train_step allocates (not the weights)."""
+    return _replay(config, shape, strategies).live.peak
+
+
+def allocator_peak(config, shape: StepShape, strategies: Sequence[str]) -> int:
+    """The most the CUDA caching allocator may count for the same tensors (each
+    rounded as step_replay.block_bytes says): an upper bound of the measured
+    activation bytes on a GPU, where activation_peak is the tensors' own bytes."""
+    return _replay(config, shape, strategies).live.blocks_peak
 
 
 def static_bytes(config, shape: StepShape) -> int:
     """NF4 projections (packed nibbles + fp32 absmax, the upper bound of double quant),
     the norms and embeddings in the activation dtype, LoRA weights + grads + optimizer
-    state in fp32."""
+    state in fp32, and the RoPE tables (fp32 cos and sin of head_dim / 2 columns) for
+    max(seq, 256) positions: what train.memory_budget.apply_memory_plan grows them to
+    before the first step (llama.rope_tables, which doubles past what it is asked for,
+    could hold up to twice that if it grew step by step)."""
     e, H = element_size(shape.dtype), config.hidden_size
     shapes = projection_shapes(config)
     n_weights = sum(a * b for a, b in shapes.values())
@@ -144,7 +174,8 @@ def static_bytes(config, shape: StepShape) -> int:
                    if name in shape.lora_targets)
     per_layer = nf4 + norms + lora * (4 + 4 + shape.optimizer_state_bytes_per_param)
     embeddings = config.vocab_size * H * e * (1 if config.tie_word_embeddings else 2)
-    return config.num_hidden_layers * per_layer + embeddings + H * e
+    rope = 2 * max(shape.seq, 256) * (config.head_dim // 2) * 4
+    return config.num_hidden_layers * per_layer + embeddings + H * e + rope
 
 
 def host_bytes_per_offloaded_layer(config, shape: StepShape) -> int:
@@ -238,5 +269,7 @@ def shape_for_model(model, batch: int, seq: int) -> StepShape:
     dense = choose_path("block", batch * seq, dtype=model.dtype) == "dequant"
     rows = mlp_chunk_rows(batch * seq, model.config.intermediate_size, model.dtype)
     mlp_dense = choose_path("block", rows, dtype=model.dtype) == "dequant"
+    from csrc_triton.linear_loss_matmul import upcasts
+    upcast = active_backend() == "triton" and upcasts(model.device, model.dtype)
     return StepShape(batch, seq, model.dtype, rank, targets, dropout, compute, dense, compute,
-                     mlp_chunk_rows=rows, mlp_dense_weights=mlp_dense)
+                     mlp_chunk_rows=rows, mlp_dense_weights=mlp_dense, loss_upcast=upcast)

@@ -1,7 +1,12 @@
 """The memory planner's replay of one train_step: which tensors block.py and
 llama.py hold, tensor by tensor, and the peak of their bytes (see memory_plan's
 docstring for what it covers and what it leaves out). Pure arithmetic: nothing
-is allocated."""
+is allocated.
+
+Besides the exact bytes, ``_Live`` keeps the peak of what the CUDA caching allocator
+may hold for the same tensors (``block_bytes``): each request rounded up to 512
+bytes, and a block from the large pool (requests above 1 MiB) left unsplit when less
+than 1 MiB would remain, so up to 1 MiB more than asked."""
 from __future__ import annotations
 
 import math
@@ -10,8 +15,21 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 
 from anita_core.model.weights import FUSED_GROUPS, PROJECTIONS
+from csrc_triton.linear_loss_matmul import upcast_bytes
 
 LOSS_CHUNK_BYTES = 256 * 2**20      # csrc_triton.linear_loss.DEFAULT_CHUNK_BYTES
+LORA_PARAM_BYTES = 4                # LoRA A/B and their gradients: fp32 (memory_plan.static_bytes)
+INDEX_BYTES = 8                     # int64 token ids, targets, positions, segment ids, row indices
+ALLOCATOR_ROUND = 512               # the CUDA caching allocator's size granularity (kMinBlockSize)
+ALLOCATOR_SMALL = 2**20             # kSmallSize: above it a block may keep < 1 MiB unsplit
+
+
+def block_bytes(n: int) -> int:
+    """The most the CUDA caching allocator may count for a request of n bytes."""
+    if n == 0:
+        return 0
+    rounded = -(-n // ALLOCATOR_ROUND) * ALLOCATOR_ROUND
+    return rounded + (ALLOCATOR_SMALL if rounded > ALLOCATOR_SMALL else 0)
 
 
 def element_size(dtype: torch.dtype) -> int:
@@ -49,21 +67,31 @@ def row_bytes(config, shape) -> Dict[str, int]:
 
 
 class _Live:
-    """Named allocations and the running peak."""
+    """Named allocations and the running peak, in bytes and in allocator blocks."""
 
     def __init__(self):
         self.held: Dict[str, int] = {}
         self.now = self.peak = 0
+        self.blocks_now = self.blocks_peak = 0
 
     def alloc(self, name: str, n: int) -> None:
         assert name not in self.held, name
         self.held[name] = n
         self.now += n
+        self.blocks_now += block_bytes(n)
         self.peak = max(self.peak, self.now)
+        self.blocks_peak = max(self.blocks_peak, self.blocks_now)
 
     def free(self, *names: str) -> None:
         for name in names:
-            self.now -= self.held.pop(name)
+            n = self.held.pop(name)
+            self.now -= n
+            self.blocks_now -= block_bytes(n)
+
+    def rename(self, old: str, new: str) -> None:
+        """The same tensor under another name (a value handed on, or updated in place)."""
+        assert new not in self.held, new
+        self.held[new] = self.held.pop(old)
 
     def free_prefix(self, prefix: str, keep: Sequence[str] = ()) -> None:
         self.free(*[n for n in self.held if n.startswith(prefix) and n not in keep])
@@ -177,6 +205,7 @@ class StepReplay:
                 self._alloc(f"{p}dy:{part[0]}", f"out:{part[0]}", rows)
             if gb:
                 live.alloc(f"{p}gB:{part[0]}", gb)
+                live.alloc(f"{p}dAB:{part[0]}", self._lora_grad_bytes(part))
             for m in part:
                 if r[f"drop:{m}"]:
                     self._transient(f"{p}drop:{m}", rows * r[f"drop:{m}"])
@@ -184,8 +213,11 @@ class StepReplay:
             # (with the SwiGLU epilogue on the dequantize path, dm and then dgate, dup are
             # written into dX's own [rows, 2I]: nothing beside it)
             live.alloc(f"{p}{dx}{j}", dx_bytes)
+            for m in part:                      # the dequantize path's masked g A [rows, K]
+                if r[f"mask:{m}"] and self.dense_path[m]:
+                    self._transient(f"{p}gA:{m}", rows * self.weights[m][1] * self.dense_elt)
             if gb:
-                live.free(f"{p}gB:{part[0]}")
+                live.free(f"{p}gB:{part[0]}", f"{p}dAB:{part[0]}")
             if split_dy and not fused:
                 live.free(f"{p}dy:{part[0]}")
             self._drop_contexts(p, part)
@@ -194,8 +226,20 @@ class StepReplay:
             if j:                               # dx = dx + dx_j
                 live.alloc(f"{p}{dx}sum{j}", dx_bytes)
                 live.free(f"{p}{dx}0", f"{p}{dx}{j}")
-                live.held[f"{p}{dx}0"] = live.held.pop(f"{p}{dx}sum{j}")
-        live.held[p + dx] = live.held.pop(f"{p}{dx}0")
+                live.rename(f"{p}{dx}sum{j}", f"{p}{dx}0")
+        live.rename(f"{p}{dx}0", p + dx)
+
+    def _lora_grad_bytes(self, part: Sequence[str]) -> int:
+        """dA and dB of a projection (lora_linear_backward: [r, K] and [N, r]) or of a fused
+        group (lora_linear_fused_backward: fp32 [R, K] and [sum N, R] for the stacked rank R,
+        and each member's dB copied out of the block-diagonal when there are several),
+        alive from before the dX matmul until it returns."""
+        adapted = [m for m in part if self.r[f"xa:{m}"]]
+        rank = self.shape.lora_rank
+        R, K = rank * len(adapted), self.weights[part[0]][1]
+        n = sum(self.weights[m][0] for m in part)
+        copies = sum(self.weights[m][0] * rank for m in adapted) if len(adapted) > 1 else 0
+        return (R * K + n * R + copies) * LORA_PARAM_BYTES
 
     def block_forward(self, i: int, keep: bool, reuse: bool, mlp: bool = True) -> None:
         """Layer i's forward from its input f"{i}.h0" (present). ``keep``: what
@@ -265,7 +309,7 @@ class StepReplay:
         live.free(p + "x1", *(p + name for name in grads))
         self._alloc(p + "dx1_h0", "h", T)
         live.free(p + "dx1", p + "dx1_h0")
-        live.held[p + "dh0"] = live.held.pop(p + "dh1")      # dh1 += dx1_h0, in place
+        live.rename(p + "dh1", p + "dh0")                    # dh1 += dx1_h0, in place
         self.live.free_prefix(p, keep=(p + "dh0",))     # block_backward_saved returns
         return p + "dh0"
 
@@ -283,23 +327,44 @@ class StepReplay:
         live.free_prefix(c)
 
     def loss(self, T: int) -> None:
-        """linear_cross_entropy_forward_backward: dhidden [T, H], per-row fp32 [T]
-        vectors, and one chunk of fp32 logits (+ its half copy in half precision)."""
+        """linear_cross_entropy_forward_backward: dhidden [T, H], the per-row vectors
+        (int64 row indices, fp32 lse, target, row scale), and for one chunk of rows its
+        hidden rows, labels, lse and target, its fp32 logits (+ the gradient rows in half
+        precision), the row scales of its gradient rows (a transient), and dh_c =
+        dlogits W in fp32 (+ its cast to the dtype);
+        then the loss sum and token count that train_step returns. ``loss_upcast``: the
+        two matmuls' operands are upcast to fp32 a block at a time (a CPU, or a torch
+        without out_dtype), beside their results."""
         c, e, live = self.c, element_size(self.shape.dtype), self.live
-        V = c.vocab_size
+        V, H = c.vocab_size, c.hidden_size
         rows = max(1, LOSS_CHUNK_BYTES // (4 * V))
         rows = min(T, rows - rows % 16 if rows >= 16 else rows)
-        live.alloc("loss.dhidden", T * c.hidden_size * e)
-        live.alloc("loss.rows", T * (8 + 4 + 4 + 4))            # rows, lse, target, row_scale
+        live.alloc("loss.dhidden", T * H * e)
+        live.alloc("loss.rows", T * (INDEX_BYTES + 4 + 4 + 4))  # rows, lse, target, row_scale
         if e != 4:
             live.alloc("loss.half", rows * V * e)
+        live.alloc("loss.chunk", rows * (H * e + INDEX_BYTES))  # h_c, labels_c
         live.alloc("loss.logits", rows * V * 4)
+        if self.shape.loss_upcast:      # linear_loss_matmul: fp32 copies of operand blocks
+            self._transient("loss.upcast", upcast_bytes(rows, H, V))
+        live.alloc("loss.chunk_rows", rows * (4 + 4))         # lse_c, target_c
+        # the gradient rows' row_scale[rows_c] (and its scaled copy in half precision)
+        self._transient("loss.row_scale_c", rows * (4 if e == 4 else 8))
+        live.alloc("loss.dh_c", rows * H * 4)
+        if self.shape.loss_upcast:
+            self._transient("loss.upcast", upcast_bytes(rows, V, H))
+        if e != 4:
+            self._transient("loss.dh_c_cast", rows * H * e)
         live.free_prefix("loss.", keep=("loss.dhidden",))
+        live.alloc("loss.result", 4 + INDEX_BYTES)            # loss_sum, n_tokens
 
     def step(self, strategies: Sequence[str]) -> int:
         """Peak activation bytes of one train_step under these per-layer strategies."""
         live, L, T = self.live, len(strategies), self.shape.tokens
         h = T * self.r["h"]
+        # the batch on the device: input ids, targets, position ids and segment ids (or
+        # the positions llama.geometry makes), and the int32 document bounds [B, S] x 2
+        live.alloc("batch", T * (4 * INDEX_BYTES + 2 * 4))
         live.alloc("0.h0", h)                                  # the embedding rows
         for i, strategy in enumerate(strategies):
             if strategy == "offload":
@@ -307,7 +372,7 @@ class StepReplay:
             self.block_forward(i, keep=strategy == "keep", reuse=False)
             if strategy == "offload":
                 live.free(f"{i}.h0")
-            live.held[f"{i + 1}.h0"] = live.held.pop(f"{i}.h2")  # the next block's input
+            live.rename(f"{i}.h2", f"{i + 1}.h0")                # the next block's input
         live.alloc("final.x", h); self._alloc("final.rstd", "rstd", T)
         self.loss(T)
         live.free("final.x")                                   # train_step drops it

@@ -116,8 +116,11 @@ def host_budget(args, device: torch.device) -> Optional[int]:
 def apply_memory_plan(args, model, batches, log, largest=None):
     """Choose each layer's strategy for the largest micro-batch and log the prediction:
     ``largest`` (rows, seq) when the caller knows a bound over every epoch, else the
-    largest of ``batches``. Raises MemoryBudgetError (naming the smallest budget, or the
-    host memory an offloading plan needs) when nothing fits."""
+    largest of ``batches``. The model's RoPE tables are grown to that length and its
+    host pool is sized to the plan's host bytes, as the plan counts them: every
+    micro-batch's offloaded inputs share one allocation of exactly the planned size.
+    Raises MemoryBudgetError (naming the smallest budget, or the host memory an
+    offloading plan needs) when nothing fits."""
     from anita_core.model.memory_plan import plan_memory, shape_for_model
     strategy = args.recompute
     if strategy == "auto" and args.offload_activations:
@@ -128,6 +131,8 @@ def apply_memory_plan(args, model, batches, log, largest=None):
     plan = plan_memory(model.config, shape_for_model(model, rows, seq), budget, strategy,
                        host_budget_bytes=host_budget(args, model.device))
     model.set_layer_strategies(plan.strategies)
+    model.rope_tables(seq)      # the size the plan's static bytes count (no doubling later)
+    model.host_pool.reserve(plan.host_bytes)    # pinned once, by the first offloading step
     log(f"{plan.describe()} for micro-batches up to {rows} x {seq} tokens (a prediction)")
     return plan
 
