@@ -138,7 +138,8 @@ def test_resume_on_two_ranks_and_on_one_process_matches_an_uninterrupted_run(kil
     # the premise: every run sees the same micro-batches (none cut by 2 ranks)
     for name, proc in procs.items():
         assert "16 micro-batches per epoch" in proc.stderr_text, f"{name}: {proc.stderr_text[-2000:]}"
-    assert_reported_by_one_process(two, steps=range(CHECKPOINT_STEP + 1, TARGET_STEP + 1))
+    # first asked for on this resume, the backends start with the steps logged before it
+    assert_reported_by_one_process(two, steps=range(1, TARGET_STEP + 1))
     expected = adapter(straight)
     worst = max(assert_close(adapter(two), expected, "2-rank resume"),
                 assert_close(adapter(one), expected, "1-process resume from a 2-rank checkpoint"))

@@ -66,7 +66,7 @@ def resumed_run(tmp_path_factory):
 
 def assert_reported_by_one_process(out, steps) -> None:
     """One TensorBoard event file and one W&B offline run in ``out``, each holding
-    ``steps`` with metrics.jsonl's values (a run that did not report before them)."""
+    ``steps`` with metrics.jsonl's values (a run whose first report this was)."""
     expected = {s: row for s, row in expected_rows(out).items() if s in steps}
     assert sorted(expected) == list(steps)
     assert len(event_files(out / TENSORBOARD_DIR)) == 1
@@ -135,9 +135,10 @@ def test_wandb_offline_resumes_the_same_run_rewound_to_the_checkpoint(resumed_ru
         assert run["project"] == "project-from-flag" and run["display_name"] == "name-from-env"
         assert run["config"]["update"]["max_steps"] == STEPS         # the run's TrainConfig
     assert "branch_point" not in first
-    assert int(second["branch_point"]["value"]) == RESUME_AT
-    # the second segment starts after the rewind point; the first still holds the old steps
-    assert min(segments[1]["history"]) == RESUME_AT + 1 and max(segments[0]["history"]) == STEPS
+    # rewound to the step before the checkpoint's, whose row the second segment logs again
+    # (the first segment still holds the steps the resume replays)
+    assert int(second["branch_point"]["value"]) == RESUME_AT - 1
+    assert min(segments[1]["history"]) == RESUME_AT and max(segments[0]["history"]) == STEPS
     # what the run holds once synced: metrics.jsonl's steps and values, exactly
     assert wandb_synced_history(segments) == expected_rows(out)
     assert "wandb sync" in stderr        # W&B itself tells how to upload the offline run
@@ -208,14 +209,14 @@ def test_wandb_online_without_a_login_is_one_line(tmp_path):
 
 def test_tensorboard_cut_back_rewrites_the_files_and_survives_a_kill_between_its_two_halves(tmp_path):
     log = TensorBoardLog(tmp_path)
-    log.open(0)
+    log.open(0, {})
     for step in range(1, 6):
         log.log(step, {"train/loss": 10.0 - step, "train/learning_rate": step / 8})
     log.close(failed=False)
     (first_file,) = event_files(tmp_path / TENSORBOARD_DIR)
     kept_copy = tmp_path / "first-file"
     shutil.copy(first_file, kept_copy)
-    log.open(3)
+    log.open(3, {})
     log.log(4, {"train/loss": 40.0})
     log.close(failed=False)
     # a kill after the new file was written but before the older one was deleted
@@ -224,7 +225,7 @@ def test_tensorboard_cut_back_rewrites_the_files_and_survives_a_kill_between_its
     # TensorBoard honours the new file's purge marker: it shows the cut-back log already
     expected = {s: {"train/loss": 10.0 - s, "train/learning_rate": s / 8} for s in (1, 2, 3)}
     assert tensorboard_view(tmp_path / TENSORBOARD_DIR) == {**expected, 4: {"train/loss": 40.0}}
-    log.open(4)
+    log.open(4, {})
     log.close(failed=False)
     stored = tensorboard_scalars(tmp_path / TENSORBOARD_DIR)
     assert len(event_files(tmp_path / TENSORBOARD_DIR)) == 1
@@ -241,7 +242,7 @@ class FailsOnStep:
     def __init__(self, step):
         self.step, self.logged, self.closed = step, [], None
 
-    def open(self, step):
+    def open(self, step, rows):
         pass
 
     def log(self, step, metrics):
@@ -265,3 +266,42 @@ def test_a_backend_that_fails_to_write_is_turned_off_with_one_warning_not_the_ru
     assert flaky.logged == [1] and flaky.closed is True
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
     assert sorted(tensorboard_view(tmp_path / TENSORBOARD_DIR)) == [1, 2, 3, 4]
+
+
+def test_memory_figures_are_the_allocators_on_a_gpu_and_absent_on_a_cpu(resumed_run, tmp_path):
+    import torch
+    from anita_core.train.memory_budget import device_memory_gib
+    assert device_memory_gib(torch.device("cpu")) == {}
+    out, _, _ = resumed_run
+    assert not any(k.startswith("memory_") for r in read_metrics(out) for k in r)
+
+
+@pytest.mark.gpu
+def test_a_gpu_run_reports_its_memory_figures(tmp_path):
+    """On a GPU every step's record carries the allocator's figures (GiB), the peak never
+    below what is allocated, and TensorBoard shows them under train/memory_*."""
+    out = tmp_path / "run"
+    proc = run_script("train_sft.py", *TINY, "--max-steps", 2, "--report-to", "tensorboard",
+                      "--output-dir", out, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = [r for r in read_metrics(out) if "loss" in r]
+    for r in steps:
+        assert 0 < r["memory_allocated_gib"] <= r["memory_peak_gib"] <= r["memory_reserved_gib"], r
+    view = tensorboard_view(out / TENSORBOARD_DIR)
+    assert view[2]["train/memory_peak_gib"] == float(np.float32(steps[-1]["memory_peak_gib"]))
+
+
+def test_tensorboard_opens_with_the_rows_metrics_jsonl_holds_that_no_event_file_does(tmp_path):
+    """A kill between metrics.jsonl's write and TensorBoard's (or TensorBoard first asked
+    for on a resume): the opening writes those values from metrics.jsonl, in step order."""
+    log = TensorBoardLog(tmp_path)
+    log.open(0, {})
+    log.log(1, {"train/loss": 3.0})
+    log.close(failed=False)
+    rows = {1: {"train/loss": 3.0}, 2: {"train/loss": 2.5, "eval/loss": 2.75}}
+    log.open(2, rows)
+    log.log(3, {"train/loss": 2.0})
+    log.close(failed=False)
+    assert tensorboard_view(tmp_path / TENSORBOARD_DIR) == {**rows, 3: {"train/loss": 2.0}}
+    stored = tensorboard_scalars(tmp_path / TENSORBOARD_DIR)
+    assert [step for tag, step, _, _ in stored if tag == "train/loss"] == [1, 2, 3]

@@ -319,8 +319,8 @@ def run_training(trainer, args, model_dir, model, adapters, run, log,
         reset_peak_memory(model.device)     # the plan predicts from here: loading is done
         with exit_on_disk_full(run.output_dir, log):
             code = _train_and_report(trainer, args, model_dir, model, adapters, run, log, data_stats)
-        if trainer.dist.is_main:
-            draw_run_curves(run.output_dir, log)        # however the run ended
+        if trainer.dist.is_main and code != EXIT_BAD_INPUT:     # it trained, however it ended
+            draw_run_curves(run.output_dir, log)
         if model.device.type == "cuda":
             log(f"measured peak device memory: {torch.cuda.max_memory_allocated(model.device) / 2**30:.2f} "
                 f"GiB (torch.cuda.max_memory_allocated since the first step)")

@@ -9,11 +9,12 @@ them (its ``rewrite_logs``): ``eval_x`` becomes ``eval/x`` and every other key
 ``train/rewards/chosen``, ``eval/logps/rejected`` ..., the panels a TRL run's have.
 
 A resume cuts metrics.jsonl back to its checkpoint's step before the trainer opens the
-backends (``Reporter.session``), and each backend is cut back to that same step when it
-opens, so every curve holds each step once: TensorBoard rewrites its event files
-without the later steps (report_tensorboard.py), W&B continues the same run rewound
-to the last step kept (report_wandb.py). A backend that was asked for but is not
-installed is refused while the flags are parsed, before anything loads.
+backends (``Reporter.session``), and each backend opens cut back to that same step and
+holding metrics.jsonl's rows up to it, so every curve holds each step once:
+TensorBoard rewrites its event files without the later steps (report_tensorboard.py),
+W&B continues the same run rewound (report_wandb.py). A backend first asked for on a
+resume starts with the rows the run logged before. A backend that was asked for but
+is not installed is refused while the flags are parsed, before anything loads.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterator, Sequence, Tuple
 
 from anita_core.train.report_wandb import DEFAULT_WANDB_PROJECT
-from anita_core.train.run_folder import append_metrics
+from anita_core.train.run_folder import append_metrics, read_metrics
 
 BACKENDS = ("tensorboard", "wandb")
 # backend -> (what the code imports, the pip package, the setup.py extra)
@@ -112,13 +113,23 @@ class Reporter:
             raise
         self.close(failed=False)
 
+    def kept_rows(self, step: int) -> Dict[int, Dict[str, float]]:
+        """step -> metrics (backends' names; a step's train and eval records together) of
+        metrics.jsonl's records up to ``step``: what each backend holds when it opens."""
+        rows: Dict[int, Dict[str, float]] = {}
+        for record in read_metrics(self.output_dir):
+            if 0 < record.get("step", 0) <= step:
+                rows.setdefault(record["step"], {}).update(backend_metrics(record))
+        return dict(sorted(rows.items()))
+
     def open(self, step: int) -> None:
         """Open every backend at ``step``; ReportError (naming it) when one cannot start."""
-        if not self.writes:
+        if not self.writes or not self.backends:
             return
+        kept = self.kept_rows(step)
         for backend in self.backends:
             try:
-                backend.open(step)
+                backend.open(step, kept)
             except Exception as e:
                 self.close(failed=True)
                 raise ReportError(f"{backend.name}: {e}") from e

@@ -11,7 +11,9 @@ are then deleted. The new file also starts with the purge marker at step k + 1, 
 that a process killed between the two (both files left) still reads as the cut-back
 log: to the EventAccumulator, and to the next opening, which reads the files in the
 order they were started, a marker dropping what came before it from its step on,
-and converges to the same single file.
+and converges to the same single file. A value metrics.jsonl holds but no event file
+does (a kill between the two writes, or TensorBoard first asked for on this resume)
+is written then too, timed at the opening.
 """
 from __future__ import annotations
 
@@ -57,16 +59,21 @@ class TensorBoardLog:
         self.log_dir = Path(output_dir) / TENSORBOARD_DIR
         self.writer = None
 
-    def open(self, step: int) -> None:
+    def open(self, step: int, rows: Dict[int, Dict[str, float]]) -> None:
+        """Cut back to ``step``; ``rows``: metrics.jsonl's rows up to it (step -> tag -> value)."""
         from torch.utils.tensorboard import SummaryWriter
         earlier = event_files(self.log_dir)
         kept = scalars_up_to(self.log_dir, step) if earlier else []
+        written = {(tag, s) for s, _, tag, _ in kept}
+        # one list in step order: readers take a step going back within a tag for a restart
+        kept = sorted(kept + [(s, None, tag, v) for s, row in rows.items() for tag, v in row.items()
+                              if (tag, s) not in written], key=lambda item: item[0])
         # a suffix of its own: the new file is never one of the earlier ones, even when
         # one process opens twice within a second (the names' time is in seconds)
         self.writer = SummaryWriter(str(self.log_dir), purge_step=step + 1 if earlier else None,
                                     filename_suffix=f".anita-{secrets.token_hex(4)}")
         for s, wall, tag, value in kept:
-            self.writer.add_scalar(tag, value, s, walltime=wall)
+            self.writer.add_scalar(tag, value, s, walltime=wall)      # None: now
         self.writer.flush()
         for path in earlier:
             path.unlink()
