@@ -30,7 +30,15 @@ setup(
     ],
     extras_require={
         "test": ["datasets>=2.19", "transformers>=4.45", "peft>=0.13", "trl>=0.12", "pytest>=8", "accelerate>=0.34",
-                 "matplotlib>=3.8", "gguf>=0.10", "lm-eval>=0.4.13,<0.5"],
+                 "matplotlib>=3.8", "gguf>=0.10", "lm-eval>=0.4.13,<0.5", "tensorboard>=2.14", "wandb>=0.31"],
+        # --report-to tensorboard (torch.utils.tensorboard writes, tensorboard reads): ~57 MB
+        # installed with grpcio, protobuf and its data server
+        "tensorboard": ["tensorboard>=2.14"],
+        # --report-to wandb: ~75 MB installed with its dependencies; 0.31 is the version checked
+        # (offline runs that rewind on a resume, synced in order by `wandb sync`)
+        "wandb": ["wandb>=0.31"],
+        # the run's curves (OUTPUT_DIR/curves.png, python -m anita_core.plot)
+        "plot": ["matplotlib>=3.8"],
         # eval.py: lm-evaluation-harness (its TemplateLM API of 0.4.x); about 350 MB with its
         # dependencies (scikit-learn, scipy, nltk, sacrebleu, evaluate, ...)
         "eval": ["lm-eval>=0.4.13,<0.5", "transformers>=4.45", "peft>=0.13"],

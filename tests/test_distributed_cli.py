@@ -114,6 +114,9 @@ def test_a_killed_rank_ends_the_job_nonzero_and_the_checkpoint_before_it_loads(k
 
 
 def test_resume_on_two_ranks_and_on_one_process_matches_an_uninterrupted_run(killed_run, tmp_path):
+    """The 2-rank resume also reports to TensorBoard and W&B (offline): rank 0 alone
+    writes them, as it alone writes metrics.jsonl."""
+    from tests.test_report import assert_reported_by_one_process, offline_env
     out, _, _, _ = killed_run
     assert load_checkpoint_state(latest_checkpoint(out))["step"] == CHECKPOINT_STEP
     two, one, straight = tmp_path / "two", tmp_path / "one", tmp_path / "straight"
@@ -121,9 +124,10 @@ def test_resume_on_two_ranks_and_on_one_process_matches_an_uninterrupted_run(kil
     shutil.copytree(out, one)
     common = [*RESUME_DATA, *GLOBAL, "--max-steps", TARGET_STEP]
     # the three run side by side (the CPU time is the same, the wall time shorter)
-    procs = {name: subprocess.Popen(command, cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.PIPE, text=True)
-             for name, command in (("2 ranks", torchrun(*common, "--resume", "--output-dir", two)),
+    report = ["--report-to", "tensorboard,wandb"]
+    procs = {name: subprocess.Popen(command, cwd=REPO, env=child_env(**offline_env(tmp_path)),
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for name, command in (("2 ranks", torchrun(*common, *report, "--resume", "--output-dir", two)),
                                    ("1 process", single(*common, "--resume", "--output-dir", one)),
                                    ("uninterrupted", single(*common, "--output-dir", straight)))}
     for name, proc in procs.items():
@@ -134,6 +138,8 @@ def test_resume_on_two_ranks_and_on_one_process_matches_an_uninterrupted_run(kil
     # the premise: every run sees the same micro-batches (none cut by 2 ranks)
     for name, proc in procs.items():
         assert "16 micro-batches per epoch" in proc.stderr_text, f"{name}: {proc.stderr_text[-2000:]}"
+    # first asked for on this resume, the backends start with the steps logged before it
+    assert_reported_by_one_process(two, steps=range(1, TARGET_STEP + 1))
     expected = adapter(straight)
     worst = max(assert_close(adapter(two), expected, "2-rank resume"),
                 assert_close(adapter(one), expected, "1-process resume from a 2-rank checkpoint"))

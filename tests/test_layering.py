@@ -3,6 +3,7 @@
     csrc_triton  <-  csrc_torch (the same launchers in plain torch)
     csrc_triton, csrc_torch  <-  anita_core.model  <-  anita_core.lora  <-  anita_core.hf  <-  anita_core.train
                                                                              <-  anita_core.eval (may use train)
+                                                                             <-  anita_core.plot (the curves' command)
                                            anita_core.data (beside the model: knows no model)
 
 Every import statement of every module is read with ``ast`` (lazy imports
@@ -39,6 +40,8 @@ ALLOWED = {
     # evaluation (lm-eval): loads models and adapters; its command reuses train's flag helpers
     "anita_core.eval": {"csrc_triton", "csrc_torch", "anita_core.model", "anita_core.lora", "anita_core.hf",
                         "anita_core.data", "anita_core.assets", "anita_core.train", "anita_core.eval"},
+    # python -m anita_core.plot RUN_DIR (one module): the command over train's curves.py
+    "anita_core.plot": {"anita_core.train", "anita_core.plot"},
 }
 PROJECT_PACKAGES = ("csrc_triton", "csrc_torch", "anita_core")
 SIZE_LIMIT = 450          # lines per module of PROJECT_PACKAGES

@@ -109,9 +109,15 @@ def test_a_folder_holding_a_run_needs_resume_or_overwrite(tmp_path):
     (out / "checkpoints" / "step-00000001").mkdir(parents=True)
     (out / "adapter").mkdir()
     (out / "notes.txt").write_text("mine")
+    (out / "tensorboard").mkdir()
+    (out / "tensorboard" / "events.out.tfevents.1.host.1.0").write_bytes(b"")
+    (out / "curves.png").write_bytes(b"")
+    (out / "wandb-run.json").write_text("{}")
+    (out / "wandb" / "offline-run-20260101_000000-abc").mkdir(parents=True)
     prepare_output_folder(out, resume=False, overwrite=True)
-    # only the run's records, checkpoints and adapter go (run.lock is the refused process's)
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "run.lock"]
+    # only the run's records, checkpoints, adapter, TensorBoard log, curves and W&B run id
+    # go (run.lock is the refused process's); W&B's offline runs stay, to be synced
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "run.lock", "wandb"]
 
 
 def test_resume_cuts_metrics_back_to_the_checkpoint_step(tmp_path):

@@ -20,6 +20,7 @@ from anita_core.train.flag_types import (check_token_rows, comma_subset, count_o
                                          steps_or_off)
 from anita_core.train.presets import DPO_PRESETS, PRESETS, SFT_PRESETS
 from anita_core.train.memory_budget import add_memory_arguments, check_memory_environment
+from anita_core.train.report import add_report_arguments, check_installed
 from anita_core.train.run_checkpoint import exit_on_disk_full
 from anita_core.train.storage_faults import EXIT_DISK_FULL, disk_full_guard
 from anita_core.model.weights import PROJECTIONS
@@ -108,6 +109,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, preset: str, presets: 
     g.add_argument("--save-total-limit", type=non_negative_int, default=2,
                    help="checkpoints kept (0: all)")
 
+    add_report_arguments(parser.add_argument_group("watching a run"))
+
     g = parser.add_argument_group("distributed (launch with torchrun)")
     g.add_argument("--sharded-base", action="store_true",
                    help="each rank keeps 1/world of every layer's NF4 base and gathers a layer just "
@@ -177,6 +180,10 @@ def parse_command_line(build_parser, argv: List[str]):
         except ValueError as e:
             parser.error(f"argument --global-batch-size: {e}")
     check_memory_environment(parser)
+    try:
+        check_installed(args.report_to)     # before the output folder and the model
+    except ValueError as e:
+        usage_error(str(e))
     return parser, args
 
 
@@ -296,8 +303,12 @@ def run_training(trainer, args, model_dir, model, adapters, run, log,
     adapter (and the merged export), print a summary. Returns the process exit code;
     the run folder's lock is released."""
     from anita_core.model.memory_plan import MemoryBudgetError
+    from anita_core.train.curves import draw_run_curves
     from anita_core.train.distributed import shutdown
     from anita_core.train.memory_budget import apply_memory_plan, reset_peak_memory
+    from anita_core.train.report import report_backends
+    if trainer.dist.is_main:        # the other ranks report nothing
+        trainer.reporter.backends = report_backends(args, run.output_dir, trainer.config)
     try:
         try:
             apply_memory_plan(args, model, trainer.epoch_batches(0), log, largest_batch)
@@ -308,6 +319,8 @@ def run_training(trainer, args, model_dir, model, adapters, run, log,
         reset_peak_memory(model.device)     # the plan predicts from here: loading is done
         with exit_on_disk_full(run.output_dir, log):
             code = _train_and_report(trainer, args, model_dir, model, adapters, run, log, data_stats)
+        if trainer.dist.is_main and code != EXIT_BAD_INPUT:     # it trained, however it ended
+            draw_run_curves(run.output_dir, log)
         if model.device.type == "cuda":
             log(f"measured peak device memory: {torch.cuda.max_memory_allocated(model.device) / 2**30:.2f} "
                 f"GiB (torch.cuda.max_memory_allocated since the first step)")
@@ -324,6 +337,7 @@ def _train_and_report(trainer, args, model_dir, model, adapters, run, log, data_
     from anita_core.lora import save_peft
     from anita_core.train.distributed import DistributedError
     from anita_core.train.file_manifest import write_manifest
+    from anita_core.train.report import ReportError
     from anita_core.train.trainer import Interrupted, ResumeRefused, TrainingDiverged, stop_on_signals
     output_dir = run.output_dir
     started = time.perf_counter()
@@ -335,6 +349,9 @@ def _train_and_report(trainer, args, model_dir, model, adapters, run, log, data_
         return EXIT_DIVERGED
     except ResumeRefused as e:
         log(f"error: --resume: {e}")
+        return EXIT_BAD_INPUT
+    except ReportError as e:
+        log(f"error: --report-to {e}")
         return EXIT_BAD_INPUT
     except KeyboardInterrupt as e:
         return 128 + (e.signum if isinstance(e, Interrupted) else 2)

@@ -34,3 +34,12 @@ def read_floats(values: Mapping[str, object]) -> Dict[str, float]:
         stacked = torch.stack([values[k].detach().reshape(()).to(torch.float64) for k in keys])
         out.update(zip(keys, stacked.tolist()))
     return out
+
+
+def all_finite(tensors) -> bool:
+    """Whether every element of ``tensors`` is finite, in one read (the step's second:
+    the weights after the update)."""
+    tensors = list(tensors)
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())

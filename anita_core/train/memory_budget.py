@@ -144,3 +144,15 @@ def reset_peak_memory(device: torch.device) -> None:
     (static bytes + one step's activations), not with a load-time high-water mark."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def device_memory_gib(device: torch.device) -> dict:
+    """The memory figures a step's record carries on a GPU (none on a CPU): what tensors
+    hold now, the peak since the first step (reset_peak_memory), and what the caching
+    allocator has reserved, in GiB. Host-side counters of the allocator: reading them
+    waits for nothing on the device."""
+    if device.type != "cuda":
+        return {}
+    return {"memory_allocated_gib": round(torch.cuda.memory_allocated(device) / GiB, 4),
+            "memory_peak_gib": round(torch.cuda.max_memory_allocated(device) / GiB, 4),
+            "memory_reserved_gib": round(torch.cuda.memory_reserved(device) / GiB, 4)}

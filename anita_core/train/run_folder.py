@@ -23,6 +23,14 @@ from anita_core.train.storage_faults import disk_full_guard
 LOCK_FILE = "run.lock"
 METRICS_FILE = "metrics.jsonl"
 RUN_ARTIFACTS = (METRICS_FILE, "checkpoints", "adapter")   # what makes a folder hold a run
+# what a run draws and reports besides (anita_core/train/report*.py, curves.py)
+TENSORBOARD_DIR = "tensorboard"
+WANDB_DIR = "wandb"                 # W&B's own files (unless $WANDB_DIR), offline runs among them
+WANDB_RUN_FILE = "wandb-run.json"   # the id of the W&B run a resume continues
+CURVES_FILE = "curves.png"
+# what --overwrite removes with the run: its W&B folder stays, since offline runs
+# there may not be synced yet (the next run logs to a new W&B run, not into them)
+REPORT_OUTPUTS = (TENSORBOARD_DIR, WANDB_RUN_FILE, CURVES_FILE)
 
 
 class RunFolderError(RuntimeError):
@@ -74,7 +82,8 @@ def existing_run_artifacts(output_dir: Path) -> List[str]:
 
 def prepare_output_folder(output_dir: Path, *, resume: bool, overwrite: bool) -> None:
     """Refuse a folder that holds a run unless resuming it or asked to overwrite it;
-    with overwrite, remove the earlier run's records, checkpoints and adapter."""
+    with overwrite, remove the earlier run's records, checkpoints and adapter, its
+    TensorBoard log and its curves."""
     found = existing_run_artifacts(output_dir)
     if not found or resume:
         return
@@ -82,6 +91,7 @@ def prepare_output_folder(output_dir: Path, *, resume: bool, overwrite: bool) ->
         raise RunFolderError(
             f"{output_dir}: already holds a run ({', '.join(found)}); continue it with --resume, "
             f"replace it with --overwrite, or choose another --output-dir")
+    found += [name for name in REPORT_OUTPUTS if (Path(output_dir) / name).exists()]
     for name in found:
         path = Path(output_dir) / name
         if path.is_dir() and not path.is_symlink():

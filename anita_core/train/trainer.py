@@ -29,9 +29,11 @@ from anita_core.train.distributed import SINGLE, DistContext, all_gather_objects
 from anita_core.train.run_checkpoint import (ADAPTER_DIR, choose_resume_checkpoint, latest_checkpoint,
                                              load_checkpoint_state, rng_restore, rng_snapshot,
                                              save_checkpoint)
-from anita_core.train.host_reads import read_floats
+from anita_core.train.host_reads import all_finite, read_floats
+from anita_core.train.memory_budget import device_memory_gib
 from anita_core.train.optim import build_optimizer, lr_multiplier, warmup_steps_for
-from anita_core.train.run_folder import METRICS_FILE, append_metrics, read_metrics, truncate_metrics
+from anita_core.train.report import Reporter
+from anita_core.train.run_folder import METRICS_FILE, read_metrics, truncate_metrics
 from anita_core.train import stop_points
 
 
@@ -151,13 +153,6 @@ def settings_differences(recorded: Dict[str, object], current: Dict[str, object]
     return lines
 
 
-def _all_finite(tensors) -> bool:
-    tensors = list(tensors)
-    if not tensors:
-        return True
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
-
-
 class Trainer:
     """``epoch_batches(epoch)`` returns that epoch's list of micro-batches (already
     shuffled by the caller's seed, so the same epoch always yields the same list).
@@ -206,6 +201,8 @@ class Trainer:
         self._last_eval_step: Optional[int] = None
         self._last_save_time = time.monotonic()
         self.tokens_trained = self.tokens_computed = 0    # over this process's steps
+        # metrics.jsonl (rank 0); the CLI adds the --report-to backends
+        self.reporter = Reporter(self.output_dir, writes=dist.is_main, log=log)
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -286,10 +283,6 @@ class Trainer:
             self.epoch, self.batch_index = self.epoch + 1, 0
         return rank_slice(group, world, self.dist.rank)
 
-    def _log_metrics(self, record: dict) -> None:
-        if self.dist.is_main:
-            append_metrics(self.output_dir, record)
-
     def _train_one_step(self) -> dict:
         position = (self.epoch, self.batch_index)
         # an interrupted step is rolled back to here, so a resume replays it whole
@@ -344,7 +337,7 @@ class Trainer:
         with _signals_deferred():
             if units > 0:
                 self.optimizer.step()
-                if not _all_finite(self.params):    # the step's second read
+                if not all_finite(self.params):    # the step's second read
                     raise TrainingDiverged(f"{where}: the LoRA weights are not finite after the update")
             self.step += 1
             self._step_start = None
@@ -372,10 +365,15 @@ class Trainer:
 
     def train(self, resume_from: Optional[Path] = None) -> dict:
         """Run to total_steps; returns the last logged record."""
-        from tqdm.auto import tqdm
         if resume_from is not None:
             used = self.resume(resume_from)
             self.log(f"resumed from {used} at step {self.step}")
+        # the backends are cut back to the step metrics.jsonl was cut back to
+        with self.reporter.session(self.step):
+            return self._train_from_here()
+
+    def _train_from_here(self) -> dict:
+        from tqdm.auto import tqdm
         bar = tqdm(total=self.total_steps, initial=self.step,
                    disable=not (self.config.progress and self.dist.is_main),
                    desc="train", unit="step", dynamic_ncols=True)
@@ -387,8 +385,9 @@ class Trainer:
                 record = self._train_one_step()
                 tokens_seen += record["tokens"]
                 record["tokens_per_s"] = round(tokens_seen / max(time.perf_counter() - started, 1e-9), 1)
+                record.update(device_memory_gib(self.params[0].device))
                 if self.step % self.config.logging_steps == 0 or self.step == self.total_steps:
-                    self._log_metrics(record)
+                    self.reporter.log(record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}",
                                 lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
@@ -444,7 +443,7 @@ class Trainer:
             raise TrainingDiverged(f"step {self.step}: eval metrics are not finite ("
                                    + ", ".join(f"{k}={v}" for k, v in bad.items()) + ")")
         self._last_eval, self._last_eval_step = result, self.step
-        self._log_metrics({"step": self.step, **result})
+        self.reporter.log({"step": self.step, **result})
         if self.dist.is_main:
             self.log("  ".join(f"{k}={v:.4f}" for k, v in result.items()))
         return result
