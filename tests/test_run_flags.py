@@ -116,3 +116,29 @@ def test_every_preset_checkpoints_periodically_by_default():
             args = main.build_parser(["--preset", preset]).parse_args(["--preset", preset])
             assert args.save_minutes > 0 or args.save_steps > 0, preset
             assert PRESETS[preset]["save_minutes"] == args.save_minutes
+
+
+@pytest.mark.parametrize("value", ["-1e-4", "-1E-4", "-.5", "-0.0001", "-5e+2", "-1_000", "-inf"])
+def test_a_negative_number_in_any_notation_is_the_flags_value(value, capsys):
+    """argparse reads -1 and -0.5 as values but -1e-4 or -inf as unknown flags ("expected
+    one argument"); every notation, spaced or with '=', meets the flag's own check."""
+    want = (f"must be in (0, 1], got {float(value)}" if value != "-inf"
+            else "expected a finite number, got '-inf'")
+    for argv in (["--learning-rate", value], [f"--learning-rate={value}"], ["--learning", value]):
+        err = parse_error(train_sft.main, argv, capsys)
+        assert err.splitlines() == [f"train_sft.py: error: argument --learning-rate: {want}",
+                                    "(train_sft.py --help lists every flag and its default)"], argv
+    err = parse_error(train_dpo.main, ["--beta", value, "--seed", "1"], capsys)
+    assert err.startswith("train_dpo.py: error: argument --beta: ")
+
+
+def test_a_flag_error_is_one_line_and_a_pointer_to_help_not_the_usage_block(capsys):
+    for argv in (["--lora-r", "0"], ["--no-such-flag"], ["--learning-rate"], ["--dtype", "fp8"]):
+        err = parse_error(train_sft.main, argv, capsys)
+        lines = err.splitlines()
+        assert len(lines) == 2 and lines[0].startswith("train_sft.py: error: "), (argv, err)
+        assert lines[1] == "(train_sft.py --help lists every flag and its default)"
+        assert "usage:" not in err
+    # a value that merely starts with '-' and is not a number stays what argparse made of it
+    err = parse_error(train_sft.main, ["--output-dir", "-x"], capsys)
+    assert err.startswith("train_sft.py: error: argument --output-dir: expected one argument")

@@ -104,14 +104,15 @@ def test_a_folder_holding_a_run_needs_resume_or_overwrite(tmp_path):
     assert "already holds a run (metrics.jsonl); continue it with --resume, replace it with " \
            "--overwrite" in proc.stderr
     assert (out / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl"]   # the refused run left no lock
     with pytest.raises(RunFolderError):
         prepare_output_folder(out, resume=False, overwrite=False)
     (out / "checkpoints" / "step-00000001").mkdir(parents=True)
     (out / "adapter").mkdir()
     (out / "notes.txt").write_text("mine")
     prepare_output_folder(out, resume=False, overwrite=True)
-    # only the run's records, checkpoints and adapter go (run.lock is the refused process's)
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "run.lock"]
+    # only the run's records, checkpoints and adapter go
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
 def test_resume_cuts_metrics_back_to_the_checkpoint_step(tmp_path):

@@ -1,12 +1,14 @@
-"""argparse ``type=`` functions: each flag's value is checked while the command
-line is parsed, so a bad value is reported as
+"""The command lines' parser and its ``type=`` functions: each flag's value is
+checked while the command line is parsed, so a bad value is reported as
 ``train_sft.py: error: argument --x: ...`` (exit code 2) before any model or
 data is loaded."""
 from __future__ import annotations
 
 import argparse
 import math
-from typing import Callable, Sequence
+import re
+import sys
+from typing import Callable, List, Optional, Sequence
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -20,6 +22,67 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return super()._get_help_string(action)
 
 
+class FlagParser(argparse.ArgumentParser):
+    """argparse, with two differences every anita command shares:
+
+    - a bad flag is two lines, the error naming the flag and a pointer to --help (exit
+      code 2), not the whole usage block (33 lines for the trainers) before the one
+      line that matters;
+    - a negative number in any notation is a flag's value: argparse takes ``-1`` and
+      ``-0.5`` as values but ``-1e-4``, ``-.5e3`` or ``-inf`` as unknown flags ("expected
+      one argument"). Such a value is joined to its flag (``--x=-1e-4``) before parsing,
+      when the flag takes one value, so the flag's own check says what is wrong with it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n({self.prog} --help lists every flag and "
+                     "its default)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args(self._negative_values_joined(args), namespace)
+
+    def _negative_values_joined(self, args: List[str]) -> List[str]:
+        # the flags that take exactly one value (nargs None: store and append actions)
+        single = [s for action in self._actions if action.nargs is None
+                  for s in action.option_strings if s.startswith("--")]
+        out: List[str] = []
+        i = 0
+        while i < len(args):
+            token = args[i]
+            if token == "--":           # everything after it is positional
+                return out + args[i:]
+            flag = self._single_value_flag(token, single)
+            if flag is not None and i + 1 < len(args) and _is_negative_number(args[i + 1]):
+                out.append(f"{token}={args[i + 1]}")
+                i += 2
+                continue
+            out.append(token)
+            i += 1
+        return out
+
+    def _single_value_flag(self, token: str, single: List[str]) -> Optional[str]:
+        """``token`` as one of ``single`` (or an abbreviation argparse would accept)."""
+        if not token.startswith("--") or "=" in token:
+            return None
+        if token in single:
+            return token
+        if not self.allow_abbrev:
+            return None
+        every = [s for action in self._actions for s in action.option_strings]
+        matches = [s for s in every if s.startswith(token)]
+        return matches[0] if len(matches) == 1 and matches[0] in single else None
+
+
+def _is_negative_number(text: str) -> bool:
+    if not text.startswith("-") or text.startswith("--"):
+        return False
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _number(text: str, kind):
     try:
         value = kind(text)
@@ -29,6 +92,20 @@ def _number(text: str, kind):
     if kind is float and not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return value
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def utf8_text(text: str) -> str:
+    """Text a tokenizer can take: a command-line argument holding bytes that are not
+    UTF-8 reaches Python as surrogate escapes, which no tokenizer encodes."""
+    bad = _SURROGATE.search(text)
+    if bad:
+        code = ord(bad.group())
+        what = (f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}")
+        raise argparse.ArgumentTypeError(f"not UTF-8 text ({what} at character {bad.start() + 1})")
+    return text
 
 
 def int_at_least(low: int) -> Callable[[str], int]:
