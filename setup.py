@@ -29,8 +29,9 @@ setup(
         "jinja2>=3.1.6",
     ],
     extras_require={
+        # hypothesis: the fuzzer over every input a user hands anita (tests/test_fuzz_inputs.py)
         "test": ["datasets>=2.19", "transformers>=4.45", "peft>=0.13", "trl>=0.12", "pytest>=8", "accelerate>=0.34",
-                 "matplotlib>=3.8", "gguf>=0.10", "lm-eval>=0.4.13,<0.5"],
+                 "matplotlib>=3.8", "gguf>=0.10", "lm-eval>=0.4.13,<0.5", "hypothesis>=6.100"],
         # eval.py: lm-evaluation-harness (its TemplateLM API of 0.4.x); about 350 MB with its
         # dependencies (scikit-learn, scipy, nltk, sacrebleu, evaluate, ...)
         "eval": ["lm-eval>=0.4.13,<0.5", "transformers>=4.45", "peft>=0.13"],

@@ -142,3 +142,19 @@ def test_a_flag_error_is_one_line_and_a_pointer_to_help_not_the_usage_block(caps
     # a value that merely starts with '-' and is not a number stays what argparse made of it
     err = parse_error(train_sft.main, ["--output-dir", "-x"], capsys)
     assert err.startswith("train_sft.py: error: argument --output-dir: expected one argument")
+
+
+def test_what_the_fuzzer_found_in_the_flags_is_one_line(capsys):
+    """tests/test_fuzz_inputs.py found each: an integer past 2**63 that a later check
+    could not print (5,000 digits), argparse storing "--x=--" as an empty list, a
+    control character or undecodable byte splitting or breaking the line."""
+    err = parse_error(train_sft.main, ["--batch-size", "9" * 4298], capsys)
+    line = err.splitlines()[0]
+    assert line.startswith("train_sft.py: error: argument --batch-size: expected an integer below 2**63, "
+                           "got '99999") and line.endswith("9999' (4,300 characters)") and len(line) < 200
+    err = parse_error(train_sft.main, ["--batch-size=--"], capsys)
+    assert err.splitlines()[0] == "train_sft.py: error: argument --batch-size: expected one argument, got '--'"
+    err = parse_error(train_sft.main, ["--lora-r=\x0c", "--output-dir", "a\udcffb", "--junk\nmore"], capsys)
+    assert err.splitlines()[0] == "train_sft.py: error: argument --lora-r: expected an integer, got '\\x0c'"
+    err = parse_error(train_sft.main, ["--junk\nmore", "\udcff"], capsys)
+    assert err.splitlines()[0] == "train_sft.py: error: unrecognized arguments: --junk\\nmore \\xff"

@@ -117,3 +117,20 @@ def test_init_adapter_is_checked_before_the_model_loads(tmp_path, capsys):
         assert err.startswith(f"error: {flag} {adapter}: {adapter / 'adapter_model.safetensors'}: key ")
         assert err.endswith("an adapter for a different base model?")
     assert not out.exists()
+
+
+def test_what_the_fuzzer_found_in_config_json_is_one_line(tmp_path, capsys):
+    """A number past a float's range (an OverflowError before); a value quoted in full
+    (4,000 digits) shortened."""
+    folder = model_without(tmp_path)
+    config = (folder / "config.json").read_text()
+    (folder / "config.json").write_text(config.replace('"rms_norm_eps": 1e-05', '"rms_norm_eps": ' + "9" * 400))
+    err = refusal(train_sft.main, ["--model", str(folder), "--output-dir", str(tmp_path / "run"), *FAST],
+                  capsys)
+    assert err == (f"error: --model {folder}: {folder / 'config.json'}: field 'rms_norm_eps' is a number too "
+                   "large (400 digits)")
+    (folder / "config.json").write_text(config.replace('"vocab_size": 1024', '"vocab_size": "' + "x" * 4000 + '"'))
+    err = refusal(train_sft.main, ["--model", str(folder), "--output-dir", str(tmp_path / "run"), *FAST],
+                  capsys)
+    assert err.startswith(f"error: --model {folder}: {folder / 'config.json'}: field 'vocab_size' must be an "
+                          "integer, got 'xxx") and len(err) < 600

@@ -355,4 +355,5 @@ def _parquet_rows(file: str) -> Iterator[Tuple[int, Any]]:
                 number += 1
                 yield number, row
     except (OSError, ValueError, pyarrow.ArrowException) as e:   # ArrowInvalid is a ValueError
-        raise ValueError(f"{file}: cannot be read as parquet: {type(e).__name__}: {e}") from None
+        reason = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())  # Arrow's: lines
+        raise ValueError(f"{file}: cannot be read as parquet: {type(e).__name__}: {reason}") from None

@@ -15,9 +15,10 @@ import torch
 
 from anita_core.assets import ASSETS_DIR
 from anita_core.train.flag_types import (FlagParser, check_token_rows, comma_subset,
-                                         count_or_fraction, learning_rate, non_negative_float, non_negative_int,
-                                         positive_float, positive_int, probability_0_1, seed_int,
-                                         steps_or_off, utf8_text)
+                                         count_or_fraction, int_between, learning_rate,
+                                         non_negative_float, non_negative_int, one_line,
+                                         positive_float, positive_int, printable, probability_0_1,
+                                         seed_int, steps_or_off, utf8_text)
 from anita_core.train.presets import DPO_PRESETS, PRESETS, SFT_PRESETS
 from anita_core.train.memory_budget import add_memory_arguments, check_memory_environment
 from anita_core.train.run_checkpoint import exit_on_disk_full
@@ -31,6 +32,8 @@ EXIT_RANK_FAILED = 4        # another rank died, or a collective timed out
 #                           (defined in storage_faults, imported above)
 
 BUNDLED_MODEL = os.path.join(ASSETS_DIR, "tiny-llama3")
+RUNS_DIR_ENV = "ANITA_RUNS_DIR"     # where default output folders go (default: ./runs)
+MAX_THREADS = 1024          # --threads: torch starts that many threads at its next parallel op
 
 
 def resolve_preset(argv: List[str], demo: str, real: str, allowed: Sequence[str],
@@ -61,7 +64,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, preset: str, presets: 
                    help="base model: a local HF LLaMA checkpoint directory (or a hub name when online)")
     add_tokenizer_argument(g)
     g.add_argument("--output-dir", default=None, help="where checkpoints, metrics and the adapter go "
-                   "(default: runs/<script>-<preset>)")
+                   "(default: runs/<script>-<preset>, runs/ being $ANITA_RUNS_DIR when set)")
     g.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="resume from a checkpoint directory, or the run's latest one if no path")
     g.add_argument("--overwrite", action="store_true",
@@ -143,7 +146,7 @@ def add_tokenizer_argument(group) -> None:
 
 def add_threads_argument(group) -> None:
     """--threads N: torch.set_num_threads, for the trainers, chat.py and eval.py."""
-    group.add_argument("--threads", type=positive_int, default=None, metavar="N",
+    group.add_argument("--threads", type=int_between(1, MAX_THREADS), default=None, metavar="N",
                        help="CPU threads torch computes with (torch.set_num_threads; default: "
                             "torch's, one per core). On a CPU shared with other jobs, 1 avoids "
                             "threads waiting for each other's descheduled peers")
@@ -208,8 +211,14 @@ def rank_logger(dist):
 
 
 def usage_error(message: str) -> NoReturn:
-    log_to_stderr(f"error: {message}")
+    log_to_stderr(f"error: {one_line(message)}")
     raise SystemExit(EXIT_BAD_INPUT)
+
+
+def default_output_dir(name: str) -> str:
+    """runs/<name>, or $ANITA_RUNS_DIR/<name> (the tests point it at a folder of their own,
+    so a suite never writes into, nor reads, a user's runs/)."""
+    return os.path.join(os.environ.get(RUNS_DIR_ENV) or "runs", name)
 
 
 def eval_split_value(x: float):
@@ -409,4 +418,4 @@ def per_epoch(make_batches):
 
 
 def log_to_stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    print(printable(message), file=sys.stderr, flush=True)

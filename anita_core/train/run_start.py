@@ -89,16 +89,17 @@ def start_run_here(args, output_dir: str, log) -> RunStart:
     from anita_core.train.run_checkpoint import choose_resume_checkpoint, remove_orphaned_temp_files
     from anita_core.train.run_folder import LOCK_FILE, RunFolderError, RunLock, check_output_folder
     out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        usage_error(f"--output-dir {out}: exists and is not a folder")
-    explicit = None
-    if args.resume and args.resume != "latest":
-        explicit = Path(args.resume)
-        if not explicit.is_dir():
+    explicit = Path(args.resume) if args.resume and args.resume != "latest" else None
+    try:
+        if out.exists() and not out.is_dir():
+            usage_error(f"--output-dir {out}: exists and is not a folder")
+        if explicit is not None and not explicit.is_dir():
             usage_error(f"--resume {args.resume}: no such checkpoint folder")
-    made = [p for p in reversed([out, *out.parents]) if not p.exists()]
-    if not (out / LOCK_FILE).exists():
-        made.append(out / LOCK_FILE)
+        made = [p for p in reversed([out, *out.parents]) if not p.exists()]
+        if not (out / LOCK_FILE).exists():
+            made.append(out / LOCK_FILE)
+    except OSError as e:           # a name too long, no permission to look...
+        usage_error(f"--output-dir {out}: cannot be used ({e.strerror or e})")
     run = RunStart(out, None, None, made, overwrite=args.overwrite)
     with run.undone_if_refused():
         try:
@@ -109,6 +110,8 @@ def start_run_here(args, output_dir: str, log) -> RunStart:
             check_output_folder(out, resume=bool(args.resume), overwrite=args.overwrite)
         except RunFolderError as e:
             usage_error(str(e))
+        except OSError as e:       # under a file, a name too long, no permission...
+            usage_error(f"--output-dir {out}: cannot be used ({e.strerror or e})")
         if args.resume:
             try:
                 run.resume_from = choose_resume_checkpoint(out, explicit, log)
