@@ -63,10 +63,10 @@ def build_parser(argv):
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    from anita_core.train.cli import (EXIT_BAD_INPUT, build_data_or_report, eval_split_value,
-                                      exit_on_disk_full, load_model_and_adapters, parse_command_line,
-                                      per_epoch, rank_logger, run_training, start_distributed,
-                                      train_config_from_args, usage_error)
+    from anita_core.train.cli import (EXIT_BAD_INPUT, build_data_or_report, default_output_dir,
+                                      eval_split_value, exit_on_disk_full, load_model_and_adapters,
+                                      parse_command_line, per_epoch, rank_logger, run_training,
+                                      start_distributed, train_config_from_args, usage_error)
     from anita_core.train.distributed import setup_model
     from anita_core.train.input_checks import check_inputs
     from anita_core.train.run_identity import data_fingerprint, model_fingerprint, run_settings
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         log(f"error: argument --template: {e}")
         return EXIT_BAD_INPUT
-    output_dir = args.output_dir or f"runs/dpo-{args.preset}"
+    output_dir = args.output_dir or default_output_dir(f"dpo-{args.preset}")
     run = start_run(args, output_dir, log, dist)
     with run.undone_if_refused():        # a refusal from here to training leaves no trace
         # the pairs are built before the model loads: a bad file or row is reported without

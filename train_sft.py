@@ -44,9 +44,9 @@ def build_parser(argv):
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    from anita_core.train.cli import (EXIT_BAD_INPUT, build_data_or_report, eval_split_value,
-                                      load_model_and_adapters, parse_command_line, per_epoch,
-                                      rank_logger, run_training, start_distributed,
+    from anita_core.train.cli import (EXIT_BAD_INPUT, build_data_or_report, default_output_dir,
+                                      eval_split_value, load_model_and_adapters, parse_command_line,
+                                      per_epoch, rank_logger, run_training, start_distributed,
                                       train_config_from_args)
     from anita_core.train.distributed import setup_model
     from anita_core.train.input_checks import check_inputs
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     # before the output folder is touched
     checked = check_inputs(args)
     tokenizer = checked.tokenizer
-    output_dir = args.output_dir or f"runs/sft-{args.preset}"
+    output_dir = args.output_dir or default_output_dir(f"sft-{args.preset}")
     run = start_run(args, output_dir, log, dist)
     with run.undone_if_refused():        # a refusal from here to training leaves no trace
         # the data is built before the model loads: a tokenizer/template mismatch or

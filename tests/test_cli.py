@@ -64,7 +64,7 @@ def test_help_shows_each_default_once(capsys):
         with pytest.raises(SystemExit):
             main(["--help"])
         out = " ".join(capsys.readouterr().out.split())
-        assert "(default: runs/<script>-<preset>)" in out
+        assert "(default: runs/<script>-<preset>, runs/ being $ANITA_RUNS_DIR when set)" in out
         assert "(default: None)" not in out
         assert "--threads N" in out
 

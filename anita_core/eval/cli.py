@@ -73,7 +73,8 @@ def _say(message: str) -> None:
 def default_output(args) -> Path:
     name = Path(args.model.rstrip("/")).name + (f"-{Path(args.adapter.rstrip('/')).name}"
                                                 if args.adapter else "")
-    return Path("runs") / "eval" / name / "results.json"
+    from anita_core.train.cli import default_output_dir
+    return Path(default_output_dir("eval")) / name / "results.json"
 
 
 def check_paths(parser, args) -> None:
