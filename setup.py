@@ -29,8 +29,10 @@ setup(
         "jinja2>=3.1.6",
     ],
     extras_require={
+        # hypothesis: the fuzzer over every input a user hands anita (tests/test_fuzz_inputs.py)
         "test": ["datasets>=2.19", "transformers>=4.45", "peft>=0.13", "trl>=0.12", "pytest>=8", "accelerate>=0.34",
-                 "matplotlib>=3.8", "gguf>=0.10", "lm-eval>=0.4.13,<0.5", "tensorboard>=2.14", "wandb>=0.31"],
+                 "matplotlib>=3.8", "gguf>=0.10", "lm-eval>=0.4.13,<0.5", "tensorboard>=2.14", "wandb>=0.31",
+                 "hypothesis>=6.100"],
         # --report-to tensorboard (torch.utils.tensorboard writes, tensorboard reads): ~57 MB
         # installed with grpcio, protobuf and its data server
         "tensorboard": ["tensorboard>=2.14"],

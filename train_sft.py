@@ -15,18 +15,17 @@ when online; --max-samples N draws N rows at random (by --seed), streamed.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 
 def build_parser(argv):
     from anita_core.assets import sample_path
     from anita_core.train.cli import add_common_arguments, resolve_preset
-    from anita_core.train.flag_types import HelpFormatter, int_at_least
+    from anita_core.train.flag_types import FlagParser, HelpFormatter, int_at_least
     from anita_core.train.presets import PRESETS, SFT_PRESETS
-    preset = resolve_preset(argv, demo="demo", real="sft", allowed=SFT_PRESETS)
+    preset = resolve_preset(argv, demo="demo", real="sft", allowed=SFT_PRESETS, prog="train_sft.py")
     d = PRESETS[preset]
-    parser = argparse.ArgumentParser(prog="train_sft.py", description=__doc__, formatter_class=HelpFormatter)
+    parser = FlagParser(prog="train_sft.py", description=__doc__, formatter_class=HelpFormatter)
     add_common_arguments(parser, preset, SFT_PRESETS)
     g = parser.add_argument_group("SFT data")
     g.add_argument("--data", nargs="+", default=[sample_path("text" if d["data_shape"] == "text" else "instruction")],
@@ -45,48 +44,53 @@ def build_parser(argv):
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    from anita_core.train.cli import (build_data_or_report, eval_split_value, load_model_and_adapters,
-                                      parse_command_line, per_epoch, rank_logger, resolve_model_dir,
-                                      run_training, start_distributed, tokenizer_dir_for,
+    from anita_core.train.cli import (EXIT_BAD_INPUT, build_data_or_report, default_output_dir,
+                                      eval_split_value, load_model_and_adapters, parse_command_line,
+                                      per_epoch, rank_logger, run_training, start_distributed,
                                       train_config_from_args)
     from anita_core.train.distributed import setup_model
+    from anita_core.train.input_checks import check_inputs
     from anita_core.train.run_identity import run_settings
     from anita_core.train.run_start import start_run
     _, args = parse_command_line(build_parser, argv)
-    from anita_core.data import (SFTDataConfig, build_sft_data, largest_sft_batch, load_tokenizer,
-                                 sft_batches)
+    from anita_core.data import SFTDataConfig, build_sft_data, largest_sft_batch, sft_batches
     from anita_core.train.objectives import SFTObjective
     from anita_core.train.trainer import Trainer
     dist = start_distributed(args)
     log = rank_logger(dist)
-    output_dir = args.output_dir or f"runs/sft-{args.preset}"
+    # the model folder (config, file headers, tokenizer) and --init-adapter are checked
+    # before the output folder is touched
+    checked = check_inputs(args)
+    tokenizer = checked.tokenizer
+    output_dir = args.output_dir or default_output_dir(f"sft-{args.preset}")
     run = start_run(args, output_dir, log, dist)
+    with run.undone_if_refused():        # a refusal from here to training leaves no trace
+        # the data is built before the model loads: a tokenizer/template mismatch or
+        # a bad row is reported without waiting for the base model
+        data_config = SFTDataConfig(data=args.data, shape=args.data_shape, template=args.template,
+                                    system_prompt=args.system_prompt, max_seq_length=args.max_seq_length,
+                                    train_on_all_tokens=args.train_on_all_tokens,
+                                    max_samples=args.max_samples,
+                                    eval_split=eval_split_value(args.eval_split), seed=args.seed,
+                                    skip_bad_rows=args.skip_bad_rows, progress=not args.no_progress)
+        data = build_data_or_report(build_sft_data, data_config, tokenizer, log, "training examples")
+        if data is None:
+            run.abandon()
+            return EXIT_BAD_INPUT
+        model, adapters = load_model_and_adapters(args, checked.model_dir, log)
 
-    # the data is built before the model loads: a tokenizer/template mismatch or
-    # a bad row is reported without waiting for the base model
-    tokenizer = load_tokenizer(tokenizer_dir_for(resolve_model_dir(args.model)))
-    data_config = SFTDataConfig(data=args.data, shape=args.data_shape, template=args.template,
-                                system_prompt=args.system_prompt, max_seq_length=args.max_seq_length,
-                                train_on_all_tokens=args.train_on_all_tokens, max_samples=args.max_samples,
-                                eval_split=eval_split_value(args.eval_split), seed=args.seed,
-                                skip_bad_rows=args.skip_bad_rows, progress=not args.no_progress)
-    data = build_data_or_report(build_sft_data, data_config, tokenizer, log, "training examples")
-    if data is None:
-        return 2
-    model_dir, model, adapters = load_model_and_adapters(args, log)
+        def batches_for(documents, seed):
+            return sft_batches(documents, batch_size=args.batch_size, seq_len=args.max_seq_length,
+                               pad_id=tokenizer.pad_id, pack=not args.no_packing, shuffle_seed=seed)
 
-    def batches_for(documents, seed):
-        return sft_batches(documents, batch_size=args.batch_size, seq_len=args.max_seq_length,
-                           pad_id=tokenizer.pad_id, pack=not args.no_packing, shuffle_seed=seed)
-
-    epoch_batches = per_epoch(lambda epoch: batches_for(data.train, args.seed + epoch))
-    eval_batches = batches_for(data.eval, None) if data.eval else None
-    settings = run_settings(args, "train_sft.py", model_dir, adapters, data, dist.world_size)
-    grad_buckets = setup_model(dist, model, adapters, sharded_base=args.sharded_base)
-    trainer = Trainer(model, adapters, SFTObjective(model), epoch_batches,
-                      train_config_from_args(args, output_dir, settings), eval_batches=eval_batches,
-                      log=log, dist=dist, grad_buckets=grad_buckets,
-                      split_eval=not args.sharded_base)
+        epoch_batches = per_epoch(lambda epoch: batches_for(data.train, args.seed + epoch))
+        eval_batches = batches_for(data.eval, None) if data.eval else None
+        settings = run_settings(args, "train_sft.py", checked.model_dir, adapters, data, dist.world_size)
+        grad_buckets = setup_model(dist, model, adapters, sharded_base=args.sharded_base)
+        trainer = Trainer(model, adapters, SFTObjective(model), epoch_batches,
+                          train_config_from_args(args, output_dir, settings), eval_batches=eval_batches,
+                          log=log, dist=dist, grad_buckets=grad_buckets,
+                          split_eval=not args.sharded_base)
     log(f"{trainer.total_steps} optimizer steps, {trainer.batches_per_epoch} micro-batches per epoch, "
         f"output in {output_dir}" + (f"; {dist.world_size} ranks ({dist.backend}), "
         f"{'sharded' if args.sharded_base else 'whole'} base, global batch "
@@ -94,7 +98,7 @@ def main(argv=None) -> int:
     # packed widths follow each batch's longest row: plan for the widest any epoch can make
     largest = largest_sft_batch([len(d) for d in data.train], batch_size=args.batch_size,
                                 seq_len=args.max_seq_length, pack=not args.no_packing)
-    return run_training(trainer, args, model_dir, model, adapters, run, log, data.stats, largest)
+    return run_training(trainer, args, checked, model, adapters, run, log, data.stats, largest)
 
 
 if __name__ == "__main__":

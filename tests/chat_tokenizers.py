@@ -91,16 +91,18 @@ def chat_model_dir(tmp_path, kind: str = "chatml"):
 
 
 class Unloadable:
-    """``with Unloadable(ckpt):`` the checkpoint's weights are garbage inside the block
-    (loading them would fail: a command that errors before loading shows it never
-    loaded), restored after."""
+    """``with Unloadable(ckpt):`` the checkpoint's weights are NaN inside the block, its
+    safetensors header intact (the commands check headers before anything else, and
+    loading would fail on the first tensor: a command that errors before loading shows
+    it never loaded), restored after."""
 
     def __init__(self, ckpt):
         self.path = ckpt / "model.safetensors"
 
     def __enter__(self):
         self.weights = self.path.read_bytes()
-        self.path.write_bytes(b"not a model")
+        start = 8 + int.from_bytes(self.weights[:8], "little")
+        self.path.write_bytes(self.weights[:start] + b"\xff" * (len(self.weights) - start))
         return self
 
     def __exit__(self, *exc):

@@ -1,10 +1,13 @@
-"""pytest wiring: markers, per-test fresh random seeds, output poisoning, no run folders
-left in the checkout, and the largest-error table printed at the end of each run."""
+"""pytest wiring: markers, per-test fresh random seeds, output poisoning, default run
+folders kept out of the checkout (and checked for), and the largest-error table printed at
+the end of each run."""
 from __future__ import annotations
 
 import json
 import os
 import random
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -51,22 +54,29 @@ def poisoned_outputs():
     csrc_triton.set_poison_outputs(previous)
 
 
-RUNS_IN_CHECKOUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runs")
-
-
-def _run_folders():
-    return set(os.listdir(RUNS_IN_CHECKOUT)) if os.path.isdir(RUNS_IN_CHECKOUT) else set()
+# The default output folders of every CLI a test runs (runs/<script>-<preset>, eval's
+# runs/eval/...), in this process or a child (which inherits the variable), go to a folder
+# of this session's own: a suite never writes into a user's runs/, and never sees what a
+# user's runs put there (the README's main job may run while the tests do).
+SESSION_RUNS = tempfile.mkdtemp(prefix="anita-test-runs-")
+os.environ["ANITA_RUNS_DIR"] = SESSION_RUNS
 
 
 @pytest.fixture(autouse=True)
-def no_run_folder_in_the_checkout():
-    """A test runs the CLIs in tmp_path, never in the checkout's runs/ (a scripts'
-    default --output-dir): a folder left there would mix with a user's own runs, and
-    two suites running at once would meet in it (its folder lock refuses the second)."""
-    before = _run_folders()
+def no_run_folder_by_default():
+    """A test runs the CLIs with --output-dir in tmp_path: a folder appearing in the session's
+    runs folder is a CLI that ran with its default output, which outside the tests is the
+    checkout's runs/. Only this session's processes write there: a user's job never trips it."""
+    before = set(os.listdir(SESSION_RUNS))
     yield
-    made = _run_folders() - before
-    assert not made, f"the test wrote {sorted(made)} into {RUNS_IN_CHECKOUT}; pass --output-dir"
+    made = set(os.listdir(SESSION_RUNS)) - before
+    for name in made:                    # the next test starts clean
+        shutil.rmtree(os.path.join(SESSION_RUNS, name), ignore_errors=True)
+    assert not made, f"the test wrote {sorted(made)} into the default runs folder; pass --output-dir"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(SESSION_RUNS, ignore_errors=True)
 
 
 def pytest_terminal_summary(terminalreporter):

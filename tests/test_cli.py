@@ -53,8 +53,9 @@ def test_missing_model_directory_is_a_clear_error(tmp_path, capsys):
             main(["--model", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "run"), *FAST])
         assert e.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert err[-1] == (f"{script}: error: argument --model: {tmp_path / 'nowhere'}: no such "
-                           "model directory (and not a hub name owner/name)")
+        assert err == [f"{script}: error: argument --model: {tmp_path / 'nowhere'}: no such "
+                       "model directory (and not a hub name owner/name)",
+                       f"({script} --help lists every flag and its default)"]
         assert not (tmp_path / "run").exists()          # stopped before the output folder
 
 
@@ -63,7 +64,7 @@ def test_help_shows_each_default_once(capsys):
         with pytest.raises(SystemExit):
             main(["--help"])
         out = " ".join(capsys.readouterr().out.split())
-        assert "(default: runs/<script>-<preset>)" in out
+        assert "(default: runs/<script>-<preset>, runs/ being $ANITA_RUNS_DIR when set)" in out
         assert "(default: None)" not in out
         assert "--threads N" in out
 
@@ -88,12 +89,14 @@ def test_model_of_another_architecture_is_a_clear_error(tmp_path, capsys):
     config = json.loads((ckpt / "config.json").read_text())
     config.update(model_type="mistral", architectures=["MistralForCausalLM"])
     (ckpt / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()                 # the factory's progress bar
     with pytest.raises(SystemExit) as e:
         train_sft.main(["--model", str(ckpt), "--output-dir", str(tmp_path / "run"), *FAST])
     assert e.value.code == 2           # bad input, as every other refusal
     err = capsys.readouterr().err
-    assert f"error: --model {ckpt}: cannot load the base model: " in err
-    assert "config.json" in err and "model_type" in err
+    assert err.strip() == (f"error: --model {ckpt}: {ckpt / 'config.json'}: field 'model_type' is "
+                           "'mistral'; only 'llama' (LlamaForCausalLM) is supported")
+    assert not (tmp_path / "run").exists()      # refused before the output folder is made
 
 
 def test_an_existing_merge_export_folder_is_refused_before_the_model_loads(tmp_path, capsys):

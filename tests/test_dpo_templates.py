@@ -161,6 +161,6 @@ def test_none_template_refuses_a_system_prompt(capsys):
     with pytest.raises(SystemExit) as e:
         train_dpo.main(["--template", "none", "--system-prompt", "Sii breve."])
     assert e.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+    assert capsys.readouterr().err.strip().splitlines()[0] == (
         "train_dpo.py: error: argument --system-prompt: not allowed with --template none (raw text "
         "has no system turn)")

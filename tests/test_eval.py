@@ -205,7 +205,7 @@ def test_unknown_task_and_offline_hub_task_are_one_line_errors(setup, tmp_path, 
         main(["--model", str(base), "--tasks", "no_such_task", "--include-path", str(tasks),
               "--no-builtin-tasks"])
     assert e.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+    assert capsys.readouterr().err.strip().splitlines()[-2] == (
         "eval.py: error: argument --tasks: unknown task 'no_such_task'; list the available ones with "
         "`lm-eval ls tasks` (local task YAMLs: `lm-eval ls tasks --include_path DIR`, here "
         "--include-path DIR)")
@@ -219,7 +219,7 @@ def test_unknown_task_and_offline_hub_task_are_one_line_errors(setup, tmp_path, 
     done = _eval_cli(["--model", str(base), "--tasks", "hub_arc", "--include-path", str(hub),
                       "--output", str(tmp_path / "r.json")], env=env)
     assert done.returncode == 2
-    last = done.stderr.strip().splitlines()[-1]
+    last = done.stderr.strip().splitlines()[-2]       # then the pointer to --help
     assert last.startswith("eval.py: error: argument --tasks: task 'hub_arc': dataset "
                            "alexandrainst/m_arc (it) could not be loaded (offline, or not on the hub?)"), \
         done.stderr

@@ -136,7 +136,7 @@ def test_the_checker_catches_upward_and_relative_imports():
 
 
 def test_data_knows_no_assets():
-    # the bundled tokenizer's folder is passed in by the caller (cli.tokenizer_dir_for)
+    # the bundled tokenizer's folder is passed in by the caller (the asset builders, tests)
     assert "anita_core.assets" not in ALLOWED["anita_core.data"]
     assert violations("from anita_core.assets import TOKENIZER_DIR\n", "anita_core.data.tokenizer")
     assert violations("def f():\n    from ..assets import TOKENIZER_DIR\n",

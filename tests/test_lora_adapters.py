@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from anita_core.lora import peft as lora_peft
 from anita_core.model.config import ModelConfig, projection_shapes
-from anita_core.lora import LoRAAdapters, LoRAConfig, load_peft, peft_key, save_peft
+from anita_core.lora import LoRAAdapters, LoRAConfig, check_peft, load_peft, peft_key, save_peft
 from anita_core.model.weights import PROJECTIONS, projection_module_path
 from tests.helpers import assert_close
 
@@ -436,6 +436,21 @@ def test_load_rejects_bad_adapter(tmp_path, fresh_seed, case):
     corrupt(out)
     with pytest.raises(ValueError, match=message):
         load_peft(out, MODEL)
+
+
+# what check_peft (the header-only check the commands run before the base model loads)
+# says where its message differs from load_peft's; a NaN is a value: load_peft's alone
+HEADER_MESSAGES = {"integer tensor": f"adapter_model.safetensors: key '{KEY_A}' has dtype I32"}
+
+
+@pytest.mark.parametrize("case", sorted(set(BAD_ADAPTERS) - {"non-finite"}))
+def test_check_finds_what_load_finds_without_reading_tensor_data(tmp_path, fresh_seed, case):
+    corrupt, message = BAD_ADAPTERS[case]
+    out = save_peft(random_adapters(fresh_seed), tmp_path / "adapter")
+    assert check_peft(out, MODEL) == load_peft(out, MODEL).config
+    corrupt(out)
+    with pytest.raises(ValueError, match=HEADER_MESSAGES.get(case, message)):
+        check_peft(out, MODEL)
 
 
 def test_load_rejects_missing_dir_and_bin_only(tmp_path):

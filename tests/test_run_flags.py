@@ -116,3 +116,45 @@ def test_every_preset_checkpoints_periodically_by_default():
             args = main.build_parser(["--preset", preset]).parse_args(["--preset", preset])
             assert args.save_minutes > 0 or args.save_steps > 0, preset
             assert PRESETS[preset]["save_minutes"] == args.save_minutes
+
+
+@pytest.mark.parametrize("value", ["-1e-4", "-1E-4", "-.5", "-0.0001", "-5e+2", "-1_000", "-inf"])
+def test_a_negative_number_in_any_notation_is_the_flags_value(value, capsys):
+    """argparse reads -1 and -0.5 as values but -1e-4 or -inf as unknown flags ("expected
+    one argument"); every notation, spaced or with '=', meets the flag's own check."""
+    want = (f"must be in (0, 1], got {float(value)}" if value != "-inf"
+            else "expected a finite number, got '-inf'")
+    for argv in (["--learning-rate", value], [f"--learning-rate={value}"], ["--learning", value]):
+        err = parse_error(train_sft.main, argv, capsys)
+        assert err.splitlines() == [f"train_sft.py: error: argument --learning-rate: {want}",
+                                    "(train_sft.py --help lists every flag and its default)"], argv
+    err = parse_error(train_dpo.main, ["--beta", value, "--seed", "1"], capsys)
+    assert err.startswith("train_dpo.py: error: argument --beta: ")
+
+
+def test_a_flag_error_is_one_line_and_a_pointer_to_help_not_the_usage_block(capsys):
+    for argv in (["--lora-r", "0"], ["--no-such-flag"], ["--learning-rate"], ["--dtype", "fp8"]):
+        err = parse_error(train_sft.main, argv, capsys)
+        lines = err.splitlines()
+        assert len(lines) == 2 and lines[0].startswith("train_sft.py: error: "), (argv, err)
+        assert lines[1] == "(train_sft.py --help lists every flag and its default)"
+        assert "usage:" not in err
+    # a value that merely starts with '-' and is not a number stays what argparse made of it
+    err = parse_error(train_sft.main, ["--output-dir", "-x"], capsys)
+    assert err.startswith("train_sft.py: error: argument --output-dir: expected one argument")
+
+
+def test_what_the_fuzzer_found_in_the_flags_is_one_line(capsys):
+    """tests/test_fuzz_inputs.py found each: an integer past 2**63 that a later check
+    could not print (5,000 digits), argparse storing "--x=--" as an empty list, a
+    control character or undecodable byte splitting or breaking the line."""
+    err = parse_error(train_sft.main, ["--batch-size", "9" * 4298], capsys)
+    line = err.splitlines()[0]
+    assert line.startswith("train_sft.py: error: argument --batch-size: expected an integer below 2**63, "
+                           "got '99999") and line.endswith("9999' (4,300 characters)") and len(line) < 200
+    err = parse_error(train_sft.main, ["--batch-size=--"], capsys)
+    assert err.splitlines()[0] == "train_sft.py: error: argument --batch-size: expected one argument, got '--'"
+    err = parse_error(train_sft.main, ["--lora-r=\x0c", "--output-dir", "a\udcffb", "--junk\nmore"], capsys)
+    assert err.splitlines()[0] == "train_sft.py: error: argument --lora-r: expected an integer, got '\\x0c'"
+    err = parse_error(train_sft.main, ["--junk\nmore", "\udcff"], capsys)
+    assert err.splitlines()[0] == "train_sft.py: error: unrecognized arguments: --junk\\nmore \\xff"

@@ -104,6 +104,7 @@ def test_a_folder_holding_a_run_needs_resume_or_overwrite(tmp_path):
     assert "already holds a run (metrics.jsonl); continue it with --resume, replace it with " \
            "--overwrite" in proc.stderr
     assert (out / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl"]   # the refused run left no lock
     with pytest.raises(RunFolderError):
         prepare_output_folder(out, resume=False, overwrite=False)
     (out / "checkpoints" / "step-00000001").mkdir(parents=True)
@@ -116,8 +117,8 @@ def test_a_folder_holding_a_run_needs_resume_or_overwrite(tmp_path):
     (out / "wandb" / "offline-run-20260101_000000-abc").mkdir(parents=True)
     prepare_output_folder(out, resume=False, overwrite=True)
     # only the run's records, checkpoints, adapter, TensorBoard log, curves and W&B run id
-    # go (run.lock is the refused process's); W&B's offline runs stay, to be synced
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "run.lock", "wandb"]
+    # go; W&B's offline runs stay, to be synced
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "wandb"]
 
 
 def test_resume_cuts_metrics_back_to_the_checkpoint_step(tmp_path):
@@ -150,3 +151,42 @@ def test_resuming_a_finished_run_logs_no_second_eval_record(tmp_path):
     again.train(resume_from=tmp_path / "checkpoints" / "step-00000002")
     records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], "eval_loss" in r) for r in records] == [(1, False), (2, False), (2, True)]
+
+
+# ------------------------------------------------------------ a refused run leaves no trace
+FAST = ["--no-progress", "--eval-split", "0", "--batch-size", "2", "--max-samples", "8", "--max-steps", "1"]
+
+
+def test_a_run_refused_before_training_leaves_the_folder_as_it_found_it(tmp_path, capsys):
+    import train_sft
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": 1}\n')
+    # a folder that did not exist: not there afterwards, nor the parents the run made
+    out = tmp_path / "new" / "run"
+    assert train_sft.main(["--data", str(bad), "--output-dir", str(out), *FAST]) == 2
+    assert not (tmp_path / "new").exists()
+    # a memory budget too small, refused after the model loaded: the same
+    assert train_sft.main(["--memory-budget", "0.000001", "--output-dir", str(out), *FAST]) == 2
+    assert not (tmp_path / "new").exists()
+    # --overwrite of an earlier run, refused on its data: the earlier run is still there
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    (earlier / "notes.txt").write_text("mine")
+    assert train_sft.main(["--data", str(bad), "--output-dir", str(earlier), "--overwrite", *FAST]) == 2
+    assert sorted(p.name for p in earlier.iterdir()) == ["metrics.jsonl", "notes.txt"]
+    # --resume of a folder without checkpoints: refused, nothing added
+    with pytest.raises(SystemExit):
+        train_sft.main(["--output-dir", str(earlier), "--resume", *FAST])
+    assert sorted(p.name for p in earlier.iterdir()) == ["metrics.jsonl", "notes.txt"]
+    err = capsys.readouterr().err
+    assert "error: --memory-budget" in err and "error: --resume: no checkpoint under" in err
+
+
+def test_the_default_output_folder_follows_anita_runs_dir(tmp_path, monkeypatch):
+    """How the tests keep the checkout's runs/ out of reach (conftest.py): a run without
+    --output-dir goes to $ANITA_RUNS_DIR/<script>-<preset>."""
+    import train_sft
+    monkeypatch.setenv("ANITA_RUNS_DIR", str(tmp_path / "elsewhere"))
+    assert train_sft.main(FAST) == 0
+    assert (tmp_path / "elsewhere" / "sft-demo" / "adapter" / "adapter_model.safetensors").is_file()

@@ -34,9 +34,9 @@ def test_every_flag_the_readme_names_exists():
                          ("train_dpo.py", train_dpo.build_parser([]))):
         options[name] = {s for a in parser._actions for s in a.option_strings}
     for command in script_commands():
-        # only the trainer's own part of a chained command (pip's --no-deps is pip's)
-        for part in (p for p in command.split("&&") if re.search(r"train_(sft|dpo)\.py", p)):
-            script = "train_dpo.py" if "train_dpo.py" in part else "train_sft.py"
+        # each trainer's part of a command line (pip's --no-deps in the setup line is pip's)
+        for part in re.findall(r"(train_(?:sft|dpo)\.py[^&|;]*)", command):
+            script = part[:len("train_sft.py")]
             for flag in re.findall(r"(--[a-z][a-z0-9-]+)", part):
                 assert flag in options[script], (script, flag)
     # a flag named on its own belongs to one of the project's command lines: the two

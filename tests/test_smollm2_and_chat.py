@@ -111,10 +111,20 @@ def test_chat_prints_the_answer_without_and_with_the_adapter(tmp_path, capsys):
     assert base == base_only, "greedy decoding of the base model must not change"
     assert adapted.split("\n", 1)[1].strip() != base.split("\n", 1)[1].strip()
 
-    with pytest.raises(SystemExit, match="--adapter .*no adapter_config.json"):
-        chat.main(argv + ["--adapter", str(tmp_path)])
-    with pytest.raises(SystemExit, match="--model .*no config.json"):
-        chat.main(["--model", str(tmp_path), "hi"])
+    # refusals go the trainers' way: one line "error: ...", exit code 2
+    for bad, line in (
+            (argv + ["--adapter", str(tmp_path)],
+             f"error: --adapter {tmp_path}: {tmp_path / 'adapter_config.json'} is missing (not a "
+             "PEFT adapter folder)"),
+            (["--model", str(tmp_path), "hi"],
+             f"error: --model {tmp_path}: {tmp_path / 'config.json'}: missing (not a model folder"),
+            (["--model", BUNDLED_MODEL, "--temperature=-1", "hi"],
+             "chat.py: error: argument --temperature: must be >= 0, got -1.0")):
+        with pytest.raises(SystemExit) as e:
+            chat.main(bad)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(line) and "Traceback" not in err, err
 
 
 def test_chat_runs_a_merged_export_as_stored_and_says_so(tmp_path, capsys):

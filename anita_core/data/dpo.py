@@ -185,7 +185,7 @@ def build_dpo_data(config: DPODataConfig, tokenizer: Tokenizer) -> DPOData:
         stats.truncated += truncated
         pairs.append(PreferencePair(*kept, source=row.get("source")))
     if not pairs:
-        raise ValueError(f"no usable preference pairs in {config.data!r}: {stats.summary()}")
+        raise ValueError(stats.nothing_usable(config.data, "preference pairs"))
     train, held_out = split_train_eval(pairs, config.eval_split, config.seed)
     stats.examples = len(pairs)
     stats.train_examples, stats.eval_examples = len(train), len(held_out)

@@ -175,7 +175,7 @@ def build_sft_data(config: SFTDataConfig, tokenizer: Tokenizer) -> SFTData:
         stats=stats, progress=config.progress, locations=locations,
         skip_bad_rows=config.skip_bad_rows)
     if not documents:
-        raise ValueError(f"no usable examples in {config.data!r}: {stats.summary()}")
+        raise ValueError(stats.nothing_usable(config.data, "examples"))
     train, held_out = split_train_eval(documents, config.eval_split, config.seed)
     stats.examples = len(documents)
     stats.train_examples, stats.eval_examples = len(train), len(held_out)

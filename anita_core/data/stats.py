@@ -51,6 +51,13 @@ class DataStats:
         parts.append(f"tokens {self.tokens}, targets {self.target_tokens}")
         return "; ".join(parts)
 
+    def nothing_usable(self, sources, what: str) -> str:
+        """The one line for data of which nothing is left: the files, the counts, and the
+        first skipped row's reason when rows were skipped."""
+        named = ", ".join(sources) if isinstance(sources, (list, tuple)) else str(sources)
+        first = f"; the first skipped: {self.bad_row_examples[0]}" if self.bad_row_examples else ""
+        return f"{named}: no usable {what} ({self.summary()}){first}"
+
     def skipped_rows_report(self) -> str:
         """The first few skipped rows with their reasons, one per line."""
         shown = len(self.bad_row_examples)

@@ -11,7 +11,12 @@ Local files are read without `datasets` (the standard library; Parquet through p
   skipped, each line kept as its raw bytes until parsed (parse_record), so that a line which
   is not UTF-8, not JSON or not an object is one bad row, not a failed file. A leading
   UTF-8 byte-order mark is skipped.
-- CSV: the first record is the header; every cell is text ("007" stays "007") and an empty
+  Hostile lines are one bad row each, said in anita's words, never an exception of the
+  json module's: a line longer than MAX_LINE_BYTES (read no further than that; the
+  rest of it skipped), nested deeper than MAX_JSON_DEPTH (found before parsing, so no
+  RecursionError), a number longer than Python converts (4,300 digits), or a string
+  holding a lone surrogate escape ("\\ud800": no text, and no tokenizer takes it).
+- CSV: a field is at most MAX_LINE_BYTES long; the first record is the header; every cell is text ("007" stays "007") and an empty
   cell is None, as `datasets` read CSV with string features. Unlike `datasets` (pandas),
   a cell "NA", "null", "None" or "nan" stays that text, a row with more cells than the
   header is a bad row (pandas silently made its first cell an index), and a header naming
@@ -66,6 +71,12 @@ _IN_FOLDER_NAME, _IN_FILE_NAME = (
     for patterns in (_FOLDER_PATTERNS, _FILE_PATTERNS))
 _SHARDED = re.compile(r"data/(?P<split>[^/]+)-[0-9]{5}-of-[0-9]{5}[^/]*\.[^/]*")
 _BOM = b"\xef\xbb\xbf"
+MAX_LINE_BYTES = 32 * 2**20    # one JSON line (one row), or one CSV field
+MAX_JSON_DEPTH = 100           # arrays and objects inside each other in one row
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+_NESTING = bytes.maketrans(b"[{]}", b"\x02\x02\x00\x00")
+_NOT_BRACKETS = bytes(set(range(256)) - set(b"[{]}"))
 
 
 @dataclass
@@ -180,20 +191,69 @@ def file_rows(file: str) -> Iterator[Tuple[int, Any]]:
 
 def parse_record(raw: Any) -> Dict[str, Any]:
     """The row a record from file_rows (or a hub dataset) holds; a ValueError says why
-    it is not one (not UTF-8, not JSON, not an object, Unreadable): a row problem."""
+    it is not one (not UTF-8, not JSON, too deep, not an object, a lone surrogate,
+    Unreadable): a row problem."""
     if isinstance(raw, Unreadable):
         raise ValueError(str(raw))
     if isinstance(raw, bytes):
         problem = utf8_problem(raw)
         if problem:
             raise ValueError(problem)
-        try:
-            raw = json.loads(raw.decode("utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"not valid JSON ({e.msg})") from None
+        raw = _loads(raw)
     if not isinstance(raw, dict):
         raise ValueError(f"expected a JSON object, got {type(raw).__name__}")
     return raw
+
+
+def _loads(raw: bytes, surrogates: bool = True, array: bool = False) -> Any:
+    """json.loads of UTF-8 bytes, each way it can fail a ValueError in anita's words
+    (``surrogates``: a string holding a lone surrogate is one of them; ``array``: the
+    text is an array of rows, one level more)."""
+    limit = MAX_JSON_DEPTH + array
+    depth = json_depth(raw) if raw.count(b"[") + raw.count(b"{") > limit else 0
+    if depth > limit:
+        raise ValueError(f"nested {depth - array:,} levels deep (a row may nest at most "
+                         f"{MAX_JSON_DEPTH})")
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except json.JSONDecodeError as e:      # (a line number for a file holding an array)
+        raise ValueError(f"{f'line {e.lineno}: ' if array else ''}not valid JSON ({e.msg})") from None
+    except RecursionError:     # not reached below MAX_JSON_DEPTH; kept as the last guard
+        raise ValueError("not valid JSON (nested too deeply)") from None
+    except ValueError as e:    # an integer past Python's conversion limit
+        digits = re.search(r"value has (\d+) digits", str(e))
+        raise ValueError(f"a number of {int(digits.group(1)):,} digits (at most 4,300 are read)"
+                         if digits else f"not valid JSON ({e})") from None
+    if surrogates and _SURROGATE_ESCAPE.search(raw):
+        where = lone_surrogate(value)
+        if where:
+            raise ValueError(f"{where} holds a lone surrogate escape (half of a UTF-16 pair, "
+                             "no text: was the text cut between the halves of a character?)")
+    return value
+
+
+def json_depth(raw: bytes) -> int:
+    """How deep arrays and objects nest in JSON text (brackets inside strings not counted)."""
+    brackets = _JSON_STRING.sub(b"", raw).translate(_NESTING, _NOT_BRACKETS)
+    return max(itertools.accumulate(b - 1 for b in brackets), default=0)
+
+
+def lone_surrogate(value: Any, where: str = "the row") -> str:
+    """Where in a parsed JSON value a string (or key) holds a surrogate code point, or ''."""
+    if isinstance(value, str):
+        return where if re.search("[\ud800-\udfff]", value) else ""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = lone_surrogate(key, f"a key of {where}") or lone_surrogate(
+                item, f"field {key!r}" if where == "the row" else f"{where}[{key!r}]")
+            if found:
+                return found
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            found = lone_surrogate(item, f"{where}[{index}]")
+            if found:
+                return found
+    return ""
 
 
 def _json_rows(file: str, opener) -> Iterator[Tuple[int, Any]]:
@@ -209,24 +269,40 @@ def _json_rows(file: str, opener) -> Iterator[Tuple[int, Any]]:
         if chunk.strip()[:1] == b"[":   # a JSON array cannot be streamed line by line: read it whole
             data = f.read()
             try:
-                rows = json.loads(data.decode("utf-8"))
+                data.decode("utf-8")
             except UnicodeDecodeError as e:
                 number = data.count(b"\n", 0, e.start) + 1
                 line = data[data.rfind(b"\n", 0, e.start) + 1:].split(b"\n", 1)[0]
                 raise ValueError(f"{file}: line {number}: {utf8_problem(line)}") from None
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{file}: line {e.lineno}: not valid JSON ({e.msg})") from None
+            try:                 # the array is one more level than its rows
+                rows = _loads(data, surrogates=False, array=True)
+            except ValueError as e:
+                raise ValueError(f"{file}: {e}") from None    # the whole array: no row to name
+            surrogates = bool(_SURROGATE_ESCAPE.search(data))
             del data
-            yield from enumerate(rows, start=1)
+            for number, row in enumerate(rows if isinstance(rows, list) else [rows], start=1):
+                where = lone_surrogate(row) if surrogates else ""
+                yield number, (Unreadable(f"{where} holds a lone surrogate escape (half of a UTF-16 "
+                                          "pair, no text)") if where else row)
             return
-        for number, line in enumerate(f, start=1):
-            if line.strip():
+        number = 0
+        while True:
+            line = f.readline(MAX_LINE_BYTES + 1)
+            if not line:
+                return
+            number += 1
+            if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+                while line and not line.endswith(b"\n"):      # the rest of it, unread
+                    line = f.readline(1 << 20)
+                yield number, Unreadable(f"a line longer than {MAX_LINE_BYTES:,} bytes (one JSON "
+                                         "line is one row: is this a JSON-lines file?)")
+            elif line.strip():
                 yield number, line
 
 
 def _csv_rows(file: str) -> Iterator[Tuple[int, Any]]:
-    # a long text is one cell: lift the csv module's 128 KiB limit on a field
-    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
+    # a long text is one cell: the csv module's 128 KiB limit on a field, raised to a row's
+    csv.field_size_limit(MAX_LINE_BYTES)
     with open(file, encoding="utf-8-sig", newline="") as text:
         reader = csv.reader(text)
         try:
@@ -279,4 +355,5 @@ def _parquet_rows(file: str) -> Iterator[Tuple[int, Any]]:
                 number += 1
                 yield number, row
     except (OSError, ValueError, pyarrow.ArrowException) as e:   # ArrowInvalid is a ValueError
-        raise ValueError(f"{file}: cannot be read as parquet: {type(e).__name__}: {e}") from None
+        reason = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())  # Arrow's: lines
+        raise ValueError(f"{file}: cannot be read as parquet: {type(e).__name__}: {reason}") from None

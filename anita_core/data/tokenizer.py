@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Dict, Iterable, List, Optional, Tuple
 
 from tokenizers import Tokenizer as _BackendTokenizer
@@ -21,6 +22,9 @@ from anita_core.data import templates
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token",
                        "cls_token", "mask_token")
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
+# a surrogate code point is no character UTF-8 can write: the `tokenizers` library refuses
+# a string holding one with a TypeError that names no text; anita says where it is
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class Tokenizer:
@@ -81,18 +85,33 @@ class Tokenizer:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> List[int]:
-        return self.backend.encode(text, add_special_tokens=False).ids
+        return self._encode_batch([text], False)[0].ids
 
     def encode_batch(self, texts: Iterable[str], add_special_tokens: bool = False) -> List[List[int]]:
         """``add_special_tokens``: let tokenizer.json's post-processor add its tokens (BOS...)."""
-        return [e.ids for e in self.backend.encode_batch(list(texts),
-                                                         add_special_tokens=add_special_tokens)]
+        return [e.ids for e in self._encode_batch(list(texts), add_special_tokens)]
 
     def encode_batch_with_offsets(self, texts: Iterable[str],
                                   ) -> List[Tuple[List[int], List[Tuple[int, int]]]]:
         """(ids, (start, end) character span of each token) per text."""
-        return [(e.ids, e.offsets)
-                for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+        return [(e.ids, e.offsets) for e in self._encode_batch(list(texts), False)]
+
+    def _encode_batch(self, texts: List[str], add_special_tokens: bool):
+        """The library's encodings; a text it refuses is a ValueError saying which and why
+        (a text holding a surrogate, e.g. a lone JSON escape "\\ud800", or not a string)."""
+        try:
+            return self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)
+        except Exception as e:      # `tokenizers` raises TypeError / its own Exception
+            for index, text in enumerate(texts):
+                if not isinstance(text, str):
+                    raise ValueError(f"text {index + 1} of {len(texts)} is a {type(text).__name__}, "
+                                     "not a string") from None
+                bad = _SURROGATE.search(text)
+                if bad:
+                    raise ValueError(f"text {index + 1} of {len(texts)} holds a lone surrogate "
+                                     f"U+{ord(bad.group()):04X} at character {bad.start() + 1} "
+                                     "(no character UTF-8 can write)") from None
+            raise ValueError(f"{self.name}: the tokenizer failed: {type(e).__name__}: {e}") from None
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -109,7 +128,7 @@ class Tokenizer:
 def _token_content(value) -> Optional[str]:
     """tokenizer_config.json writes a token either as a string or as {"content": ...}."""
     if isinstance(value, dict):
-        return value.get("content")
+        value = value.get("content")
     return value if isinstance(value, str) else None
 
 
@@ -119,14 +138,23 @@ def _chat_template_of(config: dict, folder: str, config_file: str) -> Optional[s
     {name, template} of which the one named "default" is used."""
     jinja_file = os.path.join(folder, CHAT_TEMPLATE_FILE)
     if os.path.isfile(jinja_file):
-        with open(jinja_file, encoding="utf-8") as f:
-            return f.read()
+        with open(jinja_file, "rb") as f:
+            raw = f.read()
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{jinja_file}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     value = config.get("chat_template")
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, list):
-        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
-        return named.get("default")
+        named = {t.get("name"): t.get("template") for t in value
+                 if isinstance(t, dict) and isinstance(t.get("name"), str)}
+        template = named.get("default")
+        if template is None or isinstance(template, str):
+            return template
+        raise ValueError(f"{config_file}: chat_template 'default' must be a string, got "
+                         f"{type(template).__name__}")
     raise ValueError(f"{config_file}: chat_template must be a string or a list of "
                      f"{{name, template}}, got {type(value).__name__}")
 
@@ -143,15 +171,21 @@ def load_tokenizer(path: str) -> Tokenizer:
     if not os.path.isfile(file):
         raise FileNotFoundError(f"no tokenizer.json at {file!r} (pass a model folder holding a "
                                 f"tokenizer.json, or the file itself)")
-    backend = _BackendTokenizer.from_file(file)
+    try:
+        backend = _BackendTokenizer.from_file(file)
+    except Exception as e:          # `tokenizers` raises a bare Exception (serde's message)
+        reason = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{file}: not a tokenizer the `tokenizers` library reads ({reason})") from None
     config: dict = {}
     config_file = os.path.join(folder, "tokenizer_config.json")
     if os.path.isfile(config_file):
         try:
-            with open(config_file, encoding="utf-8") as f:
-                config = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_file}: not valid JSON ({e})") from e
+            with open(config_file, "rb") as f:
+                config = json.loads(f.read().decode("utf-8"))
+        except RecursionError:
+            raise ValueError(f"{config_file}: not valid JSON (nested too deeply)") from None
+        except ValueError as e:     # not JSON, not UTF-8, or an integer past 4,300 digits
+            raise ValueError(f"{config_file}: not valid JSON ({e})") from None
         if not isinstance(config, dict):
             raise ValueError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
     return Tokenizer(backend, config=config, chat_template=_chat_template_of(config, folder, config_file),

@@ -29,8 +29,9 @@ PROG = "eval.py"
 def build_parser() -> argparse.ArgumentParser:
     from anita_core.eval.tasks import PRESETS
     from anita_core.train.cli import add_threads_argument
-    from anita_core.train.flag_types import HelpFormatter, non_negative_int, positive_int
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=HelpFormatter)
+    from anita_core.train.flag_types import (FlagParser, HelpFormatter, non_negative_int, positive_int,
+                                             seed_int)
+    p = FlagParser(prog=PROG, description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="model folder (config.json, safetensors, tokenizer)")
     p.add_argument("--adapter", default=None, help="a PEFT LoRA adapter folder (default: none)")
     which = p.add_mutually_exclusive_group(required=True)
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="results JSON (default: runs/eval/<model>[-<adapter>]/results.json)")
     p.add_argument("--log-samples", action="store_true",
                    help="also write every document's requests and answers (samples_<task>.jsonl)")
-    p.add_argument("--seed", type=int, default=0, help="lm-eval's few-shot sampling seeds")
+    p.add_argument("--seed", type=seed_int, default=0, help="lm-eval's few-shot sampling seeds")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_threads_argument(p)
     return p
@@ -72,16 +73,22 @@ def _say(message: str) -> None:
 def default_output(args) -> Path:
     name = Path(args.model.rstrip("/")).name + (f"-{Path(args.adapter.rstrip('/')).name}"
                                                 if args.adapter else "")
-    return Path("runs") / "eval" / name / "results.json"
+    from anita_core.train.cli import default_output_dir
+    return Path(default_output_dir("eval")) / name / "results.json"
 
 
 def check_paths(parser, args) -> None:
-    if not (Path(args.model) / "config.json").is_file():
-        parser.error(f"argument --model: {args.model}: no config.json there")
-    if not (Path(args.model) / "tokenizer.json").is_file():
-        parser.error(f"argument --model: {args.model}: no tokenizer.json there")
-    if args.adapter is not None and not (Path(args.adapter) / "adapter_config.json").is_file():
-        parser.error(f"argument --adapter: {args.adapter}: no adapter_config.json there")
+    """The model folder (config, file headers, tokenizer) and the adapter, checked as
+    the trainers check theirs (train/input_checks.py), and the task folders."""
+    from anita_core.train.input_checks import BadInput, check_adapter, check_model
+    if not Path(args.model).is_dir():
+        parser.error(f"argument --model: {args.model}: no such model directory")
+    try:
+        checked = check_model(args.model)
+        if args.adapter is not None:
+            check_adapter("--adapter", args.adapter, checked.config)
+    except BadInput as e:
+        parser.error(f"argument {e}")
     if args.no_builtin_tasks and not args.include_path:
         parser.error("argument --no-builtin-tasks: needs --include-path (the tasks to run)")
     for folder in args.include_path or []:

@@ -54,6 +54,9 @@ def read_quantization_config(raw_config: Dict[str, Any], source: str) -> Optiona
         raise ValueError(f"{source}: field 'quantization_config.bnb_4bit_quant_type' is "
                          f"{quant_type!r}; only 'nf4' is supported")
     skip = qc.get("llm_int8_skip_modules") or []
+    if not isinstance(skip, list) or not all(isinstance(name, str) for name in skip):
+        raise ValueError(f"{source}: field 'quantization_config.llm_int8_skip_modules' must be a "
+                         f"list of module names, got {skip!r}")
     return {"double_quant": bool(qc.get("bnb_4bit_use_double_quant", False)),
             "skip_modules": list(skip)}
 

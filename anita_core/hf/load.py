@@ -82,11 +82,33 @@ def _is_ignorable(name: str) -> bool:
 def _read_raw_config(directory: Path) -> Tuple[dict, str]:
     path = directory / CONFIG_FILENAME
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no config.json in the checkpoint directory")
+        raise FileNotFoundError(f"{path}: missing (not a model folder: it holds config.json and safetensors)")
     try:
-        return json.loads(path.read_text()), str(path)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: not valid JSON (nested too deeply)") from None
+    except ValueError as e:   # JSONDecodeError, or an integer past Python's 4,300 digits
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    return raw, str(path)
+
+
+def check_checkpoint(path: Union[str, Path]) -> ModelConfig:
+    """The ModelConfig of a checkpoint directory after every check that reads no
+    tensor data (what load_base_weights checks before it reads): config.json and
+    its quantization_config, the index and every file header against them. Cheap
+    at any model size: a command checks its --model with it before anything loads."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: checkpoint directory does not exist")
+    raw_config, source = _read_raw_config(directory)
+    quant = read_quantization_config(raw_config, source)
+    config = ModelConfig.from_dict(raw_config, source=source)
+    _plan(config, catalog_checkpoint(directory), quant, source, source)
+    return config
 
 
 def _plan(config: ModelConfig, catalog: TensorCatalog, quant: Optional[dict],
@@ -98,6 +120,12 @@ def _plan(config: ModelConfig, catalog: TensorCatalog, quant: Optional[dict],
     """
     listing = catalog.listing
     entries = catalog.entries
+    # a config claiming more layers than the files hold tensors (a typo, or 10**9) is
+    # refused before the plan below is built for each of them; short of that, the
+    # first missing tensor is named
+    if config.num_hidden_layers > len(entries):
+        raise ValueError(f"{listing}: holds {len(entries)} tensors, too few for the "
+                         f"{config.num_hidden_layers} layers {config_source} declares")
     h, v = config.hidden_size, config.vocab_size
     plan: Dict[str, object] = {EMBED: _Dense((v, h), None, "embed_tokens"),
                                FINAL_NORM: _Dense((h,), None, "norm")}

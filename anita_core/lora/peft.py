@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from anita_core.model.config import ModelConfig, projection_shapes
@@ -178,35 +178,60 @@ def load_peft(adapter_dir: Union[str, os.PathLike], model_config: ModelConfig,
     """Read a PEFT LoRA adapter directory (saved by anita or by PEFT) for a model
     shaped like ``model_config``. Everything is checked before anything is
     built: a ValueError names the file and the offending field or key."""
-    adapter_dir = Path(adapter_dir)
-    if not adapter_dir.is_dir():
-        raise ValueError(f"load_peft: {adapter_dir} is not a directory")
-    config_path = adapter_dir / CONFIG_NAME
-    weights_path = adapter_dir / WEIGHTS_NAME
-    if not config_path.is_file():
-        raise ValueError(f"load_peft: {config_path} is missing")
-    if not weights_path.is_file():
-        hint = (" (only adapter_model.bin is there; anita reads safetensors, not pickles)"
-                if (adapter_dir / "adapter_model.bin").exists() else "")
-        raise ValueError(f"load_peft: {weights_path} is missing{hint}")
-
+    config_path, weights_path = _adapter_files(Path(adapter_dir))
     lora_config = lora_config_from_peft(_read_json(config_path), model_config, str(config_path))
     try:
         tensors = load_file(str(weights_path), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"load_peft: {weights_path} is not a readable safetensors file ({e})") from e
+        raise ValueError(f"{weights_path} is not a readable safetensors file ({e})") from e
     weights = _adapter_weights(tensors, lora_config, model_config, str(weights_path))
     return LoRAAdapters(lora_config, model_config,
                         {k: (a.to(device), b.to(device)) for k, (a, b) in weights.items()})
 
 
+def check_peft(adapter_dir: Union[str, os.PathLike], model_config: ModelConfig) -> LoRAConfig:
+    """Every check of load_peft that reads no tensor data: the files, the config, and
+    each tensor's key, dtype and shape from the safetensors header (values, e.g. a NaN,
+    are load_peft's to find). Cheap at any size: the commands check the adapter folders
+    they are given with it before the base model loads."""
+    config_path, weights_path = _adapter_files(Path(adapter_dir))
+    lora_config = lora_config_from_peft(_read_json(config_path), model_config, str(config_path))
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            layout = {}
+            for key in f.keys():
+                view = f.get_slice(key)
+                tag = view.get_dtype()
+                layout[key] = (tuple(view.get_shape()), tag.startswith("F") or tag == "BF16", tag)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{weights_path} is not a readable safetensors file ({e})") from e
+    _check_layout(layout, lora_config, model_config, str(weights_path))
+    return lora_config
+
+
+def _adapter_files(adapter_dir: Path) -> Tuple[Path, Path]:
+    if not adapter_dir.is_dir():
+        raise ValueError(f"{adapter_dir} is not a directory")
+    config_path = adapter_dir / CONFIG_NAME
+    weights_path = adapter_dir / WEIGHTS_NAME
+    if not config_path.is_file():
+        raise ValueError(f"{config_path} is missing (not a PEFT adapter folder)")
+    if not weights_path.is_file():
+        hint = (" (only adapter_model.bin is there; anita reads safetensors, not pickles)"
+                if (adapter_dir / "adapter_model.bin").exists() else "")
+        raise ValueError(f"{weights_path} is missing{hint}")
+    return config_path, weights_path
+
+
 def _read_json(path: Path) -> Dict[str, Any]:
     try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"load_peft: {path} is not valid JSON ({e})") from e
+        d = json.loads(path.read_bytes().decode("utf-8"))
+    except RecursionError:
+        raise ValueError(f"{path} is not valid JSON (nested too deeply)") from None
+    except ValueError as e:      # not JSON, not UTF-8, or an integer past 4,300 digits
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
     if not isinstance(d, dict):
-        raise ValueError(f"load_peft: {path} must hold a JSON object, got {type(d).__name__}")
+        raise ValueError(f"{path} must hold a JSON object, got {type(d).__name__}")
     return d
 
 
@@ -215,7 +240,7 @@ def lora_config_from_peft(d: Dict[str, Any], model_config: ModelConfig,
     """The LoRAConfig equivalent to a parsed PEFT adapter_config.json, or a
     ValueError naming ``source`` and the field anita cannot honour."""
     def fail(field_name: str, problem: str) -> ValueError:
-        return ValueError(f"load_peft: {source}: field '{field_name}' {problem}")
+        return ValueError(f"{source}: field '{field_name}' {problem}")
 
     if d.get("peft_type") != "LORA":
         raise fail("peft_type", f"is {d.get('peft_type')!r}; only 'LORA' adapters are supported")
@@ -328,6 +353,22 @@ def _adapter_weights(tensors: Dict[str, torch.Tensor], lora_config: LoRAConfig,
                      model_config: ModelConfig, source: str) -> Dict[Tuple[int, str], Tuple]:
     """Check the file's tensors against the config and the model; return
     {(layer, projection): (A, B)} as fp32."""
+    layout = {key: (tuple(t.shape), t.is_floating_point(), str(t.dtype)) for key, t in tensors.items()}
+    expected = _check_layout(layout, lora_config, model_config, source)
+    pairs: Dict[Tuple[int, str], list] = {}
+    for key, (where, slot, _) in expected.items():
+        t = tensors[key].to(torch.float32)
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{source}: key {key!r} holds non-finite values")
+        pairs.setdefault(where, [None, None])[slot] = t
+    return {k: (v[0], v[1]) for k, v in pairs.items()}
+
+
+def _check_layout(layout: Dict[str, Tuple[Tuple[int, ...], bool, str]], lora_config: LoRAConfig,
+                  model_config: ModelConfig, source: str) -> Dict[str, tuple]:
+    """Raise unless ``layout`` (key -> (shape, is floating point, dtype name)) holds
+    exactly the tensors the config and the model need; return key -> ((layer,
+    projection), 0 for A / 1 for B, shape)."""
     shapes = projection_shapes(model_config)
     r = lora_config.r
     expected = {}
@@ -336,34 +377,27 @@ def _adapter_weights(tensors: Dict[str, torch.Tensor], lora_config: LoRAConfig,
             out_features, in_features = shapes[projection]
             expected[peft_key(layer, projection, "A")] = ((layer, projection), 0, (r, in_features))
             expected[peft_key(layer, projection, "B")] = ((layer, projection), 1, (out_features, r))
-    unexpected = sorted(set(tensors) - set(expected))
+    unexpected = sorted(set(layout) - set(expected))
     if unexpected:
-        raise ValueError(f"load_peft: {source}: unexpected key {unexpected[0]!r} (the config "
+        raise ValueError(f"{source}: unexpected key {unexpected[0]!r} (the config "
                          f"adapts layers {list(adapted_layers(lora_config, model_config))} and "
                          f"targets {list(lora_config.target_modules)})")
-    missing = [k for k in expected if k not in tensors]
+    missing = [k for k in expected if k not in layout]
     if missing:
-        raise ValueError(f"load_peft: {source}: missing key {missing[0]!r}")
-
-    pairs: Dict[Tuple[int, str], list] = {}
+        raise ValueError(f"{source}: missing key {missing[0]!r}")
     for key, (where, slot, shape) in expected.items():
-        t = tensors[key]
-        if not t.is_floating_point():
-            raise ValueError(f"load_peft: {source}: key {key!r} has dtype {t.dtype}, "
+        found, floating, dtype = layout[key]
+        if not floating:
+            raise ValueError(f"{source}: key {key!r} has dtype {dtype}, "
                              "expected a floating-point tensor")
-        if t.dim() != 2:
-            raise ValueError(f"load_peft: {source}: key {key!r} has shape {tuple(t.shape)}, "
-                             f"expected {shape}")
-        rank = t.shape[0] if slot == 0 else t.shape[1]
+        if len(found) != 2:
+            raise ValueError(f"{source}: key {key!r} has shape {found}, expected {shape}")
+        rank = found[0] if slot == 0 else found[1]
         if rank != r:
-            raise ValueError(f"load_peft: {source}: key {key!r} has rank {rank} (shape "
-                             f"{tuple(t.shape)}) but the adapter config says r = {r}")
-        if tuple(t.shape) != shape:
-            raise ValueError(f"load_peft: {source}: key {key!r} has shape {tuple(t.shape)}, but "
+            raise ValueError(f"{source}: key {key!r} has rank {rank} (shape "
+                             f"{found}) but the adapter config says r = {r}")
+        if found != shape:
+            raise ValueError(f"{source}: key {key!r} has shape {found}, but "
                              f"the model config needs {shape}: an adapter for a different base "
                              "model?")
-        t = t.to(torch.float32)
-        if not torch.isfinite(t).all():
-            raise ValueError(f"load_peft: {source}: key {key!r} holds non-finite values")
-        pairs.setdefault(where, [None, None])[slot] = t
-    return {k: (v[0], v[1]) for k, v in pairs.items()}
+    return expected

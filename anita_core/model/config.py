@@ -43,6 +43,8 @@ _REQUIRED_INTS = ("vocab_size", "hidden_size", "intermediate_size",
 
 
 def _fail(source: str, field_name: str, problem: str) -> ValueError:
+    if len(problem) > 240:       # a value quoted in it may be 4,000 digits or a whole object
+        problem = f"{problem[:160]}...{problem[-60:]}"
     return ValueError(f"{source}: field '{field_name}' {problem}")
 
 
@@ -293,7 +295,10 @@ def _as_int(value: Any, source: str, name: str) -> int:
 def _as_float(value: Any, source: str, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _fail(source, name, f"must be a number, got {value!r}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:        # an integer past a float's range
+        raise _fail(source, name, f"is a number too large ({len(str(abs(value))):,} digits)") from None
 
 
 def _optional_token(value: Any, source: str, name: str, *, allow_list: bool):

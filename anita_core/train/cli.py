@@ -13,11 +13,12 @@ from typing import List, NoReturn, Optional, Sequence
 
 import torch
 
-from anita_core.assets import ASSETS_DIR, TOKENIZER_DIR
-from anita_core.train.flag_types import (check_token_rows, comma_subset, count_or_fraction,
-                                         learning_rate, non_negative_float, non_negative_int,
-                                         positive_float, positive_int, probability_0_1, seed_int,
-                                         steps_or_off)
+from anita_core.assets import ASSETS_DIR
+from anita_core.train.flag_types import (FlagParser, check_token_rows, comma_subset,
+                                         count_or_fraction, int_between, learning_rate,
+                                         non_negative_float, non_negative_int, one_line,
+                                         positive_float, positive_int, printable, probability_0_1,
+                                         seed_int, steps_or_off, utf8_text)
 from anita_core.train.presets import DPO_PRESETS, PRESETS, SFT_PRESETS
 from anita_core.train.memory_budget import add_memory_arguments, check_memory_environment
 from anita_core.train.report import add_report_arguments, check_installed
@@ -32,12 +33,15 @@ EXIT_RANK_FAILED = 4        # another rank died, or a collective timed out
 #                           (defined in storage_faults, imported above)
 
 BUNDLED_MODEL = os.path.join(ASSETS_DIR, "tiny-llama3")
+RUNS_DIR_ENV = "ANITA_RUNS_DIR"     # where default output folders go (default: ./runs)
+MAX_THREADS = 1024          # --threads: torch starts that many threads at its next parallel op
 
 
-def resolve_preset(argv: List[str], demo: str, real: str, allowed: Sequence[str]) -> str:
+def resolve_preset(argv: List[str], demo: str, real: str, allowed: Sequence[str],
+                   prog: Optional[str] = None) -> str:
     """--preset if given (one of ``allowed``, this script's presets); otherwise the
     demo preset when no --model is given."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = FlagParser(prog=prog, add_help=False)
     pre.add_argument("--preset")
     pre.add_argument("--model")
     known, _ = pre.parse_known_args(argv)
@@ -59,8 +63,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, preset: str, presets: 
                    help="hyper-parameter set; flags override it (defaults shown are this preset's)")
     g.add_argument("--model", default=BUNDLED_MODEL,
                    help="base model: a local HF LLaMA checkpoint directory (or a hub name when online)")
+    add_tokenizer_argument(g)
     g.add_argument("--output-dir", default=None, help="where checkpoints, metrics and the adapter go "
-                   "(default: runs/<script>-<preset>)")
+                   "(default: runs/<script>-<preset>, runs/ being $ANITA_RUNS_DIR when set)")
     g.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="resume from a checkpoint directory, or the run's latest one if no path")
     g.add_argument("--overwrite", action="store_true",
@@ -131,12 +136,20 @@ def add_common_arguments(parser: argparse.ArgumentParser, preset: str, presets: 
     g.add_argument("--skip-bad-rows", action="store_true",
                    help="skip, count and show malformed rows (bad JSON, bad encoding, missing or "
                         "wrong fields) instead of stopping at the first")
-    g.add_argument("--system-prompt", default=None, help="default system prompt for rows without one")
+    g.add_argument("--system-prompt", default=None, type=utf8_text, help="default system prompt for rows without one")
+
+
+def add_tokenizer_argument(group) -> None:
+    """--tokenizer: the trainers and chat.py; without it the model folder's own."""
+    group.add_argument("--tokenizer", default=None, metavar="DIR",
+                       help="the model's tokenizer: a folder holding its tokenizer.json (and "
+                            "tokenizer_config.json), or the file itself; default: the --model "
+                            "folder's, which is then required")
 
 
 def add_threads_argument(group) -> None:
     """--threads N: torch.set_num_threads, for the trainers, chat.py and eval.py."""
-    group.add_argument("--threads", type=positive_int, default=None, metavar="N",
+    group.add_argument("--threads", type=int_between(1, MAX_THREADS), default=None, metavar="N",
                        help="CPU threads torch computes with (torch.set_num_threads; default: "
                             "torch's, one per core). On a CPU shared with other jobs, 1 avoids "
                             "threads waiting for each other's descheduled peers")
@@ -205,8 +218,14 @@ def rank_logger(dist):
 
 
 def usage_error(message: str) -> NoReturn:
-    log_to_stderr(f"error: {message}")
+    log_to_stderr(f"error: {one_line(message)}")
     raise SystemExit(EXIT_BAD_INPUT)
+
+
+def default_output_dir(name: str) -> str:
+    """runs/<name>, or $ANITA_RUNS_DIR/<name> (the tests point it at a folder of their own,
+    so a suite never writes into, nor reads, a user's runs/)."""
+    return os.path.join(os.environ.get(RUNS_DIR_ENV) or "runs", name)
 
 
 def eval_split_value(x: float):
@@ -225,22 +244,6 @@ def compute_dtype(name: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
-def resolve_model_dir(model: str) -> str:
-    """A local directory as is; otherwise a hub name fetched with huggingface_hub."""
-    if os.path.isdir(model):
-        return model
-    try:
-        from huggingface_hub import snapshot_download
-        return snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
-    except Exception as e:  # offline, unknown repo, gated model...
-        usage_error(f"--model {model}: not a local directory and could not be fetched from "
-                    f"the hub ({type(e).__name__}: {e})")
-
-
-def tokenizer_dir_for(model_dir: str) -> str:
-    return model_dir if os.path.isfile(os.path.join(model_dir, "tokenizer.json")) else TOKENIZER_DIR
-
-
 def lora_config_from_args(args):
     from anita_core.lora import LoRAConfig
     targets = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
@@ -248,8 +251,9 @@ def lora_config_from_args(args):
                       target_modules=targets, use_rslora=args.rslora, seed=args.seed)
 
 
-def load_model_and_adapters(args, log):
-    """The NF4 base model with trainable adapters (fresh, or from --init-adapter)."""
+def load_model_and_adapters(args, model_dir: str, log):
+    """The NF4 base model of ``model_dir`` (checked by input_checks.check_inputs) with
+    trainable adapters (fresh, or from --init-adapter)."""
     from anita_core.lora import LoRAAdapters, load_peft
     from anita_core.hf import load_model
     if args.merge_export and os.path.exists(args.merge_export):
@@ -257,7 +261,6 @@ def load_model_and_adapters(args, log):
                     "(checked before training so the run's result is not lost)")
     from anita_core.train import stop_points
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model_dir = resolve_model_dir(args.model)
     stop_points.reached("loading")
     started = time.perf_counter()
     try:
@@ -273,15 +276,15 @@ def load_model_and_adapters(args, log):
     if args.init_adapter:
         try:
             adapters = load_peft(args.init_adapter, model.config, device=device)
-        except (ValueError, FileNotFoundError) as e:
-            usage_error(f"--init-adapter: {e}")
+        except (ValueError, FileNotFoundError) as e:   # its values (its layout was checked)
+            usage_error(f"--init-adapter {args.init_adapter}: {e}")
         log(f"adapter from {args.init_adapter} (r {adapters.config.r})")
     else:
         adapters = LoRAAdapters.init(lora_config_from_args(args), model.config, device=device)
     model.adapters = adapters
     log(f"trainable LoRA parameters: {adapters.num_parameters():,} "
         f"(r {adapters.config.r}, alpha {adapters.config.alpha}, scale {adapters.scale:.4g})")
-    return model_dir, model, adapters
+    return model, adapters
 
 
 def train_config_from_args(args, output_dir: str, settings: Optional[dict] = None):
@@ -297,28 +300,31 @@ def train_config_from_args(args, output_dir: str, settings: Optional[dict] = Non
         run_settings=settings or {})
 
 
-def run_training(trainer, args, model_dir, model, adapters, run, log,
+def run_training(trainer, args, checked, model, adapters, run, log,
                  data_stats=None, largest_batch=None) -> int:
     """Plan the memory (for ``largest_batch`` (rows, seq) if given), train, save the final
     adapter (and the merged export), print a summary. Returns the process exit code;
-    the run folder's lock is released."""
+    the run folder's lock is released. A refusal here (the memory plan) leaves the folder
+    as the run found it; past it, --overwrite's earlier run is removed (RunStart.begin)."""
     from anita_core.model.memory_plan import MemoryBudgetError
     from anita_core.train.curves import draw_run_curves
     from anita_core.train.distributed import shutdown
     from anita_core.train.memory_budget import apply_memory_plan, reset_peak_memory
     from anita_core.train.report import report_backends
-    if trainer.dist.is_main:        # the other ranks report nothing
-        trainer.reporter.backends = report_backends(args, run.output_dir, trainer.config)
     try:
         try:
             apply_memory_plan(args, model, trainer.epoch_batches(0), log, largest_batch)
         except MemoryBudgetError as e:
             flag = "--host-memory-budget" if "host budget" in str(e) else "--memory-budget"
             log(f"error: {flag}: {e}")
+            run.abandon()
             return EXIT_BAD_INPUT
+        run.begin()
+        if trainer.dist.is_main:        # the other ranks report nothing
+            trainer.reporter.backends = report_backends(args, run.output_dir, trainer.config)
         reset_peak_memory(model.device)     # the plan predicts from here: loading is done
         with exit_on_disk_full(run.output_dir, log):
-            code = _train_and_report(trainer, args, model_dir, model, adapters, run, log, data_stats)
+            code = _train_and_report(trainer, args, checked, model, adapters, run, log, data_stats)
         if trainer.dist.is_main and code != EXIT_BAD_INPUT:     # it trained, however it ended
             draw_run_curves(run.output_dir, log)
         if model.device.type == "cuda":
@@ -333,7 +339,7 @@ def run_training(trainer, args, model_dir, model, adapters, run, log,
         shutdown(trainer.dist)
 
 
-def _train_and_report(trainer, args, model_dir, model, adapters, run, log, data_stats) -> int:
+def _train_and_report(trainer, args, checked, model, adapters, run, log, data_stats) -> int:
     from anita_core.lora import save_peft
     from anita_core.train.distributed import DistributedError
     from anita_core.train.file_manifest import write_manifest
@@ -370,7 +376,7 @@ def _train_and_report(trainer, args, model_dir, model, adapters, run, log, data_
         deltas = {key: adapters.delta(*key) for key in adapters.adapted()}
         with disk_full_guard("the merged export", args.merge_export, merged_export_bytes(model.config)):
             export_merged(model.config, model.base, deltas, args.merge_export,
-                          tokenizer_dir=tokenizer_dir_for(model_dir))
+                          tokenizer_dir=checked.tokenizer_dir)
         log(f"merged HF checkpoint: {args.merge_export}")
     from anita_core.train.run_folder import read_metrics
     records = read_metrics(output_dir)
@@ -429,4 +435,4 @@ def per_epoch(make_batches):
 
 
 def log_to_stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    print(printable(message), file=sys.stderr, flush=True)

@@ -184,20 +184,3 @@ def damage(folder: Path) -> Optional[str]:
             if problem:
                 return problem
     return None
-
-
-def adapter_flags_problem(args) -> Optional[str]:
-    """What stops the adapter folder of --init-adapter or --reference-adapter from
-    loading, found before the base model loads: not a folder, or damaged (the
-    rest, missing files or a config anita cannot honour, is load_peft's to say)."""
-    for flag in ("init_adapter", "reference_adapter"):
-        folder = getattr(args, flag, None)
-        if not folder:
-            continue
-        name = flag.replace("_", "-")
-        if not Path(folder).is_dir():
-            return f"--{name} {folder}: no such adapter folder"
-        problem = damage(Path(folder))
-        if problem:
-            return f"--{name} {folder}: damaged: {problem}"
-    return None

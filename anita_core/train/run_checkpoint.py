@@ -22,15 +22,26 @@ write that meets a full disk removes its own and raises
 storage_faults.DiskFull.
 
 ``newest_intact_checkpoint`` is what a resume uses: the newest complete
-checkpoint whose files match its manifest (an older one without a manifest is
-checked by structure, see file_manifest.py); the damaged ones it passes over are
-returned with what is wrong, and left as they are.
+checkpoint that ``checkpoint_damage`` finds nothing wrong with:
+- its files match its manifest (file_manifest.py). Every checkpoint this version
+  writes has one, and its trainer_state.json says so (``manifest_format``): such a
+  checkpoint without its manifest is damaged, and so is one without a manifest in a
+  checkpoints/ folder whose other checkpoints have theirs (deleting the manifest must
+  not turn the hash check off). Only a checkpoint of an anita from before manifests,
+  none of whose siblings has one either, is checked by structure alone;
+- its trainer state's step is the one in its folder's name (step-00000004 holds
+  step 4). The data position and the optimizer's step count are checked against
+  the step when the trainer resumes (``position_problem``: that needs the data).
+The damaged ones a resume passes over are moved aside, to checkpoints/damaged-<name>,
+where nothing resumes from, prunes or overwrites them (a later save of the same step
+would otherwise replace them).
 """
 from __future__ import annotations
 
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -43,7 +54,8 @@ from safetensors.torch import load_file, save_file
 
 from anita_core.lora import save_peft
 from anita_core.train import stop_points
-from anita_core.train.file_manifest import damage, write_manifest
+from anita_core.train.file_manifest import FORMAT as MANIFEST_FORMAT
+from anita_core.train.file_manifest import MANIFEST_FILE, damage, write_manifest
 from anita_core.train.storage_faults import EXIT_DISK_FULL, DiskFull, disk_full_guard, disk_full_message
 
 LATEST = "latest"
@@ -53,6 +65,8 @@ STATE_FILE = STATE_JSON          # the file whose presence marks a complete chec
 LEGACY_STATE_FILE = "trainer_state.pt"
 ADAPTER_DIR = "adapter"
 TEMP_PREFIX = ".step-"
+DAMAGED_PREFIX = "damaged-"
+WRITTEN_WITH_MANIFEST = "manifest_format"   # trainer_state.json: this checkpoint has a manifest
 
 
 def rng_snapshot(dropout_generator: Optional[torch.Generator]) -> dict:
@@ -173,7 +187,10 @@ def load_checkpoint_state(checkpoint: Path) -> dict:
         tensors = load_file(str(tensor_path))
     except (ValueError, OSError, RuntimeError) as e:
         raise ValueError(f"{checkpoint}: trainer state cannot be read: {e}") from e
-    state = _join(data, tensors, json_path)
+    try:
+        state = _join(data, tensors, json_path)
+    except (RecursionError, TypeError, KeyError, AttributeError) as e:    # a hand-made or mangled file
+        raise ValueError(f"{json_path}: not an anita trainer state ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict) or "step" not in state:
         raise ValueError(f"{json_path}: not an anita trainer state (no 'step')")
     return state
@@ -201,7 +218,7 @@ def save_checkpoint(output_dir: Path, step: int, adapters, state: dict, keep: in
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=f"{TEMP_PREFIX}{step:08d}."))
         try:
             save_peft(adapters, tmp / ADAPTER_DIR)
-            write_state(tmp, state)
+            write_state(tmp, {**state, WRITTEN_WITH_MANIFEST: MANIFEST_FORMAT})
             write_manifest(tmp)
             stop_points.reached(f"checkpoint:{step}")
             if final.exists():          # a re-save of the same step (e.g. after resume)
@@ -261,25 +278,114 @@ def latest_checkpoint(output_dir: Path) -> Optional[Path]:
     return candidates[0] if candidates else None
 
 
+def _recorded(checkpoint: Path) -> dict:
+    """The plain top-level values of a checkpoint's trainer_state.json ({} if unreadable:
+    the file checks say why)."""
+    try:
+        data = json.loads((checkpoint / STATE_JSON).read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    fields = data.get("__dict__") if isinstance(data, dict) else None
+    return fields if isinstance(fields, dict) else {}
+
+
+def checkpoint_damage(checkpoint: Path) -> Optional[str]:
+    """None if ``checkpoint`` is intact, else what is wrong, naming the file (the
+    rules: module docstring)."""
+    checkpoint = Path(checkpoint)
+    recorded = _recorded(checkpoint)
+    if not (checkpoint / MANIFEST_FILE).is_file():
+        # an older checkpoint of the run with a manifest: this run writes them (a run of an
+        # anita from before manifests, resumed by this one, has older ones without)
+        older = [p for p in checkpoint.parent.glob("step-*") if p.name < checkpoint.name]
+        if recorded.get(WRITTEN_WITH_MANIFEST) is not None or any(
+                (p / MANIFEST_FILE).is_file() for p in older):
+            return (f"{MANIFEST_FILE}: missing, though this run writes one into every checkpoint "
+                    "(without it no file can be verified)")
+    problem = damage(checkpoint)
+    if problem:
+        return problem
+    named = re.fullmatch(r"step-(\d+)", checkpoint.name)
+    step = recorded.get("step")
+    # (no trainer_state.json at all, e.g. a legacy pickle: check_checkpoint_files says why)
+    if named and (checkpoint / STATE_JSON).is_file() and (isinstance(step, bool)
+                                                          or step != int(named.group(1))):
+        return f"{STATE_JSON}: holds step {step!r}, but the folder is {checkpoint.name}"
+    return None
+
+
+def settings_differences(recorded: Dict[str, object], current: Dict[str, object]) -> List[str]:
+    """One line per setting whose value differs (absent counts as a value)."""
+    lines = []
+    for key in sorted(set(recorded) | set(current)):
+        old, new = recorded.get(key, "(not recorded)"), current.get(key, "(not set)")
+        if old != new:
+            lines.append(f"  {key}: checkpoint {old!r}, this run {new!r}")
+    return lines
+
+
+def position_problem(state: dict, micro_batches: int, span: int, world: int) -> Optional[str]:
+    """What disagrees with the state's step, or None: its data position, where the
+    trainer stands after that many steps (each takes the next ``span`` of an epoch's
+    ``micro_batches``, the last few that do not split over the writer's ranks left
+    out), and the optimizer's own step count. The writer's world size is its global
+    micro-batches per step over its accumulation (a resume may change the ranks, not
+    the global batch), else ``world``."""
+    step = state.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        return f"{STATE_JSON}: step must be a count of steps, got {step!r}"
+    config = state.get("config") if isinstance(state.get("config"), dict) else {}
+    accum = config.get("gradient_accumulation_steps")
+    if isinstance(accum, int) and accum > 0 and span % accum == 0:
+        world = span // accum
+    usable = micro_batches - micro_batches % world
+    steps_per_epoch = max(1, -(-usable // span))
+    epoch, done = divmod(step, steps_per_epoch)
+    found = (state.get("epoch"), state.get("batch_index"))
+    if found != (epoch, done * span):
+        return (f"{STATE_JSON}: its data position (epoch {found[0]!r}, micro-batch {found[1]!r}) is "
+                f"not where step {step} ends (epoch {epoch}, micro-batch {done * span})")
+    optimizer = state.get("optimizer")
+    counts = [entry["step"] for entry in (optimizer.get("state") or {}).values()
+              if isinstance(entry, dict) and "step" in entry] if isinstance(optimizer, dict) else []
+    taken = max((float(c) for c in counts), default=None)
+    if taken is not None and taken != step:
+        return f"{STATE_JSON}: the optimizer has taken {taken:g} steps, but the state is of step {step}"
+    return None
+
+
 def newest_intact_checkpoint(output_dir: Path) -> Tuple[Optional[Path], List[Tuple[Path, str]]]:
     """(the newest complete checkpoint whose files verify, or None; the newer
     ones passed over as (path, what is wrong))."""
     damaged = []
     for candidate in checkpoint_candidates(output_dir):
-        problem = damage(candidate)
+        problem = checkpoint_damage(candidate)
         if problem is None:
             return candidate, damaged
         damaged.append((candidate, problem))
     return None, damaged
 
 
+def set_aside(checkpoint: Path) -> Path:
+    """Move a damaged checkpoint to <its folder>/damaged-<name> (a free name), out of
+    reach of resumes, pruning and saves; returns where it went."""
+    target = checkpoint.with_name(DAMAGED_PREFIX + checkpoint.name)
+    n = 1
+    while target.exists():
+        n += 1
+        target = checkpoint.with_name(f"{DAMAGED_PREFIX}{checkpoint.name}.{n}")
+    os.rename(checkpoint, target)
+    return target
+
+
 def choose_resume_checkpoint(output_dir: Path, explicit: Optional[Path], log) -> Path:
     """The checkpoint a --resume continues from, verified: ``explicit`` (--resume
     DIR), or the run's newest intact one, each damaged newer one named in a
-    warning. ValueError (or FileNotFoundError), in one line, when there is none."""
+    warning and set aside. ValueError (or FileNotFoundError), in one line, when there
+    is none."""
     if explicit is not None:
         check_checkpoint_files(explicit)
-        problem = damage(explicit)
+        problem = checkpoint_damage(explicit)
         if problem:
             raise ValueError(f"{explicit}: damaged: {problem}; resume from another checkpoint "
                              f"(--resume with no folder takes the run's newest intact one)")
@@ -293,10 +399,12 @@ def choose_resume_checkpoint(output_dir: Path, explicit: Optional[Path], log) ->
     if chosen is None:
         raise ValueError(f"no checkpoint under {root}; start without --resume (with --overwrite "
                          f"if the folder holds an earlier run's files)")
-    for path, problem in damaged:
-        log(f"warning: checkpoint {path} is damaged: {problem}; resuming from the newest intact "
-            f"one, {chosen.name} (the damaged one is left as it is)")
     check_checkpoint_files(chosen)
+    for path, problem in damaged:
+        kept = set_aside(path)
+        log(f"warning: checkpoint {path} is damaged: {problem}; resuming from the newest intact "
+            f"one, {chosen.name}; the damaged one is moved to {kept} (kept for you to inspect or "
+            f"delete: nothing resumes from it, prunes it or writes over it)")
     return chosen
 
 

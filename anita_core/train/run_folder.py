@@ -80,17 +80,23 @@ def existing_run_artifacts(output_dir: Path) -> List[str]:
     return [name for name in RUN_ARTIFACTS if (Path(output_dir) / name).exists()]
 
 
+def check_output_folder(output_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse a folder that holds a run unless resuming it or asked to overwrite it."""
+    found = existing_run_artifacts(output_dir)
+    if found and not resume and not overwrite:
+        raise RunFolderError(
+            f"{output_dir}: already holds a run ({', '.join(found)}); continue it with --resume, "
+            f"replace it with --overwrite, or choose another --output-dir")
+
+
 def prepare_output_folder(output_dir: Path, *, resume: bool, overwrite: bool) -> None:
     """Refuse a folder that holds a run unless resuming it or asked to overwrite it;
     with overwrite, remove the earlier run's records, checkpoints and adapter, its
     TensorBoard log and its curves."""
+    check_output_folder(output_dir, resume=resume, overwrite=overwrite)
     found = existing_run_artifacts(output_dir)
     if not found or resume:
         return
-    if not overwrite:
-        raise RunFolderError(
-            f"{output_dir}: already holds a run ({', '.join(found)}); continue it with --resume, "
-            f"replace it with --overwrite, or choose another --output-dir")
     found += [name for name in REPORT_OUTPUTS if (Path(output_dir) / name).exists()]
     for name in found:
         path = Path(output_dir) / name

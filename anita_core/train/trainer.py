@@ -27,8 +27,8 @@ import torch
 
 from anita_core.train.distributed import SINGLE, DistContext, all_gather_objects, all_reduce_sums, rank_slice
 from anita_core.train.run_checkpoint import (ADAPTER_DIR, choose_resume_checkpoint, latest_checkpoint,
-                                             load_checkpoint_state, rng_restore, rng_snapshot,
-                                             save_checkpoint)
+                                             load_checkpoint_state, position_problem, rng_restore,
+                                             rng_snapshot, save_checkpoint, settings_differences)
 from anita_core.train.host_reads import all_finite, read_floats
 from anita_core.train.memory_budget import device_memory_gib
 from anita_core.train.optim import build_optimizer, lr_multiplier, warmup_steps_for
@@ -86,8 +86,8 @@ class TrainingDiverged(RuntimeError):
 
 
 class ResumeRefused(ValueError):
-    """The checkpoint cannot be resumed from: unreadable, a legacy pickle, or
-    written by a run with other settings."""
+    """The checkpoint cannot be resumed from: unreadable, a legacy pickle, written by
+    a run with other settings, or holding a data position that is not its step's."""
 
 
 class Interrupted(KeyboardInterrupt):
@@ -141,16 +141,6 @@ def stop_on_signals(log: Callable[[str], None], signums=(signal.SIGINT, signal.S
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-
-
-def settings_differences(recorded: Dict[str, object], current: Dict[str, object]) -> List[str]:
-    """One line per setting whose value differs (absent counts as a value)."""
-    lines = []
-    for key in sorted(set(recorded) | set(current)):
-        old, new = recorded.get(key, "(not recorded)"), current.get(key, "(not set)")
-        if old != new:
-            lines.append(f"  {key}: checkpoint {old!r}, this run {new!r}")
-    return lines
 
 
 class Trainer:
@@ -250,6 +240,11 @@ class Trainer:
                 f"{checkpoint} was written by a run with other settings:\n" + "\n".join(differences)
                 + "\nResume with the checkpoint's settings, or start a new run (--overwrite, or "
                   "another --output-dir)")
+        world = self.dist.world_size
+        problem = position_problem(state, len(self.epoch_batches(0)),
+                                   self.config.gradient_accumulation_steps * world, world)
+        if problem:       # an edited state would replay or skip data on another step's weights
+            raise ResumeRefused(f"{checkpoint}: {problem}; resume from another checkpoint")
         try:
             loaded = load_peft(Path(checkpoint) / ADAPTER_DIR, self.model.config,
                                device=self.params[0].device)
@@ -258,8 +253,12 @@ class Trainer:
         with torch.no_grad():
             for mine, theirs in zip(self.adapters.parameters(), loaded.parameters()):
                 mine.copy_(theirs)
-        self.optimizer.load_state_dict(state["optimizer"])
-        rng_restore(state["rng"], getattr(self.model, "dropout_generator", None))
+        try:        # a state that parses but is not one this trainer wrote: one line, not torch's
+            self.optimizer.load_state_dict(state["optimizer"])
+            rng_restore(state["rng"], getattr(self.model, "dropout_generator", None))
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+            raise ResumeRefused(f"{checkpoint}: its optimizer or RNG state cannot be restored "
+                                f"({type(e).__name__}: {e})") from None
         self.step, self.epoch, self.batch_index = state["step"], state["epoch"], state["batch_index"]
         # the steps after the checkpoint are replayed: their old records must go
         if self.dist.is_main:
