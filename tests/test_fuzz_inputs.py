@@ -54,7 +54,8 @@ from pathlib import Path
 import pytest
 import torch
 
-hypothesis = pytest.importorskip("hypothesis")
+# hypothesis is in the test extra: without it this file fails to import (never a silent skip)
+import hypothesis  # noqa: E402,F401
 from hypothesis import HealthCheck, event, given, settings, strategies as st  # noqa: E402
 from hypothesis.configuration import set_hypothesis_home_dir  # noqa: E402
 
