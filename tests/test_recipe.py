@@ -7,7 +7,7 @@ few steps per stage:
     merged model -> eval.py on a local multiple-choice task with the last adapter.
 
 Every stage must exit 0 and write a PEFT adapter (eval: lm-eval's results JSON); each
-stage's wall time is printed. The commands are the README's ("The whole recipe").
+stage's wall time is printed. The commands are those of docs/smollm2.md ("The whole recipe on SmolLM2").
 Opt-in, marker ``real_model`` (minutes: SmolLM2 loads four times):
 
     pytest -m real_model tests/test_recipe.py -s

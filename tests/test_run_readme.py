@@ -181,3 +181,29 @@ def test_the_headline_figures_are_copies_of_the_pages_they_cite():
     if not gpu_rows:
         assert "No GPU has been lent to this project yet, so there is no headline table" in README
         assert "No GPU run has been made yet" in results
+
+
+def test_the_smollm2_recipe_commands_are_the_ones_test_recipe_runs():
+    # docs/smollm2.md says tests/test_recipe.py runs exactly its commands: the same scripts
+    # and arguments in the same order, except the test's --no-progress and eval's --output
+    from tests.test_recipe import stages
+    page = DOCS["smollm2.md"].split("## The whole recipe on SmolLM2", 1)[1]
+    documented = [line.split() for line in re.findall(r"^    (\.venv/bin/python \S+\.py .*)$", page, re.M)]
+    ran = stages('"$MODEL"', "runs/recipe", '"$TASKS"')
+    assert len(documented) == len(ran) == 4
+
+    def normal(args):
+        out, skip = [], False
+        for a in map(str, args):
+            if skip:
+                skip = False
+            elif a == "--output":
+                skip = True
+            elif a != "--no-progress":
+                out.append(a.replace(str(REPO) + "/", ""))
+        return out
+    from tests.eval_tasks import TASK
+    for (name, script, args), line in zip(ran, documented):
+        assert line[:2] == [".venv/bin/python", script], (name, line[:2])
+        assert normal(line[2:]) == normal(args), name
+    assert TASK in page
