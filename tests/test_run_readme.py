@@ -104,6 +104,8 @@ def test_the_readmes_first_two_commands_are_the_main_job_and_cis_test_command():
     ci = [l for l in (REPO / ".ci" / "run").read_text().splitlines()
           if l.strip() and not l.startswith(("#", "set ", "cd "))]
     assert ci == [blocks[1]], (ci, blocks[1])
+    # docs/install.md repeats both, word for word
+    assert re.findall(r"^    (\S.*)$", DOCS["install.md"], re.M)[:2] == blocks[:2]
     # both set the venv up the same way before their last step
     assert blocks[1].startswith(blocks[0].rsplit(" && ", 1)[0] + " && ")
 
