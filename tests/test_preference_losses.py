@@ -259,6 +259,96 @@ def test_loss_matches_trl(tmp_path, fresh_seed, tokenizer, case):
     u_trl = torch.linalg.lstsq(jacobian.T, g_trl.unsqueeze(1)).solution.squeeze(1)
     residual = float((jacobian.T @ u_trl - g_trl).norm() / g_trl.norm())
     # TRL's loss is a function of these sums only: its gradient lies in J's row space
+    print(f"[{case}] cond(J)={cond:.3g} relative residual={residual:.3g}")
     assert residual < GRAD_REL, f"{case}: TRL's gradient is not J^T u (relative residual {residual:.3g})"
     assert_close(f"pref_losses {case} d/dsums", "per-sequence", u, u_trl,
                  atol=GRAD_REL * cond * float(u.abs().max()) / 10, rtol=GRAD_REL)
+
+
+# --- the table and its checks ------------------------------------------------------------
+
+def _logps(pairs=3, requires_grad=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    chosen = -torch.rand(pairs, generator=gen, dtype=torch.float64) * 40 - 1
+    rejected = -torch.rand(pairs, generator=gen, dtype=torch.float64) * 40 - 1
+    tokens_c = torch.randint(1, 30, (pairs,), generator=gen)
+    tokens_r = torch.randint(1, 30, (pairs,), generator=gen)
+    return SequenceLogps(chosen.requires_grad_(requires_grad), rejected.requires_grad_(requires_grad),
+                         tokens_c, tokens_r, chosen_nll_logps=chosen * 1.5,
+                         chosen_nll_tokens=tokens_c + 7)
+
+
+@pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
+def test_dpo_family_is_losses_dpo_loss(loss_type):
+    """sigmoid, hinge and ipo are today's dpo_loss / dpo_metrics, bit for bit."""
+    policy, reference = _logps(5, requires_grad=True, seed=1), _logps(5, seed=2)
+    loss, metrics = preference_loss(loss_type, policy, reference, beta=0.3)
+    (ours,) = torch.autograd.grad(loss, [policy.chosen])
+    expected = dpo_loss(policy, reference, 0.3, loss_type)
+    (theirs,) = torch.autograd.grad(expected, [policy.chosen])
+    assert torch.equal(loss, expected) and torch.equal(ours, theirs)
+    assert metrics.keys() == dpo_metrics(policy, reference, 0.3).keys()
+    assert all(torch.equal(v, dpo_metrics(policy, reference, 0.3)[k]) for k, v in metrics.items())
+
+
+def test_table_records():
+    assert set(PREFERENCE_LOSSES) == {"sigmoid", "hinge", "ipo", "robust", "apo_zero", "sigmoid_sft",
+                                      "simpo", "orpo"}
+    free = {n for n, r in PREFERENCE_LOSSES.items() if not r.needs_reference}
+    assert free == {"simpo", "orpo"}
+    for name, record in PREFERENCE_LOSSES.items():
+        assert record.defaults["beta"] > 0, name
+        policy, reference = _logps(4, seed=3), _logps(4, seed=4)
+        loss, metrics = preference_loss(name, policy, reference)
+        assert loss.dim() == 0 and torch.isfinite(loss), name
+        assert set(metrics) == set(record.metrics), name
+        assert all(v.dim() == 0 for v in metrics.values()), name
+
+
+def test_bad_loss_name_names_the_choices():
+    with pytest.raises(ValueError) as err:
+        preference_loss("dpo", _logps(), _logps())
+    message = str(err.value)
+    assert "\n" not in message and "'dpo'" in message
+    assert all(name in message for name in PREFERENCE_LOSSES)
+
+
+@pytest.mark.parametrize("name", list(PREFERENCE_LOSSES))
+@pytest.mark.parametrize("beta", [0.0, -0.1, float("nan")])
+def test_beta_must_be_positive(name, beta):
+    with pytest.raises(ValueError, match="beta"):
+        preference_loss(name, _logps(), _logps(), beta=beta)
+
+
+@pytest.mark.parametrize("name,options,word", [
+    ("robust", dict(label_smoothing=0.5), "label_smoothing"),
+    ("robust", dict(label_smoothing=-0.1), "label_smoothing"),
+    ("simpo", dict(cpo_alpha=-1.0), "cpo_alpha"),
+    ("sigmoid_sft", dict(sft_weight=-1.0), "sft_weight"),
+    ("sigmoid", dict(label_smoothing=0.1), "unknown option"),   # not an option of plain DPO
+])
+def test_bad_options_refused(name, options, word):
+    with pytest.raises(ValueError, match=word):
+        preference_loss(name, _logps(), _logps(), **options)
+
+
+@pytest.mark.parametrize("name", ["simpo", "orpo"])
+def test_reference_free_losses_take_none(name):
+    policy = _logps(4, seed=5)
+    with_none = preference_loss(name, policy, None)
+    with_reference = preference_loss(name, policy, _logps(4, seed=6))   # given, not used
+    assert torch.equal(with_none[0], with_reference[0])
+    assert all(torch.equal(with_none[1][k], with_reference[1][k]) for k in with_none[1])
+
+
+@pytest.mark.parametrize("name", [n for n, r in PREFERENCE_LOSSES.items() if r.needs_reference])
+def test_reference_losses_need_a_reference(name):
+    with pytest.raises(ValueError, match="needs the reference model"):
+        preference_loss(name, _logps(), None)
+
+
+def test_orpo_needs_the_sequence_logps():
+    p = _logps()
+    plain = PreferenceLogps(p.chosen, p.rejected, p.chosen_tokens, p.rejected_tokens)
+    with pytest.raises(ValueError, match="SequenceLogps"):
+        preference_loss("orpo", plain)
