@@ -39,7 +39,7 @@ from torch.utils._pytree import tree_leaves
 from anita_core.hf import load_model
 from anita_core.model import block
 from anita_core.lora import LoRAAdapters, LoRAConfig
-from anita_core.model.memory_plan import (STRATEGIES, MemoryBudgetError, StepShape, activation_peak,
+from anita_core.memory.planner import (STRATEGIES, MemoryBudgetError, StepShape, activation_peak,
                                           host_bytes_per_offloaded_layer, plan_memory,
                                           shape_for_model)
 from anita_core.model.ops import use_backend
