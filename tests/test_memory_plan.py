@@ -37,7 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from anita_core.hf import load_model
-from anita_core.model import block
+from anita_core.model import block_buffers
 from anita_core.lora import LoRAAdapters, LoRAConfig
 from anita_core.memory.planner import (STRATEGIES, MemoryBudgetError, StepShape, activation_peak,
                                           host_bytes_per_offloaded_layer, plan_memory,
@@ -133,10 +133,10 @@ def tracked_step(model, strategies, ids, targets):
 
 
 def force_mlp_chunk_rows(monkeypatch, model, rows):
-    """Make block.mlp_chunk_rows give ``rows`` (< MLP_CHUNK_ALIGN) for this model."""
+    """Make block_buffers.mlp_chunk_rows give ``rows`` (< MLP_CHUNK_ALIGN) for this model."""
     per_row = model.config.intermediate_size * model.dtype.itemsize
-    assert rows < block.MLP_CHUNK_ALIGN
-    monkeypatch.setattr(block, "MLP_CHUNK_BYTES", rows * per_row)
+    assert rows < block_buffers.MLP_CHUNK_ALIGN
+    monkeypatch.setattr(block_buffers, "MLP_CHUNK_BYTES", rows * per_row)
 
 
 @pytest.mark.parametrize("num_layers, batch, seq, dropout, mixed, chunk_rows", [
@@ -155,7 +155,7 @@ def test_strategies_same_gradients_and_peak_as_predicted(tmp_path, monkeypatch, 
     if chunk_rows is not None:
         force_mlp_chunk_rows(monkeypatch, model, chunk_rows)
     T = batch * seq
-    assert block.mlp_chunk_rows(T, model.config.intermediate_size, model.dtype) == (chunk_rows or T)
+    assert block_buffers.mlp_chunk_rows(T, model.config.intermediate_size, model.dtype) == (chunk_rows or T)
     g = torch.Generator().manual_seed(num_layers)
     V = model.config.vocab_size
     ids = torch.randint(0, V, (batch, seq), generator=g)
@@ -200,7 +200,7 @@ def test_mlp_chunks_match_one_chunk_and_lower_the_peak_as_predicted(tmp_path, mo
     for rows in (200, 40, 8):
         if rows < 200:
             force_mlp_chunk_rows(monkeypatch, model, rows)
-        assert block.mlp_chunk_rows(200, model.config.intermediate_size, model.dtype) == rows
+        assert block_buffers.mlp_chunk_rows(200, model.config.intermediate_size, model.dtype) == rows
         runs[rows] = tracked_step(model, "recompute", ids, targets)
         assert_predicted_covers(f"chunk rows {rows}", *runs[rows][:2], 200)
     assert shape_for_model(model, 1, 200).dense_weights
@@ -364,13 +364,13 @@ def test_mlp_chunk_rows():
     """One chunk up to MLP_CHUNK_BYTES per [rows x intermediate] tensor; beyond,
     equal chunks of whole 64-row tiles under the limit, no more of them than needed."""
     I, dtype = 14336, torch.bfloat16
-    limit = block.MLP_CHUNK_BYTES // (I * 2)
-    limit -= limit % block.MLP_CHUNK_ALIGN
+    limit = block_buffers.MLP_CHUNK_BYTES // (I * 2)
+    limit -= limit % block_buffers.MLP_CHUNK_ALIGN
     for tokens in (1, 24, 2048, 8192, limit):
-        assert block.mlp_chunk_rows(tokens, I, dtype) == tokens
+        assert block_buffers.mlp_chunk_rows(tokens, I, dtype) == tokens
     for tokens in (limit + 1, 100_000, 400_000, 641_024):
-        rows = block.mlp_chunk_rows(tokens, I, dtype)
-        assert rows % block.MLP_CHUNK_ALIGN == 0 and rows * I * 2 <= block.MLP_CHUNK_BYTES
+        rows = block_buffers.mlp_chunk_rows(tokens, I, dtype)
+        assert rows % block_buffers.MLP_CHUNK_ALIGN == 0 and rows * I * 2 <= block_buffers.MLP_CHUNK_BYTES
         assert -(-tokens // rows) == -(-tokens // limit)
 
 
