@@ -26,7 +26,7 @@ import torch
 from anita_core.model.config import ModelConfig
 from csrc_triton.attention import MAX_TOKENS
 from anita_core.memory.planner import (GiB, PROJECTIONS, STRATEGIES, StepShape, activation_peak,
-                                          gib, plan_memory, static_bytes)
+                                       gib, plan_memory, static_bytes)
 
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,   # bench.shapes
                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,

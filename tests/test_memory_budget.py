@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from anita_core.memory.planner import (GiB, MemoryBudgetError, host_bytes_per_offloaded_layer,
-                                          plan_memory)
+                                       plan_memory)
 from anita_core.memory import budget as memory_budget
 from tests.test_memory_plan import llama3_8b, shape_8b
 

@@ -28,6 +28,7 @@ token count train_step returns (torch.tensor of a host int: no ATen op the mode
 sees) -- UNSEEN_BYTES_PER_TOKEN * T + 8 in all, 0.3-1.5% of the peaks here."""
 from __future__ import annotations
 
+import dataclasses
 import gc
 
 import pytest
@@ -37,13 +38,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from anita_core.hf import load_model
-from anita_core.model import block_buffers
 from anita_core.lora import LoRAAdapters, LoRAConfig
 from anita_core.memory.planner import (STRATEGIES, MemoryBudgetError, StepShape, activation_peak,
-                                          host_bytes_per_offloaded_layer, plan_memory,
-                                          shape_for_model)
-from anita_core.model.ops import use_backend
+                                       host_bytes_per_offloaded_layer, plan_memory,
+                                       shape_for_model)
+from anita_core.model import block_buffers
 from anita_core.model.config import ModelConfig
+from anita_core.model.ops import use_backend
 from tests.model_factory import make_tiny_llama_dir
 
 UNSEEN_BYTES_PER_TOKEN = 8 + 8 + 8 + 2 * 4     # ids, targets, segment ids, bounds
@@ -461,3 +462,35 @@ def test_cli_too_small_budget_stops_before_training(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "memory plan: layers" in proc.stderr and "(a prediction)" in proc.stderr
     assert "measured peak device memory: not measured on CPU" in proc.stderr
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_saved_holds_what_block_buffers_declares(tmp_path, strategy):
+    """Each layer's Saved holds exactly the fields block_buffers.SAVED_BY_POLICY declares
+    for its policy (an offloaded input is on the host, not in Saved), and a kept
+    layer's tensors have the bytes per token row the planner counts them at
+    (replay.row_bytes, from the same declarations)."""
+    from anita_core.memory.replay import row_bytes
+    model = tiny_model(tmp_path, 2, 0.3)
+    ids, _ = random_batch(model.config, 2, 24)
+    model.set_layer_strategies(strategy)
+    with use_backend("torch"):      # the same Saved whatever the kernels' backend
+        _, state = model.forward_hidden(ids)
+    declared = set(block_buffers.SAVED_BY_POLICY[strategy])
+    for saved in state.saved:
+        held = {f.name for f in dataclasses.fields(saved)
+                if f.name != "policy" and getattr(saved, f.name) not in (None, [])}
+        assert held == declared, (strategy, held ^ declared)
+    if strategy != "keep":
+        return
+    T, rows = ids.numel(), row_bytes(model.config, shape_for_model(model, 2, 24))
+
+    def per_row(t, rows=T):
+        return t.numel() * t.element_size() // rows
+    s = state.saved[0]
+    q, k, v, out, lse, _ = s.attention
+    for key, tensors in (("h", (s.h0, s.h1)), ("x", (s.x1, s.x2)), ("rstd", (s.rstd1, s.rstd2)),
+                         ("q", (s.qr,)), ("kv", (k, v)), ("attn", (out, s.a)), ("lse", (lse,))):
+        assert [per_row(t) for t in tensors] == [rows[key]] * len(tensors), key
+    chunk = s.mlp_chunks[0]
+    assert [per_row(t, t.shape[0]) for t in (chunk.g, chunk.u, chunk.m)] == [rows["inter"]] * 3

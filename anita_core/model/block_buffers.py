@@ -50,14 +50,18 @@ _WIDTHS = {
 }
 BUFFERS = tuple(_WIDTHS)
 
-# what a block's Saved holds between its forward and its backward, per policy
-# (block.Saved's fields; "mlp_chunks": each chunk's g, u, m); the backward of a
-# recompute or offload policy builds the rest itself from h0
+# what a block's Saved (block.Saved) holds between its forward and its backward, per
+# policy, by field; the backward of a recompute or offload policy builds the rest
+# itself from h0 (and the dropout generator's state, when the layer draws masks)
 SAVED_BY_POLICY = {
-    "keep": ("h0", "x1", "rstd1", "q", "k", "v", "attn", "lse", "h1", "x2", "rstd2",
-             "mlp_chunks"),
-    "recompute": ("h0",),
-    "offload": (),              # h0 waits in pinned host memory (offload.BlockInputOffloader)
+    # x1, x2: [T, x]; rstd1, rstd2: [T, rstd]; qr: [T, q]; attention: k [T, kv], v
+    # [T, kv], out [T, attn], lse [T, lse]; a: out's view; h0, h1: [T, h]; each MLP
+    # chunk's g, u, m [rows, inter] and LoRA contexts; proj: the attention's contexts
+    "keep": ("h0", "proj", "x1", "rstd1", "qr", "attention", "a", "h1", "x2", "rstd2",
+             "mlp_chunks", "dims"),
+    "recompute": ("h0", "generator_state"),
+    # h0 waits in pinned host memory (offload.BlockInputOffloader) until its backward
+    "offload": ("generator_state",),
 }
 
 
