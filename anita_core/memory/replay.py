@@ -12,8 +12,6 @@ from __future__ import annotations
 import math
 from typing import Dict, Optional, Sequence
 
-import torch
-
 from anita_core.model.block_buffers import (BlockDims, buffer_row_bytes, chunk_sizes, element_size,
                                             mlp_chunk_rows)
 from anita_core.model.config import projection_shapes

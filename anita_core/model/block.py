@@ -24,7 +24,7 @@ backward reruns the MLP forward chunk by chunk, each chunk followed by its own
 backward (so block_backward's recompute stops at x2); a kept block keeps each
 chunk's g, u, m and LoRA contexts. Chunks run in row order both ways, so the
 dropout masks are drawn, and the LoRA gradients summed, in the same order whatever
-the strategy. At small T there is one chunk: exactly the unchunked computation.
+the policy. At small T there is one chunk: exactly the unchunked computation.
 With several chunks the masks are drawn per chunk and the LoRA dA/dB are sums
 over chunks: the same distribution and the same math, not the same bits as one chunk.
 
@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
