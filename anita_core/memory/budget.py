@@ -124,7 +124,7 @@ def apply_memory_plan(request: MemoryRequest, model, batches, log, largest=None)
               else default_memory_budget(model.device))
     plan = plan_memory(model.config, shape_for_model(model, rows, seq), budget, strategy,
                        host_budget_bytes=host_budget(request, model.device))
-    model.set_layer_strategies(plan.strategies)
+    model.set_layer_strategies(plan.policies())
     model.rope_tables(seq)      # the size the plan's static bytes count (no doubling later)
     model.host_pool.reserve(plan.host_bytes)    # pinned once, by the first offloading step
     log(f"{plan.describe()} for micro-batches up to {rows} x {seq} tokens (a prediction)")

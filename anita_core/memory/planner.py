@@ -59,7 +59,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from anita_core.memory.replay import StepReplay, row_bytes
-from anita_core.model.block import Activations
+from anita_core.model.block import Activations, LayerPolicy
 from anita_core.model.block_buffers import element_size
 from anita_core.model.config import projection_shapes
 from anita_core.model.weights import PROJECTIONS
@@ -128,6 +128,10 @@ class MemoryPlan:
     budget_bytes: Optional[int] = None
     host_bytes: int = 0                  # pinned host memory of the offloaded block inputs
     host_budget_bytes: Optional[int] = None
+
+    def policies(self) -> List[LayerPolicy]:
+        """The per-layer values the model takes (QLoRALlama.set_layer_strategies)."""
+        return [LayerPolicy.of(s) for s in self.strategies]
 
     def describe(self) -> str:
         counts = {s: self.strategies.count(s) for s in STRATEGIES if s in self.strategies}
