@@ -21,7 +21,7 @@ from pathlib import Path
 def describe() -> dict:
     import torch
     from bench.common import _version, bench_device
-    from anita_core.train.memory_budget import available_host_bytes
+    from anita_core.memory.budget import available_host_bytes
     info = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "host": platform.node(), "python": platform.python_version(),
             "torch": torch.__version__, "cuda": str(torch.version.cuda),

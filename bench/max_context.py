@@ -2,7 +2,7 @@
 
     python -m bench.max_context [--memory-gib 80] [--lora-r 32] [--margin-gib ...]
 
-A prediction, not a measurement: anita_core.model.memory_plan replays one
+A prediction, not a measurement: anita_core.memory.planner replays one
 train_step's allocations (see its docstring) for LLaMA-3-8B in NF4, bf16
 activations, LoRA r on all seven projections, AdamW, the projections on the
 dequantize path (M > 192, as at any long sequence). The budget is the card's
@@ -25,8 +25,8 @@ import torch
 
 from anita_core.model.config import ModelConfig
 from csrc_triton.attention import MAX_TOKENS
-from anita_core.model.memory_plan import (GiB, PROJECTIONS, STRATEGIES, StepShape, activation_peak,
-                                          gib, plan_memory, static_bytes)
+from anita_core.memory.planner import (GiB, PROJECTIONS, STRATEGIES, StepShape, activation_peak,
+                                       gib, plan_memory, static_bytes)
 
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,   # bench.shapes
                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
@@ -81,13 +81,13 @@ def planned_longest(model, budget: int, host_budget: Optional[int], step: int,
                     cap: Optional[int] = None) -> int:
     """The longest batch-1 seq the planner predicts a built QLoRALlama trains within
     ``budget`` and ``host_budget`` (at most ``cap``)."""
-    from anita_core.model.memory_plan import shape_for_model
+    from anita_core.memory.planner import shape_for_model
     return longest(model.config, 0, budget, "auto", step, host_budget, cap,
                    shape_of=lambda seq: shape_for_model(model, 1, seq))
 
 
 def main(argv=None) -> int:
-    from anita_core.train.memory_budget import HOST_BUDGET_ENV, default_host_budget
+    from anita_core.memory.budget import HOST_BUDGET_ENV, default_host_budget
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--memory-gib", type=float, default=80.0 * 1e9 / GiB,

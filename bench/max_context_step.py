@@ -37,9 +37,9 @@ import torch  # noqa: E402
 from anita_core.hf import load_model  # noqa: E402
 from anita_core.lora import LoRAAdapters, LoRAConfig  # noqa: E402
 from anita_core.model import QLoRALlama  # noqa: E402
-from anita_core.model.memory_plan import GiB, plan_memory, shape_for_model  # noqa: E402
+from anita_core.memory.planner import GiB, plan_memory, shape_for_model  # noqa: E402
 from anita_core.model.weights import PROJECTIONS  # noqa: E402
-from anita_core.train.memory_budget import default_host_budget  # noqa: E402
+from anita_core.memory.budget import default_host_budget  # noqa: E402
 from bench import common, flops, max_context  # noqa: E402
 from bench.shapes import LLAMA3_8B, SMOKE  # noqa: E402
 from bench.train_models import random_base_weights  # noqa: E402

@@ -178,35 +178,13 @@ def _layer_hooks_class():
     return WhereHooks
 
 
-def train_step_keeping_activations(model, ids, targets, recorder: StepRecorder, facts,
-                                   positions=None, segments=None) -> None:
-    """model.train_step with every layer's activations kept (block_forward_saving, then
-    block_backward_saved): nothing recomputed. A stand-in for the memory planner's
-    keep strategy, so the without-recompute figures can be counted; no dropout replay
-    is needed because no mask is drawn twice."""
-    from anita_core.model.block import block_backward_saved, block_forward_saving
-    from anita_core.model.llama import IGNORE_INDEX
-    from anita_core.model.ops import (linear_cross_entropy_forward_backward, rms_norm_backward,
-                                      rms_norm_forward)
-    c = model.config
-    geo = model.geometry(ids, positions, segments, facts)
-    h, saved = model.embed(ids, checked=True), []
-    for i, layer in enumerate(model.base.layers):
-        recorder.where = f"layer {i}"
-        h, kept = block_forward_saving(h, layer, geo, c.num_attention_heads,
-                                       c.num_key_value_heads, c.rms_norm_eps, model.block_lora(i))
-        saved.append(kept)
-        recorder.where = OUTSIDE
-    hidden, rstd = rms_norm_forward(h, model.base.norm, c.rms_norm_eps)
-    _, _, d_hidden, _ = linear_cross_entropy_forward_backward(
-        hidden, model.base.output_embedding, targets.reshape(-1), 1.0, IGNORE_INDEX,
-        num_targets=facts.num_targets)
-    dh, _ = rms_norm_backward(d_hidden.contiguous(), h, model.base.norm, rstd, False)
-    for i in reversed(range(len(model.base.layers))):
-        recorder.where = f"layer {i}"
-        dh = block_backward_saved(dh, saved[i], model.base.layers[i], geo)
-        saved[i] = None
-        recorder.where = OUTSIDE
+def keep_every_layer(model) -> None:
+    """Every layer's activations kept for its backward (the model's own layer loop with
+    a KEEP policy on each layer): nothing recomputed, so the without-recompute figures
+    can be counted. Its dense dequantized weights are kept from the forward to the
+    backward too (reuse_weights), as a recompute's are."""
+    from anita_core.model.block import Activations, LayerPolicy
+    model.set_layer_strategies(LayerPolicy(Activations.KEEP, reuse_weights=True))
 
 
 def minimum_flops(model, tokens: int) -> int:
@@ -274,11 +252,10 @@ def measure(args) -> dict:
     model.layer_hooks = _layer_hooks_class()(recorder)
     tokens = args.batch * args.seq
     copies = SameDtypeCopies(lambda: recorder.where, tokens)
+    if args.no_recompute:
+        keep_every_layer(model)
     with _runtime.listen_to_launches(recorder.on_launch), recorder, copies, syncs:
-        if args.no_recompute:
-            train_step_keeping_activations(model, ids, targets, recorder, facts, positions, segments)
-        else:
-            model.train_step(ids, targets, positions, segments, facts=facts)
+        model.train_step(ids, targets, positions, segments, facts=facts)
     activation_bytes = tokens * model.config.hidden_size * DTYPES[args.dtype].itemsize
     n_layers = model.config.num_hidden_layers
     layers = {f"layer {i}": dict(recorder.sections[f"layer {i}"].as_dict(activation_bytes),

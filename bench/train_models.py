@@ -166,7 +166,7 @@ def build_anita(config: ModelConfig, lora: LoRAConfig, *, dtype, device, checkpo
         return dpo_step
 
     def predicted_peak(rows: int, seq: int) -> int:
-        from anita_core.model.memory_plan import activation_peak, shape_for_model, static_bytes
+        from anita_core.memory.planner import activation_peak, shape_for_model, static_bytes
         shape = shape_for_model(model, rows, seq)
         return static_bytes(model.config, shape) + activation_peak(model.config, shape,
                                                                    model.strategies())

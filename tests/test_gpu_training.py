@@ -26,7 +26,7 @@ import torch
 from anita_core.lora import LoRAAdapters, LoRAConfig
 from anita_core.model import QLoRALlama
 from anita_core.model.ops import use_backend
-from anita_core.model.memory_plan import activation_peak, allocator_peak, shape_for_model
+from anita_core.memory.planner import activation_peak, allocator_peak, shape_for_model
 from anita_core.model.weights import ATTENTION_PROJECTIONS, PROJECTIONS, BaseWeights, LayerWeights
 from csrc_triton import nf4_dequantize, nf4_quantize
 from tests.test_model_vs_hf import peft_lora_modules

@@ -5,6 +5,7 @@
                                                                              <-  anita_core.eval (may use train)
                                                                              <-  anita_core.plot (the curves' command)
                                            anita_core.data (beside the model: knows no model)
+    anita_core.model  <-  anita_core.memory (the memory policy)  <-  anita_core.train, anita_core.eval
 
 Every import statement of every module is read with ``ast`` (lazy imports
 inside functions included), so an upward import fails here even when the
@@ -32,14 +33,18 @@ ALLOWED = {
     "anita_core.hf": {"csrc_triton", "csrc_torch", "anita_core.model", "anita_core.lora",
                       "anita_core.hf"},
     "anita_core.data": {"anita_core.data"},
+    # memory policy (planner, replay, budgets): reads the model's declarations, chooses
+    # each layer's policy; the model takes that value and never imports it
+    "anita_core.memory": {"csrc_triton", "csrc_torch", "anita_core.model", "anita_core.memory"},
     # assets/__init__ is path constants; its build_* scripts rebuild the bundled
     # tokenizer, data and tiny model, so they may use the model and data layers.
     "anita_core.assets": {"anita_core.assets", "anita_core.data", "anita_core.model", "csrc_triton"},
     "anita_core.train": {"csrc_triton", "csrc_torch", "anita_core.model", "anita_core.lora", "anita_core.hf",
-                         "anita_core.data", "anita_core.assets", "anita_core.train"},
+                         "anita_core.data", "anita_core.assets", "anita_core.memory", "anita_core.train"},
     # evaluation (lm-eval): loads models and adapters; its command reuses train's flag helpers
     "anita_core.eval": {"csrc_triton", "csrc_torch", "anita_core.model", "anita_core.lora", "anita_core.hf",
-                        "anita_core.data", "anita_core.assets", "anita_core.train", "anita_core.eval"},
+                        "anita_core.data", "anita_core.assets", "anita_core.memory", "anita_core.train",
+                        "anita_core.eval"},
     # python -m anita_core.plot RUN_DIR (one module): the command over train's curves.py
     "anita_core.plot": {"anita_core.train", "anita_core.plot"},
 }

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from anita_core.model.memory_plan import (GiB, MemoryBudgetError, host_bytes_per_offloaded_layer,
-                                          plan_memory)
-from anita_core.train import memory_budget
+from anita_core.memory.planner import (GiB, MemoryBudgetError, host_bytes_per_offloaded_layer,
+                                       plan_memory)
+from anita_core.memory import budget as memory_budget
 from tests.test_memory_plan import llama3_8b, shape_8b
 
 
@@ -31,8 +31,12 @@ def test_the_planner_refuses_an_offloading_plan_the_host_cannot_hold():
     assert needed >= 1 and unlimited.host_bytes == needed * per_layer
     enough = plan_memory(config, shape, budget, host_budget_bytes=needed * per_layer)
     assert enough.strategies == unlimited.strategies and "host budget" in enough.describe()
-    with pytest.raises(MemoryBudgetError, match=r"host budget .* holds %d" % (needed - 1)):
+    with pytest.raises(MemoryBudgetError, match=r"host budget .* holds %d" % (needed - 1)) as e:
         plan_memory(config, shape, budget, host_budget_bytes=needed * per_layer - 1)
+    assert e.value.flag == "--host-memory-budget"       # the CLI names it (not read from the text)
+    with pytest.raises(MemoryBudgetError, match="too small") as e:
+        plan_memory(config, shape, by["offload"] - 1)
+    assert e.value.flag == "--memory-budget"
 
 
 def test_forced_offload_recomputes_the_layers_beyond_the_host_budget():
@@ -72,14 +76,12 @@ def test_the_plan_sizes_the_host_pool_and_every_micro_batch_shares_it(tmp_path):
     """apply_memory_plan reserves the plan's host bytes: the first offloading step makes
     one host allocation of exactly that figure, and a smaller micro-batch, then the
     largest, reuse it (no allocation per step, no growth)."""
-    import argparse
     from anita_core.model.ops import use_backend
     from tests.test_memory_plan import random_batch, tiny_model
     model = tiny_model(tmp_path, 3, 0.0)
-    args = argparse.Namespace(recompute="offload", offload_activations=False, memory_budget=None,
-                              host_memory_budget=None)
+    request = memory_budget.MemoryRequest("offload")
     batches = [{"input_ids": torch.zeros(2, 16, dtype=torch.long)}]
-    plan = memory_budget.apply_memory_plan(args, model, batches, log=lambda line: None)
+    plan = memory_budget.apply_memory_plan(request, model, batches, log=lambda line: None)
     per_layer = 2 * 16 * model.config.hidden_size * 4                    # fp32
     assert plan.strategies == ["offload"] * 3 and plan.host_bytes == 3 * per_layer
     assert model.host_pool.reserved == plan.host_bytes and model.host_pool.allocations == 0

@@ -28,6 +28,7 @@ token count train_step returns (torch.tensor of a host int: no ATen op the mode
 sees) -- UNSEEN_BYTES_PER_TOKEN * T + 8 in all, 0.3-1.5% of the peaks here."""
 from __future__ import annotations
 
+import dataclasses
 import gc
 
 import pytest
@@ -37,13 +38,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from anita_core.hf import load_model
-from anita_core.model import block
 from anita_core.lora import LoRAAdapters, LoRAConfig
-from anita_core.model.memory_plan import (STRATEGIES, MemoryBudgetError, StepShape, activation_peak,
-                                          host_bytes_per_offloaded_layer, plan_memory,
-                                          shape_for_model)
-from anita_core.model.ops import use_backend
+from anita_core.memory.planner import (STRATEGIES, MemoryBudgetError, StepShape, activation_peak,
+                                       host_bytes_per_offloaded_layer, plan_memory,
+                                       shape_for_model)
+from anita_core.model import block_buffers
 from anita_core.model.config import ModelConfig
+from anita_core.model.ops import use_backend
 from tests.model_factory import make_tiny_llama_dir
 
 UNSEEN_BYTES_PER_TOKEN = 8 + 8 + 8 + 2 * 4     # ids, targets, segment ids, bounds
@@ -133,10 +134,10 @@ def tracked_step(model, strategies, ids, targets):
 
 
 def force_mlp_chunk_rows(monkeypatch, model, rows):
-    """Make block.mlp_chunk_rows give ``rows`` (< MLP_CHUNK_ALIGN) for this model."""
+    """Make block_buffers.mlp_chunk_rows give ``rows`` (< MLP_CHUNK_ALIGN) for this model."""
     per_row = model.config.intermediate_size * model.dtype.itemsize
-    assert rows < block.MLP_CHUNK_ALIGN
-    monkeypatch.setattr(block, "MLP_CHUNK_BYTES", rows * per_row)
+    assert rows < block_buffers.MLP_CHUNK_ALIGN
+    monkeypatch.setattr(block_buffers, "MLP_CHUNK_BYTES", rows * per_row)
 
 
 @pytest.mark.parametrize("num_layers, batch, seq, dropout, mixed, chunk_rows", [
@@ -155,7 +156,7 @@ def test_strategies_same_gradients_and_peak_as_predicted(tmp_path, monkeypatch, 
     if chunk_rows is not None:
         force_mlp_chunk_rows(monkeypatch, model, chunk_rows)
     T = batch * seq
-    assert block.mlp_chunk_rows(T, model.config.intermediate_size, model.dtype) == (chunk_rows or T)
+    assert block_buffers.mlp_chunk_rows(T, model.config.intermediate_size, model.dtype) == (chunk_rows or T)
     g = torch.Generator().manual_seed(num_layers)
     V = model.config.vocab_size
     ids = torch.randint(0, V, (batch, seq), generator=g)
@@ -200,7 +201,7 @@ def test_mlp_chunks_match_one_chunk_and_lower_the_peak_as_predicted(tmp_path, mo
     for rows in (200, 40, 8):
         if rows < 200:
             force_mlp_chunk_rows(monkeypatch, model, rows)
-        assert block.mlp_chunk_rows(200, model.config.intermediate_size, model.dtype) == rows
+        assert block_buffers.mlp_chunk_rows(200, model.config.intermediate_size, model.dtype) == rows
         runs[rows] = tracked_step(model, "recompute", ids, targets)
         assert_predicted_covers(f"chunk rows {rows}", *runs[rows][:2], 200)
     assert shape_for_model(model, 1, 200).dense_weights
@@ -364,13 +365,13 @@ def test_mlp_chunk_rows():
     """One chunk up to MLP_CHUNK_BYTES per [rows x intermediate] tensor; beyond,
     equal chunks of whole 64-row tiles under the limit, no more of them than needed."""
     I, dtype = 14336, torch.bfloat16
-    limit = block.MLP_CHUNK_BYTES // (I * 2)
-    limit -= limit % block.MLP_CHUNK_ALIGN
+    limit = block_buffers.MLP_CHUNK_BYTES // (I * 2)
+    limit -= limit % block_buffers.MLP_CHUNK_ALIGN
     for tokens in (1, 24, 2048, 8192, limit):
-        assert block.mlp_chunk_rows(tokens, I, dtype) == tokens
+        assert block_buffers.mlp_chunk_rows(tokens, I, dtype) == tokens
     for tokens in (limit + 1, 100_000, 400_000, 641_024):
-        rows = block.mlp_chunk_rows(tokens, I, dtype)
-        assert rows % block.MLP_CHUNK_ALIGN == 0 and rows * I * 2 <= block.MLP_CHUNK_BYTES
+        rows = block_buffers.mlp_chunk_rows(tokens, I, dtype)
+        assert rows % block_buffers.MLP_CHUNK_ALIGN == 0 and rows * I * 2 <= block_buffers.MLP_CHUNK_BYTES
         assert -(-tokens // rows) == -(-tokens // limit)
 
 
@@ -461,3 +462,35 @@ def test_cli_too_small_budget_stops_before_training(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "memory plan: layers" in proc.stderr and "(a prediction)" in proc.stderr
     assert "measured peak device memory: not measured on CPU" in proc.stderr
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_saved_holds_what_block_buffers_declares(tmp_path, strategy):
+    """Each layer's Saved holds exactly the fields block_buffers.SAVED_BY_POLICY declares
+    for its policy (an offloaded input is on the host, not in Saved), and a kept
+    layer's tensors have the bytes per token row the planner counts them at
+    (replay.row_bytes, from the same declarations)."""
+    from anita_core.memory.replay import row_bytes
+    model = tiny_model(tmp_path, 2, 0.3)
+    ids, _ = random_batch(model.config, 2, 24)
+    model.set_layer_strategies(strategy)
+    with use_backend("torch"):      # the same Saved whatever the kernels' backend
+        _, state = model.forward_hidden(ids)
+    declared = set(block_buffers.SAVED_BY_POLICY[strategy])
+    for saved in state.saved:
+        held = {f.name for f in dataclasses.fields(saved)
+                if f.name != "policy" and getattr(saved, f.name) not in (None, [])}
+        assert held == declared, (strategy, held ^ declared)
+    if strategy != "keep":
+        return
+    T, rows = ids.numel(), row_bytes(model.config, shape_for_model(model, 2, 24))
+
+    def per_row(t, rows=T):
+        return t.numel() * t.element_size() // rows
+    s = state.saved[0]
+    q, k, v, out, lse, _ = s.attention
+    for key, tensors in (("h", (s.h0, s.h1)), ("x", (s.x1, s.x2)), ("rstd", (s.rstd1, s.rstd2)),
+                         ("q", (s.qr,)), ("kv", (k, v)), ("attn", (out, s.a)), ("lse", (lse,))):
+        assert [per_row(t) for t in tensors] == [rows[key]] * len(tensors), key
+    chunk = s.mlp_chunks[0]
+    assert [per_row(t, t.shape[0]) for t in (chunk.g, chunk.u, chunk.m)] == [rows["inter"]] * 3

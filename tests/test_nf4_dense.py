@@ -21,7 +21,7 @@ from tests.test_nf4_matmul import make_nf4_weight, matmul_tolerance, random_nf4_
 pytestmark = pytest.mark.kernels
 
 OP = "nf4_matmul"
-block_module = importlib.import_module("anita_core.model.block")
+block_module = importlib.import_module("anita_core.model.projector")
 nf4_matmul_module = importlib.import_module("csrc_triton.nf4_matmul")
 
 

@@ -270,7 +270,7 @@ def test_a_backend_that_fails_to_write_is_turned_off_with_one_warning_not_the_ru
 
 def test_memory_figures_are_the_allocators_on_a_gpu_and_absent_on_a_cpu(resumed_run, tmp_path):
     import torch
-    from anita_core.train.memory_budget import device_memory_gib
+    from anita_core.memory.budget import device_memory_gib
     assert device_memory_gib(torch.device("cpu")) == {}
     out, _, _ = resumed_run
     assert not any(k.startswith("memory_") for r in read_metrics(out) for k in r)

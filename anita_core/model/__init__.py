@@ -2,12 +2,14 @@
 hand-written backward, attention, the whole model, and generation.
 
 Layer: imports csrc_triton and csrc_torch (the launchers, through ops.py) only
-(never lora, hf, data or train). Adapters reach
+(never lora, hf, data, memory or train: the memory planner chooses each layer's
+block.LayerPolicy and hands the values in). Adapters reach
 the model as plain tensors (``BlockLoRA``), so the model does not know where
 they come from.
 
   ModelConfig   config.json's geometry                           (config.py)
   BaseWeights   NF4 projections + dense embeddings and norms      (weights.py)
+  block_forward / block_backward, LayerPolicy, Saved               (block.py)
   QLoRALlama    forward_hidden / backward_hidden / train_step     (llama.py)
   generate      KV-cache decoding                                 (generate.py)
 """

@@ -45,11 +45,10 @@ def _step(model, cache: KVCache, input_ids, positions, key_valid) -> torch.Tenso
     start = cache.length
     cache.valid[:, start:start + n] = key_valid
     cos, sin = model.position_tables(positions)
-    geo = BlockGeometry(B, n, positions.contiguous(), None, cos, sin)
+    geo = BlockGeometry(B, n, positions.contiguous(), None, cos, sin, *model.head_counts())
     h = model.embed(input_ids)
     for i, layer in enumerate(model.base.layers):
-        h = block_forward(h, layer, geo, c.num_attention_heads, c.num_key_value_heads,
-                          c.rms_norm_eps, model.block_lora(i), attend=cache.attend_fn(i, start))
+        h, _ = block_forward(h, layer, geo, model.block_lora(i), attend=cache.attend_fn(i, start))
     cache.length = start + n
     last = h.view(B, n, -1)[:, -1].contiguous()
     hf, _ = rms_norm_forward(last, model.base.norm, c.rms_norm_eps)

@@ -1,12 +1,17 @@
 """The LLaMA-3 NF4 QLoRA model: embeddings -> decoder blocks -> norm -> fused loss.
 
-Training never goes through torch.autograd across blocks: ``forward_hidden``
-keeps, per layer as ``layer_strategies`` says (anita_core.model.memory_plan), the
-block's activations ("keep"), its input ("recompute") or its input in pinned host
-memory ("offload"), and ``backward_hidden`` walks the blocks in reverse calling
-their hand-written backward, which writes the LoRA gradients into ``A.grad`` /
-``B.grad``. Every strategy computes the same values in the same order, so the
-gradients do not depend on it (bitwise in fp32, tested).
+Training never goes through torch.autograd across blocks. The layer loop, llm.c style:
+
+    forward:   for each layer i:            h, saved[i] = block_forward(h, ..., policy[i])
+    loss:      final norm, fused linear cross-entropy -> dh
+    backward:  for each layer i, reversed:  dh = block_backward(dh, saved[i], ...)
+
+``policy[i]`` (block.LayerPolicy, chosen per layer by the memory planner,
+anita_core.memory) says what Saved keeps: the block's activations ("keep"), its input
+("recompute") or its input in pinned host memory ("offload": the model moves it
+there after the forward and back before the backward). Every policy computes the
+same values in the same order, so the gradients do not depend on it (bitwise in
+fp32, tested).
 """
 from __future__ import annotations
 
@@ -17,10 +22,9 @@ import torch
 
 from anita_core.model.attention import attention_bounds
 from anita_core.model.batch_facts import IGNORE_INDEX, BatchFacts
-from anita_core.model.block import (BlockGeometry, BlockLoRA, block_backward, block_backward_saved,
-                                    block_forward, block_forward_saving)
+from anita_core.model.block import (Activations, BlockGeometry, BlockLoRA, LayerPolicy, Saved,
+                                    block_backward, block_forward)
 from anita_core.model.config import ModelConfig
-from anita_core.model.memory_plan import STRATEGIES
 from anita_core.model.offload import BlockInputOffloader, HostPool
 from anita_core.model.ops import (linear_cross_entropy_forward, linear_cross_entropy_forward_backward,
                                   rms_norm_backward, rms_norm_forward, rope_cos_sin,
@@ -30,15 +34,13 @@ from anita_core.model.weights import BaseWeights
 
 @dataclass
 class ForwardState:
-    """What backward_hidden needs from forward_hidden: per block, its kept
-    activations (a dict, "keep") or its input ("recompute"; "offload": None here,
-    the input waits in ``offloader``); the final norm's statistics and the dropout
-    generator's state before each block that recomputes."""
+    """What backward_hidden needs from forward_hidden: per block, its policy and Saved
+    (an offloaded block's input waits in ``offloader``, its saved.h0 None), the final
+    norm's statistics and the dropout generator's state after the forward."""
     geometry: BlockGeometry
-    strategies: List[str] = field(default_factory=list)
+    policies: List[LayerPolicy] = field(default_factory=list)
     offloader: Optional["BlockInputOffloader"] = None
-    block_inputs: List[object] = field(default_factory=list)
-    generator_states: List[Optional[torch.Tensor]] = field(default_factory=list)
+    saved: List[Optional[Saved]] = field(default_factory=list)
     generator_state_after: Optional[torch.Tensor] = None
     final_input: Optional[torch.Tensor] = None
     final_rstd: Optional[torch.Tensor] = None
@@ -81,9 +83,9 @@ class QLoRALlama:
         self.dropout_generator.manual_seed(dropout_seed)
         self._rope_cache: Tuple[int, torch.Tensor, torch.Tensor] = (0, None, None)
         self.layer_hooks = LayerHooks()
-        # per layer: "keep", "recompute" or "offload" (set_layer_strategies; a memory
-        # plan chooses them); None: every layer recomputes (or offloads, see above)
-        self.layer_strategies: Optional[List[str]] = None
+        # per layer: a LayerPolicy (set_layer_strategies; a memory plan chooses them);
+        # None: every layer recomputes (or offloads, see above)
+        self.layer_policies: Optional[List[LayerPolicy]] = None
         # the side stream the offloaded copies share, and the host pool of their inputs;
         # each forward gets its own offloader (the latest is kept here, for tests and
         # diagnostics), on the model's pool unless a forward still holds it
@@ -126,7 +128,13 @@ class QLoRALlama:
             cos, sin = self.rope_tables(facts.position_bound)
         else:
             cos, sin = self.position_tables(position_ids)
-        return BlockGeometry(B, S, position_ids.contiguous(), attention_bounds(segment_ids), cos, sin)
+        return BlockGeometry(B, S, position_ids.contiguous(), attention_bounds(segment_ids), cos, sin,
+                             *self.head_counts())
+
+    def head_counts(self) -> Tuple[int, int, float]:
+        """BlockGeometry's model constants: query heads, key/value heads, the norms' eps."""
+        c = self.config
+        return c.num_attention_heads, c.num_key_value_heads, c.rms_norm_eps
 
     def position_tables(self, position_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Validate position ids once (one device sync per batch; the blocks' RoPE
@@ -167,27 +175,33 @@ class QLoRALlama:
         return bool(self.training and ad is not None and ad.enabled and ad.config.dropout > 0)
 
     def set_layer_strategies(self, strategies) -> None:
-        """One strategy per layer (see anita_core.model.memory_plan), or a single
-        name for every layer; None restores the default."""
+        """One policy per layer (a LayerPolicy, or a strategy name: "keep",
+        "recompute", "offload"), or a single one for every layer; None restores the
+        default (the memory planner, anita_core.memory, chooses them)."""
         n = len(self.base.layers)
         if strategies is None:
-            self.layer_strategies = None
+            self.layer_policies = None
             return
-        if isinstance(strategies, str):
+        if isinstance(strategies, (str, LayerPolicy)):
             strategies = [strategies] * n
         strategies = list(strategies)
         if len(strategies) != n:
             raise ValueError(f"layer strategies: got {len(strategies)} for {n} layers")
+        names = tuple(a.value for a in Activations)
         for s in strategies:
-            if s not in STRATEGIES:
-                raise ValueError(f"layer strategy {s!r} is not one of {', '.join(STRATEGIES)}")
-        self.layer_strategies = strategies
+            if not isinstance(s, LayerPolicy) and s not in names:
+                raise ValueError(f"layer strategy {s!r} is not one of {', '.join(names)}")
+        self.layer_policies = [LayerPolicy.of(s) for s in strategies]
+
+    def policies(self) -> List[LayerPolicy]:
+        if self.layer_policies is not None:
+            return list(self.layer_policies)
+        default = "offload" if self.offload_block_inputs else "recompute"
+        return [LayerPolicy.of(default)] * len(self.base.layers)
 
     def strategies(self) -> List[str]:
-        if self.layer_strategies is not None:
-            return list(self.layer_strategies)
-        default = "offload" if self.offload_block_inputs else "recompute"
-        return [default] * len(self.base.layers)
+        """The layers' policies by name (what the memory planner reads)."""
+        return [p.name for p in self.policies()]
 
     # ----------------------------------------------------------- forward/backward
     def forward_hidden(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
@@ -199,49 +213,43 @@ class QLoRALlama:
         CPU-side batch, so that nothing is read back from the device."""
         c = self.config
         geo = self.geometry(input_ids, position_ids, segment_ids, facts)
-        state = ForwardState(geo, self.strategies()) if for_backward else None
-        replay = for_backward and self._uses_dropout()
-        if state is not None and "offload" in state.strategies:
-            state.offloader = self.offloader = self._new_offloader(state.strategies)
+        state = ForwardState(geo, self.policies()) if for_backward else None
+        if state is not None and any(p.activations is Activations.OFFLOAD for p in state.policies):
+            state.offloader = self.offloader = self._new_offloader(state.policies)
         h = self.embed(input_ids, checked=facts is not None)
         for i, layer in enumerate(self.base.layers):
-            strategy = state.strategies[i] if state is not None else None
-            if state is not None:
-                # a kept block replays no mask: its dropout contexts are kept with it
-                recomputed = replay and strategy != "keep"
-                state.generator_states.append(self.dropout_generator.get_state() if recomputed else None)
-                if strategy == "offload":
-                    state.offloader.stash(i, h)
-                state.block_inputs.append(h if strategy == "recompute" else None)
+            policy = state.policies[i] if state is not None else None
             self.layer_hooks.before_layer(i, "forward")
-            args = (layer, geo, c.num_attention_heads, c.num_key_value_heads, c.rms_norm_eps,
-                    self.block_lora(i))
-            if strategy == "keep":
-                h, state.block_inputs[i] = block_forward_saving(h, *args, reuse_weights=False)
-            else:
-                h = block_forward(h, *args)
+            offload = policy is not None and policy.activations is Activations.OFFLOAD
+            if offload:     # its copy to the host overlaps the block's forward
+                state.offloader.stash(i, h)
+            h, saved = block_forward(h, layer, geo, self.block_lora(i), policy)
+            if saved is not None:
+                if offload:
+                    saved.h0 = None     # on the host until its backward fetches it back
+                state.saved.append(saved)
             self.layer_hooks.after_layer(i, "forward")
         hf, rstd = rms_norm_forward(h, self.base.norm, c.rms_norm_eps)
         if state is not None:
             state.final_input, state.final_rstd = h, rstd
+            replay = self._uses_dropout()
             state.generator_state_after = self.dropout_generator.get_state() if replay else None
         return hf, state
 
-    def _new_offloader(self, strategies: List[str]) -> BlockInputOffloader:
+    def _new_offloader(self, policies: List[LayerPolicy]) -> BlockInputOffloader:
         if self._offload_stream is None and self.device.type == "cuda":
             self._offload_stream = torch.cuda.Stream(self.device)
             self.host_pool.stream = self._offload_stream
         pool = self.host_pool
         if pool.busy():     # a forward whose backward has not run holds it: one of its own
             pool = HostPool(self.device.type == "cuda", self._offload_stream)
-        layers = [i for i, s in enumerate(strategies) if s == "offload"]
+        layers = [i for i, p in enumerate(policies) if p.activations is Activations.OFFLOAD]
         return BlockInputOffloader(self.device, self._offload_stream, pool, layers)
 
     def backward_hidden(self, d_hidden: torch.Tensor, state: ForwardState) -> None:
         """Back-propagate dL/d(final normed hidden) through every block, adding the
         LoRA gradients into the adapters' .grad."""
-        c = self.config
-        offloaded = [i for i, s in enumerate(state.strategies) if s == "offload"]
+        offloaded = [i for i, p in enumerate(state.policies) if p.activations is Activations.OFFLOAD]
         if offloaded:                       # the top one arrives during the final norm's backward
             state.offloader.prefetch(offloaded[-1])
         dh, _ = rms_norm_backward(d_hidden.contiguous(), state.final_input, self.base.norm,
@@ -251,26 +259,16 @@ class QLoRALlama:
         del d_hidden
         state.final_input = state.final_rstd = None
         for i in reversed(range(len(self.base.layers))):
-            strategy = state.strategies[i]
-            if state.generator_states[i] is not None:
-                self.dropout_generator.set_state(state.generator_states[i])
-            if strategy == "offload":
-                h_in = state.offloader.fetch(i)
+            saved, state.saved[i] = state.saved[i], None    # free as we go
+            if state.policies[i].activations is Activations.OFFLOAD:
+                saved.h0 = state.offloader.fetch(i)
                 below = [j for j in offloaded if j < i]
                 if below:                   # overlaps this layer's backward
                     state.offloader.prefetch(below[-1])
-            else:
-                h_in = state.block_inputs[i]
-            state.block_inputs[i] = None    # free as we go
             self.layer_hooks.before_layer(i, "backward")
-            if strategy == "keep":
-                dh = block_backward_saved(dh, h_in, self.base.layers[i], state.geometry)
-            else:
-                dh = block_backward(dh, h_in, self.base.layers[i], state.geometry,
-                                    c.num_attention_heads, c.num_key_value_heads, c.rms_norm_eps,
-                                    self.block_lora(i))
+            dh = block_backward(dh, saved, self.base.layers[i], state.geometry, self.block_lora(i))
             self.layer_hooks.after_layer(i, "backward")
-            h_in = None
+            saved = None
         if state.generator_state_after is not None:
             self.dropout_generator.set_state(state.generator_state_after)
         self.layer_hooks.after_backward()

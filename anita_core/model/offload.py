@@ -17,7 +17,7 @@ class HostPool:
     of two: pinned one by one, a 6.35 GiB layer input would take 8 GiB. The pool is a
     plain host tensor of exactly the bytes asked for, page-locked with cudaHostRegister,
     which rounds nothing (the kernel pins whole pages: < 4 KiB more). So what a step
-    pins is the planner's host figure (memory_plan.host_bytes_per_offloaded_layer x the
+    pins is the planner's host figure (memory.planner.host_bytes_per_offloaded_layer x the
     offloaded layers). ``reserve`` sets the size of the first allocation (the plan's
     figure for its largest micro-batch), so that smaller micro-batches reuse it.
 

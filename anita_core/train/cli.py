@@ -306,17 +306,18 @@ def run_training(trainer, args, checked, model, adapters, run, log,
     adapter (and the merged export), print a summary. Returns the process exit code;
     the run folder's lock is released. A refusal here (the memory plan) leaves the folder
     as the run found it; past it, --overwrite's earlier run is removed (RunStart.begin)."""
-    from anita_core.model.memory_plan import MemoryBudgetError
+    from anita_core.memory.budget import apply_memory_plan, reset_peak_memory
+    from anita_core.memory.planner import MemoryBudgetError
     from anita_core.train.curves import draw_run_curves
     from anita_core.train.distributed import shutdown
-    from anita_core.train.memory_budget import apply_memory_plan, reset_peak_memory
+    from anita_core.train.memory_budget import memory_request
     from anita_core.train.report import report_backends
     try:
         try:
-            apply_memory_plan(args, model, trainer.epoch_batches(0), log, largest_batch)
+            apply_memory_plan(memory_request(args), model, trainer.epoch_batches(0), log,
+                              largest_batch)
         except MemoryBudgetError as e:
-            flag = "--host-memory-budget" if "host budget" in str(e) else "--memory-budget"
-            log(f"error: {flag}: {e}")
+            log(f"error: {e.flag}: {e}")
             run.abandon()
             return EXIT_BAD_INPUT
         run.begin()

@@ -25,12 +25,12 @@ from typing import Callable, Dict, List, Optional, Protocol, Sequence
 
 import torch
 
+from anita_core.memory.budget import device_memory_gib
 from anita_core.train.distributed import SINGLE, DistContext, all_gather_objects, all_reduce_sums, rank_slice
 from anita_core.train.run_checkpoint import (ADAPTER_DIR, choose_resume_checkpoint, latest_checkpoint,
                                              load_checkpoint_state, position_problem, rng_restore,
                                              rng_snapshot, save_checkpoint, settings_differences)
 from anita_core.train.host_reads import all_finite, read_floats
-from anita_core.train.memory_budget import device_memory_gib
 from anita_core.train.optim import build_optimizer, lr_multiplier, warmup_steps_for
 from anita_core.train.report import Reporter
 from anita_core.train.run_folder import METRICS_FILE, read_metrics, truncate_metrics

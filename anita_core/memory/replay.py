@@ -1,5 +1,5 @@
 """The memory planner's replay of one train_step: which tensors block.py and
-llama.py hold, tensor by tensor, and the peak of their bytes (see memory_plan's
+llama.py hold, tensor by tensor, and the peak of their bytes (see planner's
 docstring for what it covers and what it leaves out). Pure arithmetic: nothing
 is allocated.
 
@@ -10,15 +10,16 @@ than 1 MiB would remain, so up to 1 MiB more than asked."""
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence
 
-import torch
-
+from anita_core.model.block_buffers import (BlockDims, buffer_row_bytes, chunk_sizes, element_size,
+                                            mlp_chunk_rows)
+from anita_core.model.config import projection_shapes
 from anita_core.model.weights import FUSED_GROUPS, PROJECTIONS
+from csrc_triton.linear_loss import DEFAULT_CHUNK_BYTES as LOSS_CHUNK_BYTES
 from csrc_triton.linear_loss_matmul import upcast_bytes
 
-LOSS_CHUNK_BYTES = 256 * 2**20      # csrc_triton.linear_loss.DEFAULT_CHUNK_BYTES
-LORA_PARAM_BYTES = 4                # LoRA A/B and their gradients: fp32 (memory_plan.static_bytes)
+LORA_PARAM_BYTES = 4                # LoRA A/B and their gradients: fp32 (planner.static_bytes)
 INDEX_BYTES = 8                     # int64 token ids, targets, positions, segment ids, row indices
 ALLOCATOR_ROUND = 512               # the CUDA caching allocator's size granularity (kMinBlockSize)
 ALLOCATOR_SMALL = 2**20             # kSmallSize: above it a block may keep < 1 MiB unsplit
@@ -32,29 +33,12 @@ def block_bytes(n: int) -> int:
     return rounded + (ALLOCATOR_SMALL if rounded > ALLOCATOR_SMALL else 0)
 
 
-def element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def projection_shapes(config) -> Dict[str, Tuple[int, int]]:
-    """(N, K) of every projection's weight."""
-    H, I = config.hidden_size, config.intermediate_size
-    Q = config.num_attention_heads * config.head_dim
-    KV = config.num_key_value_heads * config.head_dim
-    return {"q_proj": (Q, H), "k_proj": (KV, H), "v_proj": (KV, H), "o_proj": (H, Q),
-            "gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
-
-
 def row_bytes(config, shape) -> Dict[str, int]:
-    """Bytes per token row of every tensor one block allocates, by the name block.py
-    gives it (a [T, N] tensor of key k is T * row[k] bytes)."""
+    """Bytes per token row of every tensor one block allocates: block_buffers' declared
+    buffers by their names, and each projection's output and LoRA contexts (a [T, N]
+    tensor of key k is T * row[k] bytes)."""
     e = element_size(shape.dtype)
-    H, I = config.hidden_size, config.intermediate_size
-    Q = config.num_attention_heads * config.head_dim
-    KV = config.num_key_value_heads * config.head_dim
-    f32 = 4
-    s = dict(h=H * e, x=H * e, rstd=f32, q=Q * e, kv=KV * e, attn=Q * e,
-             lse=config.num_attention_heads * f32, inter=I * e)
+    s = buffer_row_bytes(BlockDims.of_config(config), shape.dtype)
     ce = element_size(shape.lora_compute_dtype or shape.dtype)
     for name, (n_out, width) in projection_shapes(config).items():
         adapted = shape.lora_rank > 0 and name in shape.lora_targets
@@ -109,14 +93,13 @@ class StepReplay:
     for one MLP chunk's; every [T, N] tensor is rows * row_bytes[key]."""
 
     def __init__(self, config, shape):
-        from anita_core.model.block import mlp_chunk_rows
         self.c, self.shape, self.r = config, shape, row_bytes(config, shape)
         self.weights = projection_shapes(config)
         self.dense_elt = element_size(shape.dense_dtype or shape.dtype)
         self.live = _Live()
         T = shape.tokens
         rows = shape.mlp_chunk_rows or mlp_chunk_rows(T, config.intermediate_size, shape.dtype)
-        self.chunks = [min(rows, T - i) for i in range(0, T, rows)] or [0]
+        self.chunks = chunk_sizes(T, rows)
         dropout = shape.lora_rank > 0 and shape.lora_dropout > 0
         # a group runs as one matmul unless a member draws a dropout mask (block._Projector)
         self.fused = {g: not (dropout and any(m in shape.lora_targets for m in members))
@@ -243,7 +226,7 @@ class StepReplay:
 
     def block_forward(self, i: int, keep: bool, reuse: bool, mlp: bool = True) -> None:
         """Layer i's forward from its input f"{i}.h0" (present). ``keep``: what
-        block_forward_saving keeps stays (else only h0, h2); ``mlp=False``:
+        a KEEP policy's Saved holds stays (else only h0, h2); ``mlp=False``:
         block_backward's recompute, which stops at x2."""
         live, p, T = self.live, f"{i}.", self.shape.tokens
         self._alloc(p + "x1", "x", T); self._alloc(p + "rstd1", "rstd", T)
@@ -281,7 +264,7 @@ class StepReplay:
         self._forward(c, ("down_proj",), ("down",), rows, reuse)
 
     def block_backward(self, i: int, dh2: str, kept: bool) -> str:
-        """block_backward_saved of layer i (its saved tensors present; ``kept``: each MLP
+        """block_backward of layer i (its Saved complete; ``kept``: each MLP
         chunk's too, else each chunk's forward reruns first); returns the name of
         dL/dh0 and leaves only it (and dh2, still the caller's)."""
         live, p, T, r = self.live, f"{i}.", self.shape.tokens, self.r
@@ -299,7 +282,7 @@ class StepReplay:
         self._backward(p, ("o_proj",), "da", T * r["attn"], T, reuse, True)
         # dq, dk, dv: into one [T, q+k+v] buffer (fused q/k/v) or one each; RoPE's
         # backward rotates dq, dk in place
-        grads = {"dqkv": r["q"] + 2 * r["kv"]} if self.fused["qkv_proj"] else \
+        grads = {"dqkv": r["qkv"]} if self.fused["qkv_proj"] else \
             {"dq": r["q"], "dk": r["kv"], "dv": r["kv"]}
         for name, per_row in grads.items():
             live.alloc(p + name, T * per_row)
@@ -310,14 +293,14 @@ class StepReplay:
         self._alloc(p + "dx1_h0", "h", T)
         live.free(p + "dx1", p + "dx1_h0")
         live.rename(p + "dh1", p + "dh0")                    # dh1 += dx1_h0, in place
-        self.live.free_prefix(p, keep=(p + "dh0",))     # block_backward_saved returns
+        self.live.free_prefix(p, keep=(p + "dh0",))     # block_backward returns
         return p + "dh0"
 
     def _backward_mlp(self, c: str, rows: int, reuse: bool, last: bool) -> None:
         """One MLP chunk's backward, its forward's g, u, m and contexts present."""
         live, r = self.live, self.r
         # the down projection's dX with the SwiGLU epilogue: d[gate, up] [rows, 2I]
-        self._backward(c, ("down_proj",), "dgu", rows * 2 * r["inter"], rows, reuse, last)
+        self._backward(c, ("down_proj",), "dgu", rows * r["gate_up"], rows, reuse, last)
         live.free(c + "m", *(c + n for n in self._outputs("gate_up_proj", ("g", "u"))))
         self._backward(c, FUSED_GROUPS["gate_up_proj"], "dx2", rows * r["x"], rows, reuse, last,
                        "gate_up_proj", split_dy=True)

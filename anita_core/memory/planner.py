@@ -5,8 +5,8 @@ Pure arithmetic from the model config, the micro-batch shape, the LoRA settings
 and the dtypes: nothing is allocated. Each layer runs one of three strategies:
 
   keep       the forward keeps every intermediate its backward needs
-             (block_forward_saving, without the dense dequantized weights); the
-             backward runs block_backward_saved: no recompute.
+             (block.Saved of a KEEP policy, without the dense dequantized weights);
+             the backward recomputes nothing.
   recompute  the forward keeps only the block input; the backward recomputes the
              block from it (activation checkpointing, 1.5x the block's FLOPs): the
              attention half up to x2, then each MLP chunk just before its backward.
@@ -15,10 +15,10 @@ and the dtypes: nothing is allocated. Each layer runs one of three strategies:
              (the one in use and the next one, arriving on a side stream).
 
 The prediction replays, tensor by tensor, what block.py and llama.py allocate and
-free in one train_step (``step_replay.StepReplay``): every kernel output, the locals Python
+free in one train_step (``replay.StepReplay``): every kernel output, the locals Python
 keeps alive until they are deleted, the LoRA contexts (the rank-r product, the
 dropout mask, a fused group's stacked A and B), the MLP chunk by chunk
-(block.mlp_chunk_rows: a kept layer holds every chunk's g, u, m, a recomputed
+(block_buffers.mlp_chunk_rows: a kept layer holds every chunk's g, u, m, a recomputed
 one builds one chunk's at a time) and, on the dequantize path (M above the fused
 threshold: T rows for the attention's projections, one chunk's for the MLP's),
 the dense weights a recompute holds from their first use to their backward, the
@@ -33,7 +33,7 @@ tracker cannot see. Not counted: a kernel's own scratch (registers, shared memor
 cuBLAS' workspace, made once per process), and the CUDA caching allocator's
 rounding, which the replay bounds separately (``allocator_peak``: each block
 rounded to 512 bytes, up to 1 MiB more for a block above 1 MiB) and the default
-budget's margin covers (train.memory_budget.default_memory_budget).
+budget's margin covers (memory.budget.default_memory_budget).
 
 The plan keeps as many layers as fit, the last layers first: the backward
 reaches them first, so their activations are gone before any recompute's working
@@ -58,10 +58,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from anita_core.model.step_replay import StepReplay, element_size, projection_shapes, row_bytes
+from anita_core.memory.replay import StepReplay, row_bytes
+from anita_core.model.block import Activations, LayerPolicy
+from anita_core.model.block_buffers import element_size
+from anita_core.model.config import projection_shapes
 from anita_core.model.weights import PROJECTIONS
 
-STRATEGIES = ("keep", "recompute", "offload")
+STRATEGIES = tuple(a.value for a in Activations)     # "keep", "recompute", "offload"
 GiB = 2**30
 NF4_BLOCKSIZE = 64
 
@@ -77,7 +80,13 @@ def gib(n_bytes: int, round_up: bool = False) -> str:
 
 
 class MemoryBudgetError(ValueError):
-    """The budget is below what even full recompute with offload needs."""
+    """The budget is below what even full recompute with offload needs, or the host
+    budget below what an offloading plan pins; ``flag`` names the command-line flag
+    that sets the budget in question (the CLI reports the error against it)."""
+
+    def __init__(self, message: str, flag: str = "--memory-budget"):
+        super().__init__(message)
+        self.flag = flag
 
 
 @dataclass(frozen=True)
@@ -120,6 +129,10 @@ class MemoryPlan:
     host_bytes: int = 0                  # pinned host memory of the offloaded block inputs
     host_budget_bytes: Optional[int] = None
 
+    def policies(self) -> List[LayerPolicy]:
+        """The per-layer values the model takes (QLoRALlama.set_layer_strategies)."""
+        return [LayerPolicy.of(s) for s in self.strategies]
+
     def describe(self) -> str:
         counts = {s: self.strategies.count(s) for s in STRATEGIES if s in self.strategies}
         layers = ", ".join(f"{n} {s}" for s, n in counts.items())
@@ -151,7 +164,7 @@ def activation_peak(config, shape: StepShape, strategies: Sequence[str]) -> int:
 
 def allocator_peak(config, shape: StepShape, strategies: Sequence[str]) -> int:
     """The most the CUDA caching allocator may count for the same tensors (each
-    rounded as step_replay.block_bytes says): an upper bound of the measured
+    rounded as replay.block_bytes says): an upper bound of the measured
     activation bytes on a GPU, where activation_peak is the tensors' own bytes."""
     return _replay(config, shape, strategies).live.blocks_peak
 
@@ -160,7 +173,7 @@ def static_bytes(config, shape: StepShape) -> int:
     """NF4 projections (packed nibbles + fp32 absmax, the upper bound of double quant),
     the norms and embeddings in the activation dtype, LoRA weights + grads + optimizer
     state in fp32, and the RoPE tables (fp32 cos and sin of head_dim / 2 columns) for
-    max(seq, 256) positions: what train.memory_budget.apply_memory_plan grows them to
+    max(seq, 256) positions: what memory.budget.apply_memory_plan grows them to
     before the first step (llama.rope_tables, which doubles past what it is asked for,
     could hold up to twice that if it grew step by step)."""
     e, H = element_size(shape.dtype), config.hidden_size
@@ -240,7 +253,8 @@ def plan_memory(config, shape: StepShape, budget_bytes: Optional[int] = None,
             f"a micro-batch of {shape.batch} x {shape.seq} tokens fits {gib(budget_bytes)} only "
             f"with {offloaded} of {L} layer inputs offloaded, {gib(offloaded * per_host, True)} "
             f"of pinned host memory; the host budget {gib(host_budget_bytes)} holds "
-            f"{host_holds} (--host-memory-budget / ANITA_HOST_MEMORY_BUDGET)")
+            f"{host_holds} (--host-memory-budget / ANITA_HOST_MEMORY_BUDGET)",
+            flag="--host-memory-budget")
     if not ok:
         smallest = min(by.values())
         how = ("every layer offloaded" if strategy == "auto" else
@@ -265,7 +279,7 @@ def shape_for_model(model, batch: int, seq: int) -> StepShape:
     # the dot runs in fp32 in the torch backend and under the Triton interpreter
     fp32_dot = active_backend() == "torch" or model.device.type != "cuda"
     compute = torch.float32 if fp32_dot else model.dtype
-    from anita_core.model.block import mlp_chunk_rows
+    from anita_core.model.block_buffers import mlp_chunk_rows
     dense = choose_path("block", batch * seq, dtype=model.dtype) == "dequant"
     rows = mlp_chunk_rows(batch * seq, model.config.intermediate_size, model.dtype)
     mlp_dense = choose_path("block", rows, dtype=model.dtype) == "dequant"
