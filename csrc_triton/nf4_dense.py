@@ -145,7 +145,9 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def dense_forward(x2d: torch.Tensor, dense_w: torch.Tensor, out: torch.Tensor,
                   lora=None, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """out = x2d W^T (+ bias) (+ lora.scale * xa B^T), written into ``out`` (x2d's dtype).
-    The bias [N] rides in the GEMM (addmm: cuBLAS' beta * C / bias epilogue), no extra pass."""
+    The bias [N] rides in the GEMM: addmm with a 1-D contiguous bias into a contiguous
+    ``out`` (beta 1, K and N > 1) is cuBLASLt's bias epilogue in PyTorch's CUDA addmm, not
+    another pass over ``out`` (outside those conditions PyTorch copies b into out first)."""
     dtype = dense_w.dtype
     x = _as(x2d, dtype)
     if dtype == out.dtype:

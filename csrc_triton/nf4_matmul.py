@@ -15,7 +15,8 @@ nf4_matmul_forward / nf4_matmul_backward_input, and the autograd.Function of nf4
 Bias (Qwen2's q/k/v): the forward takes an optional frozen ``bias`` [N] in the
 activations' dtype, y = x W^T + b. The fused path adds it in the kernel's epilogue
 (HAS_BIAS, in fp32 before the one rounding); the dequantize path passes it to the GEMM
-(torch.addmm: cuBLAS' beta * C term, no extra pass over y). Backward: dL/dx = dY W
+(torch.addmm with the 1-D bias: on CUDA PyTorch runs it as cuBLASLt's bias epilogue, so
+no pass over y is added; on the CPU it is the same call). Backward: dL/dx = dY W
 whether or not y had a bias (b does not depend on x), and b is frozen (no dL/db), so
 the backward launchers take no bias.
 
@@ -215,7 +216,8 @@ def launch_forward(op: str, x2d: torch.Tensor, w: NF4Weight,
                 lora_scale=0.0 if lora is None else float(lora.scale),
                 **weight_args(w))
     constexprs = dict(HAS_LORA=lora is not None, BLOCK_R=_lora_block(rank),
-                      HAS_BIAS=bias is not None, OPERANDS_IN_FP32=_operands_in_fp32(x2d.dtype), **weight_constexprs(w))
+                      HAS_BIAS=bias is not None, OPERANDS_IN_FP32=_operands_in_fp32(x2d.dtype),
+                      **weight_constexprs(w))
     _launch(_fwd_kernel, "_nf4_matmul_fwd_kernel", (M, (N, "BLOCK_N")), args, constexprs,
             2 * M * N * (K + rank))
     return y
