@@ -3,7 +3,8 @@
 Same dropout draw (torch.rand on the same generator, so a replayed generator state
 gives the same mask), same LoRAContext and same gradients as csrc_triton.lora_linear
 (see its docstring for the derivation); the NF4 products run on the dequantized
-fp32 weight and the LoRA term is added in fp32 before the single rounding.
+fp32 weight and the LoRA term (and the optional frozen bias) is added in fp32 before
+the single rounding. The backwards are the same with or without a bias.
 """
 from __future__ import annotations
 
@@ -16,19 +17,21 @@ from csrc_triton.lora_linear import (FusedLoRAContext, LoRAContext, _check_fused
                                      check_lora_backward_args, split_adapter_grads,
                                      stacked_adapters)
 from csrc_triton.nf4 import NF4Weight
-from csrc_triton.nf4_matmul import check_swiglu_input
+from csrc_triton.nf4_matmul import check_bias, check_swiglu_input
 
-from .nf4_matmul import dense_weight, input_grad_or_swiglu
+from .nf4_matmul import dense_weight, input_grad_or_swiglu, with_bias
 
 
 def lora_linear_forward(x2d: torch.Tensor, w: NF4Weight, A: torch.Tensor, B: torch.Tensor,
                         scale: float, dropout: float = 0.0, training: bool = True,
                         generator: Optional[torch.Generator] = None, *,
-                        dense_w: Optional[torch.Tensor] = None, path: Optional[str] = None):
-    """y2d = x2d W^T + scale * (drop(x2d) A^T) B^T in x2d's dtype; returns (y2d, LoRAContext).
-    ``dense_w``/``path``: see csrc_torch.nf4_matmul."""
+                        dense_w: Optional[torch.Tensor] = None, path: Optional[str] = None,
+                        bias: Optional[torch.Tensor] = None):
+    """y2d = x2d W^T (+ bias) + scale * (drop(x2d) A^T) B^T in x2d's dtype; returns
+    (y2d, LoRAContext). ``dense_w``/``path``/``bias``: see csrc_torch.nf4_matmul."""
     op = "lora_linear_forward"
     _check_lora_args(op, x2d, w, A, B, scale, dropout)
+    check_bias(op, bias, w.shape[0], x2d.dtype, x2d.device)
     if generator is not None and generator.device.type != x2d.device.type:
         raise ValueError(f"{op}: argument 'generator' is on {generator.device}; the dropout "
                          f"mask is drawn on x2d's device {x2d.device}")
@@ -40,7 +43,7 @@ def lora_linear_forward(x2d: torch.Tensor, w: NF4Weight, A: torch.Tensor, B: tor
         p = 0.0
     ctx = LoRAContext(keep_mask=keep_mask, dropout=p, xa=None)
     xa = (_dropped_input(x2d, ctx).float() @ A.float().t()).contiguous()
-    y = x2d.float() @ dense_weight(op, w, dense_w, path).t()
+    y = with_bias(x2d.float() @ dense_weight(op, w, dense_w, path).t(), bias)
     y.add_(xa @ B.float().t(), alpha=float(scale))
     return y.to(x2d.dtype), ctx._replace(xa=xa)
 
@@ -69,15 +72,18 @@ def lora_linear_backward(dy2d: torch.Tensor, x2d: torch.Tensor, w: NF4Weight, A:
 
 
 def lora_linear_fused_forward(x2d: torch.Tensor, w: NF4Weight, adapters, scale: float, *,
-                              dense_w: Optional[torch.Tensor] = None, path: Optional[str] = None):
-    """y2d = x2d W^T + scale * (x2d A^T) B^T for a row concatenation W with the stacked A
-    and block-diagonal B (csrc_triton.lora_linear); returns (y2d, FusedLoRAContext)."""
+                              dense_w: Optional[torch.Tensor] = None, path: Optional[str] = None,
+                              bias: Optional[torch.Tensor] = None):
+    """y2d = x2d W^T (+ bias) + scale * (x2d A^T) B^T for a row concatenation W with the
+    stacked A and block-diagonal B (csrc_triton.lora_linear), bias = the segments' biases
+    concatenated; returns (y2d, FusedLoRAContext)."""
     op = "lora_linear_fused_forward"
     ranks = _check_fused_args(op, x2d, w, adapters, scale)
+    check_bias(op, bias, w.shape[0], x2d.dtype, x2d.device)
     lora_a, lora_b = stacked_adapters(w, adapters, ranks, torch.float32)
     x32 = x2d.float()
     xa = x32 @ lora_a.t()
-    y = x32 @ dense_weight(op, w, dense_w, path).t()
+    y = with_bias(x32 @ dense_weight(op, w, dense_w, path).t(), bias)
     y.add_(xa @ lora_b.t(), alpha=float(scale))
     return y.to(x2d.dtype), FusedLoRAContext(xa=xa, lora_a=lora_a, lora_b=lora_b, ranks=ranks)
 

@@ -5,6 +5,10 @@ interpreter), the product accumulates in fp32 and is rounded once to the input's
 This backend has one path, csrc_triton.nf4_dense's "dequant": ``choose_path`` always
 says so, and ``dense_w`` (what ``dequantize_for_matmul`` returned, e.g. held by a
 block's backward for its recompute and dX) replaces the cache lookup.
+
+An optional frozen ``bias`` [N] (x's dtype) is added to the fp32 product before the
+rounding, as the kernels add it; the backward is the same with or without it (b has
+no x in it, and gets no gradient).
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import torch
 
 from csrc_triton._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from csrc_triton.nf4 import NF4Weight
-from csrc_triton.nf4_matmul import check_nf4_weight, check_swiglu_input
+from csrc_triton.nf4_matmul import check_bias, check_nf4_weight, check_swiglu_input
 
 from .nf4 import dequantize_fp32
 from .swiglu import swiglu_backward
@@ -45,14 +49,23 @@ def dense_weight(op: str, w: NF4Weight, dense_w: Optional[torch.Tensor],
     return dense_w
 
 
+def with_bias(y32: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The fp32 product y32 [M, N] with the frozen bias [N] added in place (or as is)."""
+    return y32 if bias is None else y32.add_(bias.float())
+
+
 def nf4_matmul_forward(x2d: torch.Tensor, w: NF4Weight, *, dense_w: Optional[torch.Tensor] = None,
-                       path: Optional[str] = None) -> torch.Tensor:
-    """y2d = x2d @ W^T for x2d [M, K] fp32/fp16/bf16 and W [N, K] in NF4; y2d in x2d's dtype."""
+                       path: Optional[str] = None,
+                       bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y2d = x2d @ W^T (+ bias) for x2d [M, K] fp32/fp16/bf16, W [N, K] in NF4 and an
+    optional frozen bias [N] in x2d's dtype; y2d in x2d's dtype."""
     op = "nf4_matmul_forward"
     check_nf4_weight(op, w)
     check_tensor(op, "x2d", x2d, dtypes=FLOAT_DTYPES, ndim=2, shape=(None, w.shape[1]))
     check_same_device(op, x2d=x2d, w=w.packed)
-    return (x2d.float() @ dense_weight(op, w, dense_w, path).t()).to(x2d.dtype)
+    check_bias(op, bias, w.shape[0], x2d.dtype, x2d.device)
+    y = x2d.float() @ dense_weight(op, w, dense_w, path).t()
+    return with_bias(y, bias).to(x2d.dtype)
 
 
 def input_grad_or_swiglu(dx32: torch.Tensor, dtype: torch.dtype,

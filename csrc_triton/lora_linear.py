@@ -18,6 +18,12 @@ Backward (W frozen), with xd = drop(x) = x * keep / (1 - p) and xa = xd A^T:
   dB = scale * dY^T xa
   dA = scale * (dY B)^T xd
   dX = dY W + scale * keep / (1 - p) * ((dY B) A)
+
+Bias (Qwen2's q/k/v): the forwards take an optional frozen ``bias`` [N] in x's dtype,
+y = x W^T + b + scale * (drop(x) A^T) B^T, added by the NF4 matmul (nf4_matmul:
+the fused kernel's epilogue or the dequantize path's addmm). b depends on nothing,
+so dX, dA and dB above are unchanged, and b gets no gradient (a base weight, frozen
+under QLoRA): the backward launchers take no bias.
 """
 from __future__ import annotations
 
@@ -31,8 +37,9 @@ from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from .low_rank import low_rank_matmul
 from .nf4 import NF4Weight
 from .nf4_dense import compute_dtype
-from .nf4_matmul import (LoraBackwardEpilogue, LoraForwardEpilogue, check_swiglu_input,
-                         launch_backward_input, launch_forward)
+from .nf4_matmul import (LoraBackwardEpilogue, LoraForwardEpilogue, check_bias,
+                         check_swiglu_input, launch_backward_input, launch_forward,
+                         refuse_trainable_bias)
 from .nf4_operand import check_nf4_weight
 
 
@@ -107,9 +114,11 @@ def _low_rank_mm(a: torch.Tensor, b: torch.Tensor, scale: Optional[float] = None
 def lora_linear_forward(x2d: torch.Tensor, w: NF4Weight, A: torch.Tensor, B: torch.Tensor,
                         scale: float, dropout: float = 0.0, training: bool = True,
                         generator: Optional[torch.Generator] = None, *,
-                        dense_w: Optional[torch.Tensor] = None, path: Optional[str] = None):
-    """y2d = x2d W^T + scale * (drop(x2d) A^T) B^T, in x2d's dtype.
-    ``dense_w``/``path``: see nf4_matmul.launch_forward.
+                        dense_w: Optional[torch.Tensor] = None, path: Optional[str] = None,
+                        bias: Optional[torch.Tensor] = None):
+    """y2d = x2d W^T (+ bias) + scale * (drop(x2d) A^T) B^T, in x2d's dtype.
+    ``dense_w``/``path``: see nf4_matmul.launch_forward; ``bias``: None or a frozen
+    [N] in x2d's dtype (see the module docstring).
 
     x2d [M, K] fp32/fp16/bf16; W [N, K] NF4; A [r, K], B [N, r] any float dtype.
     Dropout (keep probability 1 - p, mask from torch.rand(generator=generator))
@@ -117,6 +126,7 @@ def lora_linear_forward(x2d: torch.Tensor, w: NF4Weight, A: torch.Tensor, B: tor
     """
     op = "lora_linear_forward"
     _check_lora_args(op, x2d, w, A, B, scale, dropout)
+    check_bias(op, bias, w.shape[0], x2d.dtype, x2d.device)
     keep_mask = None
     p = float(dropout) if training else 0.0
     if generator is not None and generator.device.type != x2d.device.type:
@@ -130,7 +140,7 @@ def lora_linear_forward(x2d: torch.Tensor, w: NF4Weight, A: torch.Tensor, B: tor
     xa = _low_rank_mm(_dropped_input(x2d, ctx), A.t())
     ctx = ctx._replace(xa=xa)
     y2d = launch_forward(op, x2d, w, LoraForwardEpilogue(xa=xa, lora_b=B, scale=float(scale)),
-                         dense_w=dense_w, path=path)
+                         dense_w=dense_w, path=path, bias=bias)
     return y2d, ctx
 
 
@@ -142,7 +152,8 @@ def lora_linear_backward(dy2d: torch.Tensor, x2d: torch.Tensor, w: NF4Weight, A:
     dB in B's dtype), all accumulated in fp32. ``ctx`` is what the forward returned.
     ``input_grad=False`` skips the NF4 kernel and returns None for dx2d (for a
     frozen input, e.g. the first layer's). ``dense_w``/``path``/``swiglu_input``
-    (dx2d becomes [dgate, dup]): see nf4_matmul.launch_backward_input."""
+    (dx2d becomes [dgate, dup]): see nf4_matmul.launch_backward_input. The same whether
+    or not the forward had a bias (frozen, no x in it: module docstring)."""
     op = "lora_linear_backward"
     check_lora_backward_args(op, dy2d, x2d, w, A, B, scale, ctx)
     check_swiglu_input(op, swiglu_input, x2d.shape[0], x2d.shape[1], x2d.dtype)
@@ -161,18 +172,21 @@ def lora_linear_backward(dy2d: torch.Tensor, x2d: torch.Tensor, w: NF4Weight, A:
 
 
 class LoRALinear(torch.autograd.Function):
-    """lora_linear over the last dim of x; gradients to x, A and B (W is frozen)."""
+    """lora_linear over the last dim of x; gradients to x, A and B (W and the bias are
+    frozen)."""
 
     @staticmethod
-    def forward(ctx, x, w, A, B, scale, dropout, training, generator):
+    def forward(ctx, x, w, A, B, scale, dropout, training, generator, bias=None):
         op = "lora_linear"
         check_tensor(op, "x", x, dtypes=FLOAT_DTYPES, max_numel=None)
         check_nf4_weight(op, w)
+        refuse_trainable_bias(op, bias)
         if x.dim() < 1 or x.shape[-1] != w.shape[1]:
             raise ValueError(f"{op}: argument 'x' has shape {tuple(x.shape)}; expected "
                              f"last dim {w.shape[1]} (= in_features K of w {tuple(w.shape)})")
         x2d = x.reshape(-1, w.shape[1])
-        y2d, lora_ctx = lora_linear_forward(x2d, w, A, B, scale, dropout, training, generator)
+        y2d, lora_ctx = lora_linear_forward(x2d, w, A, B, scale, dropout, training, generator,
+                                            bias=bias)
         ctx.save_for_backward(x2d, A, B, lora_ctx.xa, lora_ctx.keep_mask)
         ctx.w, ctx.scale, ctx.dropout, ctx.x_shape = w, scale, lora_ctx.dropout, x.shape
         return y2d.reshape(*x.shape[:-1], w.shape[0])
@@ -185,19 +199,21 @@ class LoRALinear(torch.autograd.Function):
         dx2d, d_a, d_b = lora_linear_backward(dy2d, x2d, ctx.w, A, B, ctx.scale, lora_ctx,
                                               input_grad=ctx.needs_input_grad[0])
         dx = None if dx2d is None else dx2d.reshape(ctx.x_shape)
-        return dx, None, d_a, d_b, None, None, None, None
+        return dx, None, d_a, d_b, None, None, None, None, None
 
 
 def lora_linear(x: torch.Tensor, w: NF4Weight, A: torch.Tensor, B: torch.Tensor, scale: float,
                 dropout: float = 0.0, training: bool = True,
-                generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """y = x W^T + scale * (drop(x) A^T) B^T.
+                generator: Optional[torch.Generator] = None,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = x W^T (+ bias) + scale * (drop(x) A^T) B^T.
 
     x: [..., K] fp32/fp16/bf16, contiguous; W: NF4Weight [N, K] (frozen);
     A: [r, K] and B: [N, r] (PEFT's lora_A.weight / lora_B.weight), any float
-    dtype. Returns [..., N] in x's dtype. Differentiable in x, A and B.
+    dtype; bias: None or [N] in x's dtype, frozen (one that requires grad is
+    refused). Returns [..., N] in x's dtype. Differentiable in x, A and B.
     """
-    return LoRALinear.apply(x, w, A, B, scale, dropout, training, generator)
+    return LoRALinear.apply(x, w, A, B, scale, dropout, training, generator, bias)
 
 
 # ---------------------------------------------------------------------------
@@ -296,18 +312,21 @@ def check_fused_backward_args(op: str, dy2d, x2d, w: NF4Weight, adapters, scale,
 
 
 def lora_linear_fused_forward(x2d: torch.Tensor, w: NF4Weight, adapters, scale: float, *,
-                              dense_w: Optional[torch.Tensor] = None, path: Optional[str] = None):
-    """[y_0, y_1, ...] = x2d W^T + scale * (x2d A^T) B^T for a row concatenation W of
-    segments with adapters ``adapters`` ([(A_s, B_s) or None] per segment; no dropout):
+                              dense_w: Optional[torch.Tensor] = None, path: Optional[str] = None,
+                              bias: Optional[torch.Tensor] = None):
+    """[y_0, y_1, ...] = x2d W^T (+ bias) + scale * (x2d A^T) B^T for a row concatenation W
+    of segments with adapters ``adapters`` ([(A_s, B_s) or None] per segment; no dropout):
     ONE product of x2d with the stacked A and one NF4 matmul with the LoRA epilogue.
-    Returns (y2d [M, N] in x2d's dtype, FusedLoRAContext). ``dense_w``/``path``: see
-    nf4_matmul.launch_forward."""
+    ``bias``: None or the frozen [N] concatenation of the segments' biases ([b_q; b_k; b_v]
+    for q/k/v), in x2d's dtype. Returns (y2d [M, N] in x2d's dtype, FusedLoRAContext).
+    ``dense_w``/``path``: see nf4_matmul.launch_forward."""
     op = "lora_linear_fused_forward"
     ranks = _check_fused_args(op, x2d, w, adapters, scale)
+    check_bias(op, bias, w.shape[0], x2d.dtype, x2d.device)
     lora_a, lora_b = stacked_adapters(w, adapters, ranks, compute_dtype(x2d.dtype))
     xa = _low_rank_mm(x2d, lora_a.t())
     y2d = launch_forward(op, x2d, w, LoraForwardEpilogue(xa=xa, lora_b=lora_b, scale=float(scale)),
-                         dense_w=dense_w, path=path)
+                         dense_w=dense_w, path=path, bias=bias)
     return y2d, FusedLoRAContext(xa=xa, lora_a=lora_a, lora_b=lora_b, ranks=ranks)
 
 
@@ -317,7 +336,8 @@ def lora_linear_fused_backward(dy2d: torch.Tensor, x2d: torch.Tensor, w: NF4Weig
                                path: Optional[str] = None):
     """Gradients of lora_linear_fused_forward: (dx2d in x2d's dtype or None unless
     ``input_grad``, [(dA_s, dB_s) in the adapters' dtypes, or None per segment]):
-    three rank-R products and one NF4 matmul with the LoRA epilogue."""
+    three rank-R products and one NF4 matmul with the LoRA epilogue. The same whether
+    or not the forward had a bias (frozen, no x in it)."""
     op = "lora_linear_fused_backward"
     ranks = check_fused_backward_args(op, dy2d, x2d, w, adapters, scale, ctx)
     g = _low_rank_mm(dy2d, ctx.lora_b)                                     # dY B, [M, R]

@@ -143,17 +143,23 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def dense_forward(x2d: torch.Tensor, dense_w: torch.Tensor, out: torch.Tensor,
-                  lora=None) -> torch.Tensor:
-    """out = x2d W^T (+ lora.scale * xa B^T), written into ``out`` (x2d's dtype)."""
+                  lora=None, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """out = x2d W^T (+ bias) (+ lora.scale * xa B^T), written into ``out`` (x2d's dtype).
+    The bias [N] rides in the GEMM: addmm with a 1-D contiguous bias into a contiguous
+    ``out`` (beta 1, K and N > 1) is cuBLASLt's bias epilogue in PyTorch's CUDA addmm, not
+    another pass over ``out`` (outside those conditions PyTorch copies b into out first)."""
     dtype = dense_w.dtype
     x = _as(x2d, dtype)
     if dtype == out.dtype:
-        torch.mm(x, dense_w.t(), out=out)
+        if bias is None:
+            torch.mm(x, dense_w.t(), out=out)
+        else:
+            torch.addmm(bias, x, dense_w.t(), out=out)
         if lora is not None:
             out.addmm_(_as(lora.xa, dtype), _as(lora.lora_b, dtype).t(), alpha=lora.scale)
         return out
     # interpreter, fp16/bf16 activations: fp32 throughout, one rounding at the end
-    y = torch.mm(x, dense_w.t())
+    y = torch.mm(x, dense_w.t()) if bias is None else torch.addmm(_as(bias, dtype), x, dense_w.t())
     if lora is not None:
         y.addmm_(_as(lora.xa, dtype), _as(lora.lora_b, dtype).t(), alpha=lora.scale)
     return out.copy_(y)

@@ -12,6 +12,14 @@ Here: the block sizes (the autotuned GPU configs, the interpreter's blocks), the
 launchers with their LoRA and SwiGLU epilogue arguments (used by ``lora_linear``),
 nf4_matmul_forward / nf4_matmul_backward_input, and the autograd.Function of nf4_matmul.
 
+Bias (Qwen2's q/k/v): the forward takes an optional frozen ``bias`` [N] in the
+activations' dtype, y = x W^T + b. The fused path adds it in the kernel's epilogue
+(HAS_BIAS, in fp32 before the one rounding); the dequantize path passes it to the GEMM
+(torch.addmm with the 1-D bias: on CUDA PyTorch runs it as cuBLASLt's bias epilogue, so
+no pass over y is added; on the CPU it is the same call). Backward: dL/dx = dY W
+whether or not y had a bias (b does not depend on x), and b is frozen (no dL/db), so
+the backward launchers take no bias.
+
 Index width: the fused kernels index activations in 32 bits (they only see M up to
 the dispatch threshold); a launch whose activations pass 2^31 - 1 elements takes the
 dequantize path (torch.mm indexes in 64 bits) whatever M's threshold says, and an
@@ -150,6 +158,23 @@ def _operands_in_fp32(dtype: torch.dtype) -> bool:
     return _runtime.DOT_IN_FP32 or dtype == torch.float32
 
 
+def check_bias(op: str, bias, n: int, dtype: torch.dtype, device: torch.device) -> None:
+    """``bias`` is None or a contiguous [n] tensor of the activations' dtype on their device."""
+    if bias is None:
+        return
+    check_tensor(op, "bias", bias, dtypes=(dtype,), ndim=1, shape=(n,))
+    if bias.device != device:
+        raise ValueError(f"{op}: argument 'bias' is on {bias.device}; expected the activations' "
+                         f"device {device}")
+
+
+def refuse_trainable_bias(op: str, bias) -> None:
+    """The autograd Functions treat the bias as a frozen base weight (no gradient)."""
+    if isinstance(bias, torch.Tensor) and bias.requires_grad:
+        raise ValueError(f"{op}: argument 'bias' requires grad; the bias is a frozen base "
+                         "weight here (no gradient is computed): pass bias.detach()")
+
+
 def _choose(op: str, M: int, path: Optional[str], dtype: torch.dtype, dense_w, *tensors) -> str:
     """nf4_dense.choose_path, except that activations past 32-bit indexing (``tensors``,
     by their span) always take the dequantize path (refused for an explicit 'fused')."""
@@ -165,8 +190,10 @@ def _choose(op: str, M: int, path: Optional[str], dtype: torch.dtype, dense_w, *
 def launch_forward(op: str, x2d: torch.Tensor, w: NF4Weight,
                    lora: Optional[LoraForwardEpilogue] = None, *,
                    dense_w: Optional[torch.Tensor] = None,
-                   path: Optional[str] = None) -> torch.Tensor:
-    """y = x2d @ W^T (+ LoRA epilogue). Arguments must already be validated.
+                   path: Optional[str] = None,
+                   bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = x2d @ W^T (+ LoRA epilogue) (+ bias [N]). Arguments must already be validated
+    (the bias by check_bias).
 
     ``path`` 'fused' | 'dequant' | None (by M: nf4_dense.choose_path). The
     dequantize path uses ``dense_w`` (= dequantize_for_matmul(w, x2d.dtype)) when
@@ -180,15 +207,17 @@ def launch_forward(op: str, x2d: torch.Tensor, w: NF4Weight,
         if dense_w is None:
             dense_w = dequantize_for_matmul(w, x2d.dtype)
         check_dense_weight(op, dense_w, w, x2d.dtype)
-        return dense_forward(x2d, dense_w, y, lora)
+        return dense_forward(x2d, dense_w, y, lora, bias)
     rank = 0 if lora is None else lora.xa.shape[1]
     args = dict(x_ptr=x2d, y_ptr=y, M=M, N=N, K=K, R=max(rank, 1),
+                bias_ptr=x2d if bias is None else bias,
                 xa_ptr=x2d if lora is None else _lora_operand(lora.xa, x2d.dtype),
                 lora_b_ptr=x2d if lora is None else _lora_operand(lora.lora_b, x2d.dtype),
                 lora_scale=0.0 if lora is None else float(lora.scale),
                 **weight_args(w))
     constexprs = dict(HAS_LORA=lora is not None, BLOCK_R=_lora_block(rank),
-                      OPERANDS_IN_FP32=_operands_in_fp32(x2d.dtype), **weight_constexprs(w))
+                      HAS_BIAS=bias is not None, OPERANDS_IN_FP32=_operands_in_fp32(x2d.dtype),
+                      **weight_constexprs(w))
     _launch(_fwd_kernel, "_nf4_matmul_fwd_kernel", (M, (N, "BLOCK_N")), args, constexprs,
             2 * M * N * (K + rank))
     return y
@@ -255,15 +284,18 @@ def launch_backward_input(op: str, dy2d: torch.Tensor, w: NF4Weight, out_dtype: 
 
 
 def nf4_matmul_forward(x2d: torch.Tensor, w: NF4Weight, *, dense_w: Optional[torch.Tensor] = None,
-                       path: Optional[str] = None) -> torch.Tensor:
-    """y2d = x2d @ W^T for x2d [M, K] fp32/fp16/bf16 and W [N, K] in NF4; y2d in x2d's dtype.
+                       path: Optional[str] = None,
+                       bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y2d = x2d @ W^T (+ bias) for x2d [M, K] fp32/fp16/bf16, W [N, K] in NF4 and an
+    optional frozen bias [N] in x2d's dtype; y2d in x2d's dtype.
     ``dense_w``/``path``: see launch_forward."""
     op = "nf4_matmul_forward"
     check_nf4_weight(op, w)
     check_tensor(op, "x2d", x2d, dtypes=FLOAT_DTYPES, ndim=2, shape=(None, w.shape[1]),
                  max_numel=None)
     check_same_device(op, x2d=x2d, w=w.packed)
-    return launch_forward(op, x2d, w, dense_w=dense_w, path=path)
+    check_bias(op, bias, w.shape[0], x2d.dtype, x2d.device)
+    return launch_forward(op, x2d, w, dense_w=dense_w, path=path, bias=bias)
 
 
 def nf4_matmul_backward_input(dy2d: torch.Tensor, w: NF4Weight, *,
@@ -271,7 +303,8 @@ def nf4_matmul_backward_input(dy2d: torch.Tensor, w: NF4Weight, *,
                               path: Optional[str] = None,
                               swiglu_input: Optional[tuple] = None) -> torch.Tensor:
     """dx2d = dy2d @ W for dy2d [M, N] and W [N, K] in NF4; dx2d in dy2d's dtype.
-    ``dense_w``/``path``/``swiglu_input``: see launch_backward_input."""
+    ``dense_w``/``path``/``swiglu_input``: see launch_backward_input. The same whether
+    or not the forward had a bias (frozen, and y's bias term has no x in it)."""
     op = "nf4_matmul_backward_input"
     check_nf4_weight(op, w)
     check_tensor(op, "dy2d", dy2d, dtypes=FLOAT_DTYPES, ndim=2, shape=(None, w.shape[0]),
@@ -287,10 +320,12 @@ def nf4_matmul_backward_input(dy2d: torch.Tensor, w: NF4Weight, *,
 # ---------------------------------------------------------------------------
 
 class NF4Matmul(torch.autograd.Function):
-    """y = x @ W^T over the last dim of x; gradient flows to x only (W is frozen)."""
+    """y = x @ W^T (+ bias) over the last dim of x; gradient flows to x only (W and the
+    bias are frozen)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: NF4Weight) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, w: NF4Weight,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         op = "nf4_matmul"
         check_nf4_weight(op, w)
         check_tensor(op, "x", x, dtypes=FLOAT_DTYPES, max_numel=None)
@@ -298,23 +333,26 @@ class NF4Matmul(torch.autograd.Function):
             raise ValueError(f"{op}: argument 'x' has shape {tuple(x.shape)}; expected "
                              f"last dim {w.shape[1]} (= in_features K of w {tuple(w.shape)})")
         check_same_device(op, x=x, w=w.packed)
+        check_bias(op, bias, w.shape[0], x.dtype, x.device)
+        refuse_trainable_bias(op, bias)
         ctx.w = w
         ctx.x_shape = x.shape
-        y2d = launch_forward(op, x.reshape(-1, w.shape[1]), w)
+        y2d = launch_forward(op, x.reshape(-1, w.shape[1]), w, bias=bias)
         return y2d.reshape(*x.shape[:-1], w.shape[0])
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         w = ctx.w
         if not ctx.needs_input_grad[0]:
-            return None, None
+            return None, None, None
         dy2d = dy.reshape(-1, w.shape[0]).contiguous()
         dx2d = launch_backward_input("nf4_matmul.backward", dy2d, w, dy.dtype)
-        return dx2d.reshape(ctx.x_shape), None
+        return dx2d.reshape(ctx.x_shape), None, None
 
 
-def nf4_matmul(x: torch.Tensor, w: NF4Weight) -> torch.Tensor:
-    """y = x @ W^T. x: [..., K] fp32/fp16/bf16, contiguous; W: NF4Weight of logical
-    shape [N, K]. Returns [..., N] in x's dtype (fp32 accumulation). Differentiable
-    in x; W gets no gradient."""
-    return NF4Matmul.apply(x, w)
+def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = x @ W^T (+ bias). x: [..., K] fp32/fp16/bf16, contiguous; W: NF4Weight of
+    logical shape [N, K]; bias: None or [N] in x's dtype. Returns [..., N] in x's dtype
+    (fp32 accumulation). Differentiable in x; W and the bias get no gradient (a bias
+    that requires grad is refused)."""
+    return NF4Matmul.apply(x, w, bias)

@@ -8,7 +8,10 @@ code (loaded once per program, gathered in registers) and the per-block absmax
 (decoded once per run of a block). At these M the matmul is bound by reading W,
 and the fused kernel reads 4x fewer bytes than a bf16 matmul.
 
-Both kernels carry an optional LoRA epilogue (used by ``lora_linear``):
+The forward adds an optional frozen bias in its epilogue (HAS_BIAS: Qwen2's q/k/v,
+y[m, n] += b[n] in fp32 before the one rounding); without it the kernel compiles as
+it did before the bias existed. Both kernels carry an optional LoRA epilogue (used by
+``lora_linear``):
   forward   y  += scale * xa @ B^T                      (xa = drop(x) A^T, [M, r])
   backward  dx += scale * keep/(1-p) * (g @ A)          (g  = dY B,        [M, r])
 (a rank-r tl.dot on the tensor cores, operands in the activations' dtype), so
@@ -131,20 +134,24 @@ def _tile_ids(M_TILES, COLUMN_TILES, GROUP_M: tl.constexpr):
 def _nf4_matmul_fwd_kernel(
         x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
         nested_offset_ptr, seg_block_1, seg_block_2, seg_group_1, seg_group_2,
-        y_ptr, xa_ptr, lora_b_ptr,
+        y_ptr, xa_ptr, lora_b_ptr, bias_ptr,
         M, N, K, R, lora_scale,
         BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr,
         SEGMENTED: tl.constexpr, ROW_ALIGNED: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
-        OPERANDS_IN_FP32: tl.constexpr,
+        HAS_BIAS: tl.constexpr, OPERANDS_IN_FP32: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr):
-    """Forward: y[m, n] = sum_k x[m, k] * W[n, k]  (+ lora_scale * sum_r xa[m, r] * B[n, r]).
+    """Forward: y[m, n] = sum_k x[m, k] * W[n, k]  (+ lora_scale * sum_r xa[m, r] * B[n, r])
+    (+ bias[n]).
 
     x: [M, K] row-major, W: logical [N, K] in NF4 (flat index n*K + k), y: [M, N].
     Each program owns one [BLOCK_M, BLOCK_N] tile of y and loops over K; each
     step decodes the [BLOCK_N, BLOCK_K] W tile from NF4 in registers and feeds
     its transpose to tl.dot.
     xa: [M, R] and B: [N, R] (lora_operand_dtype) feed the LoRA epilogue.
+    bias: [N] in y's dtype (HAS_BIAS), widened to fp32 and added to the accumulator,
+    so the output is rounded once. The bias is frozen (no gradient), and dL/dx does
+    not involve it: the backward kernel has no bias term.
     """
     pid_m, pid_n = _tile_ids(tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -178,6 +185,9 @@ def _nf4_matmul_fwd_kernel(
                           mask=n_ok[None, :] & r_ok[:, None], other=0.0)
             low_rank = _mma(xa, b_t, low_rank, OPERANDS_IN_FP32)
         acc += lora_scale * low_rank
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        acc += bias[None, :]
     tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
 

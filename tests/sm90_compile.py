@@ -297,14 +297,17 @@ def nf4_specs() -> List[KernelSpec]:
                           BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m)
             mma = cfg.block_m >= 64
             variant = f"{tag}-{cfg.block_m}x{cfg.block_n}x{cfg.block_k}w{cfg.num_warps}s{cfg.num_stages}"
-            specs.append(KernelSpec(
+            fwd = KernelSpec(
                 f"nf4_matmul_fwd/{variant}",
                 "csrc_triton.nf4_matmul_kernels:_nf4_matmul_fwd_kernel",
                 dict(x_ptr=dtype, y_ptr=dtype, xa_ptr=matmul.lora_operand_dtype(dtype),
-                     lora_b_ptr=matmul.lora_operand_dtype(dtype), M=m, N=n, K=k, **common),
+                     lora_b_ptr=matmul.lora_operand_dtype(dtype), bias_ptr=dtype, HAS_BIAS=False,
+                     M=m, N=n, K=k, **common),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, hot=not sweep,
-                expect_hgmma=mma, sweep=sweep, fp_fusion=False))
-            specs.append(KernelSpec(
+                expect_hgmma=mma, sweep=sweep, fp_fusion=False)
+            # the frozen projection bias (Qwen2's q/k/v) in the forward's epilogue
+            specs += [fwd, replace(fwd, name=f"{fwd.name}-bias", args={**fwd.args, "HAS_BIAS": True})]
+            bwd = KernelSpec(
                 f"nf4_matmul_bwd/{variant}",
                 "csrc_triton.nf4_matmul_kernels:_nf4_matmul_bwd_input_kernel",
                 dict(dy_ptr=dtype, dx_ptr=dtype, g_ptr=matmul.lora_operand_dtype(dtype),
@@ -313,17 +316,18 @@ def nf4_specs() -> List[KernelSpec]:
                      stride_gate=2 * k, stride_up=2 * k,
                      HAS_DROPOUT=True, HAS_SWIGLU=False, **common),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, hot=not sweep,
-                expect_hgmma=mma, sweep=sweep, fp_fusion=False))
+                expect_hgmma=mma, sweep=sweep, fp_fusion=False)
+            specs.append(bwd)
             if sweep:
                 continue
             # the fused q/k/v forward (segmented nested absmax, LoRA over 3 ranks) and
             # the down projection's backward with the SwiGLU epilogue (no dropout)
-            fwd = specs[-2]
-            specs.append(replace(fwd, name=f"nf4_matmul_fwd/{variant}-qkv-segmented",
-                                 args={**fwd.args, "SEGMENTED": True, **QKV_SEGMENTS,
-                                       "N": HIDDEN + 2 * KV_HEADS * HEAD_DIM, "K": HIDDEN,
-                                       "R": 48, "BLOCK_R": 64}))
-            bwd = specs[-2]
+            qkv = replace(fwd, name=f"nf4_matmul_fwd/{variant}-qkv-segmented",
+                          args={**fwd.args, "SEGMENTED": True, **QKV_SEGMENTS,
+                                "N": HIDDEN + 2 * KV_HEADS * HEAD_DIM, "K": HIDDEN,
+                                "R": 48, "BLOCK_R": 64})
+            # Qwen2's fused q/k/v: the same with the bias [b_q; b_k; b_v]
+            specs += [qkv, replace(qkv, name=f"{qkv.name}-bias", args={**qkv.args, "HAS_BIAS": True})]
             specs.append(replace(bwd, name=f"nf4_matmul_bwd/{variant}-down-swiglu",
                                  args={**bwd.args, "N": HIDDEN, "K": INTERMEDIATE,
                                        "stride_gate": 2 * INTERMEDIATE,
@@ -383,6 +387,23 @@ def elementwise_specs() -> List[KernelSpec]:
                  BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, WEIGHT_GRAD=False,
                  INDEX_64=False),
             num_warps=warps, hot=True))
+        # Qwen3's per-head q/k norm: rows = tokens x heads of width head_dim, weight frozen
+        qk_rows, (qk_block_rows, qk_block_cols, qk_warps) = (
+            TOKENS * Q_HEADS, rms._tiling(TOKENS * Q_HEADS, HEAD_DIM))
+        specs.append(KernelSpec(
+            f"rms_norm_fwd/{tag}-qk-head{HEAD_DIM}", "csrc_triton.rms_norm:_rms_norm_forward_kernel",
+            dict(x_ptr=dtype, w_ptr=dtype, y_ptr=dtype, rstd_ptr=torch.float32, n_rows=qk_rows,
+                 n_cols=HEAD_DIM, stride_x=HEAD_DIM, stride_y=HEAD_DIM, eps=1e-6,
+                 BLOCK_ROWS=qk_block_rows, BLOCK_COLS=qk_block_cols, INDEX_64=False),
+            num_warps=qk_warps, hot=True))
+        specs.append(KernelSpec(
+            f"rms_norm_bwd/{tag}-qk-head{HEAD_DIM}", "csrc_triton.rms_norm:_rms_norm_backward_kernel",
+            dict(dy_ptr=dtype, x_ptr=dtype, w_ptr=dtype, rstd_ptr=torch.float32, dx_ptr=dtype,
+                 dw_partial_ptr=torch.float32, n_rows=qk_rows, n_cols=HEAD_DIM,
+                 stride_dy=HEAD_DIM, stride_x=HEAD_DIM, stride_dx=HEAD_DIM,
+                 rows_per_program=qk_block_rows, BLOCK_ROWS=qk_block_rows,
+                 BLOCK_COLS=qk_block_cols, WEIGHT_GRAD=False, INDEX_64=False),
+            num_warps=qk_warps, hot=True))
         qkv = (Q_HEADS + 2 * KV_HEADS) * HEAD_DIM      # q and k: slices of the fused output
         specs.append(KernelSpec(
             f"rope/{tag}", "csrc_triton.rope:_rope_kernel",

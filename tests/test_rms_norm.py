@@ -155,6 +155,64 @@ def test_rows_of_a_wider_buffer():
     assert torch.equal(dx, rms_norm_backward(dy.contiguous(), x.contiguous(), w, rstd, False)[0])
 
 
+# Qwen3's q_norm / k_norm: an RMSNorm with weight [head_dim] on every head of q and of k
+# (before RoPE), i.e. this kernel on rows = tokens x heads of width head_dim. The weight
+# is a base weight, frozen under QLoRA: the backward runs with weight_grad=False (the
+# kernel's WEIGHT_GRAD constexpr off: no dw partials are written nor summed, and the
+# rows are not grouped per dw program). (tokens, heads, head_dim): 40 is not a power of
+# two (masked lanes in a 64-wide tile), 64 and 128 are the usual head_dims (Qwen3: 128).
+HEAD_SHAPES = [(7, 5, 40), (3, 4, 64), (2, 3, 128)]
+QWEN3_EPS = 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("tokens,heads,head_dim", HEAD_SHAPES)
+def test_per_head_qk_norm_against_float64(tokens, heads, head_dim, backend, dtype):
+    import csrc_torch
+    forward, backward = ((rms_norm_forward, rms_norm_backward) if backend == "triton" else
+                         (csrc_torch.rms_norm_forward, csrc_torch.rms_norm_backward))
+    x, weight, dy = make_inputs((tokens * heads, head_dim), dtype)
+    x64, w64, dy64 = quantized(x, dtype), quantized(weight, dtype), quantized(dy, dtype)
+    y, rstd = forward(x, weight, QWEN3_EPS)
+    assert_close(OP, "qk-norm y", y, reference_rms_norm(x64, w64, QWEN3_EPS), **TOLERANCE[dtype])
+    assert_close(OP, "qk-norm rstd", rstd, 1 / torch.sqrt((x64 * x64).mean(-1) + QWEN3_EPS),
+                 **RSTD_TOLERANCE)
+    dx_ref, _ = reference_rms_norm_backward(dy64, x64, w64, QWEN3_EPS)
+    dx, dw = backward(dy, x, weight, rstd, False)
+    assert dw is None and dx.dtype == dtype
+    assert_close(OP, "qk-norm dx", dx, dx_ref, **TOLERANCE[dtype])
+
+    # the autograd Function on the [tokens, heads, head_dim] view, weight frozen
+    x3 = x.view(tokens, heads, head_dim).clone().requires_grad_()
+    if backend == "triton":
+        y3 = rms_norm(x3, weight, QWEN3_EPS)
+        (dx3,) = torch.autograd.grad(y3, x3, dy.view(tokens, heads, head_dim))
+        assert torch.equal(y3.reshape(-1, head_dim), y) and torch.equal(dx3.reshape(-1, head_dim), dx)
+
+
+def test_per_head_qk_norm_matches_transformers_qwen3_rms_norm_fp32():
+    """Against transformers' Qwen3RMSNorm on [batch, seq, heads, head_dim] (how Qwen3Attention
+    applies q_norm), forward and dX with the weight frozen, fp32: both compute in fp32 and
+    differ only in rounding order, so the fp32 tolerance holds."""
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    for head_dim in (40, 128):
+        x = torch.randn(2, 5, 4, head_dim) * 3
+        dy = torch.randn(2, 5, 4, head_dim)
+        hf = Qwen3RMSNorm(head_dim, eps=QWEN3_EPS).requires_grad_(False)
+        with torch.no_grad():
+            hf.weight.copy_(1 + 0.5 * torch.randn(head_dim))
+        x_ours, x_hf = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y_ours, y_hf = rms_norm(x_ours, hf.weight, QWEN3_EPS), hf(x_hf)
+        assert_close(OP, f"vs Qwen3RMSNorm y (head_dim {head_dim})", y_ours, y_hf,
+                     **TOLERANCE[torch.float32])
+        (dx_ours,) = torch.autograd.grad(y_ours, x_ours, dy)
+        (dx_hf,) = torch.autograd.grad(y_hf, x_hf, dy)
+        assert_close(OP, f"vs Qwen3RMSNorm dx (head_dim {head_dim})", dx_ours, dx_hf,
+                     **TOLERANCE[torch.float32])
+
+
 def test_bad_arguments_raise_value_error():
     x = torch.randn(5, 8)
     w = torch.randn(8)
