@@ -15,7 +15,7 @@ The upcast never makes an fp32 copy of a whole large operand (the lm-head weight
 the product is built in blocks along its largest dimension, each block's operands
 upcast on their own (along M or N: rows or columns of the result; along K: partial
 products added into it). ``upcast_bytes`` is the most one call holds in fp32 copies
-beside its result (the memory planner counts it: anita_core.model.step_replay), and
+beside its result (the memory planner counts it: anita_core.memory.replay), and
 ``upcasts`` says whether a call on this device and dtype takes that path.
 """
 from __future__ import annotations
