@@ -10,7 +10,7 @@ import torch
 
 from bench import eager, peers
 from bench.cases import Case, OpSpec, Problem, SweepSettings, Work
-from csrc_triton import rms_norm, rope, rope_cos_sin, swiglu
+from csrc_triton import rms_norm_op, rope_cos_sin, rope_op, swiglu_op
 
 from bench.shapes import LLAMA3_ROPE_THETA, LLAMA31_ROPE_SCALING
 
@@ -43,7 +43,7 @@ def _rms_norm_problems(settings: SweepSettings) -> List[Problem]:
 
 def _rms_norm_ours(inp, ctx) -> Case:
     x, w = inp["x"], inp["w"]
-    return Case(lambda: (rms_norm(x, w, EPS),), wrt=(x,))
+    return Case(lambda: (rms_norm_op(x, w, EPS),), wrt=(x,))
 
 
 def _rms_norm_torch(inp, ctx, fn=eager.rms_norm) -> Case:
@@ -102,7 +102,7 @@ def _rope_problems(settings: SweepSettings) -> List[Problem]:
 
 def _rope_ours(inp, ctx) -> Case:
     q, k = inp["q"], inp["k"]
-    return Case(lambda: rope(q, k, inp["positions"], inp["cos"], inp["sin"]), wrt=(q, k))
+    return Case(lambda: rope_op(q, k, inp["positions"], inp["cos"], inp["sin"]), wrt=(q, k))
 
 
 def _rope_torch(inp, ctx, fn=eager.rope) -> Case:
@@ -155,7 +155,7 @@ def _swiglu_problems(settings: SweepSettings) -> List[Problem]:
 
 def _swiglu_ours(inp, ctx) -> Case:
     g, u = inp["gate"], inp["up"]
-    return Case(lambda: (swiglu(g, u),), wrt=(g, u))
+    return Case(lambda: (swiglu_op(g, u),), wrt=(g, u))
 
 
 def _swiglu_torch(inp, ctx, fn=eager.swiglu) -> Case:

@@ -15,7 +15,7 @@ import torch
 
 from bench import eager, peers
 from bench.cases import Case, OpSpec, Problem, SweepSettings, Work
-from csrc_triton import cross_entropy, fused_linear_cross_entropy, token_logprobs
+from csrc_triton import cross_entropy_op, fused_linear_cross_entropy, token_logprobs
 
 
 def _element_size(settings: SweepSettings) -> int:
@@ -50,7 +50,7 @@ def _ce_problems(settings: SweepSettings) -> List[Problem]:
 
 def _ce_ours(inp, ctx) -> Case:
     logits, labels = inp["logits"], inp["labels"]
-    return Case(lambda: cross_entropy(logits, labels), wrt=(logits,), canonical=_loss_only)
+    return Case(lambda: cross_entropy_op(logits, labels), wrt=(logits,), canonical=_loss_only)
 
 
 def _ce_torch(inp, ctx, fn=eager.cross_entropy) -> Case:

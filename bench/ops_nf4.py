@@ -16,7 +16,7 @@ import torch
 
 from bench import eager, peers
 from bench.cases import Case, OpSpec, Problem, SweepSettings, Work
-from csrc_triton import NF4Weight, lora_linear, nf4_dequantize, nf4_matmul, nf4_quantize
+from csrc_triton import NF4Weight, lora_linear_op, nf4_dequantize, nf4_matmul_op, nf4_quantize
 
 
 def storage_bytes(n: int, k: int, blocksize: int, double_quant: bool) -> int:
@@ -184,7 +184,7 @@ def _matmul_problems(settings: SweepSettings, op: str = "nf4_matmul") -> List[Pr
 
 def _matmul_ours(inp, ctx) -> Case:
     x, q = inp["x"], inp["q"]
-    return Case(lambda: (nf4_matmul(x, q),), wrt=(x,))
+    return Case(lambda: (nf4_matmul_op(x, q),), wrt=(x,))
 
 
 def _matmul_torch(inp, ctx, fn=eager.nf4_matmul) -> Case:
@@ -215,7 +215,7 @@ def _matmul_unsloth(inp, ctx) -> Case:
 # ------------------------------------------------------------------ lora_linear
 def _lora_ours(inp, ctx) -> Case:
     x, q, a, b, s = inp["x"], inp["q"], inp["A"], inp["B"], inp["scale"]
-    return Case(lambda: (lora_linear(x, q, a, b, s),), wrt=(x, a, b))
+    return Case(lambda: (lora_linear_op(x, q, a, b, s),), wrt=(x, a, b))
 
 
 def _lora_torch(inp, ctx, fn=eager.lora_linear) -> Case:

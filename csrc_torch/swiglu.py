@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from csrc_triton._checks import FLOAT_DTYPES, check_rows, check_same_device
+from csrc_triton.checks import FLOAT_DTYPES, check_rows, check_same_device
 from csrc_triton.swiglu import _OP, _check_out, _check_pair
 
 

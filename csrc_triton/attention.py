@@ -43,7 +43,7 @@ from typing import Optional, Tuple
 import torch
 import triton
 
-from ._checks import (FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor,
+from .checks import (FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor,
                       check_token_rows, wide_index)
 from ._runtime import DOT_IN_FP32, INTERPRETING, MAX_INT32_NUMEL, new_output, record_launch
 from .attention_configs import AttentionBlocks, gpu_configs, head_dim_class

@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor
+from .checks import FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor
 from ._runtime import MAX_INT32_NUMEL, new_output
 from .cross_entropy import (_lse_rows_unchecked, _softmax_grad_rows_unchecked,
                             check_ignore_index, check_labels_in_range)

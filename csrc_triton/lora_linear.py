@@ -27,7 +27,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import _runtime
-from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from .checks import FLOAT_DTYPES, check_same_device, check_tensor
 from .low_rank import low_rank_matmul
 from .nf4 import NF4Weight
 from .nf4_dense import compute_dtype
@@ -188,7 +188,7 @@ class LoRALinear(torch.autograd.Function):
         return dx, None, d_a, d_b, None, None, None, None
 
 
-def lora_linear(x: torch.Tensor, w: NF4Weight, A: torch.Tensor, B: torch.Tensor, scale: float,
+def lora_linear_op(x: torch.Tensor, w: NF4Weight, A: torch.Tensor, B: torch.Tensor, scale: float,
                 dropout: float = 0.0, training: bool = True,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """y = x W^T + scale * (drop(x) A^T) B^T.

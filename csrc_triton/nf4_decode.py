@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from . import _runtime
-from ._checks import FLOAT_DTYPES
+from .checks import FLOAT_DTYPES
 from .nf4 import NF4Weight
 from .nf4_codebook import NESTED_BLOCKSIZE
 

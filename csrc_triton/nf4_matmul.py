@@ -25,7 +25,7 @@ import torch
 import triton
 
 from . import _runtime
-from ._checks import FLOAT_DTYPES, check_rows, check_same_device, check_tensor, wide_index
+from .checks import FLOAT_DTYPES, check_rows, check_same_device, check_tensor, wide_index
 from .autotune_policy import autotune
 from .nf4 import NF4Weight
 from .nf4_decode import _NO_FMA
@@ -313,7 +313,7 @@ class NF4Matmul(torch.autograd.Function):
         return dx2d.reshape(ctx.x_shape), None
 
 
-def nf4_matmul(x: torch.Tensor, w: NF4Weight) -> torch.Tensor:
+def nf4_matmul_op(x: torch.Tensor, w: NF4Weight) -> torch.Tensor:
     """y = x @ W^T. x: [..., K] fp32/fp16/bf16, contiguous; W: NF4Weight of logical
     shape [N, K]. Returns [..., N] in x's dtype (fp32 accumulation). Differentiable
     in x; W gets no gradient."""

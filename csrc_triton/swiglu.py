@@ -9,7 +9,7 @@ gradient of that fused projection), even over dh itself: each element is read
 before it is written, by the same program.
 
 Public:
-  swiglu(gate, up) -> h                      autograd Function
+  swiglu_op(gate, up) -> h                   autograd Function
 Low level (used by the model's hand-written backward):
   swiglu_forward(gate, up) -> h
   swiglu_backward(dh, gate, up, out=None) -> (dgate, dup)
@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import FLOAT_DTYPES, check_rows, check_same_device, wide_index
+from .checks import FLOAT_DTYPES, check_rows, check_same_device, wide_index
 from ._runtime import INTERPRETING, new_output, record_launch
 
 _OP = "swiglu"
@@ -166,6 +166,6 @@ class SwiGLUFunction(torch.autograd.Function):
         return swiglu_backward(dh.contiguous(), gate, up)
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def swiglu_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """h = silu(gate) * up, differentiable in both."""
     return SwiGLUFunction.apply(gate, up)
