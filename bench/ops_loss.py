@@ -141,13 +141,17 @@ def _logprobs_compile(inp, ctx) -> Case:
     return _logprobs_torch(inp, ctx, peers.compiled(ctx, eager.token_logprobs))
 
 
-def op_specs(settings: SweepSettings) -> List[OpSpec]:
+# The benches of the op records (csrc_triton/records.py: RECORD.bench).
+def cross_entropy_bench(settings: SweepSettings) -> List[OpSpec]:
+    return [OpSpec("cross_entropy", lambda: _ce_problems(settings),
+                   {"ours": _ce_ours, "torch": _ce_torch, "torch.compile": _ce_compile,
+                    "liger": _ce_liger, "unsloth": _ce_unsloth}, bound="memory")]
+
+
+def linear_loss_bench(settings: SweepSettings) -> List[OpSpec]:
     note = ("fused_linear_cross_entropy: ours and Liger compute the gradient inside the forward "
             "call; compare providers on mode 'both'")
     return [
-        OpSpec("cross_entropy", lambda: _ce_problems(settings),
-               {"ours": _ce_ours, "torch": _ce_torch, "torch.compile": _ce_compile,
-                "liger": _ce_liger, "unsloth": _ce_unsloth}, bound="memory"),
         OpSpec("fused_linear_cross_entropy",
                lambda: _linear_problems(settings, "fused_linear_cross_entropy"),
                {"ours": _flce_ours, "torch": _flce_torch, "torch.compile": _flce_compile,

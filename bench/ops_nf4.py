@@ -246,23 +246,32 @@ def _lora_unsloth(inp, ctx) -> Case:
     return Case(lambda: (kernels.matmul_lora(x.detach(), packed, state, a.detach(), b.detach(), s),))
 
 
-def op_specs(settings: SweepSettings) -> List[OpSpec]:
-    return [
-        OpSpec("nf4_quantize", lambda: _quantize_problems(settings),
-               {"ours": _quantize_ours, "torch": _quantize_torch, "torch.compile": _quantize_compile,
-                "bitsandbytes": _quantize_bnb}, bound="memory",
-               notes=("nf4_quantize: single-level NF4 for every provider (quantization runs "
-                      "once per model load, not per step)",)),
-        OpSpec("nf4_dequantize", lambda: _dequantize_problems(settings),
-               {"ours": _dequantize_ours, "torch": _dequantize_torch,
-                "torch.compile": _dequantize_compile, "bitsandbytes": _dequantize_bnb,
-                "unsloth": _dequantize_unsloth}, bound="memory"),
-        OpSpec("nf4_matmul", lambda: _matmul_problems(settings),
-               {"ours": _matmul_ours, "torch": _matmul_torch, "torch.compile": _matmul_compile,
-                "bitsandbytes": _matmul_bnb, "unsloth": _matmul_unsloth}, bound="compute"),
-        OpSpec("lora_linear", lambda: _matmul_problems(settings, "lora_linear"),
-               {"ours": _lora_ours, "torch": _lora_torch, "torch.compile": _lora_compile,
-                "bitsandbytes": _lora_bnb, "unsloth": _lora_unsloth}, bound="compute",
-               notes=("lora_linear 'bitsandbytes' = bnb.matmul_4bit plus PEFT's fp32 LoRA "
-                      "branch, written as functions",)),
-    ]
+# The benches of the op records (csrc_triton/records.py: RECORD.bench).
+def nf4_quantize_bench(settings: SweepSettings) -> List[OpSpec]:
+    return [OpSpec("nf4_quantize", lambda: _quantize_problems(settings),
+                   {"ours": _quantize_ours, "torch": _quantize_torch,
+                    "torch.compile": _quantize_compile, "bitsandbytes": _quantize_bnb},
+                   bound="memory",
+                   notes=("nf4_quantize: single-level NF4 for every provider (quantization runs "
+                          "once per model load, not per step)",))]
+
+
+def nf4_dequantize_bench(settings: SweepSettings) -> List[OpSpec]:
+    return [OpSpec("nf4_dequantize", lambda: _dequantize_problems(settings),
+                   {"ours": _dequantize_ours, "torch": _dequantize_torch,
+                    "torch.compile": _dequantize_compile, "bitsandbytes": _dequantize_bnb,
+                    "unsloth": _dequantize_unsloth}, bound="memory")]
+
+
+def nf4_matmul_bench(settings: SweepSettings) -> List[OpSpec]:
+    return [OpSpec("nf4_matmul", lambda: _matmul_problems(settings),
+                   {"ours": _matmul_ours, "torch": _matmul_torch, "torch.compile": _matmul_compile,
+                    "bitsandbytes": _matmul_bnb, "unsloth": _matmul_unsloth}, bound="compute")]
+
+
+def lora_linear_bench(settings: SweepSettings) -> List[OpSpec]:
+    return [OpSpec("lora_linear", lambda: _matmul_problems(settings, "lora_linear"),
+                   {"ours": _lora_ours, "torch": _lora_torch, "torch.compile": _lora_compile,
+                    "bitsandbytes": _lora_bnb, "unsloth": _lora_unsloth}, bound="compute",
+                   notes=("lora_linear 'bitsandbytes' = bnb.matmul_4bit plus PEFT's fp32 LoRA "
+                          "branch, written as functions",))]

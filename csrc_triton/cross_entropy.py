@@ -38,6 +38,7 @@ import triton.language as tl
 
 from .checks import FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor
 from ._runtime import INTERPRETING, new_output, record_launch
+from .records import OpRecord
 
 _OP = "cross_entropy"
 
@@ -288,3 +289,9 @@ def cross_entropy_op(logits: torch.Tensor, labels: torch.Tensor,
     """
     _check_logits_and_labels(_OP, logits, labels, ignore_index)
     return _CrossEntropyFunction.apply(logits, labels, ignore_index)
+
+
+# Triton only: the model's losses run through linear_loss, whose mirror covers them.
+RECORD = OpRecord(
+    "cross_entropy", (cross_entropy_rows, softmax_grad_rows), reference="tests.reference.losses",
+    bench="bench.ops_loss:cross_entropy_bench", compile_specs="tests.sm90_compile:cross_entropy_specs")

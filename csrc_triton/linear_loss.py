@@ -60,6 +60,7 @@ from ._runtime import MAX_INT32_NUMEL, new_output
 from .cross_entropy import (_lse_rows_unchecked, _softmax_grad_rows_unchecked,
                             check_ignore_index, check_labels_in_range)
 from .linear_loss_matmul import mm_fp32 as _mm_fp32   # fp32 results (see its docstring)
+from .records import OpRecord
 
 # 256 MiB of fp32 logits per chunk: 523 tokens at V = 128,256, enough rows for
 # the projection GEMM to run near peak while staying small next to an 8B model.
@@ -403,3 +404,10 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     positions; differentiable in hidden (and weight when it requires grad)."""
     _check_common("token_logprobs", hidden, weight, labels, ignore_index, chunk_bytes)
     return _TokenLogprobsFunction.apply(hidden, weight, labels, ignore_index, chunk_bytes)
+
+
+RECORD = OpRecord(
+    "linear_loss", (linear_cross_entropy_forward, linear_cross_entropy_forward_backward,
+                    token_logprobs_forward, token_logprobs_backward),
+    torch_mirror="csrc_torch.linear_loss", reference="tests.reference.losses",
+    parity="tests.test_torch_backend:linear_loss_parity", bench="bench.ops_loss:linear_loss_bench")

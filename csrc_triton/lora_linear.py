@@ -34,6 +34,7 @@ from .nf4_dense import compute_dtype
 from .nf4_matmul import (LoraBackwardEpilogue, LoraForwardEpilogue, check_swiglu_input,
                          launch_backward_input, launch_forward)
 from .nf4_operand import check_nf4_weight
+from .records import OpRecord
 
 
 class LoRAContext(NamedTuple):
@@ -329,3 +330,11 @@ def lora_linear_fused_backward(dy2d: torch.Tensor, x2d: torch.Tensor, w: NF4Weig
     epilogue = LoraBackwardEpilogue(g=g, lora_a=ctx.lora_a, scale=float(scale), keep=None,
                                     keep_scale=1.0)
     return launch_backward_input(op, dy2d, w, x2d.dtype, epilogue, dense_w=dense_w, path=path), grads
+
+
+RECORD = OpRecord(
+    "lora_linear", (lora_linear_forward, lora_linear_backward, lora_linear_fused_forward,
+                    lora_linear_fused_backward),
+    torch_mirror="csrc_torch.lora_linear", reference="tests.reference.lora_linear",
+    parity="tests.test_torch_backend:lora_linear_parity", bench="bench.ops_nf4:lora_linear_bench",
+    compile_specs="tests.sm90_compile:low_rank_specs")

@@ -10,6 +10,7 @@ import triton.language as tl
 
 from . import _runtime
 from .checks import FLOAT_DTYPES, check_tensor
+from .records import OpRecord
 from .nf4 import NF4Weight
 from .nf4_codebook import (NESTED_BLOCKSIZE, SUPPORTED_BLOCKSIZES, is_supported_blocksize,
                            nf4_code, signed_dynamic_map)
@@ -201,3 +202,7 @@ def nf4_quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
                      dtype=w.dtype, code=nf4_code(w.device), **nested)
 
 
+RECORD = OpRecord(
+    "nf4_quantize", (nf4_quantize,), torch_mirror="csrc_torch.nf4", reference="tests.reference.nf4",
+    parity="tests.test_torch_backend:nf4_quantize_parity", bench="bench.ops_nf4:nf4_quantize_bench",
+    compile_specs="tests.sm90_compile:nf4_quantize_specs")

@@ -33,6 +33,7 @@ from .nf4_dense import (check_dense_weight, choose_path, dense_backward_input, d
                         dequantize_for_matmul)
 from .nf4_matmul_kernels import _nf4_matmul_bwd_input_kernel, _nf4_matmul_fwd_kernel
 from .nf4_operand import check_nf4_weight, weight_args, weight_constexprs
+from .records import OpRecord
 from .swiglu import swiglu_backward
 
 # ---------------------------------------------------------------------------
@@ -318,3 +319,11 @@ def nf4_matmul_op(x: torch.Tensor, w: NF4Weight) -> torch.Tensor:
     shape [N, K]. Returns [..., N] in x's dtype (fp32 accumulation). Differentiable
     in x; W gets no gradient."""
     return NF4Matmul.apply(x, w)
+
+
+RECORD = OpRecord(
+    "nf4_matmul", (nf4_matmul_forward, nf4_matmul_backward_input, choose_path,
+                   dequantize_for_matmul),
+    torch_mirror="csrc_torch.nf4_matmul", reference="tests.reference.nf4",
+    parity="tests.test_torch_backend:nf4_matmul_parity", bench="bench.ops_nf4:nf4_matmul_bench",
+    compile_specs="tests.sm90_compile:nf4_matmul_specs")

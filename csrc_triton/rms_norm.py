@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from .checks import FLOAT_DTYPES, check_rows, check_same_device, check_tensor, wide_index
+from .records import OpRecord
 from ._runtime import INTERPRETING, new_output, record_launch
 
 _OP = "rms_norm"
@@ -242,3 +243,9 @@ def rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> tor
     if x.dim() == 0:
         raise ValueError(f"{_OP}: argument 'x' must have at least 1 dim [..., H], got a scalar")
     return RMSNormFunction.apply(x, weight, eps)
+
+
+RECORD = OpRecord(
+    "rms_norm", (rms_norm_forward, rms_norm_backward), torch_mirror="csrc_torch.rms_norm",
+    reference="tests.reference.rms_norm", parity="tests.test_torch_backend:rms_norm_parity",
+    bench="bench.ops_activation:rms_norm_bench", compile_specs="tests.sm90_compile:rms_norm_specs")

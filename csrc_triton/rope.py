@@ -35,6 +35,7 @@ import triton.language as tl
 from .checks import (FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor,
                       check_token_rows, wide_index)
 from ._runtime import INTERPRETING, new_output, record_launch, upload
+from .records import OpRecord
 
 _OP = "rope"
 
@@ -286,3 +287,9 @@ def rope_op(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     positions [B, S], with tables from rope_cos_sin. Differentiable in q and k
     (the tables are constants)."""
     return RoPEFunction.apply(q, k, positions, cos, sin)
+
+
+RECORD = OpRecord(
+    "rope", (rope_forward, rope_backward, rope_cos_sin), torch_mirror="csrc_torch.rope",
+    reference="tests.reference.rope", parity="tests.test_torch_backend:rope_parity",
+    bench="bench.ops_activation:rope_bench", compile_specs="tests.sm90_compile:rope_specs")

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from .checks import FLOAT_DTYPES, check_rows, check_same_device, wide_index
+from .records import OpRecord
 from ._runtime import INTERPRETING, new_output, record_launch
 
 _OP = "swiglu"
@@ -169,3 +170,9 @@ class SwiGLUFunction(torch.autograd.Function):
 def swiglu_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """h = silu(gate) * up, differentiable in both."""
     return SwiGLUFunction.apply(gate, up)
+
+
+RECORD = OpRecord(
+    "swiglu", (swiglu_forward, swiglu_backward), torch_mirror="csrc_torch.swiglu",
+    reference="tests.reference.swiglu", parity="tests.test_torch_backend:swiglu_parity",
+    bench="bench.ops_activation:swiglu_bench", compile_specs="tests.sm90_compile:swiglu_specs")
