@@ -139,13 +139,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def check_is_nf4_code(op: str, name: str, code: torch.Tensor) -> None:
-    if not torch.equal(code.cpu(), nf4_code()):
-        raise ValueError(f"{op}: {name} is not the NF4 code (expected the 16 values of "
-                         "NF4_CODE_VALUES); only nf4 is supported")
-
-
-
 def nf4_from_state_dict(tensors: Dict[str, torch.Tensor], prefix: str = "",
                         dtype: Optional[torch.dtype] = None) -> NF4Weight:
     """Read what nf4_to_state_dict (or transformers / bitsandbytes) wrote at ``prefix``.
@@ -171,7 +164,7 @@ def nf4_from_state_dict(tensors: Dict[str, torch.Tensor], prefix: str = "",
         return value.contiguous()
 
     state_key = f"{base}.{QUANT_STATE_SUFFIX}"
-    for other in _OTHER_QUANT_STATE_SUFFIXS:
+    for other in OTHER_4BIT_SUFFIXES:
         if f"{base}.{other}" in tensors:
             raise ValueError(f"{op}: '{base}.{other}' found: this weight is not nf4 "
                              "(only nf4 is supported)")
