@@ -44,7 +44,7 @@ class LoRAContext(NamedTuple):
     xa: torch.Tensor                   # [M, r] = drop(x) A^T, in the compute dtype
 
 
-def _check_lora_args(op: str, x2d, w: NF4Weight, A, B, scale, dropout) -> None:
+def check_lora_args(op: str, x2d, w: NF4Weight, A, B, scale, dropout) -> None:
     check_nf4_weight(op, w)
     N, K = w.shape
     check_tensor(op, "x2d", x2d, dtypes=FLOAT_DTYPES, ndim=2, shape=(None, K), max_numel=None)
@@ -65,7 +65,7 @@ def _check_lora_args(op: str, x2d, w: NF4Weight, A, B, scale, dropout) -> None:
 def check_lora_backward_args(op: str, dy2d, x2d, w: NF4Weight, A, B, scale,
                              ctx: LoRAContext) -> None:
     """The checks of lora_linear_backward (shared with csrc_torch's)."""
-    _check_lora_args(op, x2d, w, A, B, scale, ctx.dropout)
+    check_lora_args(op, x2d, w, A, B, scale, ctx.dropout)
     M, K = x2d.shape
     N, rank = B.shape
     check_tensor(op, "dy2d", dy2d, dtypes=(x2d.dtype,), ndim=2, shape=(M, N), max_numel=None)
@@ -76,7 +76,7 @@ def check_lora_backward_args(op: str, dy2d, x2d, w: NF4Weight, A, B, scale,
     check_same_device(op, dy2d=dy2d, x2d=x2d, xa=ctx.xa, keep_mask=ctx.keep_mask)
 
 
-def _dropped_input(x2d: torch.Tensor, ctx: LoRAContext) -> torch.Tensor:
+def dropped_input(x2d: torch.Tensor, ctx: LoRAContext) -> torch.Tensor:
     """xd = x * keep / (1 - p) in the compute dtype; x itself when there is no
     dropout (_low_rank_mm reads it in its own dtype: no copy of the activation)."""
     if ctx.keep_mask is None:
@@ -117,7 +117,7 @@ def lora_linear_forward(x2d: torch.Tensor, w: NF4Weight, A: torch.Tensor, B: tor
     runs only when ``training`` and p > 0. Returns (y2d, LoRAContext).
     """
     op = "lora_linear_forward"
-    _check_lora_args(op, x2d, w, A, B, scale, dropout)
+    check_lora_args(op, x2d, w, A, B, scale, dropout)
     keep_mask = None
     p = float(dropout) if training else 0.0
     if generator is not None and generator.device.type != x2d.device.type:
@@ -128,7 +128,7 @@ def lora_linear_forward(x2d: torch.Tensor, w: NF4Weight, A: torch.Tensor, B: tor
     else:
         p = 0.0
     ctx = LoRAContext(keep_mask=keep_mask, dropout=p, xa=None)
-    xa = _low_rank_mm(_dropped_input(x2d, ctx), A.t())
+    xa = _low_rank_mm(dropped_input(x2d, ctx), A.t())
     ctx = ctx._replace(xa=xa)
     y2d = launch_forward(op, x2d, w, LoraForwardEpilogue(xa=xa, lora_b=B, scale=float(scale)),
                          dense_w=dense_w, path=path)
@@ -150,7 +150,7 @@ def lora_linear_backward(dy2d: torch.Tensor, x2d: torch.Tensor, w: NF4Weight, A:
 
     g = _low_rank_mm(dy2d, B)                                      # dY B, [M, r]
     d_b = _low_rank_mm(dy2d.t(), ctx.xa, scale, B.dtype)           # scale * dY^T xa, [N, r]
-    d_a = _low_rank_mm(g.t(), _dropped_input(x2d, ctx), scale, A.dtype)  # scale * g^T xd, [r, K]
+    d_a = _low_rank_mm(g.t(), dropped_input(x2d, ctx), scale, A.dtype)  # scale * g^T xd, [r, K]
     if not input_grad:
         return None, d_a, d_b
     keep = None if ctx.keep_mask is None else ctx.keep_mask.view(torch.uint8)
@@ -226,7 +226,7 @@ class FusedLoRAContext(NamedTuple):
     ranks: tuple           # r_s per segment, 0 for a segment without adapter
 
 
-def _check_fused_args(op: str, x2d, w: NF4Weight, adapters, scale) -> tuple:
+def check_fused_args(op: str, x2d, w: NF4Weight, adapters, scale) -> tuple:
     check_nf4_weight(op, w)
     if w.segment_rows is None:
         raise ValueError(f"{op}: argument 'w' must be a row concatenation (nf4_concat), "
@@ -285,7 +285,7 @@ def split_adapter_grads(w: NF4Weight, adapters, ranks: tuple, d_a: torch.Tensor,
 def check_fused_backward_args(op: str, dy2d, x2d, w: NF4Weight, adapters, scale,
                               ctx: FusedLoRAContext) -> tuple:
     """The checks of lora_linear_fused_backward (shared with csrc_torch's); returns the ranks."""
-    ranks = _check_fused_args(op, x2d, w, adapters, scale)
+    ranks = check_fused_args(op, x2d, w, adapters, scale)
     M = x2d.shape[0]
     check_tensor(op, "dy2d", dy2d, dtypes=(x2d.dtype,), ndim=2, shape=(M, w.shape[0]),
                  max_numel=None)
@@ -304,7 +304,7 @@ def lora_linear_fused_forward(x2d: torch.Tensor, w: NF4Weight, adapters, scale: 
     Returns (y2d [M, N] in x2d's dtype, FusedLoRAContext). ``dense_w``/``path``: see
     nf4_matmul.launch_forward."""
     op = "lora_linear_fused_forward"
-    ranks = _check_fused_args(op, x2d, w, adapters, scale)
+    ranks = check_fused_args(op, x2d, w, adapters, scale)
     lora_a, lora_b = stacked_adapters(w, adapters, ranks, compute_dtype(x2d.dtype))
     xa = _low_rank_mm(x2d, lora_a.t())
     y2d = launch_forward(op, x2d, w, LoraForwardEpilogue(xa=xa, lora_b=lora_b, scale=float(scale)),

@@ -189,7 +189,7 @@ def _rope_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cos_ptr, sin_ptr,
 
 # ---------------------------------------------------------------- launchers
 
-def _check_args(q_name, q, k_name, k, positions, cos, sin, positions_checked=False):
+def check_rope_args(q_name, q, k_name, k, positions, cos, sin, positions_checked=False):
     """Validate a (q, k, positions, cos, sin) call; returns (B, S, Hq, Hkv, D)."""
     check_tensor(_OP, q_name, q, dtypes=FLOAT_DTYPES, ndim=4, contiguous=False, max_numel=None)
     batch, seq, n_q_heads, head_dim = q.shape
@@ -252,7 +252,7 @@ def rope_forward(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     costs one device sync per call). ``positions_checked=True`` skips that check
     for a caller that has already validated these positions against these
     tables (the model does it once per step, not twice per layer)."""
-    dims = _check_args("q", q, "k", k, positions, cos, sin, positions_checked)
+    dims = check_rope_args("q", q, "k", k, positions, cos, sin, positions_checked)
     return _launch(q, k, positions, cos, sin, dims, inverse=False, in_place=in_place)
 
 
@@ -262,7 +262,7 @@ def rope_backward(dq_rot: torch.Tensor, dk_rot: torch.Tensor, positions: torch.T
     """Gradients through rope_forward: (dq, dk) = rotation of (dq_rot, dk_rot) by
     -theta (the transpose of the forward rotation). Same shapes, checks, host
     sync, ``positions_checked`` and ``in_place`` as rope_forward."""
-    dims = _check_args("dq_rot", dq_rot, "dk_rot", dk_rot, positions, cos, sin, positions_checked)
+    dims = check_rope_args("dq_rot", dq_rot, "dk_rot", dk_rot, positions, cos, sin, positions_checked)
     return _launch(dq_rot, dk_rot, positions, cos, sin, dims, inverse=True, in_place=in_place)
 
 
