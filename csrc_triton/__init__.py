@@ -14,6 +14,11 @@ Ops (see the kernel table in README.md for the math of each):
   token_logprobs                 lm-head projection fused with per-token log p(label)
   flash_attention                causal attention within packed documents (segment ids), GQA
 
+Each op family's module ends with its RECORD (csrc_triton/records.py): its launchers
+and where its reference, torch-mirror parity check, bench and sm_90 compile specs live.
+The autograd ops carry an _op suffix so that no function shadows its module here
+(csrc_triton.rms_norm is the module; csrc_triton.rms_norm_op the op).
+
 Where kernels run: on a CUDA GPU when torch sees one, otherwise through the
 Triton interpreter on the CPU. Override with ANITA_TRITON_MODE=interpret|compile
 (or an explicit TRITON_INTERPRET=0/1), set before the first import.
