@@ -10,7 +10,8 @@ import torch
 
 from bench import eager, peers
 from bench.cases import Case, OpSpec, Problem, SweepSettings, Work
-from csrc_triton import rms_norm_op, rope_cos_sin, rope_op, swiglu_op
+from anita_core.model.rope_scaling import rope_cos_sin   # a config's rope_scaling dict
+from csrc_triton import rms_norm_op, rope_op, swiglu_op
 
 from bench.shapes import LLAMA3_ROPE_THETA, LLAMA31_ROPE_SCALING
 
