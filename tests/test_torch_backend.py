@@ -88,6 +88,17 @@ def test_each_mirror_has_its_records_launchers(record):
         assert not missing, f"{record.torch_mirror}.{launcher.__name__} lacks {missing}"
 
 
+@pytest.mark.parametrize("record", RECORDS, ids=lambda r: r.name)
+def test_each_records_paths_resolve(record):
+    """What a record names by dotted path exists (resolved without running it): its
+    reference module, parity check, bench and compile specs."""
+    for field in ("reference", "parity", "bench", "compile_specs"):
+        path = getattr(record, field)
+        if path is not None:
+            assert resolve(path) is not None, (record.name, field, path)
+    assert record.reference, f"{record.name}: no float64 reference named"
+
+
 def test_model_ops_dispatch_whole_mirrored_families():
     """anita_core.model.ops dispatches only mirrored launchers, every launcher of each
     family it uses (a launcher added to a used family is not missed; a family the model
