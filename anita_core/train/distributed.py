@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import os
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from anita_core.cli import environment
 from anita_core.model.llama import LayerHooks
 from csrc_triton import NF4Weight
 
@@ -60,8 +60,9 @@ class DistContext:
 SINGLE = DistContext()
 
 
-def _env_int(name: str) -> int:
-    value = os.environ[name]
+def _env_int(name: str, value: Optional[str]) -> int:
+    if value is None:
+        raise KeyError(name)
     try:
         return int(value)
     except ValueError:
@@ -73,11 +74,14 @@ def init_from_env(timeout_s: float = 600.0, backend: Optional[str] = None) -> Di
     LOCAL_RANK, MASTER_ADDR, MASTER_PORT), with ``timeout_s`` on every
     collective; SINGLE when WORLD_SIZE is absent or 1. Backend: nccl when CUDA
     is available, else gloo; an unavailable backend is a DistributedError."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+    env = environment.torchrun()
+    if int(env.world_size or 1) <= 1:
         return SINGLE
     import torch.distributed as dist
-    rank, world, local_rank = _env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK")
-    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    rank, world = _env_int("RANK", env.rank), _env_int("WORLD_SIZE", env.world_size)
+    local_rank = _env_int("LOCAL_RANK", env.local_rank)
+    missing = [v for v, x in (("MASTER_ADDR", env.master_addr), ("MASTER_PORT", env.master_port))
+               if x is None]
     if missing:
         raise DistributedError(f"WORLD_SIZE={world} but {', '.join(missing)} not set; launch with "
                                f"torchrun (it sets them)")
@@ -99,7 +103,7 @@ def init_from_env(timeout_s: float = 600.0, backend: Optional[str] = None) -> Di
                                 timeout=datetime.timedelta(seconds=timeout_s))
     except Exception as e:
         raise DistributedError(f"rank {rank}: cannot join the {backend} process group of {world} "
-                               f"processes at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} "
+                               f"processes at {env.master_addr}:{env.master_port} "
                                f"({type(e).__name__}: {e})") from e
     return DistContext(rank, world, local_rank, backend, timeout_s)
 
