@@ -63,7 +63,9 @@ def _train_and_report(trainer, options, checked, model, adapters, run, log, data
     from anita_core.train.distributed import DistributedError
     from anita_core.train.file_manifest import write_manifest
     from anita_core.train.report import ReportError
-    from anita_core.train.trainer import Interrupted, ResumeRefused, TrainingDiverged, stop_on_signals
+    from anita_core.train.stop_signals import Interrupted, stop_on_signals
+    from anita_core.train.trainer import TrainingDiverged
+    from anita_core.train.trainer_state import ResumeRefused
     output_dir = run.output_dir
     started = time.perf_counter()
     try:
