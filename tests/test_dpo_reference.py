@@ -30,7 +30,7 @@ from anita_core.data import DPODataConfig, build_dpo_data, load_tokenizer
 from anita_core.hf import load_model
 from anita_core.lora import LoRAAdapters, LoRAConfig
 from anita_core.model import ops
-from anita_core.train.cli import BUNDLED_MODEL
+from anita_core.cli.common import BUNDLED_MODEL
 from anita_core.train.objectives import DPOObjective
 from anita_core.train.reference_logprobs import (BASE_REFERENCE, INDEX_KEY, KEY_FILE, LOGPS_FILE,
                                                  STORE_DIR, ReferenceLogps, StaleReferenceStore,
