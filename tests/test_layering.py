@@ -324,9 +324,8 @@ def test_eval_and_chat_reach_the_shared_flags_without_the_trainer():
         assert not wrong, f"{path.name} imports {wrong}"
 
 
-# the memory planner's module is being moved to anita_core/memory by its own change;
-# its parameter is still called args there (it reads the memory options' fields)
-NAMESPACE_FREE_EXCEPTIONS = {"anita_core/train/memory_budget.py"}
+# none: the memory flags become a memory.budget.MemoryRequest in the recipes' CLI
+NAMESPACE_FREE_EXCEPTIONS: set = set()
 
 
 def namespace_users(source: str) -> List[str]:
