@@ -1,6 +1,14 @@
 """The flash attention kernels (launched by attention): the forward, the Delta
-preprocessing, dK/dV and dQ, and their @triton.jit tile helpers. Shapes and who sees
-whom (first_key / key_end from segment ids): the attention docstring.
+preprocessing, dK/dV and dQ (their @triton.jit tile helpers: attention_tiles).
+Shapes and who sees whom (first_key / key_end from segment ids, a sliding window,
+a gap per query): the attention docstring. In short, query i sees key j iff
+
+    first_key[i] <= j <= i   and not   gap_start[i] <= j < gap_end[i]   (HAS_GAP only)
+
+and the queries that see key j lie in [j, key_end[j]) (those whose gap holds j
+excluded). A sliding window is bounds only (first_key >= i - W + 1, key_end <= j + W):
+the walks below start and stop at them, so the key blocks before a query tile's
+window and the query tiles past a key block's window are never read.
 
 Tiles. A query tile is BLOCK_M tokens x BLOCK_H query heads that share one kv head
 (the K/V blocks it reads serve all of them; GPU configs use BLOCK_H = 1, the
@@ -14,8 +22,11 @@ Key blocks are walked only over [min first_key of the tile's rows, its last toke
 blocks before the tile's first document or after its last query are skipped, not
 masked. Exponentials are base 2 with log2(e) folded into c.
 
+A gap changes nothing in these formulas: its keys are not visible (s_ij = -inf,
+so P_ij = 0 and they add nothing to l_i, acc_i, nor below to dV, dS, dQ, dK).
+
 Backward, from the saved lse (P is recomputed, never stored):
-    P_ij = exp(s_ij - lse_i)  (0 where not visible),   O = P V
+    P_ij = exp(s_ij - lse_i)  (0 where not visible, the gap included),   O = P V
     dV = P^T dO                      (O is linear in V)
     dP = dO V^T                      (same, in P)
     dS_ij = P_ij (dP_ij - Delta_i),  Delta_i = sum_j P_ij dP_ij = dO_i . O_i
@@ -37,6 +48,19 @@ software-pipelined), one over the unmasked ones (no mask, no -inf guard in the
 running max). For dK/dV the unmasked query tiles are those that see the whole key
 block: from the diagonal to the end of its first key's document. On one causal
 document with 128 x 64 tiles that leaves 2 masked key blocks per query tile.
+
+The gap (HAS_GAP, a constexpr: without it the kernels compile as before it
+existed). Each query row loads its gap_start / gap_end with its first_key, and
+every block, masked or not, masks the gap per element (and keeps the -inf guard:
+a gap may hide all of a row's keys in a block). Skipped, in forward and dQ: the
+blocks of the unmasked range that lie inside every row's gap ([max gap_start,
+min gap_end) of the tile's rows, whole blocks only; none once a row's gap is
+empty), e.g. the chosen answer's blocks for a tile of a DPO pair's rejected
+queries. Masked blocks inside every gap are still walked (a few per tile at most).
+dK/dV skips nothing more than key_end says: whether a query tile gaps a key block
+away is known only from the tile's own rows, so bounds should end key_end before
+such queries (a chosen key's key_end at the chosen answer's end: then the rejected
+queries are never walked for it).
 
 Layout: q, k, v, out (and their gradients) are [B, S, heads, D] with each token's
 heads x D contiguous and tokens ``stride_*`` elements apart, so q/k/v may be column

@@ -218,6 +218,30 @@ def test_window_convention_is_transformers_mistral(window):
 
 # ---------------------------------------------------------------- interface
 
+def test_autograd_function_takes_a_window_or_bounds_with_a_gap():
+    """flash_attention(q, k, v, segment_ids, window) and flash_attention(q, k, v,
+    bounds=...) differentiate like the float64 oracle's autograd."""
+    dtype, seq = torch.float32, 37
+    units, roles = layout(PAIR_ROWS, seq)
+    segments = packed_segments(2, seq)
+    for label, kwargs, visible in (
+            ("window", dict(segment_ids=segments, window=5),
+             visible_from_definitions(segments, window=5)),
+            ("window, no segments", dict(window=4),
+             visible_from_definitions(torch.zeros(2, seq, dtype=torch.int64), window=4)),
+            ("gap", dict(bounds=bounds_from_mask(visible_from_definitions(units, roles))),
+             visible_from_definitions(units, roles))):
+        q, k, v = make_inputs(2, seq, 6, 2, 24, dtype)
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out = triton_attention.flash_attention(*leaves, **kwargs)
+        d_out = torch.randn_like(out)
+        grads = torch.autograd.grad(out, leaves, d_out)
+        out_ref, _, grads_ref = reference_with_grads(q, k, v, visible, d_out, dtype)
+        assert_close(OP, f"autograd {label} out", out, out_ref, **TOLERANCE[dtype])
+        for name, g, r in zip(("dq", "dk", "dv"), grads, grads_ref):
+            assert_close(OP, f"autograd {label} {name}", g, r, **TOLERANCE[dtype])
+
+
 def test_bad_bounds_raise_one_line_value_errors():
     q, k, v = make_inputs(1, 6, 2, 1, 16, torch.float32)
     first_key, key_end = document_bounds(torch.zeros(1, 6, dtype=torch.int64))
