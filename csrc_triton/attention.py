@@ -39,7 +39,8 @@ Here: the argument checks, the launchers (autotuned on a GPU, fixed tiles under 
 interpreter) and the autograd.Function.
 
 Public:
-  flash_attention(q, k, v, segment_ids=None) -> out           autograd Function
+  flash_attention(q, k, v, segment_ids=None, window=None, *, bounds=None) -> out
+                                                              autograd Function
   document_bounds(segment_ids, window=None) -> (first_key, key_end)   int32 [B, S] each
   check_gap(bounds)                             reads a gap's values (a GPU caller's once)
 Low level (used by the model's hand-written backward):
@@ -62,8 +63,8 @@ from .attention_kernels import (_attention_delta_kernel, _attention_dkdv_kernel,
                                 _attention_dq_kernel, _attention_forward_kernel)
 from .autotune_policy import autotune
 
-__all__ = ["AttentionBlocks", "check_gap", "document_bounds", "flash_attention", "flash_attention_forward",
-           "flash_attention_backward"]
+__all__ = ["AttentionBlocks", "check_gap", "document_bounds", "flash_attention",
+           "flash_attention_forward", "flash_attention_backward"]
 
 _OP = "flash_attention"
 MAX_HEAD_DIM = 256
