@@ -55,13 +55,14 @@ from typing import Optional, Tuple
 import torch
 import triton
 
-from ._checks import (FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor,
+from .checks import (FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor,
                       check_token_rows, wide_index)
 from ._runtime import DOT_IN_FP32, INTERPRETING, MAX_INT32_NUMEL, new_output, record_launch
 from .attention_configs import AttentionBlocks, gpu_configs, head_dim_class
 from .attention_kernels import (_attention_delta_kernel, _attention_dkdv_kernel,
                                 _attention_dq_kernel, _attention_forward_kernel)
 from .autotune_policy import autotune
+from .records import OpRecord
 
 __all__ = ["AttentionBlocks", "check_gap", "document_bounds", "flash_attention",
            "flash_attention_forward", "flash_attention_backward"]
@@ -390,3 +391,11 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Differentiable in q, k and v."""
     check_qkv(q, k, v)
     return FlashAttentionFunction.apply(q, k, v, segment_ids, window, bounds)
+
+
+RECORD = OpRecord(
+    "flash_attention", (document_bounds, flash_attention_forward, flash_attention_backward),
+    torch_mirror="csrc_torch.attention", reference="tests.reference.attention",
+    parity="tests.test_torch_backend:flash_attention_parity",
+    bench="bench.ops_attention:flash_attention_bench",
+    compile_specs="tests.sm90_attention:attention_specs")
