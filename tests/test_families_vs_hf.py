@@ -3,8 +3,10 @@ transformers' own model class, loaded 4-bit NF4 by bitsandbytes with PEFT LoRA,
 on tiny random models built offline from transformers' config classes at odd
 sizes (tests/model_factory.FAMILY_EXTRAS): a Mistral window of 5 and a Qwen2
 window of 4 on its second layer, both shorter than the 13-token rows; Qwen2's
-q/k/v biases with tied embeddings; a Qwen3 head_dim of 12 where hidden / heads
-is 16.
+q/k/v biases with tied embeddings; a Qwen3 head_dim of 32 where hidden / heads
+is 16 (not 12, model_factory's default: bitsandbytes' CPU dequantize is wrong when
+in_features is a multiple of 16 but not of 64 (test_model_vs_hf), and o_proj's
+in_features is heads x head_dim; 4 x 32 = 128 keeps the reference right).
 
 Tolerances are test_model_vs_hf's, for its reasons: both sides hold the same
 NF4 bytes and LoRA weights and compute in fp32, so only summation order
@@ -36,6 +38,8 @@ SHAPES = dict(REFERENCE_SHAPES)          # hidden 64, MLP 100, 4 heads / 2 KV he
 
 
 def _family_dir(tmp_path, family, **kwargs):
+    if family == "qwen3":
+        kwargs.setdefault("head_dim", 32)
     return make_tiny_model_dir(tmp_path, family, **SHAPES, **kwargs)
 
 
@@ -215,7 +219,8 @@ def test_dropping_the_family_feature_is_seen(tmp_path, family):
                     layer_windows=None, head_dim=model.config.head_dim)
     model.config = plain
     for layer in model.base.layers:
-        layer.biases, layer.q_norm, layer.k_norm = {}, None, None
+        layer.biases, layer.q_norm, layer.k_norm, layer.attention_window = {}, None, None, None
+        layer._joined_biases.clear()
     wrong = model.logits(ids)[0]
     assert float((wrong - ref).abs().max()) > 100 * _scaled_atol(ref)
 

@@ -39,20 +39,26 @@ class LayerWeights:
     biases: Dict[str, torch.Tensor] = field(default_factory=dict)
     q_norm: Optional[torch.Tensor] = None
     k_norm: Optional[torch.Tensor] = None
+    # the layer's attention window (ModelConfig.windows; None: full causal), set by the model
+    attention_window: Optional[int] = None
+    _joined_biases: Dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         fuse_projections(self)
 
     def bias_of(self, names) -> Optional[torch.Tensor]:
-        """The bias of the row concatenation of projections ``names`` (None when
-        none of them has one; zeros stand in for a member without)."""
+        """The bias of the row concatenation of projections ``names`` (None when none
+        of them has one; zeros stand in for a member without), made once per layer."""
+        names = tuple(names)
         if not any(n in self.biases for n in names):
             return None
-        parts = [self.biases[n] if n in self.biases else
-                 torch.zeros(self.projections[n].shape[0], dtype=next(iter(self.biases.values())).dtype,
-                             device=next(iter(self.biases.values())).device)
-                 for n in names]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        if names not in self._joined_biases:
+            like = next(iter(self.biases.values()))
+            parts = [self.biases[n] if n in self.biases else
+                     torch.zeros(self.projections[n].shape[0], dtype=like.dtype, device=like.device)
+                     for n in names]
+            self._joined_biases[names] = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return self._joined_biases[names]
 
 
 def fuse_projections(layer: LayerWeights) -> None:
