@@ -58,6 +58,10 @@ def build_parser(argv):
                         "before training, and keep them in OUTPUT_DIR/reference_logps (a resume "
                         "reuses them); each step then runs only the policy (default: on when the "
                         "reference is the base with adapters off, off with --reference-adapter)")
+    g.add_argument("--pack-pairs", action=argparse.BooleanOptionalAction, default=True,
+                   help="lay each micro-batch's pairs as [prompt | chosen | rejected] in rows of "
+                        "2 x --max-length tokens, no padding, each prompt computed once "
+                        "(--no-pack-pairs: chosen and rejected rows padded to the longest)")
     return parser
 
 
@@ -125,12 +129,14 @@ def main(argv=None) -> int:
                 p.requires_grad_(False)
 
         # batches carry their pairs' example indices: the precomputed reference is looked up by them
+        pack_budget = 2 * args.max_length if args.pack_pairs else None
         epoch_batches = per_epoch(lambda epoch: indexed_dpo_batches(
             data.train, batch_size=args.batch_size, pad_id=tokenizer.pad_id,
-            shuffle_seed=args.seed + epoch))
+            shuffle_seed=args.seed + epoch, pack_budget=pack_budget))
 
         eval_batches = (indexed_dpo_batches(data.eval, batch_size=args.batch_size,
-                                            pad_id=tokenizer.pad_id, first_index=len(data.train))
+                                            pad_id=tokenizer.pad_id, first_index=len(data.train),
+                                            pack_budget=pack_budget)
                         if data.eval else None)
         objective = DPOObjective(model, beta=args.beta, loss_type=args.loss_type,
                                  reference_adapters=reference)
@@ -149,7 +155,7 @@ def main(argv=None) -> int:
             key = reference_key(model=model_fingerprint(checked.model_dir),
                                 reference=adapters_fingerprint(reference) if reference else BASE_REFERENCE,
                                 data=data_fingerprint(data.train, data.eval), dtype=model.dtype,
-                                batch_size=args.batch_size, seed=args.seed,
+                                batch_size=args.batch_size, seed=args.seed, pack_budget=pack_budget,
                                 n_examples=len(data.train) + len(data.eval))
             try:
                 with exit_on_disk_full(output_dir, log):

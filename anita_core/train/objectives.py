@@ -125,8 +125,9 @@ class DPOObjective:
         return logp.sum(dim=1), saved
 
     def stack_batch(self, batch: dict) -> dict:
-        """The chosen rows then the rejected rows, on the model's device."""
-        return batch_to_device(_stack_pair(batch), self.model.device)
+        """The chosen rows then the rejected rows, on the model's device (a packed
+        batch as it is)."""
+        return batch_to_device(batch if _packed(batch) else _stack_pair(batch), self.model.device)
 
     def _stacked(self, batch: dict):
         """(stacked batch on the device, its CPU-side copy, the facts read from that);
