@@ -131,17 +131,24 @@ def make_objective(checkpoint, n_pairs: int, device):
     return DPOObjective(model, beta=0.1, reference_store=store)
 
 
-def time_batches(objective, batches: List[dict], device) -> float:
-    """Seconds for the micro-steps of ``batches`` (after one warm-up step)."""
+def time_layouts(objective, built: Dict[str, List[dict]], count: int, device) -> Dict[str, float]:
+    """Seconds per layout for the micro-steps of its first ``count`` batches, after one
+    warm-up step each; the layouts' steps alternate (padded batch k, packed batch k, ...)
+    so that a shared machine's load drifts over both alike."""
     def step(b):
+        start = time.perf_counter()
         objective.micro_step(b, grad_scale=1.0)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    step(batches[0])
-    start = time.perf_counter()
-    for b in batches:
-        step(b)
-    return time.perf_counter() - start
+        return time.perf_counter() - start
+    for batches in built.values():
+        step(batches[0])
+    seconds = dict.fromkeys(built, 0.0)
+    for k in range(count):
+        for layout, batches in built.items():
+            if k < len(batches):
+                seconds[layout] += step(batches[k])
+    return seconds
 
 
 def measure(args) -> List[dict]:
@@ -164,6 +171,7 @@ def measure(args) -> List[dict]:
         if timed and objective is None:
             objective = make_objective(args.checkpoint, 10 ** 5, device)
         result = {}
+        seconds = time_layouts(objective, built, timed, device) if timed else {}
         for layout, batches in built.items():
             row = dict(pairs=name, layout=layout, batch_size=args.batch_size, n_pairs=len(pairs),
                        needed_per_pair=needed / len(pairs),
@@ -172,11 +180,10 @@ def measure(args) -> List[dict]:
             if timed:
                 some = batches[:timed]
                 some_pairs = sum(objective.units(b) for b in some)
-                seconds = time_batches(objective, some, device)
                 some_needed = sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
                                   for p in pairs[:some_pairs])
-                row.update(timed_pairs=some_pairs, ms_per_pair=1e3 * seconds / some_pairs,
-                           tokens_per_s=some_needed / seconds)
+                row.update(timed_pairs=some_pairs, ms_per_pair=1e3 * seconds[layout] / some_pairs,
+                           tokens_per_s=some_needed / seconds[layout])
             result[layout] = row
         for row in result.values():
             row["positions_ratio_vs_padded"] = (result["padded"]["positions_per_pair"]
