@@ -17,8 +17,13 @@ prompt + answer); packed = data/dpo_pack.py (rows of 2 x max_length tokens,
 rounded to 128). Timing: on the CPU (default there; set ANITA_BACKEND=torch for
 the plain-torch kernels) time.perf_counter over --timed-batches batches, after
 one warm-up batch; on a GPU, CUDA-synchronized wall time, and tokens/s =
-needed positions / time. The model: the bundled tiny LLaMA (2 layers, hidden 64)
-with rank-8 adapters, or --checkpoint.
+needed positions / time. The model: by default a random NF4 LLaMA of 2 layers and
+--hidden 512 (intermediate 3.5x, head_dim 64, 8 query / 2 kv heads, vocab 1024),
+where, as in a real model at these lengths, the projections' work (per position)
+outweighs attention's (per position pair); --hidden 0: the bundled tiny model
+(hidden 64, head_dim 16), whose step is mostly attention, so its time follows
+attention's key reads, not positions; or --checkpoint. Rank-8 adapters on every
+projection.
 
     ANITA_BACKEND=torch python -m bench.dpo_packing --out dpo_packing.csv
 """
@@ -37,7 +42,7 @@ import torch
 
 FIELDS = ("pairs", "layout", "batch_size", "n_pairs", "needed_per_pair", "positions_per_pair",
           "positions_ratio_vs_padded", "timed_pairs", "ms_per_pair", "time_ratio_vs_padded",
-          "tokens_per_s", "device", "sigma")
+          "tokens_per_s", "device", "model", "sigma")
 
 
 def parse_args(argv=None):
@@ -56,8 +61,11 @@ def parse_args(argv=None):
                    help="TRL max_prompt_length (default: 512)")
     p.add_argument("--timed-batches", type=int, default=8,
                    help="batches timed per layout and pair set (default: 8; 0: counts only)")
+    p.add_argument("--hidden", type=int, default=512,
+                   help="hidden size of the random 2-layer model (default: 512; 0: the bundled "
+                        "tiny model)")
     p.add_argument("--checkpoint", type=Path, default=None,
-                   help="HF LLaMA checkpoint (default: the bundled tiny model)")
+                   help="HF LLaMA checkpoint (default: none, see --hidden)")
     p.add_argument("--smoke", action="store_true",
                    help="a few short pairs, 2 timed batches: checks that the harness runs")
     p.add_argument("--seed", type=int, default=0, help="synthetic data and order seed (default: 0)")
@@ -66,6 +74,8 @@ def parse_args(argv=None):
     for name in ("batch_size", "synthetic_pairs", "max_length", "max_prompt_length"):
         if getattr(args, name) < 1:
             p.error(f"argument --{name.replace('_', '-')}: must be >= 1")
+    if args.hidden < 0 or args.hidden % 64:
+        p.error("argument --hidden: must be a multiple of 64 (0: the bundled model)")
     if args.timed_batches < 0:
         p.error("argument --timed-batches: must be >= 0")
     if not 0 < args.max_prompt_length < args.max_length:
@@ -118,13 +128,27 @@ def positions(batch: dict) -> int:
     return batch["chosen"]["input_ids"].numel() + batch["rejected"]["input_ids"].numel()
 
 
-def make_objective(checkpoint, n_pairs: int, device):
+def random_model(hidden: int, device):
+    from anita_core.model import QLoRALlama
+    from anita_core.model.config import ModelConfig
+    from bench.train_models import random_base_weights
+    config = ModelConfig(vocab_size=1024, hidden_size=hidden, intermediate_size=hidden * 7 // 2,
+                         num_hidden_layers=2, num_attention_heads=hidden // 64,
+                         num_key_value_heads=max(1, hidden // 256), head_dim=64,
+                         rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=4096)
+    return QLoRALlama(config, random_base_weights(config, torch.float32, device, 64, True, seed=0))
+
+
+def make_objective(checkpoint, hidden: int, n_pairs: int, device):
     from anita_core.hf import load_model
     from anita_core.lora import LoRAAdapters, LoRAConfig
     from anita_core.train.objectives import DPOObjective
     from anita_core.train.reference_logprobs import ReferenceLogps
     from anita_core.train.cli import BUNDLED_MODEL
-    model = load_model(checkpoint or BUNDLED_MODEL, progress=False, device=device)
+    if checkpoint is None and hidden:
+        model = random_model(hidden, device)
+    else:
+        model = load_model(checkpoint or BUNDLED_MODEL, progress=False, device=device)
     model.adapters = LoRAAdapters.init(LoRAConfig(r=8, alpha=16, dropout=0.0, seed=0), model.config)
     store = ReferenceLogps.empty(n_pairs)
     store.computed[:] = True     # zeros: the step's cost does not depend on the values
@@ -157,6 +181,9 @@ def measure(args) -> List[dict]:
     timed = 2 if args.smoke else args.timed_batches
     rows = []
     objective = None
+    model_name = (str(args.checkpoint) if args.checkpoint else
+                  f"random 2 layers hidden {min(args.hidden, 128) if args.smoke else args.hidden}"
+                  if args.hidden else "bundled tiny-llama3")
     for name in sets:
         if name == "bundled":
             pairs = bundled_pairs(args.max_length, args.max_prompt_length)
@@ -169,14 +196,15 @@ def measure(args) -> List[dict]:
         needed = sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
         built = layouts(pairs, args.batch_size, args.max_length)
         if timed and objective is None:
-            objective = make_objective(args.checkpoint, 10 ** 5, device)
+            hidden = min(args.hidden, 128) if args.smoke else args.hidden
+            objective = make_objective(args.checkpoint, hidden, 10 ** 5, device)
         result = {}
         seconds = time_layouts(objective, built, timed, device) if timed else {}
         for layout, batches in built.items():
             row = dict(pairs=name, layout=layout, batch_size=args.batch_size, n_pairs=len(pairs),
                        needed_per_pair=needed / len(pairs),
                        positions_per_pair=sum(map(positions, batches)) / len(pairs),
-                       device=str(device), sigma=args.sigma if name == "synthetic" else "")
+                       device=str(device), model=model_name, sigma=args.sigma if name == "synthetic" else "")
             if timed:
                 some = batches[:timed]
                 some_pairs = sum(objective.units(b) for b in some)
