@@ -77,7 +77,7 @@ _DELTA_ROWS = 1024 if INTERPRETING else 32
 _KERNELS = {"forward": _attention_forward_kernel, "dkdv": _attention_dkdv_kernel,
             "dq": _attention_dq_kernel}
 # what a tuned choice depends on (plus every tensor's dtype, which triton adds itself)
-AUTOTUNE_KEY = ["seq_bucket", "n_q_heads", "n_kv_heads", "head_dim", "HAS_BOUNDS"]
+AUTOTUNE_KEY = ["seq_bucket", "n_q_heads", "n_kv_heads", "head_dim", "HAS_BOUNDS", "HAS_GAP"]
 _tuned: dict = {}
 # None, (first_key, key_end) or (first_key, key_end, gap_start, gap_end): int32 [B, S] each
 Bounds = Optional[Tuple[torch.Tensor, ...]]
@@ -241,12 +241,6 @@ def _dot_in_fp32(dtype: torch.dtype) -> bool:
     return DOT_IN_FP32 or dtype == torch.float32
 
 
-def _no_gap_yet(bounds):
-    # interface first (the torch backend runs gaps); the Triton kernels follow
-    if bounds is not None and len(bounds) == 4:
-        raise NotImplementedError(f"{_OP}: the Triton kernels do not take a gap yet")
-
-
 def _common(q, k, head_dim, bounds):
     """Scalar and constexpr arguments every kernel takes."""
     batch, seq, n_q_heads, _ = q.shape
@@ -255,6 +249,10 @@ def _common(q, k, head_dim, bounds):
     return dict(seq=seq, n_q_heads=n_q_heads, n_kv_heads=n_kv_heads,
                 group=n_q_heads // n_kv_heads, head_dim=head_dim, qk_scale_log2=scale * _LOG2E,
                 seq_bucket=triton.next_power_of_2(max(seq, 1)), HAS_BOUNDS=bounds is not None,
+                HAS_GAP=bounds is not None and len(bounds) == 4,
+                # without a gap its pointers are q, never read
+                gap_start_ptr=bounds[2] if bounds is not None and len(bounds) == 4 else q,
+                gap_end_ptr=bounds[3] if bounds is not None and len(bounds) == 4 else q,
                 DOT_FP32=_dot_in_fp32(q.dtype),
                 BLOCK_D=max(16, triton.next_power_of_2(head_dim))), scale
 
@@ -267,7 +265,6 @@ def flash_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     dtype, contiguous, lse fp32 [B, Hq, S], natural log, -inf for rows that see nothing)."""
     batch, seq, n_q_heads, n_kv_heads, head_dim = check_qkv(q, k, v)
     check_bounds(bounds, batch, seq, q.device)
-    _no_gap_yet(bounds)
     out = new_output(q.shape, q.dtype, q.device)
     lse = new_output((batch, n_q_heads, seq), torch.float32, q.device)
     if out.numel() == 0:
@@ -320,13 +317,12 @@ def flash_attention_backward(d_out: torch.Tensor, q: torch.Tensor, k: torch.Tens
     ``into`` = (dq, dk, dv) when given (see check_into), else new contiguous tensors."""
     batch, seq, n_q_heads, n_kv_heads, head_dim = check_backward_args(d_out, q, k, v, out, lse,
                                                                        bounds)
-    _no_gap_yet(bounds)
     dq, dk, dv = check_into(into, q, k)
     if q.numel() == 0:
         return dq, dk, dv
     args, scale = _common(q, k, head_dim, bounds)
     group, block_d = args.pop("group"), args["BLOCK_D"]
-    first_key, key_end = bounds if bounds is not None else (q, q)
+    first_key, key_end = bounds[:2] if bounds is not None else (q, q)
     stride_o = check_token_rows(_OP, "out", out)
     delta = new_output((batch, n_q_heads, seq), torch.float32, q.device)
     wide = wide_index(q, k, v, d_out, out, lse, dq, dk, dv)

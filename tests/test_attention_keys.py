@@ -241,3 +241,97 @@ def test_bad_bounds_raise_one_line_value_errors():
     with pytest.raises(ValueError, match="either 'bounds' or 'segment_ids'"):
         triton_attention.flash_attention(q, k, v, torch.zeros(1, 6), bounds=(first_key, key_end))
     check_gap((first_key, key_end, empty + 3, empty + 3))   # empty gaps anywhere are fine
+
+
+# ---------------------------------------------------------------- Triton tiles and skipping
+
+TILES = [AttentionBlocks(16, 16, 4, 1), AttentionBlocks(32, 16, 4, 1),
+         AttentionBlocks(16, 32, 4, 1, block_h=2)]
+TILE_IDS = ["16x16", "32x16", "16x32-h2"]
+# long answers: whole 16-token blocks inside the chosen answer (skipped for the rejected
+# queries' tiles), blocks crossing every boundary, a 1-token answer, padding
+LONG_PAIRS = [[("pair", 20, 37, 41), ("pair", 3, 1, 18), ("pad", 2), ("doc", 9)],
+              [("pad", 5), ("pair", 1, 50, 33), ("pair", 17, 16, 16)]]
+LONG_SEQ = 139
+
+
+@pytest.mark.parametrize("tiles", TILES, ids=TILE_IDS)
+def test_pairs_on_small_tiles(tiles):
+    """Query tiles shorter and taller than key tiles, two query heads per tile, over
+    pairs whose answers span many blocks: the masked, unmasked and skipped blocks of
+    the gap variant, forward and backward."""
+    units, roles = layout(LONG_PAIRS, LONG_SEQ)
+    visible = visible_from_definitions(units, roles)
+    bounds = bounds_from_mask(visible, unit_ends(units))
+    check_against_oracle(f"pairs {tiles}", "triton", visible, bounds, (2, LONG_SEQ, 4, 2, 16),
+                         torch.float32, tiles=tiles)
+
+
+@pytest.mark.parametrize("tiles", TILES, ids=TILE_IDS)
+def test_window_and_documents_on_small_tiles(tiles):
+    """W = 20 over documents of 100 and 42 tokens and padding, and W = 7 over the same:
+    the windowed walk's first blocks start mid-document."""
+    segments = torch.tensor([[0] * 100 + [1] * 42 + [-1] * 8, [-1] * 3 + [0] * 147])
+    for window in (20, 7):
+        visible = visible_from_definitions(segments, window=window)
+        bounds = document_bounds(segments, window=window)
+        check_against_oracle(f"window {window} {tiles}", "triton", visible, bounds,
+                             (2, 150, 2, 1, 16), torch.float32, tiles=tiles)
+
+
+def _poisoned_run(q, k, v, d_out, bounds, poison_keys, poison_queries, tiles):
+    q, k, v, d_out = (t.clone() for t in (q, k, v, d_out))
+    for t in (k, v):
+        t[:, poison_keys] = float("nan")
+    for t in (q, d_out):
+        t[:, poison_queries] = float("nan")
+    (out, _, grads), _ = run("triton", q, k, v, bounds, d_out, tiles)
+    return out, grads
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice")
+def test_key_blocks_before_the_window_are_skipped_not_masked():
+    """One 150-token document, W = 20, 16 x 16 tiles. NaN in the keys [0, 48): the query
+    tiles from 80 on start their walk at min first_key (61 or later, block 48) and must
+    not touch them. NaN in the queries [112, 150): the key blocks below 80 end their
+    walk at max key_end (99 or less, so the query tile [96, 112) last) and must not
+    touch them. A masked block would enter the dots (0 x NaN = NaN)."""
+    tiles, window, seq = AttentionBlocks(16, 16, 4, 1, block_h=2), 20, 150
+    segments = torch.zeros(1, seq, dtype=torch.int64)
+    visible = visible_from_definitions(segments, window=window)
+    bounds = document_bounds(segments, window=window)
+    q, k, v = make_inputs(1, seq, 2, 1, 16, torch.float32)
+    d_out = torch.randn(1, seq, 2, 16)
+    out_ref, _, (dq_ref, dk_ref, dv_ref) = reference_with_grads(q, k, v, visible, d_out,
+                                                                torch.float32)
+    out, (dq, _, _) = _poisoned_run(q, k, v, d_out, bounds, slice(0, 48), slice(0, 0), tiles)
+    for name, got, ref in (("out", out, out_ref), ("dq", dq, dq_ref)):
+        assert_close(OP, f"before the window {name}", got[:, 80:], ref[:, 80:],
+                     **TOLERANCE[torch.float32])
+    assert torch.isnan(out[:, 64:80]).all()          # those tiles did walk the poison
+    _, (_, dk, dv) = _poisoned_run(q, k, v, d_out, bounds, slice(0, 0), slice(112, seq), tiles)
+    for name, got, ref in (("dk", dk, dk_ref), ("dv", dv, dv_ref)):
+        assert_close(OP, f"after the window {name}", got[:, :80], ref[:, :80],
+                     **TOLERANCE[torch.float32])
+    assert torch.isnan(dk[:, 80:96]).all()
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice")
+def test_key_blocks_inside_every_row_gap_are_skipped_not_masked():
+    """A pair [prompt 20 | chosen 60 | rejected 70], 16 x 16 tiles: NaN in the chosen
+    keys' whole blocks [32, 80). The rejected queries' tiles from 96 on (every row's gap
+    is [20, 80)) skip them; their outputs and dQ, and dK/dV of the rejected keys from
+    96 on, match the clean oracle."""
+    tiles, seq = AttentionBlocks(16, 16, 4, 1), 150
+    units, roles = layout([[("pair", 20, 60, 70)]], seq)
+    visible = visible_from_definitions(units, roles)
+    bounds = bounds_from_mask(visible)
+    q, k, v = make_inputs(1, seq, 2, 1, 16, torch.float32)
+    d_out = torch.randn(1, seq, 2, 16)
+    out_ref, _, (dq_ref, dk_ref, dv_ref) = reference_with_grads(q, k, v, visible, d_out,
+                                                                torch.float32)
+    out, (dq, dk, dv) = _poisoned_run(q, k, v, d_out, bounds, slice(32, 80), slice(0, 0), tiles)
+    for name, got, ref in (("out", out, out_ref), ("dq", dq, dq_ref), ("dk", dk, dk_ref),
+                           ("dv", dv, dv_ref)):
+        assert_close(OP, f"gap skip {name}", got[:, 96:], ref[:, 96:], **TOLERANCE[torch.float32])
+    assert torch.isnan(out[:, 32:80]).all()          # the chosen queries did see the poison
