@@ -58,13 +58,11 @@ def build_parser(argv):
                         "before training, and keep them in OUTPUT_DIR/reference_logps (a resume "
                         "reuses them); each step then runs only the policy (default: on when the "
                         "reference is the base with adapters off, off with --reference-adapter)")
-    # off by default until the Triton attention kernels take the rejected answer's gap
-    # (branch attn-keys); the torch backend runs it now
-    g.add_argument("--pack-pairs", action=argparse.BooleanOptionalAction, default=False,
+    g.add_argument("--pack-pairs", action=argparse.BooleanOptionalAction, default=True,
                    help="lay each micro-batch's pairs as [prompt | chosen | rejected] in rows of "
                         "2 x --max-length tokens, no padding, each prompt computed once "
-                        "(--no-pack-pairs: chosen and rejected rows padded to the longest; "
-                        "default: off)")
+                        "(--no-pack-pairs: chosen and rejected rows padded to the longest, "
+                        "for comparison; default: on)")
     return parser
 
 

@@ -1,4 +1,4 @@
-"""train_dpo.py --pack-pairs end to end (torch backend): the run trains, its
+"""train_dpo.py end to end, pairs packed by default (torch backend): the run trains, its
 reference store records the packed batching, each step record carries the positions
 computed per pair beside the padded layout's, and the run summary reports both."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ def test_train_dpo_packs_pairs_and_reports_the_positions(tmp_path, monkeypatch):
     out = tmp_path / "run"
     proc = run_script("train_dpo.py", "--no-progress", "--eval-split", "2", "--batch-size", "2",
                       "--max-samples", "10", "--max-length", "48", "--max-prompt-length", "0",
-                      "--gradient-accumulation-steps", "1", "--max-steps", "2", "--pack-pairs",
+                      "--gradient-accumulation-steps", "1", "--max-steps", "2",
                       "--output-dir", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     key = json.loads((out / STORE_DIR / KEY_FILE).read_text())
