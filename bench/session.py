@@ -85,7 +85,7 @@ STEPS = (
          "M = 1 ... 16384, crossover", ("nf4_matmul.csv",)),
     Step("max_context", 55, 180, "one batch-1 step at the planner's maximum under an 80 GB cap "
          "(time-limited)", ("max_context.csv",)),
-    Step("dpo_packing", 20, 120, "DPO pairs padded vs packed (prompt once): positions per pair "
+    Step("dpo_packing", 20, 180, "DPO pairs padded vs packed (prompt once): positions per pair "
          "and tokens/s of a policy step, bundled and synthetic pairs (tiny model)",
          ("dpo_packing.csv",)),
     Step("step_anatomy", 15, 120, "launches / matmuls / copies per layer (tiny model)",
