@@ -36,7 +36,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from anita_core.data.packing import PACKED_WIDTH_MULTIPLE, next_fit_rows, packed_width
+from anita_core.data.packing import PACKED_WIDTH_MULTIPLE, packed_width
 
 # the batch's keys (all tensors, so the trainer moves it to the device as is)
 BOUND_KEYS = ("first_key", "key_end", "gap_start", "gap_end")
