@@ -77,7 +77,7 @@ STEPS = (
          "ends", ("gpu_tests.csv",)),
     Step("train_anita", 70, 240, "anita SFT + DPO steps, LLaMA-3-8B (32 layers), seq 2048, "
          "batch 4; planner's predicted peak", ("train_anita.csv",)),
-    Step("train_peers", 110, 300, "transformers+PEFT+bitsandbytes, then + Liger: the same rows",
+    Step("train_peers", 90, 300, "transformers+PEFT+bitsandbytes, then + Liger: the same rows",
          ("train_peers.csv",)),
     Step("kernels", 60, 240, "nf4_dequantize vs copy and bitsandbytes; attention vs SDPA "
          "flash / cuDNN / FlexAttention, T 8192", ("kernels.csv",)),
@@ -85,6 +85,9 @@ STEPS = (
          "M = 1 ... 16384, crossover", ("nf4_matmul.csv",)),
     Step("max_context", 55, 180, "one batch-1 step at the planner's maximum under an 80 GB cap "
          "(time-limited)", ("max_context.csv",)),
+    Step("dpo_packing", 20, 180, "DPO pairs padded vs packed (prompt once): positions per pair "
+         "and tokens/s of a policy step, bundled and synthetic pairs (tiny model)",
+         ("dpo_packing.csv",)),
     Step("step_anatomy", 15, 120, "launches / matmuls / copies per layer (tiny model)",
          ("step_anatomy.json",)),
     Step("headline", 5, 60, "OUT/headline.csv from the CSVs above, printed",
@@ -127,6 +130,9 @@ def step_command(name: str, out: Path, smoke: bool, py: str) -> List[str]:
     if name == "gpu_tests":
         return [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "bench.pytest_rows",
                 "--rows-csv", str(out / "gpu_tests.csv"), "-m", "gpu", *gpu_test_files()]
+    if name == "dpo_packing":
+        return [py, "-m", "bench.dpo_packing", *s, "--timed-batches", "8",
+                "--out", str(out / "dpo_packing.csv")]
     if name == "step_anatomy":
         size = ["--batch", "1", "--seq", "16"] if smoke else []
         return [py, "-m", "bench.step_anatomy", *size, "--json", str(out / "step_anatomy.json")]

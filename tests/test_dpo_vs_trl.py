@@ -32,6 +32,7 @@ import torch
 
 from anita_core.assets import TOKENIZER_DIR, sample_path
 from anita_core.data import collate_pairs, load_tokenizer, tokenize_pairs
+from anita_core.data.dpo_pack import collate_packed_pairs
 from anita_core.data.rows import check_dpo_row
 from anita_core.lora import LoRAAdapters, LoRAConfig
 from anita_core.model import QLoRALlama
@@ -140,10 +141,14 @@ def _log_ratios(objective: DPOObjective, batch) -> torch.Tensor:
 # hinge: beta small enough that beta * delta < 1 for some pairs, so the loss
 # and its gradient are not zero (asserted below). The loss types do not depend on
 # the tokenizer: the other tokenizers run with sigmoid (the recipe's).
-@pytest.mark.parametrize("kind,loss_type,beta", [
-    ("llama3", "sigmoid", 0.1), ("llama3", "ipo", 0.25), ("llama3", "hinge", 0.02),
-    ("chatml", "sigmoid", 0.1), ("inst", "sigmoid", 0.1)])
-def test_dpo_step_matches_trl_dpo_trainer(tmp_path, fresh_seed, kind, loss_type, beta):
+# packed: anita's batch is data/dpo_pack.py's (pairs in rows of 48 tokens, each prompt
+# once; the rejected answers' attention skips the chosen ones through the kernels' gap)
+@pytest.mark.parametrize("kind,loss_type,beta,packed", [
+    ("llama3", "sigmoid", 0.1, False), ("llama3", "ipo", 0.25, False),
+    ("llama3", "hinge", 0.02, False), ("chatml", "sigmoid", 0.1, False),
+    ("inst", "sigmoid", 0.1, False), ("llama3", "sigmoid", 0.1, True),
+    ("llama3", "ipo", 0.25, True), ("chatml", "sigmoid", 0.1, True)])
+def test_dpo_step_matches_trl_dpo_trainer(tmp_path, fresh_seed, kind, loss_type, beta, packed):
     rows = _rows()
     n_pairs = len(rows)
     tokenizer_dir = _tokenizer_dir(kind, tmp_path)
@@ -156,10 +161,13 @@ def test_dpo_step_matches_trl_dpo_trainer(tmp_path, fresh_seed, kind, loss_type,
     collated = trl_batch(trainer)
     trl_loss, trl_metrics = trl_dpo_loss(trainer, collated)
 
-    batch = collate_pairs(tokenize_pairs(rows, tokenizer, template=TOKENIZERS[kind][1]),
-                          pad_id=tokenizer.pad_id)
+    pairs = tokenize_pairs(rows, tokenizer, template=TOKENIZERS[kind][1])
+    batch = collate_pairs(pairs, pad_id=tokenizer.pad_id)
     _same_batch(batch, collated)
     objective = DPOObjective(model, beta=beta, loss_type=loss_type)
+    if packed:
+        batch = collate_packed_pairs(pairs, budget=48, pad_id=tokenizer.pad_id)
+        assert batch["input_ids"].shape[0] > 1      # rows of several pairs and more than one row
     sums = objective.micro_step(batch, grad_scale=1.0 / n_pairs)
     ours = {k: v / n_pairs for k, v in sums.items()}
 
@@ -182,7 +190,8 @@ def test_dpo_step_matches_trl_dpo_trainer(tmp_path, fresh_seed, kind, loss_type,
                  trl_loss.reshape(1), atol=reward_atol, rtol=REL)
     # the comparison is not vacuous: the adapters move the policy off the
     # reference, and the loss has a gradient
-    assert float(_log_ratios(objective, batch).abs().max()) * beta > 100 * reward_atol
+    assert float(_log_ratios(objective, collate_pairs(pairs, pad_id=tokenizer.pad_id)).abs().max()
+                 ) * beta > 100 * reward_atol
     assert float(trl_loss) > 0
 
     for layer, projection in model.adapters.adapted():

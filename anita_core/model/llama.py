@@ -115,10 +115,12 @@ class QLoRALlama:
 
     def geometry(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor],
                  segment_ids: Optional[torch.Tensor],
-                 facts: Optional[BatchFacts] = None) -> BlockGeometry:
+                 facts: Optional[BatchFacts] = None, bounds=None) -> BlockGeometry:
         """The batch's positions, RoPE tables and document bounds. The table size comes
         from the shape (no position_ids: 0 .. S-1) or from ``facts`` (counted on the
-        host); only positions given without facts are read back to be checked."""
+        host); only positions given without facts are read back to be checked.
+        ``bounds``: attention bounds built elsewhere (packed DPO pairs: pair_rows),
+        used instead of those of ``segment_ids``."""
         B, S = input_ids.shape
         for name, t in (("position_ids", position_ids), ("segment_ids", segment_ids)):
             if t is not None and tuple(t.shape) != (B, S):
@@ -130,7 +132,8 @@ class QLoRALlama:
             cos, sin = self.rope_tables(facts.position_bound)
         else:
             cos, sin = self.position_tables(position_ids)
-        bounds = attention_bounds(segment_ids)
+        if bounds is None:
+            bounds = attention_bounds(segment_ids)
         windows = {w: windowed_bounds(bounds, w, B, S, self.device)
                    for w in set(self.config.windows) if w is not None}
         return BlockGeometry(B, S, position_ids.contiguous(), bounds, cos, sin,
@@ -211,13 +214,14 @@ class QLoRALlama:
     # ----------------------------------------------------------- forward/backward
     def forward_hidden(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                        segment_ids: Optional[torch.Tensor] = None, *, for_backward: bool = True,
-                       facts: Optional[BatchFacts] = None,
+                       facts: Optional[BatchFacts] = None, bounds=None,
                        ) -> Tuple[torch.Tensor, Optional[ForwardState]]:
         """Token ids [B, S] -> final normed hidden states [B*S, H] (and the state
         backward_hidden needs, when ``for_backward``). ``facts``: batch_facts of the
-        CPU-side batch, so that nothing is read back from the device."""
+        CPU-side batch, so that nothing is read back from the device; ``bounds``: see
+        ``geometry``."""
         c = self.config
-        geo = self.geometry(input_ids, position_ids, segment_ids, facts)
+        geo = self.geometry(input_ids, position_ids, segment_ids, facts, bounds)
         state = ForwardState(geo, self.policies()) if for_backward else None
         if state is not None and any(p.activations is Activations.OFFLOAD for p in state.policies):
             state.offloader = self.offloader = self._new_offloader(state.policies)

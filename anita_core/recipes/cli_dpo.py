@@ -46,6 +46,11 @@ def build_parser(argv: List[str], description: str) -> argparse.ArgumentParser:
                         "before training, and keep them in OUTPUT_DIR/reference_logps (a resume "
                         "reuses them); each step then runs only the policy (default: on when the "
                         "reference is the base with adapters off, off with --reference-adapter)")
+    g.add_argument("--pack-pairs", action=argparse.BooleanOptionalAction, default=d.pack_pairs,
+                   help="lay each micro-batch's pairs as [prompt | chosen | rejected] in rows of "
+                        "2 x --max-length tokens, no padding, each prompt computed once "
+                        "(--no-pack-pairs: chosen and rejected rows padded to the longest, "
+                        "for comparison; default: on)")
     return parser
 
 
@@ -67,4 +72,5 @@ def config_from_args(args: argparse.Namespace) -> DPOConfig:
                    data=data, template=args.template, beta=args.beta, loss_type=args.loss_type,
                    max_length=args.max_length, max_prompt_length=args.max_prompt_length,
                    exclude_sources=tuple(args.exclude_sources),
-                   reference_adapter=args.reference_adapter, precompute_reference=precompute)
+                   reference_adapter=args.reference_adapter, precompute_reference=precompute,
+                   pack_pairs=args.pack_pairs)

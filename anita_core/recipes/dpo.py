@@ -37,6 +37,13 @@ class DPOConfig:
     exclude_sources: Tuple[str, ...] = ()
     reference_adapter: Optional[str] = None     # None: the base with adapters off
     precompute_reference: Optional[bool] = None     # None: on for the base reference only
+    # [prompt | chosen | rejected] per pair in rows of 2 x max_length tokens, the prompt
+    # once (data/dpo_pack.py); False: the padded layout (chosen and rejected rows)
+    pack_pairs: bool = True
+
+    def pack_budget(self) -> Optional[int]:
+        """The packed rows' token budget, or None for the padded layout."""
+        return 2 * self.max_length if self.pack_pairs else None
 
     def precomputes_reference(self) -> bool:
         if not PREFERENCE_LOSSES[self.loss_type].needs_reference:
@@ -95,6 +102,7 @@ def run(config: DPOConfig) -> RunResult:
     except ValueError as e:
         log(f"error: argument --template: {e}")
         return RunResult(EXIT_BAD_INPUT, output_dir)
+    config = _layout_for(config, checked.config, log)
     run_start = start_run(output_dir, log, dist, resume=opts.resume, overwrite=opts.overwrite)
     with run_start.undone_if_refused():   # a refusal from here to training leaves no trace
         # the pairs are built before the model loads: a bad file or row is reported without
@@ -116,9 +124,10 @@ def run(config: DPOConfig) -> RunResult:
         # batches carry their pairs' example indices: the precomputed reference is looked up by them
         epoch_batches = per_epoch(lambda epoch: indexed_dpo_batches(
             data.train, batch_size=optim.batch_size, pad_id=tokenizer.pad_id,
-            shuffle_seed=opts.seed + epoch))
+            shuffle_seed=opts.seed + epoch, pack_budget=config.pack_budget()))
         eval_batches = (indexed_dpo_batches(data.eval, batch_size=optim.batch_size,
-                                            pad_id=tokenizer.pad_id, first_index=len(data.train))
+                                            pad_id=tokenizer.pad_id, first_index=len(data.train),
+                                            pack_budget=config.pack_budget())
                         if data.eval else None)
         objective = DPOObjective(model, beta=config.beta, loss_type=config.loss_type,
                                  reference_adapters=reference,
@@ -134,7 +143,8 @@ def run(config: DPOConfig) -> RunResult:
         if config.precomputes_reference():
             try:
                 precompute_reference(objective, trainer, epoch_batches, eval_batches, checked, data,
-                                     reference, optim, opts, run_start, output_dir, log)
+                                     reference, optim, opts, run_start, output_dir, log,
+                                     pack_budget=config.pack_budget())
             except StaleReferenceStore as e:
                 log(f"error: --resume: {e}")
                 run_start.abandon()
@@ -142,3 +152,17 @@ def run(config: DPOConfig) -> RunResult:
     log(ranks_line(trainer, output_dir, optim, sharded))
     code = run_training(trainer, opts, checked, model, adapters, run_start, log, data.stats)
     return RunResult(code, output_dir)
+
+
+def _layout_for(config: DPOConfig, model_config, log) -> DPOConfig:
+    """Packed pairs need full attention across a packed row (the rejected answer's
+    positions restart after the prompt, so a window counted in row slots is not the
+    model's): with a sliding window shorter than the rows (2 x max_length), the pairs
+    are padded instead, and the run says so."""
+    budget = config.pack_budget()
+    windows = [w for w in model_config.windows if w is not None]
+    if budget is None or not windows or min(windows) >= budget:
+        return config
+    log(f"note: {model_config.model_type}'s sliding window ({min(windows)} tokens) is shorter than "
+        f"the packed rows (2 x --max-length = {budget}): pairs are padded (--no-pack-pairs)")
+    return replace(config, pack_pairs=False)

@@ -23,7 +23,8 @@ def load_reference_adapter(folder: Optional[str], model):
 
 
 def precompute_reference(objective, trainer, epoch_batches, eval_batches, checked, data, reference,
-                         optim: OptimOptions, opts: RunOptions, run_start, output_dir: str, log) -> None:
+                         optim: OptimOptions, opts: RunOptions, run_start, output_dir: str, log,
+                         pack_budget: Optional[int] = None) -> None:
     """The micro-batches this run reads: epoch 0's up to its last step (later epochs
     hold the same pairs), and the eval batches. Every rank computes them all (the
     sharded base gathers layers in lockstep); only rank 0 writes the store.
@@ -37,7 +38,7 @@ def precompute_reference(objective, trainer, epoch_batches, eval_batches, checke
     key = reference_key(model=model_fingerprint(checked.model_dir),
                         reference=adapters_fingerprint(reference) if reference else BASE_REFERENCE,
                         data=data_fingerprint(data.train, data.eval), dtype=objective.model.dtype,
-                        batch_size=optim.batch_size, seed=opts.seed,
+                        batch_size=optim.batch_size, seed=opts.seed, pack_budget=pack_budget,
                         n_examples=len(data.train) + len(data.eval))
     with exit_on_disk_full(output_dir, log):
         objective.reference_store = prepare_reference_logps(

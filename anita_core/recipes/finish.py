@@ -112,6 +112,12 @@ def _train_and_report(trainer, options, checked, model, adapters, run, log, data
         padding = trainer.tokens_computed - trainer.tokens_trained
         log(f"tokens computed: {trainer.tokens_computed:,}, of which padding {padding:,} "
             f"({100 * padding / trainer.tokens_computed:.1f}%)")
+    per_pair = [(r["positions/computed"], r["positions/padded"]) for r in records
+                if "positions/padded" in r]
+    if per_pair:        # DPO: the layout's work beside the padded layout's, per pair
+        computed, padded = (sum(v) / len(per_pair) for v in zip(*per_pair))
+        log(f"positions computed per pair: {computed:.1f} (padded batches: {padded:.1f}, "
+            f"{padded / computed:.2f}x)")
     if data_stats is not None and data_stats.skipped_bad_rows:
         log(data_stats.skipped_rows_report())
     return 0

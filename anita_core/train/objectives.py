@@ -21,6 +21,7 @@ from typing import Dict, Optional, Sequence
 import torch
 
 from anita_core.model.batch_facts import BatchFacts, batch_facts
+from anita_core.model import pair_rows
 from anita_core.train.host_reads import batch_to_device, read_floats, to_device
 from anita_core.train.loss_table import PreferenceLoss, preference_loss
 from anita_core.train.losses import PreferenceLogps
@@ -30,6 +31,8 @@ from anita_core.model import IGNORE_INDEX
 
 def _real_tokens(batch: dict) -> int:
     """Tokens that are not padding, counted on the CPU-side batch."""
+    if _packed(batch):      # padding: key_end[j] = j (seen by nobody)
+        return int((batch["key_end"] > torch.arange(batch["key_end"].shape[-1])).sum())
     seg = batch.get("segment_ids")
     return int((seg >= 0).sum()) if seg is not None else batch["input_ids"].numel()
 
@@ -98,6 +101,8 @@ class DPOObjective:
         self.reference_passes = 0       # reference forwards run (one per stacked batch)
 
     def units(self, batch) -> int:
+        if _packed(batch):
+            return pair_rows.sequence_count(batch) // 2
         return int(batch["chosen"]["input_ids"].shape[0])
 
     @contextmanager
@@ -116,17 +121,25 @@ class DPOObjective:
             model.train(was_training)
 
     def _sequence_logps(self, stacked: dict, for_backward: bool, facts: Optional[BatchFacts]):
+        if _packed(stacked):
+            return pair_rows.packed_sequence_logps(self.model, stacked, for_backward=for_backward,
+                                                   facts=facts)
         logp, saved = self.model.token_logprobs(stacked["input_ids"], stacked["targets"],
                                                 stacked.get("position_ids"), stacked.get("segment_ids"),
                                                 for_backward=for_backward, facts=facts)
         return logp.sum(dim=1), saved
 
     def stack_batch(self, batch: dict) -> dict:
-        """The chosen rows then the rejected rows, on the model's device."""
-        return batch_to_device(_stack_pair(batch), self.model.device)
+        """The chosen rows then the rejected rows, on the model's device (a packed
+        batch as it is)."""
+        return batch_to_device(batch if _packed(batch) else _stack_pair(batch), self.model.device)
 
     def _stacked(self, batch: dict):
-        """(stacked batch on the device, its CPU-side copy, the facts read from that)."""
+        """(stacked batch on the device, its CPU-side copy, the facts read from that);
+        a packed batch (data/dpo_pack.py) is its own stacked form."""
+        if _packed(batch):
+            facts = pair_rows.packed_facts(batch, self.model.config.vocab_size)
+            return batch_to_device(batch, self.model.device), batch, facts
         host = _stack_pair(batch)
         return batch_to_device(host, self.model.device), host, _facts(self.model, host)
 
@@ -149,8 +162,7 @@ class DPOObjective:
     def micro_step(self, batch, grad_scale: float) -> Dict[str, object]:
         stacked, host, facts = self._stacked(batch)
         n_pairs = self.units(batch)
-        counted = stacked["targets"] != IGNORE_INDEX
-        n_tokens = counted.sum(dim=1)
+        n_tokens = _completion_tokens(stacked)
         ref = self._reference_for(batch, stacked, facts)
         seq, saved = self._sequence_logps(stacked, True, facts)
         policy_seq = seq.detach().requires_grad_()
@@ -161,12 +173,20 @@ class DPOObjective:
         # and the trainer checks the step's loss and gradient norm before any update
         loss_sum = self.loss.loss(policy, reference, self.beta) * n_pairs
         (d_seq,) = torch.autograd.grad(loss_sum, policy_seq)
-        d_token = (d_seq * grad_scale)[:, None] * counted.to(d_seq.dtype)
-        self.model.logprobs_backward(d_token, saved)
+        if _packed(stacked):
+            d_scores = (d_seq * grad_scale)[stacked["score_sequence"]]
+            pair_rows.packed_logprobs_backward(self.model, d_scores, saved)
+        else:
+            counted = stacked["targets"] != IGNORE_INDEX
+            self.model.logprobs_backward((d_seq * grad_scale)[:, None] * counted.to(d_seq.dtype),
+                                         saved)
         metrics = self.loss.metrics(policy, reference, self.beta)
         sums: Dict[str, object] = {k: v.double() * n_pairs for k, v in metrics.items()}
-        sums.update(loss=loss_sum.detach(), tokens=_real_tokens(host),
-                    computed=host["input_ids"].numel())
+        computed = host["input_ids"].numel()
+        # per pair once the trainer divides by the pairs: what this layout computed and
+        # what the padded layout would have (a run reports both)
+        sums.update(loss=loss_sum.detach(), tokens=_real_tokens(host), computed=computed,
+                    **{"positions/computed": computed, "positions/padded": _padded_positions(host)})
         return sums
 
     @torch.no_grad()
@@ -178,7 +198,7 @@ class DPOObjective:
         try:
             for batch in batches:
                 stacked, _, facts = self._stacked(batch)
-                n_tokens = (stacked["targets"] != IGNORE_INDEX).sum(dim=1)
+                n_tokens = _completion_tokens(stacked)
                 ref = self._reference_for(batch, stacked, facts)
                 seq, _ = self._sequence_logps(stacked, False, facts)
                 policy = PreferenceLogps(*seq.chunk(2), *n_tokens.chunk(2))
@@ -194,3 +214,21 @@ class DPOObjective:
         finally:
             self.model.train(was_training)
         return {k: v / max(pairs, 1) for k, v in read_floats(totals).items()}
+
+
+def _packed(batch: dict) -> bool:
+    return "score_index" in batch       # data/dpo_pack.py's batches
+
+
+def _completion_tokens(stacked: dict) -> torch.Tensor:
+    if _packed(stacked):
+        return stacked["completion_tokens"]
+    return (stacked["targets"] != IGNORE_INDEX).sum(dim=1)
+
+
+def _padded_positions(host: dict) -> int:
+    """Positions the padded layout computes for this batch (the packed one records
+    it, so that a run reports both side by side)."""
+    if _packed(host):
+        return int(host["padded_positions"])
+    return host["input_ids"].numel()

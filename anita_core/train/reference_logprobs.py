@@ -55,6 +55,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from anita_core.data.dpo import dpo_batches
+from anita_core.data.dpo_pack import packed_dpo_batches
 from anita_core.data.packing import shuffled
 # the adapter writer's atomic folder swap, reused (private there, one implementation)
 from anita_core.lora.peft import _fsync_path as fsync_path, _replace_dir as replace_dir
@@ -132,13 +133,20 @@ class ReferenceLogps:
 
 def indexed_dpo_batches(pairs: Sequence, *, batch_size: int, pad_id: int,
                         shuffle_seed: Optional[int] = None, first_index: int = 0,
-                        pad_to_multiple_of: Optional[int] = None) -> List[Dict]:
+                        pad_to_multiple_of: Optional[int] = None,
+                        pack_budget: Optional[int] = None) -> List[Dict]:
     """``dpo_batches`` (the same batches, in the same seeded order), each batch also
     carrying ``example_index``: its pairs' positions in ``pairs`` plus ``first_index``
-    (the held-out split is numbered after the training split)."""
+    (the held-out split is numbered after the training split). ``pack_budget``: the
+    same pairs per batch, packed into rows of that many tokens (data/dpo_pack.py)."""
     order = shuffled(range(len(pairs)), shuffle_seed)     # the permutation dpo_batches draws
-    batches = dpo_batches([pairs[i] for i in order], batch_size=batch_size, pad_id=pad_id,
-                          pad_to_multiple_of=pad_to_multiple_of)
+    ordered = [pairs[i] for i in order]
+    if pack_budget is not None:
+        batches = packed_dpo_batches(ordered, batch_size=batch_size, budget=pack_budget,
+                                     pad_id=pad_id)
+    else:
+        batches = dpo_batches(ordered, batch_size=batch_size, pad_id=pad_id,
+                              pad_to_multiple_of=pad_to_multiple_of)
     for k, batch in enumerate(batches):
         rows = order[k * batch_size:(k + 1) * batch_size]
         batch[INDEX_KEY] = torch.tensor(rows, dtype=torch.long) + first_index
@@ -155,13 +163,17 @@ def adapters_fingerprint(adapters) -> str:
 
 
 def reference_key(*, model: str, reference: str, data: str, dtype: torch.dtype,
-                  batch_size: int, seed: int, n_examples: int) -> dict:
+                  batch_size: int, seed: int, n_examples: int,
+                  pack_budget: Optional[int] = None) -> dict:
     """What the stored numbers depend on. ``model``, ``data``: run_identity's
     fingerprints; ``reference``: BASE_REFERENCE or ``adapters_fingerprint``;
-    batch_size and seed fix epoch 0's batches (the shapes the values come from)."""
+    batch_size, seed and the packing fix epoch 0's batches (the shapes the values
+    come from)."""
+    batching = f"batch_size={batch_size} order_seed={seed}"
+    if pack_budget is not None:
+        batching += f" packed={pack_budget}"
     return {"format": FORMAT, "model": model, "reference": reference, "data": data,
-            "dtype": str(dtype).replace("torch.", ""),
-            "batching": f"batch_size={batch_size} order_seed={seed}", "examples": n_examples}
+            "dtype": str(dtype).replace("torch.", ""), "batching": batching, "examples": n_examples}
 
 
 def key_differences(recorded: dict, current: dict) -> List[str]:
