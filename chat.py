@@ -17,7 +17,7 @@ Numerics (--numerics; each answer's header says which ran):
               are trained with; KV-cache generation on the backend ANITA_BACKEND
               picks (torch on a CPU).
   checkpoint  the weights as stored (bf16, fp32, ...), run by transformers'
-              LlamaForCausalLM (+ PEFT for --adapter); needs transformers and peft
+              its family's class (LlamaForCausalLM, Qwen3ForCausalLM, ...; + PEFT for --adapter); needs transformers and peft
               (pip install -e ".[real-model]").
   auto        (default) checkpoint for a merged export (the folder --merge-export
               writes: its weights are NF4 + the LoRA delta, which quantizing again
@@ -147,16 +147,18 @@ def describe_numerics(numerics: str, model_dir: Path) -> str:
 
 
 class TransformersModel:
-    """--numerics checkpoint: transformers' LlamaForCausalLM in the stored dtype."""
+    """--numerics checkpoint: transformers' own class of the model's family
+    (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM) in the
+    stored dtype."""
 
     def __init__(self, model_dir: Path):
         from anita_core.cli.common import usage_error
         try:
-            from transformers import LlamaForCausalLM
+            from transformers import AutoModelForCausalLM
         except ImportError:
             usage_error("--numerics checkpoint: needs transformers (pip install -e "
                         "\".[real-model]\"), or use --numerics nf4")
-        self.model = LlamaForCausalLM.from_pretrained(str(model_dir), dtype="auto").eval()
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto").eval()
         self.base = self.model
 
     def add_adapter(self, adapter: str) -> None:

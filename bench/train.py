@@ -48,7 +48,7 @@ from anita_core.model.weights import PROJECTIONS  # noqa: E402
 from bench import common, flops, plot, train_checks  # noqa: E402
 from bench.cases import Unavailable  # noqa: E402
 from bench.fit import largest_that_fits  # noqa: E402
-from bench.shapes import LLAMA3_8B, SMOKE, parse_int_list  # noqa: E402
+from bench.shapes import GPU_DIMS, family_dims, parse_int_list  # noqa: E402
 from bench.train_models import BUILDERS  # noqa: E402
 
 GPU_SEQS = (512, 1024, 2048, 4096, 8192)
@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup-steps", type=int, default=None,
                         help="untimed steps before timing (default: 2; smoke: 0, the batch "
                              "search's step already ran that shape)")
+    parser.add_argument("--family", default="llama", choices=tuple(GPU_DIMS),
+                        help="model family and size: llama (LLaMA-3-8B, default), mistral "
+                             "(Mistral-7B, window 4096), qwen2 (Qwen2.5-7B, q/k/v bias), qwen3 "
+                             "(Qwen3-8B, q/k norms); random NF4 weights at those shapes (--smoke: "
+                             "a tiny model with the same family features)")
     parser.add_argument("--lora-r", type=int, default=32, help="LoRA rank (default: 32)")
     parser.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (default: 16)")
     parser.add_argument("--lora-dropout", type=float, default=0.0,
@@ -124,7 +129,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _defaults(args, smoke: bool) -> argparse.Namespace:
     def pick(value, gpu, smoke_value):
         return value if value is not None else (smoke_value if smoke else gpu)
-    args.layers = pick(args.layers, LLAMA3_8B.layers, 1)
+    args.layers = pick(args.layers, GPU_DIMS[args.family].layers, 1)
     args.seq_lens = sorted(set(pick(args.seq_lens, GPU_SEQS, SMOKE_SEQS)))
     args.max_batch = pick(args.max_batch, 64, 1)
     args.steps = pick(args.steps, 5, 1)
@@ -220,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
     objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
     if not objectives or any(o not in OBJECTIVES for o in objectives):
         raise SystemExit(f"--objectives {args.objectives!r}: choose from {', '.join(OBJECTIVES)}")
-    dims = SMOKE if ctx.smoke else LLAMA3_8B
+    dims = family_dims(args.family, ctx.smoke)
     config = dims.model_config(layers=args.layers)
     model_name = str(args.checkpoint) if args.checkpoint else f"{dims.name} random NF4 ({args.layers} layers)"
     lora = LoRAConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,

@@ -108,9 +108,14 @@ def random_base_weights(config: ModelConfig, dtype: torch.dtype, device, blocksi
     for _ in range(config.num_hidden_layers):
         projections = {name: random_nf4_weight(shapes[name], blocksize, double_quant, dtype,
                                                device, generator) for name in PROJECTIONS}
+        # a family's extras (model/families.py): q/k/v biases, per-head q/k norm weights
+        biases = ({name: dense(shapes[name][0], 1, 0.02).view(-1) for name in ("q_proj", "k_proj", "v_proj")}
+                  if config.qkv_bias else {})
+        norms = ({n: torch.ones(config.head_dim, device=device, dtype=dtype) for n in ("q_norm", "k_norm")}
+                 if config.qk_norm else {})
         layers.append(LayerWeights(input_layernorm=torch.ones(h, device=device, dtype=dtype),
                                    post_attention_layernorm=torch.ones(h, device=device, dtype=dtype),
-                                   projections=projections))
+                                   projections=projections, biases=biases, **norms))
     return BaseWeights(embed_tokens=dense(v, h, 1.0), layers=layers,
                        norm=torch.ones(h, device=device, dtype=dtype),
                        lm_head=dense(v, h, h ** -0.5))
@@ -231,17 +236,24 @@ def _take_base_weights(model, base: BaseWeights, bnb, dtype) -> None:
         for layer, weights in zip(model.model.layers, base.layers):
             layer.input_layernorm.weight.copy_(weights.input_layernorm)
             layer.post_attention_layernorm.weight.copy_(weights.post_attention_layernorm)
+            for n in ("q_norm", "k_norm"):
+                if getattr(weights, n) is not None:
+                    getattr(layer.self_attn, n).weight.copy_(getattr(weights, n))
             for name in PROJECTIONS:
                 parent = layer.self_attn if name in ATTENTION_PROJECTIONS else layer.mlp
                 linear, nf4 = getattr(parent, name), weights.projections[name]
                 packed, state = nf4.to_bnb()
-                quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False,
+                bias = weights.biases.get(name)
+                quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features,
+                                              bias=bias is not None,
                                               compute_dtype=dtype, quant_type="nf4",
                                               compress_statistics=nf4.double_quant, device="meta")
                 quantized.weight = bnb.nn.Params4bit(
                     packed, requires_grad=False, quant_state=state, blocksize=nf4.blocksize,
                     compress_statistics=nf4.double_quant, quant_type="nf4", bnb_quantized=True,
                     module=quantized)
+                if bias is not None:
+                    quantized.bias = torch.nn.Parameter(bias.clone(), requires_grad=False)
                 setattr(parent, name, quantized)
                 del linear
 
@@ -270,15 +282,15 @@ def build_hf(config: ModelConfig, lora: LoRAConfig, *, dtype, device, checkpoint
         quantization = transformers.BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
             bnb_4bit_compute_dtype=dtype)
-        model = transformers.LlamaForCausalLM.from_pretrained(
+        model = transformers.AutoModelForCausalLM.from_pretrained(
             checkpoint, quantization_config=quantization, dtype=dtype,
             attn_implementation="sdpa", device_map={"": torch.device(device)})
         config = ModelConfig.from_dict(model.config.to_dict(), source=str(checkpoint))
     else:
-        hf_config = transformers.LlamaConfig(**config.to_hf_dict())
-        with torch.device(device):
-            model = transformers.LlamaForCausalLM._from_config(hf_config, dtype=dtype,
-                                                               attn_implementation="sdpa")
+        hf_config = transformers.AutoConfig.for_model(**config.to_hf_dict())
+        with torch.device(device):   # the family's own class (LlamaForCausalLM, Qwen3ForCausalLM, ...)
+            model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=dtype,
+                                                                  attn_implementation="sdpa")
         # anita's random model (same seed), so both frameworks train the same function
         _take_base_weights(model, random_base_weights(config, dtype, device, blocksize,
                                                       double_quant, seed), bnb, dtype)

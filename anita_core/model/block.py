@@ -203,13 +203,13 @@ def _forward(h0: torch.Tensor, layer: LayerWeights, geo: BlockGeometry, lora: Op
     del q, k, qh, kh
     vh = _heads(v, geo, geo.n_kv_heads)
     attention_saved = None
-    bounds = geo.bounds_for(layer.attention_window)
-    if attend is not None:
+    if attend is not None:      # generation: the KV cache applies the layer's window itself
         attn = attend(qr, kr, vh)
     elif keep is not None:      # for the backward: keep out and lse once
-        attn, attention_saved = attention_forward_for_backward(qr, kr, vh, bounds)
+        attn, attention_saved = attention_forward_for_backward(
+            qr, kr, vh, geo.bounds_for(layer.attention_window))
     else:
-        attn = attention_forward(qr, kr, vh, bounds)
+        attn = attention_forward(qr, kr, vh, geo.bounds_for(layer.attention_window))
     a = attn.reshape(h0.shape[0], -1)
     h1 = h0 + proj.forward("o_proj", a)
     x2, rstd2 = rms_norm_forward(h1, layer.post_attention_layernorm, geo.eps)
