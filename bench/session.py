@@ -96,8 +96,9 @@ STEPS = (
 STEP_NAMES = tuple(s.name for s in STEPS)
 
 
-def step_command(name: str, out: Path, smoke: bool, py: str) -> List[str]:
-    """The command of a step (the wheels step runs inside the runner: none)."""
+def step_command(name: str, out: Path, smoke: bool, py: str, family: str = "llama") -> List[str]:
+    """The command of a step (the wheels step runs inside the runner: none); ``family``
+    (--family): the model family the training steps run (bench/shapes.GPU_DIMS)."""
     s = ["--smoke"] if smoke else []
     quiet = ["--no-progress", "--no-plot"]
     if name == "device":
@@ -109,8 +110,10 @@ def step_command(name: str, out: Path, smoke: bool, py: str) -> List[str]:
         sizes = ["--batch", "2"] if smoke else ["--layers", "32", "--seq-lens", "2048",
                                                 "--batch", "4", "--steps", "3",
                                                 "--warmup-steps", "1"]
-        return [py, "-m", "bench.train", *s, *quiet, "--frameworks", *frameworks, "--objectives",
-                "sft,dpo", "--no-max-seq", *sizes, "--out", str(out / f"{name}.csv")]
+        if not smoke and family != "llama":      # each family's own depth (Qwen3-8B: 36)
+            sizes = sizes[2:]
+        return [py, "-m", "bench.train", *s, *quiet, "--family", family, "--frameworks", *frameworks,
+                "--objectives", "sft,dpo", "--no-max-seq", *sizes, "--out", str(out / f"{name}.csv")]
     if name == "kernels":
         tokens = [] if smoke else ["--tokens", "8192", "--warmup-ms", "10", "--rep-ms", "50"]
         return [py, "-m", "bench.kernels", *s, *quiet, "--ops", "nf4_dequantize,flash_attention",
@@ -161,6 +164,9 @@ def parse_args(argv) -> argparse.Namespace:
                       formatter_class=argparse.RawDescriptionHelpFormatter,
                       epilog="steps: " + ", ".join(STEP_NAMES))
     p.add_argument("out", nargs="?", metavar="OUT", help="folder the session writes (new or empty)")
+    p.add_argument("--family", default="llama", choices=("llama", "mistral", "qwen2", "qwen3"),
+                   help="the model family of the training steps: llama (LLaMA-3-8B, default), "
+                        "mistral (Mistral-7B), qwen2 (Qwen2.5-7B), qwen3 (Qwen3-8B)")
     p.add_argument("--smoke", action="store_true",
                    help="smoke sizes: the same steps on a CPU, labelled as a smoke run (default: off)")
     p.add_argument("--plan", action="store_true",
@@ -378,7 +384,8 @@ class Session:
             if name == "wheels":
                 status = self._wheels()
             else:
-                code = run_step(step_command(name, self.out, self.args.smoke, self.py),
+                code = run_step(step_command(name, self.out, self.args.smoke, self.py,
+                                             self.args.family),
                                 self.out / f"{name}.log", budget, self.env)
                 status = f"exit {code}" + (" (stopped at its budget)" if code == 124 else "")
         except OSError as e:          # the step could not start: the others still run

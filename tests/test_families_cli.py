@@ -98,3 +98,40 @@ def test_bench_train_runs_each_family_against_its_transformers_class(tmp_path, f
     assert set(rows) == {"anita", "hf_peft_bnb"}
     assert all(r["status"] == "ok" and f"smoke-{family}" in r["model"] for r in rows.values())
     assert rows["hf_peft_bnb"]["loss_check"].startswith("ok: first-step loss"), rows["hf_peft_bnb"]["loss_check"]
+
+
+@pytest.mark.parametrize("family", ("llama", "mistral", "qwen2", "qwen3"))
+def test_gpu_session_and_planner_know_each_family(family):
+    """The GPU session's training steps take --family, and the family's GPU shape
+    (bench/shapes.GPU_DIMS) is a config transformers builds as that family's class,
+    that the memory planner plans (the per-head q/k norm buffers counted for Qwen3)."""
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    from dataclasses import replace
+
+    from anita_core.memory.planner import StepShape, activation_peak
+    from bench import session
+    from bench.shapes import GPU_DIMS
+
+    command = session.step_command("train_anita", Path("/o"), False, "py", family)
+    assert command[command.index("--family") + 1] == family
+    assert ("--layers" in command) == (family == "llama")
+    config = GPU_DIMS[family].model_config()
+    hf = AutoConfig.for_model(**config.to_hf_dict())
+    assert type(hf).__name__.lower().startswith(family)
+    assert (hf.num_hidden_layers, hf.head_dim) == (config.num_hidden_layers, config.head_dim)
+    # the planner counts what the family's block holds: a kept Qwen3 layer keeps its q/k
+    # norms' inputs and rstd beside LLaMA's, so the same shape read as a plain llama
+    # predicts less, by those bytes per token row
+    shape = StepShape(batch=1, seq=2048, lora_rank=16)
+    config2 = GPU_DIMS[family].model_config(layers=2)
+    plain = replace(config2, model_type="llama", qkv_bias=False, qk_norm=False, layer_windows=None)
+    ours, theirs = (activation_peak(c, shape, ["keep", "keep"]) for c in (config2, plain))
+    if family == "qwen3":
+        d = config2.head_dim
+        per_row = (config2.num_attention_heads + config2.num_key_value_heads) * (d * 2 + 4)
+        assert ours - theirs >= 2 * shape.tokens * per_row
+    else:
+        assert ours == theirs
