@@ -144,7 +144,7 @@ def make_objective(checkpoint, hidden: int, n_pairs: int, device):
     from anita_core.lora import LoRAAdapters, LoRAConfig
     from anita_core.train.objectives import DPOObjective
     from anita_core.train.reference_logprobs import ReferenceLogps
-    from anita_core.train.cli import BUNDLED_MODEL
+    from anita_core.cli.common import BUNDLED_MODEL
     if checkpoint is None and hidden:
         model = random_model(hidden, device)
     else:
