@@ -73,23 +73,30 @@ def test_the_issue_s_832k_token_plan_does_not_fit_a_128_gib_host():
 
 
 def test_the_plan_sizes_the_host_pool_and_every_micro_batch_shares_it(tmp_path):
-    """apply_memory_plan reserves the plan's host bytes: the first offloading step makes
-    one host allocation of exactly that figure, and a smaller micro-batch, then the
-    largest, reuse it (no allocation per step, no growth)."""
+    """apply_memory_plan hands a model that has no stash a HostOffload and reserves the
+    plan's host bytes in its pool: the first offloading step makes one host allocation
+    of exactly that figure, and a smaller micro-batch, then the largest, reuse it (no
+    allocation per step, no growth). A plan that offloads nothing hands in nothing."""
+    from anita_core.memory.offload import HostOffload
     from anita_core.model.ops import use_backend
     from tests.test_memory_plan import random_batch, tiny_model
-    model = tiny_model(tmp_path, 3, 0.0)
-    request = memory_budget.MemoryRequest("offload")
+    model = tiny_model(tmp_path, 3, 0.0, offload=False)
     batches = [{"input_ids": torch.zeros(2, 16, dtype=torch.long)}]
+    recompute = memory_budget.apply_memory_plan(memory_budget.MemoryRequest("recompute"), model,
+                                                batches, log=lambda line: None)
+    assert recompute.strategies == ["recompute"] * 3 and model.activation_stash is None
+    request = memory_budget.MemoryRequest("offload")
     plan = memory_budget.apply_memory_plan(request, model, batches, log=lambda line: None)
     per_layer = 2 * 16 * model.config.hidden_size * 4                    # fp32
     assert plan.strategies == ["offload"] * 3 and plan.host_bytes == 3 * per_layer
-    assert model.host_pool.reserved == plan.host_bytes and model.host_pool.allocations == 0
+    assert isinstance(model.activation_stash, HostOffload)
+    pool = model.activation_stash.pool
+    assert pool.reserved == plan.host_bytes and pool.allocations == 0
     with use_backend("torch"):
         for batch, seq in ((1, 10), (2, 16)):
             model.train_step(*random_batch(model.config, batch, seq))
-            assert model.host_pool.allocations == 1
-            assert model.host_pool.nbytes == plan.host_bytes
+            assert pool.allocations == 1
+            assert pool.nbytes == plan.host_bytes
 
 
 def test_default_host_budget_is_available_memory_minus_a_margin(monkeypatch):

@@ -266,7 +266,6 @@ def load_model_and_adapters(args, model_dir: str, log):
     try:
         model = load_model(model_dir, compute_dtype=compute_dtype(args.dtype), device=device,
                                            progress=not args.no_progress,
-                                           offload_block_inputs=args.offload_activations,
                                            dropout_seed=args.seed)
     except (ValueError, FileNotFoundError) as e:
         usage_error(f"--model {model_dir}: cannot load the base model: {e}")
