@@ -168,3 +168,35 @@ def test_the_peak_statistic_starts_after_loading_and_the_reference_precompute(tm
         torch.set_num_threads(previous_threads)
     assert code == 0
     assert events == ["load", "reference", "reset", "step"], events
+
+
+def test_offload_activations_trains_on_the_host_offload_the_plan_hands_in(tmp_path, monkeypatch):
+    """train_sft.py --offload-activations: the model loads with no stash; the plan
+    offloads every layer and hands it a HostOffload, and the step's inputs went to
+    that pool: one allocation of exactly the plan's host bytes, every input fetched back."""
+    import train_sft
+    from anita_core.memory.offload import HostOffload
+    from anita_core.model.ops import use_backend
+    applied, plan_memory_of_run = [], memory_budget.apply_memory_plan
+
+    def recording(request, model, *args, **kwargs):
+        assert model.activation_stash is None
+        plan = plan_memory_of_run(request, model, *args, **kwargs)
+        applied.append((model, plan))
+        return plan
+    monkeypatch.setattr(memory_budget, "apply_memory_plan", recording)
+    previous_threads = torch.get_num_threads()
+    try:
+        with use_backend("torch"):
+            code = train_sft.main(["--offload-activations", "--max-steps", "1", "--batch-size", "2",
+                                   "--no-progress", "--eval-split", "0", "--threads", "1",
+                                   "--output-dir", str(tmp_path / "run")])
+    finally:
+        torch.set_num_threads(previous_threads)
+    assert code == 0
+    (model, plan), = applied
+    assert set(plan.strategies) == {"offload"} and plan.host_bytes > 0
+    stash = model.activation_stash
+    assert isinstance(stash, HostOffload) and stash.latest.done()
+    assert stash.latest.pool is stash.pool
+    assert stash.pool.allocations == 1 and stash.pool.nbytes == plan.host_bytes
