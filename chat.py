@@ -35,8 +35,8 @@ NUMERICS = ("auto", "nf4", "checkpoint")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from anita_core.train.cli import add_threads_argument, add_tokenizer_argument
-    from anita_core.train.flag_types import FlagParser, non_negative_float, positive_int, seed_int, utf8_text
+    from anita_core.cli.common import add_threads_argument, add_tokenizer_argument
+    from anita_core.cli.flag_types import FlagParser, non_negative_float, positive_int, seed_int, utf8_text
     p = FlagParser(prog="chat.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt", type=utf8_text, help="the user's message")
     p.add_argument("--model", required=True, help="model folder (config.json, safetensors, tokenizer)")
@@ -61,7 +61,7 @@ def _read_json(path: Path) -> dict:
     """A JSON object file of the model folder (generation_config.json...); {} when absent."""
     if not path.is_file():
         return {}
-    from anita_core.train.cli import usage_error
+    from anita_core.cli.common import usage_error
     try:
         value = json.loads(path.read_bytes().decode("utf-8"))
     except RecursionError:
@@ -78,7 +78,7 @@ def render_prompt(args, tokenizer) -> str:
     a template this tokenizer cannot render is one line (exit code 2)."""
     from anita_core.data import templates
     from anita_core.data.chat_template import ChatTemplateError, render
-    from anita_core.train.cli import usage_error
+    from anita_core.cli.common import usage_error
 
     template = args.template
     if template == "auto":
@@ -118,7 +118,7 @@ def stop_ids(model_dir: Path, tokenizer) -> list:
     ids = _read_json(path).get("eos_token_id", [])
     ids = list(ids) if isinstance(ids, list) else [ids]
     if not all(isinstance(i, int) and not isinstance(i, bool) or i is None for i in ids):
-        from anita_core.train.cli import usage_error
+        from anita_core.cli.common import usage_error
         usage_error(f"--model: {path}: field 'eos_token_id' must be a token id or a list of them, "
                     f"got {ids!r}")
     names = [tokenizer.eos_token, "<|eot_id|>", "<|im_end|>", "<|end_of_text|>", "</s>"]
@@ -150,7 +150,7 @@ class TransformersModel:
     """--numerics checkpoint: transformers' LlamaForCausalLM in the stored dtype."""
 
     def __init__(self, model_dir: Path):
-        from anita_core.train.cli import usage_error
+        from anita_core.cli.common import usage_error
         try:
             from transformers import LlamaForCausalLM
         except ImportError:
@@ -177,9 +177,9 @@ class TransformersModel:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from anita_core.train.cli import apply_threads, usage_error
+    from anita_core.cli.common import apply_threads, usage_error
     from anita_core.train.input_checks import BadInput, check_adapter, check_model
-    apply_threads(args)
+    apply_threads(args.threads)
     # the model folder (config, file headers, tokenizer) and the adapter, checked as the
     # trainers check theirs, before anything loads
     try:

@@ -29,7 +29,7 @@ from typing import Dict, List
 if __package__ in (None, ""):  # run as a file: make `import bench` work like python -m
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import common, ops_activation, ops_attention, ops_loss, ops_nf4, plot  # noqa: E402
+from bench import common, plot  # noqa: E402
 from bench.cases import (MODES, OpSpec, Problem, SweepSettings, Unavailable,  # noqa: E402
                          check_tolerance, check_values, mode_callable, relative_error)
 from bench.shapes import (GPU_TOKENS, LLAMA3_8B, SMOKE, SMOKE_PROJECTIONS, SMOKE_TOKENS,  # noqa: E402
@@ -46,8 +46,10 @@ COLUMNS = ["op", "provider", "mode", "group", "shape", "tokens", "status", "medi
 
 
 def all_op_specs(settings: SweepSettings) -> List[OpSpec]:
-    return (ops_nf4.op_specs(settings) + ops_activation.op_specs(settings)
-            + ops_loss.op_specs(settings) + ops_attention.op_specs(settings))
+    """The bench of every op record that names one (csrc_triton/records.py)."""
+    from csrc_triton.records import all_records, resolve
+    return [spec for record in all_records() if record.bench
+            for spec in resolve(record.bench)(settings)]
 
 
 def build_parser() -> argparse.ArgumentParser:

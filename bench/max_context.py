@@ -12,7 +12,7 @@ live-tensor tracker on the tiny model (within 10%); on a GPU the measured
 torch.cuda.max_memory_allocated is what a run prints at its end.
 
 Indexing is no bound here: the kernels switch to 64-bit offsets when an activation
-passes 2^31 - 1 elements (csrc_triton._checks.wide_index). What the kernels still
+passes 2^31 - 1 elements (csrc_triton.checks.wide_index). What the kernels still
 count in 32 bits is token rows, 2^31 - 1 per micro-batch (attention.MAX_TOKENS,
 refused by the CLI before training), far past any memory.
 """

@@ -45,7 +45,7 @@ from bench.cases import (SweepSettings, Unavailable, check_tolerance,  # noqa: E
 from bench.crossover import crossover_rows  # noqa: E402,F401  (re-exported)
 from bench.ops_nf4 import storage_bytes  # noqa: E402
 from bench.shapes import LLAMA3_8B, SMOKE, SMOKE_PROJECTIONS, parse_int_list  # noqa: E402
-from csrc_triton import nf4_matmul, nf4_quantize  # noqa: E402
+from csrc_triton import nf4_matmul_op, nf4_quantize  # noqa: E402
 from csrc_triton.nf4_matmul import nf4_matmul_backward_input, nf4_matmul_forward  # noqa: E402
 
 MODES = ("forward", "backward_input")
@@ -98,7 +98,7 @@ def _builders(ctx) -> Dict[str, Callable]:
 
     def ours(mode, a, q, dense):
         if mode == "forward":
-            return lambda: nf4_matmul(a, q)
+            return lambda: nf4_matmul_op(a, q)
         return lambda: nf4_matmul_backward_input(a, q)
 
     def ours_path(path):

@@ -190,7 +190,8 @@ def _flash_attn_varlen(inp, ctx) -> Case:
     return Case(forward, wrt=(q, k, v))
 
 
-def op_specs(settings: SweepSettings) -> List[OpSpec]:
+def flash_attention_bench(settings: SweepSettings) -> List[OpSpec]:
+    """The flash_attention record's bench (csrc_triton/records.py)."""
     return [OpSpec("flash_attention", lambda: _problems(settings),
                    {"ours": _ours, "torch": _sdpa_dense_mask, "sdpa_causal": _sdpa_causal_unpacked,
                     "sdpa_flash": _sdpa_flash, "sdpa_cudnn": _sdpa_cudnn,

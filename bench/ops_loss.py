@@ -15,7 +15,7 @@ import torch
 
 from bench import eager, peers
 from bench.cases import Case, OpSpec, Problem, SweepSettings, Work
-from csrc_triton import cross_entropy, fused_linear_cross_entropy, token_logprobs
+from csrc_triton import cross_entropy_op, fused_linear_cross_entropy, token_logprobs
 
 
 def _element_size(settings: SweepSettings) -> int:
@@ -50,7 +50,7 @@ def _ce_problems(settings: SweepSettings) -> List[Problem]:
 
 def _ce_ours(inp, ctx) -> Case:
     logits, labels = inp["logits"], inp["labels"]
-    return Case(lambda: cross_entropy(logits, labels), wrt=(logits,), canonical=_loss_only)
+    return Case(lambda: cross_entropy_op(logits, labels), wrt=(logits,), canonical=_loss_only)
 
 
 def _ce_torch(inp, ctx, fn=eager.cross_entropy) -> Case:
@@ -141,13 +141,17 @@ def _logprobs_compile(inp, ctx) -> Case:
     return _logprobs_torch(inp, ctx, peers.compiled(ctx, eager.token_logprobs))
 
 
-def op_specs(settings: SweepSettings) -> List[OpSpec]:
+# The benches of the op records (csrc_triton/records.py: RECORD.bench).
+def cross_entropy_bench(settings: SweepSettings) -> List[OpSpec]:
+    return [OpSpec("cross_entropy", lambda: _ce_problems(settings),
+                   {"ours": _ce_ours, "torch": _ce_torch, "torch.compile": _ce_compile,
+                    "liger": _ce_liger, "unsloth": _ce_unsloth}, bound="memory")]
+
+
+def linear_loss_bench(settings: SweepSettings) -> List[OpSpec]:
     note = ("fused_linear_cross_entropy: ours and Liger compute the gradient inside the forward "
             "call; compare providers on mode 'both'")
     return [
-        OpSpec("cross_entropy", lambda: _ce_problems(settings),
-               {"ours": _ce_ours, "torch": _ce_torch, "torch.compile": _ce_compile,
-                "liger": _ce_liger, "unsloth": _ce_unsloth}, bound="memory"),
         OpSpec("fused_linear_cross_entropy",
                lambda: _linear_problems(settings, "fused_linear_cross_entropy"),
                {"ours": _flce_ours, "torch": _flce_torch, "torch.compile": _flce_compile,

@@ -16,7 +16,7 @@ import torch
 
 from bench import eager, peers
 from bench.cases import Case, OpSpec, Problem, SweepSettings, Work
-from csrc_triton import NF4Weight, lora_linear, nf4_dequantize, nf4_matmul, nf4_quantize
+from csrc_triton import NF4Weight, lora_linear_op, nf4_dequantize, nf4_matmul_op, nf4_quantize
 
 
 def storage_bytes(n: int, k: int, blocksize: int, double_quant: bool) -> int:
@@ -184,7 +184,7 @@ def _matmul_problems(settings: SweepSettings, op: str = "nf4_matmul") -> List[Pr
 
 def _matmul_ours(inp, ctx) -> Case:
     x, q = inp["x"], inp["q"]
-    return Case(lambda: (nf4_matmul(x, q),), wrt=(x,))
+    return Case(lambda: (nf4_matmul_op(x, q),), wrt=(x,))
 
 
 def _matmul_torch(inp, ctx, fn=eager.nf4_matmul) -> Case:
@@ -215,7 +215,7 @@ def _matmul_unsloth(inp, ctx) -> Case:
 # ------------------------------------------------------------------ lora_linear
 def _lora_ours(inp, ctx) -> Case:
     x, q, a, b, s = inp["x"], inp["q"], inp["A"], inp["B"], inp["scale"]
-    return Case(lambda: (lora_linear(x, q, a, b, s),), wrt=(x, a, b))
+    return Case(lambda: (lora_linear_op(x, q, a, b, s),), wrt=(x, a, b))
 
 
 def _lora_torch(inp, ctx, fn=eager.lora_linear) -> Case:
@@ -246,23 +246,32 @@ def _lora_unsloth(inp, ctx) -> Case:
     return Case(lambda: (kernels.matmul_lora(x.detach(), packed, state, a.detach(), b.detach(), s),))
 
 
-def op_specs(settings: SweepSettings) -> List[OpSpec]:
-    return [
-        OpSpec("nf4_quantize", lambda: _quantize_problems(settings),
-               {"ours": _quantize_ours, "torch": _quantize_torch, "torch.compile": _quantize_compile,
-                "bitsandbytes": _quantize_bnb}, bound="memory",
-               notes=("nf4_quantize: single-level NF4 for every provider (quantization runs "
-                      "once per model load, not per step)",)),
-        OpSpec("nf4_dequantize", lambda: _dequantize_problems(settings),
-               {"ours": _dequantize_ours, "torch": _dequantize_torch,
-                "torch.compile": _dequantize_compile, "bitsandbytes": _dequantize_bnb,
-                "unsloth": _dequantize_unsloth}, bound="memory"),
-        OpSpec("nf4_matmul", lambda: _matmul_problems(settings),
-               {"ours": _matmul_ours, "torch": _matmul_torch, "torch.compile": _matmul_compile,
-                "bitsandbytes": _matmul_bnb, "unsloth": _matmul_unsloth}, bound="compute"),
-        OpSpec("lora_linear", lambda: _matmul_problems(settings, "lora_linear"),
-               {"ours": _lora_ours, "torch": _lora_torch, "torch.compile": _lora_compile,
-                "bitsandbytes": _lora_bnb, "unsloth": _lora_unsloth}, bound="compute",
-               notes=("lora_linear 'bitsandbytes' = bnb.matmul_4bit plus PEFT's fp32 LoRA "
-                      "branch, written as functions",)),
-    ]
+# The benches of the op records (csrc_triton/records.py: RECORD.bench).
+def nf4_quantize_bench(settings: SweepSettings) -> List[OpSpec]:
+    return [OpSpec("nf4_quantize", lambda: _quantize_problems(settings),
+                   {"ours": _quantize_ours, "torch": _quantize_torch,
+                    "torch.compile": _quantize_compile, "bitsandbytes": _quantize_bnb},
+                   bound="memory",
+                   notes=("nf4_quantize: single-level NF4 for every provider (quantization runs "
+                          "once per model load, not per step)",))]
+
+
+def nf4_dequantize_bench(settings: SweepSettings) -> List[OpSpec]:
+    return [OpSpec("nf4_dequantize", lambda: _dequantize_problems(settings),
+                   {"ours": _dequantize_ours, "torch": _dequantize_torch,
+                    "torch.compile": _dequantize_compile, "bitsandbytes": _dequantize_bnb,
+                    "unsloth": _dequantize_unsloth}, bound="memory")]
+
+
+def nf4_matmul_bench(settings: SweepSettings) -> List[OpSpec]:
+    return [OpSpec("nf4_matmul", lambda: _matmul_problems(settings),
+                   {"ours": _matmul_ours, "torch": _matmul_torch, "torch.compile": _matmul_compile,
+                    "bitsandbytes": _matmul_bnb, "unsloth": _matmul_unsloth}, bound="compute")]
+
+
+def lora_linear_bench(settings: SweepSettings) -> List[OpSpec]:
+    return [OpSpec("lora_linear", lambda: _matmul_problems(settings, "lora_linear"),
+                   {"ours": _lora_ours, "torch": _lora_torch, "torch.compile": _lora_compile,
+                    "bitsandbytes": _lora_bnb, "unsloth": _lora_unsloth}, bound="compute",
+                   notes=("lora_linear 'bitsandbytes' = bnb.matmul_4bit plus PEFT's fp32 LoRA "
+                          "branch, written as functions",))]

@@ -1,8 +1,10 @@
 """Attention within packed documents as plain PyTorch: the torch backend of
 csrc_triton.attention (same launchers, arguments, checks and return conventions).
 
-    S = Q K^T / sqrt(D), masked to the keys a query sees (j <= i and j at or after the
-    first token of i's document, from document_bounds); lse_i = log sum_j exp(S_ij);
+    S = Q K^T / sqrt(D), masked to the keys a query sees (j <= i and j at or after
+    first_key[i]: its document's first token, or i - W + 1 in a sliding window W, from
+    document_bounds; and, with 4 bounds, j outside the query's gap [gap_start[i],
+    gap_end[i]): a DPO pair's rejected answer skips the chosen one); lse_i = log sum_j exp(S_ij);
     P = exp(S - lse); out = P V.
     Backward from the saved lse: Delta_i = dO_i . O_i (O as stored, like the kernel),
     dP = dO V^T, dS = P (dP - Delta), dQ = dS K / sqrt(D), dK = dS^T Q / sqrt(D),
@@ -30,14 +32,13 @@ Everything in fp32, rounded once to the inputs' dtype. A row that sees no key
 from __future__ import annotations
 
 import math
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, Tuple
 
 import torch
 
 # document_bounds is O(S) plain torch; the checks are the kernel's own
-from csrc_triton.attention import (check_backward_args, check_bounds, check_into,  # noqa: F401
-                                   check_qkv, document_bounds)
-Bounds = Optional[Tuple[torch.Tensor, torch.Tensor]]
+from csrc_triton.attention import (Bounds, check_backward_args, check_bounds,  # noqa: F401
+                                   check_gap, check_into, check_qkv, document_bounds)
 
 # query tokens per block: large enough that each block is a few big matmuls (the
 # Python loop runs S / QUERY_BLOCK times per layer), small enough that a block's
@@ -65,12 +66,16 @@ def _blocks(bounds: Bounds, seq: int, block: int) -> Iterator[Tuple[int, int, in
 
 
 def _visible(bounds: Bounds, q0: int, q1: int, k0: int, device) -> torch.Tensor:
-    """Bool [B or 1, 1, 1, n, m]: query q0 + a sees key k0 + c (causal, within its document)."""
+    """Bool [B or 1, 1, 1, n, m]: query q0 + a sees key k0 + c (causal, from its first_key,
+    outside its gap)."""
     queries = torch.arange(q0, q1, device=device)
     keys = torch.arange(k0, q1, device=device)
     visible = (keys[None, :] <= queries[:, None])[None]
     if bounds is not None:
         visible = visible & (keys[None, None, :] >= bounds[0][:, q0:q1, None].long())
+    if bounds is not None and len(bounds) == 4:
+        gap_start, gap_end = (t[:, q0:q1, None].long() for t in bounds[2:])
+        visible = visible & ((keys[None, None, :] < gap_start) | (keys[None, None, :] >= gap_end))
     return visible[:, None, None]
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from csrc_triton._runtime import new_output
-from csrc_triton.linear_loss import (DEFAULT_CHUNK_BYTES, _check_common, _check_scalar, _chunk_rows,
+from csrc_triton.linear_loss import (DEFAULT_CHUNK_BYTES, check_loss_args, check_scalar, chunk_rows,
                                      check_token_logprobs_backward_args, scatter_token_logprobs,
                                      target_rows)
 
@@ -31,7 +31,7 @@ def _chunked_pass(hidden, weight, labels, ignore_index, chunk_bytes, *, row_scal
                if row_scale is not None and weight_grad else None)
     lse = new_output((n,), torch.float32, hidden.device)
     target = None if saved_lse is not None else new_output((n,), torch.float32, hidden.device)
-    chunk = _chunk_rows(V, chunk_bytes)
+    chunk = chunk_rows(V, chunk_bytes)
     for start in range(0, n, chunk):
         rows_c = rows[start:start + chunk]
         h_c = hidden.index_select(0, rows_c).float()
@@ -68,8 +68,8 @@ def linear_cross_entropy_forward_backward(hidden: torch.Tensor, weight: torch.Te
     """(loss_sum fp32 0-dim, n_tokens int64 0-dim, dhidden in hidden's dtype, dweight
     fp32 or None): the loss and the gradients of grad_scale * loss_sum."""
     op = "linear_cross_entropy_forward_backward"
-    T, _, _ = _check_common(op, hidden, weight, labels, ignore_index, chunk_bytes, num_targets)
-    grad_scale = _check_scalar(op, "grad_scale", grad_scale)
+    T, _, _ = check_loss_args(op, hidden, weight, labels, ignore_index, chunk_bytes, num_targets)
+    grad_scale = check_scalar(op, "grad_scale", grad_scale)
     row_scale = torch.full((T,), grad_scale, dtype=torch.float32, device=hidden.device)
     rows, lse, target, dhidden, dweight = _chunked_pass(
         hidden, weight, labels, ignore_index, chunk_bytes, row_scale=row_scale,
@@ -82,7 +82,7 @@ def linear_cross_entropy_forward(hidden: torch.Tensor, weight: torch.Tensor,
                                  labels: torch.Tensor, ignore_index: int = -100,
                                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, num_targets=None):
     """(loss_sum fp32 0-dim, n_tokens int64 0-dim), no gradients."""
-    _check_common("linear_cross_entropy_forward", hidden, weight, labels, ignore_index,
+    check_loss_args("linear_cross_entropy_forward", hidden, weight, labels, ignore_index,
                   chunk_bytes, num_targets)
     rows, lse, target, _, _ = _chunked_pass(hidden, weight, labels, ignore_index, chunk_bytes,
                                             num_targets=num_targets)
@@ -93,7 +93,7 @@ def token_logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: t
                            ignore_index: int = -100, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                            num_targets=None):
     """(logp fp32 [T], lse fp32 [T]), both exactly 0 at ignored positions."""
-    _check_common("token_logprobs_forward", hidden, weight, labels, ignore_index, chunk_bytes,
+    check_loss_args("token_logprobs_forward", hidden, weight, labels, ignore_index, chunk_bytes,
                   num_targets)
     rows, lse_rows, target_logits, _, _ = _chunked_pass(hidden, weight, labels, ignore_index,
                                                         chunk_bytes, num_targets=num_targets)

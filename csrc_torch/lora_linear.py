@@ -12,8 +12,8 @@ from typing import Optional
 
 import torch
 
-from csrc_triton.lora_linear import (FusedLoRAContext, LoRAContext, _check_fused_args,
-                                     _check_lora_args, _dropped_input, check_fused_backward_args,
+from csrc_triton.lora_linear import (FusedLoRAContext, LoRAContext, check_fused_args,
+                                     check_lora_args, dropped_input, check_fused_backward_args,
                                      check_lora_backward_args, split_adapter_grads,
                                      stacked_adapters)
 from csrc_triton.nf4 import NF4Weight
@@ -30,7 +30,7 @@ def lora_linear_forward(x2d: torch.Tensor, w: NF4Weight, A: torch.Tensor, B: tor
     """y2d = x2d W^T (+ bias) + scale * (drop(x2d) A^T) B^T in x2d's dtype; returns
     (y2d, LoRAContext). ``dense_w``/``path``/``bias``: see csrc_torch.nf4_matmul."""
     op = "lora_linear_forward"
-    _check_lora_args(op, x2d, w, A, B, scale, dropout)
+    check_lora_args(op, x2d, w, A, B, scale, dropout)
     check_bias(op, bias, w.shape[0], x2d.dtype, x2d.device)
     if generator is not None and generator.device.type != x2d.device.type:
         raise ValueError(f"{op}: argument 'generator' is on {generator.device}; the dropout "
@@ -42,7 +42,7 @@ def lora_linear_forward(x2d: torch.Tensor, w: NF4Weight, A: torch.Tensor, B: tor
     else:
         p = 0.0
     ctx = LoRAContext(keep_mask=keep_mask, dropout=p, xa=None)
-    xa = (_dropped_input(x2d, ctx).float() @ A.float().t()).contiguous()
+    xa = (dropped_input(x2d, ctx).float() @ A.float().t()).contiguous()
     y = with_bias(x2d.float() @ dense_weight(op, w, dense_w, path).t(), bias)
     y.add_(xa @ B.float().t(), alpha=float(scale))
     return y.to(x2d.dtype), ctx._replace(xa=xa)
@@ -60,7 +60,7 @@ def lora_linear_backward(dy2d: torch.Tensor, x2d: torch.Tensor, w: NF4Weight, A:
     dy32 = dy2d.float()
     g = dy32 @ B.float()                                   # dY B, [M, r]
     d_b = (dy32.t() @ ctx.xa).mul_(scale).to(B.dtype)
-    d_a = (g.t() @ _dropped_input(x2d, ctx).float()).mul_(scale).to(A.dtype)
+    d_a = (g.t() @ dropped_input(x2d, ctx).float()).mul_(scale).to(A.dtype)
     if not input_grad:
         return None, d_a, d_b
     low_rank = g @ A.float()                               # (dY B) A, [M, K]
@@ -78,7 +78,7 @@ def lora_linear_fused_forward(x2d: torch.Tensor, w: NF4Weight, adapters, scale: 
     stacked A and block-diagonal B (csrc_triton.lora_linear), bias = the segments' biases
     concatenated; returns (y2d, FusedLoRAContext)."""
     op = "lora_linear_fused_forward"
-    ranks = _check_fused_args(op, x2d, w, adapters, scale)
+    ranks = check_fused_args(op, x2d, w, adapters, scale)
     check_bias(op, bias, w.shape[0], x2d.dtype, x2d.device)
     lora_a, lora_b = stacked_adapters(w, adapters, ranks, torch.float32)
     x32 = x2d.float()

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from csrc_triton._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from csrc_triton.checks import FLOAT_DTYPES, check_same_device, check_tensor
 from csrc_triton.nf4 import NF4Weight
 from csrc_triton.nf4_matmul import check_bias, check_nf4_weight, check_swiglu_input
 

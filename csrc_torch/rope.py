@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from csrc_triton.rope import _check_args, rope_cos_sin  # noqa: F401  (re-exported)
+from csrc_triton.rope import check_rope_args, rope_cos_sin  # noqa: F401  (re-exported)
 
 
 def _rotate(x: torch.Tensor, cos_p: torch.Tensor, sin_p: torch.Tensor) -> torch.Tensor:
@@ -34,7 +34,7 @@ def rope_forward(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     """q [B, S, Hq, D], k [B, S, Hkv, D], positions [B, S], cos/sin fp32 [P, D/2] ->
     (q_rot, k_rot) in q's and k's dtypes, written over q and k with ``in_place``
     (same checks as csrc_triton.rope)."""
-    _check_args("q", q, "k", k, positions, cos, sin, positions_checked)
+    check_rope_args("q", q, "k", k, positions, cos, sin, positions_checked)
     return _launch(q, k, positions, cos, sin, inverse=False, in_place=in_place)
 
 
@@ -42,5 +42,5 @@ def rope_backward(dq_rot: torch.Tensor, dk_rot: torch.Tensor, positions: torch.T
                   cos: torch.Tensor, sin: torch.Tensor, *, positions_checked: bool = False,
                   in_place: bool = False):
     """(dq, dk): the rotation of (dq_rot, dk_rot) by -theta (over them with ``in_place``)."""
-    _check_args("dq_rot", dq_rot, "dk_rot", dk_rot, positions, cos, sin, positions_checked)
+    check_rope_args("dq_rot", dq_rot, "dk_rot", dk_rot, positions, cos, sin, positions_checked)
     return _launch(dq_rot, dk_rot, positions, cos, sin, inverse=True, in_place=in_place)

@@ -15,7 +15,17 @@ and a padding query sees nothing (first_key[i] = i + 1): its output is 0 and its
 log-sum-exp is -inf; padding keys are seen only by padding queries, i.e. by nobody.
 The launchers turn segment ids into two int32 vectors once (``document_bounds``):
 first_key (per query) and key_end (per key: the queries that see key j are
-j <= i < key_end[j]). Without segment ids every row is one causal document.
+j <= i < key_end[j]). Without segment ids every row is one causal document. A
+sliding window W (``document_bounds(segment_ids, window=W)``, Mistral's) narrows
+both: i - W < j, i.e. first_key[i] >= i - W + 1 and key_end[j] <= j + W.
+
+Bounds may also carry a gap per query, (first_key, key_end, gap_start, gap_end):
+query i sees key j iff first_key[i] <= j <= i and not gap_start[i] <= j < gap_end[i]
+(empty where gap_start == gap_end, else inside [first_key[i], i]). That is a DPO
+pair packed with its prompt once, [prompt | chosen | rejected]: the rejected
+answer's queries skip the chosen keys. The queries that see key j are then
+[j, key_end[j]) minus those whose gap holds j (key_end may end before such queries,
+e.g. a chosen key's at the chosen answer's end, and the backward walks less).
 
 Layout: each token's heads x D contiguous, tokens any distance apart (q, k, v may be
 column slices of the fused q/k/v projection's output; k and v share a token stride).
@@ -29,8 +39,10 @@ Here: the argument checks, the launchers (autotuned on a GPU, fixed tiles under 
 interpreter) and the autograd.Function.
 
 Public:
-  flash_attention(q, k, v, segment_ids=None) -> out           autograd Function
-  document_bounds(segment_ids) -> (first_key, key_end)        int32 [B, S] each
+  flash_attention(q, k, v, segment_ids=None, window=None, *, bounds=None) -> out
+                                                              autograd Function
+  document_bounds(segment_ids, window=None) -> (first_key, key_end)   int32 [B, S] each
+  check_gap(bounds)                             reads a gap's values (a GPU caller's once)
 Low level (used by the model's hand-written backward):
   flash_attention_forward(q, k, v, bounds) -> (out, lse)      lse fp32 [B, Hq, S]
   flash_attention_backward(d_out, q, k, v, out, lse, bounds, into=None) -> (dq, dk, dv)
@@ -43,16 +55,17 @@ from typing import Optional, Tuple
 import torch
 import triton
 
-from ._checks import (FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor,
+from .checks import (FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor,
                       check_token_rows, wide_index)
 from ._runtime import DOT_IN_FP32, INTERPRETING, MAX_INT32_NUMEL, new_output, record_launch
 from .attention_configs import AttentionBlocks, gpu_configs, head_dim_class
 from .attention_kernels import (_attention_delta_kernel, _attention_dkdv_kernel,
                                 _attention_dq_kernel, _attention_forward_kernel)
 from .autotune_policy import autotune
+from .records import OpRecord
 
-__all__ = ["AttentionBlocks", "document_bounds", "flash_attention", "flash_attention_forward",
-           "flash_attention_backward"]
+__all__ = ["AttentionBlocks", "check_gap", "document_bounds", "flash_attention",
+           "flash_attention_forward", "flash_attention_backward"]
 
 _OP = "flash_attention"
 MAX_HEAD_DIM = 256
@@ -66,8 +79,10 @@ _DELTA_ROWS = 1024 if INTERPRETING else 32
 _KERNELS = {"forward": _attention_forward_kernel, "dkdv": _attention_dkdv_kernel,
             "dq": _attention_dq_kernel}
 # what a tuned choice depends on (plus every tensor's dtype, which triton adds itself)
-AUTOTUNE_KEY = ["seq_bucket", "n_q_heads", "n_kv_heads", "head_dim", "HAS_BOUNDS"]
+AUTOTUNE_KEY = ["seq_bucket", "n_q_heads", "n_kv_heads", "head_dim", "HAS_BOUNDS", "HAS_GAP"]
 _tuned: dict = {}
+# None, (first_key, key_end) or (first_key, key_end, gap_start, gap_end): int32 [B, S] each
+Bounds = Optional[Tuple[torch.Tensor, ...]]
 
 
 def _interpreter_blocks(seq: int, group: int) -> AttentionBlocks:
@@ -111,12 +126,20 @@ def _launch(kind: str, grid, args: dict, blocks: Optional[AttentionBlocks], seq:
 
 # ---------------------------------------------------------------- launchers
 
-def document_bounds(segment_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def document_bounds(segment_ids: torch.Tensor, window: Optional[int] = None
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(first_key, key_end), int32 [B, S], from segment ids [B, S] (-1 = padding):
     first_key[i] = first index of i's run of equal ids (i + 1 for padding: sees nothing);
     key_end[j] = one past the last index of j's run (j for padding: seen by nobody).
+    ``window`` W (Mistral's ``sliding_window``, as transformers masks it: key j is seen
+    by query i iff i - W < j <= i, so W keys counting the query itself) narrows both:
+    first_key[i] = max(run start, i - W + 1), key_end[j] = min(run end, j + W).
     O(S) torch ops, once per batch; the model shares them between its layers."""
     check_tensor(_OP, "segment_ids", segment_ids, dtypes=INDEX_DTYPES, ndim=2)
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int)
+                               or window < 1):
+        raise ValueError(f"{_OP}: argument 'window' must be a positive int (keys per query, "
+                         f"the query itself included) or None, got {window!r}")
     batch, seq = segment_ids.shape
     index = torch.arange(seq, device=segment_ids.device).expand(batch, seq)
     starts = torch.ones_like(segment_ids, dtype=torch.bool)
@@ -125,6 +148,9 @@ def document_bounds(segment_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tens
     ends[:, :-1] = starts[:, 1:]
     first = torch.where(starts, index, 0).cummax(dim=1).values
     end = torch.where(ends, index + 1, seq).flip(1).cummin(dim=1).values.flip(1)
+    if window is not None:
+        first = torch.maximum(first, index - (window - 1))
+        end = torch.minimum(end, index + window)
     padding = segment_ids < 0
     first_key = torch.where(padding, index + 1, first).to(torch.int32).contiguous()
     key_end = torch.where(padding, index, end).to(torch.int32).contiguous()
@@ -169,16 +195,42 @@ def check_qkv(q, k, v, q_name="q"):
     return batch, seq, n_q_heads, n_kv_heads, head_dim
 
 
+_BOUND_NAMES = ("bounds[0] (first_key)", "bounds[1] (key_end)", "bounds[2] (gap_start)",
+                "bounds[3] (gap_end)")
+
+
 def check_bounds(bounds, batch, seq, device):
+    """``bounds``: None, (first_key, key_end) or (first_key, key_end, gap_start, gap_end),
+    int32 [B, S] each on q's device. On the host (CPU tensors) the gap's values are
+    checked too (check_gap); on a GPU that would be a read back per call, so there a
+    caller that builds gaps checks them once with check_gap."""
     if bounds is None:
         return
-    if not (isinstance(bounds, tuple) and len(bounds) == 2):
-        raise ValueError(f"{_OP}: argument 'bounds' must be the (first_key, key_end) pair "
-                         "from document_bounds, or None")
-    for name, t in zip(("bounds[0] (first_key)", "bounds[1] (key_end)"), bounds):
+    if not (isinstance(bounds, tuple) and len(bounds) in (2, 4)):
+        raise ValueError(f"{_OP}: argument 'bounds' must be (first_key, key_end) from "
+                         "document_bounds, (first_key, key_end, gap_start, gap_end), or None")
+    for name, t in zip(_BOUND_NAMES, bounds):
         check_tensor(_OP, name, t, dtypes=(torch.int32,), shape=(batch, seq))
         if t.device != device:
             raise ValueError(f"{_OP}: argument '{name}' is on {t.device}; q is on {device}")
+    if len(bounds) == 4 and device.type == "cpu":
+        check_gap(bounds)
+
+
+def check_gap(bounds) -> None:
+    """The gap [gap_start[i], gap_end[i]) of every query i is empty (gap_start == gap_end)
+    or inside its keys [first_key[i], i]; reads the values (one reduction and, on a
+    failure, the first bad query)."""
+    first_key, _, gap_start, gap_end = bounds
+    index = torch.arange(first_key.shape[1], device=first_key.device)
+    bad = (gap_start > gap_end) | ((gap_start < gap_end)
+                                   & ((gap_start < first_key) | (gap_end > index + 1)))
+    if bool(bad.any()):
+        b, i = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(
+            f"{_OP}: the gap of query {i} of row {b}, [gap_start, gap_end) = "
+            f"[{int(gap_start[b, i])}, {int(gap_end[b, i])}), must be empty (gap_start == "
+            f"gap_end) or inside its keys [first_key, i] = [{int(first_key[b, i])}, {i}]")
 
 
 def _query_grid(batch: int, seq: int, n_kv_heads: int, group: int):
@@ -199,12 +251,16 @@ def _common(q, k, head_dim, bounds):
     return dict(seq=seq, n_q_heads=n_q_heads, n_kv_heads=n_kv_heads,
                 group=n_q_heads // n_kv_heads, head_dim=head_dim, qk_scale_log2=scale * _LOG2E,
                 seq_bucket=triton.next_power_of_2(max(seq, 1)), HAS_BOUNDS=bounds is not None,
+                HAS_GAP=bounds is not None and len(bounds) == 4,
+                # without a gap its pointers are q, never read
+                gap_start_ptr=bounds[2] if bounds is not None and len(bounds) == 4 else q,
+                gap_end_ptr=bounds[3] if bounds is not None and len(bounds) == 4 else q,
                 DOT_FP32=_dot_in_fp32(q.dtype),
                 BLOCK_D=max(16, triton.next_power_of_2(head_dim))), scale
 
 
 def flash_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            bounds: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                            bounds: Bounds = None,
                             *, _blocks_override: Optional[AttentionBlocks] = None):
     """q [B, S, Hq, D], k/v [B, S, Hkv, D] (one dtype, token rows), bounds from
     document_bounds (None: one causal document per row) -> (out [B, S, Hq, D] in q's
@@ -256,7 +312,7 @@ def check_into(into, q, k):
 
 def flash_attention_backward(d_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                              v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                             bounds: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                             bounds: Bounds = None,
                              *, into=None, _blocks_override: Optional[AttentionBlocks] = None):
     """Gradients (dq, dk, dv) of flash_attention_forward given dL/d(out), from its
     saved out and lse; dk/dv of a kv head are summed over its query heads. Written into
@@ -268,7 +324,7 @@ def flash_attention_backward(d_out: torch.Tensor, q: torch.Tensor, k: torch.Tens
         return dq, dk, dv
     args, scale = _common(q, k, head_dim, bounds)
     group, block_d = args.pop("group"), args["BLOCK_D"]
-    first_key, key_end = bounds if bounds is not None else (q, q)
+    first_key, key_end = bounds[:2] if bounds is not None else (q, q)
     stride_o = check_token_rows(_OP, "out", out)
     delta = new_output((batch, n_q_heads, seq), torch.float32, q.device)
     wide = wide_index(q, k, v, d_out, out, lse, dq, dk, dv)
@@ -293,18 +349,26 @@ def flash_attention_backward(d_out: torch.Tensor, q: torch.Tensor, k: torch.Tens
     return dq, dk, dv
 
 
-def _bounds_for(q: torch.Tensor, segment_ids: Optional[torch.Tensor]):
+def _bounds_for(q: torch.Tensor, segment_ids: Optional[torch.Tensor], window: Optional[int],
+                bounds: Bounds) -> Bounds:
+    if bounds is not None:
+        if segment_ids is not None or window is not None:
+            raise ValueError(f"{_OP}: give either 'bounds' or 'segment_ids' (and 'window'), "
+                             "not both")
+        return bounds
     if segment_ids is None:
-        return None
+        if window is None:
+            return None
+        segment_ids = torch.zeros(q.shape[:2], dtype=torch.int32, device=q.device)
     check_tensor(_OP, "segment_ids", segment_ids, dtypes=INDEX_DTYPES, shape=tuple(q.shape[:2]))
     check_same_device(_OP, q=q, segment_ids=segment_ids)
-    return document_bounds(segment_ids)
+    return document_bounds(segment_ids, window)
 
 
 class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, segment_ids):
-        bounds = _bounds_for(q, segment_ids)
+    def forward(ctx, q, k, v, segment_ids, window=None, bounds=None):
+        bounds = _bounds_for(q, segment_ids, window, bounds)
         out, lse = flash_attention_forward(q, k, v, bounds)
         ctx.bounds = bounds
         ctx.save_for_backward(q, k, v, out, lse)
@@ -314,13 +378,24 @@ class FlashAttentionFunction(torch.autograd.Function):
     def backward(ctx, d_out):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = flash_attention_backward(d_out.contiguous(), q, k, v, out, lse, ctx.bounds)
-        return dq, dk, dv, None
+        return dq, dk, dv, None, None, None
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    segment_ids: Optional[torch.Tensor] = None, window: Optional[int] = None,
+                    *, bounds: Bounds = None) -> torch.Tensor:
     """Causal attention of q [B, S, Hq, D] over k/v [B, S, Hkv, D] within the documents
     of ``segment_ids`` [B, S] (-1 = padding, whose rows come out 0; None = one document
-    per row), softmax scale 1/sqrt(D). Differentiable in q, k and v."""
+    per row), within a sliding ``window`` of keys when given, or over explicit
+    ``bounds`` (see check_bounds: a gap per query), softmax scale 1/sqrt(D).
+    Differentiable in q, k and v."""
     check_qkv(q, k, v)
-    return FlashAttentionFunction.apply(q, k, v, segment_ids)
+    return FlashAttentionFunction.apply(q, k, v, segment_ids, window, bounds)
+
+
+RECORD = OpRecord(
+    "flash_attention", (document_bounds, flash_attention_forward, flash_attention_backward),
+    torch_mirror="csrc_torch.attention", reference="tests.reference.attention",
+    parity="tests.test_torch_backend:flash_attention_parity",
+    bench="bench.ops_attention:flash_attention_bench",
+    compile_specs="tests.sm90_attention:attention_specs")

@@ -1,6 +1,14 @@
 """The flash attention kernels (launched by attention): the forward, the Delta
-preprocessing, dK/dV and dQ, and their @triton.jit tile helpers. Shapes and who sees
-whom (first_key / key_end from segment ids): the attention docstring.
+preprocessing, dK/dV and dQ (their @triton.jit tile helpers: attention_tiles).
+Shapes and who sees whom (first_key / key_end from segment ids, a sliding window,
+a gap per query): the attention docstring. In short, query i sees key j iff
+
+    first_key[i] <= j <= i   and not   gap_start[i] <= j < gap_end[i]   (HAS_GAP only)
+
+and the queries that see key j lie in [j, key_end[j]) (those whose gap holds j
+excluded). A sliding window is bounds only (first_key >= i - W + 1, key_end <= j + W):
+the walks below start and stop at them, so the key blocks before a query tile's
+window and the query tiles past a key block's window are never read.
 
 Tiles. A query tile is BLOCK_M tokens x BLOCK_H query heads that share one kv head
 (the K/V blocks it reads serve all of them; GPU configs use BLOCK_H = 1, the
@@ -14,8 +22,11 @@ Key blocks are walked only over [min first_key of the tile's rows, its last toke
 blocks before the tile's first document or after its last query are skipped, not
 masked. Exponentials are base 2 with log2(e) folded into c.
 
+A gap changes nothing in these formulas: its keys are not visible (s_ij = -inf,
+so P_ij = 0 and they add nothing to l_i, acc_i, nor below to dV, dS, dQ, dK).
+
 Backward, from the saved lse (P is recomputed, never stored):
-    P_ij = exp(s_ij - lse_i)  (0 where not visible),   O = P V
+    P_ij = exp(s_ij - lse_i)  (0 where not visible, the gap included),   O = P V
     dV = P^T dO                      (O is linear in V)
     dP = dO V^T                      (same, in P)
     dS_ij = P_ij (dP_ij - Delta_i),  Delta_i = sum_j P_ij dP_ij = dO_i . O_i
@@ -38,6 +49,19 @@ running max). For dK/dV the unmasked query tiles are those that see the whole ke
 block: from the diagonal to the end of its first key's document. On one causal
 document with 128 x 64 tiles that leaves 2 masked key blocks per query tile.
 
+The gap (HAS_GAP, a constexpr: without it the kernels compile as before it
+existed). Each query row loads its gap_start / gap_end with its first_key, and
+every block, masked or not, masks the gap per element (and keeps the -inf guard:
+a gap may hide all of a row's keys in a block). Skipped, in forward and dQ: the
+blocks of the unmasked range that lie inside every row's gap ([max gap_start,
+min gap_end) of the tile's rows, whole blocks only; none once a row's gap is
+empty), e.g. the chosen answer's blocks for a tile of a DPO pair's rejected
+queries. Masked blocks inside every gap are still walked (a few per tile at most).
+dK/dV skips nothing more than key_end says: whether a query tile gaps a key block
+away is known only from the tile's own rows, so bounds should end key_end before
+such queries (a chosen key's key_end at the chosen answer's end: then the rejected
+queries are never walked for it).
+
 Layout: q, k, v, out (and their gradients) are [B, S, heads, D] with each token's
 heads x D contiguous and tokens ``stride_*`` elements apart, so q/k/v may be column
 slices of the fused projection's output and dq/dk/dv slices of one buffer. k and v
@@ -54,148 +78,17 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# ---------------------------------------------------------------- tile helpers
-
-@triton.jit
-def _tile(token_row, head, stride, head_dim, row_ok, BLOCK_D: tl.constexpr):
-    """Offsets and mask of a [rows, BLOCK_D] tile: row r is head ``head`` (per row, or one
-    for all) of token row token_row[r] = b S + t, token rows ``stride`` elements apart
-    (pad lanes d >= D and rows not row_ok masked)."""
-    dims = tl.arange(0, BLOCK_D)
-    offsets = (token_row * stride + head * head_dim)[:, None] + dims[None, :]
-    return offsets, row_ok[:, None] & (dims < head_dim)[None, :]
-
-
-@triton.jit
-def _token_rows(b, tokens, seq, INDEX_64: tl.constexpr):
-    """b S + tokens, in int64 when INDEX_64 (before any stride multiplies it)."""
-    rows = b * seq + tokens
-    if INDEX_64:
-        rows = rows.to(tl.int64)
-    return rows
-
-
-@triton.jit
-def _query_rows(b, kv_h, g0, tokens0, seq, n_q_heads, group, first_key_ptr,
-                HAS_BOUNDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
-                INDEX_64: tl.constexpr):
-    """The rows of a query tile: BLOCK_M tokens from tokens0 for each of the query heads
-    g0 .. g0 + BLOCK_H - 1 of kv head kv_h. Returns (tokens, token rows, heads, lse/Delta
-    index, row_ok, first_key); rows past the sequence or the group see nothing
-    (first_key = token + 1)."""
-    r = tl.arange(0, BLOCK_H * BLOCK_M)
-    g = g0 + r // BLOCK_M
-    tokens = tokens0 + r % BLOCK_M
-    heads = kv_h * group + g
-    row_ok = (tokens < seq) & (g < group)
-    if HAS_BOUNDS:
-        first = tl.load(first_key_ptr + b * seq + tokens, mask=row_ok, other=0)
-    else:
-        first = tl.zeros_like(tokens)
-    first_key = tl.where(row_ok, first, tokens + 1)
-    stat_row = b * n_q_heads + heads
-    if INDEX_64:
-        stat_row = stat_row.to(tl.int64)
-    return (tokens, _token_rows(b, tokens, seq, INDEX_64), heads, stat_row * seq + tokens,
-            row_ok, first_key)
-
-
-@triton.jit
-def _unmasked_range(lo, hi, first_seen, last_seen, BLOCK: tl.constexpr):
-    """[a, b), lo <= a <= b <= hi, the blocks of BLOCK between lo and hi that start at or
-    after ``first_seen`` and end at or before ``last_seen`` (inclusive): the ones seen
-    whole. [lo, a) and [b, hi) keep their masks."""
-    a = tl.minimum(tl.maximum(tl.cdiv(first_seen, BLOCK) * BLOCK, lo), hi)
-    b = tl.minimum(tl.maximum(((last_seen + 1) // BLOCK) * BLOCK, a), hi)
-    return a, b
-
-
-@triton.jit
-def _query_tile(first_key_ptr, seq, n_q_heads, n_kv_heads, group, HAS_BOUNDS: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
-                INDEX_64: tl.constexpr):
-    """The query tile of a forward / dQ program. Grid axis 0: query blocks; axis 1: batch
-    rows x kv heads x ceil(group / BLOCK_H) head tiles. Returns (b, kv head, and
-    _query_rows' values, then lo, a, b, hi): the visible keys of the tile lie in
-    [min first_key, last token], so only the key blocks from lo (rounded down to
-    BLOCK_N) to hi are walked, the rest skipped; [a, b) are seen whole by every row
-    (at or after the largest first_key, at or before the tile's first token)."""
-    pid_m = tl.program_id(0)
-    head_tiles = tl.cdiv(group, BLOCK_H)
-    pid = tl.program_id(1)
-    b = pid // (n_kv_heads * head_tiles)
-    rest = pid % (n_kv_heads * head_tiles)
-    kv_h = rest // head_tiles
-    tokens, token_row, heads, stat_index, row_ok, first_key = _query_rows(
-        b, kv_h, (rest % head_tiles) * BLOCK_H, pid_m * BLOCK_M, seq, n_q_heads, group,
-        first_key_ptr, HAS_BOUNDS, BLOCK_M, BLOCK_H, INDEX_64)
-    lo = (tl.min(first_key, axis=0) // BLOCK_N) * BLOCK_N
-    hi = tl.minimum((pid_m + 1) * BLOCK_M, seq)
-    full_lo, full_hi = _unmasked_range(lo, hi, tl.max(tl.where(row_ok, first_key, 0), axis=0),
-                                       pid_m * BLOCK_M, BLOCK_N)
-    return (b, kv_h, tokens, token_row, heads, stat_index, row_ok, first_key,
-            lo, full_lo, full_hi, hi)
-
-
-@triton.jit
-def _key_tile(b, kv_h, start, seq, stride, head_dim, BLOCK_N: tl.constexpr,
-              BLOCK_D: tl.constexpr, INDEX_64: tl.constexpr):
-    """(key indices, offsets, mask) of BLOCK_N keys from ``start`` of kv head kv_h."""
-    cols = start + tl.arange(0, BLOCK_N)
-    offsets, mask = _tile(_token_rows(b, cols, seq, INDEX_64), kv_h, stride, head_dim,
-                          cols < seq, BLOCK_D)
-    return cols, offsets, mask
-
-
-@triton.jit
-def _scores(a, b, DOT_FP32: tl.constexpr):
-    """a @ b^T with fp32 accumulation (IEEE fp32 operands when DOT_FP32)."""
-    if DOT_FP32:
-        return tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
-    return tl.dot(a, tl.trans(b))
-
-
-@triton.jit
-def _accumulate(acc, a, b, DOT_FP32: tl.constexpr):
-    """acc + a @ b; ``a`` (fp32 probabilities or score gradients) is rounded to b's dtype."""
-    if DOT_FP32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a.to(b.dtype), b, acc)
-
-
-@triton.jit
-def _visible(tokens, cols, first_key):
-    """[rows, cols] mask: query token i sees key j iff first_key[i] <= j <= i."""
-    return (cols[None, :] >= first_key[:, None]) & (cols[None, :] <= tokens[:, None])
-
-
-@triton.jit
-def _row_statistics(lse_ptr, delta_ptr, stat_index, row_ok):
-    """(lse in base 2, Delta) of query rows; an empty row's -inf lse becomes 0 (its P is
-    masked to 0 anyway) so that no inf enters the arithmetic."""
-    lse = tl.load(lse_ptr + stat_index, mask=row_ok, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
-    return lse2, tl.load(delta_ptr + stat_index, mask=row_ok, other=0.0)
-
-
-@triton.jit
-def _probabilities(q, k, tokens, cols, first_key, lse2, qk_scale_log2, MASKED: tl.constexpr,
-                   DOT_FP32: tl.constexpr):
-    """P = 2^(s - lse) on visible pairs, 0 elsewhere (s in base-2 units), recomputed;
-    without MASKED every pair of the block is visible."""
-    p = tl.exp2(_scores(q, k, DOT_FP32) * qk_scale_log2 - lse2[:, None])
-    if MASKED:
-        p = tl.where(_visible(tokens, cols, first_key), p, 0.0)
-    return p
-
+from .attention_tiles import (_accumulate, _gap_skip, _key_tile, _outside_gap, _probabilities,
+                              _query_rows, _query_tile, _row_statistics, _scores, _tile,
+                              _token_rows, _unmasked_range, _visible)
 
 # ---------------------------------------------------------------- forward
 
 @triton.jit
 def _forward_step(acc, m_i, l_i, q, k_ptr, v_ptr, b, kv_h, start, seq, stride_kv, head_dim,
-                  tokens, first_key, qk_scale_log2, MASKED: tl.constexpr,
-                  DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                  INDEX_64: tl.constexpr):
+                  tokens, first_key, gap_start, gap_end, qk_scale_log2, MASKED: tl.constexpr,
+                  HAS_GAP: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_D: tl.constexpr, INDEX_64: tl.constexpr):
     """One key block of the online softmax (see _attention_forward_kernel)."""
     cols, kv_offsets, kv_mask = _key_tile(b, kv_h, start, seq, stride_kv, head_dim, BLOCK_N,
                                           BLOCK_D, INDEX_64)
@@ -203,8 +96,12 @@ def _forward_step(acc, m_i, l_i, q, k_ptr, v_ptr, b, kv_h, start, seq, stride_kv
     s = _scores(q, k, DOT_FP32) * qk_scale_log2
     if MASKED:
         s = tl.where(_visible(tokens, cols, first_key), s, float("-inf"))
+    if HAS_GAP:
+        s = tl.where(_outside_gap(cols, gap_start, gap_end), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     if MASKED:
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    elif HAS_GAP:                   # a gap may hide a row's every key so far
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_sub = m_new               # every key seen: m_new is finite
@@ -218,9 +115,11 @@ def _forward_step(acc, m_i, l_i, q, k_ptr, v_ptr, b, kv_h, start, seq, stride_kv
 
 @triton.jit
 def _attention_forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, first_key_ptr,
+                              gap_start_ptr, gap_end_ptr,
                               seq, n_q_heads, n_kv_heads, group, head_dim, qk_scale_log2,
                               stride_q, stride_kv, stride_o, seq_bucket,
-                              HAS_BOUNDS: tl.constexpr, DOT_FP32: tl.constexpr,
+                              HAS_BOUNDS: tl.constexpr, HAS_GAP: tl.constexpr,
+                              DOT_FP32: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                               BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
                               INDEX_64: tl.constexpr):
@@ -235,11 +134,15 @@ def _attention_forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, first_key_p
     every row sees a key). At the end o = acc / l and lse = (m + log2 l) ln 2; a row
     with l = 0 (padding) writes o = 0, lse = -inf. Only the key blocks that can be
     visible are walked, and only the diagonal / document-start ones masked
-    (_query_tile). ``seq_bucket`` (next power of two of seq) only keys the autotuner.
+    (_query_tile). With HAS_GAP every block also masks each row's gap (and guards the
+    running max: a gap may hide all of a row's keys so far), and the unmasked range
+    skips the blocks inside every row's gap (_gap_skip). ``seq_bucket`` (next power
+    of two of seq) only keys the autotuner.
     """
-    (b, kv_h, tokens, token_row, heads, stat_index, row_ok, first_key,
-     lo, full_lo, full_hi, hi) = _query_tile(first_key_ptr, seq, n_q_heads, n_kv_heads, group,
-                                             HAS_BOUNDS, BLOCK_M, BLOCK_N, BLOCK_H, INDEX_64)
+    (b, kv_h, tokens, token_row, heads, stat_index, row_ok, first_key, gap_start, gap_end,
+     lo, full_lo, full_hi, hi) = _query_tile(first_key_ptr, gap_start_ptr, gap_end_ptr, seq,
+                                             n_q_heads, n_kv_heads, group, HAS_BOUNDS, HAS_GAP,
+                                             BLOCK_M, BLOCK_N, BLOCK_H, INDEX_64)
     q_offsets, q_mask = _tile(token_row, heads, stride_q, head_dim, row_ok, BLOCK_D)
     q = tl.load(q_ptr + q_offsets, mask=q_mask, other=0.0)
     m_i = tl.full((BLOCK_H * BLOCK_M,), float("-inf"), tl.float32)
@@ -251,12 +154,26 @@ def _attention_forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, first_key_p
     for i in tl.range(0, n_lo + tl.cdiv(hi - full_hi, BLOCK_N), num_stages=1):
         start = tl.where(i < n_lo, lo + i * BLOCK_N, full_hi + (i - n_lo) * BLOCK_N)
         acc, m_i, l_i = _forward_step(acc, m_i, l_i, q, k_ptr, v_ptr, b, kv_h, start, seq,
-                                      stride_kv, head_dim, tokens, first_key, qk_scale_log2,
-                                      True, DOT_FP32, BLOCK_N, BLOCK_D, INDEX_64)
-    for start in range(full_lo, full_hi, BLOCK_N):
-        acc, m_i, l_i = _forward_step(acc, m_i, l_i, q, k_ptr, v_ptr, b, kv_h, start, seq,
-                                      stride_kv, head_dim, tokens, first_key, qk_scale_log2,
-                                      False, DOT_FP32, BLOCK_N, BLOCK_D, INDEX_64)
+                                      stride_kv, head_dim, tokens, first_key, gap_start,
+                                      gap_end, qk_scale_log2, True, HAS_GAP, DOT_FP32, BLOCK_N,
+                                      BLOCK_D, INDEX_64)
+    if HAS_GAP:
+        # the unmasked blocks around those inside every row's gap: [full_lo, skip_lo), then
+        # [skip_hi, full_hi), in one loop
+        skip_lo, skip_hi = _gap_skip(full_lo, full_hi, gap_start, gap_end, row_ok, seq, BLOCK_N)
+        n_below = tl.cdiv(skip_lo - full_lo, BLOCK_N)
+        for i in range(0, n_below + tl.cdiv(full_hi - skip_hi, BLOCK_N)):
+            start = tl.where(i < n_below, full_lo + i * BLOCK_N, skip_hi + (i - n_below) * BLOCK_N)
+            acc, m_i, l_i = _forward_step(acc, m_i, l_i, q, k_ptr, v_ptr, b, kv_h, start, seq,
+                                          stride_kv, head_dim, tokens, first_key, gap_start,
+                                          gap_end, qk_scale_log2, False, True, DOT_FP32,
+                                          BLOCK_N, BLOCK_D, INDEX_64)
+    else:
+        for start in range(full_lo, full_hi, BLOCK_N):
+            acc, m_i, l_i = _forward_step(acc, m_i, l_i, q, k_ptr, v_ptr, b, kv_h, start, seq,
+                                          stride_kv, head_dim, tokens, first_key, gap_start,
+                                          gap_end, qk_scale_log2, False, False, DOT_FP32,
+                                          BLOCK_N, BLOCK_D, INDEX_64)
     seen = l_i > 0.0
     l_div = tl.where(seen, l_i, 1.0)
     out = acc / l_div[:, None]
@@ -287,21 +204,23 @@ def _attention_delta_kernel(out_ptr, d_out_ptr, delta_ptr, n_rows, seq, n_q_head
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, q_ptr, d_out_ptr, lse_ptr, delta_ptr, first_key_ptr, b, kv_h, g0,
-               start, cols, seq, n_q_heads, group, head_dim, qk_scale_log2, stride_q, stride_o,
-               MASKED: tl.constexpr, HAS_BOUNDS: tl.constexpr, DOT_FP32: tl.constexpr,
+def _dkdv_step(dk, dv, k, v, q_ptr, d_out_ptr, lse_ptr, delta_ptr, first_key_ptr, gap_start_ptr,
+               gap_end_ptr, b, kv_h, g0, start, cols, seq, n_q_heads, group, head_dim,
+               qk_scale_log2, stride_q, stride_o, MASKED: tl.constexpr,
+               HAS_BOUNDS: tl.constexpr, HAS_GAP: tl.constexpr, DOT_FP32: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
                INDEX_64: tl.constexpr):
     """One query tile's contribution to a key block's dK, dV (see _attention_dkdv_kernel)."""
-    tokens, token_row, heads, stat_index, row_ok, first_key = _query_rows(
-        b, kv_h, g0, start, seq, n_q_heads, group, first_key_ptr, HAS_BOUNDS, BLOCK_M, BLOCK_H,
-        INDEX_64)
+    tokens, token_row, heads, stat_index, row_ok, first_key, gap_start, gap_end = _query_rows(
+        b, kv_h, g0, start, seq, n_q_heads, group, first_key_ptr, gap_start_ptr, gap_end_ptr,
+        HAS_BOUNDS, HAS_GAP, BLOCK_M, BLOCK_H, INDEX_64)
     q_offsets, q_mask = _tile(token_row, heads, stride_q, head_dim, row_ok, BLOCK_D)
     q = tl.load(q_ptr + q_offsets, mask=q_mask, other=0.0)
     do_offsets, _ = _tile(token_row, heads, stride_o, head_dim, row_ok, BLOCK_D)
     do = tl.load(d_out_ptr + do_offsets, mask=q_mask, other=0.0)
     lse2, delta = _row_statistics(lse_ptr, delta_ptr, stat_index, row_ok)
-    p = _probabilities(q, k, tokens, cols, first_key, lse2, qk_scale_log2, MASKED, DOT_FP32)
+    p = _probabilities(q, k, tokens, cols, first_key, gap_start, gap_end, lse2, qk_scale_log2,
+                       MASKED, HAS_GAP, DOT_FP32)
     dv = _accumulate(dv, tl.trans(p), do, DOT_FP32)
     ds = p * (_scores(do, v, DOT_FP32) - delta[:, None])
     dk = _accumulate(dk, tl.trans(ds), q, DOT_FP32)
@@ -310,10 +229,11 @@ def _dkdv_step(dk, dv, k, v, q_ptr, d_out_ptr, lse_ptr, delta_ptr, first_key_ptr
 
 @triton.jit
 def _attention_dkdv_kernel(q_ptr, k_ptr, v_ptr, d_out_ptr, lse_ptr, delta_ptr,
-                           dk_ptr, dv_ptr, first_key_ptr, key_end_ptr,
-                           seq, n_q_heads, n_kv_heads, group, head_dim, qk_scale_log2, scale,
-                           stride_q, stride_kv, stride_o, stride_dkv, seq_bucket,
-                           HAS_BOUNDS: tl.constexpr, DOT_FP32: tl.constexpr,
+                           dk_ptr, dv_ptr, first_key_ptr, key_end_ptr, gap_start_ptr,
+                           gap_end_ptr, seq, n_q_heads, n_kv_heads, group, head_dim,
+                           qk_scale_log2, scale, stride_q, stride_kv, stride_o, stride_dkv,
+                           seq_bucket, HAS_BOUNDS: tl.constexpr, HAS_GAP: tl.constexpr,
+                           DOT_FP32: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
                            INDEX_64: tl.constexpr):
@@ -322,7 +242,11 @@ def _attention_dkdv_kernel(q_ptr, k_ptr, v_ptr, d_out_ptr, lse_ptr, delta_ptr,
     over the query tiles that can see the key block: from the block's first key
     (causal) to max key_end of its keys (the end of the last key's document). The
     query tiles from the diagonal to the end of the first key's document (key_end of
-    it) see every key of the block: no mask there."""
+    it) see every key of the block: no mask there. With HAS_GAP each row's gap is
+    masked in every tile (whether a tile's rows skip the block is known only once
+    their gaps are loaded); nothing more is skipped here than key_end says, so bounds
+    whose key_end ends before the queries that gap a key away (a DPO pair's chosen
+    keys: at the chosen answer's end) walk none of them."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // n_kv_heads
@@ -353,15 +277,16 @@ def _attention_dkdv_kernel(q_ptr, k_ptr, v_ptr, d_out_ptr, lse_ptr, delta_ptr,
         i = it // head_tiles
         start = tl.where(i < n_lo, lo + i * BLOCK_M, full_hi + (i - n_lo) * BLOCK_M)
         dk, dv = _dkdv_step(dk, dv, k, v, q_ptr, d_out_ptr, lse_ptr, delta_ptr, first_key_ptr,
-                            b, kv_h, (it % head_tiles) * BLOCK_H, start, cols, seq, n_q_heads,
-                            group, head_dim, qk_scale_log2, stride_q, stride_o, True,
-                            HAS_BOUNDS, DOT_FP32, BLOCK_M, BLOCK_D, BLOCK_H, INDEX_64)
+                            gap_start_ptr, gap_end_ptr, b, kv_h, (it % head_tiles) * BLOCK_H,
+                            start, cols, seq, n_q_heads, group, head_dim, qk_scale_log2,
+                            stride_q, stride_o, True, HAS_BOUNDS, HAS_GAP, DOT_FP32, BLOCK_M,
+                            BLOCK_D, BLOCK_H, INDEX_64)
     for it in range(0, (full_hi - full_lo) // BLOCK_M * head_tiles):
         dk, dv = _dkdv_step(dk, dv, k, v, q_ptr, d_out_ptr, lse_ptr, delta_ptr, first_key_ptr,
-                            b, kv_h, (it % head_tiles) * BLOCK_H,
+                            gap_start_ptr, gap_end_ptr, b, kv_h, (it % head_tiles) * BLOCK_H,
                             full_lo + (it // head_tiles) * BLOCK_M, cols, seq, n_q_heads,
                             group, head_dim, qk_scale_log2, stride_q, stride_o, False,
-                            HAS_BOUNDS, DOT_FP32, BLOCK_M, BLOCK_D, BLOCK_H, INDEX_64)
+                            HAS_BOUNDS, HAS_GAP, DOT_FP32, BLOCK_M, BLOCK_D, BLOCK_H, INDEX_64)
     out_offsets, _ = _tile(_token_rows(b, cols, seq, INDEX_64), kv_h, stride_dkv, head_dim,
                            cols < seq, BLOCK_D)
     tl.store(dk_ptr + out_offsets, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
@@ -370,30 +295,34 @@ def _attention_dkdv_kernel(q_ptr, k_ptr, v_ptr, d_out_ptr, lse_ptr, delta_ptr,
 
 @triton.jit
 def _dq_step(dq, q, do, lse2, delta, k_ptr, v_ptr, b, kv_h, start, seq, stride_kv, head_dim,
-             tokens, first_key, qk_scale_log2, MASKED: tl.constexpr, DOT_FP32: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INDEX_64: tl.constexpr):
+             tokens, first_key, gap_start, gap_end, qk_scale_log2, MASKED: tl.constexpr,
+             HAS_GAP: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_D: tl.constexpr, INDEX_64: tl.constexpr):
     """One key block's contribution to a query tile's dQ (see _attention_dq_kernel)."""
     cols, kv_offsets, kv_mask = _key_tile(b, kv_h, start, seq, stride_kv, head_dim, BLOCK_N,
                                           BLOCK_D, INDEX_64)
     k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0)
     v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0)
-    p = _probabilities(q, k, tokens, cols, first_key, lse2, qk_scale_log2, MASKED, DOT_FP32)
+    p = _probabilities(q, k, tokens, cols, first_key, gap_start, gap_end, lse2, qk_scale_log2,
+                       MASKED, HAS_GAP, DOT_FP32)
     ds = p * (_scores(do, v, DOT_FP32) - delta[:, None])
     return _accumulate(dq, ds, k, DOT_FP32)
 
 
 @triton.jit
 def _attention_dq_kernel(q_ptr, k_ptr, v_ptr, d_out_ptr, lse_ptr, delta_ptr, dq_ptr,
-                         first_key_ptr, seq, n_q_heads, n_kv_heads, group, head_dim,
-                         qk_scale_log2, scale, stride_q, stride_kv, stride_o, stride_dq,
-                         seq_bucket, HAS_BOUNDS: tl.constexpr, DOT_FP32: tl.constexpr,
+                         first_key_ptr, gap_start_ptr, gap_end_ptr, seq, n_q_heads, n_kv_heads,
+                         group, head_dim, qk_scale_log2, scale, stride_q, stride_kv, stride_o,
+                         stride_dq, seq_bucket, HAS_BOUNDS: tl.constexpr, HAS_GAP: tl.constexpr,
+                         DOT_FP32: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_H: tl.constexpr, INDEX_64: tl.constexpr):
     """dQ_i = c sum_j dS_ij K_j for one query tile, over the same visible key blocks as
-    the forward, masked on the same ones."""
-    (b, kv_h, tokens, token_row, heads, stat_index, row_ok, first_key,
-     lo, full_lo, full_hi, hi) = _query_tile(first_key_ptr, seq, n_q_heads, n_kv_heads, group,
-                                             HAS_BOUNDS, BLOCK_M, BLOCK_N, BLOCK_H, INDEX_64)
+    the forward, masked on the same ones (the gap too, and the same blocks skipped)."""
+    (b, kv_h, tokens, token_row, heads, stat_index, row_ok, first_key, gap_start, gap_end,
+     lo, full_lo, full_hi, hi) = _query_tile(first_key_ptr, gap_start_ptr, gap_end_ptr, seq,
+                                             n_q_heads, n_kv_heads, group, HAS_BOUNDS, HAS_GAP,
+                                             BLOCK_M, BLOCK_N, BLOCK_H, INDEX_64)
     q_offsets, q_mask = _tile(token_row, heads, stride_q, head_dim, row_ok, BLOCK_D)
     q = tl.load(q_ptr + q_offsets, mask=q_mask, other=0.0)
     do_offsets, _ = _tile(token_row, heads, stride_o, head_dim, row_ok, BLOCK_D)
@@ -404,11 +333,20 @@ def _attention_dq_kernel(q_ptr, k_ptr, v_ptr, d_out_ptr, lse_ptr, delta_ptr, dq_
     for i in tl.range(0, n_lo + tl.cdiv(hi - full_hi, BLOCK_N), num_stages=1):
         start = tl.where(i < n_lo, lo + i * BLOCK_N, full_hi + (i - n_lo) * BLOCK_N)
         dq = _dq_step(dq, q, do, lse2, delta, k_ptr, v_ptr, b, kv_h, start, seq, stride_kv,
-                      head_dim, tokens, first_key, qk_scale_log2, True, DOT_FP32, BLOCK_N,
-                      BLOCK_D, INDEX_64)
-    for start in range(full_lo, full_hi, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse2, delta, k_ptr, v_ptr, b, kv_h, start, seq, stride_kv,
-                      head_dim, tokens, first_key, qk_scale_log2, False, DOT_FP32, BLOCK_N,
-                      BLOCK_D, INDEX_64)
+                      head_dim, tokens, first_key, gap_start, gap_end, qk_scale_log2, True,
+                      HAS_GAP, DOT_FP32, BLOCK_N, BLOCK_D, INDEX_64)
+    if HAS_GAP:                                      # around the skipped blocks (forward)
+        skip_lo, skip_hi = _gap_skip(full_lo, full_hi, gap_start, gap_end, row_ok, seq, BLOCK_N)
+        n_below = tl.cdiv(skip_lo - full_lo, BLOCK_N)
+        for i in range(0, n_below + tl.cdiv(full_hi - skip_hi, BLOCK_N)):
+            start = tl.where(i < n_below, full_lo + i * BLOCK_N, skip_hi + (i - n_below) * BLOCK_N)
+            dq = _dq_step(dq, q, do, lse2, delta, k_ptr, v_ptr, b, kv_h, start, seq, stride_kv,
+                          head_dim, tokens, first_key, gap_start, gap_end, qk_scale_log2, False,
+                          True, DOT_FP32, BLOCK_N, BLOCK_D, INDEX_64)
+    else:
+        for start in range(full_lo, full_hi, BLOCK_N):
+            dq = _dq_step(dq, q, do, lse2, delta, k_ptr, v_ptr, b, kv_h, start, seq, stride_kv,
+                          head_dim, tokens, first_key, gap_start, gap_end, qk_scale_log2, False,
+                          False, DOT_FP32, BLOCK_N, BLOCK_D, INDEX_64)
     dq_offsets, _ = _tile(token_row, heads, stride_dq, head_dim, row_ok, BLOCK_D)
     tl.store(dq_ptr + dq_offsets, (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)

@@ -6,7 +6,7 @@ For logits x [T, V] and integer labels y [T]:
   dx_tv    = (softmax(x_t)_v - [v == y_t]) * s_t (s_t: an upstream factor per row)
 
 Public:
-  cross_entropy(logits, labels, ignore_index=-100) -> (loss_sum, n_tokens)
+  cross_entropy_op(logits, labels, ignore_index=-100) -> (loss_sum, n_tokens)
       autograd Function, differentiable in loss_sum (fp32 0-dim); n_tokens is
       an int64 0-dim count of the rows whose label is not ignore_index. The sum
       and the count (not the mean) are returned so a trainer can normalize
@@ -36,8 +36,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor
+from .checks import FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor
 from ._runtime import INTERPRETING, new_output, record_launch
+from .records import OpRecord
 
 _OP = "cross_entropy"
 
@@ -279,7 +280,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
         return grad, None, None
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
+def cross_entropy_op(logits: torch.Tensor, labels: torch.Tensor,
                   ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss_sum fp32 0-dim, n_tokens int64 0-dim) of logits [T, V] against labels [T].
 
@@ -288,3 +289,9 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
     """
     _check_logits_and_labels(_OP, logits, labels, ignore_index)
     return _CrossEntropyFunction.apply(logits, labels, ignore_index)
+
+
+# Triton only: the model's losses run through linear_loss, whose mirror covers them.
+RECORD = OpRecord(
+    "cross_entropy", (cross_entropy_rows, softmax_grad_rows), reference="tests.reference.losses",
+    bench="bench.ops_loss:cross_entropy_bench", compile_specs="tests.sm90_compile:cross_entropy_specs")

@@ -55,11 +55,12 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor
+from .checks import FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor
 from ._runtime import MAX_INT32_NUMEL, new_output
 from .cross_entropy import (_lse_rows_unchecked, _softmax_grad_rows_unchecked,
                             check_ignore_index, check_labels_in_range)
 from .linear_loss_matmul import mm_fp32 as _mm_fp32   # fp32 results (see its docstring)
+from .records import OpRecord
 
 # 256 MiB of fp32 logits per chunk: 523 tokens at V = 128,256, enough rows for
 # the projection GEMM to run near peak while staying small next to an 8B model.
@@ -82,7 +83,7 @@ def _half_headroom(row_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 # argument checks
 
 
-def _check_common(op, hidden, weight, labels, ignore_index, chunk_bytes,
+def check_loss_args(op, hidden, weight, labels, ignore_index, chunk_bytes,
                   num_targets=None) -> tuple[int, int, int]:
     # [T, H] itself only meets torch.mm (64-bit); the kernels see [chunk, V] logits
     check_tensor(op, "hidden", hidden, dtypes=FLOAT_DTYPES, ndim=2, max_numel=None)
@@ -123,7 +124,7 @@ def target_rows(labels: torch.Tensor, ignore_index: int, num_targets=None) -> to
     return torch.sort((~kept).to(torch.uint8), stable=True).indices[:num_targets]
 
 
-def _check_scalar(op, name, value) -> float:
+def check_scalar(op, name, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{op}: {name} must be a Python float, got {value!r}")
     if value != value or value in (float("inf"), float("-inf")):
@@ -131,7 +132,7 @@ def _check_scalar(op, name, value) -> float:
     return float(value)
 
 
-def _chunk_rows(V: int, chunk_bytes: int) -> int:
+def chunk_rows(V: int, chunk_bytes: int) -> int:
     """Tokens per chunk: fp32 logits under chunk_bytes, at least 1, and a
     multiple of 16 (tensor-core friendly) when there is room for 16."""
     rows = max(1, chunk_bytes // (4 * V))
@@ -200,7 +201,7 @@ def _chunked_pass(hidden, weight, labels, ignore_index, chunk_bytes, *, row_scal
         lse = new_output((n,), torch.float32, hidden.device)
         target = new_output((n,), torch.float32, hidden.device)
 
-    chunk = _chunk_rows(V, chunk_bytes)
+    chunk = chunk_rows(V, chunk_bytes)
     half_buffer = None
     if want_grads and weight.dtype != torch.float32 and n > 0:
         half_buffer = new_output((min(chunk, n), V), weight.dtype, hidden.device)
@@ -239,8 +240,8 @@ def linear_cross_entropy_forward_backward(hidden: torch.Tensor, weight: torch.Te
     grad_scale * loss_sum, in one pass over the token chunks. ``num_targets``
     (counted and checked on the host, see target_rows): no device reads."""
     op = "linear_cross_entropy_forward_backward"
-    T, _, _ = _check_common(op, hidden, weight, labels, ignore_index, chunk_bytes, num_targets)
-    grad_scale = _check_scalar(op, "grad_scale", grad_scale)
+    T, _, _ = check_loss_args(op, hidden, weight, labels, ignore_index, chunk_bytes, num_targets)
+    grad_scale = check_scalar(op, "grad_scale", grad_scale)
     return _fused_unchecked(hidden, weight, labels, ignore_index, chunk_bytes,
                             grad_scale=grad_scale, hidden_grad=True, weight_grad=bool(weight_grad),
                             num_targets=num_targets)
@@ -251,7 +252,7 @@ def linear_cross_entropy_forward(hidden: torch.Tensor, weight: torch.Tensor,
                                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, num_targets=None):
     """(loss_sum fp32 0-dim, n_tokens int64 0-dim) alone, for evaluation: no
     gradient rows and none of the two backward matmuls per chunk."""
-    _check_common("linear_cross_entropy_forward", hidden, weight, labels, ignore_index,
+    check_loss_args("linear_cross_entropy_forward", hidden, weight, labels, ignore_index,
                   chunk_bytes, num_targets)
     loss_sum, n_tokens, _, _ = _fused_unchecked(hidden, weight, labels, ignore_index,
                                                 chunk_bytes, grad_scale=None, hidden_grad=False,
@@ -278,7 +279,7 @@ def token_logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: t
                            num_targets=None):
     """(logp fp32 [T], lse fp32 [T]): log softmax(h W^T)[label] and the row
     logsumexp, both exactly 0 at ignored positions (their lse is not computed)."""
-    _check_common("token_logprobs_forward", hidden, weight, labels, ignore_index, chunk_bytes,
+    check_loss_args("token_logprobs_forward", hidden, weight, labels, ignore_index, chunk_bytes,
                   num_targets)
     return _token_logprobs_forward_unchecked(hidden, weight, labels, ignore_index, chunk_bytes,
                                              num_targets)
@@ -305,7 +306,7 @@ def check_token_logprobs_backward_args(dlogp, hidden, weight, labels, lse, ignor
                                        chunk_bytes, num_targets=None) -> None:
     """The checks of token_logprobs_backward (shared with csrc_torch's)."""
     op = "token_logprobs_backward"
-    T, _, _ = _check_common(op, hidden, weight, labels, ignore_index, chunk_bytes, num_targets)
+    T, _, _ = check_loss_args(op, hidden, weight, labels, ignore_index, chunk_bytes, num_targets)
     check_tensor(op, "dlogp", dlogp, dtypes=(torch.float32,), shape=(T,))
     check_tensor(op, "lse", lse, dtypes=(torch.float32,), shape=(T,))
     check_same_device(op, dlogp=dlogp, lse=lse, hidden=hidden)
@@ -385,7 +386,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
                                chunk_bytes: int = DEFAULT_CHUNK_BYTES):
     """(loss_sum fp32 0-dim, n_tokens int64 0-dim) of softmax cross-entropy of
     hidden [T, H] @ weight[V, H]^T against labels [T], without [T x V] logits."""
-    _check_common("fused_linear_cross_entropy", hidden, weight, labels, ignore_index, chunk_bytes)
+    check_loss_args("fused_linear_cross_entropy", hidden, weight, labels, ignore_index, chunk_bytes)
     if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
         # No graph will be built (e.g. evaluation under torch.no_grad, where the
         # Function would still see needs_input_grad): compute the loss only.
@@ -401,5 +402,12 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
                    ignore_index: int = -100, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
     """log softmax(hidden @ weight^T)[labels] as fp32 [T], exactly 0 at ignored
     positions; differentiable in hidden (and weight when it requires grad)."""
-    _check_common("token_logprobs", hidden, weight, labels, ignore_index, chunk_bytes)
+    check_loss_args("token_logprobs", hidden, weight, labels, ignore_index, chunk_bytes)
     return _TokenLogprobsFunction.apply(hidden, weight, labels, ignore_index, chunk_bytes)
+
+
+RECORD = OpRecord(
+    "linear_loss", (linear_cross_entropy_forward, linear_cross_entropy_forward_backward,
+                    token_logprobs_forward, token_logprobs_backward),
+    torch_mirror="csrc_torch.linear_loss", reference="tests.reference.losses",
+    parity="tests.test_torch_backend:linear_loss_parity", bench="bench.ops_loss:linear_loss_bench")

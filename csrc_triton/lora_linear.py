@@ -33,7 +33,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import _runtime
-from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from .checks import FLOAT_DTYPES, check_same_device, check_tensor
 from .low_rank import low_rank_matmul
 from .nf4 import NF4Weight
 from .nf4_dense import compute_dtype
@@ -41,6 +41,7 @@ from .nf4_matmul import (LoraBackwardEpilogue, LoraForwardEpilogue, check_bias,
                          check_swiglu_input, launch_backward_input, launch_forward,
                          refuse_trainable_bias)
 from .nf4_operand import check_nf4_weight
+from .records import OpRecord
 
 
 class LoRAContext(NamedTuple):
@@ -50,7 +51,7 @@ class LoRAContext(NamedTuple):
     xa: torch.Tensor                   # [M, r] = drop(x) A^T, in the compute dtype
 
 
-def _check_lora_args(op: str, x2d, w: NF4Weight, A, B, scale, dropout) -> None:
+def check_lora_args(op: str, x2d, w: NF4Weight, A, B, scale, dropout) -> None:
     check_nf4_weight(op, w)
     N, K = w.shape
     check_tensor(op, "x2d", x2d, dtypes=FLOAT_DTYPES, ndim=2, shape=(None, K), max_numel=None)
@@ -71,7 +72,7 @@ def _check_lora_args(op: str, x2d, w: NF4Weight, A, B, scale, dropout) -> None:
 def check_lora_backward_args(op: str, dy2d, x2d, w: NF4Weight, A, B, scale,
                              ctx: LoRAContext) -> None:
     """The checks of lora_linear_backward (shared with csrc_torch's)."""
-    _check_lora_args(op, x2d, w, A, B, scale, ctx.dropout)
+    check_lora_args(op, x2d, w, A, B, scale, ctx.dropout)
     M, K = x2d.shape
     N, rank = B.shape
     check_tensor(op, "dy2d", dy2d, dtypes=(x2d.dtype,), ndim=2, shape=(M, N), max_numel=None)
@@ -82,7 +83,7 @@ def check_lora_backward_args(op: str, dy2d, x2d, w: NF4Weight, A, B, scale,
     check_same_device(op, dy2d=dy2d, x2d=x2d, xa=ctx.xa, keep_mask=ctx.keep_mask)
 
 
-def _dropped_input(x2d: torch.Tensor, ctx: LoRAContext) -> torch.Tensor:
+def dropped_input(x2d: torch.Tensor, ctx: LoRAContext) -> torch.Tensor:
     """xd = x * keep / (1 - p) in the compute dtype; x itself when there is no
     dropout (_low_rank_mm reads it in its own dtype: no copy of the activation)."""
     if ctx.keep_mask is None:
@@ -125,7 +126,7 @@ def lora_linear_forward(x2d: torch.Tensor, w: NF4Weight, A: torch.Tensor, B: tor
     runs only when ``training`` and p > 0. Returns (y2d, LoRAContext).
     """
     op = "lora_linear_forward"
-    _check_lora_args(op, x2d, w, A, B, scale, dropout)
+    check_lora_args(op, x2d, w, A, B, scale, dropout)
     check_bias(op, bias, w.shape[0], x2d.dtype, x2d.device)
     keep_mask = None
     p = float(dropout) if training else 0.0
@@ -137,7 +138,7 @@ def lora_linear_forward(x2d: torch.Tensor, w: NF4Weight, A: torch.Tensor, B: tor
     else:
         p = 0.0
     ctx = LoRAContext(keep_mask=keep_mask, dropout=p, xa=None)
-    xa = _low_rank_mm(_dropped_input(x2d, ctx), A.t())
+    xa = _low_rank_mm(dropped_input(x2d, ctx), A.t())
     ctx = ctx._replace(xa=xa)
     y2d = launch_forward(op, x2d, w, LoraForwardEpilogue(xa=xa, lora_b=B, scale=float(scale)),
                          dense_w=dense_w, path=path, bias=bias)
@@ -160,7 +161,7 @@ def lora_linear_backward(dy2d: torch.Tensor, x2d: torch.Tensor, w: NF4Weight, A:
 
     g = _low_rank_mm(dy2d, B)                                      # dY B, [M, r]
     d_b = _low_rank_mm(dy2d.t(), ctx.xa, scale, B.dtype)           # scale * dY^T xa, [N, r]
-    d_a = _low_rank_mm(g.t(), _dropped_input(x2d, ctx), scale, A.dtype)  # scale * g^T xd, [r, K]
+    d_a = _low_rank_mm(g.t(), dropped_input(x2d, ctx), scale, A.dtype)  # scale * g^T xd, [r, K]
     if not input_grad:
         return None, d_a, d_b
     keep = None if ctx.keep_mask is None else ctx.keep_mask.view(torch.uint8)
@@ -202,7 +203,7 @@ class LoRALinear(torch.autograd.Function):
         return dx, None, d_a, d_b, None, None, None, None, None
 
 
-def lora_linear(x: torch.Tensor, w: NF4Weight, A: torch.Tensor, B: torch.Tensor, scale: float,
+def lora_linear_op(x: torch.Tensor, w: NF4Weight, A: torch.Tensor, B: torch.Tensor, scale: float,
                 dropout: float = 0.0, training: bool = True,
                 generator: Optional[torch.Generator] = None,
                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -241,7 +242,7 @@ class FusedLoRAContext(NamedTuple):
     ranks: tuple           # r_s per segment, 0 for a segment without adapter
 
 
-def _check_fused_args(op: str, x2d, w: NF4Weight, adapters, scale) -> tuple:
+def check_fused_args(op: str, x2d, w: NF4Weight, adapters, scale) -> tuple:
     check_nf4_weight(op, w)
     if w.segment_rows is None:
         raise ValueError(f"{op}: argument 'w' must be a row concatenation (nf4_concat), "
@@ -300,7 +301,7 @@ def split_adapter_grads(w: NF4Weight, adapters, ranks: tuple, d_a: torch.Tensor,
 def check_fused_backward_args(op: str, dy2d, x2d, w: NF4Weight, adapters, scale,
                               ctx: FusedLoRAContext) -> tuple:
     """The checks of lora_linear_fused_backward (shared with csrc_torch's); returns the ranks."""
-    ranks = _check_fused_args(op, x2d, w, adapters, scale)
+    ranks = check_fused_args(op, x2d, w, adapters, scale)
     M = x2d.shape[0]
     check_tensor(op, "dy2d", dy2d, dtypes=(x2d.dtype,), ndim=2, shape=(M, w.shape[0]),
                  max_numel=None)
@@ -321,7 +322,7 @@ def lora_linear_fused_forward(x2d: torch.Tensor, w: NF4Weight, adapters, scale: 
     for q/k/v), in x2d's dtype. Returns (y2d [M, N] in x2d's dtype, FusedLoRAContext).
     ``dense_w``/``path``: see nf4_matmul.launch_forward."""
     op = "lora_linear_fused_forward"
-    ranks = _check_fused_args(op, x2d, w, adapters, scale)
+    ranks = check_fused_args(op, x2d, w, adapters, scale)
     check_bias(op, bias, w.shape[0], x2d.dtype, x2d.device)
     lora_a, lora_b = stacked_adapters(w, adapters, ranks, compute_dtype(x2d.dtype))
     xa = _low_rank_mm(x2d, lora_a.t())
@@ -349,3 +350,11 @@ def lora_linear_fused_backward(dy2d: torch.Tensor, x2d: torch.Tensor, w: NF4Weig
     epilogue = LoraBackwardEpilogue(g=g, lora_a=ctx.lora_a, scale=float(scale), keep=None,
                                     keep_scale=1.0)
     return launch_backward_input(op, dy2d, w, x2d.dtype, epilogue, dense_w=dense_w, path=path), grads
+
+
+RECORD = OpRecord(
+    "lora_linear", (lora_linear_forward, lora_linear_backward, lora_linear_fused_forward,
+                    lora_linear_fused_backward),
+    torch_mirror="csrc_torch.lora_linear", reference="tests.reference.lora_linear",
+    parity="tests.test_torch_backend:lora_linear_parity", bench="bench.ops_nf4:lora_linear_bench",
+    compile_specs="tests.sm90_compile:low_rank_specs")

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from . import _runtime
-from ._checks import wide_index
+from .checks import wide_index
 from .nf4_matmul import _interpreter_block
 from .nf4_matmul_kernels import _mma
 

@@ -4,9 +4,8 @@ This module holds the format, NF4Weight; the other NF4 modules:
                  256-entry code of the nested (double) quantization), the block sizes
   nf4_encode     nf4_quantize(w, blocksize=64, double_quant=False) -> NF4Weight
   nf4_decode     nf4_dequantize(q, dtype=None) -> Tensor, and the kernels' decode helpers
-  nf4_bnb        what NF4Weight.to_bnb() / NF4Weight.from_bnb(packed, quant_state) and
-                 NF4Weight.to_state_dict(prefix) / NF4Weight.from_state_dict(tensors,
-                 prefix, dtype=None) run
+  nf4_bnb        what NF4Weight.to_bnb() / NF4Weight.from_bnb(packed, quant_state) run
+  (a checkpoint's state-dict keys: anita_core/hf/bnb.py nf4_to_state_dict / nf4_from_state_dict)
 
 Bit identity with ``bitsandbytes.functional.quantize_4bit(w, blocksize,
 quant_type="nf4", compress_statistics=double_quant)`` on CPU, i.e. with the rules
@@ -55,8 +54,8 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from . import nf4_bnb
-from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
-from .nf4_codebook import NESTED_BLOCKSIZE, SUPPORTED_BLOCKSIZES, _is_supported_blocksize, nf4_code
+from .checks import FLOAT_DTYPES, check_same_device, check_tensor
+from .nf4_codebook import NESTED_BLOCKSIZE, SUPPORTED_BLOCKSIZES, is_supported_blocksize, nf4_code
 
 
 @dataclass
@@ -150,7 +149,7 @@ class NF4Weight:
         ValueError naming the field otherwise. Returns self."""
         if len(self.shape) == 0 or self.numel == 0:
             raise ValueError(f"{op}: NF4Weight.shape must be non-empty, got {tuple(self.shape)}")
-        if not _is_supported_blocksize(self.blocksize):
+        if not is_supported_blocksize(self.blocksize):
             raise ValueError(f"{op}: NF4Weight.blocksize is {self.blocksize!r}; "
                              f"expected one of {SUPPORTED_BLOCKSIZES}")
         if self.dtype not in FLOAT_DTYPES:
@@ -201,24 +200,3 @@ class NF4Weight:
         Shares memory with the given tensors. ValueError if the state is not a
         supported NF4 state."""
         return nf4_bnb.from_bnb(cls, packed, quant_state)
-
-    # -- the serialized form of pre-quantized 4-bit checkpoints (no bitsandbytes) -----
-
-    def to_state_dict(self, prefix: str = "") -> Dict[str, torch.Tensor]:
-        """The tensors transformers saves for a 4-bit linear at module path ``prefix``
-        (e.g. 'model.layers.0.self_attn.q_proj.'): '{prefix}weight' (uint8
-        [ceil(numel/2), 1]), '{prefix}weight.absmax', '.quant_map', with double
-        quantization '.nested_absmax' and '.nested_quant_map', and
-        '{prefix}weight.quant_state.bitsandbytes__nf4': the remaining fields as
-        UTF-8 JSON bytes in a uint8 tensor. Tensors share memory with this weight
-        except the two code maps, which are copied (safetensors refuses shared maps)."""
-        return nf4_bnb.to_state_dict(self, prefix)
-
-    @classmethod
-    def from_state_dict(cls, tensors: Dict[str, torch.Tensor], prefix: str = "",
-                        dtype: Optional[torch.dtype] = None) -> "NF4Weight":
-        """Read what to_state_dict (or transformers / bitsandbytes) wrote at ``prefix``.
-        ``dtype`` overrides the dequantization dtype recorded in the checkpoint.
-        ValueError naming the key for a missing key, a wrong dtype or shape, a
-        non-NF4 quant type or an unreadable quant-state record."""
-        return nf4_bnb.from_state_dict(cls, tensors, prefix, dtype)

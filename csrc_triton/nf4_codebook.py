@@ -27,10 +27,16 @@ def nf4_code(device=None) -> torch.Tensor:
     return torch.tensor(NF4_CODE_VALUES, dtype=torch.float32, device=device)
 
 
-def _is_supported_blocksize(blocksize) -> bool:
+def is_supported_blocksize(blocksize) -> bool:
     # 64.0 or True would pass a plain `in` test and then break the kernels.
     return (isinstance(blocksize, int) and not isinstance(blocksize, bool)
             and blocksize in SUPPORTED_BLOCKSIZES)
+
+
+def check_is_nf4_code(op: str, name: str, code: torch.Tensor) -> None:
+    if not torch.equal(code.cpu(), nf4_code()):
+        raise ValueError(f"{op}: {name} is not the NF4 code (expected the 16 values of "
+                         "NF4_CODE_VALUES); only nf4 is supported")
 
 
 def signed_dynamic_map(device=None) -> torch.Tensor:

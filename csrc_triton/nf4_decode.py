@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 
 from . import _runtime
-from ._checks import FLOAT_DTYPES
+from .checks import FLOAT_DTYPES
+from .records import OpRecord
 from .nf4 import NF4Weight
 from .nf4_codebook import NESTED_BLOCKSIZE
 
@@ -195,3 +196,10 @@ def nf4_dequantize(q: NF4Weight, dtype: Optional[torch.dtype] = None) -> torch.T
         raise ValueError(f"{op}: argument 'dtype' is {dtype}; expected float32, float16 "
                          "or bfloat16")
     return launch_nf4_dequantize(q, dtype).view(q.shape)
+
+
+# The torch backend dequantizes inside its matmul (csrc_torch.nf4.dequantize_fp32, checked
+# bit for bit against this kernel by tests/test_torch_backend.py); no launcher mirror.
+RECORD = OpRecord(
+    "nf4_dequantize", (nf4_dequantize,), reference="tests.reference.nf4",
+    bench="bench.ops_nf4:nf4_dequantize_bench", compile_specs="tests.sm90_compile:nf4_dequantize_specs")

@@ -9,9 +9,10 @@ import triton
 import triton.language as tl
 
 from . import _runtime
-from ._checks import FLOAT_DTYPES, check_tensor
+from .checks import FLOAT_DTYPES, check_tensor
+from .records import OpRecord
 from .nf4 import NF4Weight
-from .nf4_codebook import (NESTED_BLOCKSIZE, SUPPORTED_BLOCKSIZES, _is_supported_blocksize,
+from .nf4_codebook import (NESTED_BLOCKSIZE, SUPPORTED_BLOCKSIZES, is_supported_blocksize,
                            nf4_code, signed_dynamic_map)
 from .nf4_decode import _NO_FMA, _blocks_per_program
 
@@ -176,7 +177,7 @@ def check_quantize_args(w, blocksize, double_quant) -> None:
         raise ValueError(f"{op}: argument 'w' is empty (shape {tuple(w.shape)})")
     if w.dim() == 0:
         raise ValueError(f"{op}: argument 'w' must have at least one dimension")
-    if not _is_supported_blocksize(blocksize):
+    if not is_supported_blocksize(blocksize):
         raise ValueError(f"{op}: argument 'blocksize' is {blocksize!r}; expected one of "
                          f"{SUPPORTED_BLOCKSIZES}")
     if not isinstance(double_quant, bool):
@@ -201,3 +202,7 @@ def nf4_quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
                      dtype=w.dtype, code=nf4_code(w.device), **nested)
 
 
+RECORD = OpRecord(
+    "nf4_quantize", (nf4_quantize,), torch_mirror="csrc_torch.nf4", reference="tests.reference.nf4",
+    parity="tests.test_torch_backend:nf4_quantize_parity", bench="bench.ops_nf4:nf4_quantize_bench",
+    compile_specs="tests.sm90_compile:nf4_quantize_specs")

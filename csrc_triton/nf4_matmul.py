@@ -33,7 +33,7 @@ import torch
 import triton
 
 from . import _runtime
-from ._checks import FLOAT_DTYPES, check_rows, check_same_device, check_tensor, wide_index
+from .checks import FLOAT_DTYPES, check_rows, check_same_device, check_tensor, wide_index
 from .autotune_policy import autotune
 from .nf4 import NF4Weight
 from .nf4_decode import _NO_FMA
@@ -41,6 +41,7 @@ from .nf4_dense import (check_dense_weight, choose_path, dense_backward_input, d
                         dequantize_for_matmul)
 from .nf4_matmul_kernels import _nf4_matmul_bwd_input_kernel, _nf4_matmul_fwd_kernel
 from .nf4_operand import check_nf4_weight, weight_args, weight_constexprs
+from .records import OpRecord
 from .swiglu import swiglu_backward
 
 # ---------------------------------------------------------------------------
@@ -350,9 +351,17 @@ class NF4Matmul(torch.autograd.Function):
         return dx2d.reshape(ctx.x_shape), None, None
 
 
-def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def nf4_matmul_op(x: torch.Tensor, w: NF4Weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = x @ W^T (+ bias). x: [..., K] fp32/fp16/bf16, contiguous; W: NF4Weight of
     logical shape [N, K]; bias: None or [N] in x's dtype. Returns [..., N] in x's dtype
     (fp32 accumulation). Differentiable in x; W and the bias get no gradient (a bias
     that requires grad is refused)."""
     return NF4Matmul.apply(x, w, bias)
+
+
+RECORD = OpRecord(
+    "nf4_matmul", (nf4_matmul_forward, nf4_matmul_backward_input, choose_path,
+                   dequantize_for_matmul),
+    torch_mirror="csrc_torch.nf4_matmul", reference="tests.reference.nf4",
+    parity="tests.test_torch_backend:nf4_matmul_parity", bench="bench.ops_nf4:nf4_matmul_bench",
+    compile_specs="tests.sm90_compile:nf4_matmul_specs")

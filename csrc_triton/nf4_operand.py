@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_numel, check_same_device, check_tensor
+from .checks import check_numel, check_same_device, check_tensor
 from .nf4 import NF4Weight
 from .nf4_codebook import NESTED_BLOCKSIZE
 from .nf4_decode import segment_args

@@ -6,7 +6,7 @@ rstd = rsqrt(mean(x^2) + eps) is returned by the forward (fp32) so the backward
 does not recompute it. Row offsets are 64-bit only when a launch needs it (INDEX_64).
 
 Public:
-  rms_norm(x, weight, eps=1e-5) -> y          autograd Function, x [..., H]
+  rms_norm_op(x, weight, eps=1e-5) -> y          autograd Function, x [..., H]
 Low level (used by the model's hand-written backward):
   rms_norm_forward(x2d, weight, eps) -> (y2d, rstd)
   rms_norm_backward(dy2d, x2d, weight, rstd, weight_grad) -> (dx2d, dweight or None)
@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import FLOAT_DTYPES, check_rows, check_same_device, check_tensor, wide_index
+from .checks import FLOAT_DTYPES, check_rows, check_same_device, check_tensor, wide_index
+from .records import OpRecord
 from ._runtime import INTERPRETING, new_output, record_launch
 
 _OP = "rms_norm"
@@ -233,7 +234,7 @@ class RMSNormFunction(torch.autograd.Function):
         return dx2d.view(x.shape), dweight, None
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+def rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """y = x * rsqrt(mean(x^2, -1) + eps) * weight for x [..., H], weight [H].
 
     Differentiable in x, and in weight when weight.requires_grad (norms are
@@ -242,3 +243,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.
     if x.dim() == 0:
         raise ValueError(f"{_OP}: argument 'x' must have at least 1 dim [..., H], got a scalar")
     return RMSNormFunction.apply(x, weight, eps)
+
+
+RECORD = OpRecord(
+    "rms_norm", (rms_norm_forward, rms_norm_backward), torch_mirror="csrc_torch.rms_norm",
+    reference="tests.reference.rms_norm", parity="tests.test_torch_backend:rms_norm_parity",
+    bench="bench.ops_activation:rms_norm_bench", compile_specs="tests.sm90_compile:rms_norm_specs")

@@ -17,8 +17,8 @@ before the program that loaded it stores it), so that output is all the memory
 q and k ever take.
 
 Public:
-  rope_cos_sin(head_dim, max_position, rope_theta, rope_scaling, device) -> (cos, sin)
-  rope(q, k, positions, cos, sin) -> (q_rot, k_rot)      autograd Function
+  rope_cos_sin(head_dim, max_position, rope_theta, llama3, device) -> (cos, sin)
+  rope_op(q, k, positions, cos, sin) -> (q_rot, k_rot)      autograd Function
 Low level (used by the model's hand-written backward):
   rope_forward(q, k, positions, cos, sin, in_place=False) -> (q_rot, k_rot)
   rope_backward(dq_rot, dk_rot, positions, cos, sin, in_place=False) -> (dq, dk)
@@ -26,15 +26,16 @@ Low level (used by the model's hand-written backward):
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ._checks import (FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor,
+from .checks import (FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor,
                       check_token_rows, wide_index)
 from ._runtime import INTERPRETING, new_output, record_launch, upload
+from .records import OpRecord
 
 _OP = "rope"
 
@@ -43,26 +44,16 @@ _OP = "rope"
 # 64) is one program.
 _TILE_ELEMENTS = 16384 if INTERPRETING else 2048
 
-LLAMA3_FIELDS = ("factor", "low_freq_factor", "high_freq_factor",
-                 "original_max_position_embeddings")
+class Llama3Scaling(NamedTuple):
+    """The numbers of LLaMA-3's frequency rule (model/rope_scaling.py reads them from a
+    model config); the kernel package takes numbers, not config dicts."""
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position: float
 
 
 # ---------------------------------------------------------------- tables (torch)
-
-def _rope_type(rope_scaling: Optional[dict]) -> str:
-    if rope_scaling is None:
-        return "default"
-    if not isinstance(rope_scaling, dict):
-        raise ValueError(f"rope_cos_sin: argument 'rope_scaling' must be a dict or None, "
-                         f"got {type(rope_scaling).__name__}")
-    # transformers 4.x configs wrote the key as "type"; 5.x writes "rope_type".
-    key = "rope_type" if "rope_type" in rope_scaling else "type"
-    kind = rope_scaling.get(key, "default")
-    if kind not in ("default", "llama3"):
-        raise ValueError(f"rope_cos_sin: rope_scaling['{key}'] = {kind!r} is not supported; "
-                         "expected 'default' or 'llama3'")
-    return kind
-
 
 def _positive_number(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) \
@@ -77,12 +68,13 @@ def _positive_int(name: str, value) -> int:
     return value
 
 
-def rope_inv_freq(head_dim: int, rope_theta: float, rope_scaling: Optional[dict] = None) -> torch.Tensor:
+def rope_inv_freq(head_dim: int, rope_theta: float,
+                  llama3: Optional[Llama3Scaling] = None) -> torch.Tensor:
     """inv_freq [head_dim // 2] fp32 (CPU): computed in float64, rounded once to fp32.
 
-    default: inv_freq_i = rope_theta ** (-2i / head_dim)
+    default (llama3 None): inv_freq_i = rope_theta ** (-2i / head_dim)
     llama3:  with wavelength lambda_i = 2 pi / inv_freq_i and the original context
-             L = original_max_position_embeddings,
+             L = original_max_position,
                lambda_i < L / high_freq_factor  -> inv_freq_i           (kept)
                lambda_i > L / low_freq_factor   -> inv_freq_i / factor  (stretched)
                otherwise, with a = (L / lambda_i - low_freq_factor)
@@ -95,16 +87,15 @@ def rope_inv_freq(head_dim: int, rope_theta: float, rope_scaling: Optional[dict]
     theta = _positive_number("argument 'rope_theta'", rope_theta)
     exponents = torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim
     inv_freq = 1.0 / theta ** exponents
-    if _rope_type(rope_scaling) == "llama3":
-        missing = [f for f in LLAMA3_FIELDS if f not in rope_scaling]
-        if missing:
-            raise ValueError(f"rope_cos_sin: rope_scaling of rope_type 'llama3' lacks field(s) "
-                             f"{', '.join(repr(m) for m in missing)}")
-        factor, low, high, context = (
-            _positive_number(f"rope_scaling['{f}']", rope_scaling[f]) for f in LLAMA3_FIELDS)
+    if llama3 is not None:
+        if not isinstance(llama3, Llama3Scaling):
+            raise ValueError(f"rope_cos_sin: argument 'llama3' must be a Llama3Scaling or None, "
+                             f"got {type(llama3).__name__}")
+        factor, low, high, context = (_positive_number(f"llama3.{name}", value)
+                                      for name, value in zip(Llama3Scaling._fields, llama3))
         if not high > low:
-            raise ValueError(f"rope_cos_sin: rope_scaling['high_freq_factor'] ({high}) must "
-                             f"exceed rope_scaling['low_freq_factor'] ({low})")
+            raise ValueError(f"rope_cos_sin: llama3.high_freq_factor ({high}) must exceed "
+                             f"llama3.low_freq_factor ({low})")
         wavelength = 2 * math.pi / inv_freq
         blend = (context / wavelength - low) / (high - low)
         blended = (1 - blend) * inv_freq / factor + blend * inv_freq
@@ -114,17 +105,16 @@ def rope_inv_freq(head_dim: int, rope_theta: float, rope_scaling: Optional[dict]
 
 
 def rope_cos_sin(head_dim: int, max_position: int, rope_theta: float,
-                 rope_scaling: Optional[dict] = None, device=None):
+                 llama3: Optional[Llama3Scaling] = None, device=None):
     """(cos, sin), each fp32 [max_position, head_dim // 2]: row p holds
     cos/sin(p * inv_freq) for the fp32 inv_freq of ``rope_inv_freq``; the angle and
     its cos/sin are taken in float64 and rounded once to fp32.
 
-    ``rope_scaling``: None, or a dict with "rope_type" (or the older "type")
-    "default" or "llama3" plus the llama3 fields; other keys are ignored. Any
-    other rope_type raises ValueError. Runs once per model in plain torch.
+    ``llama3``: None (the default rule) or LLaMA-3's numbers. Runs once per model in
+    plain torch.
     """
     max_position = _positive_int("max_position", max_position)
-    inv_freq = rope_inv_freq(head_dim, rope_theta, rope_scaling).to(torch.float64)
+    inv_freq = rope_inv_freq(head_dim, rope_theta, llama3).to(torch.float64)
     angles = torch.arange(max_position, dtype=torch.float64)[:, None] * inv_freq[None, :]
     cos = upload(angles.cos().to(torch.float32), device)     # the host does not wait
     sin = upload(angles.sin().to(torch.float32), device)
@@ -199,7 +189,7 @@ def _rope_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cos_ptr, sin_ptr,
 
 # ---------------------------------------------------------------- launchers
 
-def _check_args(q_name, q, k_name, k, positions, cos, sin, positions_checked=False):
+def check_rope_args(q_name, q, k_name, k, positions, cos, sin, positions_checked=False):
     """Validate a (q, k, positions, cos, sin) call; returns (B, S, Hq, Hkv, D)."""
     check_tensor(_OP, q_name, q, dtypes=FLOAT_DTYPES, ndim=4, contiguous=False, max_numel=None)
     batch, seq, n_q_heads, head_dim = q.shape
@@ -262,7 +252,7 @@ def rope_forward(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     costs one device sync per call). ``positions_checked=True`` skips that check
     for a caller that has already validated these positions against these
     tables (the model does it once per step, not twice per layer)."""
-    dims = _check_args("q", q, "k", k, positions, cos, sin, positions_checked)
+    dims = check_rope_args("q", q, "k", k, positions, cos, sin, positions_checked)
     return _launch(q, k, positions, cos, sin, dims, inverse=False, in_place=in_place)
 
 
@@ -272,7 +262,7 @@ def rope_backward(dq_rot: torch.Tensor, dk_rot: torch.Tensor, positions: torch.T
     """Gradients through rope_forward: (dq, dk) = rotation of (dq_rot, dk_rot) by
     -theta (the transpose of the forward rotation). Same shapes, checks, host
     sync, ``positions_checked`` and ``in_place`` as rope_forward."""
-    dims = _check_args("dq_rot", dq_rot, "dk_rot", dk_rot, positions, cos, sin, positions_checked)
+    dims = check_rope_args("dq_rot", dq_rot, "dk_rot", dk_rot, positions, cos, sin, positions_checked)
     return _launch(dq_rot, dk_rot, positions, cos, sin, dims, inverse=True, in_place=in_place)
 
 
@@ -291,9 +281,15 @@ class RoPEFunction(torch.autograd.Function):
         return dq, dk, None, None, None
 
 
-def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+def rope_op(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
          cos: torch.Tensor, sin: torch.Tensor):
     """Rotary embedding of q [B, S, Hq, D] and k [B, S, Hkv, D] at per-token
     positions [B, S], with tables from rope_cos_sin. Differentiable in q and k
     (the tables are constants)."""
     return RoPEFunction.apply(q, k, positions, cos, sin)
+
+
+RECORD = OpRecord(
+    "rope", (rope_forward, rope_backward, rope_cos_sin), torch_mirror="csrc_torch.rope",
+    reference="tests.reference.rope", parity="tests.test_torch_backend:rope_parity",
+    bench="bench.ops_activation:rope_bench", compile_specs="tests.sm90_compile:rope_specs")

@@ -9,7 +9,7 @@ gradient of that fused projection), even over dh itself: each element is read
 before it is written, by the same program.
 
 Public:
-  swiglu(gate, up) -> h                      autograd Function
+  swiglu_op(gate, up) -> h                   autograd Function
 Low level (used by the model's hand-written backward):
   swiglu_forward(gate, up) -> h
   swiglu_backward(dh, gate, up, out=None) -> (dgate, dup)
@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import FLOAT_DTYPES, check_rows, check_same_device, wide_index
+from .checks import FLOAT_DTYPES, check_rows, check_same_device, wide_index
+from .records import OpRecord
 from ._runtime import INTERPRETING, new_output, record_launch
 
 _OP = "swiglu"
@@ -88,7 +89,7 @@ def _swiglu_backward_kernel(dh_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, n_rows
     tl.store(dup_ptr + rows * stride_dup + cols, dup.to(dup_ptr.dtype.element_ty), mask=mask)
 
 
-def _check_pair(gate: torch.Tensor, up: torch.Tensor) -> Tuple[int, int]:
+def check_swiglu_pair(gate: torch.Tensor, up: torch.Tensor) -> Tuple[int, int]:
     """gate and up: one float dtype and shape, rows of contiguous elements; their row strides."""
     stride_gate = check_rows(_OP, "gate", gate, dtypes=FLOAT_DTYPES)
     stride_up = check_rows(_OP, "up", up, dtypes=(gate.dtype,), shape=tuple(gate.shape))
@@ -109,7 +110,7 @@ def _tiling(gate: torch.Tensor):
 def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """gate, up: same shape and dtype (fp32/fp16/bf16), rows of contiguous elements
     (any row strides) -> h = silu(gate) * up, a new contiguous tensor."""
-    stride_gate, stride_up = _check_pair(gate, up)
+    stride_gate, stride_up = check_swiglu_pair(gate, up)
     h = new_output(gate.shape, gate.dtype, gate.device)
     if gate.numel():
         n_rows, n_cols, grid, blocks = _tiling(gate)
@@ -125,14 +126,14 @@ def swiglu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
     """Given dL/dh (gate's shape, any float dtype) -> (dgate, dup) in gate's dtype, new
     tensors, or written into ``out`` = (dgate, dup) (row views of gate's shape and dtype,
     e.g. the two halves of one [rows, 2I] buffer; dgate may be dh itself)."""
-    stride_gate, stride_up = _check_pair(gate, up)
+    stride_gate, stride_up = check_swiglu_pair(gate, up)
     stride_dh = check_rows(_OP, "dh", dh, dtypes=FLOAT_DTYPES, shape=tuple(gate.shape))
     check_same_device(_OP, dh=dh, gate=gate)
     if out is None:
         dgate = new_output(gate.shape, gate.dtype, gate.device)
         dup = new_output(gate.shape, gate.dtype, gate.device)
     else:
-        dgate, dup = _check_out(out, gate)
+        dgate, dup = check_swiglu_out(out, gate)
     n = gate.numel()
     if n:
         n_rows, n_cols, grid, blocks = _tiling(gate)
@@ -144,7 +145,7 @@ def swiglu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
     return dgate, dup
 
 
-def _check_out(out, gate: torch.Tensor):
+def check_swiglu_out(out, gate: torch.Tensor):
     if not isinstance(out, (tuple, list)) or len(out) != 2:
         raise ValueError(f"{_OP}: argument 'out' must be (dgate, dup) or None")
     for name, t in zip(("out[0]", "out[1]"), out):
@@ -166,6 +167,12 @@ class SwiGLUFunction(torch.autograd.Function):
         return swiglu_backward(dh.contiguous(), gate, up)
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def swiglu_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """h = silu(gate) * up, differentiable in both."""
     return SwiGLUFunction.apply(gate, up)
+
+
+RECORD = OpRecord(
+    "swiglu", (swiglu_forward, swiglu_backward), torch_mirror="csrc_torch.swiglu",
+    reference="tests.reference.swiglu", parity="tests.test_torch_backend:swiglu_parity",
+    bench="bench.ops_activation:swiglu_bench", compile_specs="tests.sm90_compile:swiglu_specs")

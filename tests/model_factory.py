@@ -55,12 +55,42 @@ def tiny_llama_config(*, vocab_size: int = 131, hidden_size: int = 48,
     )
 
 
-def make_tiny_llama(*, seed: int = 0, dtype: torch.dtype = torch.float32, **config_kwargs):
-    """A LlamaForCausalLM (train mode, on CPU) with distinct random weights."""
-    from transformers import LlamaForCausalLM
+# The families anita reads (anita_core/model/families.py), each with the odd
+# sizes that exercise what it adds to LLaMA: a Mistral window shorter than the
+# test sequences, Qwen2's q/k/v biases with tied embeddings, a Qwen3 head_dim
+# that is not hidden_size / heads (48 / 6 = 8; it gets 12).
+FAMILY_EXTRAS = {
+    "llama": {},
+    "mistral": {"sliding_window": 5},
+    "qwen2": {"tie_word_embeddings": True, "use_sliding_window": True, "sliding_window": 4,
+              "max_window_layers": 1},
+    "qwen3": {"head_dim": 12},
+}
 
-    config = tiny_llama_config(**config_kwargs)
-    model = LlamaForCausalLM(config)
+
+def tiny_family_config(family: str, *, vocab_size: int = 131, hidden_size: int = 48,
+                       intermediate_size: int = 100, num_layers: int = 2, num_heads: int = 6,
+                       num_kv_heads: int = 2, **extras):
+    """The transformers config of a tiny ``family`` model (FAMILY_EXTRAS, then ``extras``)."""
+    import transformers
+
+    if family == "llama":
+        return tiny_llama_config(vocab_size=vocab_size, hidden_size=hidden_size,
+                                 intermediate_size=intermediate_size, num_layers=num_layers,
+                                 num_heads=num_heads, num_kv_heads=num_kv_heads, **extras)
+    cls = {"mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config,
+           "qwen3": transformers.Qwen3Config}[family]
+    settings = dict(FAMILY_EXTRAS[family])
+    settings.update(extras)
+    settings.setdefault("head_dim", hidden_size // num_heads)
+    return cls(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+               num_hidden_layers=num_layers, num_attention_heads=num_heads,
+               num_key_value_heads=num_kv_heads, rms_norm_eps=1e-5, rope_theta=TINY_ROPE_THETA,
+               max_position_embeddings=TINY_MAX_POSITIONS, bos_token_id=1, eos_token_id=2,
+               **settings)
+
+
+def _randomize(model, seed: int, dtype: torch.dtype):
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -70,8 +100,38 @@ def make_tiny_llama(*, seed: int = 0, dtype: torch.dtype = torch.float32, **conf
             elif p.dim() == 2 and "embed" not in name and "lm_head" not in name:
                 p.copy_(noise / p.shape[1] ** 0.5)  # unit-scale projection outputs
             else:
-                p.copy_(0.5 * noise)                 # embeddings / lm_head
+                p.copy_(0.5 * noise)                 # embeddings / lm_head / biases
     return model.to(dtype).train()
+
+
+def make_tiny_model(family: str, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                    **config_kwargs):
+    """A ``family`` causal LM (train mode, on CPU) with distinct random weights."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_family_config(family, **config_kwargs)
+    return _randomize(AutoModelForCausalLM.from_config(config), seed, dtype)
+
+
+def make_tiny_model_dir(tmp_path: Union[str, Path], family: str, *, seed: int = 0,
+                        dtype: torch.dtype = torch.float32,
+                        max_shard_size: Optional[Union[int, str]] = None, **config_kwargs) -> Path:
+    """Save a tiny random ``family`` checkpoint under ``tmp_path``; its directory."""
+    model = make_tiny_model(family, seed=seed, dtype=dtype, **config_kwargs)
+    settings = "_".join(f"{k}{v}" for k, v in sorted(config_kwargs.items()))
+    out = Path(tmp_path) / f"tiny_{family}_{settings}_shard{max_shard_size}_s{seed}"
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(out, **kwargs)
+    return out
+
+
+def make_tiny_llama(*, seed: int = 0, dtype: torch.dtype = torch.float32, **config_kwargs):
+    """A LlamaForCausalLM (train mode, on CPU) with distinct random weights."""
+    from transformers import LlamaForCausalLM
+
+    config = tiny_llama_config(**config_kwargs)
+    model = LlamaForCausalLM(config)
+    return _randomize(model, seed, dtype)
 
 
 def make_tiny_llama_dir(tmp_path: Union[str, Path], *, vocab_size: int = 131,
@@ -124,9 +184,9 @@ def load_hf_4bit(ckpt):
     Train mode matters (NOTES.md): an eval-mode no-grad forward lets bitsandbytes
     repack the 4-bit weights on this CPU, after which they decode wrongly; TRL's
     reference pass and PeftModel.from_pretrained both run or leave eval-mode."""
-    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    model = LlamaForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         ckpt, device_map="cpu", attn_implementation="sdpa",
         quantization_config=BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

@@ -4,8 +4,10 @@ csrc_triton.attention_configs, at LLaMA-3-8B shapes (bf16, one packed 8K-token r
 into one such buffer), and the pruning verdict the configs table must agree with.
 
 Default run: each kernel's reference configuration (the one it shipped with before
-autotuning) at head dims 64 and 128, and its INDEX_64 variant; ``--sweep``: every
-candidate at 64, 128 and 256.
+autotuning) at head dims 64 and 128, its INDEX_64 variant and its HAS_GAP variant
+(bounds with a per-query gap: a DPO pair packed with its prompt once); ``--sweep``:
+every candidate at 64, 128 and 256, each also with HAS_GAP (autotuning picks among
+the same candidates for both).
 """
 from __future__ import annotations
 
@@ -37,7 +39,8 @@ def verdict(report: dict) -> Optional[str]:
 
 
 def _pointers(kind: str, dtype, torch) -> dict:
-    return {
+    gap = dict(gap_start_ptr=torch.int32, gap_end_ptr=torch.int32)
+    return dict(gap, **{
         "forward": dict(q_ptr=dtype, k_ptr=dtype, v_ptr=dtype, out_ptr=dtype,
                         lse_ptr=torch.float32, first_key_ptr=torch.int32),
         "dkdv": dict(q_ptr=dtype, k_ptr=dtype, v_ptr=dtype, d_out_ptr=dtype,
@@ -45,7 +48,7 @@ def _pointers(kind: str, dtype, torch) -> dict:
                      first_key_ptr=torch.int32, key_end_ptr=torch.int32),
         "dq": dict(q_ptr=dtype, k_ptr=dtype, v_ptr=dtype, d_out_ptr=dtype, lse_ptr=torch.float32,
                    delta_ptr=torch.float32, dq_ptr=dtype, first_key_ptr=torch.int32),
-    }[kind]
+    }[kind])
 
 
 def attention_specs() -> List[KernelSpec]:
@@ -61,7 +64,8 @@ def attention_specs() -> List[KernelSpec]:
         strides = dict(stride_q=fused, stride_kv=fused, stride_o=Q_HEADS * head_dim)
         shared = dict(seq=SEQ, n_q_heads=Q_HEADS, n_kv_heads=KV_HEADS, group=Q_HEADS // KV_HEADS,
                       head_dim=head_dim, qk_scale_log2=scale * attention._LOG2E,
-                      seq_bucket=SEQ, HAS_BOUNDS=True, DOT_FP32=False, BLOCK_D=block_d,
+                      seq_bucket=SEQ, HAS_BOUNDS=True, HAS_GAP=False, DOT_FP32=False,
+                      BLOCK_D=block_d,
                       INDEX_64=False, **strides)
         for kind in configs.KINDS:
             extra = {"forward": {}, "dkdv": dict(scale=scale, stride_dkv=fused),
@@ -86,6 +90,9 @@ def attention_specs() -> List[KernelSpec]:
                 # candidate: autotuning may pick any of them there too
                 specs.append(replace(spec, name=spec.name + "-idx64",
                                      args=dict(spec.args, INDEX_64=True), expect_hgmma=False))
+                # the gap variant (same tiles): its own spec, held to the same verdict
+                specs.append(replace(spec, name=spec.name + "-gap",
+                                     args=dict(spec.args, HAS_GAP=True)))
         delta = KernelSpec(
             f"attention_delta/bf16-d{head_dim}",
             "csrc_triton.attention_kernels:_attention_delta_kernel",

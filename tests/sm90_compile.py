@@ -24,8 +24,10 @@ GPUTarget("cuda", 90, 32), and the wheel's cuobjdump reads the cubin:
                          whose body holds the most MMAs), whose non-MMA
                          instruction count per MMA is the decode overhead.
 
-To add another module's kernels: write a function returning KernelSpecs and
-append it to SPEC_SOURCES (names are '<kernel>/<variant>').
+The specs come from the op records (csrc_triton/records.py): each record names the
+function returning its family's KernelSpecs (compile_specs); a new op family joins
+by naming one in its record (names are '<kernel>/<variant>'). ``--list`` prints the
+spec names by family without compiling.
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 # PTX instructions that round differently from the interpreter's NumPy (correctly
 # rounded) arithmetic: approximate transcendental functions, sqrt and division.
@@ -70,6 +72,7 @@ class KernelSpec:
     expect_hgmma: bool = False    # fp16/bf16 tl.dot with BLOCK_M >= 64: must emit HGMMA
     sweep: bool = False           # only with --sweep (autotune configs beyond the chosen ones)
     pruned: bool = False          # a candidate its configs table excludes (expected to fail)
+    family: str = ""              # the OpRecord whose compile_specs gave it (set by all_specs)
 
 
 @dataclass
@@ -230,22 +233,45 @@ def _dtypes():
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def nf4_specs() -> List[KernelSpec]:
-    """nf4 quantize / nested quantize / dequantize and the fused nf4_matmul kernels."""
+_NF4_N, _NF4_K, _NF4_BLOCKSIZE = INTERMEDIATE, HIDDEN, 64    # gate_proj: the largest weight
+
+
+def nf4_quantize_specs() -> List[KernelSpec]:
+    """nf4 quantize and nested quantize (the absmax of double quantization)."""
     import torch
     codebook = importlib.import_module("csrc_triton.nf4_codebook")
     nf4_decode = importlib.import_module("csrc_triton.nf4_decode")
-    matmul = importlib.import_module("csrc_triton.nf4_matmul")
-    specs = []
-    n, k, bs = INTERMEDIATE, HIDDEN, 64            # gate_proj: the largest weight
-    numel, n_blocks = n * k, n * k // bs
+    bs = _NF4_BLOCKSIZE
+    numel, n_blocks = _NF4_N * _NF4_K, _NF4_N * _NF4_K // bs
     per_program = nf4_decode._blocks_per_program(n_blocks, bs)
+    specs = [KernelSpec(
+        f"nf4_quantize/{tag}", "csrc_triton.nf4_encode:_nf4_quantize_kernel",
+        dict(w_ptr=dtype, code_ptr=torch.float32, packed_ptr=torch.uint8,
+             absmax_ptr=torch.float32, numel=numel, n_blocks=n_blocks,
+             BLOCKSIZE=bs, BLOCKS_PER_PROGRAM=per_program), fp_fusion=False)
+        for tag, dtype in _dtypes().items()]
+    n_groups = -(-n_blocks // codebook.NESTED_BLOCKSIZE)
+    specs.append(KernelSpec(
+        "nested_quantize/fp32", "csrc_triton.nf4_encode:_nested_quantize_kernel",
+        dict(absmax_ptr=torch.float32, offset_ptr=torch.float32, map_ptr=torch.float32,
+             absmax_q_ptr=torch.uint8, nested_absmax_ptr=torch.float32, n_blocks=n_blocks,
+             n_groups=n_groups, GROUP=codebook.NESTED_BLOCKSIZE,
+             GROUPS_PER_PROGRAM=nf4_decode._blocks_per_program(n_groups,
+                                                               codebook.NESTED_BLOCKSIZE)),
+        fp_fusion=False))
+    return specs
+
+
+def nf4_dequantize_specs() -> List[KernelSpec]:
+    """nf4 dequantize (single / double, each dtype), q/k/v segmented, and the FMA control."""
+    import torch
+    codebook = importlib.import_module("csrc_triton.nf4_codebook")
+    nf4_decode = importlib.import_module("csrc_triton.nf4_decode")
+    bs = _NF4_BLOCKSIZE
+    numel, n_blocks = _NF4_N * _NF4_K, _NF4_N * _NF4_K // bs
+    per_program = nf4_decode._blocks_per_program(n_blocks, bs)
+    specs = []
     for tag, dtype in _dtypes().items():
-        specs.append(KernelSpec(
-            f"nf4_quantize/{tag}", "csrc_triton.nf4_encode:_nf4_quantize_kernel",
-            dict(w_ptr=dtype, code_ptr=torch.float32, packed_ptr=torch.uint8,
-                 absmax_ptr=torch.float32, numel=numel, n_blocks=n_blocks,
-                 BLOCKSIZE=bs, BLOCKS_PER_PROGRAM=per_program), fp_fusion=False))
         for double_quant in (True, False):
             absmax = torch.uint8 if double_quant else torch.float32
             specs.append(KernelSpec(
@@ -266,16 +292,16 @@ def nf4_specs() -> List[KernelSpec]:
     decode = next(s for s in specs if s.name == "nf4_dequantize/fp32-double")
     specs.append(replace(decode, name="fma_control/nf4_dequantize-fp32-double",
                          fp_fusion=True, hot=False))
-    n_groups = -(-n_blocks // codebook.NESTED_BLOCKSIZE)
-    specs.append(KernelSpec(
-        "nested_quantize/fp32", "csrc_triton.nf4_encode:_nested_quantize_kernel",
-        dict(absmax_ptr=torch.float32, offset_ptr=torch.float32, map_ptr=torch.float32,
-             absmax_q_ptr=torch.uint8, nested_absmax_ptr=torch.float32, n_blocks=n_blocks,
-             n_groups=n_groups, GROUP=codebook.NESTED_BLOCKSIZE,
-             GROUPS_PER_PROGRAM=nf4_decode._blocks_per_program(n_groups,
-                                                               codebook.NESTED_BLOCKSIZE)),
-        fp_fusion=False))
+    return specs
 
+
+def nf4_matmul_specs() -> List[KernelSpec]:
+    """The fused NF4 matmul kernels (forward, backward-input) for every GPU config."""
+    import torch
+    codebook = importlib.import_module("csrc_triton.nf4_codebook")
+    matmul = importlib.import_module("csrc_triton.nf4_matmul")
+    specs = []
+    n, k, bs = _NF4_N, _NF4_K, _NF4_BLOCKSIZE
     chosen = matmul.CHOSEN_GPU_CONFIGS
     # M only matters through its divisibility by 16 (a specialization), so one
     # value stands for every M the fused path sees (it sees M <= the dispatch
@@ -333,7 +359,13 @@ def nf4_specs() -> List[KernelSpec]:
                                        "stride_gate": 2 * INTERMEDIATE,
                                        "stride_up": 2 * INTERMEDIATE,
                                        "HAS_DROPOUT": False, "HAS_SWIGLU": True}))
+    return specs
+
+
+def low_rank_specs() -> List[KernelSpec]:
+    """The rank-r LoRA products (lora_linear's low_rank_matmul)."""
     low_rank = importlib.import_module("csrc_triton.low_rank")
+    specs = []
     for tag in ("bf16", "fp16"):
         dtype = _dtypes()[tag]
         specs.append(KernelSpec(
@@ -354,24 +386,13 @@ QKV_SEGMENTS = dict(seg_block_1=HIDDEN * HIDDEN // 64,
                     seg_group_2=(HIDDEN + KV_HEADS * HEAD_DIM) * HIDDEN // 64 // 256)
 
 
-def elementwise_specs() -> List[KernelSpec]:
-    """rms_norm, rope, swiglu, cross_entropy at LLaMA-3-8B shapes, as their launchers tile them."""
+def rms_norm_specs() -> List[KernelSpec]:
+    """rms_norm forward and backward at LLaMA-3-8B shapes, as the launcher tiles them."""
     import torch
     rms = importlib.import_module("csrc_triton.rms_norm")
-    rope = importlib.import_module("csrc_triton.rope")
-    swiglu = importlib.import_module("csrc_triton.swiglu")
-    ce = importlib.import_module("csrc_triton.cross_entropy")
-    specs = []
     rows, cols = TOKENS, HIDDEN
     block_rows, block_cols, warps = rms._tiling(rows, cols)
-    half = HEAD_DIM // 2
-    block_half, block_q = triton_next_pow2(half), triton_next_pow2(Q_HEADS)
-    block_tokens = max(1, min(rope._TILE_ELEMENTS // (block_q * block_half), triton_next_pow2(TOKENS)))
-    rope_warps = min(16, max(1, block_tokens * block_q * block_half // 256))
-    block_v = ce._pick_block_v("sm90", VOCAB, None)
-    n_cols = INTERMEDIATE
-    swiglu_cols = min(swiglu._BLOCK, triton_next_pow2(n_cols))
-    swiglu_tiles = dict(BLOCK_ROWS=swiglu._BLOCK // swiglu_cols, BLOCK_COLS=swiglu_cols)
+    specs = []
     for tag, dtype in _dtypes().items():
         specs.append(KernelSpec(
             f"rms_norm_fwd/{tag}", "csrc_triton.rms_norm:_rms_norm_forward_kernel",
@@ -404,17 +425,39 @@ def elementwise_specs() -> List[KernelSpec]:
                  rows_per_program=qk_block_rows, BLOCK_ROWS=qk_block_rows,
                  BLOCK_COLS=qk_block_cols, WEIGHT_GRAD=False, INDEX_64=False),
             num_warps=qk_warps, hot=True))
-        qkv = (Q_HEADS + 2 * KV_HEADS) * HEAD_DIM      # q and k: slices of the fused output
-        specs.append(KernelSpec(
-            f"rope/{tag}", "csrc_triton.rope:_rope_kernel",
-            dict(q_ptr=dtype, k_ptr=dtype, q_out_ptr=dtype, k_out_ptr=dtype,
-                 pos_ptr=torch.int64, cos_ptr=torch.float32, sin_ptr=torch.float32,
-                 n_tokens=TOKENS, n_q_heads=Q_HEADS, n_kv_heads=KV_HEADS, half=half,
-                 stride_q=qkv, stride_k=qkv, stride_q_out=qkv, stride_k_out=qkv,
-                 BLOCK_TOKENS=block_tokens, BLOCK_Q_HEADS=block_q,
-                 BLOCK_KV_HEADS=triton_next_pow2(KV_HEADS), BLOCK_HALF=block_half, INVERSE=False,
-                 INDEX_64=False),
-            num_warps=rope_warps, hot=True))
+    return specs + wide_index_specs(specs)
+
+
+def rope_specs() -> List[KernelSpec]:
+    """The rope kernel on q and k as slices of the fused q/k/v output."""
+    import torch
+    rope = importlib.import_module("csrc_triton.rope")
+    half = HEAD_DIM // 2
+    block_half, block_q = triton_next_pow2(half), triton_next_pow2(Q_HEADS)
+    block_tokens = max(1, min(rope._TILE_ELEMENTS // (block_q * block_half), triton_next_pow2(TOKENS)))
+    rope_warps = min(16, max(1, block_tokens * block_q * block_half // 256))
+    qkv = (Q_HEADS + 2 * KV_HEADS) * HEAD_DIM      # q and k: slices of the fused output
+    specs = [KernelSpec(
+        f"rope/{tag}", "csrc_triton.rope:_rope_kernel",
+        dict(q_ptr=dtype, k_ptr=dtype, q_out_ptr=dtype, k_out_ptr=dtype,
+             pos_ptr=torch.int64, cos_ptr=torch.float32, sin_ptr=torch.float32,
+             n_tokens=TOKENS, n_q_heads=Q_HEADS, n_kv_heads=KV_HEADS, half=half,
+             stride_q=qkv, stride_k=qkv, stride_q_out=qkv, stride_k_out=qkv,
+             BLOCK_TOKENS=block_tokens, BLOCK_Q_HEADS=block_q,
+             BLOCK_KV_HEADS=triton_next_pow2(KV_HEADS), BLOCK_HALF=block_half, INVERSE=False,
+             INDEX_64=False),
+        num_warps=rope_warps, hot=True) for tag, dtype in _dtypes().items()]
+    return specs + wide_index_specs(specs)
+
+
+def swiglu_specs() -> List[KernelSpec]:
+    """swiglu forward and backward over the fused gate/up output."""
+    swiglu = importlib.import_module("csrc_triton.swiglu")
+    n_cols = INTERMEDIATE
+    swiglu_cols = min(swiglu._BLOCK, triton_next_pow2(n_cols))
+    swiglu_tiles = dict(BLOCK_ROWS=swiglu._BLOCK // swiglu_cols, BLOCK_COLS=swiglu_cols)
+    specs = []
+    for tag, dtype in _dtypes().items():
         specs.append(KernelSpec(
             f"swiglu_fwd/{tag}", "csrc_triton.swiglu:_swiglu_forward_kernel",
             dict(gate_ptr=dtype, up_ptr=dtype, h_ptr=dtype, n_rows=TOKENS, n_cols=n_cols,
@@ -428,6 +471,16 @@ def elementwise_specs() -> List[KernelSpec]:
                  stride_up=2 * n_cols, stride_dgate=2 * n_cols, stride_dup=2 * n_cols,
                  **swiglu_tiles, INDEX_64=False),
             num_warps=swiglu._NUM_WARPS, hot=True))
+    return specs + wide_index_specs(specs)
+
+
+def cross_entropy_specs() -> List[KernelSpec]:
+    """The cross-entropy row kernels over LLaMA-3's vocabulary."""
+    import torch
+    ce = importlib.import_module("csrc_triton.cross_entropy")
+    block_v = ce._pick_block_v("sm90", VOCAB, None)
+    specs = []
+    for tag, dtype in _dtypes().items():
         specs.append(KernelSpec(
             f"cross_entropy_lse/{tag}", "csrc_triton.cross_entropy:_lse_rows_kernel",
             dict(logits_ptr=dtype, labels_ptr=torch.int64, lse_ptr=torch.float32,
@@ -440,7 +493,7 @@ def elementwise_specs() -> List[KernelSpec]:
                  lse_ptr=torch.float32, row_scale_ptr=torch.float32, T=TOKENS, V=VOCAB,
                  ignore_index=-100, BLOCK_T=ce._pick_block_t(TOKENS, block_v), BLOCK_V=block_v),
             num_warps=ce._NUM_WARPS, hot=True))
-    return specs + wide_index_specs(specs)
+    return specs
 
 
 def wide_index_specs(specs: List[KernelSpec]) -> List[KernelSpec]:
@@ -455,17 +508,15 @@ def triton_next_pow2(n: int) -> int:
     return triton.next_power_of_2(n)
 
 
-def attention_specs() -> List[KernelSpec]:
-    """The flash attention kernels: tests/sm90_attention.py (every tile candidate)."""
-    return importlib.import_module("tests.sm90_attention").attention_specs()
-
-
-# Every source of specs; another module's kernels join by appending a function here.
-SPEC_SOURCES: List[Callable[[], List[KernelSpec]]] = [nf4_specs, elementwise_specs, attention_specs]
+def spec_sources():
+    """(family, function returning its KernelSpecs) of every op record that names one."""
+    from csrc_triton.records import all_records, resolve
+    return [(r.name, resolve(r.compile_specs)) for r in all_records() if r.compile_specs]
 
 
 def all_specs(sweep: bool = False) -> List[KernelSpec]:
-    specs = [s for source in SPEC_SOURCES for s in source() if sweep or not s.sweep]
+    specs = [replace(s, family=family) for family, source in spec_sources() for s in source()
+             if sweep or not s.sweep]
     names = [s.name for s in specs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -500,6 +551,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only", default="",
                         help="comma-separated name prefixes (e.g. nf4_matmul_fwd,rope)")
     parser.add_argument("--json", default="", help="write the reports to this JSON file")
+    parser.add_argument("--list", action="store_true",
+                        help="print the specs' names by op family, compile nothing")
     args = parser.parse_args(argv)
     if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "0":
         parser.error("triton was imported before TRITON_INTERPRET=0 could be set; "
@@ -510,6 +563,10 @@ def main(argv=None) -> int:
     specs = [s for s in all_specs(args.sweep) if not prefixes or s.name.startswith(prefixes)]
     if not specs:
         parser.error(f"--only {args.only!r} matches no spec")
+    if args.list:
+        for spec in specs:
+            print(f"{spec.family:16} {spec.name}")
+        return 0
     reports = []
     for spec in specs:
         reports.append(compile_spec(spec))

@@ -57,9 +57,17 @@ def make_inputs(batch, seq, n_q, n_kv, head_dim, dtype):
     return q, k, v
 
 
+def visible_of(segments, batch, seq):
+    """Bool [B, S, S] of who sees whom: ``segments`` is segment ids [B, S], None (one
+    causal document per row), or already such a mask (tests/test_attention_keys.py)."""
+    if segments is not None and segments.dtype == torch.bool:
+        return segments
+    return reference_visible(segments, batch, seq)
+
+
 def reference_with_grads(q, k, v, segments, d_out, dtype):
     q64, k64, v64 = (quantized(t, dtype).requires_grad_(True) for t in (q, k, v))
-    out, lse = reference_attention(q64, k64, v64, segments)
+    out, lse = reference_attention(q64, k64, v64, visible=visible_of(segments, *q.shape[:2]))
     grads = torch.autograd.grad(out, (q64, k64, v64), quantized(d_out, dtype))
     return out.detach(), lse.detach(), grads
 
@@ -78,7 +86,7 @@ def delta_rounding_bound(q, k, out, d_out, segments, dtype):
     q64, k64 = quantized(q, dtype), quantized(k, dtype).repeat_interleave(group, dim=2)
     scale = head_dim ** -0.5
     scores = torch.einsum("bihd,bjhd->bhij", q64, k64) * scale
-    visible = reference_visible(segments, batch, seq)[:, None]
+    visible = visible_of(segments, batch, seq)[:, None]
     probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
     delta_error = unit * (quantized(d_out, dtype).abs() * out.double().abs()).sum(-1)  # [B, S, H]
     weighted = probs * delta_error.transpose(1, 2)[..., None]                         # [B, H, S, S]

@@ -144,7 +144,7 @@ def _llama3_params(**changes):
 
 BAD_CONFIGS = [
     # (change to the tiny config.json, the field the error must name)
-    (dict(model_type="mistral"), "model_type"),
+    (dict(model_type="gemma"), "model_type"),
     (dict(model_type=None), "model_type"),
     (dict(architectures=["MistralForCausalLM"]), "architectures"),
     (dict(hidden_act="gelu"), "hidden_act"),

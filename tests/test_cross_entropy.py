@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from csrc_triton.cross_entropy import (cross_entropy, cross_entropy_rows, softmax_grad_rows,
+from csrc_triton.cross_entropy import (cross_entropy_op, cross_entropy_rows, softmax_grad_rows,
                                        softmax_grad_rows_)
 from tests.helpers import assert_close, quantized
 from tests.reference.losses import (reference_cross_entropy, reference_logsumexp,
@@ -67,7 +67,7 @@ def check_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index
     """Forward and autograd backward of cross_entropy vs the float64 reference."""
     dtype = logits.dtype
     logits = logits.detach().requires_grad_(True)
-    loss_sum, n_tokens = cross_entropy(logits, labels, ignore_index)
+    loss_sum, n_tokens = cross_entropy_op(logits, labels, ignore_index)
     upstream = float(torch.empty(()).uniform_(0.5, 2.0))
     loss_sum.backward(torch.tensor(upstream))
 
@@ -124,7 +124,7 @@ def test_cross_entropy_all_ignored_gives_zero_everything():
     T, V = 5, 77
     logits = torch.randn(T, V).requires_grad_(True)
     labels = torch.full((T,), -100)
-    loss_sum, n_tokens = cross_entropy(logits, labels)
+    loss_sum, n_tokens = cross_entropy_op(logits, labels)
     loss_sum.backward()
     assert float(loss_sum.detach()) == 0.0 and int(n_tokens) == 0
     assert torch.equal(logits.grad, torch.zeros_like(logits))
@@ -135,12 +135,12 @@ def test_cross_entropy_exact_accumulation_over_uneven_micro_batches():
     logits = torch.randn(T, V) * 3
     labels = random_labels(T, V, ignored_fraction=0.4)
     whole = logits.clone().requires_grad_(True)
-    whole_sum, whole_count = cross_entropy(whole, labels)
+    whole_sum, whole_count = cross_entropy_op(whole, labels)
     (whole_sum / whole_count).backward()
 
     pieces = logits.clone().requires_grad_(True)
     splits = (5, 17, 15)
-    outputs = [cross_entropy(chunk, lab) for chunk, lab in
+    outputs = [cross_entropy_op(chunk, lab) for chunk, lab in
                zip(pieces.split(splits), labels.split(splits))]
     total = sum(int(n) for _, n in outputs)
     assert total == int(whole_count)
@@ -208,21 +208,21 @@ def test_cross_entropy_rejects_bad_arguments():
     logits = torch.randn(4, 10)
     labels = torch.tensor([0, 1, 2, 3])
     with pytest.raises(ValueError, match=r"labels\[2\] = 10 is outside the vocabulary"):
-        cross_entropy(logits, torch.tensor([0, 1, 10, 3]))
+        cross_entropy_op(logits, torch.tensor([0, 1, 10, 3]))
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        cross_entropy(logits, torch.tensor([0, -1, 2, 3]))  # -1 is not the ignore_index
+        cross_entropy_op(logits, torch.tensor([0, -1, 2, 3]))  # -1 is not the ignore_index
     with pytest.raises(ValueError, match="'logits' has dtype"):
-        cross_entropy(logits.to(torch.int32), labels)
+        cross_entropy_op(logits.to(torch.int32), labels)
     with pytest.raises(ValueError, match="'labels' has dtype"):
-        cross_entropy(logits, labels.float())
+        cross_entropy_op(logits, labels.float())
     with pytest.raises(ValueError, match="'labels' has shape"):
-        cross_entropy(logits, labels[:3])
+        cross_entropy_op(logits, labels[:3])
     with pytest.raises(ValueError, match="'logits' has 1 dims"):
-        cross_entropy(logits[0], labels[:1])
+        cross_entropy_op(logits[0], labels[:1])
     with pytest.raises(ValueError, match="must be contiguous"):
-        cross_entropy(torch.randn(10, 4).t(), labels)
+        cross_entropy_op(torch.randn(10, 4).t(), labels)
     with pytest.raises(ValueError, match="ignore_index must be a Python int"):
-        cross_entropy(logits, labels, ignore_index=-100.0)
+        cross_entropy_op(logits, labels, ignore_index=-100.0)
     with pytest.raises(ValueError, match="block_v must be a power of two"):
         cross_entropy_rows(logits, labels, block_v=100)
     lse, _ = cross_entropy_rows(logits, labels)
@@ -240,7 +240,7 @@ def test_cross_entropy_bf16_llama3_8b_shape_on_gpu(T):
     V = 128256
     logits = (torch.randn(T, V, device="cuda") * 4).to(torch.bfloat16).requires_grad_(True)
     labels = random_labels(T, V).cuda()
-    loss_sum, n_tokens = cross_entropy(logits, labels)
+    loss_sum, n_tokens = cross_entropy_op(logits, labels)
     loss_sum.backward()
     assert int(n_tokens) == int((labels != -100).sum())
     ref_total = torch.zeros((), dtype=torch.float64, device="cuda")

@@ -44,7 +44,7 @@ def _case(ctx, objective_name: str, sharded: bool, accum: int, out_dir: Path):
                                  dpo_batches, load_tokenizer, sft_batches)
     from anita_core.hf import load_model
     from anita_core.lora import LoRAAdapters, LoRAConfig
-    from anita_core.train.cli import BUNDLED_MODEL
+    from anita_core.cli.common import BUNDLED_MODEL
     from anita_core.train.distributed import layer_nf4_weights, setup_model
     from anita_core.train.objectives import DPOObjective, SFTObjective
     from anita_core.train.trainer import TrainConfig, Trainer

@@ -30,7 +30,7 @@ from anita_core.data import DPODataConfig, build_dpo_data, load_tokenizer
 from anita_core.hf import load_model
 from anita_core.lora import LoRAAdapters, LoRAConfig
 from anita_core.model import ops
-from anita_core.train.cli import BUNDLED_MODEL
+from anita_core.cli.common import BUNDLED_MODEL
 from anita_core.train.objectives import DPOObjective
 from anita_core.train.reference_logprobs import (BASE_REFERENCE, INDEX_KEY, KEY_FILE, LOGPS_FILE,
                                                  STORE_DIR, ReferenceLogps, StaleReferenceStore,
@@ -307,3 +307,36 @@ def test_train_dpo_precomputes_by_default_and_resume_reuses_it(tmp_path, monkeyp
         a.pop("tokens_per_s", None), b.pop("tokens_per_s", None)
         assert a == b
     assert torch.equal(load_file(str(out / STORE_DIR / LOGPS_FILE))["logps"], stored["logps"])
+
+
+def test_a_reference_free_loss_from_the_table_runs_no_reference_pass(tokenizer, pairs, fresh_seed):
+    """The DPO objective takes its loss as a value (train.loss_table.PreferenceLoss): a
+    reference-free one gets reference=None and no reference forward, and its loss is
+    what the step reports and differentiates; a reference loss still runs the reference."""
+    import torch.nn.functional as F
+
+    from anita_core.train.loss_table import PREFERENCE_LOSSES, PreferenceLoss
+    seen = []
+
+    def odds_free(policy, reference, beta):      # a reference-free margin loss, for the test
+        seen.append(reference)
+        return -F.logsigmoid(beta * (policy.chosen / policy.chosen_tokens
+                                     - policy.rejected / policy.rejected_tokens)).mean()
+
+    def no_metrics(policy, reference, beta):
+        return {"logps/chosen": policy.chosen.mean()}
+
+    (batch,) = indexed_dpo_batches(pairs[:BATCH], batch_size=BATCH, pad_id=tokenizer.pad_id)
+    model = _model(fresh_seed, dropout=0.0)
+    free = DPOObjective(model, beta=0.5, loss=PreferenceLoss(odds_free, no_metrics, needs_reference=False))
+    sums = free.micro_step(batch, grad_scale=1.0)
+    assert free.reference_passes == 0 and seen == [None]
+    assert torch.isfinite(sums["loss"]) and float(sums["loss"]) > 0
+    grads = [p.grad for p in model.adapters.parameters() if p.grad is not None]
+    assert grads and any(float(g.abs().max()) > 0 for g in grads)
+    assert all(bool(torch.isfinite(g).all()) for g in grads)
+    assert set(sums) >= {"loss", "tokens", "computed", "logps/chosen"}
+
+    with_reference = DPOObjective(_model(fresh_seed, dropout=0.0), loss=PREFERENCE_LOSSES["sigmoid"])
+    with_reference.micro_step(batch, grad_scale=1.0)
+    assert with_reference.reference_passes == 1

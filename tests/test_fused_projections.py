@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import csrc_torch
+from anita_core.hf.bnb import nf4_to_state_dict
 from csrc_triton.lora_linear import lora_linear_backward, lora_linear_forward
 from csrc_triton.lora_linear import (lora_linear_fused_backward as fused_backward,
                                      lora_linear_fused_forward as fused_forward)
@@ -64,7 +65,7 @@ def test_concatenation_decodes_to_the_segments_and_shares_storage(case):
         assert torch.equal(nf4_dequantize(view, torch.float32), nf4_dequantize(w, torch.float32))
         assert view.packed.untyped_storage().data_ptr() == fused.packed.untyped_storage().data_ptr()
     with pytest.raises(ValueError, match="concatenates"):
-        fused.to_state_dict("model.layers.0.self_attn.qkv_proj.")
+        nf4_to_state_dict(fused, "model.layers.0.self_attn.qkv_proj.")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

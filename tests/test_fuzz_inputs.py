@@ -71,10 +71,12 @@ from anita_core.data import chat_template  # noqa: E402
 from anita_core.data.chat_template import ChatTemplateError, render  # noqa: E402
 from anita_core.data.dpo import DPODataConfig, build_dpo_data  # noqa: E402
 from anita_core.data.loading import read_rows  # noqa: E402
-from anita_core.data.sft import SFTDataConfig, build_sft_data  # noqa: E402
+from anita_core.data.pipeline import build_sft_data  # noqa: E402
+from anita_core.data.sft import SFTDataConfig  # noqa: E402
 from anita_core.lora import LoRAAdapters, LoRAConfig, save_peft  # noqa: E402
 from anita_core.model.config import ModelConfig  # noqa: E402
-from anita_core.train.cli import BUNDLED_MODEL, parse_command_line  # noqa: E402
+from anita_core.cli.common import BUNDLED_MODEL  # noqa: E402
+from anita_core.recipes.cli_train import parse_command_line  # noqa: E402
 from anita_core.train.input_checks import BadInput, check_adapter, check_model  # noqa: E402
 from anita_core.train.run_checkpoint import (checkpoint_damage, load_checkpoint_state,  # noqa: E402
                                              position_problem, save_checkpoint)

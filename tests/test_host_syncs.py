@@ -80,7 +80,7 @@ def test_a_micro_batch_of_the_triton_backend_reads_nothing_back():
 def test_facts_from_the_host_change_no_bit_of_the_loss_or_the_gradients():
     from anita_core.hf import load_model
     from anita_core.lora import LoRAAdapters, LoRAConfig
-    from anita_core.train.cli import BUNDLED_MODEL
+    from anita_core.cli.common import BUNDLED_MODEL
     with use_backend("triton"):
         model = load_model(BUNDLED_MODEL, progress=False)
         model.adapters = LoRAAdapters.init(LoRAConfig(r=4, alpha=8, dropout=0.0, seed=2), model.config)

@@ -2,10 +2,13 @@
 
     csrc_triton  <-  csrc_torch (the same launchers in plain torch)
     csrc_triton, csrc_torch  <-  anita_core.model  <-  anita_core.lora  <-  anita_core.hf  <-  anita_core.train
+                                                                             <-  anita_core.recipes (sft, dpo: above train)
                                                                              <-  anita_core.eval (may use train)
                                                                              <-  anita_core.plot (the curves' command)
                                            anita_core.data (beside the model: knows no model)
     anita_core.model  <-  anita_core.memory (the memory policy)  <-  anita_core.train, anita_core.eval
+                                           anita_core.cli (the commands' shared flags, errors and environment:
+                                                           below train, eval and recipes; knows no model)
 
 Every import statement of every module is read with ``ast`` (lazy imports
 inside functions included), so an upward import fails here even when the
@@ -39,11 +42,21 @@ ALLOWED = {
     # assets/__init__ is path constants; its build_* scripts rebuild the bundled
     # tokenizer, data and tiny model, so they may use the model and data layers.
     "anita_core.assets": {"anita_core.assets", "anita_core.data", "anita_core.model", "csrc_triton"},
+    # the commands' shared flag types, flags, one-line errors and environment variables:
+    # the bundled model's path (assets) and the Triton mode (csrc_triton) only
+    "anita_core.cli": {"anita_core.cli", "anita_core.assets", "csrc_triton"},
     "anita_core.train": {"csrc_triton", "csrc_torch", "anita_core.model", "anita_core.lora", "anita_core.hf",
-                         "anita_core.data", "anita_core.assets", "anita_core.memory", "anita_core.train"},
-    # evaluation (lm-eval): loads models and adapters; its command reuses train's flag helpers
+                         "anita_core.data", "anita_core.assets", "anita_core.cli", "anita_core.memory", "anita_core.train"},
+    # one module per training stage (config, data builder call, objective) and their
+    # command lines (cli_*.py): above train; nothing below imports it
+    "anita_core.recipes": {"csrc_triton", "csrc_torch", "anita_core.model", "anita_core.lora",
+                           "anita_core.hf", "anita_core.data", "anita_core.assets", "anita_core.cli",
+                           "anita_core.memory", "anita_core.train", "anita_core.recipes"},
+    # evaluation (lm-eval): loads models and adapters; its command uses the shared cli helpers
+    # and train's input checks
     "anita_core.eval": {"csrc_triton", "csrc_torch", "anita_core.model", "anita_core.lora", "anita_core.hf",
-                        "anita_core.data", "anita_core.assets", "anita_core.memory", "anita_core.train",
+                        "anita_core.data", "anita_core.assets", "anita_core.cli", "anita_core.memory",
+                        "anita_core.train",
                         "anita_core.eval"},
     # python -m anita_core.plot RUN_DIR (one module): the command over train's curves.py
     "anita_core.plot": {"anita_core.train", "anita_core.plot"},
@@ -289,3 +302,68 @@ def test_the_cycle_check_catches_circles():
     assert import_cycles(import_graph(fine)) == []
     assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": set()}) == [
         ["a", "b", "c", "a"]]
+
+
+def test_recipes_sit_above_train_and_the_cli_helpers_below():
+    assert violations("from anita_core.recipes.sft import run\n", "anita_core.train.trainer")
+    assert violations("def f():\n    from anita_core.recipes import dpo\n", "anita_core.eval.cli")
+    assert violations("from anita_core.train.trainer import Trainer\n", "anita_core.cli.common")
+    assert violations("from anita_core.model import QLoRALlama\n", "anita_core.cli.flag_types")
+    assert not violations("from anita_core.cli.common import usage_error\n", "anita_core.train.run_start")
+    assert not violations("from anita_core.train.trainer import Trainer\n", "anita_core.recipes.sft")
+
+
+def test_eval_and_chat_reach_the_shared_flags_without_the_trainer():
+    """eval's and chat's commands import anita_core.cli for their flags and errors; the
+    trainer, its command-line layer and the recipes stay out of them."""
+    for path, module in ((ROOT / "chat.py", "chat"), (ROOT / "anita_core/eval/cli.py", "anita_core.eval.cli")):
+        names = [name for _, name in imported_modules(path.read_text(encoding="utf-8"), module, False)]
+        assert any(n.startswith("anita_core.cli.") for n in names), path
+        wrong = [n for n in names if n.startswith(("anita_core.recipes", "anita_core.train.trainer",
+                                                   "anita_core.train.cli"))]
+        assert not wrong, f"{path.name} imports {wrong}"
+
+
+# none: the memory flags become a memory.budget.MemoryRequest in the recipes' CLI
+NAMESPACE_FREE_EXCEPTIONS: set = set()
+
+
+def namespace_users(source: str) -> List[str]:
+    """'line: what' for each parameter named ``args`` and each argparse.Namespace
+    annotation or hasattr(args, ...) in ``source``."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for a in node.args.args + node.args.kwonlyargs + node.args.posonlyargs:
+                annotation = ast.unparse(a.annotation) if a.annotation is not None else ""
+                if a.arg == "args" or "Namespace" in annotation:
+                    found.append(f"{node.lineno}: {node.name}({a.arg})")
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                and node.func.id in ("hasattr", "getattr") and node.args
+                and isinstance(node.args[0], ast.Name) and node.args[0].id == "args"):
+            found.append(f"{node.lineno}: {node.func.id}(args, ...)")
+    return found
+
+
+def test_nothing_below_the_command_line_sees_an_argparse_namespace():
+    """The recipes' cli_*.py turn the parsed flags into a typed config; the trainer,
+    objectives, data builders, run folder, report and the recipes themselves take
+    typed values."""
+    problems = []
+    # anita_core/cli is the argparse layer itself (its parser's parse_known_args(args) is argv)
+    for package in ("anita_core/train", "anita_core/data", "anita_core/recipes", "anita_core/model",
+                    "anita_core/lora", "anita_core/hf"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            rel = path.relative_to(ROOT).as_posix()
+            if rel in NAMESPACE_FREE_EXCEPTIONS or path.name.startswith("cli_"):
+                continue
+            problems += [f"{rel}:{p}" for p in namespace_users(path.read_text(encoding="utf-8"))]
+    assert not problems, "argparse values below the command line:\n" + "\n".join(problems)
+
+
+def test_the_namespace_check_can_fail():
+    assert namespace_users("def f(args, x):\n    pass\n") == ["1: f(args)"]
+    assert namespace_users("def f(a: argparse.Namespace):\n    pass\n") == ["1: f(a)"]
+    assert namespace_users("def f(c):\n    return hasattr(args, 'max_seq_length')\n") == [
+        "2: hasattr(args, ...)"]
+    assert namespace_users("def f(config):\n    return config.seed\n") == []

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from csrc_triton.lora_linear import (LoRAContext, lora_linear, lora_linear_backward,
+from csrc_triton.lora_linear import (LoRAContext, lora_linear_op, lora_linear_backward,
                                      lora_linear_forward)
 from csrc_triton.nf4_matmul import nf4_matmul_forward
 from tests.helpers import assert_close, quantized
@@ -121,7 +121,7 @@ def test_autograd_function_matches_torch_autograd(dtype, dropout):
     keep_mask = None if ctx.keep_mask is None else ctx.keep_mask.reshape(x.shape)
 
     xg, ag, bg = (t.clone().requires_grad_() for t in (x, a, b))
-    y = lora_linear(xg, w, ag, bg, 1.5, dropout, True, torch.Generator().manual_seed(seed))
+    y = lora_linear_op(xg, w, ag, bg, 1.5, dropout, True, torch.Generator().manual_seed(seed))
     dx, da, db = torch.autograd.grad(y, (xg, ag, bg), dy)
 
     x64, dy64 = quantized(x, dtype), quantized(dy, dtype)
@@ -142,7 +142,7 @@ def test_frozen_input_gets_no_gradient():
     a, b = make_lora(40, 63, 4, torch.float32)
     x, dy = torch.randn(3, 7, 63), torch.randn(3, 7, 40)
     ag, bg = a.clone().requires_grad_(), b.clone().requires_grad_()
-    y = lora_linear(x, w, ag, bg, 0.5)
+    y = lora_linear_op(x, w, ag, bg, 0.5)
     da, db = torch.autograd.grad(y, (ag, bg), dy)
     _, _, da64, db64 = reference_with_grads(x.double(), w64, a.double(), b.double(), 0.5,
                                             None, 0.0, dy.double())
@@ -158,7 +158,7 @@ def test_no_dropout_outside_training():
     assert ctx.keep_mask is None and ctx.dropout == 0.0
     expected = reference_lora_linear(x.double(), w64, a.double(), b.double(), 2.0)
     assert_close(OP, "eval_forward", y, expected, atol=FP32_ATOL, rtol=FP32_RTOL)
-    y_autograd = lora_linear(x, w, a, b, 2.0, dropout=0.5, training=False)
+    y_autograd = lora_linear_op(x, w, a, b, 2.0, dropout=0.5, training=False)
     assert_close(OP, "eval_autograd_forward", y_autograd, expected, atol=FP32_ATOL, rtol=FP32_RTOL)
 
 
@@ -223,9 +223,9 @@ def test_rejects_bad_arguments():
         with pytest.raises(ValueError, match=message):
             forward(**changes)
     with pytest.raises(ValueError, match="x.*last dim 33"):
-        lora_linear(torch.randn(2, 5, 34), w, a, b, 1.0)
+        lora_linear_op(torch.randn(2, 5, 34), w, a, b, 1.0)
     with pytest.raises(ValueError, match="contiguous"):
-        lora_linear(torch.randn(2, 33, 5).transpose(1, 2), w, a, b, 1.0)
+        lora_linear_op(torch.randn(2, 33, 5).transpose(1, 2), w, a, b, 1.0)
     if torch.cuda.is_available():  # a second real device exists only on a GPU machine
         with pytest.raises(ValueError, match="device|on cpu"):
             forward(A=a.to("cuda"))

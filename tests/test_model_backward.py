@@ -18,7 +18,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from csrc_triton import flash_attention, fused_linear_cross_entropy, lora_linear, nf4_matmul, rms_norm, rope, swiglu
+from csrc_triton import (flash_attention, fused_linear_cross_entropy, lora_linear_op, nf4_matmul_op,
+                         rms_norm_op, rope_op, swiglu_op)
 from anita_core.lora import LoRAAdapters, LoRAConfig
 from anita_core.hf import load_model
 from tests.helpers import assert_close
@@ -39,17 +40,17 @@ def autograd_loss_sum(model, ids, targets, generator):
         def project(name, x):
             ab = ad.get(i, name)
             if ab is None:
-                return nf4_matmul(x, layer.projections[name])
-            return lora_linear(x, layer.projections[name], ab[0], ab[1], ad.scale,
+                return nf4_matmul_op(x, layer.projections[name])
+            return lora_linear_op(x, layer.projections[name], ab[0], ab[1], ad.scale,
                                ad.config.dropout, True, generator)
-        x1 = rms_norm(h, layer.input_layernorm, c.rms_norm_eps)
+        x1 = rms_norm_op(h, layer.input_layernorm, c.rms_norm_eps)
         q, k, v = project("q_proj", x1), project("k_proj", x1), project("v_proj", x1)
-        qr, kr = rope(q.view(B, S, Hq, D), k.view(B, S, Hkv, D), positions, cos, sin)
+        qr, kr = rope_op(q.view(B, S, Hq, D), k.view(B, S, Hkv, D), positions, cos, sin)
         attn = flash_attention(qr.contiguous(), kr.contiguous(), v.view(B, S, Hkv, D).contiguous())
         h = h + project("o_proj", attn.reshape(B * S, Hq * D))
-        x2 = rms_norm(h, layer.post_attention_layernorm, c.rms_norm_eps)
-        h = h + project("down_proj", swiglu(project("gate_proj", x2), project("up_proj", x2)))
-    final = rms_norm(h, model.base.norm, c.rms_norm_eps)
+        x2 = rms_norm_op(h, layer.post_attention_layernorm, c.rms_norm_eps)
+        h = h + project("down_proj", swiglu_op(project("gate_proj", x2), project("up_proj", x2)))
+    final = rms_norm_op(h, model.base.norm, c.rms_norm_eps)
     loss_sum, _ = fused_linear_cross_entropy(final, model.base.output_embedding, targets.reshape(-1))
     return loss_sum
 

@@ -16,6 +16,7 @@ import json
 import pytest
 import torch
 
+from anita_core.hf.bnb import nf4_from_state_dict, nf4_to_state_dict
 from csrc_triton import nf4_dequantize, nf4_quantize
 from csrc_triton.nf4 import NF4Weight
 from csrc_triton.nf4_codebook import SUPPORTED_BLOCKSIZES, nf4_code, signed_dynamic_map
@@ -382,12 +383,12 @@ def test_state_dict_matches_bitsandbytes_serialization(double_quant):
                                     compress_statistics=double_quant)
     expected = {f"{prefix}weight": packed}
     expected.update({f"{prefix}weight.{k}": v for k, v in state.as_dict(packed=True).items()})
-    actual = nf4_quantize(w, 128, double_quant).to_state_dict(prefix)
+    actual = nf4_to_state_dict(nf4_quantize(w, 128, double_quant), prefix)
     assert actual.keys() == expected.keys()
     for key in expected:
         assert actual[key].dtype == expected[key].dtype, key
         assert torch.equal(actual[key], expected[key]), key
-    _assert_equal_weights(NF4Weight.from_state_dict(expected, prefix),
+    _assert_equal_weights(nf4_from_state_dict(expected, prefix),
                           nf4_quantize(w, 128, double_quant))
 
 
@@ -395,20 +396,20 @@ def test_state_dict_matches_bitsandbytes_serialization(double_quant):
 def test_state_dict_round_trip_through_safetensors(tmp_path, double_quant):
     from safetensors.torch import load_file, save_file
     q = nf4_quantize(_weight((12, 96), torch.float32), 32, double_quant)
-    tensors = q.to_state_dict("lin.")
-    tensors.update(nf4_quantize(_weight((5,), torch.float32), 32,
-                                double_quant).to_state_dict("other."))
+    tensors = nf4_to_state_dict(q, "lin.")
+    tensors.update(nf4_to_state_dict(nf4_quantize(_weight((5,), torch.float32), 32,
+                                                  double_quant), "other."))
     save_file(tensors, str(tmp_path / "w.safetensors"))
     loaded = load_file(str(tmp_path / "w.safetensors"))
-    back = NF4Weight.from_state_dict(loaded, "lin.")
+    back = nf4_from_state_dict(loaded, "lin.")
     _assert_equal_weights(back, q)
-    assert NF4Weight.from_state_dict(loaded, "lin.", dtype=torch.bfloat16).dtype == torch.bfloat16
+    assert nf4_from_state_dict(loaded, "lin.", dtype=torch.bfloat16).dtype == torch.bfloat16
     assert torch.equal(nf4_dequantize(back), nf4_dequantize(q))
 
 
 def test_state_dict_json_record():
     q = nf4_quantize(torch.randn(3, 37), 64, True)
-    record = q.to_state_dict("p.")["p.weight.quant_state.bitsandbytes__nf4"]
+    record = nf4_to_state_dict(q, "p.")["p.weight.quant_state.bitsandbytes__nf4"]
     meta = json.loads(bytes(record.tolist()).decode("utf-8"))
     assert meta == {"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [3, 37],
                     "nested_blocksize": 256, "nested_dtype": "float32",
@@ -464,10 +465,10 @@ _STATE_KEYS = ["weight", "weight.absmax", "weight.quant_map", "weight.nested_abs
 
 @pytest.mark.parametrize("key", _STATE_KEYS)
 def test_from_state_dict_missing_key(key):
-    tensors = nf4_quantize(torch.randn(3, 37), 64, True).to_state_dict("m.")
+    tensors = nf4_to_state_dict(nf4_quantize(torch.randn(3, 37), 64, True), "m.")
     del tensors[f"m.{key}"]
     with pytest.raises(ValueError, match=f"m.{key}'"):
-        NF4Weight.from_state_dict(tensors, "m.")
+        nf4_from_state_dict(tensors, "m.")
 
 
 @pytest.mark.parametrize("key, value", [
@@ -480,10 +481,10 @@ def test_from_state_dict_missing_key(key):
     ("weight.quant_map", torch.linspace(-1, 1, 16)),          # not the NF4 code
 ])
 def test_from_state_dict_wrong_tensor(key, value):
-    tensors = nf4_quantize(torch.randn(3, 37), 64, True).to_state_dict("m.")
+    tensors = nf4_to_state_dict(nf4_quantize(torch.randn(3, 37), 64, True), "m.")
     tensors[f"m.{key}"] = value
     with pytest.raises(ValueError, match=f"m.{key}'"):
-        NF4Weight.from_state_dict(tensors, "m.")
+        nf4_from_state_dict(tensors, "m.")
 
 
 def _with_record(tensors, key, **changes):
@@ -503,25 +504,25 @@ def _with_record(tensors, key, **changes):
 ])
 def test_from_state_dict_bad_record(changes, match):
     key = "m.weight.quant_state.bitsandbytes__nf4"
-    tensors = _with_record(nf4_quantize(torch.randn(3, 37), 64, True).to_state_dict("m."),
+    tensors = _with_record(nf4_to_state_dict(nf4_quantize(torch.randn(3, 37), 64, True), "m."),
                            key, **changes)
     with pytest.raises(ValueError, match=match):
-        NF4Weight.from_state_dict(tensors, "m.")
+        nf4_from_state_dict(tensors, "m.")
 
 
 def test_from_state_dict_rejects_fp4_and_garbage():
-    tensors = nf4_quantize(torch.randn(3, 37), 64).to_state_dict("m.")
+    tensors = nf4_to_state_dict(nf4_quantize(torch.randn(3, 37), 64), "m.")
     fp4 = dict(tensors)
     record = fp4.pop("m.weight.quant_state.bitsandbytes__nf4")
     fp4["m.weight.quant_state.bitsandbytes__fp4"] = record
     with pytest.raises(ValueError, match="not nf4"):
-        NF4Weight.from_state_dict(fp4, "m.")
+        nf4_from_state_dict(fp4, "m.")
     not_utf8 = torch.tensor([0xFF, 0x7B], dtype=torch.uint8)
     tensors["m.weight.quant_state.bitsandbytes__nf4"] = not_utf8
     with pytest.raises(ValueError, match="JSON"):
-        NF4Weight.from_state_dict(tensors, "m.")
+        nf4_from_state_dict(tensors, "m.")
     with pytest.raises(ValueError, match="dtype"):
-        NF4Weight.from_state_dict(nf4_quantize(torch.randn(3, 37)).to_state_dict(), "",
+        nf4_from_state_dict(nf4_to_state_dict(nf4_quantize(torch.randn(3, 37))), "",
                                   dtype=torch.int8)
 
 

@@ -9,7 +9,7 @@ import torch
 
 from csrc_triton import _runtime
 from csrc_triton.nf4 import NF4Weight
-from csrc_triton.nf4_matmul import (nf4_matmul, nf4_matmul_backward_input,
+from csrc_triton.nf4_matmul import (nf4_matmul_op, nf4_matmul_backward_input,
                                     nf4_matmul_forward)
 from tests.helpers import assert_close, bitsandbytes_functional, quantized
 from tests.reference.lora_linear import reference_double_quantize, reference_nf4_matmul
@@ -108,7 +108,7 @@ def test_autograd_function_matches_torch_autograd(dtype, double_quant):
     w, w64 = make_nf4_weight(45, 77, 64, double_quant)
     x = torch.randn(2, 19, 77).to(dtype).requires_grad_()
     dy = torch.randn(2, 19, 45).to(dtype)
-    y = nf4_matmul(x, w)
+    y = nf4_matmul_op(x, w)
     (dx,) = torch.autograd.grad(y, x, dy)
 
     x64 = quantized(x.detach(), dtype).requires_grad_()
@@ -125,7 +125,7 @@ def test_non_contiguous_upstream_gradient():
     # sum() hands backward an expanded (stride-0) gradient; it must still be right.
     w, w64 = make_nf4_weight(33, 51, 32, False)
     x = torch.randn(7, 51, requires_grad=True)
-    (dx,) = torch.autograd.grad(nf4_matmul(x, w).sum(), x)
+    (dx,) = torch.autograd.grad(nf4_matmul_op(x, w).sum(), x)
     expected = w64.sum(dim=0).expand(7, 51)
     assert_close(OP, "autograd.dx_sum", dx, expected, atol=FP32_ATOL, rtol=FP32_RTOL)
 
@@ -163,17 +163,17 @@ def test_rejects_bad_arguments():
     with pytest.raises(ValueError, match="x2d.*shape"):
         nf4_matmul_forward(torch.randn(5, 32), w)            # K mismatch
     with pytest.raises(ValueError, match="x.*last dim 33"):
-        nf4_matmul(torch.randn(2, 5, 34), w)                  # K mismatch (autograd path)
+        nf4_matmul_op(torch.randn(2, 5, 34), w)                  # K mismatch (autograd path)
     with pytest.raises(ValueError, match="dy2d.*shape"):
         nf4_matmul_backward_input(torch.randn(5, 11), w)     # N mismatch
     with pytest.raises(ValueError, match="contiguous"):
         nf4_matmul_forward(torch.randn(33, 5).t(), w)
     with pytest.raises(ValueError, match="contiguous"):
-        nf4_matmul(torch.randn(2, 33, 5).transpose(1, 2), w)
+        nf4_matmul_op(torch.randn(2, 33, 5).transpose(1, 2), w)
     with pytest.raises(ValueError, match="dtype"):
         nf4_matmul_forward(x.double(), w)
     with pytest.raises(ValueError, match="dtype"):
-        nf4_matmul(x.to(torch.int32), w)
+        nf4_matmul_op(x.to(torch.int32), w)
     with pytest.raises(ValueError, match="dims"):
         nf4_matmul_forward(x.reshape(1, 5, 33), w)
     with pytest.raises(ValueError, match="on meta"):

@@ -18,7 +18,7 @@ from anita_core.data import (SFTDataConfig, build_sft_data, collate_rows, load_t
                              next_fit_rows, sft_batches)
 from anita_core.hf import load_model
 from anita_core.lora import LoRAAdapters, LoRAConfig
-from anita_core.train.cli import BUNDLED_MODEL
+from anita_core.cli.common import BUNDLED_MODEL
 from anita_core.train.objectives import SFTObjective
 from tests.helpers import assert_close
 

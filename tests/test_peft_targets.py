@@ -115,7 +115,7 @@ def test_peft_all_linear_adapter_works_as_init_adapter(tmp_path, fresh_seed, cap
     import train_dpo
     from safetensors.torch import load_file
     from transformers import LlamaForCausalLM
-    from anita_core.train.cli import BUNDLED_MODEL
+    from anita_core.cli.common import BUNDLED_MODEL
     out, _ = _peft_adapter(tmp_path, LlamaForCausalLM.from_pretrained(BUNDLED_MODEL), fresh_seed,
                            target_modules="all-linear", lora_dropout=0.0)
     assert all(s.startswith("model.layers.") for s in _saved_targets(out))

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 import csrc_torch
-from csrc_triton.lora_linear import (lora_linear, lora_linear_backward, lora_linear_forward,
+from csrc_triton.lora_linear import (lora_linear_op, lora_linear_backward, lora_linear_forward,
                                      lora_linear_fused_backward, lora_linear_fused_forward)
 from csrc_triton.nf4_concat import concatenate_rows
-from csrc_triton.nf4_matmul import nf4_matmul, nf4_matmul_forward
+from csrc_triton.nf4_matmul import nf4_matmul_forward, nf4_matmul_op
 from tests.helpers import assert_close, quantized
 from tests.reference.lora_linear import reference_lora_linear
 from tests.test_lora_linear import make_lora
@@ -84,7 +84,7 @@ def test_autograd_with_bias_dx_unchanged(dtype, max_m, monkeypatch):
     grads = {}
     for with_bias in (True, False):
         xg = x.clone().requires_grad_()
-        y = nf4_matmul(xg, w, bias if with_bias else None)
+        y = nf4_matmul_op(xg, w, bias if with_bias else None)
         grads["nf4", with_bias] = torch.autograd.grad(y, xg, dy)
         if with_bias:
             assert_close(OP, "autograd nf4_matmul y", y, x64 @ w64.t() + b64, atol=atol, rtol=rtol)
@@ -94,7 +94,7 @@ def test_autograd_with_bias_dx_unchanged(dtype, max_m, monkeypatch):
     for with_bias in (True, False):
         xg, ag, bg = x.clone().requires_grad_(), a.clone().requires_grad_(), b.clone().requires_grad_()
         generator = torch.Generator().manual_seed(7)      # the same dropout mask both times
-        y = lora_linear(xg, w, ag, bg, 0.5, 0.2, True, generator, bias if with_bias else None)
+        y = lora_linear_op(xg, w, ag, bg, 0.5, 0.2, True, generator, bias if with_bias else None)
         grads["lora", with_bias] = torch.autograd.grad(y, (xg, ag, bg), dy)
     for got, want in zip(grads["lora", True], grads["lora", False]):
         assert torch.equal(got, want)
@@ -156,11 +156,11 @@ def test_trainable_bias_is_refused():
     a, b = make_lora(45, 64, 4, torch.float32)
     bias = torch.randn(45, requires_grad=True)
     with pytest.raises(ValueError, match="argument 'bias' requires grad"):
-        nf4_matmul(x, w, bias)
+        nf4_matmul_op(x, w, bias)
     with pytest.raises(ValueError, match="argument 'bias' requires grad"):
-        lora_linear(x, w, a, b, 1.0, 0.0, True, None, bias)
+        lora_linear_op(x, w, a, b, 1.0, 0.0, True, None, bias)
     # detached, it is accepted and gets no gradient
-    y = nf4_matmul(x, w, bias.detach())
+    y = nf4_matmul_op(x, w, bias.detach())
     y.sum().backward()
     assert bias.grad is None and x.grad is not None
 

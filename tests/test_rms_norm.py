@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from csrc_triton.rms_norm import rms_norm, rms_norm_backward, rms_norm_forward
+from csrc_triton.rms_norm import rms_norm_backward, rms_norm_forward, rms_norm_op
 from tests.helpers import assert_close, quantized
 from tests.reference.rms_norm import reference_rms_norm, reference_rms_norm_backward
 
@@ -108,7 +108,7 @@ def test_autograd_function_against_torch_autograd(dtype, weight_trainable):
     x64 = quantized(x, dtype).requires_grad_(True)
     w64 = quantized(weight, dtype).requires_grad_(weight_trainable)
 
-    y = rms_norm(x, weight, EPS)
+    y = rms_norm_op(x, weight, EPS)
     y_ref = reference_rms_norm(x64, w64, EPS)
     assert_close(OP, "autograd y", y, y_ref, **TOLERANCE[dtype])
     inputs, inputs_ref = ((x, weight), (x64, w64)) if weight_trainable else ((x,), (x64,))
@@ -124,7 +124,7 @@ def test_autograd_accepts_non_contiguous_incoming_gradient():
     # .sum() hands backward an expanded (stride 0) gradient of ones.
     x = torch.randn(37, 99, requires_grad=True)
     weight = torch.randn(99)
-    rms_norm(x, weight, EPS).sum().backward()
+    rms_norm_op(x, weight, EPS).sum().backward()
     x64 = x.detach().double().requires_grad_(True)
     reference_rms_norm(x64, weight.double(), EPS).sum().backward()
     assert_close(OP, "dx from sum()", x.grad, x64.grad, **TOLERANCE[torch.float32])
@@ -138,7 +138,7 @@ def test_matches_transformers_llama_rms_norm_fp32():
     with torch.no_grad():
         hf.weight.copy_(1 + 0.5 * torch.randn(99))
     # Both compute in fp32; only rounding order differs (HF: torch's reductions).
-    assert_close(OP, "vs LlamaRMSNorm fp32", rms_norm(x, hf.weight.detach(), EPS), hf(x),
+    assert_close(OP, "vs LlamaRMSNorm fp32", rms_norm_op(x, hf.weight.detach(), EPS), hf(x),
                  **TOLERANCE[torch.float32])
 
 
@@ -243,9 +243,9 @@ def test_bad_arguments_raise_value_error():
     with pytest.raises(ValueError, match="'weight_grad'"):
         rms_norm_backward(dy, x, w, rstd, 1)
     with pytest.raises(ValueError, match="'x'"):
-        rms_norm(torch.tensor(1.0), torch.randn(1))
+        rms_norm_op(torch.tensor(1.0), torch.randn(1))
     with pytest.raises(ValueError, match="'weight'.*shape"):
-        rms_norm(torch.randn(2, 3, 8), torch.randn(3))
+        rms_norm_op(torch.randn(2, 3, 8), torch.randn(3))
 
 
 # ---------------------------------------------------------------- GPU only

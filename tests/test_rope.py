@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
-from csrc_triton.rope import rope, rope_backward, rope_cos_sin, rope_forward, rope_inv_freq
+from anita_core.model.rope_scaling import rope_cos_sin, rope_inv_freq
+from csrc_triton.rope import Llama3Scaling, rope_backward, rope_forward, rope_op
+from csrc_triton.rope import rope_cos_sin as kernel_rope_cos_sin
 from tests.helpers import assert_close, quantized
 from tests.reference.rope import (reference_cos_sin, reference_inv_freq, reference_rope)
 
@@ -227,7 +229,7 @@ def test_autograd_function_against_torch_autograd(dtype):
     k.requires_grad_(True)
     q64 = quantized(q, dtype).requires_grad_(True)
     k64 = quantized(k, dtype).requires_grad_(True)
-    outputs = rope(q, k, positions, cos, sin)
+    outputs = rope_op(q, k, positions, cos, sin)
     outputs_ref = reference_rope(q64, k64, positions, cos, sin)
     for name, out, ref in zip(("autograd q_rot", "autograd k_rot"), outputs, outputs_ref):
         assert_close(OP, name, out, ref, **TOLERANCE[dtype])
@@ -245,7 +247,7 @@ def test_autograd_with_only_q_used_and_strided_gradient():
     q, k, positions = make_inputs((2, 13, 6, 2, 18), torch.float32)
     q.requires_grad_(True)
     k.requires_grad_(True)
-    q_rot, _ = rope(q, k, positions, cos, sin)
+    q_rot, _ = rope_op(q, k, positions, cos, sin)
     q_rot.sum().backward()
     q64 = q.detach().double().requires_grad_(True)
     reference_rope(q64, k.detach().double(), positions, cos, sin)[0].sum().backward()
@@ -345,6 +347,11 @@ def test_bad_table_arguments_raise_value_error():
         rope_cos_sin(18, 40, -1.0)
     with pytest.raises(ValueError, match="'rope_scaling'"):
         rope_cos_sin(18, 40, 10000.0, "llama3")
+    # the kernel package takes LLaMA-3's numbers, never a config dict
+    with pytest.raises(ValueError, match="'llama3' must be a Llama3Scaling"):
+        kernel_rope_cos_sin(18, 40, LLAMA3_THETA, LLAMA3_SCALING)
+    with pytest.raises(ValueError, match="llama3.high_freq_factor"):
+        kernel_rope_cos_sin(18, 40, LLAMA3_THETA, Llama3Scaling(8.0, 4.0, 1.0, 8192.0))
 
 
 # ---------------------------------------------------------------- GPU only

@@ -12,7 +12,7 @@ import torch
 from anita_core.assets import TOKENIZER_DIR
 from anita_core.data import (BadRowError, DPODataConfig, SFTDataConfig, build_dpo_data,
                              build_sft_data, load_tokenizer)
-from anita_core.train.cli import build_data_or_report
+from anita_core.recipes.session import build_data_or_report
 from tests.run_cli import TINY, run_script
 
 GOOD = {"instruction": "Dimmi un colore.", "input": "", "output": "Blu."}

@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from anita_core.train.cli import EXIT_DISK_FULL
+from anita_core.cli.common import EXIT_DISK_FULL
 from anita_core.train.file_manifest import damage
 from anita_core.train.run_folder import append_metrics
 from anita_core.train.storage_faults import DiskFull, disk_full_guard, disk_full_message

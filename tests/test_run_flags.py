@@ -10,8 +10,9 @@ import pytest
 
 import train_dpo
 import train_sft
-from anita_core.train.cli import parse_command_line
-from anita_core.train.presets import PRESETS
+from anita_core.recipes.cli_train import parse_command_line
+from anita_core.recipes.dpo import DPO_PRESETS
+from anita_core.recipes.sft import SFT_PRESETS
 from tests.run_cli import run_script
 
 BAD_COMMON = [
@@ -115,7 +116,7 @@ def test_every_preset_checkpoints_periodically_by_default():
         for preset in presets:
             args = main.build_parser(["--preset", preset]).parse_args(["--preset", preset])
             assert args.save_minutes > 0 or args.save_steps > 0, preset
-            assert PRESETS[preset]["save_minutes"] == args.save_minutes
+            assert {**SFT_PRESETS, **DPO_PRESETS}[preset].optim.save_minutes == args.save_minutes
 
 
 @pytest.mark.parametrize("value", ["-1e-4", "-1E-4", "-.5", "-0.0001", "-5e+2", "-1_000", "-inf"])

@@ -14,7 +14,7 @@ import train_sft
 from anita_core.assets import TOKENIZER_DIR
 from anita_core.lora import LoRAAdapters, LoRAConfig, save_peft
 from anita_core.model.config import ModelConfig
-from anita_core.train.cli import BUNDLED_MODEL
+from anita_core.cli.common import BUNDLED_MODEL
 from tests.model_factory import make_tiny_llama_dir
 
 FAST = ["--max-steps", "1", "--batch-size", "2", "--no-progress", "--eval-split", "0",

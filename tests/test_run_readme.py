@@ -13,8 +13,9 @@ import re
 
 import train_dpo
 import train_sft
-from anita_core.train import cli
-from anita_core.train.presets import PRESETS, SFT_PRESETS
+from anita_core.cli import common as cli
+from anita_core.recipes.dpo import DPO_PRESETS
+from anita_core.recipes.sft import SFT_PRESETS
 from tests.run_cli import REPO
 
 README = (REPO / "README.md").read_text()
@@ -73,7 +74,8 @@ def test_stated_defaults_and_exit_codes_are_the_codes():
     checkpoints, data, cli_page = DOCS["checkpoints.md"], DOCS["data.md"], DOCS["cli.md"]
     every_30 = "Every preset checkpoints every 30 minutes of wall time (`--save-minutes`)"
     assert every_30 in checkpoints
-    assert {p["save_minutes"] for p in PRESETS.values()} == {30.0}
+    presets = list(SFT_PRESETS.values()) + list(DPO_PRESETS.values())
+    assert {p.optim.save_minutes for p in presets} == {30.0}
     assert f"exit code {cli.EXIT_DIVERGED}," in checkpoints
     assert f"stops the run with exit code {cli.EXIT_DISK_FULL} and one line" in checkpoints
     assert f"(exit code {cli.EXIT_BAD_INPUT})" in data

@@ -131,11 +131,11 @@ def test_resume_refuses_other_settings_listing_each_and_a_missing_path(uninterru
 def test_a_signal_inside_an_update_waits_for_the_update_to_finish():
     """So a stop never checkpoints half-updated weights; a second signal is ignored."""
     import os
-    from anita_core.train.trainer import Interrupted, _signals_deferred, stop_on_signals
+    from anita_core.train.stop_signals import Interrupted, signals_deferred, stop_on_signals
     order, log = [], []
     with pytest.raises(Interrupted) as e:
         with stop_on_signals(log.append):
-            with _signals_deferred():
+            with signals_deferred():
                 os.kill(os.getpid(), signal.SIGTERM)
                 os.kill(os.getpid(), signal.SIGINT)
                 order.append("update finished")

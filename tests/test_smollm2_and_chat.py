@@ -93,7 +93,7 @@ def test_chat_prints_the_answer_without_and_with_the_adapter(tmp_path, capsys):
     import chat
     from anita_core.hf import load_model
     from anita_core.lora import LoRAAdapters, LoRAConfig, save_peft
-    from anita_core.train.cli import BUNDLED_MODEL
+    from anita_core.cli.common import BUNDLED_MODEL
 
     model = load_model(BUNDLED_MODEL, progress=False)
     adapters = LoRAAdapters.init(LoRAConfig(r=4, alpha=64, seed=1), model.config)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from csrc_triton.swiglu import swiglu, swiglu_backward, swiglu_forward
+from csrc_triton.swiglu import swiglu_backward, swiglu_forward, swiglu_op
 from tests.helpers import assert_close, quantized
 from tests.reference.swiglu import reference_swiglu, reference_swiglu_backward
 
@@ -113,7 +113,7 @@ def test_autograd_function_against_torch_autograd(dtype):
     up.requires_grad_(True)
     g64 = quantized(gate, dtype).requires_grad_(True)
     u64 = quantized(up, dtype).requires_grad_(True)
-    h = swiglu(gate, up)
+    h = swiglu_op(gate, up)
     h_ref = reference_swiglu(g64, u64)
     assert_close(OP, "autograd h", h, h_ref, **TOLERANCE[dtype])
     dgate, dup = torch.autograd.grad(h, (gate, up), dh)
@@ -126,7 +126,7 @@ def test_autograd_accepts_non_contiguous_incoming_gradient():
     # .sum() hands backward an expanded (stride 0) gradient of ones.
     gate = torch.randn(37, 99, requires_grad=True)
     up = torch.randn(37, 99)
-    swiglu(gate, up).sum().backward()
+    swiglu_op(gate, up).sum().backward()
     g64 = gate.detach().double().requires_grad_(True)
     reference_swiglu(g64, up.double()).sum().backward()
     assert_close(OP, "dgate from sum()", gate.grad, g64.grad, **TOLERANCE[torch.float32])
@@ -153,7 +153,7 @@ def test_bad_arguments_raise_value_error():
     with pytest.raises(ValueError, match="'out\\[1\\]'.*shape"):
         swiglu_backward(dh, gate, up, out=(dh, dh[:, :3]))
     with pytest.raises(ValueError, match="'up'.*shape"):
-        swiglu(gate, up[:, :4].contiguous())
+        swiglu_op(gate, up[:, :4].contiguous())
 
 
 # ---------------------------------------------------------------- GPU only

@@ -6,21 +6,30 @@ the float64 reference (imported from that test, so they cannot drift apart). Two
 results each within (atol, rtol |ref|) of the reference are within
 2 atol + 2 rtol |ref| of each other, so the backend-vs-kernel comparison uses twice
 the reference tolerance (|ref| and |kernel| differ only by that tolerance itself).
+
+Built from the op records (csrc_triton/records.py): every mirror has every launcher
+of its record with the kernel's parameters, every mirrored family names a parity
+check, and test_parity runs each record's check (``<family>_parity(dtype)`` below,
+or in a new family's own test file) in fp32 and fp16.
 """
 from __future__ import annotations
 
-import importlib
+import inspect
 
 import pytest
 import torch
 
 import csrc_torch
+from anita_core.model.rope_scaling import llama3_scaling
 from csrc_torch import nf4 as torch_nf4
-# the kernel modules by path (csrc_triton's namespace holds same-named autograd ops)
-tl_loss, tl_lora, tl_nf4_matmul, tl_rms, tl_rope, tl_swiglu = (
-    importlib.import_module(f"csrc_triton.{family}") for family in
-    ("linear_loss", "lora_linear", "nf4_matmul", "rms_norm", "rope", "swiglu"))
+from csrc_triton import linear_loss as tl_loss
+from csrc_triton import lora_linear as tl_lora
+from csrc_triton import nf4_matmul as tl_nf4_matmul
+from csrc_triton import rms_norm as tl_rms
+from csrc_triton import rope as tl_rope
+from csrc_triton import swiglu as tl_swiglu
 from csrc_triton.nf4_decode import nf4_dequantize
+from csrc_triton.records import all_records, resolve
 from csrc_triton.nf4_encode import nf4_quantize
 from tests.helpers import assert_close, quantized
 from tests.reference.losses import reference_linear_cross_entropy
@@ -50,6 +59,63 @@ def check(op, name, ours, kernel, reference, *, atol, rtol):
     assert ours.dtype == kernel.dtype, f"{op}/{name}: dtype {ours.dtype} != kernel's {kernel.dtype}"
     assert_close(f"torch:{op}", name, ours, reference, atol=atol, rtol=rtol)
     assert_close(f"torch:{op}", f"{name} vs triton", ours, kernel, atol=2 * atol, rtol=2 * rtol)
+
+
+RECORDS = all_records()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("record", [r for r in RECORDS if r.parity], ids=lambda r: r.name)
+def test_parity(record, dtype):
+    resolve(record.parity)(dtype)
+
+
+@pytest.mark.parametrize("record", RECORDS, ids=lambda r: r.name)
+def test_each_mirror_has_its_records_launchers(record):
+    if record.torch_mirror is None:
+        assert record.parity is None, f"{record.name}: a parity check but no mirror"
+        return
+    assert record.parity, f"{record.name}: a torch mirror but no parity check in its record"
+    mirror = resolve(record.torch_mirror)
+    for launcher in record.launchers:
+        ours = getattr(mirror, launcher.__name__, None)
+        assert callable(ours), f"{record.torch_mirror} lacks {launcher.__name__}"
+        # the mirror accepts every argument the kernel's launcher takes, by the same name
+        # (a leading underscore marks a kernel-only test hook)
+        kernel_params = inspect.signature(launcher).parameters
+        mirror_params = inspect.signature(ours).parameters
+        missing = [n for n in kernel_params if n not in mirror_params and not n.startswith("_")]
+        assert not missing, f"{record.torch_mirror}.{launcher.__name__} lacks {missing}"
+
+
+@pytest.mark.parametrize("record", RECORDS, ids=lambda r: r.name)
+def test_each_records_paths_resolve(record):
+    """What a record names by dotted path exists (resolved without running it): its
+    reference module, parity check, bench and compile specs."""
+    for field in ("reference", "parity", "bench", "compile_specs"):
+        path = getattr(record, field)
+        if path is not None:
+            assert resolve(path) is not None, (record.name, field, path)
+    assert record.reference, f"{record.name}: no float64 reference named"
+
+
+def test_model_ops_dispatch_whole_mirrored_families():
+    """anita_core.model.ops dispatches only mirrored launchers, every launcher of each
+    family it uses (a launcher added to a used family is not missed; a family the model
+    does not call needs no entry), and each one reads that name from both backends'
+    modules (its code names it)."""
+    from anita_core.model import ops
+    seam = {"default_backend", "active_backend", "set_backend", "use_backend"}
+    defined = {name for name, fn in vars(ops).items()
+               if inspect.isfunction(fn) and fn.__module__ == ops.__name__
+               and not name.startswith("_") and name not in seam}
+    mirrored = [set(r.launcher_names) for r in RECORDS if r.torch_mirror]
+    assert defined <= set().union(*mirrored), sorted(defined - set().union(*mirrored))
+    used = [names for names in mirrored if names & defined]
+    assert {"rms_norm_forward", "flash_attention_forward", "lora_linear_forward"} <= defined
+    assert all(names <= defined for names in used), [sorted(n - defined) for n in used]
+    for name in defined:
+        assert name in getattr(ops, name).__code__.co_names, f"ops.{name} runs another launcher"
 
 
 # ------------------------------------------------------------------------ NF4
@@ -136,10 +202,24 @@ def test_dequantize_cache_hits_invalidates_and_respects_its_budget():
         csrc_torch.set_dequant_cache_bytes(-1)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("weight_kind", [(32, False), (64, True)], ids=["bs32-single", "bs64-double"])
-@pytest.mark.parametrize("m,k,n", [(37, 99, 91), (5, 256, 45)], ids=["37x99x91", "5x256x45"])
-def test_nf4_matmul(dtype, weight_kind, m, k, n):
+def nf4_quantize_parity(dtype):
+    """The mirror's bytes are the kernel's (bit identity: stronger than the reference)."""
+    for shape in ((37, 99), (5, 7)):
+        for double_quant in (False, True):
+            w = (torch.randn(shape) * 3).to(dtype)
+            ours, kernel = csrc_torch.nf4_quantize(w, 64, double_quant), nf4_quantize(w, 64, double_quant)
+            for field in ("packed", "absmax", "nested_absmax", "nested_code", "nested_offset"):
+                a, b = getattr(ours, field), getattr(kernel, field)
+                assert (a is None and b is None) or torch.equal(a, b), (shape, double_quant, field)
+
+
+def nf4_matmul_parity(dtype):
+    for weight_kind in ((32, False), (64, True)):
+        for m, k, n in ((37, 99, 91), (5, 256, 45)):
+            _nf4_matmul_case(dtype, weight_kind, m, k, n)
+
+
+def _nf4_matmul_case(dtype, weight_kind, m, k, n):
     w, w64 = make_nf4_weight(n, k, *weight_kind)
     x, dy = torch.randn(m, k).to(dtype), torch.randn(m, n).to(dtype)
     x64, dy64 = quantized(x, dtype), quantized(dy, dtype)
@@ -151,10 +231,12 @@ def test_nf4_matmul(dtype, weight_kind, m, k, n):
           tl_nf4_matmul.nf4_matmul_backward_input(dy, w), dy64 @ w64, atol=atol, rtol=rtol)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rank,dropout,scale,fp32_lora", [(1, 0.0, 2.0, False), (8, 0.25, -0.5, True)],
-                         ids=["r1-nodrop", "r8-drop-fp32lora"])
-def test_lora_linear(dtype, rank, dropout, scale, fp32_lora):
+def lora_linear_parity(dtype):
+    for rank, dropout, scale, fp32_lora in ((1, 0.0, 2.0, False), (8, 0.25, -0.5, True)):
+        _lora_linear_case(dtype, rank, dropout, scale, fp32_lora)
+
+
+def _lora_linear_case(dtype, rank, dropout, scale, fp32_lora):
     m, k, n = 37, 99, 70
     w, w64 = make_nf4_weight(n, k, 64, True)
     a, b = make_lora(n, k, rank, torch.float32 if fp32_lora else dtype)
@@ -184,9 +266,12 @@ def test_lora_linear(dtype, rank, dropout, scale, fp32_lora):
 
 # ------------------------------------------------------------ elementwise ops
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(37, 99), (1, 7), (150, 1000)])
-def test_rms_norm(dtype, shape):
+def rms_norm_parity(dtype):
+    for shape in ((37, 99), (1, 7), (150, 1000)):
+        _rms_norm_case(dtype, shape)
+
+
+def _rms_norm_case(dtype, shape):
     x, weight, dy = rms_inputs(shape, dtype)
     x64, w64, dy64 = quantized(x, dtype), quantized(weight, dtype), quantized(dy, dtype)
     y, rstd = csrc_torch.rms_norm_forward(x, weight, EPS)
@@ -202,10 +287,14 @@ def test_rms_norm(dtype, shape):
     assert csrc_torch.rms_norm_backward(dy, x, weight, rstd, False)[1] is None
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(2, 13, 6, 2, 18), (3, 5, 1, 1, 2)], ids=["gqa", "tiny"])
-def test_rope(dtype, shape):
-    cos, sin = csrc_torch.rope_cos_sin(shape[-1], MAX_POSITION, LLAMA3_THETA, LLAMA3_SCALING)
+def rope_parity(dtype):
+    for shape in ((2, 13, 6, 2, 18), (3, 5, 1, 1, 2)):
+        _rope_case(dtype, shape)
+
+
+def _rope_case(dtype, shape):
+    cos, sin = csrc_torch.rope_cos_sin(shape[-1], MAX_POSITION, LLAMA3_THETA,
+                                       llama3_scaling(LLAMA3_SCALING))
     q, k, positions = rope_inputs(shape, dtype)
     q_ref, k_ref = reference_rope(quantized(q, dtype), quantized(k, dtype), positions, cos, sin)
     (qr, kr), (kqr, kkr) = (backend.rope_forward(q, k, positions, cos, sin)
@@ -223,9 +312,12 @@ def test_rope(dtype, shape):
         csrc_torch.rope_forward(q, k, positions + MAX_POSITION, cos, sin)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(37, 999), (3, 5, 7)])
-def test_swiglu(dtype, shape):
+def swiglu_parity(dtype):
+    for shape in ((37, 999), (3, 5, 7)):
+        _swiglu_case(dtype, shape)
+
+
+def _swiglu_case(dtype, shape):
     gate, up, dh = swiglu_inputs(shape, dtype)
     g64, u64, dh64 = (quantized(t, dtype) for t in (gate, up, dh))
     check("swiglu", "h", csrc_torch.swiglu_forward(gate, up), tl_swiglu.swiglu_forward(gate, up),
@@ -239,8 +331,12 @@ def test_swiglu(dtype, shape):
 
 # ------------------------------------------------------------------ the losses
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_linear_cross_entropy(dtype):
+def linear_loss_parity(dtype):
+    _linear_cross_entropy_case(dtype)
+    _token_logprobs_case(dtype)
+
+
+def _linear_cross_entropy_case(dtype):
     T, H, V = 37, 45, 1001
     hidden, weight = loss_inputs(T, H, V, dtype)
     labels = random_labels(T, V)
@@ -266,8 +362,7 @@ def test_linear_cross_entropy(dtype):
     assert int(eval_n) == n_valid and torch.equal(eval_loss, loss)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_token_logprobs(dtype):
+def _token_logprobs_case(dtype):
     T, H, V = 29, 33, 517
     hidden, weight = loss_inputs(T, H, V, dtype)
     labels = random_labels(T, V)
@@ -372,9 +467,12 @@ def test_train_step_and_logits_agree_between_backends(tmp_path, dropout):
 
 # ------------------------------------------------------------------ attention
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(2, 37, 4, 2, 64), (1, 29, 8, 1, 72)], ids=["gqa2-d64", "gqa8-d72"])
-def test_flash_attention(dtype, shape):
+def flash_attention_parity(dtype):
+    for shape in ((2, 37, 4, 2, 64), (1, 29, 8, 1, 72)):
+        _flash_attention_case(dtype, shape)
+
+
+def _flash_attention_case(dtype, shape):
     """Packed documents of very different lengths and padding (test_attention's rows)."""
     from csrc_triton import attention as tl_attention
     from tests.test_attention import TOLERANCE as ATTENTION_TOLERANCE

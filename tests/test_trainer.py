@@ -15,7 +15,7 @@ import torch
 
 from anita_core.assets import sample_path
 from anita_core.train.run_checkpoint import latest_checkpoint, load_checkpoint_state
-from anita_core.train.cli import BUNDLED_MODEL
+from anita_core.cli.common import BUNDLED_MODEL
 from anita_core.data import SFTDataConfig, build_sft_data, load_tokenizer, sft_batches
 from anita_core.lora import LoRAAdapters, LoRAConfig, load_peft
 from anita_core.hf import load_model

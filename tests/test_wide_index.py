@@ -5,7 +5,7 @@ A real [T, hidden] past 2^31 elements cannot run under the interpreter (minutes 
 million rows, and GiBs of memory), so the tests use tiny tensors whose rows lie
 FAR_ROWS = 2^30 + 64 elements apart in one lazily allocated storage (tests/helpers.py:
 far_apart_rows): 3 rows put the last offset past 2^31, yet only a few pages are ever
-touched. The launchers choose INDEX_64 by span (csrc_triton._checks.wide_index), so
+touched. The launchers choose INDEX_64 by span (csrc_triton.checks.wide_index), so
 these views take the 64-bit variant; a 32-bit kernel would wrap its offsets and read
 or write 4 GiB below the tensor (garbage or a crash). Each result is compared
 bitwise with the same launch on contiguous copies (the 32-bit variant, which every
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from csrc_triton import _runtime
-from csrc_triton._checks import index_span, wide_index
+from csrc_triton.checks import index_span, wide_index
 from csrc_triton.attention import document_bounds, flash_attention_backward, flash_attention_forward
 from csrc_triton.low_rank import low_rank_matmul
 from csrc_triton.nf4_matmul import _choose

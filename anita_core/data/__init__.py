@@ -14,8 +14,9 @@ from anita_core.data.loading import read_rows, read_table
 from anita_core.data.packing import (BATCH_KEYS, Batch, check_batch, collate_rows, largest_sft_batch,
                                      next_fit_rows, sft_batches, shuffled, to_hf_batch)
 from anita_core.data.rows import BadRowError, detect_shape
-from anita_core.data.sft import (SFTData, SFTDataConfig, build_sft_data, documents_from_rows,
-                                 row_segments, split_train_eval)
+from anita_core.data.pipeline import build_sft_data
+from anita_core.data.sft import (SFTData, SFTDataConfig, documents_from_rows, row_segments,
+                                 split_train_eval)
 from anita_core.data.stats import DataStats
 from anita_core.data.tokenizer import Tokenizer, load_tokenizer
 

@@ -34,7 +34,7 @@ from typing import Any, Collection, Dict, List, Optional, Sequence, Tuple, Union
 from anita_core.data import templates
 from anita_core.data.documents import IGNORE_INDEX, Document
 from anita_core.data.dpo_render import PairProblem, check_dpo_template, encode_pairs
-from anita_core.data.loading import read_rows
+from anita_core.data.loading import read_tables, shape_rows
 from anita_core.data.packing import Batch, collate_rows, shuffled
 from anita_core.data.rows import BadRowError
 from anita_core.data.sft import split_train_eval
@@ -158,10 +158,13 @@ def build_dpo_data(config: DPODataConfig, tokenizer: Tokenizer) -> DPOData:
     check_dpo_template(tokenizer, config.template)     # before reading anything
     stats = DataStats()
     locations: List[Tuple[str, int]] = []
-    rows = read_rows(config.data, stats=stats, shape="dpo", allowed_shapes=("dpo",),
-                     skip_bad_rows=config.skip_bad_rows, max_samples=config.max_samples,
-                     exclude_sources=config.exclude_sources, split=config.split,
-                     cache_dir=config.cache_dir, seed=config.seed, locations=locations)
+    # read -> shape -> render and tokenize (encode_pairs) -> pair documents -> split;
+    # batching (dpo_batches) is the pack stage
+    tables = read_tables(config.data, max_samples=config.max_samples, split=config.split,
+                         cache_dir=config.cache_dir, seed=config.seed)
+    rows = shape_rows(tables, stats=stats, shape="dpo", allowed_shapes=("dpo",),
+                      skip_bad_rows=config.skip_bad_rows, exclude_sources=config.exclude_sources,
+                      locations=locations)
     rows = [row for _, row in rows]
     pairs = []
     encoded = encode_pairs(rows, tokenizer, config.template, config.system_prompt)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from typing import Any, Collection, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Collection, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from anita_core.data.rows import CHECKS, SHAPES, BadRowError, RowProblem, detect_shape
 from anita_core.data.stats import DataStats
@@ -109,14 +109,8 @@ def read_rows(sources: Union[str, Sequence[str]], *, stats: DataStats, shape: st
               split: str = "train", cache_dir: Optional[str] = None, seed: int = 0,
               progress: bool = False, locations: Optional[List[Tuple[str, int]]] = None,
               ) -> List[Tuple[str, Dict[str, Any]]]:
-    """Validated rows from one or more sources, as (shape, normalized row).
-
-    ``max_samples`` draws that many rows uniformly at random (``seed``) from all
-    sources together, streamed in O(max_samples) memory (streaming.py). Rows whose
-    ``source`` column is in ``exclude_sources`` are dropped before validation.
-    A malformed row raises BadRowError (a ValueError naming the source and the
-    row number), or with ``skip_bad_rows`` is skipped and counted. A
-    ``locations`` list receives each returned row's (file or source, row number)."""
+    """Validated rows from one or more sources, as (shape, normalized row): the read
+    stage (read_tables) then the shape stage (shape_rows); see each for the options."""
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
     if not sources:
@@ -124,14 +118,42 @@ def read_rows(sources: Union[str, Sequence[str]], *, stats: DataStats, shape: st
     if shape != "auto" and shape not in allowed_shapes:
         raise ValueError(f"row shape {shape!r} is not usable here; expected 'auto' or one of "
                          f"{sorted(allowed_shapes)}")
-    exclude = set(exclude_sources)
-    out: List[Tuple[str, Dict[str, Any]]] = []
+    tables = read_tables(sources, max_samples=max_samples, split=split, cache_dir=cache_dir,
+                         seed=seed, progress=progress)
+    return shape_rows(tables, stats=stats, shape=shape, allowed_shapes=allowed_shapes,
+                      skip_bad_rows=skip_bad_rows, exclude_sources=exclude_sources,
+                      locations=locations)
+
+
+def read_tables(sources: Union[str, Sequence[str]], *, max_samples: Optional[int] = None,
+                split: str = "train", cache_dir: Optional[str] = None, seed: int = 0,
+                progress: bool = False) -> Iterator[Table]:
+    """The read stage: each source's table in turn (lazily), or with ``max_samples``
+    that many rows drawn uniformly at random (``seed``) from all sources together,
+    streamed in O(max_samples) memory (streaming.py)."""
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    if not sources:
+        raise ValueError("no data sources given")
     if max_samples is not None:
         from anita_core.data.streaming import sampled_tables
-        tables = sampled_tables(sources, max_samples, seed, split=split, cache_dir=cache_dir,
-                                progress=progress)
-    else:
-        tables = (read_table(source, split=split, cache_dir=cache_dir) for source in sources)
+        return sampled_tables(sources, max_samples, seed, split=split, cache_dir=cache_dir,
+                              progress=progress)
+    return (read_table(source, split=split, cache_dir=cache_dir) for source in sources)
+
+
+def shape_rows(tables: Iterable[Table], *, stats: DataStats, shape: str = "auto",
+               allowed_shapes: Collection[str] = SHAPES, skip_bad_rows: bool = False,
+               exclude_sources: Collection[str] = (),
+               locations: Optional[List[Tuple[str, int]]] = None,
+               ) -> List[Tuple[str, Dict[str, Any]]]:
+    """The shape stage: the read tables' rows validated, as (shape, normalized row).
+    Rows whose ``source`` column is in ``exclude_sources`` are dropped before
+    validation. A malformed row raises BadRowError (a ValueError naming the source
+    and the row number), or with ``skip_bad_rows`` is skipped and counted. A
+    ``locations`` list receives each returned row's (file or source, row number)."""
+    exclude = set(exclude_sources)
+    out: List[Tuple[str, Dict[str, Any]]] = []
     for table in tables:
         unreadable = _unreadable_file(table, skip_bad_rows)
         if unreadable is not None:

@@ -1,16 +1,16 @@
-"""The SFT data pipeline: sources -> validated rows -> rendered segments ->
-token documents (truncated or dropped, counted) -> seeded shuffle -> train and
-held-out eval documents. Batching is packing.sft_batches."""
+"""The SFT data's own stages: render (validated rows -> segments), tokenize
+(segments -> ids and answer flags), document (ids -> Documents, truncated or
+dropped, counted), and the seeded train / held-out split. The whole row of
+stages, read to pack, is pipeline.py."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
 
 from anita_core.data import templates
 from anita_core.data.chat_template import ChatTemplateError
 from anita_core.data.documents import Document, encode_segments, make_document
-from anita_core.data.loading import read_rows
 from anita_core.data.packing import shuffled
 from anita_core.data.rows import SFT_SHAPES, BadRowError
 from anita_core.data.stats import DataStats
@@ -96,52 +96,105 @@ def split_train_eval(items: Sequence[T], eval_split: Union[int, float], seed: in
     return items[k:], items[:k]
 
 
+@dataclass(frozen=True)
+class RenderOptions:
+    """The render stage's options: the template, the default system prompt, whether
+    a row must mark answers (not when training on all tokens), and bad rows."""
+    template: str = "llama3"
+    system_prompt: Optional[str] = None
+    need_answers: bool = True
+    skip_bad_rows: bool = False
+    chunk_rows: int = 2048          # rows rendered (then tokenized) at a time
+
+
+@dataclass(frozen=True)
+class DocumentOptions:
+    max_seq_length: Optional[int] = None
+    train_on_all_tokens: bool = False
+
+
+@dataclass
+class Chunk:
+    """One chunk of rows on its way through the stages: ``rows`` counts the rows it
+    came from (skipped bad rows included), ``items`` what the last stage made."""
+    rows: int
+    items: list
+
+
+def render_rows(rows: Sequence[Tuple[str, Dict[str, Any]]], tokenizer: Tokenizer,
+                options: RenderOptions, stats: DataStats,
+                locations: Optional[Sequence[Tuple[str, int]]] = None) -> Iterator[Chunk]:
+    """The render stage: validated (shape, row) pairs -> chunks of segment lists,
+    ``options.chunk_rows`` rows at a time (only one chunk of text is held at once).
+    First, ``templates.check_template`` for every row shape present. A row the chat
+    template fails on (or marks no answer in) is a BadRowError named by its
+    ``locations`` entry (file, row number; else its index among ``rows``), or with
+    ``skip_bad_rows`` skipped and counted."""
+    for shape in sorted({shape for shape, _ in rows}):
+        templates.check_template(tokenizer, options.template, shape)
+    for first in range(0, len(rows), options.chunk_rows):
+        rendered = []
+        for index in range(first, min(first + options.chunk_rows, len(rows))):
+            shape, row = rows[index]
+            try:
+                rendered.append(row_segments(shape, row, template=options.template,
+                                             system_prompt=options.system_prompt, tokenizer=tokenizer,
+                                             need_answers=options.need_answers))
+            except ChatTemplateError as e:
+                source, number = (locations[index] if locations is not None
+                                  else ("the rows read", index + 1))
+                error = BadRowError(source, number, f"{_preview(shape, row)}: {e}")
+                if not options.skip_bad_rows:
+                    raise error from None
+                stats.note_bad_row(str(error))
+        yield Chunk(min(options.chunk_rows, len(rows) - first), rendered)
+
+
+def tokenize_chunks(chunks: Iterable[Chunk], tokenizer: Tokenizer) -> Iterator[Chunk]:
+    """The tokenize stage: each chunk's segment lists -> (token ids, is-answer flags),
+    one batch call per chunk (documents.encode_segments)."""
+    for chunk in chunks:
+        yield Chunk(chunk.rows, encode_segments(tokenizer, chunk.items))
+
+
+def chunk_documents(chunks: Iterable[Chunk], options: DocumentOptions, stats: DataStats,
+                    total_rows: int, progress: bool = False) -> List[Document]:
+    """The document stage: token ids -> Documents (shifted targets); a row whose
+    prompt fills ``max_seq_length`` is dropped and counted, a longer one truncated.
+    ``progress`` shows a bar over the ``total_rows`` rows."""
+    documents = []
+    bar = _progress_bar(total_rows, "tokenizing", progress)
+    try:
+        for chunk in chunks:
+            for ids, is_answer in chunk.items:
+                document, truncated = make_document(ids, is_answer, max_length=options.max_seq_length,
+                                                    train_on_all_tokens=options.train_on_all_tokens)
+                if document is None:
+                    stats.dropped_too_long += 1
+                    continue
+                stats.truncated += truncated
+                documents.append(document)
+            bar.update(chunk.rows)
+    finally:
+        bar.close()
+    return documents
+
+
 def documents_from_rows(rows: Sequence[Tuple[str, Dict[str, Any]]], tokenizer: Tokenizer, *,
                         template: str = "llama3", system_prompt: Optional[str] = None,
                         max_seq_length: Optional[int] = None, train_on_all_tokens: bool = False,
                         stats: Optional[DataStats] = None, progress: bool = False,
                         chunk_rows: int = 2048, locations: Optional[Sequence[Tuple[str, int]]] = None,
                         skip_bad_rows: bool = False) -> List[Document]:
-    """Tokenized documents for validated (shape, row) pairs; rows whose prompt
-    fills ``max_seq_length`` are dropped and counted, longer ones truncated.
-    Rows are rendered and tokenized ``chunk_rows`` at a time (one batch call
-    each), so only one chunk of text is held at once; ``progress`` shows a bar.
-    First, ``templates.check_template`` for every row shape present.
-
-    A row the chat template fails on (or marks no answer in) is a BadRowError
-    named by its ``locations`` entry (file, row number; else its index among
-    ``rows``), or with ``skip_bad_rows`` skipped and counted."""
+    """Tokenized documents for validated (shape, row) pairs: the render, tokenize and
+    document stages in turn (see each for what it checks, drops and counts)."""
     stats = DataStats() if stats is None else stats
-    for shape in sorted({shape for shape, _ in rows}):
-        templates.check_template(tokenizer, template, shape)
-    documents = []
-    bar = _progress_bar(len(rows), "tokenizing", progress)
-    for first in range(0, len(rows), chunk_rows):
-        rendered = []
-        for index in range(first, min(first + chunk_rows, len(rows))):
-            shape, row = rows[index]
-            try:
-                rendered.append(row_segments(shape, row, template=template,
-                                             system_prompt=system_prompt, tokenizer=tokenizer,
-                                             need_answers=not train_on_all_tokens))
-            except ChatTemplateError as e:
-                source, number = (locations[index] if locations is not None
-                                  else ("the rows read", index + 1))
-                error = BadRowError(source, number, f"{_preview(shape, row)}: {e}")
-                if not skip_bad_rows:
-                    raise error from None
-                stats.note_bad_row(str(error))
-        for ids, is_answer in encode_segments(tokenizer, rendered):
-            document, truncated = make_document(ids, is_answer, max_length=max_seq_length,
-                                                train_on_all_tokens=train_on_all_tokens)
-            if document is None:
-                stats.dropped_too_long += 1
-                continue
-            stats.truncated += truncated
-            documents.append(document)
-        bar.update(min(chunk_rows, len(rows) - first))
-    bar.close()
-    return documents
+    rendered = render_rows(rows, tokenizer, RenderOptions(template, system_prompt,
+                                                          not train_on_all_tokens, skip_bad_rows,
+                                                          chunk_rows), stats, locations)
+    return chunk_documents(tokenize_chunks(rendered, tokenizer),
+                           DocumentOptions(max_seq_length, train_on_all_tokens), stats,
+                           total_rows=len(rows), progress=progress)
 
 
 def _preview(shape: str, row: Dict[str, Any]) -> str:
@@ -154,31 +207,3 @@ def _preview(shape: str, row: Dict[str, Any]) -> str:
 def _progress_bar(total: int, what: str, enabled: bool):
     from tqdm.auto import tqdm
     return tqdm(total=total, desc=what, unit=" rows", disable=not enabled, leave=False)
-
-
-def build_sft_data(config: SFTDataConfig, tokenizer: Tokenizer) -> SFTData:
-    if config.max_seq_length < 2:
-        raise ValueError(f"max_seq_length must be >= 2, got {config.max_seq_length}")
-    if config.template not in templates.TEMPLATES:
-        raise ValueError(f"unknown template {config.template!r}; expected one of {templates.TEMPLATES}")
-    if config.shape != "auto":      # before reading anything: the tokenizer can render this shape
-        templates.check_template(tokenizer, config.template, config.shape)
-    stats = DataStats()
-    locations: List[Tuple[str, int]] = []
-    rows = read_rows(config.data, stats=stats, shape=config.shape, allowed_shapes=SFT_SHAPES,
-                     skip_bad_rows=config.skip_bad_rows, max_samples=config.max_samples,
-                     split=config.split, cache_dir=config.cache_dir, seed=config.seed,
-                     progress=config.progress, locations=locations)
-    documents = documents_from_rows(
-        rows, tokenizer, template=config.template, system_prompt=config.system_prompt,
-        max_seq_length=config.max_seq_length, train_on_all_tokens=config.train_on_all_tokens,
-        stats=stats, progress=config.progress, locations=locations,
-        skip_bad_rows=config.skip_bad_rows)
-    if not documents:
-        raise ValueError(stats.nothing_usable(config.data, "examples"))
-    train, held_out = split_train_eval(documents, config.eval_split, config.seed)
-    stats.examples = len(documents)
-    stats.train_examples, stats.eval_examples = len(train), len(held_out)
-    stats.tokens = sum(len(d) for d in documents)
-    stats.target_tokens = sum(d.num_targets for d in documents)
-    return SFTData(train=train, eval=held_out, stats=stats)

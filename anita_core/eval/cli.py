@@ -28,8 +28,8 @@ PROG = "eval.py"
 
 def build_parser() -> argparse.ArgumentParser:
     from anita_core.eval.tasks import PRESETS
-    from anita_core.train.cli import add_threads_argument
-    from anita_core.train.flag_types import (FlagParser, HelpFormatter, non_negative_int, positive_int,
+    from anita_core.cli.common import add_threads_argument
+    from anita_core.cli.flag_types import (FlagParser, HelpFormatter, non_negative_int, positive_int,
                                              seed_int)
     p = FlagParser(prog=PROG, description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="model folder (config.json, safetensors, tokenizer)")
@@ -73,7 +73,7 @@ def _say(message: str) -> None:
 def default_output(args) -> Path:
     name = Path(args.model.rstrip("/")).name + (f"-{Path(args.adapter.rstrip('/')).name}"
                                                 if args.adapter else "")
-    from anita_core.train.cli import default_output_dir
+    from anita_core.cli.common import default_output_dir
     return Path(default_output_dir("eval")) / name / "results.json"
 
 
@@ -110,7 +110,7 @@ def make_lm(args):
     from anita_core.eval.lm import AnitaLM
     from anita_core.hf import load_model
     from anita_core.lora import load_peft
-    from anita_core.train.cli import compute_dtype
+    from anita_core.cli.common import compute_dtype
     import torch
     device = "cuda" if torch.cuda.is_available() else "cpu"
     started = time.perf_counter()
@@ -161,8 +161,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_paths(parser, args)
-    from anita_core.train.cli import apply_threads
-    apply_threads(args)
+    from anita_core.cli.common import apply_threads
+    apply_threads(args.threads)
     from anita_core.eval import tasks as eval_tasks
     names = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
     if args.tasks is not None and not names:

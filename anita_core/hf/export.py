@@ -1,9 +1,9 @@
-"""Write a merged model as a plain HuggingFace LlamaForCausalLM checkpoint.
+"""Write a merged model as a plain HuggingFace checkpoint of its family (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM).
 
     export_merged(config, base, deltas, "out/merged", tokenizer_dir="base_model")
 
 Each projection is written as ``nf4_dequantize(W) + delta`` (computed in
-fp32, then cast to ``dtype``); embeddings, norms and lm_head are written as
+fp32, then cast to ``dtype``); embeddings, norms, lm_head and a family's biases and q/k norms are written as
 they are. ``deltas`` maps (layer, projection) to a dense ``[out, in]`` delta
 (a projection without an entry is written as the dequantized base), or is a
 callable ``(layer, projection) -> delta or None``, so a LoRA merge can produce
@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 from csrc_triton import nf4_dequantize
+from anita_core.hf.family_tensors import family_tensor, family_tensors
 from anita_core.hf.files import INDEX_FILE, SINGLE_FILE
 from anita_core.model.config import CONFIG_FILENAME, ModelConfig, projection_shapes
 from anita_core.model.weights import PROJECTIONS, BaseWeights, projection_module_path
@@ -124,6 +125,8 @@ def _check_base(config: ModelConfig, base: BaseWeights) -> None:
             if tuple(q.shape) != shapes[p]:
                 raise ValueError(f"export_merged: base weight '{name}' has shape "
                                  f"{tuple(q.shape)}; config implies {shapes[p]}")
+        for name, shape, slot in family_tensors(config, i):
+            check(name, family_tensor(layer, slot), shape)
 
 
 def _delta_getter(config: ModelConfig, deltas: Optional[DeltaSource]) -> Callable[[int, str], Delta]:
@@ -166,6 +169,7 @@ def _tensor_plan(config: ModelConfig) -> List[Tuple[str, Tuple[int, ...]]]:
     for i in range(config.num_hidden_layers):
         plan.append((f"model.layers.{i}.input_layernorm.weight", (h,)))
         plan += [(f"{projection_module_path(i, p)}.weight", shapes[p]) for p in PROJECTIONS]
+        plan += [(name, shape) for name, shape, _ in family_tensors(config, i)]
         plan.append((f"model.layers.{i}.post_attention_layernorm.weight", (h,)))
     plan.append(("model.norm.weight", (h,)))
     if not config.tie_word_embeddings:
@@ -206,6 +210,8 @@ def _merged_tensors(config: ModelConfig, base: BaseWeights, get_delta, dtype,
         for p in PROJECTIONS:
             lookup[f"{projection_module_path(i, p)}.weight"] = \
                 lambda i=i, p=p: _merged_projection(base, get_delta, i, p)
+        for name, _, slot in family_tensors(config, i):
+            lookup[name] = lambda l=layer, s=slot: family_tensor(l, s)
     for name in names:
         t = lookup[name]()
         yield name, t.detach().to("cpu", dtype).contiguous()

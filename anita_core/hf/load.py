@@ -41,6 +41,7 @@ from anita_core.hf.bnb import (OTHER_4BIT_SUFFIXES, QUANT_STATE_SUFFIX,
                                        nf4_from_bnb_tensors, packed_nbytes,
                                        read_quantization_config)
 from anita_core.hf.pages import MappedPageReleaser, return_freed_heap_to_os
+from anita_core.hf.family_tensors import family_layer_fields, family_tensors
 from anita_core.hf.files import FLOAT_TAGS, TensorCatalog, catalog_checkpoint
 from anita_core.model.llama import QLoRALlama
 from anita_core.model.config import CONFIG_FILENAME, ModelConfig, projection_shapes
@@ -135,6 +136,8 @@ def _plan(config: ModelConfig, catalog: TensorCatalog, quant: Optional[dict],
     for layer in range(config.num_hidden_layers):
         for norm in LAYER_NORMS:
             plan[f"model.layers.{layer}.{norm}.weight"] = _Dense((h,), layer, norm)
+        for name, shape, slot in family_tensors(config, layer):
+            plan[name] = _Dense(shape, layer, slot)
         for proj in PROJECTIONS:
             module = projection_module_path(layer, proj)
             name = f"{module}.weight"
@@ -187,7 +190,8 @@ def _plan(config: ModelConfig, catalog: TensorCatalog, quant: Optional[dict],
             raise ValueError(f"{entries[name].file}: tensor '{name}' is bitsandbytes FP4; "
                              "only NF4 is supported")
         raise ValueError(f"{entries[name].file}: unexpected tensor '{name}' (not part of a "
-                         f"{config.num_hidden_layers}-layer Llama as {config_source} describes it)")
+                         f"{config.num_hidden_layers}-layer {config.model_type} model as {config_source} "
+                         "describes it)")
     return plan
 
 
@@ -278,7 +282,9 @@ def load_base_weights(path: Union[str, Path], config: Optional[ModelConfig] = No
         layers.append(LayerWeights(
             input_layernorm=dense[(layer, "input_layernorm")],
             post_attention_layernorm=dense[(layer, "post_attention_layernorm")],
-            projections={p: quantized.pop((layer, p)) for p in PROJECTIONS}))
+            projections={p: quantized.pop((layer, p)) for p in PROJECTIONS},
+            **family_layer_fields({slot: dense[(layer, slot)]
+                                   for _, _, slot in family_tensors(config, layer)})))
     base = BaseWeights(embed_tokens=dense[(None, "embed_tokens")], layers=layers,
                        norm=dense[(None, "norm")], lm_head=dense.get((None, "lm_head")))
     return config, base

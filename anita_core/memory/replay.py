@@ -232,6 +232,12 @@ class StepReplay:
         self._alloc(p + "x1", "x", T); self._alloc(p + "rstd1", "rstd", T)
         # q, k rotated in place (rope_forward in_place): no tensor beside the outputs
         self._forward(p, FUSED_GROUPS["qkv_proj"], ("q", "k", "v"), T, reuse, "qkv_proj")
+        if self.c.qk_norm:      # Qwen3: q, k copied into rows, normed, written back in place
+            for name, kind in (("q_pre", "q"), ("q_rstd", "q_rstd"), ("qn", "q"),
+                               ("k_pre", "kv"), ("k_rstd", "kv_rstd"), ("kn", "kv")):
+                self._alloc(p + name, kind, T)
+                if name in ("qn", "kn"):
+                    live.free(p + name)
         self._alloc(p + "attn", "attn", T)
         if keep or not mlp:
             self._alloc(p + "lse", "lse", T)
@@ -288,6 +294,10 @@ class StepReplay:
             live.alloc(p + name, T * per_row)
         self._transient(p + "delta", T * r["lse"])
         live.free(p + "da", p + "attn", p + "lse", *(p + n for n in self._qkv()))
+        if self.c.qk_norm:      # the norms' dX, copied into dq, dk's place
+            self._transient(p + "dq_pre", T * r["q"])
+            self._transient(p + "dk_pre", T * r["kv"])
+            live.free(*(p + n for n in ("q_pre", "q_rstd", "k_pre", "k_rstd")))
         self._backward(p, FUSED_GROUPS["qkv_proj"], "dx1", T * r["x"], T, reuse, True, "qkv_proj")
         live.free(p + "x1", *(p + name for name in grads))
         self._alloc(p + "dx1_h0", "h", T)

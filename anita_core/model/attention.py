@@ -33,6 +33,29 @@ def attention_bounds(segment_ids: Optional[torch.Tensor]) -> Bounds:
     return None if segment_ids is None else document_bounds(segment_ids)
 
 
+def windowed_bounds(bounds: Bounds, window: Optional[int], batch: int, seq: int,
+                    device: torch.device) -> Bounds:
+    """``bounds`` narrowed to a sliding window of W keys per query, the query itself
+    included (transformers' sliding_window: key j seen by query i iff i - W < j <= i):
+    first_key = max(first_key, i - W + 1), key_end = min(key_end, j + W); padding
+    (first_key = i + 1, key_end = j) stays as it is. Unchanged when W >= S. Row indices
+    stand for positions: true inside a document (its positions count up by one); a
+    preference-pair row (bounds with a gap: its rejected answer's positions restart
+    after the prompt) cannot take a window shorter than the row, and is refused."""
+    if window is None or window >= seq:
+        return bounds
+    if bounds is not None and len(bounds) == 4:
+        raise ValueError(f"a sliding window of {window} tokens cannot run on packed preference "
+                         f"pairs of {seq} positions: use the padded layout (--no-pack-pairs)")
+    index = torch.arange(seq, device=device, dtype=torch.int32).expand(batch, seq)
+    if bounds is None:
+        first_key, key_end = torch.zeros_like(index), torch.full_like(index, seq)
+    else:
+        first_key, key_end = bounds
+    return (torch.maximum(first_key, index - (window - 1)).contiguous(),
+            torch.minimum(key_end, index + window).contiguous())
+
+
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       bounds: Bounds) -> torch.Tensor:
     """q [B, S, Hq, D], k/v [B, S, Hkv, D] -> out [B, S, Hq, D]."""
@@ -57,7 +80,8 @@ def attention_backward(d_out: torch.Tensor, saved,
 
 
 def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     query_positions_in_cache: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+                     query_positions_in_cache: torch.Tensor, key_valid: torch.Tensor,
+                     window: Optional[int] = None) -> torch.Tensor:
     """Attention for generation (SDPA, see the module docstring). q [B, Sq, Hq, D];
     caches [B, L, Hkv, D] already holding this step's keys; query i sits at cache slot
     query_positions_in_cache[i] (shared by all rows); key_valid [B, L] marks real
@@ -65,6 +89,8 @@ def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     L = k_cache.shape[1]
     slots = torch.arange(L, device=q.device)
     causal = slots[None, :] <= query_positions_in_cache[:, None]          # [Sq, L]
+    if window is not None:  # a row's real tokens sit in consecutive slots: slot gaps are position gaps
+        causal &= slots[None, :] > query_positions_in_cache[:, None] - window
     mask = causal[None, None] & key_valid[:, None, None, :]               # [B, 1, Sq, L]
     # a left-padded row's padding queries would see nothing: let them see themselves
     own = slots[None, :] == query_positions_in_cache[:, None]

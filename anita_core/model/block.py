@@ -1,7 +1,8 @@
-"""One LLaMA decoder block: forward and hand-written backward, side by side.
+"""One decoder block of every supported family: forward and hand-written backward, side by side.
 
-    x1 = rmsnorm(h0) ;  q, k, v = x1 Wq^T, x1 Wk^T, x1 Wv^T   (+ LoRA each)
-    q, k = rope(q, k) ;  a = attention(q, k, v) ;  h1 = h0 + a Wo^T
+    x1 = rmsnorm(h0) ;  q, k, v = x1 Wq^T, x1 Wk^T, x1 Wv^T   (+ LoRA each; + b_q, b_k, b_v: Qwen2)
+    [q, k = rmsnorm_D(q) * q_norm, rmsnorm_D(k) * k_norm per head: Qwen3]
+    q, k = rope(q, k) ;  a = attention(q, k, v) [within the layer's window: Mistral] ;  h1 = h0 + a Wo^T
     x2 = rmsnorm(h1) ;  m = silu(x2 Wg^T) * (x2 Wu^T) ;  h2 = h1 + m Wd^T
 
     h, saved = block_forward(h0, layer, geometry, lora, policy)
@@ -41,7 +42,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -99,6 +100,13 @@ class BlockGeometry:
     n_heads: int
     n_kv_heads: int
     eps: float                          # the RMS norms'
+    # a sliding window W's bounds (attention.windowed_bounds), per distinct W among the
+    # layers' attention_window (Mistral, Qwen2/3 with use_sliding_window); made once per batch
+    window_bounds: Dict[int, Optional[tuple]] = field(default_factory=dict)
+
+    def bounds_for(self, window: Optional[int]) -> Optional[tuple]:
+        """The attention bounds of a layer with this window (None: full causal)."""
+        return self.attention_bounds if window is None else self.window_bounds[window]
 
 
 @dataclass
@@ -109,6 +117,16 @@ class MLPChunk:
     u: torch.Tensor
     m: torch.Tensor
     contexts: dict
+
+
+@dataclass
+class QKNormSaved:
+    """Qwen3's per-head q/k RMSNorm, for its backward: the norms' inputs as rows of
+    head_dim ([T*Hq, D], [T*Hkv, D]) and their fp32 rstd."""
+    q_pre: torch.Tensor
+    rstd_q: torch.Tensor
+    k_pre: torch.Tensor
+    rstd_k: torch.Tensor
 
 
 @dataclass
@@ -132,6 +150,7 @@ class Saved:
     x2: Optional[torch.Tensor] = None
     rstd2: Optional[torch.Tensor] = None
     mlp_chunks: Optional[List[Optional[MLPChunk]]] = None   # KEEP only
+    qk_norm: Optional[QKNormSaved] = None    # families with per-head q/k norms (Qwen3)
     dims: Optional[BlockDims] = field(default=None, repr=False)
 
 
@@ -174,18 +193,23 @@ def _forward(h0: torch.Tensor, layer: LayerWeights, geo: BlockGeometry, lora: Op
     proj = Projector(layer, lora, reuse_weights=keep is not None and keep.policy.reuse_weights)
     x1, rstd1 = rms_norm_forward(h0, layer.input_layernorm, geo.eps)
     q, k, v = proj.forward_group("qkv_proj", x1)
+    qh, kh = _heads(q, geo, geo.n_heads), _heads(k, geo, geo.n_kv_heads)
+    qk_saved = None
+    if layer.q_norm is not None:        # Qwen3: RMSNorm over head_dim of each head, before RoPE
+        qh, kh, qk_saved = _qk_norm_forward(qh, kh, layer, geo.eps)
     # q and k are rotated where they are (views of the fused output when q/k/v run fused)
-    qr, kr = rope_forward(_heads(q, geo, geo.n_heads), _heads(k, geo, geo.n_kv_heads),
-                          geo.position_ids, geo.cos, geo.sin, positions_checked=True, in_place=True)
-    del q, k
+    qr, kr = rope_forward(qh, kh, geo.position_ids, geo.cos, geo.sin, positions_checked=True,
+                          in_place=True)
+    del q, k, qh, kh
     vh = _heads(v, geo, geo.n_kv_heads)
     attention_saved = None
+    bounds = geo.bounds_for(layer.attention_window)
     if attend is not None:
         attn = attend(qr, kr, vh)
     elif keep is not None:      # for the backward: keep out and lse once
-        attn, attention_saved = attention_forward_for_backward(qr, kr, vh, geo.attention_bounds)
+        attn, attention_saved = attention_forward_for_backward(qr, kr, vh, bounds)
     else:
-        attn = attention_forward(qr, kr, vh, geo.attention_bounds)
+        attn = attention_forward(qr, kr, vh, bounds)
     a = attn.reshape(h0.shape[0], -1)
     h1 = h0 + proj.forward("o_proj", a)
     x2, rstd2 = rms_norm_forward(h1, layer.post_attention_layernorm, geo.eps)
@@ -193,10 +217,10 @@ def _forward(h0: torch.Tensor, layer: LayerWeights, geo: BlockGeometry, lora: Op
     if keep is not None:
         keep.proj, keep.x1, keep.rstd1, keep.qr, keep.attention, keep.a = (
             proj, x1, rstd1, qr, attention_saved, a)
-        keep.h1, keep.x2, keep.rstd2, keep.dims = h1, x2, rstd2, dims
+        keep.h1, keep.x2, keep.rstd2, keep.dims, keep.qk_norm = h1, x2, rstd2, dims, qk_saved
     if not mlp:
         return None
-    del x1, qr, kr, v, vh, attn, a, attention_saved     # the MLP's chunks need none of them
+    del x1, qr, kr, v, vh, attn, a, attention_saved, qk_saved   # the MLP's chunks need none
     if keep is None:
         proj.contexts.clear()   # nor the attention's LoRA contexts (no backward will read them)
     kept_chunks = keep.mlp_chunks if keep is not None else None
@@ -211,6 +235,35 @@ def _forward(h0: torch.Tensor, layer: LayerWeights, geo: BlockGeometry, lora: Op
             kept_chunks.append(MLPChunk(g, u, m, contexts))
         del g, u, m, contexts
     return h2
+
+
+def _qk_norm_forward(qh: torch.Tensor, kh: torch.Tensor, layer: LayerWeights, eps: float):
+    """q = rmsnorm_D(q) * q_norm and k = rmsnorm_D(k) * k_norm per head, written back
+    over the [B, S, H, D] views (so k and v keep one token stride for the attention,
+    and RoPE rotates them in place as for LLaMA); the norms' inputs are kept as rows
+    of head_dim for the backward (one copy each: the norm reads contiguous rows)."""
+    d = qh.shape[-1]
+    kept = []
+    for heads, weight in ((qh, layer.q_norm), (kh, layer.k_norm)):
+        rows = torch.empty((heads.numel() // d, d), dtype=heads.dtype, device=heads.device)
+        rows.view(heads.shape).copy_(heads)
+        normed, rstd = rms_norm_forward(rows, weight, eps)
+        heads.copy_(normed.view(heads.shape))
+        del normed
+        kept += [rows, rstd]
+    return qh, kh, QKNormSaved(*kept)
+
+
+def _qk_norm_backward(dq: torch.Tensor, dk: torch.Tensor, saved: QKNormSaved,
+                      layer: LayerWeights) -> None:
+    """dL/d(q, k before the norms), written over dq, dk (views of the fused dq|dk|dv
+    buffer or tensors of their own): dx = rstd (w dy - x^ mean(w dy x^)), the norm
+    weights frozen (no dweight)."""
+    d = dq.shape[-1]
+    for dy, x, w, rstd in ((dq, saved.q_pre, layer.q_norm, saved.rstd_q),
+                           (dk, saved.k_pre, layer.k_norm, saved.rstd_k)):
+        dx, _ = rms_norm_backward(dy.reshape(-1, d), x, w, rstd, False)
+        dy.copy_(dx.view(dy.shape))
 
 
 def _mlp_chunk_forward(proj: Projector, x2: torch.Tensor):
@@ -286,6 +339,9 @@ def block_backward(dh2: torch.Tensor, s: Saved, layer: LayerWeights, geo: BlockG
     dq, dk = rope_backward(dqr, dkr, geo.position_ids, geo.cos, geo.sin, positions_checked=True,
                            in_place=True)
     del dqr, dkr
+    if s.qk_norm is not None:           # through the per-head norms, in dq, dk's place
+        _qk_norm_backward(dq, dk, s.qk_norm, layer)
+        s.qk_norm = None
     dys = d_qkv if d_qkv is not None else (dq.reshape(T, -1), dk.reshape(T, -1),
                                            dvh.reshape(T, -1))
     x1, rstd1 = s.x1, s.rstd1

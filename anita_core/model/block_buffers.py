@@ -45,6 +45,8 @@ _WIDTHS = {
     "qkv": (lambda d: (d.n_heads + 2 * d.n_kv_heads) * d.head_dim, False),  # dq|dk|dv
     "attn": (lambda d: d.n_heads * d.head_dim, False),
     "lse": (lambda d: d.n_heads, True),         # the attention's log-sum-exp
+    "q_rstd": (lambda d: d.n_heads, True),      # per-head q norm's 1/rms (Qwen3's q_norm)
+    "kv_rstd": (lambda d: d.n_kv_heads, True),  # per-head k norm's 1/rms (Qwen3's k_norm)
     "inter": (lambda d: d.intermediate, False),  # one of g, u, m (an MLP chunk's rows)
     "gate_up": (lambda d: 2 * d.intermediate, False),  # d[gate, up] of an MLP chunk
 }
@@ -63,6 +65,10 @@ SAVED_BY_POLICY = {
     # h0 waits off the device (the model's activation_stash, stash.py) until its backward
     "offload": ("generator_state",),
 }
+# a family with per-head q/k norms (ModelConfig.qk_norm) keeps, under "keep", also
+# Saved.qk_norm: the normed heads' inputs q_pre [T, q], k_pre [T, kv] and their
+# rstd [T, q_rstd], [T, kv_rstd] (the normed q, k are qr and attention's k)
+SAVED_WITH_QK_NORM = ("qk_norm",)
 
 
 def buffer_width(name: str, dims: BlockDims) -> int:

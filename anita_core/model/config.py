@@ -1,10 +1,12 @@
-"""The LLaMA model configuration anita understands, read from (and written to)
-a HuggingFace ``config.json``.
+"""The model configuration anita understands, read from (and written to) a
+HuggingFace ``config.json``.
 
-Only the Llama architecture is accepted (``model_type: llama``, SiLU MLP, no
-biases) with plain RoPE or LLaMA-3.1 style "llama3" frequency scaling. Anything
-else is refused with a ValueError that names the file and the field, so a
-checkpoint we cannot run faithfully never loads silently.
+The families of model/families.py are accepted (``model_type`` llama, mistral,
+qwen2 or qwen3: SiLU MLP, no MLP or o_proj bias) with plain RoPE or LLaMA-3.1
+style "llama3" frequency scaling. What a family does beyond LLaMA (q/k/v bias,
+per-head q/k norm, sliding windows) becomes fields here the block reads.
+Anything else is refused with a ValueError that names the file and the field,
+so a checkpoint we cannot run faithfully never loads silently.
 
 RoPE settings come in two spellings and both are accepted:
   * older checkpoints (most of the hub, transformers 4.x): top-level
@@ -21,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
+from anita_core.model.families import (FAMILIES, check_biases, family_hf_fields, family_of,
+                                       layer_windows)
 from anita_core.model.weights import PROJECTIONS
 
 CONFIG_FILENAME = "config.json"
@@ -29,15 +33,8 @@ CONFIG_FILENAME = "config.json"
 LLAMA3_ROPE_FIELDS = ("factor", "low_freq_factor", "high_freq_factor",
                       "original_max_position_embeddings")
 
-# Defaults transformers' LlamaConfig uses when a field is absent from config.json.
-_DEFAULTS = {
-    "rms_norm_eps": 1e-6,
-    "rope_theta": 10000.0,
-    "tie_word_embeddings": False,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-    "max_position_embeddings": 2048,
-}
+# transformers' default when config.json gives no rope_theta (every family's)
+DEFAULT_ROPE_THETA = 10000.0
 _REQUIRED_INTS = ("vocab_size", "hidden_size", "intermediate_size",
                   "num_hidden_layers", "num_attention_heads")
 
@@ -66,6 +63,11 @@ class ModelConfig:
     bos_token_id: Optional[int] = 1
     eos_token_id: Optional[Union[int, List[int]]] = 2
     max_position_embeddings: int = 2048
+    model_type: str = "llama"            # a key of families.FAMILIES
+    qkv_bias: bool = False               # q/k/v projections carry a frozen bias (qwen2)
+    qk_norm: bool = False                # per-head RMSNorm on q and k before RoPE (qwen3)
+    # attention window of each layer (None: full causal); None here: every layer full
+    layer_windows: Optional[Tuple[Optional[int], ...]] = None
     # Where this config came from, for error messages; not part of equality.
     source: str = field(default="<ModelConfig>", compare=False, repr=False)
 
@@ -78,8 +80,11 @@ class ModelConfig:
         """Build from a parsed config.json; ``source`` names the file in errors."""
         if not isinstance(d, dict):
             raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
+        family = family_of(d, source)
         _check_architecture(d, source)
-        values: Dict[str, Any] = {}
+        check_biases(d, family, source)
+        values: Dict[str, Any] = {"model_type": family.model_type, "qkv_bias": family.qkv_bias,
+                                  "qk_norm": family.qk_norm}
         for name in _REQUIRED_INTS:
             if d.get(name) is None:
                 raise _fail(source, name, "is missing")
@@ -90,25 +95,29 @@ class ModelConfig:
                                                                           "num_key_value_heads")
         if d.get("head_dim") is not None:
             values["head_dim"] = _as_int(d["head_dim"], source, "head_dim")
+        elif family.default_head_dim is not None:
+            values["head_dim"] = family.default_head_dim
         else:
             if heads <= 0 or values["hidden_size"] % heads:
                 raise _fail(source, "hidden_size",
                             f"= {values['hidden_size']} is not divisible by "
                             f"num_attention_heads = {heads} (and head_dim is absent)")
             values["head_dim"] = values["hidden_size"] // heads
-        values["rms_norm_eps"] = _as_float(d.get("rms_norm_eps", _DEFAULTS["rms_norm_eps"]),
+        values["rms_norm_eps"] = _as_float(d.get("rms_norm_eps", family.default("rms_norm_eps")),
                                            source, "rms_norm_eps")
         values["rope_theta"], values["rope_scaling"] = _read_rope(d, source)
-        tie = d.get("tie_word_embeddings", _DEFAULTS["tie_word_embeddings"])
+        windows = layer_windows(d, family, values["num_hidden_layers"], source)
+        values["layer_windows"] = windows if any(w is not None for w in windows) else None
+        tie = d.get("tie_word_embeddings", family.default("tie_word_embeddings"))
         if not isinstance(tie, bool):
             raise _fail(source, "tie_word_embeddings", f"must be true or false, got {tie!r}")
         values["tie_word_embeddings"] = tie
-        values["bos_token_id"] = _optional_token(d.get("bos_token_id", _DEFAULTS["bos_token_id"]),
+        values["bos_token_id"] = _optional_token(d.get("bos_token_id", family.default("bos_token_id")),
                                                  source, "bos_token_id", allow_list=False)
-        values["eos_token_id"] = _optional_token(d.get("eos_token_id", _DEFAULTS["eos_token_id"]),
+        values["eos_token_id"] = _optional_token(d.get("eos_token_id", family.default("eos_token_id")),
                                                  source, "eos_token_id", allow_list=True)
         values["max_position_embeddings"] = _as_int(
-            d.get("max_position_embeddings", _DEFAULTS["max_position_embeddings"]),
+            d.get("max_position_embeddings", family.default("max_position_embeddings")),
             source, "max_position_embeddings")
         return cls(**values, source=source)
 
@@ -128,7 +137,8 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ writing
     def to_hf_dict(self) -> Dict[str, Any]:
-        """A config.json body that transformers loads as LlamaForCausalLM.
+        """A config.json body that transformers loads as this family's model class
+        (LlamaForCausalLM for llama, ...: families.family_hf_fields).
 
         RoPE is written in both spellings (``rope_parameters`` for transformers
         5.x, top-level ``rope_theta``/``rope_scaling`` for 4.x); 5.x reads
@@ -139,7 +149,7 @@ class ModelConfig:
             rope_parameters.update(self.rope_scaling)
             rope_parameters["rope_theta"] = self.rope_theta
         eos = list(self.eos_token_id) if isinstance(self.eos_token_id, list) else self.eos_token_id
-        return {
+        body = {
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
             "vocab_size": self.vocab_size,
@@ -164,6 +174,8 @@ class ModelConfig:
             "max_position_embeddings": self.max_position_embeddings,
             "use_cache": True,
         }
+        body.update(family_hf_fields(FAMILIES[self.model_type], self.windows, self.qkv_bias))
+        return body
 
     # --------------------------------------------------------------- validation
     def validate(self, source: Optional[str] = None) -> None:
@@ -185,6 +197,21 @@ class ModelConfig:
             raise _fail(source, "rope_theta", f"must be positive, got {self.rope_theta!r}")
         if self.rope_scaling is not None:
             _check_llama3_scaling(self.rope_scaling, source, "rope_scaling")
+        if self.model_type not in FAMILIES:
+            raise _fail(source, "model_type", f"is {self.model_type!r}; supported families: "
+                                              f"{', '.join(FAMILIES)}")
+        if self.layer_windows is not None:
+            windows = self.layer_windows
+            if len(windows) != self.num_hidden_layers or any(
+                    w is not None and (isinstance(w, bool) or not isinstance(w, int) or w <= 0)
+                    for w in windows):
+                raise _fail(source, "layer_windows", f"must give None or a positive window for each "
+                                                     f"of the {self.num_hidden_layers} layers, got {windows!r}")
+
+    @property
+    def windows(self) -> Tuple[Optional[int], ...]:
+        """Each layer's attention window (None: full causal attention)."""
+        return self.layer_windows or (None,) * self.num_hidden_layers
 
     @property
     def num_kv_groups(self) -> int:
@@ -212,21 +239,9 @@ def projection_shapes(config: ModelConfig) -> Dict[str, Tuple[int, int]]:
 
 # ---------------------------------------------------------------------- helpers
 def _check_architecture(d: Dict[str, Any], source: str) -> None:
-    model_type = d.get("model_type")
-    if model_type != "llama":
-        raise _fail(source, "model_type",
-                    f"is {model_type!r}; only 'llama' (LlamaForCausalLM) is supported")
-    archs = d.get("architectures")
-    if archs is not None:
-        if not isinstance(archs, list) or any(a != "LlamaForCausalLM" for a in archs):
-            raise _fail(source, "architectures",
-                        f"is {archs!r}; only ['LlamaForCausalLM'] is supported")
     act = d.get("hidden_act", "silu")
     if act != "silu":
         raise _fail(source, "hidden_act", f"is {act!r}; only 'silu' is supported")
-    for flag in ("attention_bias", "mlp_bias"):
-        if d.get(flag, False):
-            raise _fail(source, flag, "is true; projections with bias are not supported")
     tp = d.get("pretraining_tp", 1)
     if tp not in (None, 1):
         raise _fail(source, "pretraining_tp", f"is {tp!r}; only 1 is supported")
@@ -239,11 +254,11 @@ def _read_rope(d: Dict[str, Any], source: str) -> Tuple[float, Optional[Dict[str
         if not isinstance(params, dict):
             raise _fail(source, "rope_parameters", f"must be an object, got {params!r}")
         where = "rope_parameters"
-        theta = params.get("rope_theta", d.get("rope_theta", _DEFAULTS["rope_theta"]))
+        theta = params.get("rope_theta", d.get("rope_theta", DEFAULT_ROPE_THETA))
         scaling = {k: v for k, v in params.items() if k != "rope_theta"}
     else:
         where = "rope_scaling"
-        theta = d.get("rope_theta", _DEFAULTS["rope_theta"])
+        theta = d.get("rope_theta", DEFAULT_ROPE_THETA)
         scaling = d.get("rope_scaling")
         if scaling is not None and not isinstance(scaling, dict):
             raise _fail(source, "rope_scaling", f"must be an object or null, got {scaling!r}")

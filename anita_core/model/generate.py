@@ -25,7 +25,7 @@ class KVCache:
         self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
         self.length = 0
 
-    def attend_fn(self, layer: int, start: int):
+    def attend_fn(self, layer: int, start: int, window: Optional[int] = None):
         def attend(q, k, v):
             n = q.shape[1]
             self.keys[layer][:, start:start + n] = k
@@ -33,7 +33,7 @@ class KVCache:
             slots = torch.arange(start, start + n, device=q.device)
             end = start + n
             return cached_attention(q, self.keys[layer][:, :end], self.values[layer][:, :end],
-                                    slots, self.valid[:, :end])
+                                    slots, self.valid[:, :end], window)
         return attend
 
 
@@ -48,7 +48,8 @@ def _step(model, cache: KVCache, input_ids, positions, key_valid) -> torch.Tenso
     geo = BlockGeometry(B, n, positions.contiguous(), None, cos, sin, *model.head_counts())
     h = model.embed(input_ids)
     for i, layer in enumerate(model.base.layers):
-        h, _ = block_forward(h, layer, geo, model.block_lora(i), attend=cache.attend_fn(i, start))
+        attend = cache.attend_fn(i, start, layer.attention_window)
+        h, _ = block_forward(h, layer, geo, model.block_lora(i), attend=attend)
     cache.length = start + n
     last = h.view(B, n, -1)[:, -1].contiguous()
     hf, _ = rms_norm_forward(last, model.base.norm, c.rms_norm_eps)

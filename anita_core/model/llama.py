@@ -21,7 +21,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from anita_core.model.attention import attention_bounds
+from anita_core.model.attention import attention_bounds, windowed_bounds
 from anita_core.model.batch_facts import IGNORE_INDEX, BatchFacts
 from anita_core.model.block import (Activations, BlockGeometry, BlockLoRA, LayerPolicy, Saved,
                                     block_backward, block_forward)
@@ -78,6 +78,8 @@ class QLoRALlama:
         self.config = config
         self.base = base
         self.adapters = adapters
+        for layer, window in zip(base.layers, config.windows):
+            layer.attention_window = window     # the family's sliding windows (families.py)
         self.activation_stash = activation_stash
         self.training = True
         self.device = base.embed_tokens.device
@@ -125,8 +127,11 @@ class QLoRALlama:
             cos, sin = self.rope_tables(facts.position_bound)
         else:
             cos, sin = self.position_tables(position_ids)
-        return BlockGeometry(B, S, position_ids.contiguous(), attention_bounds(segment_ids), cos, sin,
-                             *self.head_counts())
+        bounds = attention_bounds(segment_ids)
+        windows = {w: windowed_bounds(bounds, w, B, S, self.device)
+                   for w in set(self.config.windows) if w is not None}
+        return BlockGeometry(B, S, position_ids.contiguous(), bounds, cos, sin,
+                             *self.head_counts(), window_bounds=windows)
 
     def head_counts(self) -> Tuple[int, int, float]:
         """BlockGeometry's model constants: query heads, key/value heads, the norms' eps."""

@@ -1,5 +1,7 @@
 """One block's projections: NF4 matmuls (+ LoRA), fused where the layer allows, and the
-LoRA contexts and dense weights the block's backward needs (block.py's helper)."""
+LoRA contexts and dense weights the block's backward needs (block.py's helper). A
+family's frozen projection bias (Qwen2's q/k/v: LayerWeights.biases) rides in the
+forward matmul; it changes no backward (b holds no x, and it is not trained)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -73,10 +75,12 @@ class Projector:
         w = self.layer.projections[name]
         dense_w = self._dense_weight(name, x.shape[0], x.dtype)
         ab = self._adapter(name)
+        bias = self.layer.biases.get(name)
         if ab is None:
-            return nf4_matmul_forward(x, w, dense_w=dense_w)
+            return nf4_matmul_forward(x, w, dense_w=dense_w, bias=bias)
         y, ctx = lora_linear_forward(x, w, *ab, self.lora.scale, self.lora.dropout,
-                                     self.lora.training, self.lora.generator, dense_w=dense_w)
+                                     self.lora.training, self.lora.generator, dense_w=dense_w,
+                                     bias=bias)
         self.contexts[name] = ctx
         return y
 
@@ -89,11 +93,12 @@ class Projector:
         w = self.layer.fused[group]
         dense_w = self._dense_weight(group, x.shape[0], x.dtype)
         adapters = [self._adapter(m) for m in members]
+        bias = self.layer.bias_of(members)      # [b_q; b_k; b_v] for Qwen2, else None
         if not any(adapters):
-            y = nf4_matmul_forward(x, w, dense_w=dense_w)
+            y = nf4_matmul_forward(x, w, dense_w=dense_w, bias=bias)
         else:
             y, self.contexts[group] = lora_linear_fused_forward(x, w, adapters, self.lora.scale,
-                                                                dense_w=dense_w)
+                                                                dense_w=dense_w, bias=bias)
         return list(y.split(w.segment_rows, dim=1))
 
     def fused(self, group: str) -> bool:

@@ -33,9 +33,32 @@ class LayerWeights:
     # FUSED_GROUPS name -> the row concatenation of its members; each member in
     # ``projections`` is then a view into it (nf4_concat.segment_view): one copy of the bytes
     fused: Dict[str, NF4Weight] = field(default_factory=dict)
+    # a family's extras (model/families.py), frozen, compute dtype: the bias of each
+    # projection that has one (qwen2: q/k/v, [out_features]) and the per-head q/k
+    # RMSNorm weights (qwen3, [head_dim])
+    biases: Dict[str, torch.Tensor] = field(default_factory=dict)
+    q_norm: Optional[torch.Tensor] = None
+    k_norm: Optional[torch.Tensor] = None
+    # the layer's attention window (ModelConfig.windows; None: full causal), set by the model
+    attention_window: Optional[int] = None
+    _joined_biases: Dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         fuse_projections(self)
+
+    def bias_of(self, names) -> Optional[torch.Tensor]:
+        """The bias of the row concatenation of projections ``names`` (None when none
+        of them has one; zeros stand in for a member without), made once per layer."""
+        names = tuple(names)
+        if not any(n in self.biases for n in names):
+            return None
+        if names not in self._joined_biases:
+            like = next(iter(self.biases.values()))
+            parts = [self.biases[n] if n in self.biases else
+                     torch.zeros(self.projections[n].shape[0], dtype=like.dtype, device=like.device)
+                     for n in names]
+            self._joined_biases[names] = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return self._joined_biases[names]
 
 
 def fuse_projections(layer: LayerWeights) -> None:

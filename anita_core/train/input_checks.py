@@ -21,13 +21,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
 from anita_core.data import Tokenizer, load_tokenizer
 from anita_core.hf import check_checkpoint
 from anita_core.lora import LoRAConfig, check_peft
 from anita_core.model.config import ModelConfig
-from anita_core.train.cli import usage_error
+from anita_core.cli.common import usage_error
 from anita_core.train.file_manifest import damage
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -98,14 +98,16 @@ def check_adapter(flag: str, folder: str, config: ModelConfig) -> LoRAConfig:
         raise BadInput(f"{flag} {folder}: {e}") from None
 
 
-def check_inputs(args) -> CheckedModel:
-    """The trainers' folders (--model with its tokenizer, --init-adapter,
-    --reference-adapter), each problem one line and exit code 2."""
+def check_inputs(model: str, tokenizer: Optional[str] = None,
+                 adapters: Optional[Dict[str, Optional[str]]] = None) -> CheckedModel:
+    """The trainers' folders (--model with its tokenizer, and ``adapters``: flag -> folder,
+    e.g. --init-adapter, --reference-adapter; None values skipped), each problem one line
+    and exit code 2."""
     try:
-        checked = check_model(args.model, getattr(args, "tokenizer", None))
-        for flag in ("init_adapter", "reference_adapter"):
-            if getattr(args, flag, None):
-                check_adapter("--" + flag.replace("_", "-"), getattr(args, flag), checked.config)
+        checked = check_model(model, tokenizer)
+        for flag, folder in (adapters or {}).items():
+            if folder:
+                check_adapter(flag, folder, checked.config)
     except BadInput as e:
         usage_error(str(e))
     return checked

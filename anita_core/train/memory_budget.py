@@ -2,9 +2,9 @@
 (the budgets and the plan themselves: anita_core.memory.budget)."""
 from __future__ import annotations
 
-from anita_core.memory.budget import HOST_BUDGET_ENV, MemoryRequest, host_budget_from_env
+from anita_core.memory.budget import HOST_BUDGET_ENV, host_budget_from_env
 from anita_core.memory.planner import STRATEGIES
-from anita_core.train.flag_types import positive_float
+from anita_core.cli.flag_types import positive_float
 
 
 def add_memory_arguments(g) -> None:
@@ -23,12 +23,6 @@ def add_memory_arguments(g) -> None:
                         "available memory minus max(4 GiB, 10%%); on a CPU unlimited)")
     g.add_argument("--recompute", default="auto", choices=("auto",) + STRATEGIES,
                    help="per-layer activation strategy: auto (the planner), or one for every layer")
-
-
-def memory_request(args) -> MemoryRequest:
-    """The parsed memory flags as the planner takes them."""
-    return MemoryRequest(args.recompute, bool(args.offload_activations), args.memory_budget,
-                         getattr(args, "host_memory_budget", None))
 
 
 def check_memory_environment(parser) -> None:

@@ -22,7 +22,8 @@ import torch
 
 from anita_core.model.batch_facts import BatchFacts, batch_facts
 from anita_core.train.host_reads import batch_to_device, read_floats, to_device
-from anita_core.train.losses import PreferenceLogps, dpo_loss, dpo_metrics
+from anita_core.train.loss_table import PreferenceLoss, preference_loss
+from anita_core.train.losses import PreferenceLogps
 from anita_core.train.reference_logprobs import INDEX_KEY
 from anita_core.model import IGNORE_INDEX
 
@@ -83,11 +84,15 @@ class DPOObjective:
     LoRAAdapters (e.g. the SFT adapter) swapped in for the reference pass.
     ``reference_store``: the reference log-probs of every pair computed once
     (reference_logprobs.ReferenceLogps); batches then carry ``example_index``
-    and a step, or an evaluation, runs only the policy."""
+    and a step, or an evaluation, runs only the policy.
+    ``loss``: the preference loss as a value (loss_table.PreferenceLoss); default: the
+    table's ``loss_type``. A reference-free loss gets no reference pass (reference None)."""
 
     def __init__(self, model, beta: float = 0.1, loss_type: str = "sigmoid",
-                 reference_adapters=None, reference_store=None):
+                 reference_adapters=None, reference_store=None,
+                 loss: Optional[PreferenceLoss] = None):
         self.model, self.beta, self.loss_type = model, beta, loss_type
+        self.loss = loss if loss is not None else preference_loss(loss_type)
         self.reference_adapters = reference_adapters
         self.reference_store = reference_store
         self.reference_passes = 0       # reference forwards run (one per stacked batch)
@@ -131,7 +136,9 @@ class DPOObjective:
             seq, _ = self._sequence_logps(stacked, False, facts)
         return seq
 
-    def _reference_for(self, batch: dict, stacked: dict, facts: BatchFacts) -> torch.Tensor:
+    def _reference_for(self, batch: dict, stacked: dict, facts: BatchFacts) -> Optional[torch.Tensor]:
+        if not self.loss.needs_reference:
+            return None
         if self.reference_store is None:
             return self.reference_logps(stacked, facts)
         if INDEX_KEY not in batch:
@@ -149,14 +156,14 @@ class DPOObjective:
         policy_seq = seq.detach().requires_grad_()
         pc, pr = policy_seq.chunk(2)
         policy = PreferenceLogps(pc, pr, *n_tokens.chunk(2))
-        reference = PreferenceLogps(*ref.chunk(2), *n_tokens.chunk(2))
+        reference = PreferenceLogps(*ref.chunk(2), *n_tokens.chunk(2)) if ref is not None else None
         # a NaN loss is not looked at here (a host read): its gradients are NaN too,
         # and the trainer checks the step's loss and gradient norm before any update
-        loss_sum = dpo_loss(policy, reference, self.beta, self.loss_type) * n_pairs
+        loss_sum = self.loss.loss(policy, reference, self.beta) * n_pairs
         (d_seq,) = torch.autograd.grad(loss_sum, policy_seq)
         d_token = (d_seq * grad_scale)[:, None] * counted.to(d_seq.dtype)
         self.model.logprobs_backward(d_token, saved)
-        metrics = dpo_metrics(policy, reference, self.beta)
+        metrics = self.loss.metrics(policy, reference, self.beta)
         sums: Dict[str, object] = {k: v.double() * n_pairs for k, v in metrics.items()}
         sums.update(loss=loss_sum.detach(), tokens=_real_tokens(host),
                     computed=host["input_ids"].numel())
@@ -175,13 +182,14 @@ class DPOObjective:
                 ref = self._reference_for(batch, stacked, facts)
                 seq, _ = self._sequence_logps(stacked, False, facts)
                 policy = PreferenceLogps(*seq.chunk(2), *n_tokens.chunk(2))
-                reference = PreferenceLogps(*ref.chunk(2), *n_tokens.chunk(2))
+                reference = (PreferenceLogps(*ref.chunk(2), *n_tokens.chunk(2))
+                             if ref is not None else None)
                 n = self.units(batch)
                 pairs += n
                 # sums stay on the device in float64 until the one read below
-                totals["eval_loss"] = totals.get("eval_loss", 0.0) + dpo_loss(
-                    policy, reference, self.beta, self.loss_type).double() * n
-                for k, v in dpo_metrics(policy, reference, self.beta).items():
+                totals["eval_loss"] = totals.get("eval_loss", 0.0) + self.loss.loss(
+                    policy, reference, self.beta).double() * n
+                for k, v in self.loss.metrics(policy, reference, self.beta).items():
                     totals[f"eval_{k}"] = totals.get(f"eval_{k}", 0.0) + v.double() * n
         finally:
             self.model.train(was_training)

@@ -22,7 +22,7 @@ import argparse
 import importlib
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Sequence, Tuple
+from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 from anita_core.train.report_wandb import DEFAULT_WANDB_PROJECT
 from anita_core.train.run_folder import append_metrics, read_metrics
@@ -160,16 +160,17 @@ class Reporter:
         except Exception as e:      # the run's outcome stands; say what was not finished
             self.log_line(f"warning: --report-to {backend.name}: closing failed ({type(e).__name__}: {e})")
 
-def report_backends(args, output_dir: Path, config) -> list:
-    """The backends ``args.report_to`` names (rank 0's), not yet open; W&B's config is
+def report_backends(report_to: Sequence[str], output_dir: Path, config, *,
+                    wandb_project: Optional[str] = None, run_name: Optional[str] = None) -> list:
+    """The backends ``report_to`` names (rank 0's), not yet open; W&B's config is
     the run's TrainConfig (``config``), its settings included."""
     from dataclasses import asdict
     backends = []
-    if "tensorboard" in args.report_to:
+    if "tensorboard" in report_to:
         from anita_core.train.report_tensorboard import TensorBoardLog
         backends.append(TensorBoardLog(output_dir))
-    if "wandb" in args.report_to:
+    if "wandb" in report_to:
         from anita_core.train.report_wandb import WandbRun
-        backends.append(WandbRun(output_dir, project=args.wandb_project, run_name=args.run_name,
+        backends.append(WandbRun(output_dir, project=wandb_project, run_name=run_name,
                                  config=asdict(config)))
     return backends

@@ -25,10 +25,10 @@ not log to W&B) a new one starts, holding metrics.jsonl's rows so far.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Dict, Optional
 
+from anita_core.cli import environment
 from anita_core.train.run_checkpoint import write_text_atomically
 from anita_core.train.run_folder import WANDB_DIR, WANDB_RUN_FILE
 
@@ -42,8 +42,10 @@ class WandbRun:
     def __init__(self, output_dir: Path, *, project: Optional[str], run_name: Optional[str],
                  config: dict):
         self.output_dir = Path(output_dir)
-        self.project = project or os.environ.get("WANDB_PROJECT") or DEFAULT_WANDB_PROJECT
-        self.run_name = run_name or os.environ.get("WANDB_NAME") or self.output_dir.resolve().name
+        env = environment.wandb()
+        self.project = project or env.project or DEFAULT_WANDB_PROJECT
+        self.run_name = run_name or env.name or self.output_dir.resolve().name
+        self.wandb_dir_set = env.dir is not None
         self.config = config
         self.run = None
 
@@ -62,7 +64,7 @@ class WandbRun:
         kwargs = dict(project=self.project, name=self.run_name, config=self.config,
                       # anita's stdout and stderr stay as they are (no console capture)
                       settings=wandb.Settings(console="off"))
-        if not os.environ.get("WANDB_DIR"):
+        if not self.wandb_dir_set:
             (self.output_dir / WANDB_DIR).mkdir(parents=True, exist_ok=True)
             kwargs["dir"] = str(self.output_dir)          # W&B adds its own wandb/ folder
         earlier, steps = self._earlier_run(), sorted(rows)

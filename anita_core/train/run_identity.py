@@ -50,7 +50,9 @@ def model_fingerprint(model_dir: str) -> str:
     return h.hexdigest()[:16]
 
 
-def run_settings(args, script: str, model_dir: str, adapters, data, world_size: int = 1) -> dict:
+def run_settings(script: str, model_dir: str, adapters, data, *, seed: int, batch_size: int,
+                 gradient_accumulation_steps: int, world_size: int = 1,
+                 sharded_base: bool = False) -> dict:
     """What a checkpoint must share with the run that resumes it. The global
     batch (micro-batch x accumulation x world size) is recorded rather than the
     world size, so a run may resume on another number of ranks with the same
@@ -59,8 +61,8 @@ def run_settings(args, script: str, model_dir: str, adapters, data, world_size: 
     return {"script": script, "model": model_fingerprint(model_dir),
             "lora": f"r={c.r} alpha={c.alpha} dropout={c.dropout} rslora={c.use_rslora} "
                     f"targets={','.join(c.target_modules)}",
-            "seed": args.seed, "data": data_fingerprint(data.train, data.eval),
-            "batch_size": args.batch_size,
-            "global_batch": args.batch_size * args.gradient_accumulation_steps * world_size,
-            "base_weights": "sharded over ranks" if getattr(args, "sharded_base", False)
+            "seed": seed, "data": data_fingerprint(data.train, data.eval),
+            "batch_size": batch_size,
+            "global_batch": batch_size * gradient_accumulation_steps * world_size,
+            "base_weights": "sharded over ranks" if sharded_base
             else "whole on each rank"}

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, List, Optional
 
-from anita_core.train.cli import usage_error
+from anita_core.cli.common import usage_error
 from anita_core.train.run_checkpoint import exit_on_disk_full
 
 
@@ -58,16 +58,17 @@ class RunStart:
             raise
 
 
-def start_run(args, output_dir: str, log, dist=None) -> RunStart:
+def start_run(output_dir: str, log, dist=None, *, resume: Optional[str] = None,
+              overwrite: bool = False) -> RunStart:
     """``start_run_here`` on rank 0 (the run folder's owner); the other ranks get
     its outcome: the checkpoint to resume from, or its exit code."""
     if dist is None or not dist.active:
-        return start_run_here(args, output_dir, log)
+        return start_run_here(output_dir, log, resume=resume, overwrite=overwrite)
     from anita_core.train.distributed import broadcast_object
     run, outcome = None, None
     if dist.is_main:
         try:
-            run = start_run_here(args, output_dir, log)
+            run = start_run_here(output_dir, log, resume=resume, overwrite=overwrite)
             outcome = (0, str(run.resume_from) if run.resume_from else None)
         except SystemExit as e:
             outcome = (e.code, None)
@@ -81,7 +82,8 @@ def start_run(args, output_dir: str, log, dist=None) -> RunStart:
     return RunStart(Path(output_dir), Path(outcome[1]) if outcome[1] else None, None)
 
 
-def start_run_here(args, output_dir: str, log) -> RunStart:
+def start_run_here(output_dir: str, log, *, resume: Optional[str] = None,
+                   overwrite: bool = False) -> RunStart:
     """Before anything expensive: lock the output folder (one run at a time),
     remove what a killed run left half-written, refuse a folder holding another
     run unless --resume / --overwrite, and find the checkpoint to resume from (its
@@ -89,30 +91,30 @@ def start_run_here(args, output_dir: str, log) -> RunStart:
     from anita_core.train.run_checkpoint import choose_resume_checkpoint, remove_orphaned_temp_files
     from anita_core.train.run_folder import LOCK_FILE, RunFolderError, RunLock, check_output_folder
     out = Path(output_dir)
-    explicit = Path(args.resume) if args.resume and args.resume != "latest" else None
+    explicit = Path(resume) if resume and resume != "latest" else None
     try:
         if out.exists() and not out.is_dir():
             usage_error(f"--output-dir {out}: exists and is not a folder")
         if explicit is not None and not explicit.is_dir():
-            usage_error(f"--resume {args.resume}: no such checkpoint folder")
+            usage_error(f"--resume {resume}: no such checkpoint folder")
         made = [p for p in reversed([out, *out.parents]) if not p.exists()]
         if not (out / LOCK_FILE).exists():
             made.append(out / LOCK_FILE)
     except OSError as e:           # a name too long, no permission to look...
         usage_error(f"--output-dir {out}: cannot be used ({e.strerror or e})")
-    run = RunStart(out, None, None, made, overwrite=args.overwrite)
+    run = RunStart(out, None, None, made, overwrite=overwrite)
     with run.undone_if_refused():
         try:
             with exit_on_disk_full(out, log):
                 run.lock = RunLock(out).acquire()
             for path in remove_orphaned_temp_files(out):
                 log(f"removed {path}, left half-written by a run that was killed")
-            check_output_folder(out, resume=bool(args.resume), overwrite=args.overwrite)
+            check_output_folder(out, resume=bool(resume), overwrite=overwrite)
         except RunFolderError as e:
             usage_error(str(e))
         except OSError as e:       # under a file, a name too long, no permission...
             usage_error(f"--output-dir {out}: cannot be used ({e.strerror or e})")
-        if args.resume:
+        if resume:
             try:
                 run.resume_from = choose_resume_checkpoint(out, explicit, log)
             except (ValueError, FileNotFoundError) as e:

@@ -37,7 +37,9 @@ import os
 import re
 import signal
 
-ENV = "ANITA_STOP_AT"
+from anita_core.cli import environment
+
+ENV = environment.STOP_AT_ENV
 SIGNALS = ("SIGINT", "SIGTERM", "SIGKILL")
 DISK_FULL = "ENOSPC"          # not a signal: the OSError of a full disk, at checkpoint:K only
 _SPEC = re.compile(r"(?P<signal>[A-Z]+)@(?P<point>import|loading|step:\d+(?:\.\d+)?|checkpoint:\d+)"
@@ -61,11 +63,11 @@ def parse(spec: str):
 def reached(point: str) -> None:
     """Called at each named point; signals this process (or raises the disk-full
     OSError) if ANITA_STOP_AT names it."""
-    spec = os.environ.get(ENV)
+    spec = environment.stop_at()
     if not spec:
         return
     action, wanted, rank = parse(spec)
-    if wanted != point or (rank is not None and rank != int(os.environ.get("RANK", "0"))):
+    if wanted != point or (rank is not None and rank != environment.process_rank()):
         return
     if action == DISK_FULL:
         raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({ENV}={spec})")

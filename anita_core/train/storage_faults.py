@@ -28,7 +28,8 @@ from typing import Iterator, Optional
 
 from safetensors import SafetensorError
 
-EXIT_DISK_FULL = 5           # the scripts' exit code (cli.py lists them all)
+from anita_core.cli.common import EXIT_DISK_FULL  # noqa: F401  (the scripts' exit code)
+
 # errno -> how the message names it
 DISK_FULL_ERRNOS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded"}
 _RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")

@@ -16,10 +16,8 @@ the weights are finite after it. The micro-batches read nothing back.
 from __future__ import annotations
 
 import math
-import signal
 import time
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Protocol, Sequence
 
@@ -27,13 +25,13 @@ import torch
 
 from anita_core.memory.budget import device_memory_gib
 from anita_core.train.distributed import SINGLE, DistContext, all_gather_objects, all_reduce_sums, rank_slice
-from anita_core.train.run_checkpoint import (ADAPTER_DIR, choose_resume_checkpoint, latest_checkpoint,
-                                             load_checkpoint_state, position_problem, rng_restore,
-                                             rng_snapshot, save_checkpoint, settings_differences)
 from anita_core.train.host_reads import all_finite, read_floats
 from anita_core.train.optim import build_optimizer, lr_multiplier, warmup_steps_for
 from anita_core.train.report import Reporter
-from anita_core.train.run_folder import METRICS_FILE, read_metrics, truncate_metrics
+from anita_core.train.run_checkpoint import latest_checkpoint, rng_restore, rng_snapshot
+from anita_core.train.run_folder import METRICS_FILE
+from anita_core.train.stop_signals import Interrupted, signals_deferred, stop_on_signals  # noqa: F401  (callers' names)
+from anita_core.train.trainer_state import CheckpointState, ResumeRefused  # noqa: F401  (callers' names)
 from anita_core.train import stop_points
 
 
@@ -85,65 +83,7 @@ class TrainingDiverged(RuntimeError):
     never checkpointed."""
 
 
-class ResumeRefused(ValueError):
-    """The checkpoint cannot be resumed from: unreadable, a legacy pickle, written by
-    a run with other settings, or holding a data position that is not its step's."""
-
-
-class Interrupted(KeyboardInterrupt):
-    """A stop asked for by a signal (SIGINT or SIGTERM); handled like Ctrl-C."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-class _Deferral:
-    """Signals that arrive inside an update (optimizer step to step count) wait for
-    its end: a checkpoint must never hold half-updated weights."""
-    depth = 0
-    pending: Optional[int] = None
-
-
-@contextmanager
-def _signals_deferred():
-    _Deferral.depth += 1
-    try:
-        yield
-    finally:
-        _Deferral.depth -= 1
-    if _Deferral.depth == 0 and _Deferral.pending is not None:
-        signum, _Deferral.pending = _Deferral.pending, None
-        raise Interrupted(signum)
-
-
-@contextmanager
-def stop_on_signals(log: Callable[[str], None], signums=(signal.SIGINT, signal.SIGTERM)):
-    """While active, SIGINT and SIGTERM raise Interrupted in the main thread, so
-    both checkpoint the same way (inside an update, once the update is done);
-    signals that arrive after the first are noted and ignored, so that the
-    checkpoint being written is not cut short."""
-    received: List[int] = []
-
-    def handler(signum, frame):
-        if received:
-            log(f"{signal.Signals(signum).name} received while stopping; finishing the checkpoint")
-            return
-        received.append(signum)
-        if _Deferral.depth:
-            _Deferral.pending = signum
-            return
-        raise Interrupted(signum)
-
-    previous = {s: signal.signal(s, handler) for s in signums}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-class Trainer:
+class Trainer(CheckpointState):
     """``epoch_batches(epoch)`` returns that epoch's list of micro-batches (already
     shuffled by the caller's seed, so the same epoch always yields the same list).
 
@@ -193,81 +133,6 @@ class Trainer:
         self.tokens_trained = self.tokens_computed = 0    # over this process's steps
         # metrics.jsonl (rank 0); the CLI adds the --report-to backends
         self.reporter = Reporter(self.output_dir, writes=dist.is_main, log=log)
-
-    # ---------------------------------------------------------------- state
-    def state_dict(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "batch_index": self.batch_index,
-                "optimizer": self.optimizer.state_dict(),
-                "rng": rng_snapshot(getattr(self.model, "dropout_generator", None)),
-                "settings": dict(self.config.run_settings),
-                "config": asdict(self.config)}
-
-    def save(self) -> Optional[Path]:
-        """Rank 0 writes the checkpoint (the others hold the same state)."""
-        self._last_save_time = time.monotonic()
-        if not self.dist.is_main:
-            return None
-        path = save_checkpoint(self.output_dir, self.step, self.adapters, self.state_dict(),
-                               keep=self.config.save_total_limit)
-        self._last_save_time = time.monotonic()
-        return path
-
-    def _periodic_save_due(self) -> bool:
-        c = self.config
-        if c.save_steps and self.step % c.save_steps == 0:
-            return True
-        return bool(c.save_minutes) and time.monotonic() - self._last_save_time >= 60 * c.save_minutes
-
-    def resume(self, checkpoint: Optional[Path] = None) -> Optional[Path]:
-        """Restore adapters, optimizer, RNG and data position from ``checkpoint``
-        (default: the run's newest intact one, each damaged newer one named in a
-        warning). Returns the checkpoint used."""
-        from anita_core.lora import load_peft
-        if checkpoint is None:
-            if latest_checkpoint(self.output_dir) is None:
-                return None
-            try:
-                checkpoint = choose_resume_checkpoint(self.output_dir, None, self.log)
-            except (ValueError, FileNotFoundError) as e:
-                raise ResumeRefused(str(e)) from None
-        try:
-            state = load_checkpoint_state(checkpoint)
-        except (ValueError, FileNotFoundError) as e:
-            raise ResumeRefused(str(e)) from None
-        differences = settings_differences(state.get("settings", {}), self.config.run_settings)
-        if differences:
-            raise ResumeRefused(
-                f"{checkpoint} was written by a run with other settings:\n" + "\n".join(differences)
-                + "\nResume with the checkpoint's settings, or start a new run (--overwrite, or "
-                  "another --output-dir)")
-        world = self.dist.world_size
-        problem = position_problem(state, len(self.epoch_batches(0)),
-                                   self.config.gradient_accumulation_steps * world, world)
-        if problem:       # an edited state would replay or skip data on another step's weights
-            raise ResumeRefused(f"{checkpoint}: {problem}; resume from another checkpoint")
-        try:
-            loaded = load_peft(Path(checkpoint) / ADAPTER_DIR, self.model.config,
-                               device=self.params[0].device)
-        except (ValueError, FileNotFoundError) as e:
-            raise ResumeRefused(f"{checkpoint}: its adapter cannot be loaded: {e}") from None
-        with torch.no_grad():
-            for mine, theirs in zip(self.adapters.parameters(), loaded.parameters()):
-                mine.copy_(theirs)
-        try:        # a state that parses but is not one this trainer wrote: one line, not torch's
-            self.optimizer.load_state_dict(state["optimizer"])
-            rng_restore(state["rng"], getattr(self.model, "dropout_generator", None))
-        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
-            raise ResumeRefused(f"{checkpoint}: its optimizer or RNG state cannot be restored "
-                                f"({type(e).__name__}: {e})") from None
-        self.step, self.epoch, self.batch_index = state["step"], state["epoch"], state["batch_index"]
-        # the steps after the checkpoint are replayed: their old records must go
-        if self.dist.is_main:
-            truncate_metrics(self.output_dir, self.step)
-        for record in read_metrics(self.output_dir):
-            if record.get("step") == self.step and any(k.startswith("eval_") for k in record):
-                self._last_eval = {k: v for k, v in record.items() if k.startswith("eval_")}
-                self._last_eval_step = self.step
-        return Path(checkpoint)
 
     # ---------------------------------------------------------------- loop
     def _next_group(self) -> List:
@@ -333,7 +198,7 @@ class Trainer:
             group_["lr"] = lr
         if not math.isfinite(grad_norm):
             raise TrainingDiverged(f"{where}: gradient norm is {grad_norm}; the update was not applied")
-        with _signals_deferred():
+        with signals_deferred():
             if units > 0:
                 self.optimizer.step()
                 if not all_finite(self.params):    # the step's second read

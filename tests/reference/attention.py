@@ -25,16 +25,20 @@ def reference_visible(segment_ids: Optional[torch.Tensor], batch: int, seq: int)
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        segment_ids: Optional[torch.Tensor] = None):
+                        segment_ids: Optional[torch.Tensor] = None,
+                        visible: Optional[torch.Tensor] = None):
     """q [B, S, Hq, D], k/v [B, S, Hkv, D] -> (out [B, S, Hq, D], lse [B, Hq, S]) in float64.
-    Rows that see no key give out = 0 and lse = -inf."""
+    Rows that see no key give out = 0 and lse = -inf. ``visible`` (bool [B, S, S], query
+    i sees key j), when given, replaces the mask from segment ids."""
     batch, seq, n_q, head_dim = q.shape
     group = n_q // k.shape[2]
     q64, k64, v64 = (t.to(torch.float64) for t in (q, k, v))
     k64 = k64.repeat_interleave(group, dim=2)
     v64 = v64.repeat_interleave(group, dim=2)
     scores = torch.einsum("bihd,bjhd->bhij", q64, k64) / math.sqrt(head_dim)
-    visible = reference_visible(segment_ids, batch, seq)[:, None]        # [B, 1, S, S]
+    if visible is None:
+        visible = reference_visible(segment_ids, batch, seq)
+    visible = visible[:, None]                                           # [B, 1, S, S]
     scores = scores.masked_fill(~visible, float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
