@@ -227,7 +227,7 @@ class QLoRALlama:
             h, saved = block_forward(h, layer, geo, self.block_lora(i), policy)
             if saved is not None:
                 if offload:
-                    saved.h0 = None     # on the host until its backward fetches it back
+                    saved.h0 = None     # in the stash until its backward fetches it back
                 state.saved.append(saved)
             self.layer_hooks.after_layer(i, "forward")
         hf, rstd = rms_norm_forward(h, self.base.norm, c.rms_norm_eps)
