@@ -37,6 +37,7 @@ import torch  # noqa: E402
 from anita_core.hf import load_model  # noqa: E402
 from anita_core.lora import LoRAAdapters, LoRAConfig  # noqa: E402
 from anita_core.model import QLoRALlama  # noqa: E402
+from anita_core.memory.offload import HostOffload  # noqa: E402
 from anita_core.memory.planner import GiB, plan_memory, shape_for_model  # noqa: E402
 from anita_core.model.weights import PROJECTIONS  # noqa: E402
 from anita_core.memory.budget import default_host_budget  # noqa: E402
@@ -110,12 +111,13 @@ def choose_length(config, args, predicted: int, ceilings, granularity: int):
 
 
 def build_model(config, args, ctx, dims):
+    stash = HostOffload(ctx.device)        # where the plan's offloaded layer inputs wait
     if args.checkpoint is not None:
         model = load_model(args.checkpoint, compute_dtype=ctx.dtype, device=ctx.device,
-                           progress=False)
+                           progress=False, activation_stash=stash)
     else:
         base = random_base_weights(config, ctx.dtype, ctx.device, dims.blocksize, True, args.seed)
-        model = QLoRALlama(config, base, None)
+        model = QLoRALlama(config, base, None, activation_stash=stash)
     model.adapters = LoRAAdapters.init(LoRAConfig(r=args.lora_r, alpha=16.0, dropout=0.0,
                                                   target_modules=PROJECTIONS),
                                        model.config, device=ctx.device)

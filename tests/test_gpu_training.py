@@ -26,6 +26,7 @@ import torch
 from anita_core.lora import LoRAAdapters, LoRAConfig
 from anita_core.model import QLoRALlama
 from anita_core.model.ops import use_backend
+from anita_core.memory.offload import HostOffload
 from anita_core.memory.planner import activation_peak, allocator_peak, shape_for_model
 from anita_core.model.weights import ATTENTION_PROJECTIONS, PROJECTIONS, BaseWeights, LayerWeights
 from csrc_triton import nf4_dequantize, nf4_quantize
@@ -74,7 +75,8 @@ def random_pair(config, device, dtype, seed=0, rank=16):
             for name in PROJECTIONS:
                 _, b = adapters.get(layer, name)
                 b.copy_(randn(*b.shape, scale=0.05))
-    model = QLoRALlama(config, base, adapters).train()
+    # a HostOffload for the tests that offload (the trainer's plan hands one in)
+    model = QLoRALlama(config, base, adapters, activation_stash=HostOffload(device)).train()
     return model, dense
 
 
@@ -196,7 +198,7 @@ def check_offload_equals_recompute(config, seq, device, dtype):
 @pytest.mark.gpu
 def test_gpu_offload_path_equals_recompute_and_pins_host_memory():
     model = check_offload_equals_recompute(llama3_8b_layers(), 2048, GPU, torch.bfloat16)
-    host = model.offloader.host_tensors()
+    host = model.activation_stash.host_tensors()
     assert host and all(t.is_pinned() and t.device.type == "cpu" for t in host)
 
 
@@ -225,7 +227,7 @@ def test_gpu_offload_pins_exactly_the_planned_host_bytes():
     loss, _ = model.train_step(ids, targets)
     torch.cuda.synchronize()
     after = torch.cuda.host_memory_stats()
-    pool = model.host_pool
+    pool = model.activation_stash.pool
     assert pool.allocations == 1 and pool.nbytes == plan.host_bytes
     assert pool.buffer.is_pinned()
     for key in ("allocated_bytes.current", "num_host_alloc"):

@@ -73,23 +73,30 @@ def test_the_issue_s_832k_token_plan_does_not_fit_a_128_gib_host():
 
 
 def test_the_plan_sizes_the_host_pool_and_every_micro_batch_shares_it(tmp_path):
-    """apply_memory_plan reserves the plan's host bytes: the first offloading step makes
-    one host allocation of exactly that figure, and a smaller micro-batch, then the
-    largest, reuse it (no allocation per step, no growth)."""
+    """apply_memory_plan hands a model that has no stash a HostOffload and reserves the
+    plan's host bytes in its pool: the first offloading step makes one host allocation
+    of exactly that figure, and a smaller micro-batch, then the largest, reuse it (no
+    allocation per step, no growth). A plan that offloads nothing hands in nothing."""
+    from anita_core.memory.offload import HostOffload
     from anita_core.model.ops import use_backend
     from tests.test_memory_plan import random_batch, tiny_model
-    model = tiny_model(tmp_path, 3, 0.0)
-    request = memory_budget.MemoryRequest("offload")
+    model = tiny_model(tmp_path, 3, 0.0, offload=False)
     batches = [{"input_ids": torch.zeros(2, 16, dtype=torch.long)}]
+    recompute = memory_budget.apply_memory_plan(memory_budget.MemoryRequest("recompute"), model,
+                                                batches, log=lambda line: None)
+    assert recompute.strategies == ["recompute"] * 3 and model.activation_stash is None
+    request = memory_budget.MemoryRequest("offload")
     plan = memory_budget.apply_memory_plan(request, model, batches, log=lambda line: None)
     per_layer = 2 * 16 * model.config.hidden_size * 4                    # fp32
     assert plan.strategies == ["offload"] * 3 and plan.host_bytes == 3 * per_layer
-    assert model.host_pool.reserved == plan.host_bytes and model.host_pool.allocations == 0
+    assert isinstance(model.activation_stash, HostOffload)
+    pool = model.activation_stash.pool
+    assert pool.reserved == plan.host_bytes and pool.allocations == 0
     with use_backend("torch"):
         for batch, seq in ((1, 10), (2, 16)):
             model.train_step(*random_batch(model.config, batch, seq))
-            assert model.host_pool.allocations == 1
-            assert model.host_pool.nbytes == plan.host_bytes
+            assert pool.allocations == 1
+            assert pool.nbytes == plan.host_bytes
 
 
 def test_default_host_budget_is_available_memory_minus_a_margin(monkeypatch):
@@ -161,3 +168,35 @@ def test_the_peak_statistic_starts_after_loading_and_the_reference_precompute(tm
         torch.set_num_threads(previous_threads)
     assert code == 0
     assert events == ["load", "reference", "reset", "step"], events
+
+
+def test_offload_activations_trains_on_the_host_offload_the_plan_hands_in(tmp_path, monkeypatch):
+    """train_sft.py --offload-activations: the model loads with no stash; the plan
+    offloads every layer and hands it a HostOffload, and the step's inputs went to
+    that pool: one allocation of exactly the plan's host bytes, every input fetched back."""
+    import train_sft
+    from anita_core.memory.offload import HostOffload
+    from anita_core.model.ops import use_backend
+    applied, plan_memory_of_run = [], memory_budget.apply_memory_plan
+
+    def recording(request, model, *args, **kwargs):
+        assert model.activation_stash is None
+        plan = plan_memory_of_run(request, model, *args, **kwargs)
+        applied.append((model, plan))
+        return plan
+    monkeypatch.setattr(memory_budget, "apply_memory_plan", recording)
+    previous_threads = torch.get_num_threads()
+    try:
+        with use_backend("torch"):
+            code = train_sft.main(["--offload-activations", "--max-steps", "1", "--batch-size", "2",
+                                   "--no-progress", "--eval-split", "0", "--threads", "1",
+                                   "--output-dir", str(tmp_path / "run")])
+    finally:
+        torch.set_num_threads(previous_threads)
+    assert code == 0
+    (model, plan), = applied
+    assert set(plan.strategies) == {"offload"} and plan.host_bytes > 0
+    stash = model.activation_stash
+    assert isinstance(stash, HostOffload) and stash.latest.done()
+    assert stash.latest.pool is stash.pool
+    assert stash.pool.allocations == 1 and stash.pool.nbytes == plan.host_bytes

@@ -39,6 +39,7 @@ from torch.utils._pytree import tree_leaves
 
 from anita_core.hf import load_model
 from anita_core.lora import LoRAAdapters, LoRAConfig
+from anita_core.memory.offload import HostOffload, HostPool
 from anita_core.memory.planner import (STRATEGIES, MemoryBudgetError, StepShape, activation_peak,
                                        host_bytes_per_offloaded_layer, plan_memory,
                                        shape_for_model)
@@ -102,9 +103,10 @@ class LiveDeviceBytes(TorchDispatchMode):
         return sum(n for key, (_, n) in self.live.items() if key not in host)
 
 
-def tiny_model(tmp_path, num_layers, dropout):
+def tiny_model(tmp_path, num_layers, dropout, offload=True):
+    """A tiny LoRA model on the CPU; with ``offload``, a HostOffload for its offloaded layers."""
     model = load_model(make_tiny_llama_dir(tmp_path, num_layers=num_layers), progress=False,
-                       dropout_seed=5)
+                       dropout_seed=5, activation_stash=HostOffload("cpu") if offload else None)
     model.adapters = LoRAAdapters.init(
         LoRAConfig(r=4, alpha=8, dropout=dropout, seed=3,
                    target_modules=("q_proj", "v_proj", "o_proj", "gate_proj", "down_proj")),
@@ -124,7 +126,7 @@ def tracked_step(model, strategies, ids, targets):
         p.grad = torch.zeros_like(p)      # LoRA grads are static bytes, not activations
     model.rope_tables(ids.shape[1])       # so are the RoPE tables
     model.dropout_generator.manual_seed(11)
-    tracker = LiveDeviceBytes(host=lambda: model.offloader.host_tensors())
+    tracker = LiveDeviceBytes(host=lambda: model.activation_stash.host_tensors())
     with tracker:
         loss, _ = model.train_step(ids, targets)
     shape = shape_for_model(model, *ids.shape)
@@ -179,7 +181,7 @@ def test_strategies_same_gradients_and_peak_as_predicted(tmp_path, monkeypatch, 
     assert runs["keep"][0] > runs["recompute"][0]
     assert (runs["offload"][0] < runs["recompute"][0]) == (num_layers > 2)
     assert (runs["offload"][1] < runs["recompute"][1]) == (num_layers > 2)
-    assert model.offloader.done()
+    assert model.activation_stash.latest.done()
 
 
 def test_mlp_chunks_match_one_chunk_and_lower_the_peak_as_predicted(tmp_path, monkeypatch):
@@ -250,22 +252,23 @@ def test_offloaded_inputs_take_one_host_allocation_of_the_planned_bytes(tmp_path
     GPU (tests/test_gpu_training.py:
     test_gpu_offload_pins_exactly_the_planned_host_bytes)."""
     model = tiny_model(tmp_path, 3, 0.0)
-    pool = model.host_pool
+    pool = model.activation_stash.pool
     with use_backend("torch"):          # the offloader is the same on every backend
         plan = offload_two_of_three(model, 2, 12)
         model.set_layer_strategies(plan.strategies)
         ids, targets = random_batch(model.config, 2, 12)
         for _ in range(2):
             hidden, state = model.forward_hidden(ids)
-            held = state.offloader.held
-            assert state.offloader.pool is pool and sorted(held) == [0, 1]
+            held = state.stashed.held
+            assert state.stashed.pool is pool and sorted(held) == [0, 1]
             assert all(t.untyped_storage().data_ptr() == pool.buffer.data_ptr() for t in held.values())
             assert pool.allocations == 1 and pool.nbytes == plan.host_bytes
             model.backward_hidden(torch.ones_like(hidden), state)
-            assert state.offloader.done()
+            assert state.stashed.done()
         loss, _ = model.train_step(ids, targets)
         assert pool.allocations == 1 and pool.nbytes == plan.host_bytes
-        assert model.offloader.host_tensors() == [pool.buffer] and not pool.buffer.is_pinned()
+        assert model.activation_stash.host_tensors() == [pool.buffer]
+        assert not pool.buffer.is_pinned()
 
         bigger = offload_two_of_three(model, 2, 20)
         model.train_step(*random_batch(model.config, 2, 20))
@@ -279,7 +282,7 @@ def test_offloaded_inputs_take_one_host_allocation_of_the_planned_bytes(tmp_path
         for p in model.adapters.parameters():
             p.grad = None
         forwards = [model.forward_hidden(ids) for _ in range(3)]
-        pools = [state.offloader.pool for _, state in forwards]
+        pools = [state.stashed.pool for _, state in forwards]
         assert pools[0] is pool and len({id(p) for p in pools}) == 3
         assert pools[1].nbytes == pools[2].nbytes == plan.host_bytes
         for hidden, state in (forwards[1], forwards[2], forwards[0]):
@@ -296,7 +299,6 @@ def test_the_pinned_pool_registers_exactly_its_bytes_and_unregisters_after_the_c
     by side in it; a larger request waits for the side stream's copies, unregisters the old
     pool and registers the new one; so does the pool's end; a failed registration is an
     error naming the bytes."""
-    from anita_core.model.offload import HostPool
     calls, answer = [], [0]
 
     class Runtime:

@@ -353,7 +353,7 @@ def load_model(path: Union[str, Path], *, adapters=None, compute_dtype: torch.dt
                **model_kwargs) -> QLoRALlama:
     """A QLoRALlama on a local HF LLaMA checkpoint (projections quantized to NF4 on load).
 
-    ``model_kwargs`` go to QLoRALlama (offload_block_inputs, dropout_seed, ...)."""
+    ``model_kwargs`` go to QLoRALlama (activation_stash, dropout_seed, ...)."""
     config, base = load_base_weights(path, compute_dtype=compute_dtype, device=device,
                                      blocksize=blocksize, double_quant=double_quant,
                                      progress=progress)

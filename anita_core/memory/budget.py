@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from anita_core.memory.offload import host_offload
 from anita_core.memory.planner import STRATEGIES, MemoryBudgetError
 
 HOST_BUDGET_ENV = "ANITA_HOST_MEMORY_BUDGET"     # GiB, as --host-memory-budget
@@ -112,8 +113,9 @@ def host_budget(request: MemoryRequest, device: torch.device) -> Optional[int]:
 def apply_memory_plan(request: MemoryRequest, model, batches, log, largest=None):
     """Choose each layer's strategy for the largest micro-batch and log the prediction:
     ``largest`` (rows, seq) when the caller knows a bound over every epoch, else the
-    largest of ``batches``. The model's RoPE tables are grown to that length and its
-    host pool is sized to the plan's host bytes, as the plan counts them: every
+    largest of ``batches``. The model's RoPE tables are grown to that length; a plan
+    that offloads hands the model its HostOffload (offload.host_offload), whose host
+    pool is sized to the plan's host bytes, as the plan counts them: every
     micro-batch's offloaded inputs share one allocation of exactly the planned size.
     Raises MemoryBudgetError (naming the smallest budget, or the host memory an
     offloading plan needs) when nothing fits."""
@@ -126,7 +128,9 @@ def apply_memory_plan(request: MemoryRequest, model, batches, log, largest=None)
                        host_budget_bytes=host_budget(request, model.device))
     model.set_layer_strategies(plan.policies())
     model.rope_tables(seq)      # the size the plan's static bytes count (no doubling later)
-    model.host_pool.reserve(plan.host_bytes)    # pinned once, by the first offloading step
+    if "offload" in plan.strategies:
+        # the model's host pool: one allocation of these bytes, by the first offloading step
+        host_offload(model).pool.reserve(plan.host_bytes)
     log(f"{plan.describe()} for micro-batches up to {rows} x {seq} tokens (a prediction)")
     return plan
 

@@ -11,6 +11,7 @@ they come from.
   BaseWeights   NF4 projections + dense embeddings and norms      (weights.py)
   block_forward / block_backward, LayerPolicy, Saved               (block.py)
   QLoRALlama    forward_hidden / backward_hidden / train_step     (llama.py)
+  ActivationStash  where offloaded block inputs wait (handed in)  (stash.py)
   generate      KV-cache decoding                                 (generate.py)
 """
 from anita_core.model.config import ModelConfig

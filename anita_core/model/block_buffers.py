@@ -62,7 +62,7 @@ SAVED_BY_POLICY = {
     "keep": ("h0", "proj", "x1", "rstd1", "qr", "attention", "a", "h1", "x2", "rstd2",
              "mlp_chunks", "dims"),
     "recompute": ("h0", "generator_state"),
-    # h0 waits in pinned host memory (offload.BlockInputOffloader) until its backward
+    # h0 waits off the device (the model's activation_stash, stash.py) until its backward
     "offload": ("generator_state",),
 }
 # a family with per-head q/k norms (ModelConfig.qk_norm) keeps, under "keep", also

@@ -8,10 +8,11 @@ Training never goes through torch.autograd across blocks. The layer loop, llm.c 
 
 ``policy[i]`` (block.LayerPolicy, chosen per layer by the memory planner,
 anita_core.memory) says what Saved keeps: the block's activations ("keep"), its input
-("recompute") or its input in pinned host memory ("offload": the model moves it
-there after the forward and back before the backward). Every policy computes the
-same values in the same order, so the gradients do not depend on it (bitwise in
-fp32, tested).
+("recompute") or its input off the device ("offload": the model hands it to its
+activation_stash, model/stash.py, before the block's forward and takes it back before
+the block's backward; anita_core.memory.offload keeps it in pinned host memory).
+Every policy computes the same values in the same order, so the gradients do not
+depend on it (bitwise in fp32, tested).
 """
 from __future__ import annotations
 
@@ -25,21 +26,21 @@ from anita_core.model.batch_facts import IGNORE_INDEX, BatchFacts
 from anita_core.model.block import (Activations, BlockGeometry, BlockLoRA, LayerPolicy, Saved,
                                     block_backward, block_forward)
 from anita_core.model.config import ModelConfig
-from anita_core.model.offload import BlockInputOffloader, HostPool
 from anita_core.model.ops import (linear_cross_entropy_forward, linear_cross_entropy_forward_backward,
                                   rms_norm_backward, rms_norm_forward, rope_cos_sin,
                                   token_logprobs_backward, token_logprobs_forward)
+from anita_core.model.stash import ActivationStash, StashedInputs
 from anita_core.model.weights import BaseWeights
 
 
 @dataclass
 class ForwardState:
     """What backward_hidden needs from forward_hidden: per block, its policy and Saved
-    (an offloaded block's input waits in ``offloader``, its saved.h0 None), the final
+    (an offloaded block's input waits in ``stashed``, its saved.h0 None), the final
     norm's statistics and the dropout generator's state after the forward."""
     geometry: BlockGeometry
     policies: List[LayerPolicy] = field(default_factory=list)
-    offloader: Optional["BlockInputOffloader"] = None
+    stashed: Optional[StashedInputs] = None
     saved: List[Optional[Saved]] = field(default_factory=list)
     generator_state_after: Optional[torch.Tensor] = None
     final_input: Optional[torch.Tensor] = None
@@ -68,16 +69,18 @@ class QLoRALlama:
 
     ``adapters`` is an anita_core.lora.LoRAAdapters (or None). When its ``enabled``
     flag is off the model is exactly the quantized base (DPO's reference model).
+    ``activation_stash`` holds the inputs of the layers whose policy is "offload"
+    (model/stash.py; anita_core.memory.offload.HostOffload); None: no layer may offload.
     """
 
     def __init__(self, config: ModelConfig, base: BaseWeights, adapters=None, *,
-                 offload_block_inputs: bool = False, dropout_seed: int = 0):
+                 activation_stash: Optional[ActivationStash] = None, dropout_seed: int = 0):
         self.config = config
         self.base = base
         self.adapters = adapters
         for layer, window in zip(base.layers, config.windows):
             layer.attention_window = window     # the family's sliding windows (families.py)
-        self.offload_block_inputs = offload_block_inputs
+        self.activation_stash = activation_stash
         self.training = True
         self.device = base.embed_tokens.device
         self.dtype = base.embed_tokens.dtype
@@ -86,14 +89,8 @@ class QLoRALlama:
         self._rope_cache: Tuple[int, torch.Tensor, torch.Tensor] = (0, None, None)
         self.layer_hooks = LayerHooks()
         # per layer: a LayerPolicy (set_layer_strategies; a memory plan chooses them);
-        # None: every layer recomputes (or offloads, see above)
+        # None: every layer recomputes
         self.layer_policies: Optional[List[LayerPolicy]] = None
-        # the side stream the offloaded copies share, and the host pool of their inputs;
-        # each forward gets its own offloader (the latest is kept here, for tests and
-        # diagnostics), on the model's pool unless a forward still holds it
-        self._offload_stream = None
-        self.host_pool = HostPool(self.device.type == "cuda")
-        self.offloader = BlockInputOffloader(self.device, pool=self.host_pool)
 
     # ------------------------------------------------------------------ helpers
     def train(self, mode: bool = True) -> "QLoRALlama":
@@ -204,8 +201,7 @@ class QLoRALlama:
     def policies(self) -> List[LayerPolicy]:
         if self.layer_policies is not None:
             return list(self.layer_policies)
-        default = "offload" if self.offload_block_inputs else "recompute"
-        return [LayerPolicy.of(default)] * len(self.base.layers)
+        return [LayerPolicy.of("recompute")] * len(self.base.layers)
 
     def strategies(self) -> List[str]:
         """The layers' policies by name (what the memory planner reads)."""
@@ -224,18 +220,18 @@ class QLoRALlama:
         geo = self.geometry(input_ids, position_ids, segment_ids, facts, bounds)
         state = ForwardState(geo, self.policies()) if for_backward else None
         if state is not None and any(p.activations is Activations.OFFLOAD for p in state.policies):
-            state.offloader = self.offloader = self._new_offloader(state.policies)
+            state.stashed = self._open_stash(state.policies)
         h = self.embed(input_ids, checked=facts is not None)
         for i, layer in enumerate(self.base.layers):
             policy = state.policies[i] if state is not None else None
             self.layer_hooks.before_layer(i, "forward")
             offload = policy is not None and policy.activations is Activations.OFFLOAD
-            if offload:     # its copy to the host overlaps the block's forward
-                state.offloader.stash(i, h)
+            if offload:     # its copy off the device overlaps the block's forward
+                state.stashed.stash(i, h)
             h, saved = block_forward(h, layer, geo, self.block_lora(i), policy)
             if saved is not None:
                 if offload:
-                    saved.h0 = None     # on the host until its backward fetches it back
+                    saved.h0 = None     # in the stash until its backward fetches it back
                 state.saved.append(saved)
             self.layer_hooks.after_layer(i, "forward")
         hf, rstd = rms_norm_forward(h, self.base.norm, c.rms_norm_eps)
@@ -245,22 +241,20 @@ class QLoRALlama:
             state.generator_state_after = self.dropout_generator.get_state() if replay else None
         return hf, state
 
-    def _new_offloader(self, policies: List[LayerPolicy]) -> BlockInputOffloader:
-        if self._offload_stream is None and self.device.type == "cuda":
-            self._offload_stream = torch.cuda.Stream(self.device)
-            self.host_pool.stream = self._offload_stream
-        pool = self.host_pool
-        if pool.busy():     # a forward whose backward has not run holds it: one of its own
-            pool = HostPool(self.device.type == "cuda", self._offload_stream)
+    def _open_stash(self, policies: List[LayerPolicy]) -> StashedInputs:
         layers = [i for i, p in enumerate(policies) if p.activations is Activations.OFFLOAD]
-        return BlockInputOffloader(self.device, self._offload_stream, pool, layers)
+        if self.activation_stash is None:
+            raise ValueError(f"layers {layers} have the offload policy but the model has no "
+                             "activation_stash to hold their inputs (hand one in: QLoRALlama("
+                             "activation_stash=anita_core.memory.offload.HostOffload(device)))")
+        return self.activation_stash.open(layers)
 
     def backward_hidden(self, d_hidden: torch.Tensor, state: ForwardState) -> None:
         """Back-propagate dL/d(final normed hidden) through every block, adding the
         LoRA gradients into the adapters' .grad."""
         offloaded = [i for i, p in enumerate(state.policies) if p.activations is Activations.OFFLOAD]
         if offloaded:                       # the top one arrives during the final norm's backward
-            state.offloader.prefetch(offloaded[-1])
+            state.stashed.prefetch(offloaded[-1])
         dh, _ = rms_norm_backward(d_hidden.contiguous(), state.final_input, self.base.norm,
                                   state.final_rstd, False)
         # their last use: not held through every block's backward (a caller that hands
@@ -270,10 +264,10 @@ class QLoRALlama:
         for i in reversed(range(len(self.base.layers))):
             saved, state.saved[i] = state.saved[i], None    # free as we go
             if state.policies[i].activations is Activations.OFFLOAD:
-                saved.h0 = state.offloader.fetch(i)
+                saved.h0 = state.stashed.fetch(i)
                 below = [j for j in offloaded if j < i]
                 if below:                   # overlaps this layer's backward
-                    state.offloader.prefetch(below[-1])
+                    state.stashed.prefetch(below[-1])
             self.layer_hooks.before_layer(i, "backward")
             dh = block_backward(dh, saved, self.base.layers[i], state.geometry, self.block_lora(i))
             self.layer_hooks.after_layer(i, "backward")

@@ -74,8 +74,7 @@ def load_model_and_adapters(run: RunOptions, lora: LoRAOptions, model_dir: str, 
     started = time.perf_counter()
     try:
         model = load_model(model_dir, compute_dtype=compute_dtype(run.dtype), device=device,
-                           progress=run.progress, offload_block_inputs=run.memory.offload_activations,
-                           dropout_seed=run.seed)
+                           progress=run.progress, dropout_seed=run.seed)
     except (ValueError, FileNotFoundError) as e:
         usage_error(f"--model {model_dir}: cannot load the base model: {e}")
     log(f"base model {model_dir}: {model.config.num_hidden_layers} layers, hidden "

@@ -1,5 +1,8 @@
 """Offloaded block inputs: the host pool they live in between a block's forward and its
-backward, and the copies there and back (llama.QLoRALlama, strategy "offload")."""
+backward, and the copies there and back. HostOffload is the model's ActivationStash
+(anita_core/model/stash.py) for the layers whose policy is "offload"; whoever builds
+the model hands it in (QLoRALlama(activation_stash=...), or host_offload(model), which
+memory.budget.apply_memory_plan calls for a plan that offloads)."""
 from __future__ import annotations
 
 import math
@@ -160,3 +163,44 @@ class BlockInputOffloader:
     def done(self) -> bool:
         """Every stashed input has been fetched back: the pool's views are free."""
         return not (self.slots or self.held or self.arriving)
+
+
+class HostOffload:
+    """The model's ActivationStash in host memory: one side stream that every copy runs
+    on, and one HostPool kept across steps (the one the plan sizes, ``pool``); each
+    forward that offloads gets a BlockInputOffloader on it, or on a pool of its own
+    while an earlier forward whose backward has not run still holds it. ``latest`` is
+    the last forward's offloader (for tests and diagnostics)."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.stream = None              # made by the first forward that offloads
+        self.pool = HostPool(self.device.type == "cuda")
+        self.latest: Optional[BlockInputOffloader] = None
+
+    def open(self, layers: Sequence[int]) -> BlockInputOffloader:
+        cuda = self.device.type == "cuda"
+        if self.stream is None and cuda:
+            self.stream = torch.cuda.Stream(self.device)
+            self.pool.stream = self.stream
+        pool = self.pool
+        if pool.busy():
+            pool = HostPool(cuda, self.stream)
+        self.latest = BlockInputOffloader(self.device, self.stream, pool, layers)
+        return self.latest
+
+    def host_tensors(self) -> List[torch.Tensor]:
+        """The host memory the latest forward's inputs went to (none before one)."""
+        return [] if self.latest is None else self.latest.host_tensors()
+
+
+def host_offload(model) -> HostOffload:
+    """The model's HostOffload, handed in (model.activation_stash) if it has no stash yet.
+    A stash of another kind is an error: the plan's host figure is this pool's."""
+    stash = model.activation_stash
+    if stash is None:
+        stash = model.activation_stash = HostOffload(model.device)
+    if not isinstance(stash, HostOffload):
+        raise TypeError(f"the model's activation_stash is a {type(stash).__name__}, not the "
+                        "memory plan's HostOffload (anita_core.memory.offload)")
+    return stash
