@@ -87,7 +87,7 @@ def test_threads_flag_sets_torch_threads(tmp_path):
 def test_model_of_another_architecture_is_a_clear_error(tmp_path, capsys):
     ckpt = make_tiny_llama_dir(tmp_path)
     config = json.loads((ckpt / "config.json").read_text())
-    config.update(model_type="mistral", architectures=["MistralForCausalLM"])
+    config.update(model_type="gemma", architectures=["GemmaForCausalLM"])
     (ckpt / "config.json").write_text(json.dumps(config))
     capsys.readouterr()                 # the factory's progress bar
     with pytest.raises(SystemExit) as e:
@@ -95,7 +95,7 @@ def test_model_of_another_architecture_is_a_clear_error(tmp_path, capsys):
     assert e.value.code == 2           # bad input, as every other refusal
     err = capsys.readouterr().err
     assert err.strip() == (f"error: --model {ckpt}: {ckpt / 'config.json'}: field 'model_type' is "
-                           "'mistral'; only 'llama' (LlamaForCausalLM) is supported")
+                           "'gemma'; supported families: llama, mistral, qwen2, qwen3")
     assert not (tmp_path / "run").exists()      # refused before the output folder is made
 
 
