@@ -217,8 +217,8 @@ def test_only_orpo_scores_the_prompts(tmp_path, fresh_seed):
     padded = collate_pairs(pairs, pad_id=0)
     for name, record in PREFERENCE_LOSSES.items():
         objective = DPOObjective(model, loss_type=name)
-        host_packed = objective._host_view(packed)
-        host_padded = objective._host_view(padded)
+        host_packed = objective.stack_batch(packed)     # what goes to the device
+        host_padded = objective.stack_batch(padded)
         completion = sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
         prompt = sum(len(p.prompt_ids) - 1 for p in pairs)
         if record.needs_sequence_logps:
@@ -228,3 +228,21 @@ def test_only_orpo_scores_the_prompts(tmp_path, fresh_seed):
             assert "prompt_score_index" not in host_packed
             assert "prompt_targets" not in host_padded
             assert int((host_padded["targets"] != IGNORE_INDEX).sum()) == completion
+
+
+def test_packed_prompt_scores_are_each_prompt_token_after_the_first(fresh_seed):
+    """data/dpo_pack.py's prompt scores: pair k's prompt position t scores prompt token
+    t + 1, each prompt once, whichever row the pair lands in."""
+    pairs = _pairs(fresh_seed)
+    batch = collate_packed_pairs(pairs, budget=64, pad_id=0, multiple=16)
+    ids = batch["input_ids"].reshape(-1)
+    index, targets, pair = (batch[k] for k in ("prompt_score_index", "prompt_score_targets",
+                                               "prompt_score_pair"))
+    assert torch.equal(targets, ids[index + 1])
+    for k, p in enumerate(pairs):
+        mine = index[pair == k]
+        assert targets[pair == k].tolist() == p.prompt_ids[1:]
+        # consecutive slots at the pair's prompt positions 0 .. P-2
+        assert batch["position_ids"].reshape(-1)[mine].tolist() == list(range(len(p.prompt_ids) - 1))
+        if len(mine):
+            assert mine.tolist() == list(range(int(mine[0]), int(mine[0]) + len(mine)))

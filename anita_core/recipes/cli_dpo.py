@@ -46,12 +46,13 @@ def build_parser(argv: List[str], description: str) -> argparse.ArgumentParser:
                    help="preference loss (docs/preference-losses.md); orpo and simpo are "
                         "reference-free")
     for key in loss_options():
+        users = losses_using(key)
+        defaults = sorted({str(PREFERENCE_LOSSES[name].defaults[key]) for name in users})
         # SUPPRESS: absent unless given, so a flag given with a loss that ignores it is refused
         g.add_argument(f"--{key.replace('_', '-')}", type=non_negative_float,
                        default=argparse.SUPPRESS,
-                       help=f"{LOSS_OPTION_HELP.get(key, key)}; for --loss-type "
-                            f"{', '.join(losses_using(key))} (default: "
-                            f"{', '.join(sorted({str(PREFERENCE_LOSSES[n].defaults[key]) for n in losses_using(key)}))})")
+                       help=f"{LOSS_OPTION_HELP.get(key, key)}; for --loss-type {', '.join(users)} "
+                            f"(default: {', '.join(defaults)})")
     g.add_argument("--max-length", type=int_at_least(2), default=d.max_length, help="prompt + answer tokens")
     g.add_argument("--max-prompt-length", type=non_negative_int, default=d.max_prompt_length,
                    help="prompt tokens kept when a pair is too long (TRL <= 0.11 rule); 0: TRL 1.x rule")
