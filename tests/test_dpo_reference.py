@@ -310,25 +310,24 @@ def test_train_dpo_precomputes_by_default_and_resume_reuses_it(tmp_path, monkeyp
 
 
 def test_a_reference_free_loss_from_the_table_runs_no_reference_pass(tokenizer, pairs, fresh_seed):
-    """The DPO objective takes its loss as a value (train.loss_table.PreferenceLoss): a
-    reference-free one gets reference=None and no reference forward, and its loss is
+    """The DPO objective takes its loss as a value (train.preference_losses.PreferenceLoss):
+    a reference-free one gets reference=None and no reference forward, and its loss is
     what the step reports and differentiates; a reference loss still runs the reference."""
     import torch.nn.functional as F
 
-    from anita_core.train.loss_table import PREFERENCE_LOSSES, PreferenceLoss
+    from anita_core.train.preference_losses import PREFERENCE_LOSSES, PreferenceLoss
     seen = []
 
-    def odds_free(policy, reference, beta):      # a reference-free margin loss, for the test
+    def odds_free(policy, reference, options):      # a reference-free margin loss, for the test
         seen.append(reference)
-        return -F.logsigmoid(beta * (policy.chosen / policy.chosen_tokens
-                                     - policy.rejected / policy.rejected_tokens)).mean()
-
-    def no_metrics(policy, reference, beta):
-        return {"logps/chosen": policy.chosen.mean()}
+        loss = -F.logsigmoid(options["beta"] * (policy.chosen / policy.chosen_tokens
+                                                - policy.rejected / policy.rejected_tokens)).mean()
+        return loss, {"logps/chosen": policy.chosen.detach().mean()}
 
     (batch,) = indexed_dpo_batches(pairs[:BATCH], batch_size=BATCH, pad_id=tokenizer.pad_id)
     model = _model(fresh_seed, dropout=0.0)
-    free = DPOObjective(model, beta=0.5, loss=PreferenceLoss(odds_free, no_metrics, needs_reference=False))
+    free = DPOObjective(model, beta=0.5, loss=PreferenceLoss(odds_free, False, ("logps/chosen",),
+                                                                {"beta": 0.1}))
     sums = free.micro_step(batch, grad_scale=1.0)
     assert free.reference_passes == 0 and seen == [None]
     assert torch.isfinite(sums["loss"]) and float(sums["loss"]) > 0

@@ -29,6 +29,11 @@ Inside a span starting at p0 with prompt P, chosen C and rejected R tokens:
              last token of each answer scores nothing. A score is (flat position,
              target token, sequence), sequence = pair k's chosen (k) or rejected
              (n + k): the layout DPOObjective stacks a padded batch in.
+  prompt     prompt position t (t < P - 1) scores prompt token t + 1, once per pair
+             (prompt_score_index / _targets / _pair): the chosen sequence's NLL
+             over prompt and answer (ORPO, as TRL's ORPOTrainer: every token after
+             the first) is these plus the chosen scores. Only a loss that needs it
+             gathers them (model/pair_rows.py).
 """
 from __future__ import annotations
 
@@ -41,6 +46,7 @@ from anita_core.data.packing import PACKED_WIDTH_MULTIPLE, packed_width
 # the batch's keys (all tensors, so the trainer moves it to the device as is)
 BOUND_KEYS = ("first_key", "key_end", "gap_start", "gap_end")
 SCORE_KEYS = ("score_index", "score_targets", "score_sequence")
+PROMPT_SCORE_KEYS = ("prompt_score_index", "prompt_score_targets", "prompt_score_pair")
 PACKED_MARK = "score_index"     # a DPO batch holding this key is packed
 
 
@@ -95,6 +101,7 @@ def collate_packed_pairs(pairs: Sequence, *, budget: int, pad_id: int,
              "gap_end": torch.zeros(shape, dtype=torch.int32)}
     n = len(pairs)
     scores: List[List[int]] = [[], [], []]
+    prompt_scores: List[List[int]] = [[], [], []]
     tokens = torch.zeros(2 * n, dtype=torch.int64)
     for r, row in enumerate(rows):
         p0 = 0
@@ -113,6 +120,9 @@ def collate_packed_pairs(pairs: Sequence, *, budget: int, pad_id: int,
             batch["key_end"][r, r0:end] = end
             batch["gap_start"][r, r0:end], batch["gap_end"][r, r0:end] = c0, r0
             base = r * width
+            prompt_scores[0] += [base + p0 + t for t in range(P - 1)]
+            prompt_scores[1] += list(pair.prompt_ids[1:])
+            prompt_scores[2] += [k] * (P - 1)
             for seq, answer, a0 in ((k, pair.chosen_ids, c0), (n + k, pair.rejected_ids, r0)):
                 # position a0 - 1 + t scores answer[t]; for t = 0 that is the prompt's last
                 at = [base + c0 - 1] + [base + a0 + t - 1 for t in range(1, len(answer))]
@@ -122,6 +132,8 @@ def collate_packed_pairs(pairs: Sequence, *, budget: int, pad_id: int,
                 tokens[seq] = len(answer)
             p0 = end
     batch.update({name: torch.tensor(v, dtype=torch.int64) for name, v in zip(SCORE_KEYS, scores)})
+    batch.update({name: torch.tensor(v, dtype=torch.int64)
+                  for name, v in zip(PROMPT_SCORE_KEYS, prompt_scores)})
     batch["completion_tokens"] = tokens
     batch["padded_positions"] = torch.tensor(padded_positions(pairs))
     return batch

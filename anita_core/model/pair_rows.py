@@ -9,6 +9,12 @@ sums come from an index_add over the scores' sequences. The backward runs the
 token-logprobs backward on the gathered rows and adds their gradients back into
 the [B*S, H] hidden gradient (index_add: the prompt's last row gets both), then
 through the blocks as usual.
+
+With ``with_prompt`` (ORPO's NLL over the chosen sequence, prompt included) the
+batch's prompt scores (prompt_score_*: the prompt's position t scores prompt token
+t+1, once per pair: the prompt is shared) join the scores as sequences 2n + k, so
+the sums come as [chosen | rejected | prompt] and one backward serves them all;
+without it the prompt scores are not gathered, and nothing extra is computed.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ from anita_core.model.batch_facts import IGNORE_INDEX, BatchFacts, batch_facts
 from anita_core.model.ops import token_logprobs_backward, token_logprobs_forward
 
 BOUND_KEYS = ("first_key", "key_end", "gap_start", "gap_end")
+PROMPT_SCORE_KEYS = ("prompt_score_index", "prompt_score_targets", "prompt_score_pair")
 
 
 def pair_bounds(batch: dict) -> Tuple[torch.Tensor, ...]:
@@ -27,9 +34,25 @@ def pair_bounds(batch: dict) -> Tuple[torch.Tensor, ...]:
     return tuple(batch[k].to(torch.int32).contiguous() for k in BOUND_KEYS)
 
 
-def packed_facts(batch: dict, vocab_size: int) -> BatchFacts:
+def scores(batch: dict, with_prompt: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(flat positions, targets, sequences) scored; with_prompt adds each pair's
+    prompt scores as sequence 2 x pairs + pair."""
+    index, targets, sequence = batch["score_index"], batch["score_targets"], batch["score_sequence"]
+    if not with_prompt:
+        return index, targets, sequence
+    missing = [k for k in PROMPT_SCORE_KEYS if k not in batch]
+    if missing:
+        raise ValueError(f"packed DPO batch without {', '.join(missing)}: the chosen sequences' "
+                         "NLL needs the prompt scores (data/dpo_pack.py)")
+    index_p, targets_p, pair = (batch[k] for k in PROMPT_SCORE_KEYS)
+    return (torch.cat([index, index_p]), torch.cat([targets, targets_p]),
+            torch.cat([sequence, sequence_count(batch) + pair]))
+
+
+def packed_facts(batch: dict, vocab_size: int, with_prompt: bool = False) -> BatchFacts:
     """batch_facts of a CPU-side packed batch (its scores are its targets)."""
-    return batch_facts(batch["input_ids"], batch["score_targets"], batch["position_ids"], vocab_size)
+    return batch_facts(batch["input_ids"], scores(batch, with_prompt)[1], batch["position_ids"],
+                       vocab_size)
 
 
 def sequence_count(batch: dict) -> int:
@@ -38,29 +61,34 @@ def sequence_count(batch: dict) -> int:
 
 
 def packed_sequence_logps(model, batch: dict, *, for_backward: bool,
-                          facts: Optional[BatchFacts] = None):
-    """(summed completion log-probs fp32 [2 x pairs], chosen then rejected; the state
+                          facts: Optional[BatchFacts] = None, with_prompt: bool = False):
+    """(summed completion log-probs fp32 [2 x pairs], chosen then rejected, then with
+    ``with_prompt`` each pair's summed prompt log-probs [pairs]; the state
     ``packed_logprobs_backward`` needs, or None)."""
     hidden, state = model.forward_hidden(batch["input_ids"], batch["position_ids"], None,
                                          for_backward=for_backward, facts=facts,
                                          bounds=pair_bounds(batch))
-    index, targets = batch["score_index"], batch["score_targets"].contiguous()
+    index, targets, sequence = scores(batch, with_prompt)
+    targets = targets.contiguous()
     gathered = hidden.index_select(0, index)
     num = None if facts is None else facts.num_targets
     with torch.no_grad():
         logp, lse = token_logprobs_forward(gathered, model.base.output_embedding, targets,
                                            IGNORE_INDEX, num_targets=num)
-    seq = torch.zeros(sequence_count(batch), dtype=logp.dtype, device=logp.device)
-    seq.index_add_(0, batch["score_sequence"], logp)
+    n_seq = sequence_count(batch) * 3 // 2 if with_prompt else sequence_count(batch)
+    seq = torch.zeros(n_seq, dtype=logp.dtype, device=logp.device)
+    seq.index_add_(0, sequence, logp)
     saved = None
     if for_backward:
-        saved = (gathered, targets, lse, index, hidden.shape, state, num)
+        saved = (gathered, targets, lse, index, sequence, hidden.shape, state, num)
     return seq, saved
 
 
-def packed_logprobs_backward(model, d_scores: torch.Tensor, saved) -> None:
-    """Back-propagate d(loss)/d(log p) of every score (fp32 [scores]) into the LoRA .grad."""
-    gathered, targets, lse, index, hidden_shape, state, num = saved
+def packed_logprobs_backward(model, d_seq: torch.Tensor, saved) -> None:
+    """Back-propagate d(loss)/d(per-sequence sums) (fp32, as packed_sequence_logps
+    returned them) into the LoRA .grad: each score's log p gets its sequence's."""
+    gathered, targets, lse, index, sequence, hidden_shape, state, num = saved
+    d_scores = d_seq[sequence]
     d_gathered, _ = token_logprobs_backward(d_scores.float().contiguous(), gathered,
                                             model.base.output_embedding, targets, lse,
                                             IGNORE_INDEX, num_targets=num)

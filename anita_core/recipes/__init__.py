@@ -7,7 +7,7 @@ cli_train's shared flags) and call ``run``.
 
 The next stage (e.g. ORPO, KTO) is: recipes/<stage>.py with its config, presets
 and run (session.py and finish.py are the start and end every run shares), its
-loss as an entry of train.loss_table if it is a preference loss,
+loss as an entry of train.preference_losses if it is a preference loss,
 recipes/cli_<stage>.py (build_parser, config_from_args), and a script shim.
 
 Layer: above anita_core.train (it may import train, data, model, lora, hf, cli);

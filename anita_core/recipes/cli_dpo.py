@@ -7,11 +7,22 @@ import argparse
 from dataclasses import replace
 from typing import List
 
-from anita_core.cli.flag_types import HelpFormatter, int_at_least, non_negative_int, positive_float
+from anita_core.cli.flag_types import (HelpFormatter, int_at_least, non_negative_float,
+                                       non_negative_int, positive_float)
 from anita_core.recipes.cli_train import (RecipeFlags, add_common_arguments, common_options,
                                           recipe_parser, resolve_preset)
 from anita_core.recipes.dpo import DEMO, DPO_PRESETS, REAL, SCRIPT, DPOConfig
-from anita_core.train.loss_table import PREFERENCE_LOSSES
+from anita_core.train.preference_losses import PREFERENCE_LOSSES, loss_options, losses_using
+
+# the losses' hyperparameters besides beta: help text (TRL's names; defaults from the table)
+LOSS_OPTION_HELP = {
+    "label_smoothing": "assumed fraction of pairs with flipped labels, in [0, 0.5) (robust: "
+                       "rDPO's epsilon; simpo: label smoothing of its sigmoid loss)",
+    "simpo_gamma": "SimPO's target reward margin (its gamma / beta is the log-prob margin)",
+    "cpo_alpha": "weight of the chosen answers' NLL added to SimPO (CPO-SimPO); 0: pure SimPO",
+    "sigmoid_weight": "weight of the DPO (sigmoid) term (TRL's loss_weights[0])",
+    "sft_weight": "weight of the chosen answers' NLL term (TRL's loss_weights[1])",
+}
 
 
 def build_parser(argv: List[str], description: str) -> argparse.ArgumentParser:
@@ -29,9 +40,19 @@ def build_parser(argv: List[str], description: str) -> argparse.ArgumentParser:
                    help="how prompts and answers are rendered (chat: the tokenizer's own "
                         "chat_template from tokenizer_config.json; llama3 needs LLaMA-3's tokens; "
                         "none: raw text, answers end with the EOS token)")
-    g.add_argument("--beta", type=positive_float, default=d.beta, help="DPO temperature")
+    g.add_argument("--beta", type=positive_float, default=d.beta,
+                   help="DPO temperature (orpo: the odds-ratio weight lambda; simpo: its beta)")
     g.add_argument("--loss-type", default=d.loss_type, choices=tuple(PREFERENCE_LOSSES),
-                   help="preference loss")
+                   help="preference loss (docs/preference-losses.md); orpo and simpo are "
+                        "reference-free")
+    for key in loss_options():
+        users = losses_using(key)
+        defaults = sorted({str(PREFERENCE_LOSSES[name].defaults[key]) for name in users})
+        # SUPPRESS: absent unless given, so a flag given with a loss that ignores it is refused
+        g.add_argument(f"--{key.replace('_', '-')}", type=non_negative_float,
+                       default=argparse.SUPPRESS,
+                       help=f"{LOSS_OPTION_HELP.get(key, key)}; for --loss-type {', '.join(users)} "
+                            f"(default: {', '.join(defaults)})")
     g.add_argument("--max-length", type=int_at_least(2), default=d.max_length, help="prompt + answer tokens")
     g.add_argument("--max-prompt-length", type=non_negative_int, default=d.max_prompt_length,
                    help="prompt tokens kept when a pair is too long (TRL <= 0.11 rule); 0: TRL 1.x rule")
@@ -59,6 +80,10 @@ def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     if args.template == "none" and args.system_prompt:
         parser.error("argument --system-prompt: not allowed with --template none (raw text has no "
                      "system turn)")
+    # a loss's hyperparameter given with another loss, or a reference with a reference-free one
+    problem = config_from_args(args).loss_option_problem()
+    if problem is not None:
+        parser.error(f"argument {problem[0]}: {problem[1]}")
     if args.max_prompt_length and args.max_prompt_length >= args.max_length:
         parser.error(f"argument --max-prompt-length: must be below --max-length "
                      f"({args.max_length}), or 0; got {args.max_prompt_length}")
@@ -73,4 +98,6 @@ def config_from_args(args: argparse.Namespace) -> DPOConfig:
                    max_length=args.max_length, max_prompt_length=args.max_prompt_length,
                    exclude_sources=tuple(args.exclude_sources),
                    reference_adapter=args.reference_adapter, precompute_reference=precompute,
-                   pack_pairs=args.pack_pairs)
+                   pack_pairs=args.pack_pairs,
+                   # the losses' hyperparameters are absent unless given (SUPPRESS): None
+                   **{k: vars(args).get(k) for k in loss_options()})

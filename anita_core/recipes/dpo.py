@@ -1,6 +1,7 @@
 """Direct preference optimization: its config, its presets (config values), its
 data (anita_core.data's preference pairs) and its objective (DPOObjective with a
-loss taken from the table name -> PreferenceLoss, anita_core.train.loss_table).
+loss taken from the table name -> PreferenceLoss, anita_core.train.preference_losses;
+docs/preference-losses.md says which to pick).
 
 The dpo preset carries the LLaMAntino-3-ANITA recipe's values (DPO r 64, alpha
 16, rsLoRA, lr 5e-5, beta 0.1, warmup ratio 0.1, no weight decay, max length
@@ -17,7 +18,8 @@ from anita_core.assets import sample_path
 from anita_core.cli.common import EXIT_BAD_INPUT, default_output_dir
 from anita_core.recipes.options import DataOptions, LoRAOptions, OptimOptions, RunOptions
 from anita_core.recipes.result import RunResult
-from anita_core.train.loss_table import PREFERENCE_LOSSES
+from anita_core.train.preference_losses import (PREFERENCE_LOSSES, loss_options, losses_using,
+                                                resolve_options)
 
 SCRIPT = "train_dpo.py"
 
@@ -30,8 +32,15 @@ class DPOConfig:
     optim: OptimOptions = field(default_factory=OptimOptions)
     data: DataOptions = field(default_factory=DataOptions)
     template: str = "llama3"                # llama3 | chat | none (data.dpo_render)
-    beta: float = 0.1
+    beta: float = 0.1                       # also ORPO's lambda and SimPO's beta
     loss_type: str = "sigmoid"              # a name of PREFERENCE_LOSSES
+    # the losses' other hyperparameters (TRL's names); None: the loss's default. Each is
+    # refused with a loss that does not take it (loss_option_problem)
+    label_smoothing: Optional[float] = None     # robust, simpo
+    simpo_gamma: Optional[float] = None         # simpo
+    cpo_alpha: Optional[float] = None           # simpo
+    sigmoid_weight: Optional[float] = None      # sigmoid_sft (TRL's loss_weights[0])
+    sft_weight: Optional[float] = None          # sigmoid_sft (TRL's loss_weights[1])
     max_length: int = 1024                  # prompt + answer tokens
     max_prompt_length: int = 512            # 0: TRL 1.x's rule (no separate prompt cut)
     exclude_sources: Tuple[str, ...] = ()
@@ -44,6 +53,43 @@ class DPOConfig:
     def pack_budget(self) -> Optional[int]:
         """The packed rows' token budget, or None for the padded layout."""
         return 2 * self.max_length if self.pack_pairs else None
+
+    def given_loss_options(self) -> Dict[str, float]:
+        """The hyperparameters set here besides beta (None fields left out)."""
+        return {k: getattr(self, k) for k in loss_options() if getattr(self, k) is not None}
+
+    def loss_options(self) -> Dict[str, float]:
+        """beta and the given hyperparameters, as DPOObjective takes them."""
+        return {"beta": self.beta, **self.given_loss_options()}
+
+    def loss_option_problem(self) -> Optional[Tuple[str, str]]:
+        """(flag, why) for the first setting the loss cannot use, or None."""
+        if self.loss_type not in PREFERENCE_LOSSES:
+            return "--loss-type", (f"invalid choice {self.loss_type!r} (choose from "
+                                   f"{', '.join(PREFERENCE_LOSSES)})")
+        record = PREFERENCE_LOSSES[self.loss_type]
+        for key, value in self.given_loss_options().items():
+            flag = f"--{key.replace('_', '-')}"
+            if key not in record.defaults:
+                return flag, (f"not used by --loss-type {self.loss_type} (used by "
+                              f"{', '.join(losses_using(key))})")
+            try:
+                resolve_options(self.loss_type, {key: value})
+            except ValueError as e:     # "preference loss 'x': why" -> why
+                return flag, str(e).split(": ", 1)[-1]
+        if not record.needs_reference:
+            for flag, given in (("--reference-adapter", self.reference_adapter),
+                                ("--precompute-reference", self.precompute_reference)):
+                if given:
+                    return flag, (f"not allowed with --loss-type {self.loss_type} (it is "
+                                  "reference-free: no reference model)")
+        return None
+
+    def reference_line(self) -> Optional[str]:
+        """The run summary's line for a reference-free loss."""
+        if PREFERENCE_LOSSES[self.loss_type].needs_reference:
+            return None
+        return f"reference: none ({self.loss_type} is reference-free)"
 
     def precomputes_reference(self) -> bool:
         if not PREFERENCE_LOSSES[self.loss_type].needs_reference:
@@ -102,6 +148,10 @@ def run(config: DPOConfig) -> RunResult:
     except ValueError as e:
         log(f"error: argument --template: {e}")
         return RunResult(EXIT_BAD_INPUT, output_dir)
+    problem = config.loss_option_problem()
+    if problem is not None:         # the CLI refuses these first; a config built in code too
+        log(f"error: argument {problem[0]}: {problem[1]}")
+        return RunResult(EXIT_BAD_INPUT, output_dir)
     config = _layout_for(config, checked.config, log)
     run_start = start_run(output_dir, log, dist, resume=opts.resume, overwrite=opts.overwrite)
     with run_start.undone_if_refused():   # a refusal from here to training leaves no trace
@@ -120,6 +170,8 @@ def run(config: DPOConfig) -> RunResult:
             return RunResult(EXIT_BAD_INPUT, output_dir)
         model, adapters = load_model_and_adapters(opts, config.lora, checked.model_dir, log)
         reference = load_reference_adapter(config.reference_adapter, model)
+        if config.reference_line():
+            log(config.reference_line())
 
         # batches carry their pairs' example indices: the precomputed reference is looked up by them
         epoch_batches = per_epoch(lambda epoch: indexed_dpo_batches(
@@ -131,7 +183,7 @@ def run(config: DPOConfig) -> RunResult:
                         if data.eval else None)
         objective = DPOObjective(model, beta=config.beta, loss_type=config.loss_type,
                                  reference_adapters=reference,
-                                 loss=PREFERENCE_LOSSES[config.loss_type])
+                                 options=config.given_loss_options())
         settings = run_settings(SCRIPT, checked.model_dir, adapters, data, seed=opts.seed,
                                 batch_size=optim.batch_size,
                                 gradient_accumulation_steps=optim.gradient_accumulation_steps,

@@ -202,6 +202,20 @@ PREFERENCE_LOSSES: Dict[str, PreferenceLoss] = {
 }
 
 
+def loss_options() -> Tuple[str, ...]:
+    """Every hyperparameter some loss takes besides beta, in table order (the DPO
+    recipe's flags and config fields)."""
+    names: Dict[str, None] = {}
+    for record in PREFERENCE_LOSSES.values():
+        names.update((key, None) for key in record.defaults if key != "beta")
+    return tuple(names)
+
+
+def losses_using(option: str) -> Tuple[str, ...]:
+    """The losses that take hyperparameter ``option``."""
+    return tuple(name for name, record in PREFERENCE_LOSSES.items() if option in record.defaults)
+
+
 def resolve_options(name: str, options: Mapping[str, float]) -> Dict[str, float]:
     """The loss's defaults overridden by ``options``, checked."""
     if name not in PREFERENCE_LOSSES:
