@@ -8,13 +8,15 @@ from a store as a precomputed run does) per pair. Two pair sets:
   bundled    the bundled preference pairs with the bundled tokenizer (dpo preset's
              truncation), each batch of --batch-size pairs
   synthetic  chat-shaped pairs: prompt, chosen and rejected lengths log-normal with
-             medians 150 / 250 / 230 tokens and sigma --sigma (default 0.6: a
-             median 250-token answer has its 90% range at ~90-680 tokens), random
-             ids, TRL's truncation at --max-prompt-length 512 / --max-length 1024
+             medians 150 / 250 / 230 tokens and sigma --sigma (default 1.0: the
+             spread at which the padded dpo preset computes 1.9x the positions it
+             needs, issue 30's figure for chat preference data; a median 250-token
+             answer then has its 90% range at ~50-1,300 tokens before truncation),
+             random ids, TRL's truncation at --max-prompt-length 512 / --max-length 1024
 
 Padded = data/dpo.py collate_pairs (2 x batch rows, all as wide as the longest
 prompt + answer); packed = data/dpo_pack.py (rows of 2 x max_length tokens,
-rounded to 128). Timing: on the CPU (default there; set ANITA_BACKEND=torch for
+rounded to 16). Timing: on the CPU (default there; set ANITA_BACKEND=torch for
 the plain-torch kernels) time.perf_counter over --timed-batches batches, after
 one warm-up batch; on a GPU, CUDA-synchronized wall time, and tokens/s =
 needed positions / time. The model: by default a random NF4 LLaMA of 2 layers and
@@ -54,8 +56,9 @@ def parse_args(argv=None):
                    "the dpo preset's)")
     p.add_argument("--synthetic-pairs", type=int, default=512,
                    help="synthetic pairs for the position counts (default: 512)")
-    p.add_argument("--sigma", type=float, default=0.6,
-                   help="log-normal sigma of the synthetic lengths (default: 0.6)")
+    p.add_argument("--sigma", type=float, default=1.0,
+                   help="log-normal sigma of the synthetic lengths (default: 1.0, where the padded "
+                        "layout computes 1.9x the needed positions)")
     p.add_argument("--max-length", type=int, default=1024, help="TRL max_length (default: 1024)")
     p.add_argument("--max-prompt-length", type=int, default=512,
                    help="TRL max_prompt_length (default: 512)")

@@ -24,7 +24,7 @@ def test_train_dpo_packs_pairs_and_reports_the_positions(tmp_path, monkeypatch):
     steps = [r for r in records if "positions/padded" in r]
     assert len(steps) == 2
     for r in steps:
-        # per pair: a packed batch of 2 pairs is one row of <= 96 tokens, rounded to 128 at
+        # per pair: a packed batch of 2 pairs is one row of <= 96 tokens, rounded to 16 at
         # most; the padded one 4 rows of the longest prompt + answer (<= 48)
         assert 0 < r["positions/computed"] <= 64 and 0 < r["positions/padded"] <= 96
         assert r["computed_tokens"] == 2 * r["positions/computed"]
