@@ -30,7 +30,7 @@ from anita_core.model.weights import PROJECTIONS
 from tests.helpers import assert_close
 from tests.model_factory import (FAMILY_EXTRAS, load_hf_4bit, make_tiny_model_dir,
                                  tiny_family_config, tiny_llama_state_dict)
-from tests.test_model_vs_hf import (REFERENCE_SHAPES, REL, _scaled_atol, load_hf_qlora,
+from tests.test_model_vs_hf import (REFERENCE_SHAPES, REL, _scaled_atol, pair_for,
                                     peft_lora_modules, shifted_targets)
 
 NEW_FAMILIES = ("mistral", "qwen2", "qwen3")
@@ -154,17 +154,7 @@ def test_a_family_tensor_missing_is_named(tmp_path):
 def _build_pair(tmp_path, family, targets=PROJECTIONS, seed=0):
     ckpt = _family_dir(tmp_path, family, seed=seed)
     lora_config = LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules=tuple(targets), seed=seed)
-    model = load_model(ckpt, progress=False)
-    model.adapters = LoRAAdapters.init(lora_config, model.config)
-    hf = load_hf_qlora(ckpt, lora_config)
-    with torch.no_grad():
-        for layer in range(model.config.num_hidden_layers):
-            for name in targets:
-                A, B = model.adapters.get(layer, name)
-                B.copy_(torch.randn_like(B) * 0.5)
-                hf_A, hf_B = peft_lora_modules(hf, layer, name)
-                hf_A.copy_(A)
-                hf_B.copy_(B)
+    model, hf = pair_for(ckpt, lora_config)
     return model, hf, ckpt
 
 

@@ -56,6 +56,13 @@ def build_pair(tmp_path, *, tie=False, rslora=False, targets=PROJECTIONS, rank=4
     ckpt = make_tiny_llama_dir(tmp_path, tie_word_embeddings=tie, seed=seed, **REFERENCE_SHAPES)
     lora_config = LoRAConfig(r=rank, alpha=8, dropout=0.0, target_modules=tuple(targets),
                              use_rslora=rslora, seed=seed)
+    return pair_for(ckpt, lora_config)
+
+
+def pair_for(ckpt, lora_config: LoRAConfig):
+    """anita's model and transformers + bitsandbytes + PEFT's on checkpoint ``ckpt``, with
+    the same non-zero LoRA weights on ``lora_config``'s targets (any family)."""
+    targets = lora_config.target_modules
     model = load_model(ckpt, progress=False)
     model.adapters = LoRAAdapters.init(lora_config, model.config)
     hf = load_hf_qlora(ckpt, lora_config)
