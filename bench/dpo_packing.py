@@ -179,7 +179,8 @@ def time_layouts(objective, built: Dict[str, List[dict]], count: int, device) ->
 
 
 def measure(args) -> List[dict]:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from bench.common import bench_device
+    device = bench_device()     # the one place a bench entry point's device is decided
     sets = ("bundled", "synthetic") if args.pairs == "both" else (args.pairs,)
     timed = 2 if args.smoke else args.timed_batches
     rows = []

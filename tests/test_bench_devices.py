@@ -96,6 +96,13 @@ def run_distributed_overlap(monkeypatch, load, tmp_path):
         torch.set_num_threads(threads)
 
 
+def run_dpo_packing(monkeypatch, load, tmp_path):
+    import anita_core.hf
+    from bench import dpo_packing
+    monkeypatch.setattr(anita_core.hf, "load_model", load)
+    dpo_packing.main(["--hidden", "0", "--pairs", "bundled", "--timed-batches", "1"])
+
+
 # module -> (how to run it up to load_model, the device it must load on with a GPU)
 ENTRY_POINTS = {
     "step_anatomy": (run_step_anatomy, "cuda"),
@@ -104,6 +111,7 @@ ENTRY_POINTS = {
     "host_syncs": (run_host_syncs, "cuda"),
     "cpu_real_model": (run_cpu_real_model, "cpu"),    # times the CPU path by design
     "distributed": (run_distributed_overlap, "cpu"),  # 2 gloo ranks on the CPU
+    "dpo_packing": (run_dpo_packing, "cuda"),         # --hidden 0: the bundled model
 }
 
 

@@ -334,7 +334,7 @@ def test_non_finite_weight(single_ckpt):
 
 
 @pytest.mark.parametrize("change,field", [
-    (dict(model_type="mistral", architectures=["MistralForCausalLM"]), "model_type"),
+    (dict(model_type="gemma", architectures=["GemmaForCausalLM"]), "model_type"),
     (dict(architectures=["LlamaForSequenceClassification"]), "architectures"),
     (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}),
      "rope_parameters"),
