@@ -15,7 +15,7 @@ in blocks of QUERY_BLOCK tokens, and a block reads only the keys from its earlie
 query's document start (min first_key over the block) to its last query. A block's
 scores are [B, Hq, QUERY_BLOCK, keys it reads], so memory is O(S x block), and a
 row of documents of lengths L_d costs O(sum L_d^2 + S x block) work instead of
-O(S^2): 8,192 tokens of 300-token documents read ~212 keys per query, not ~4,096.
+O(S^2): 8,192 tokens of 300-token documents read ~556 keys per query, not ~4,096.
 With a gap per query, a block also skips the keys that every one of its queries has
 in its gap (a DPO pair's rejected answer skips the chosen one's keys, issue 30): its
 keys are then two ranges, gathered once per block. Within a block the softmax is
@@ -46,12 +46,8 @@ from csrc_triton.attention import (Bounds, check_backward_args, check_bounds,  #
 # query tokens per block: large enough that each block is a few big matmuls (the
 # Python loop runs S / QUERY_BLOCK times per layer), small enough that a block's
 # [Hq, QUERY_BLOCK, keys] fp32 scores stay small (SmolLM2, one 8,192-token document:
-# 9 x 64 x 8,192 x 4 B = 18 MiB) and that blocks fit inside a DPO pair's rejected
-# answer (a ~230-token answer holds no whole 256-token block, so nothing would be
-# skipped). Measured on one CPU thread, attention forward + backward: 64 is faster
-# than 256, 128 and 32 both on packed pairs (~1.8x vs 256) and on one causal 4,096-
-# token document (~1.3x: less wasted work above the diagonal)
-QUERY_BLOCK = 64
+# 9 x 256 x 8,192 x 4 B = 72 MiB)
+QUERY_BLOCK = 256
 
 # a query block's keys: ranges [a, b) of key indices, in order
 Pieces = Tuple[Tuple[int, int], ...]
