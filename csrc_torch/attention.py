@@ -16,8 +16,11 @@ query's document start (min first_key over the block) to its last query. A block
 scores are [B, Hq, QUERY_BLOCK, keys it reads], so memory is O(S x block), and a
 row of documents of lengths L_d costs O(sum L_d^2 + S x block) work instead of
 O(S^2): 8,192 tokens of 300-token documents read ~556 keys per query, not ~4,096.
-Within a block the softmax is exact (one logsumexp over the block's keys; the keys
-it skips are keys no query of the block sees, whose probability is exactly 0).
+With a gap per query, a block also skips the keys that every one of its queries has
+in its gap (a DPO pair's rejected answer skips the chosen one's keys, issue 30): its
+keys are then two ranges, gathered once per block. Within a block the softmax is
+exact (one logsumexp over the block's keys; the keys it skips are keys no query of
+the block sees, whose probability is exactly 0).
 The block starts are read back to the host (a few small reads per call): this is
 the CPU path, where that read costs nothing; the Triton kernels, the GPU's path,
 read the bounds on the device and stall nothing (tests/test_host_syncs.py).
@@ -46,6 +49,9 @@ from csrc_triton.attention import (Bounds, check_backward_args, check_bounds,  #
 # 9 x 256 x 8,192 x 4 B = 72 MiB)
 QUERY_BLOCK = 256
 
+# a query block's keys: ranges [a, b) of key indices, in order
+Pieces = Tuple[Tuple[int, int], ...]
+
 
 def _blocks(bounds: Bounds, seq: int, block: int) -> Iterator[Tuple[int, int, int]]:
     """(q0, q1, k0) per query block [q0, q1) that sees any key: its keys are [k0, q1)."""
@@ -65,11 +71,58 @@ def _blocks(bounds: Bounds, seq: int, block: int) -> Iterator[Tuple[int, int, in
             yield q0, q1, k0
 
 
-def _visible(bounds: Bounds, q0: int, q1: int, k0: int, device) -> torch.Tensor:
-    """Bool [B or 1, 1, 1, n, m]: query q0 + a sees key k0 + c (causal, from its first_key,
-    outside its gap)."""
+def _key_blocks(bounds: Bounds, seq: int, block: int) -> Iterator[Tuple[int, int, Pieces]]:
+    """(q0, q1, pieces) per query block [q0, q1) that sees any key: its keys are the
+    ranges [a, b) in ``pieces``, which are [k0, q1) (see _blocks) less the keys that
+    every query of the block, in every row, has in its gap: [max gap_start, min gap_end)
+    over the block, when not empty. Those keys have probability exactly 0 for every
+    query of the block, so not computing them changes nothing but the work: a DPO
+    pair's rejected queries then skip the chosen answer's keys (issue 30)."""
+    blocks = list(_blocks(bounds, seq, block))
+    if bounds is None or len(bounds) != 4 or not blocks:
+        yield from ((q0, q1, ((k0, q1),)) for q0, q1, k0 in blocks)
+        return
+    first_key, _, gap_start, gap_end = bounds
+    index = torch.arange(seq, device=first_key.device)
+    # a query that sees nothing (padding) has every key in its gap: it must not shrink it
+    sees = first_key <= index
+    common_start = torch.where(sees, gap_start, 0).amax(dim=0)                 # [S]
+    common_end = torch.where(sees, gap_end, seq).amin(dim=0)
+    tail = -seq % block
+    common_start = torch.cat([common_start, common_start.new_zeros(tail)])
+    common_end = torch.cat([common_end, common_end.new_full((tail,), seq)])
+    starts = common_start.view(-1, block).amax(dim=1).tolist()
+    ends = common_end.view(-1, block).amin(dim=1).tolist()
+    for q0, q1, k0 in blocks:
+        gs, ge = max(starts[q0 // block], k0), min(ends[q0 // block], q1)
+        if gs >= ge:
+            yield q0, q1, ((k0, q1),)
+            continue
+        pieces = tuple((a, b) for a, b in ((k0, gs), (ge, q1)) if a < b)
+        if pieces:          # else no query of the block sees any key: out 0, lse -inf
+            yield q0, q1, pieces
+
+
+def _gather(t: torch.Tensor, pieces: Pieces) -> torch.Tensor:
+    """[B, H, S, D] -> its rows in ``pieces`` along S (a view when there is one piece)."""
+    if len(pieces) == 1:
+        return t[:, :, pieces[0][0]:pieces[0][1]]
+    return torch.cat([t[:, :, a:b] for a, b in pieces], dim=2)
+
+
+def _scatter_add(t: torch.Tensor, pieces: Pieces, rows: torch.Tensor) -> None:
+    """t[:, :, pieces] += rows, the inverse of _gather."""
+    offset = 0
+    for a, b in pieces:
+        t[:, :, a:b] += rows[:, :, offset:offset + b - a]
+        offset += b - a
+
+
+def _visible(bounds: Bounds, q0: int, q1: int, pieces: Pieces, device) -> torch.Tensor:
+    """Bool [B or 1, 1, 1, n, m]: query q0 + a sees the c-th key of ``pieces`` (causal,
+    from its first_key, outside its gap)."""
     queries = torch.arange(q0, q1, device=device)
-    keys = torch.arange(k0, q1, device=device)
+    keys = torch.cat([torch.arange(a, b, device=device) for a, b in pieces])
     visible = (keys[None, :] <= queries[:, None])[None]
     if bounds is not None:
         visible = visible & (keys[None, None, :] >= bounds[0][:, q0:q1, None].long())
@@ -138,10 +191,11 @@ def flash_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     kf, vf = _kv(k), _kv(v)
     out = torch.zeros_like(qs)
     lse = torch.full(qs.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
-    for q0, q1, k0 in _blocks(bounds, seq, QUERY_BLOCK):
-        scores = _block_scores(qs[..., q0:q1, :], kf[:, :, k0:q1], _visible(bounds, q0, q1, k0, q.device))
+    for q0, q1, pieces in _key_blocks(bounds, seq, QUERY_BLOCK):
+        scores = _block_scores(qs[..., q0:q1, :], _gather(kf, pieces),
+                               _visible(bounds, q0, q1, pieces, q.device))
         probs, lse[..., q0:q1] = _block_softmax(scores)
-        out[..., q0:q1, :] = (_rows(probs) @ vf[:, :, k0:q1]).view(probs.shape[:-1] + (head_dim,))
+        out[..., q0:q1, :] = (_rows(probs) @ _gather(vf, pieces)).view(probs.shape[:-1] + (head_dim,))
     return _ungrouped(out, q.dtype), lse.view(batch, n_q_heads, seq)
 
 
@@ -159,16 +213,17 @@ def flash_attention_backward(d_out: torch.Tensor, q: torch.Tensor, k: torch.Tens
     delta = (d_o * _grouped(out, n_kv_heads)).sum(-1)                    # [B, Hkv, G, S]
     lse_g = lse.view(qs.shape[:-1])
     dq, dk, dv = torch.zeros_like(qs), torch.zeros_like(kf), torch.zeros_like(vf)
-    for q0, q1, k0 in _blocks(bounds, seq, QUERY_BLOCK):
-        q_b, k_b, v_b, d_o_b = qs[..., q0:q1, :], kf[:, :, k0:q1], vf[:, :, k0:q1], d_o[..., q0:q1, :]
-        scores = _block_scores(q_b, k_b, _visible(bounds, q0, q1, k0, q.device))
+    for q0, q1, pieces in _key_blocks(bounds, seq, QUERY_BLOCK):
+        q_b, d_o_b = qs[..., q0:q1, :], d_o[..., q0:q1, :]
+        k_b, v_b = _gather(kf, pieces), _gather(vf, pieces)
+        scores = _block_scores(q_b, k_b, _visible(bounds, q0, q1, pieces, q.device))
         probs = _block_probabilities_from_lse(scores, lse_g[..., q0:q1])
         d_p = (_rows(d_o_b) @ v_b.transpose(-1, -2)).view(probs.shape)
         d_s = d_p.sub_(delta[..., q0:q1, None]).mul_(probs)              # P (dP - Delta), in place
-        dv[:, :, k0:q1] += _rows(probs).transpose(-1, -2) @ _rows(d_o_b)
+        _scatter_add(dv, pieces, _rows(probs).transpose(-1, -2) @ _rows(d_o_b))
         dq[..., q0:q1, :] = (_rows(d_s) @ k_b).view(q_b.shape).mul_(scale)
         # dK = dS^T Q / sqrt(D) = dS^T (Q / sqrt(D))
-        dk[:, :, k0:q1] += _rows(d_s).transpose(-1, -2) @ _rows(q_b)
+        _scatter_add(dk, pieces, _rows(d_s).transpose(-1, -2) @ _rows(q_b))
     grads = _ungrouped(dq, q.dtype), _per_kv_head(dk, q.dtype), _per_kv_head(dv, q.dtype)
     if into is None:
         return grads
