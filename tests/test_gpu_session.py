@@ -194,7 +194,8 @@ def test_a_step_stopped_at_its_budget_keeps_the_rows_it_wrote(tmp_path, monkeypa
               "f.flush()\n"
               "while True: time.sleep(60)\n")
     monkeypatch.setattr(session, "step_command",
-                        lambda name, out, smoke, py: [py, "-c", script, str(out / "kernels.csv")])
+                        lambda name, out, smoke, py, family="llama": [py, "-c", script,
+                                                                     str(out / "kernels.csv")])
     code = session.main([str(tmp_path), "--smoke", "--only", "kernels", "--budget", "kernels=15"])
     assert code == 1
     (line,) = (tmp_path / "summary.txt").read_text().splitlines()

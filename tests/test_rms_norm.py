@@ -186,7 +186,7 @@ def test_per_head_qk_norm_against_float64(tokens, heads, head_dim, backend, dtyp
     # the autograd Function on the [tokens, heads, head_dim] view, weight frozen
     x3 = x.view(tokens, heads, head_dim).clone().requires_grad_()
     if backend == "triton":
-        y3 = rms_norm(x3, weight, QWEN3_EPS)
+        y3 = rms_norm_op(x3, weight, QWEN3_EPS)
         (dx3,) = torch.autograd.grad(y3, x3, dy.view(tokens, heads, head_dim))
         assert torch.equal(y3.reshape(-1, head_dim), y) and torch.equal(dx3.reshape(-1, head_dim), dx)
 
@@ -204,7 +204,7 @@ def test_per_head_qk_norm_matches_transformers_qwen3_rms_norm_fp32():
         with torch.no_grad():
             hf.weight.copy_(1 + 0.5 * torch.randn(head_dim))
         x_ours, x_hf = x.clone().requires_grad_(), x.clone().requires_grad_()
-        y_ours, y_hf = rms_norm(x_ours, hf.weight, QWEN3_EPS), hf(x_hf)
+        y_ours, y_hf = rms_norm_op(x_ours, hf.weight, QWEN3_EPS), hf(x_hf)
         assert_close(OP, f"vs Qwen3RMSNorm y (head_dim {head_dim})", y_ours, y_hf,
                      **TOLERANCE[torch.float32])
         (dx_ours,) = torch.autograd.grad(y_ours, x_ours, dy)
