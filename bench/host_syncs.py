@@ -410,7 +410,7 @@ def format_report(result: dict) -> str:
 
 def parse_args(argv=None):
     from anita_core.model.ops import BACKENDS
-    from anita_core.train.flag_types import int_at_least, positive_int, probability_0_1
+    from anita_core.cli.flag_types import int_at_least, positive_int, probability_0_1
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", type=_model_folder, default=str(TINY_MODEL),

@@ -32,14 +32,12 @@ import torch
 from anita_core.data import collate_pairs
 from anita_core.data.dpo import PreferencePair
 from anita_core.data.dpo_pack import collate_packed_pairs
-from anita_core.hf import load_model
-from anita_core.lora import LoRAAdapters, LoRAConfig
 from anita_core.model import IGNORE_INDEX, ops
 from anita_core.train.losses import PreferenceLogps
 from anita_core.train.objectives import DPOObjective
 from anita_core.train.preference_losses import PREFERENCE_LOSSES, SequenceLogps, preference_loss
 from tests.helpers import assert_close
-from tests.model_factory import make_tiny_llama_dir
+from tests.test_dpo_pack_model import tiny_dpo_model
 
 REL = 1e-5
 GRAD_REL = 1e-4
@@ -73,15 +71,7 @@ def _pairs(seed):
 
 
 def _model(tmp_path, seed):
-    ckpt = make_tiny_llama_dir(tmp_path, vocab_size=VOCAB, seed=seed, hidden_size=64,
-                               intermediate_size=100, num_heads=4, num_kv_heads=2)
-    model = load_model(ckpt, progress=False)
-    model.adapters = LoRAAdapters.init(LoRAConfig(r=4, alpha=8, dropout=0.0, seed=seed), model.config)
-    with torch.no_grad():
-        for layer, projection in model.adapters.adapted():
-            _, B = model.adapters.get(layer, projection)
-            B.copy_(torch.randn_like(B) * 0.3)        # policy != reference
-    return model
+    return tiny_dpo_model(tmp_path, VOCAB, seed, b_scale=0.3)
 
 
 def _token_logps(model, ids):

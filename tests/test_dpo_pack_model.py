@@ -69,7 +69,9 @@ def _random_pairs(seed, vocab):
     return [PreferencePair(ids(p), ids(c), ids(r)) for p, c, r in shapes]
 
 
-def _model(tmp_path, vocab, seed):
+def tiny_dpo_model(tmp_path, vocab, seed, b_scale: float = 0.5):
+    """A tiny LLaMA of ``vocab`` tokens with rank-4 adapters on every projection, their
+    B drawn at ``b_scale`` so the policy differs from the reference (adapters off)."""
     ckpt = make_tiny_llama_dir(tmp_path, vocab_size=vocab, seed=seed, hidden_size=64,
                                intermediate_size=100, num_heads=4, num_kv_heads=2)
     model = load_model(ckpt, progress=False)
@@ -77,7 +79,7 @@ def _model(tmp_path, vocab, seed):
     with torch.no_grad():
         for layer, projection in model.adapters.adapted():
             _, B = model.adapters.get(layer, projection)
-            B.copy_(torch.randn_like(B) * 0.5)        # policy != reference
+            B.copy_(torch.randn_like(B) * b_scale)        # policy != reference
     return model
 
 
@@ -114,7 +116,7 @@ def _compare(padded, packed, n):
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
 def test_packed_step_equals_padded_step_real_pairs(tmp_path, fresh_seed, tokenizer, loss_type):
     pairs = _real_pairs(tokenizer)
-    model = _model(tmp_path, tokenizer.vocab_size, fresh_seed)
+    model = tiny_dpo_model(tmp_path, tokenizer.vocab_size, fresh_seed)
     with ops.use_backend("torch"):
         padded = _step(model, collate_pairs(pairs, pad_id=tokenizer.pad_id), len(pairs), loss_type)
         packed = _step(model, collate_packed_pairs(pairs, budget=128, pad_id=tokenizer.pad_id),
@@ -124,7 +126,7 @@ def test_packed_step_equals_padded_step_real_pairs(tmp_path, fresh_seed, tokeniz
 
 def test_packed_step_equals_padded_step_odd_and_oversized_pairs(tmp_path, fresh_seed):
     pairs = _random_pairs(fresh_seed, 131)
-    model = _model(tmp_path, 131, fresh_seed)
+    model = tiny_dpo_model(tmp_path, 131, fresh_seed)
     batch = collate_packed_pairs(pairs, budget=48, pad_id=0, multiple=16)
     assert batch["input_ids"].shape[0] >= 3      # the 94-token pair alone, wider than the budget
     with ops.use_backend("torch"):
@@ -134,7 +136,7 @@ def test_packed_step_equals_padded_step_odd_and_oversized_pairs(tmp_path, fresh_
 
 def test_packed_reference_store_equals_padded(tmp_path, fresh_seed, tokenizer):
     pairs = _real_pairs(tokenizer)
-    model = _model(tmp_path, tokenizer.vocab_size, fresh_seed)
+    model = tiny_dpo_model(tmp_path, tokenizer.vocab_size, fresh_seed)
     objective = DPOObjective(model)
     stores = []
     with ops.use_backend("torch"):
@@ -151,7 +153,7 @@ def test_packed_reference_store_equals_padded(tmp_path, fresh_seed, tokenizer):
 def test_packed_step_equals_padded_step_triton_interpreter(tmp_path, fresh_seed):
     """One small case through the Triton kernels (the interpreter on a CPU)."""
     pairs = _random_pairs(fresh_seed, 131)[:3]
-    model = _model(tmp_path, 131, fresh_seed)
+    model = tiny_dpo_model(tmp_path, 131, fresh_seed)
     with ops.use_backend("triton"):
         _compare(_step(model, collate_pairs(pairs, pad_id=0), len(pairs), "sigmoid"),
                  _step(model, collate_packed_pairs(pairs, budget=32, pad_id=0, multiple=16),

@@ -30,8 +30,8 @@ from anita_core.model.weights import PROJECTIONS
 from tests.helpers import assert_close
 from tests.model_factory import (FAMILY_EXTRAS, load_hf_4bit, make_tiny_model_dir,
                                  tiny_family_config, tiny_llama_state_dict)
-from tests.test_model_vs_hf import (REFERENCE_SHAPES, REL, _scaled_atol, pair_for,
-                                    peft_lora_modules, shifted_targets)
+from tests.test_model_vs_hf import (REFERENCE_SHAPES, REL, _scaled_atol,
+                                    check_padded_batch_against_hf, pair_for)
 
 NEW_FAMILIES = ("mistral", "qwen2", "qwen3")
 SHAPES = dict(REFERENCE_SHAPES)          # hidden 64, MLP 100, 4 heads / 2 KV heads
@@ -162,37 +162,7 @@ def _build_pair(tmp_path, family, targets=PROJECTIONS, seed=0):
 def test_logits_loss_and_lora_grads_match_transformers(tmp_path, family):
     model, hf, _ = _build_pair(tmp_path, family)
     assert model.config.model_type == family
-    V = model.config.vocab_size
-    ids = torch.randint(0, V, (2, 13))
-    attention_mask = torch.ones_like(ids)
-    attention_mask[1, 9:] = 0
-    labels = ids.masked_fill(attention_mask == 0, -100)
-    labels[0, :3] = -100
-
-    out = hf(input_ids=ids, attention_mask=attention_mask, labels=labels)
-    out.loss.backward()
-
-    segment_ids = torch.where(attention_mask.bool(), 0, -1)
-    logits = model.logits(ids, segment_ids=segment_ids)
-    real = attention_mask.bool()
-    assert_close(f"{family}_vs_hf logits", "padded batch", logits[real], out.logits.detach()[real],
-                 atol=_scaled_atol(out.logits[real]), rtol=REL)
-
-    targets = shifted_targets(labels)
-    n_expected = int((targets != -100).sum())
-    loss_sum, n_tokens = model.train_step(ids, targets, segment_ids=segment_ids,
-                                          grad_scale=1.0 / n_expected)
-    assert int(n_tokens) == n_expected
-    assert_close(f"{family}_vs_hf loss", "mean over tokens", (loss_sum / n_tokens).reshape(1),
-                 out.loss.detach().reshape(1), atol=0.0, rtol=REL)
-    for layer in range(model.config.num_hidden_layers):
-        for name in PROJECTIONS:
-            A, B = model.adapters.get(layer, name)
-            hf_A, hf_B = peft_lora_modules(hf, layer, name)
-            for ours, theirs, which in ((A, hf_A, "A"), (B, hf_B, "B")):
-                assert ours.grad is not None, f"layer {layer} {name} {which}: no gradient"
-                assert_close(f"{family}_vs_hf lora grads", f"L{layer}.{name}.{which}", ours.grad,
-                             theirs.grad, atol=_scaled_atol(theirs.grad), rtol=1e-3)
+    check_padded_batch_against_hf(model, hf, f"{family}_vs_hf")
 
 
 @pytest.mark.parametrize("family", NEW_FAMILIES)

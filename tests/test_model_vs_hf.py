@@ -86,6 +86,12 @@ def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("tie,rslora", [(False, False), (True, True)])
 def test_padded_batch_logits_loss_and_lora_grads_match_hf(tmp_path, tie, rslora):
     model, hf = build_pair(tmp_path, tie=tie, rslora=rslora)
+    check_padded_batch_against_hf(model, hf, "model_vs_hf")
+
+
+def check_padded_batch_against_hf(model, hf, what: str) -> None:
+    """Logits, mean loss and every LoRA gradient of a right-padded 2 x 13 batch with an
+    unlabeled prompt, anita's model against transformers + PEFT's (any family)."""
     V = model.config.vocab_size
     ids = torch.randint(0, V, (2, 13))
     attention_mask = torch.ones_like(ids)
@@ -99,7 +105,7 @@ def test_padded_batch_logits_loss_and_lora_grads_match_hf(tmp_path, tie, rslora)
     segment_ids = torch.where(attention_mask.bool(), 0, -1)
     logits = model.logits(ids, segment_ids=segment_ids)
     real = attention_mask.bool()
-    assert_close("model_vs_hf logits", "padded batch", logits[real], out.logits.detach()[real],
+    assert_close(f"{what} logits", "padded batch", logits[real], out.logits.detach()[real],
                  atol=_scaled_atol(out.logits[real]), rtol=REL)
 
     targets = shifted_targets(labels)
@@ -107,7 +113,7 @@ def test_padded_batch_logits_loss_and_lora_grads_match_hf(tmp_path, tie, rslora)
     loss_sum, n_tokens = model.train_step(ids, targets, segment_ids=segment_ids,
                                           grad_scale=1.0 / n_expected)
     assert int(n_tokens) == n_expected
-    assert_close("model_vs_hf loss", "mean over tokens", (loss_sum / n_tokens).reshape(1),
+    assert_close(f"{what} loss", "mean over tokens", (loss_sum / n_tokens).reshape(1),
                  out.loss.detach().reshape(1), atol=0.0, rtol=REL)
 
     for layer in range(model.config.num_hidden_layers):
@@ -116,7 +122,7 @@ def test_padded_batch_logits_loss_and_lora_grads_match_hf(tmp_path, tie, rslora)
             hf_A, hf_B = peft_lora_modules(hf, layer, name)
             for ours, theirs, which in ((A, hf_A, "A"), (B, hf_B, "B")):
                 assert ours.grad is not None, f"layer {layer} {name} {which}: no gradient"
-                assert_close("model_vs_hf lora grads", f"L{layer}.{name}.{which}", ours.grad, theirs.grad,
+                assert_close(f"{what} lora grads", f"L{layer}.{name}.{which}", ours.grad, theirs.grad,
                              atol=_scaled_atol(theirs.grad), rtol=1e-3)
 
 

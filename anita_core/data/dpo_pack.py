@@ -41,7 +41,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from anita_core.data.packing import packed_width
+from anita_core.data.packing import next_fit_rows, packed_width
 
 # The SFT packer rounds widths to 128 to keep distinct widths (compiles, autotuning
 # passes) few. A DPO row is one micro-batch's pairs (about 1,500 tokens at the dpo
@@ -76,16 +76,7 @@ def pair_rows(pairs: Sequence, budget: int) -> List[List[int]]:
     gets a row of its own."""
     if budget < 1:
         raise ValueError(f"pack budget must be >= 1 token, got {budget}")
-    rows: List[List[int]] = []
-    used = budget + 1
-    for index, pair in enumerate(pairs):
-        length = pair_length(pair)
-        if used + length > budget:
-            rows.append([])
-            used = 0
-        rows[-1].append(index)
-        used += length
-    return rows
+    return next_fit_rows([pair_length(p) for p in pairs], budget, oversize_alone=True)
 
 
 def collate_packed_pairs(pairs: Sequence, *, budget: int, pad_id: int,

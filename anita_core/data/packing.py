@@ -40,14 +40,17 @@ def shuffled(items: Sequence[T], seed: Optional[int]) -> List[T]:
     return items
 
 
-def next_fit_rows(lengths: Sequence[int], seq_len: int) -> List[List[int]]:
+def next_fit_rows(lengths: Sequence[int], seq_len: int, *,
+                  oversize_alone: bool = False) -> List[List[int]]:
     """Groups document indices, in order, into rows of at most ``seq_len`` tokens:
     a document goes into the current row if it fits, else it opens a new row.
-    Keeping the order keeps the seeded shuffle meaningful and resuming simple."""
+    Keeping the order keeps the seeded shuffle meaningful and resuming simple.
+    A document longer than ``seq_len`` is refused, or with ``oversize_alone`` (DPO
+    pairs, data/dpo_pack.py) gets a row of its own."""
     rows: List[List[int]] = []
     used = seq_len + 1
     for index, length in enumerate(lengths):
-        if length > seq_len:
+        if length > seq_len and not oversize_alone:
             raise ValueError(f"document {index} has {length} tokens, more than the row length "
                              f"{seq_len}; truncate documents to the row length first")
         if used + length > seq_len:

@@ -142,8 +142,9 @@ def family_hf_fields(family: ModelFamily, windows: Tuple[Optional[int], ...],
     biases for ``family`` (written by ModelConfig.to_hf_dict)."""
     window = next((w for w in windows if w is not None), None)
     fields: Dict[str, Any] = {"architectures": [family.architecture],
-                              "model_type": family.model_type,
-                              "attention_bias": bool(qkv_bias) if family.model_type != "qwen2" else True}
+                              "model_type": family.model_type}
+    if family.model_type != "qwen2":        # Qwen2Config has none: q/k/v always carry one
+        fields["attention_bias"] = bool(qkv_bias)
     if family.window_rule == "every_layer":
         fields["sliding_window"] = window
     elif family.window_rule == "layer_types":
@@ -151,6 +152,4 @@ def family_hf_fields(family: ModelFamily, windows: Tuple[Optional[int], ...],
                       sliding_window=window if window is not None else family.default_sliding_window,
                       max_window_layers=len(windows),
                       layer_types=[SLIDING if w is not None else FULL for w in windows])
-    if family.model_type == "qwen2":
-        fields.pop("attention_bias")        # Qwen2Config has none: q/k/v always carry one
     return fields
